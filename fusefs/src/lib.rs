@@ -1,0 +1,1 @@
+//! chunkfs: the FUSE filesystem. Not built yet; see ARCHITECTURE.md.

@@ -1,0 +1,1 @@
+//! libchunkpreload: the LD_PRELOAD shim. Not built yet; see ARCHITECTURE.md.

@@ -1,0 +1,507 @@
+//! The storage engine: one `Namespace` per namespace, on one or more devices.
+//!
+//! Reading order: `mod.rs` (the public API, reads and the write path above the buffer),
+//! `state.rs` (index and block table), `writer.rs` (buffers, flusher, group commit),
+//! `scan.rs` (start-up), `defrag.rs`, `nsup.rs` (expiration and eviction).
+//!
+//! Invariants:
+//! - **A write is acknowledged only after its bytes are on stable storage** when
+//!   commit-to-device is on; with it off, after they are in the write buffer.
+//! - **A read never returns bytes that failed their checksum**, nor (with commit-to-device)
+//!   a version that is not yet durable: it waits for the flush first.
+//! - **The newest version of a record is the one with the highest seq**; tombstones are
+//!   versions too, and stay until no older version can remain on any device.
+//! - **Block accounting matches the index**: a block's live bytes are the sum of the lengths
+//!   of the index entries pointing into it.
+
+mod defrag;
+mod nsup;
+mod scan;
+mod state;
+mod writer;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::config::NamespaceConfig;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::format::{decode_body, encode_record, encoded_record_len, verify_record, RecordHeader, RECORD_FLAG_TOMBSTONE};
+use crate::key::{Digest, Key};
+use crate::ops::{plan, Mutation, OpResult, Operation, Plan, PlanContext, WritePolicy};
+use crate::value::{Bin, Record, RecordMeta};
+
+pub use state::INDEX_BYTES_PER_RECORD;
+use state::{IndexEntry, State};
+
+/// Wall-clock source for last-update times and TTLs. Safety never depends on it.
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> u64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// Moments tests may want to act on (kill a process during defragmentation, say).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EngineEvent {
+    DefragBlockStart { device: u16, block: u32 },
+    DefragBlockDone { device: u16, block: u32, moved_records: u32, dropped_tombstones: u32 },
+    Flushed { device: u16, bytes: usize },
+}
+
+pub type Observer = Arc<dyn Fn(&EngineEvent) + Send + Sync>;
+
+/// How to open a namespace beyond its config.
+#[derive(Default)]
+pub struct OpenOptions {
+    /// Devices already opened (tests: memory or power-loss devices), in config order.
+    /// `None`: open or create the files and block devices the config names.
+    pub devices: Option<Vec<Arc<dyn Device>>>,
+    pub clock: Option<Arc<dyn Clock>>,
+    pub observer: Option<Observer>,
+}
+
+/// What the start-up scan found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    pub blocks_scanned: u64,
+    pub bytes_scanned: u64,
+    pub records_found: u64,
+    pub checksum_mismatches: u64,
+    pub torn_records: u64,
+    pub damaged_block_headers: u64,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub defrag_blocks: AtomicU64,
+    pub defrag_moved_records: AtomicU64,
+    pub tombstones_dropped: AtomicU64,
+    pub expired: AtomicU64,
+    pub evicted: AtomicU64,
+}
+
+/// A snapshot of the namespace's figures.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub records: u64,
+    pub tombstones: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub fsyncs: u64,
+    pub defrag_blocks: u64,
+    pub defrag_moved_records: u64,
+    pub tombstones_dropped: u64,
+    pub expired: u64,
+    pub evicted: u64,
+    pub free_blocks: u64,
+    pub total_blocks: u64,
+    /// Lowest free-block percentage over the devices.
+    pub available_pct: u64,
+    pub memory_used_bytes: u64,
+    pub stop_writes: Option<String>,
+    pub poisoned_devices: Vec<String>,
+    pub scan: ScanReport,
+}
+
+pub(crate) struct Inner {
+    pub config: NamespaceConfig,
+    pub devices: Vec<Arc<dyn Device>>,
+    pub state: Mutex<State>,
+    /// One per device: wakes its flusher.
+    pub flush_wakeups: Vec<Condvar>,
+    /// Wakes everyone waiting for durability.
+    pub durable_wakeup: Condvar,
+    /// Serializes writers (and defragmentation) per record, chosen by digest.
+    pub record_locks: Vec<Mutex<()>>,
+    pub shutting_down: AtomicBool,
+    /// Wakes background threads early at shutdown.
+    pub background_wakeup: Condvar,
+    pub clock: Arc<dyn Clock>,
+    pub observer: Option<Observer>,
+    pub stats: Counters,
+    pub scan_report: ScanReport,
+}
+
+const RECORD_LOCK_COUNT: usize = 1024;
+/// Reads retried when a record moved under them (defragmentation) before giving up.
+const READ_ATTEMPTS_MAX: usize = 16;
+
+impl Inner {
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn observe(&self, event: EngineEvent) {
+        if let Some(observer) = &self.observer {
+            observer(&event);
+        }
+    }
+
+    pub(crate) fn device_for(&self, digest: &Digest) -> u16 {
+        (u32::from_le_bytes(digest[8..12].try_into().unwrap()) % self.devices.len() as u32) as u16
+    }
+
+    pub(crate) fn record_lock(&self, digest: &Digest) -> MutexGuard<'_, ()> {
+        let slot = u16::from_le_bytes([digest[12], digest[13]]) as usize % RECORD_LOCK_COUNT;
+        self.record_locks[slot].lock().unwrap()
+    }
+
+    pub(crate) fn now_secs(&self) -> u32 {
+        (self.clock.now_ms() / 1000) as u32
+    }
+
+    /// The record's newest version as bytes, checked; `None` if the index has nothing.
+    /// Waits for durability first when commit-to-device is on.
+    pub(crate) fn read_version(&self, digest: &Digest) -> Result<Option<(IndexEntry, Vec<u8>)>> {
+        let mut last_failure = None;
+        for _ in 0..READ_ATTEMPTS_MAX {
+            let mut st = self.state.lock().unwrap();
+            let Some(entry) = st.index.get(digest).copied() else { return Ok(None) };
+            let dev = &st.devices[entry.device as usize];
+            let in_buffer = dev.copy_from_buffers(entry.block, entry.offset, entry.len);
+            let lsn = dev.lsn_needed(entry.block, entry.offset, entry.len);
+            if self.config.commit_to_device && lsn > 0 {
+                st = self.wait_durable(st, entry.device, lsn)?;
+            }
+            drop(st);
+            let bytes = match in_buffer {
+                Some(bytes) => bytes,
+                None => {
+                    let mut bytes = vec![0u8; entry.len as usize];
+                    let offset = self.block_offset(entry.block) + entry.offset as u64;
+                    let device = &self.devices[entry.device as usize];
+                    device.read_at(&mut bytes, offset).map_err(|e| Error::io(device.path(), e))?;
+                    bytes
+                }
+            };
+            match verify_record(&bytes) {
+                Some(header) if header.digest == *digest && header.seq == entry.seq => return Ok(Some((entry, bytes))),
+                _ => {}
+            }
+            // Either the record moved (defragmentation) and its old block was reused, or the
+            // bytes are bad. If the index still points at the same place, they are bad.
+            let unchanged = self.state.lock().unwrap().index.get(digest) == Some(&entry);
+            let offset = self.block_offset(entry.block) + entry.offset as u64;
+            last_failure = Some((entry.device, offset));
+            if unchanged {
+                break;
+            }
+        }
+        let (device, offset) = last_failure.expect("loop ran");
+        Err(Error::Corrupt {
+            path: self.devices[device as usize].path().to_owned(),
+            offset,
+            what: "record failed its checksum on read; it is not returned".into(),
+        })
+    }
+
+    pub(crate) fn block_offset(&self, block: u32) -> u64 {
+        block as u64 * self.config.write_block_size as u64
+    }
+
+    /// The visible record: `None` for nothing, a tombstone, or an expired record.
+    fn read_record(&self, digest: &Digest) -> Result<Option<Record>> {
+        let Some((entry, bytes)) = self.read_version(digest)? else { return Ok(None) };
+        if entry.tombstone || self.is_expired(&entry) {
+            return Ok(None);
+        }
+        let header = verify_record(&bytes).expect("verified by read_version");
+        let (set, bins) = decode_body(&bytes).map_err(|what| Error::Corrupt {
+            path: self.devices[entry.device as usize].path().to_owned(),
+            offset: self.block_offset(entry.block) + entry.offset as u64,
+            what: format!("record passed its checksum but does not decode: {what}"),
+        })?;
+        let meta = RecordMeta {
+            generation: header.generation,
+            void_time_secs: header.void_time_secs,
+            last_update_ms: header.last_update_ms,
+        };
+        Ok(Some(Record { set, meta, bins }))
+    }
+
+    pub(crate) fn is_expired(&self, entry: &IndexEntry) -> bool {
+        entry.void_time_secs != 0 && entry.void_time_secs <= self.now_secs()
+    }
+
+    /// Why writes are refused right now, if they are.
+    fn stop_writes_reason(&self, st: &State) -> Option<String> {
+        let memory_limit = self.config.memory_size / 100 * self.config.stop_writes_pct as u64;
+        if st.memory_used_bytes() > memory_limit {
+            return Some(format!(
+                "index memory {} bytes is past stop-writes-pct {}% of memory-size {}",
+                st.memory_used_bytes(),
+                self.config.stop_writes_pct,
+                self.config.memory_size
+            ));
+        }
+        for (d, dev) in st.devices.iter().enumerate() {
+            if dev.available_pct() < self.config.min_avail_pct as u64 {
+                return Some(format!(
+                    "device {} has {}% free blocks, below min-avail-pct {}%",
+                    self.devices[d].path().display(),
+                    dev.available_pct(),
+                    self.config.min_avail_pct
+                ));
+            }
+        }
+        None
+    }
+
+    /// The one write path: every put, delete, touch and operate (and expiry) comes here.
+    pub(crate) fn write(&self, key: &Key, policy: &WritePolicy, mutation: Mutation<'_>) -> Result<(RecordMeta, Vec<OpResult>)> {
+        if self.is_shutting_down() {
+            return Err(Error::ShutDown(self.config.name.clone()));
+        }
+        if key.set.len() > Key::SET_NAME_MAX_BYTES {
+            return Err(Error::BadRequest(format!("set name is {} bytes, the limit is {}", key.set.len(), Key::SET_NAME_MAX_BYTES)));
+        }
+        let now_ms = self.clock.now_ms();
+        let record_lock = self.record_lock(&key.digest);
+        let existing = self.read_record(&key.digest)?;
+        let ctx = PlanContext {
+            now_ms,
+            default_ttl_secs: self.config.default_ttl_secs,
+            bin_bytes_max: self.config.record_size_limit(),
+        };
+        let (plan, results) = plan(existing.as_ref(), policy, &mutation, &ctx)?;
+        let (bins, generation, void_time_secs, flags) = match plan {
+            Plan::Nothing => {
+                let meta = existing.map(|r| r.meta).unwrap_or(RecordMeta { generation: 0, void_time_secs: 0, last_update_ms: 0 });
+                return Ok((meta, results));
+            }
+            Plan::Write { bins, generation, void_time_secs } => (bins, generation, void_time_secs, 0),
+            Plan::Delete { generation } => (Vec::new(), generation, 0, RECORD_FLAG_TOMBSTONE),
+        };
+        let meta = self.commit(key, &bins, generation, void_time_secs, flags, now_ms, record_lock)?;
+        Ok((meta, results))
+    }
+
+    /// Appends one version of a record (a tombstone when `flags` says so), installs it in the
+    /// index and, with commit-to-device, waits until it is durable. The caller holds the
+    /// record's lock, which is released before waiting.
+    pub(crate) fn commit(
+        &self,
+        key: &Key,
+        bins: &[Bin],
+        generation: u32,
+        void_time_secs: u32,
+        flags: u16,
+        now_ms: u64,
+        record_lock: MutexGuard<'_, ()>,
+    ) -> Result<RecordMeta> {
+        let is_delete = flags == RECORD_FLAG_TOMBSTONE;
+        let size = encoded_record_len(&key.set, bins);
+        if size > self.config.record_size_limit() {
+            return Err(Error::RecordTooBig { size_bytes: size, limit_bytes: self.config.record_size_limit() });
+        }
+        let header = RecordHeader {
+            total_len: size as u32,
+            flags,
+            seq: 0,
+            block_epoch: 0,
+            digest: key.digest,
+            generation,
+            void_time_secs,
+            last_update_ms: now_ms,
+        };
+        let mut bytes = encode_record(&header, &key.set, bins);
+        let device = self.device_for(&key.digest);
+
+        let mut st = self.state.lock().unwrap();
+        if let Some(reason) = &st.devices[device as usize].poisoned {
+            return Err(self.device_failed(device, reason));
+        }
+        if !is_delete {
+            if let Some(reason) = self.stop_writes_reason(&st) {
+                return Err(Error::StopWrites { namespace: self.config.name.clone(), reason });
+            }
+        }
+        let dev = &st.devices[device as usize];
+        let unflushed = dev.appended_lsn - dev.durable_lsn;
+        if unflushed + bytes.len() as u64 > self.config.max_write_cache {
+            return Err(Error::DeviceOverload {
+                path: self.devices[device as usize].path().to_owned(),
+                unflushed_bytes: unflushed,
+                limit_bytes: self.config.max_write_cache,
+            });
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let placed = self.append(&mut st, device, &mut bytes, seq)?;
+        let entry = IndexEntry {
+            seq,
+            block: placed.block,
+            offset: placed.offset,
+            len: bytes.len() as u32,
+            generation,
+            void_time_secs,
+            device,
+            tombstone: is_delete,
+        };
+        st.install(key.digest, entry);
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        drop(record_lock);
+        if self.config.commit_to_device {
+            drop(self.wait_durable(st, device, placed.lsn_end)?);
+        }
+        Ok(RecordMeta { generation, void_time_secs, last_update_ms: now_ms })
+    }
+}
+
+/// A namespace open on its devices. Cheap to share: all methods take `&self`.
+pub struct Namespace {
+    inner: Arc<Inner>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Namespace {
+    /// Opens (creating devices that do not exist yet) and scans the devices to rebuild the
+    /// index, then starts the flusher, defragmentation and expiration threads.
+    pub fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Namespace> {
+        config.sanitize()?;
+        let inner = Arc::new(scan::open(config, options)?);
+        let mut workers = Vec::new();
+        for device in 0..inner.devices.len() as u16 {
+            let inner = inner.clone();
+            workers.push(spawn(format!("flush-{device}"), move || inner.run_flusher(device))?);
+        }
+        let defrag_inner = inner.clone();
+        workers.push(spawn("defrag".into(), move || defrag_inner.run_defrag())?);
+        let nsup_inner = inner.clone();
+        workers.push(spawn("nsup".into(), move || nsup_inner.run_nsup())?);
+        Ok(Namespace { inner, workers: Mutex::new(workers) })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.config.name
+    }
+
+    pub fn config(&self) -> &NamespaceConfig {
+        &self.inner.config
+    }
+
+    /// The record with all its bins, or only the named ones (`Some(&[...])`).
+    pub fn get(&self, key: &Key, bins: Option<&[&str]>) -> Result<Option<Record>> {
+        let mut record = self.inner.read_record(&key.digest)?;
+        if let (Some(record), Some(names)) = (record.as_mut(), bins) {
+            record.bins.retain(|bin| names.contains(&bin.name.as_str()));
+        }
+        Ok(record)
+    }
+
+    /// The record's metadata, if it exists (same checks as a read).
+    pub fn exists(&self, key: &Key) -> Result<Option<RecordMeta>> {
+        Ok(self.inner.read_record(&key.digest)?.map(|r| r.meta))
+    }
+
+    pub fn put(&self, key: &Key, bins: &[Bin], policy: &WritePolicy) -> Result<RecordMeta> {
+        Ok(self.inner.write(key, policy, Mutation::Put(bins))?.0)
+    }
+
+    /// Durable delete: writes a tombstone. RecordNotFound if there is nothing to delete.
+    pub fn delete(&self, key: &Key, policy: &WritePolicy) -> Result<RecordMeta> {
+        Ok(self.inner.write(key, policy, Mutation::Delete)?.0)
+    }
+
+    /// Rewrites the record with generation + 1 and a void time from the policy's TTL.
+    pub fn touch(&self, key: &Key, policy: &WritePolicy) -> Result<RecordMeta> {
+        Ok(self.inner.write(key, policy, Mutation::Touch)?.0)
+    }
+
+    /// Applies `ops` atomically; returns the record's metadata after them and one result per
+    /// read step (ReadAll gives one per bin).
+    pub fn operate(&self, key: &Key, ops: &[Operation], policy: &WritePolicy) -> Result<(RecordMeta, Vec<OpResult>)> {
+        self.inner.write(key, policy, Mutation::Operate(ops))
+    }
+
+    /// Makes everything written so far durable (what commit-to-device = false leaves buffered).
+    pub fn flush(&self) -> Result<()> {
+        for device in 0..self.inner.devices.len() as u16 {
+            let st = self.inner.state.lock().unwrap();
+            let lsn = st.devices[device as usize].appended_lsn;
+            drop(self.inner.wait_durable(st, device, lsn)?);
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        let inner = &self.inner;
+        let st = inner.state.lock().unwrap();
+        let counter = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            records: st.live_records(),
+            tombstones: st.tombstones,
+            writes: counter(&inner.stats.writes),
+            flushes: counter(&inner.stats.flushes),
+            fsyncs: counter(&inner.stats.fsyncs),
+            defrag_blocks: counter(&inner.stats.defrag_blocks),
+            defrag_moved_records: counter(&inner.stats.defrag_moved_records),
+            tombstones_dropped: counter(&inner.stats.tombstones_dropped),
+            expired: counter(&inner.stats.expired),
+            evicted: counter(&inner.stats.evicted),
+            free_blocks: st.devices.iter().map(|d| d.free.len() as u64).sum(),
+            total_blocks: st.devices.iter().map(|d| d.blocks.len() as u64 - 1).sum(),
+            available_pct: st.devices.iter().map(|d| d.available_pct()).min().unwrap_or(0),
+            memory_used_bytes: st.memory_used_bytes(),
+            stop_writes: inner.stop_writes_reason(&st),
+            poisoned_devices: st
+                .devices
+                .iter()
+                .enumerate()
+                .filter_map(|(d, dev)| dev.poisoned.as_ref().map(|r| format!("{}: {r}", inner.devices[d].path().display())))
+                .collect(),
+            scan: inner.scan_report.clone(),
+        }
+    }
+
+    /// Clean shutdown: flushes what is buffered and stops the background threads.
+    pub fn close(self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        let flushed = if self.inner.is_shutting_down() { Ok(()) } else { self.flush() };
+        self.inner.shutting_down.store(true, Ordering::Release);
+        {
+            let _st = self.inner.state.lock().unwrap();
+            for wakeup in &self.inner.flush_wakeups {
+                wakeup.notify_all();
+            }
+            self.inner.background_wakeup.notify_all();
+        }
+        for worker in self.workers.lock().unwrap().drain(..) {
+            let _ = worker.join();
+        }
+        if flushed.is_ok() {
+            tracing::info!(namespace = %self.inner.config.name, "namespace closed clean");
+        }
+        flushed
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        if let Err(err) = self.shutdown() {
+            tracing::error!(namespace = %self.inner.config.name, %err, "namespace closed with buffered writes not flushed");
+        }
+    }
+}
+
+fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(body)
+        .map_err(|e| Error::io(format!("thread {name}"), e))
+}

@@ -1,0 +1,211 @@
+//! Start-up: open the devices, check their headers, and rebuild the index by scanning every
+//! block. One thread reads blocks ahead while this one parses, so the scan runs at the disk's
+//! sequential read rate.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use super::state::{BlockState, DeviceState, IndexEntry, State};
+use super::{Counters, Inner, OpenOptions, ScanReport, SystemClock, RECORD_LOCK_COUNT};
+use crate::config::NamespaceConfig;
+use crate::device::{Device, FileDevice};
+use crate::error::{Error, Result};
+use crate::format::{BlockHeader, BlockItem, BlockWalker, DeviceHeader, RecordFault, BLOCK_STATE_IN_USE, DEVICE_HEADER_BYTES};
+
+/// Faults logged one by one per device before only counting them.
+const FAULT_LOG_LINES_MAX: u64 = 10;
+/// Blocks read ahead of the parser.
+const READ_AHEAD_BLOCKS: usize = 4;
+
+pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inner> {
+    let started = Instant::now();
+    let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
+    let devices = match options.devices {
+        Some(devices) => {
+            if devices.len() != config.devices.len() {
+                return Err(Error::Config(format!("{} devices given for {} configured", devices.len(), config.devices.len())));
+            }
+            devices
+        }
+        None => {
+            let mut opened: Vec<Arc<dyn Device>> = Vec::new();
+            for device in &config.devices {
+                let (file, _created) = FileDevice::open_or_create(&device.path, device.size)?;
+                opened.push(Arc::new(file));
+            }
+            opened
+        }
+    };
+    let mut state = State { index: Default::default(), tombstones: 0, next_seq: 1, devices: Vec::new() };
+    let mut report = ScanReport::default();
+    for (index, device) in devices.iter().enumerate() {
+        check_device_header(&config, index, device.as_ref(), clock.now_ms())?;
+        let block_count = (device.len() / config.write_block_size as u64) as u32;
+        state.devices.push(DeviceState::new(block_count));
+        scan_device(&config, index as u16, device.as_ref(), &mut state, &mut report)?;
+    }
+    finish_accounting(&mut state);
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    let bytes_per_sec = report.bytes_scanned as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    tracing::info!(
+        namespace = %config.name,
+        records = state.live_records(),
+        tombstones = state.tombstones,
+        blocks = report.blocks_scanned,
+        checksum_mismatches = report.checksum_mismatches,
+        torn_records = report.torn_records,
+        damaged_block_headers = report.damaged_block_headers,
+        elapsed_ms = report.elapsed_ms,
+        mib_per_sec = bytes_per_sec / (1024.0 * 1024.0),
+        "namespace scanned"
+    );
+    let device_count = devices.len();
+    Ok(Inner {
+        config,
+        devices,
+        state: Mutex::new(state),
+        flush_wakeups: (0..device_count).map(|_| Condvar::new()).collect(),
+        durable_wakeup: Condvar::new(),
+        record_locks: (0..RECORD_LOCK_COUNT).map(|_| Mutex::new(())).collect(),
+        shutting_down: AtomicBool::new(false),
+        background_wakeup: Condvar::new(),
+        clock,
+        observer: options.observer,
+        stats: Counters::default(),
+        scan_report: report,
+    })
+}
+
+/// Writes the header of a fresh device, or checks that an existing one belongs here.
+fn check_device_header(config: &NamespaceConfig, index: usize, device: &dyn Device, now_ms: u64) -> Result<()> {
+    let path = device.path();
+    let mut buf = [0u8; DEVICE_HEADER_BYTES];
+    device.read_at(&mut buf, 0).map_err(|e| Error::io(path, e))?;
+    let expected = DeviceHeader {
+        block_size: config.write_block_size,
+        device_len: device.len() / config.write_block_size as u64 * config.write_block_size as u64,
+        device_index: index as u32,
+        device_count: config.devices.len() as u32,
+        created_ms: now_ms,
+        namespace: config.name.clone(),
+    };
+    let Some(found) = DeviceHeader::decode(&buf, path)? else {
+        tracing::info!(device = %path.display(), "new device: writing its header");
+        device.write_at(&expected.encode(), 0).map_err(|e| Error::io(path, e))?;
+        return device.sync().map_err(|e| Error::io(path, e));
+    };
+    let mismatch = |what: String| {
+        Err(Error::Config(format!("device {}: {what}; nothing was changed on the device", path.display())))
+    };
+    if found.namespace != expected.namespace {
+        return mismatch(format!("belongs to namespace {:?}, not {:?}", found.namespace, expected.namespace));
+    }
+    if found.block_size != expected.block_size {
+        return mismatch(format!("was formatted with write-block-size {}, the config says {}", found.block_size, expected.block_size));
+    }
+    if found.device_len != expected.device_len {
+        return mismatch(format!("was formatted with {} bytes, it now has {}", found.device_len, expected.device_len));
+    }
+    if (found.device_index, found.device_count) != (expected.device_index, expected.device_count) {
+        return mismatch(format!(
+            "was device {} of {}, the config lists it as device {} of {}",
+            found.device_index + 1,
+            found.device_count,
+            expected.device_index + 1,
+            expected.device_count
+        ));
+    }
+    Ok(())
+}
+
+fn scan_device(config: &NamespaceConfig, device_index: u16, device: &dyn Device, st: &mut State, report: &mut ScanReport) -> Result<()> {
+    let block_size = config.write_block_size as usize;
+    let block_count = st.devices[device_index as usize].blocks.len() as u32;
+    let path = device.path().to_owned();
+    let mut faults_logged = 0;
+    std::thread::scope(|scope| -> Result<()> {
+        let (sender, receiver) = sync_channel::<std::io::Result<(u32, Vec<u8>)>>(READ_AHEAD_BLOCKS);
+        scope.spawn(move || {
+            for block in 1..block_count {
+                let mut buf = vec![0u8; block_size];
+                let read = device.read_at(&mut buf, block as u64 * block_size as u64).map(|()| (block, buf));
+                let failed = read.is_err();
+                if sender.send(read).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for read in receiver {
+            let (block, buf) = read.map_err(|e| Error::io(&path, e))?;
+            report.blocks_scanned += 1;
+            report.bytes_scanned += block_size as u64;
+            let dev = &mut st.devices[device_index as usize];
+            let Some(header) = BlockHeader::decode(&buf).filter(|h| h.state == BLOCK_STATE_IN_USE && h.block_index == block) else {
+                if BlockHeader::looks_damaged(&buf) {
+                    report.damaged_block_headers += 1;
+                    tracing::warn!(device = %path.display(), block, "block header fails its checksum: the block is treated as empty");
+                }
+                dev.free.push_back(block);
+                continue;
+            };
+            dev.blocks[block as usize].state = BlockState::InUse;
+            dev.blocks[block as usize].epoch = header.epoch;
+            st.next_seq = st.next_seq.max(header.epoch + 1);
+            for item in BlockWalker::new(&buf, header.epoch) {
+                match item {
+                    BlockItem::Record { offset, header: record, bytes } => {
+                        report.records_found += 1;
+                        let info = &mut st.devices[device_index as usize].blocks[block as usize];
+                        info.used_bytes += bytes.len() as u32;
+                        info.min_seq = info.min_seq.min(record.seq);
+                        st.next_seq = st.next_seq.max(record.seq + 1);
+                        let candidate = IndexEntry {
+                            seq: record.seq,
+                            block,
+                            offset: offset as u32,
+                            len: bytes.len() as u32,
+                            generation: record.generation,
+                            void_time_secs: record.void_time_secs,
+                            device: device_index,
+                            tombstone: record.is_tombstone(),
+                        };
+                        let newer = st.index.get(&record.digest).map_or(true, |e| candidate.seq > e.seq);
+                        if newer {
+                            st.index.insert(record.digest, candidate);
+                        }
+                    }
+                    BlockItem::Fault { offset, fault } => {
+                        match fault {
+                            RecordFault::Truncated => report.torn_records += 1,
+                            RecordFault::ChecksumMismatch => report.checksum_mismatches += 1,
+                        }
+                        faults_logged += 1;
+                        if faults_logged <= FAULT_LOG_LINES_MAX {
+                            let at = block as u64 * block_size as u64 + offset as u64;
+                            tracing::warn!(device = %path.display(), block, offset, byte = at, ?fault, "record skipped: it is never returned");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    let faults = report.torn_records + report.checksum_mismatches;
+    if faults > FAULT_LOG_LINES_MAX {
+        tracing::warn!(device = %path.display(), faults, "more skipped records than logged one by one");
+    }
+    Ok(())
+}
+
+/// After all devices are scanned: live bytes per block from the final index, and the count of
+/// tombstones.
+fn finish_accounting(st: &mut State) {
+    let mut tombstones = 0;
+    for entry in st.index.values() {
+        st.devices[entry.device as usize].blocks[entry.block as usize].live_bytes += entry.len;
+        tombstones += entry.tombstone as u64;
+    }
+    st.tombstones = tombstones;
+}

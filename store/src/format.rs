@@ -1,0 +1,380 @@
+//! The on-device byte format (documented byte by byte in store/FORMAT.md).
+//!
+//! All integers are little-endian. Every structure carries a CRC32 (crc32fast, IEEE), and the
+//! decoders here bound-check everything: garbage yields a `RecordFault` or an error, never a
+//! panic and never an allocation larger than a write block.
+
+use crate::error::{Error, Result};
+use crate::key::Digest;
+use crate::value::{Bin, Value};
+
+/// Version of the device, block and record formats below.
+pub const FORMAT_VERSION: u32 = 1;
+
+pub const DEVICE_MAGIC: [u8; 8] = *b"CHUNKDEV";
+/// Block 0 of every device holds the device header; only its first bytes are used.
+pub const DEVICE_HEADER_BYTES: usize = 76;
+
+pub const BLOCK_MAGIC: [u8; 4] = *b"CKBK";
+pub const BLOCK_HEADER_BYTES: usize = 64;
+pub const BLOCK_STATE_IN_USE: u16 = 1;
+pub const BLOCK_STATE_FREE: u16 = 2;
+
+pub const RECORD_MAGIC: [u8; 4] = *b"CKRC";
+pub const RECORD_HEADER_BYTES: usize = 72;
+/// Records start at multiples of this many bytes inside a block.
+pub const RECORD_ALIGN_BYTES: usize = 8;
+pub const RECORD_FLAG_TOMBSTONE: u16 = 1;
+
+const BIN_TYPE_INT: u8 = 1;
+const BIN_TYPE_FLOAT: u8 = 2;
+const BIN_TYPE_STRING: u8 = 3;
+const BIN_TYPE_BYTES: u8 = 4;
+
+fn u16_at(buf: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(buf[at..at + 2].try_into().unwrap())
+}
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(buf[at..at + 4].try_into().unwrap())
+}
+fn u64_at(buf: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(buf[at..at + 8].try_into().unwrap())
+}
+
+pub fn align_up(value: usize, align: usize) -> usize {
+    value.div_ceil(align) * align
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device header
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceHeader {
+    pub block_size: u32,
+    pub device_len: u64,
+    pub device_index: u32,
+    pub device_count: u32,
+    pub created_ms: u64,
+    pub namespace: String,
+}
+
+impl DeviceHeader {
+    pub fn encode(&self) -> [u8; DEVICE_HEADER_BYTES] {
+        let mut out = [0u8; DEVICE_HEADER_BYTES];
+        out[0..8].copy_from_slice(&DEVICE_MAGIC);
+        out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out[12..16].copy_from_slice(&self.block_size.to_le_bytes());
+        out[16..24].copy_from_slice(&self.device_len.to_le_bytes());
+        out[24..28].copy_from_slice(&self.device_index.to_le_bytes());
+        out[28..32].copy_from_slice(&self.device_count.to_le_bytes());
+        out[32..40].copy_from_slice(&self.created_ms.to_le_bytes());
+        let name = self.namespace.as_bytes();
+        assert!(name.len() <= 31, "namespace names are sanitized to 31 bytes");
+        out[40] = name.len() as u8;
+        out[41..41 + name.len()].copy_from_slice(name);
+        let crc = crc32fast::hash(&out[0..72]);
+        out[72..76].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// `Ok(None)`: the header area is all zeros (a fresh device).
+    pub fn decode(buf: &[u8; DEVICE_HEADER_BYTES], path: &std::path::Path) -> Result<Option<DeviceHeader>> {
+        if buf.iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        let corrupt = |what: String| Error::Corrupt { path: path.to_owned(), offset: 0, what };
+        if buf[0..8] != DEVICE_MAGIC {
+            return Err(corrupt(format!(
+                "not a chunkstore device: magic {:02x?} instead of {:02x?} (nothing was written to it)",
+                &buf[0..8],
+                DEVICE_MAGIC
+            )));
+        }
+        if crc32fast::hash(&buf[0..72]) != u32_at(buf, 72) {
+            return Err(corrupt("device header checksum mismatch".into()));
+        }
+        let version = u32_at(buf, 8);
+        if version != FORMAT_VERSION {
+            return Err(corrupt(format!("device format version {version}; this build reads version {FORMAT_VERSION}")));
+        }
+        let name_len = buf[40] as usize;
+        if name_len > 31 {
+            return Err(corrupt(format!("namespace name length {name_len} > 31")));
+        }
+        let namespace = String::from_utf8(buf[41..41 + name_len].to_vec())
+            .map_err(|_| corrupt("namespace name is not UTF-8".into()))?;
+        Ok(Some(DeviceHeader {
+            block_size: u32_at(buf, 12),
+            device_len: u64_at(buf, 16),
+            device_index: u32_at(buf, 24),
+            device_count: u32_at(buf, 28),
+            created_ms: u64_at(buf, 32),
+            namespace,
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block header
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockHeader {
+    pub state: u16,
+    pub epoch: u64,
+    pub block_index: u32,
+}
+
+impl BlockHeader {
+    pub fn encode(&self) -> [u8; BLOCK_HEADER_BYTES] {
+        let mut out = [0u8; BLOCK_HEADER_BYTES];
+        out[0..4].copy_from_slice(&BLOCK_MAGIC);
+        out[4..6].copy_from_slice(&(FORMAT_VERSION as u16).to_le_bytes());
+        out[6..8].copy_from_slice(&self.state.to_le_bytes());
+        out[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        out[16..20].copy_from_slice(&self.block_index.to_le_bytes());
+        let crc = crc32fast::hash(&out[0..60]);
+        out[60..64].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// `None` for anything that is not a valid header (zeros, torn, garbage): such a block
+    /// holds no records.
+    pub fn decode(buf: &[u8]) -> Option<BlockHeader> {
+        if buf.len() < BLOCK_HEADER_BYTES || buf[0..4] != BLOCK_MAGIC {
+            return None;
+        }
+        if crc32fast::hash(&buf[0..60]) != u32_at(buf, 60) || u16_at(buf, 4) as u32 != FORMAT_VERSION {
+            return None;
+        }
+        Some(BlockHeader { state: u16_at(buf, 6), epoch: u64_at(buf, 8), block_index: u32_at(buf, 16) })
+    }
+
+    /// True when the bytes look like a block header that was damaged (magic present, rest bad).
+    pub fn looks_damaged(buf: &[u8]) -> bool {
+        buf.len() >= 4 && buf[0..4] == BLOCK_MAGIC && BlockHeader::decode(buf).is_none()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Records
+
+/// The fixed part of a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub total_len: u32,
+    pub flags: u16,
+    pub seq: u64,
+    pub block_epoch: u64,
+    pub digest: Digest,
+    pub generation: u32,
+    pub void_time_secs: u32,
+    pub last_update_ms: u64,
+}
+
+impl RecordHeader {
+    pub fn is_tombstone(&self) -> bool {
+        self.flags & RECORD_FLAG_TOMBSTONE != 0
+    }
+}
+
+/// Bytes a record with this set and these bins takes, before alignment padding.
+pub fn encoded_record_len(set: &str, bins: &[Bin]) -> usize {
+    RECORD_HEADER_BYTES
+        + set.len()
+        + bins
+            .iter()
+            .map(|bin| {
+                2 + bin.name.len()
+                    + match &bin.value {
+                        Value::Int(_) | Value::Float(_) => 8,
+                        Value::String(s) => 4 + s.len(),
+                        Value::Bytes(b) => 4 + b.len(),
+                    }
+            })
+            .sum::<usize>()
+}
+
+/// Encodes a record with seq, block epoch and CRC left zero; `seal_record` fills them in when
+/// the record takes its place in a write block. Callers check sizes and names first.
+pub fn encode_record(header: &RecordHeader, set: &str, bins: &[Bin]) -> Vec<u8> {
+    let total = encoded_record_len(set, bins);
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&RECORD_MAGIC);
+    out.extend_from_slice(&[0; 4]); // crc, set by seal_record
+    out.extend_from_slice(&(total as u32).to_le_bytes());
+    out.extend_from_slice(&header.flags.to_le_bytes());
+    out.extend_from_slice(&(set.len() as u16).to_le_bytes());
+    out.extend_from_slice(&[0; 16]); // seq and block epoch, set by seal_record
+    out.extend_from_slice(&header.digest);
+    out.extend_from_slice(&header.generation.to_le_bytes());
+    out.extend_from_slice(&header.void_time_secs.to_le_bytes());
+    out.extend_from_slice(&header.last_update_ms.to_le_bytes());
+    out.extend_from_slice(&(bins.len() as u16).to_le_bytes());
+    out.extend_from_slice(&[0; 2]);
+    debug_assert_eq!(out.len(), RECORD_HEADER_BYTES);
+    out.extend_from_slice(set.as_bytes());
+    for bin in bins {
+        out.push(bin.name.len() as u8);
+        out.extend_from_slice(bin.name.as_bytes());
+        match &bin.value {
+            Value::Int(v) => {
+                out.push(BIN_TYPE_INT);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            Value::Float(v) => {
+                out.push(BIN_TYPE_FLOAT);
+                out.extend_from_slice(&v.to_bits().to_le_bytes());
+            }
+            Value::String(s) => {
+                out.push(BIN_TYPE_STRING);
+                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                out.extend_from_slice(s.as_bytes());
+            }
+            Value::Bytes(b) => {
+                out.push(BIN_TYPE_BYTES);
+                out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                out.extend_from_slice(b);
+            }
+        }
+    }
+    assert_eq!(out.len(), total, "encoded_record_len and encode_record disagree");
+    out
+}
+
+/// Stamps seq and block epoch into an encoded record and computes its CRC.
+pub fn seal_record(record: &mut [u8], seq: u64, block_epoch: u64) {
+    record[16..24].copy_from_slice(&seq.to_le_bytes());
+    record[24..32].copy_from_slice(&block_epoch.to_le_bytes());
+    let crc = crc32fast::hash(&record[8..]);
+    record[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Why bytes at some offset of a block are not a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordFault {
+    /// The header claims more bytes than the block has left: a torn tail.
+    Truncated,
+    /// The record of this block's epoch fails its CRC: torn or corrupt.
+    ChecksumMismatch,
+}
+
+/// One step of walking a block.
+#[derive(Debug)]
+pub enum BlockItem<'a> {
+    Record { offset: usize, header: RecordHeader, bytes: &'a [u8] },
+    Fault { offset: usize, fault: RecordFault },
+}
+
+/// Walks the records of a block written under `epoch`. Bytes that are not a record header of
+/// this epoch (padding, zeros, leftovers from the block's earlier life) are skipped silently;
+/// a header of this epoch that is cut off or fails its CRC is reported as a fault and skipped.
+pub struct BlockWalker<'a> {
+    block: &'a [u8],
+    epoch: u64,
+    pos: usize,
+}
+
+impl<'a> BlockWalker<'a> {
+    pub fn new(block: &'a [u8], epoch: u64) -> BlockWalker<'a> {
+        BlockWalker { block, epoch, pos: BLOCK_HEADER_BYTES }
+    }
+}
+
+impl<'a> Iterator for BlockWalker<'a> {
+    type Item = BlockItem<'a>;
+
+    fn next(&mut self) -> Option<BlockItem<'a>> {
+        while self.pos + RECORD_HEADER_BYTES <= self.block.len() {
+            let at = self.pos;
+            let head = &self.block[at..at + RECORD_HEADER_BYTES];
+            if head[0..4] != RECORD_MAGIC || u64_at(head, 24) != self.epoch {
+                self.pos += RECORD_ALIGN_BYTES;
+                continue;
+            }
+            let total = u32_at(head, 8) as usize;
+            if total < RECORD_HEADER_BYTES || at + total > self.block.len() {
+                self.pos += RECORD_ALIGN_BYTES;
+                let fault = if total < RECORD_HEADER_BYTES { RecordFault::ChecksumMismatch } else { RecordFault::Truncated };
+                return Some(BlockItem::Fault { offset: at, fault });
+            }
+            let bytes = &self.block[at..at + total];
+            if crc32fast::hash(&bytes[8..]) != u32_at(bytes, 4) {
+                self.pos += RECORD_ALIGN_BYTES;
+                return Some(BlockItem::Fault { offset: at, fault: RecordFault::ChecksumMismatch });
+            }
+            self.pos = at + align_up(total, RECORD_ALIGN_BYTES);
+            return Some(BlockItem::Record { offset: at, header: parse_header(bytes), bytes });
+        }
+        None
+    }
+}
+
+/// Reads the fixed header of a record whose length and CRC were already checked.
+pub fn parse_header(bytes: &[u8]) -> RecordHeader {
+    RecordHeader {
+        total_len: u32_at(bytes, 8),
+        flags: u16_at(bytes, 12),
+        seq: u64_at(bytes, 16),
+        block_epoch: u64_at(bytes, 24),
+        digest: bytes[32..52].try_into().unwrap(),
+        generation: u32_at(bytes, 52),
+        void_time_secs: u32_at(bytes, 56),
+        last_update_ms: u64_at(bytes, 60),
+    }
+}
+
+/// Checks a record read back from a device: magic, length and CRC. `None` if any is wrong.
+pub fn verify_record(bytes: &[u8]) -> Option<RecordHeader> {
+    if bytes.len() < RECORD_HEADER_BYTES || bytes[0..4] != RECORD_MAGIC || u32_at(bytes, 8) as usize != bytes.len() {
+        return None;
+    }
+    if crc32fast::hash(&bytes[8..]) != u32_at(bytes, 4) {
+        return None;
+    }
+    Some(parse_header(bytes))
+}
+
+/// Decodes set name and bins of a checked record. Errors (never panics) on malformed content.
+pub fn decode_body(bytes: &[u8]) -> std::result::Result<(String, Vec<Bin>), String> {
+    let set_len = u16_at(bytes, 14) as usize;
+    let bin_count = u16_at(bytes, 68) as usize;
+    let mut cursor = Cursor { bytes, pos: RECORD_HEADER_BYTES };
+    let set = String::from_utf8(cursor.take(set_len)?.to_vec()).map_err(|_| "set name is not UTF-8")?;
+    let mut bins = Vec::with_capacity(bin_count.min(1024));
+    for _ in 0..bin_count {
+        let name_len = cursor.take(1)?[0] as usize;
+        let name = String::from_utf8(cursor.take(name_len)?.to_vec()).map_err(|_| "bin name is not UTF-8")?;
+        let value = match cursor.take(1)?[0] {
+            BIN_TYPE_INT => Value::Int(i64::from_le_bytes(cursor.take(8)?.try_into().unwrap())),
+            BIN_TYPE_FLOAT => Value::Float(f64::from_bits(u64::from_le_bytes(cursor.take(8)?.try_into().unwrap()))),
+            BIN_TYPE_STRING => {
+                let len = u32::from_le_bytes(cursor.take(4)?.try_into().unwrap()) as usize;
+                Value::String(String::from_utf8(cursor.take(len)?.to_vec()).map_err(|_| "string bin is not UTF-8")?)
+            }
+            BIN_TYPE_BYTES => {
+                let len = u32::from_le_bytes(cursor.take(4)?.try_into().unwrap()) as usize;
+                Value::Bytes(cursor.take(len)?.to_vec())
+            }
+            other => return Err(format!("unknown bin type {other}")),
+        };
+        bins.push(Bin { name, value });
+    }
+    if cursor.pos != bytes.len() {
+        return Err(format!("{} bytes left over after the bins", bytes.len() - cursor.pos));
+    }
+    Ok((set, bins))
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, len: usize) -> std::result::Result<&'a [u8], String> {
+        let end = self.pos.checked_add(len).filter(|&end| end <= self.bytes.len()).ok_or("record body is cut short")?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+}

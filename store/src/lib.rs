@@ -1,0 +1,21 @@
+//! chunkstore's store: the per-node storage engine (this crate today), and later the Raft
+//! replication, the `chunkd` server and the client built on it. See ARCHITECTURE.md.
+//!
+//! The engine keeps Aerospike's data model: namespace → set → record, records addressed by a
+//! RIPEMD-160 digest, holding bins, with a generation and an optional void time.
+
+pub mod config;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod format;
+pub mod key;
+pub mod ops;
+pub mod value;
+
+pub use config::{DeviceConfig, NamespaceConfig};
+pub use engine::{Clock, EngineEvent, Namespace, OpenOptions, ScanReport, Stats, SystemClock};
+pub use error::{Error, Result};
+pub use key::{Digest, Key, UserKey};
+pub use ops::{GenerationPolicy, OpResult, Operation, RecordExistsAction, Ttl, WritePolicy};
+pub use value::{Bin, Record, RecordMeta, Value};
