@@ -1,0 +1,423 @@
+//! Engine behaviour beyond the model: group commit, limits, TTLs, tombstones, corruption,
+//! bad files and failed devices.
+
+mod common;
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chunkstore::device::{Device, MemDevice};
+use chunkstore::{
+    Bin, DeviceConfig, Error, Key, Namespace, NamespaceConfig, OpenOptions, Operation, Ttl, Value, WritePolicy,
+};
+use common::{small_config, Disks, ManualClock};
+
+fn bytes_bin(len: usize, fill: u8) -> Vec<Bin> {
+    vec![Bin::new("b", Value::Bytes(vec![fill; len]))]
+}
+
+fn put(ns: &Namespace, k: i64, len: usize, fill: u8) -> chunkstore::Result<chunkstore::RecordMeta> {
+    ns.put(&Key::new("s", k), &bytes_bin(len, fill), &WritePolicy::default())
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn mem_open(config: &NamespaceConfig, devices: Vec<Arc<dyn Device>>, clock: Option<Arc<dyn chunkstore::Clock>>) -> Namespace {
+    Namespace::open(config.clone(), OpenOptions { devices: Some(devices), clock, observer: None }).unwrap()
+}
+
+#[test]
+fn concurrent_writers_share_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = NamespaceConfig::new(
+        "gc",
+        vec![DeviceConfig { path: dir.path().join("gc.dat"), size: Some(64 << 20) }],
+    );
+    let ns = Arc::new(Namespace::open(config, OpenOptions::default()).unwrap());
+    let threads: Vec<_> = (0..32)
+        .map(|t| {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    put(&ns, t * 1000 + i, 4096, t as u8).unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let stats = ns.stats();
+    let per_write = stats.fsyncs as f64 / stats.writes as f64;
+    eprintln!("{} writes, {} fsyncs: {per_write:.3} per write", stats.writes, stats.fsyncs);
+    assert_eq!(stats.writes, 32 * 40);
+    assert!(per_write < 0.5, "group commit should share fsyncs: {per_write:.3} per write");
+    assert_eq!(ns.get(&Key::new("s", 31_039i64), None).unwrap().unwrap().bin("b"), Some(&Value::Bytes(vec![31; 4096])));
+}
+
+#[test]
+fn full_device_reaches_stop_writes_then_resumes_after_deletes() {
+    let config = small_config(1, 32);
+    let mut disks = Disks::new(&config, 1);
+    let ns = disks.open(&config, None).unwrap();
+    let mut written = 0;
+    let err = loop {
+        match put(&ns, written, 20_000, 1) {
+            Ok(_) => written += 1,
+            Err(err) => break err,
+        }
+        assert!(written < 1000, "a 2 MiB device cannot take 20 MB");
+    };
+    match &err {
+        Error::StopWrites { reason, .. } => assert!(reason.contains("min-avail-pct"), "{reason}"),
+        other => panic!("expected StopWrites, got {other}"),
+    }
+    // Reads go on, deletes go on.
+    assert!(ns.get(&Key::new("s", 0i64), None).unwrap().is_some());
+    for k in 0..written - 5 {
+        ns.delete(&Key::new("s", k), &WritePolicy::default()).unwrap();
+    }
+    // Defragmentation frees the space and writes resume by themselves.
+    wait_until("writes to resume", || put(&ns, 5000, 20_000, 2).is_ok());
+    for k in written - 5..written {
+        assert_eq!(ns.get(&Key::new("s", k), None).unwrap().unwrap().bin("b"), Some(&Value::Bytes(vec![1; 20_000])));
+    }
+    assert!(ns.stats().defrag_blocks > 0);
+}
+
+#[test]
+fn memory_budget_reaches_stop_writes() {
+    let mut config = small_config(1, 64);
+    config.memory_size = 1 << 20;
+    config.stop_writes_pct = 1; // 10 KB of index: about 160 records
+    let mut disks = Disks::new(&config, 2);
+    let ns = disks.open(&config, None).unwrap();
+    let mut written = 0;
+    let err = loop {
+        match put(&ns, written, 10, 1) {
+            Ok(_) => written += 1,
+            Err(err) => break err,
+        }
+        assert!(written < 10_000);
+    };
+    assert!(matches!(&err, Error::StopWrites { reason, .. } if reason.contains("stop-writes-pct")), "{err}");
+    assert!((150..=170).contains(&written), "{written} records before stop-writes");
+    ns.delete(&Key::new("s", 0i64), &WritePolicy::default()).expect("deletes go on under stop-writes");
+}
+
+/// Sleeps in every sync so that writes pile up in the cache.
+#[derive(Debug)]
+struct SlowDevice(Arc<MemDevice>);
+
+impl Device for SlowDevice {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(data, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(())
+    }
+}
+
+#[test]
+fn buffered_writes_past_max_write_cache_fail_at_once() {
+    let mut config = small_config(1, 64);
+    config.commit_to_device = false;
+    config.max_write_cache = 2 * 64 * 1024;
+    let device = Arc::new(SlowDevice(Arc::new(MemDevice::new("slow", 64 * 64 * 1024))));
+    let ns = mem_open(&config, vec![device], None);
+    let started = Instant::now();
+    let mut acked = 0;
+    let err = loop {
+        match put(&ns, acked, 8000, 3) {
+            Ok(_) => acked += 1,
+            Err(err) => break err,
+        }
+    };
+    assert!(matches!(err, Error::DeviceOverload { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_millis(150), "the refusal must be immediate, not queued");
+    assert!(acked >= 10, "{acked}");
+    ns.flush().unwrap();
+    put(&ns, 9999, 8000, 3).expect("writes are accepted again once the cache drained");
+    for k in 0..acked {
+        assert!(ns.get(&Key::new("s", k), None).unwrap().is_some());
+    }
+}
+
+#[test]
+fn expired_records_vanish_at_once_and_never_come_back() {
+    let config = small_config(1, 32);
+    let clock = ManualClock::at_secs(1_700_000_000);
+    let mut disks = Disks::new(&config, 3);
+    let ns = disks.open(&config, Some(clock.clone())).unwrap();
+    let key = Key::new("s", 1i64);
+    // An older version without TTL, then a newer one with a TTL.
+    ns.put(&key, &bytes_bin(100, 1), &WritePolicy::default()).unwrap();
+    let ttl = WritePolicy { ttl: Ttl::Seconds(10), ..Default::default() };
+    let meta = ns.put(&key, &bytes_bin(100, 2), &ttl).unwrap();
+    assert_eq!(meta.void_time_secs, 1_700_000_010);
+    clock.advance_secs(9);
+    assert!(ns.get(&key, None).unwrap().is_some());
+    clock.advance_secs(2);
+    assert!(ns.get(&key, None).unwrap().is_none(), "invisible as soon as the void time passes");
+    wait_until("expiry to be reclaimed", || ns.stats().expired == 1);
+    disks.crash(ns);
+    let ns = disks.open(&config, Some(clock.clone())).unwrap();
+    assert!(ns.get(&key, None).unwrap().is_none(), "the older version must not come back");
+}
+
+#[test]
+fn deleted_records_stay_deleted_through_defrag_and_power_cuts() {
+    let config = small_config(1, 24);
+    let mut disks = Disks::new(&config, 4);
+    let mut ns = disks.open(&config, None).unwrap();
+    for k in 0..50 {
+        put(&ns, k, 5000, k as u8).unwrap();
+    }
+    for k in 0..25 {
+        ns.delete(&Key::new("s", k), &WritePolicy::default()).unwrap();
+    }
+    // Churn the live half so every old block is defragmented and tombstones get dropped.
+    for round in 0..8u8 {
+        for k in 25..50 {
+            put(&ns, k, 5000, round).unwrap();
+        }
+        if round % 3 == 2 {
+            disks.crash(ns);
+            ns = disks.open(&config, None).unwrap();
+        }
+    }
+    wait_until("tombstones to be dropped", || ns.stats().tombstones_dropped > 0 || ns.stats().tombstones == 0);
+    disks.crash(ns);
+    let ns = disks.open(&config, None).unwrap();
+    for k in 0..25 {
+        assert!(ns.get(&Key::new("s", k), None).unwrap().is_none(), "deleted key {k} came back");
+    }
+    for k in 25..50 {
+        assert_eq!(ns.get(&Key::new("s", k), None).unwrap().unwrap().bin("b"), Some(&Value::Bytes(vec![7; 5000])));
+    }
+}
+
+/// Device offset of the first run of 64 `fill` bytes (inside the record written with it).
+fn find_run(mem: &MemDevice, fill: u8) -> u64 {
+    let mut all = vec![0u8; mem.len() as usize];
+    mem.read_at(&mut all, 0).unwrap();
+    all.windows(64).position(|w| w.iter().all(|&b| b == fill)).expect("the record is on the device") as u64
+}
+
+#[test]
+fn corrupt_record_is_never_returned() {
+    let config = small_config(1, 16);
+    let mem = Arc::new(MemDevice::new("dev0", 16 * 64 * 1024));
+    let ns = mem_open(&config, vec![mem.clone()], None);
+    put(&ns, 1, 1000, 1).unwrap();
+    put(&ns, 2, 1000, 2).unwrap();
+    ns.close().unwrap();
+    mem.corrupt(find_run(&mem, 1), 4);
+    let ns = mem_open(&config, vec![mem.clone()], None);
+    assert_eq!(ns.stats().scan.checksum_mismatches, 1);
+    assert!(ns.get(&Key::new("s", 1i64), None).unwrap().is_none(), "a record failing its checksum is skipped");
+    assert!(ns.get(&Key::new("s", 2i64), None).unwrap().is_some());
+    // Corruption after start-up is caught on read.
+    put(&ns, 3, 1000, 3).unwrap();
+    ns.flush().unwrap();
+    drop(ns);
+    let ns = mem_open(&config, vec![mem.clone()], None);
+    let key3 = Key::new("s", 3i64);
+    assert!(ns.get(&key3, None).unwrap().is_some());
+    mem.corrupt(find_run(&mem, 3), 2);
+    match ns.get(&key3, None) {
+        Err(Error::Corrupt { what, .. }) => assert!(what.contains("checksum"), "{what}"),
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+}
+
+#[test]
+fn foreign_or_mismatched_device_files_are_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ns.dat");
+    let foreign: Vec<u8> = (0..4 * 64 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+    std::fs::write(&path, &foreign).unwrap();
+    let mut config = NamespaceConfig::new("files", vec![DeviceConfig { path: path.clone(), size: Some(foreign.len() as u64) }]);
+    config.write_block_size = 64 * 1024;
+    let err = Namespace::open(config.clone(), OpenOptions::default()).err().expect("a foreign file is refused");
+    assert!(err.to_string().contains("not a chunkstore device"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), foreign, "nothing was written to it");
+
+    std::fs::remove_file(&path).unwrap();
+    Namespace::open(config.clone(), OpenOptions::default()).unwrap().close().unwrap();
+    let formatted = std::fs::read(&path).unwrap();
+
+    let other_name = NamespaceConfig { name: "other".into(), ..config.clone() };
+    let err = Namespace::open(other_name, OpenOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("belongs to namespace \"files\""), "{err}");
+
+    let other_size = NamespaceConfig {
+        devices: vec![DeviceConfig { path: path.clone(), size: Some(8 * 64 * 1024) }],
+        ..config.clone()
+    };
+    let err = Namespace::open(other_size, OpenOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("never resizes"), "{err}");
+
+    // A newer format version (with a valid checksum) is refused by name.
+    let mut newer = formatted.clone();
+    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let crc = crc32fast::hash(&newer[0..72]);
+    newer[72..76].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &newer).unwrap();
+    let err = Namespace::open(config.clone(), OpenOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("format version 2"), "{err}");
+
+    // A flipped bit in the header is a checksum error, not a guess.
+    let mut flipped = formatted.clone();
+    flipped[13] ^= 1;
+    std::fs::write(&path, &flipped).unwrap();
+    let err = Namespace::open(config, OpenOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), flipped);
+}
+
+/// Fails every sync once `failing` is set.
+#[derive(Debug)]
+struct FailingDevice {
+    inner: Arc<MemDevice>,
+    failing: AtomicBool,
+}
+
+impl Device for FailingDevice {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(data, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failed_fsync_poisons_the_device_until_restart() {
+    let config = small_config(1, 16);
+    let device = Arc::new(FailingDevice { inner: Arc::new(MemDevice::new("dev0", 16 * 64 * 1024)), failing: AtomicBool::new(false) });
+    let ns = mem_open(&config, vec![device.clone()], None);
+    put(&ns, 1, 100, 1).unwrap();
+    device.failing.store(true, Ordering::SeqCst);
+    let err = put(&ns, 2, 100, 2).unwrap_err();
+    assert!(matches!(&err, Error::DeviceFailed { reason, .. } if reason.contains("fdatasync")), "{err}");
+    assert!(err.to_string().contains("restart"), "the message says what to do: {err}");
+    device.failing.store(false, Ordering::SeqCst);
+    assert!(matches!(put(&ns, 3, 100, 3), Err(Error::DeviceFailed { .. })), "still poisoned after the disk recovers");
+    assert!(ns.get(&Key::new("s", 1i64), None).unwrap().is_some(), "durable records stay readable");
+    assert_eq!(ns.stats().poisoned_devices.len(), 1);
+}
+
+#[test]
+fn oversized_records_and_offsets_are_refused_without_allocating() {
+    let config = small_config(1, 16);
+    let mut disks = Disks::new(&config, 5);
+    let ns = disks.open(&config, None).unwrap();
+    let key = Key::new("s", 1i64);
+    assert!(matches!(put(&ns, 1, 70_000, 1), Err(Error::RecordTooBig { .. })));
+    let huge = Operation::WriteBytesAt { bin: "b".into(), offset: u64::MAX - 10, data: vec![1; 20], zero_fill: true };
+    assert!(matches!(ns.operate(&key, &[huge], &WritePolicy::default()), Err(Error::RecordTooBig { .. })));
+    let grow = Operation::TruncateBytes { bin: "b".into(), len: 1 << 40 };
+    assert!(matches!(ns.operate(&key, &[grow], &WritePolicy::default()), Err(Error::RecordTooBig { .. })));
+    assert!(ns.get(&key, None).unwrap().is_none(), "nothing was written");
+}
+
+#[test]
+fn operate_semantics() {
+    let config = small_config(1, 16);
+    let mut disks = Disks::new(&config, 6);
+    let ns = disks.open(&config, None).unwrap();
+    let key = Key::new("s", "file-chunk-0");
+    let p = WritePolicy::default();
+    let gap = Operation::WriteBytesAt { bin: "b".into(), offset: 10, data: vec![1], zero_fill: false };
+    assert!(matches!(ns.operate(&key, &[gap], &p), Err(Error::BadRequest(_))), "a gap needs zero_fill");
+    let ops = [
+        Operation::WriteBytesAt { bin: "b".into(), offset: 4, data: vec![9, 9], zero_fill: true },
+        Operation::Append { bin: "b".into(), value: Value::Bytes(vec![7]) },
+        Operation::Prepend { bin: "s".into(), value: Value::String("lo".into()) },
+        Operation::Append { bin: "s".into(), value: Value::String("ng".into()) },
+        Operation::Add { bin: "n".into(), delta: 5 },
+        Operation::ReadAll,
+    ];
+    let (meta, results) = ns.operate(&key, &ops, &p).unwrap();
+    assert_eq!(meta.generation, 1);
+    let values: Vec<_> = results.into_iter().map(|r| (r.bin, r.value.unwrap())).collect();
+    assert_eq!(
+        values,
+        vec![
+            ("b".into(), Value::Bytes(vec![0, 0, 0, 0, 9, 9, 7])),
+            ("s".into(), Value::String("long".into())),
+            ("n".into(), Value::Int(5)),
+        ]
+    );
+    let wrong_type = [Operation::Add { bin: "s".into(), delta: 1 }];
+    assert!(matches!(ns.operate(&key, &wrong_type, &p), Err(Error::IncompatibleBin { .. })));
+    let reads_only = [Operation::Read { bin: "n".into() }];
+    let (meta, _) = ns.operate(&key, &reads_only, &p).unwrap();
+    assert_eq!(meta.generation, 1, "reads do not bump the generation");
+    let drop_all = [Operation::DeleteBin { bin: "b".into() }, Operation::DeleteBin { bin: "s".into() }, Operation::DeleteBin { bin: "n".into() }];
+    ns.operate(&key, &drop_all, &p).unwrap();
+    assert!(ns.get(&key, None).unwrap().is_none(), "deleting the last bin deletes the record");
+    let meta = ns.put(&key, &bytes_bin(1, 1), &p).unwrap();
+    assert_eq!(meta.generation, 1, "a record re-created after a delete starts at generation 1");
+    let meta = ns.touch(&key, &WritePolicy { ttl: Ttl::Seconds(100), ..p }).unwrap();
+    assert_eq!(meta.generation, 2);
+    assert!(meta.void_time_secs > 0);
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let base = small_config(1, 16);
+    let cases: Vec<(NamespaceConfig, &str)> = vec![
+        (NamespaceConfig { write_block_size: 1000, ..base.clone() }, "write-block-size"),
+        (NamespaceConfig { name: "bad name!".into(), ..base.clone() }, "name"),
+        (NamespaceConfig { defrag_lwm_pct: 0, ..base.clone() }, "defrag-lwm-pct"),
+        (NamespaceConfig { max_write_cache: 1, ..base.clone() }, "max-write-cache"),
+        (NamespaceConfig { devices: vec![], ..base.clone() }, "devices"),
+        (NamespaceConfig { min_avail_pct: 90, ..base.clone() }, "min-avail-pct"),
+    ];
+    for (config, field) in cases {
+        let err = config.sanitize().unwrap_err();
+        assert!(err.to_string().contains(field), "{err} should name {field}");
+    }
+    let err = NamespaceConfig::from_toml("name = \"x\"\nflush-max-msec = 5\n").unwrap_err();
+    assert!(err.to_string().contains("flush-max-msec"), "{err}");
+    let parsed = NamespaceConfig::from_toml(
+        "name = \"ns1\"\ncommit-to-device = false\n[[devices]]\npath = \"/tmp/x.dat\"\nsize = 67108864\n",
+    )
+    .unwrap();
+    assert!(!parsed.commit_to_device);
+    assert_eq!(parsed.flush_max_ms, 1000, "unset fields keep their defaults");
+    parsed.sanitize().unwrap();
+}
