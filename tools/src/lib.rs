@@ -1,0 +1,5 @@
+//! The code behind `chunkctl` and `chunkcheck` (the binaries in src/bin are thin CLIs).
+
+pub mod bench;
+pub mod engine_check;
+pub mod logging;
