@@ -472,7 +472,11 @@ impl Namespace {
     }
 
     fn shutdown(&self) -> Result<()> {
-        let flushed = if self.inner.is_shutting_down() { Ok(()) } else { self.flush() };
+        let mut workers = self.workers.lock().unwrap();
+        if workers.is_empty() {
+            return Ok(()); // already closed
+        }
+        let flushed = self.flush();
         self.inner.shutting_down.store(true, Ordering::Release);
         {
             let _st = self.inner.state.lock().unwrap();
@@ -481,7 +485,7 @@ impl Namespace {
             }
             self.inner.background_wakeup.notify_all();
         }
-        for worker in self.workers.lock().unwrap().drain(..) {
+        for worker in workers.drain(..) {
             let _ = worker.join();
         }
         if flushed.is_ok() {
