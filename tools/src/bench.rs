@@ -66,6 +66,8 @@ fn percentile(sorted: &[u64], pct: f64) -> u64 {
 
 /// Device size for a run: room for everything written plus slack; defragmentation recycles it.
 const BENCH_DEVICE_BYTES: u64 = 2 << 30;
+/// Keys written in all by a run, whatever the writer count.
+const BENCH_KEYS: i64 = 100_000;
 
 pub fn run(options: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport> {
     std::fs::create_dir_all(&options.dir).with_context(|| format!("creating {}", options.dir.display()))?;
@@ -142,6 +144,9 @@ fn bench_namespace(dir: &Path, name: &str, device_bytes: u64, commit_to_device: 
 fn engine_run(dir: &Path, writers: u32, seconds: f64) -> Result<WriterResult> {
     let ns = Arc::new(bench_namespace(dir, &format!("bench{writers}"), BENCH_DEVICE_BYTES, true)?);
     let stop = Arc::new(AtomicBool::new(false));
+    // Overwrites within a bounded key space (about 450 MB live in all) keep defragmentation
+    // busy without filling the device.
+    let keys_per_writer = (BENCH_KEYS / writers as i64).max(64);
     let started = Instant::now();
     let threads: Vec<_> = (0..writers)
         .map(|w| {
@@ -151,8 +156,7 @@ fn engine_run(dir: &Path, writers: u32, seconds: f64) -> Result<WriterResult> {
                 let mut latencies = Vec::new();
                 let mut i = 0i64;
                 while !stop.load(Ordering::Relaxed) {
-                    // A bounded key space per writer: overwrites keep defragmentation busy.
-                    let key = Key::new("bench", (w as i64) << 32 | (i % 20_000));
+                    let key = Key::new("bench", (w as i64) << 32 | (i % keys_per_writer));
                     let op = Instant::now();
                     ns.put(&key, &bins, &WritePolicy::default())?;
                     latencies.push(op.elapsed().as_micros() as u64);

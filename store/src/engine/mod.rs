@@ -126,6 +126,8 @@ pub(crate) struct Inner {
     /// Serializes writers (and defragmentation) per record, chosen by digest.
     pub record_locks: Vec<Mutex<()>>,
     pub shutting_down: AtomicBool,
+    /// Set after defragmentation and nsup have stopped: flushers flush what is left and exit.
+    pub flushers_stopping: AtomicBool,
     /// Wakes background threads early at shutdown.
     pub background_wakeup: Condvar,
     pub clock: Arc<dyn Clock>,
@@ -141,6 +143,13 @@ const READ_ATTEMPTS_MAX: usize = 16;
 impl Inner {
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Notifies while holding the state lock, so no waiter misses the wakeup between its
+    /// check and its wait.
+    fn notify_all_under_lock(&self, notify: impl Fn(&Inner)) {
+        let _st = self.state.lock().unwrap();
+        notify(self);
     }
 
     pub(crate) fn observe(&self, event: EngineEvent) {
@@ -363,7 +372,9 @@ impl Inner {
 /// A namespace open on its devices. Cheap to share: all methods take `&self`.
 pub struct Namespace {
     inner: Arc<Inner>,
-    workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Defragmentation and nsup: stopped first, as they may wait on the flushers.
+    background: Mutex<Vec<JoinHandle<()>>>,
+    flushers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Namespace {
@@ -372,16 +383,18 @@ impl Namespace {
     pub fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Namespace> {
         config.sanitize()?;
         let inner = Arc::new(scan::open(config, options)?);
-        let mut workers = Vec::new();
+        let mut flushers = Vec::new();
         for device in 0..inner.devices.len() as u16 {
             let inner = inner.clone();
-            workers.push(spawn(format!("flush-{device}"), move || inner.run_flusher(device))?);
+            flushers.push(spawn(format!("flush-{device}"), move || inner.run_flusher(device))?);
         }
+        let namespace = Namespace { inner: inner.clone(), background: Mutex::new(Vec::new()), flushers: Mutex::new(flushers) };
         let defrag_inner = inner.clone();
-        workers.push(spawn("defrag".into(), move || defrag_inner.run_defrag())?);
-        let nsup_inner = inner.clone();
-        workers.push(spawn("nsup".into(), move || nsup_inner.run_nsup())?);
-        Ok(Namespace { inner, workers: Mutex::new(workers) })
+        let defrag = spawn("defrag".into(), move || defrag_inner.run_defrag())?;
+        namespace.background.lock().unwrap().push(defrag);
+        let nsup = spawn("nsup".into(), move || inner.run_nsup())?;
+        namespace.background.lock().unwrap().push(nsup);
+        Ok(namespace)
     }
 
     pub fn name(&self) -> &str {
@@ -472,20 +485,20 @@ impl Namespace {
     }
 
     fn shutdown(&self) -> Result<()> {
-        let mut workers = self.workers.lock().unwrap();
-        if workers.is_empty() {
+        let mut flushers = self.flushers.lock().unwrap();
+        if flushers.is_empty() {
             return Ok(()); // already closed
         }
-        let flushed = self.flush();
+        // New writes are refused from here; background threads finish their step and exit.
         self.inner.shutting_down.store(true, Ordering::Release);
-        {
-            let _st = self.inner.state.lock().unwrap();
-            for wakeup in &self.inner.flush_wakeups {
-                wakeup.notify_all();
-            }
-            self.inner.background_wakeup.notify_all();
+        self.inner.notify_all_under_lock(|inner| inner.background_wakeup.notify_all());
+        for worker in self.background.lock().unwrap().drain(..) {
+            let _ = worker.join();
         }
-        for worker in workers.drain(..) {
+        let flushed = self.flush();
+        self.inner.flushers_stopping.store(true, Ordering::Release);
+        self.inner.notify_all_under_lock(|inner| inner.flush_wakeups.iter().for_each(Condvar::notify_all));
+        for worker in flushers.drain(..) {
             let _ = worker.join();
         }
         if flushed.is_ok() {

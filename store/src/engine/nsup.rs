@@ -56,9 +56,12 @@ impl Inner {
     fn eviction_victims(&self) -> Vec<Digest> {
         let st = self.state.lock().unwrap();
         let disk_used_pct = 100 - st.devices.iter().map(|d| d.available_pct()).min().unwrap_or(100);
-        let memory_used_pct = st.memory_used_bytes() * 100 / self.config.memory_size;
+        // Live records only: tombstones written by eviction cannot be evicted, and counting
+        // them would make eviction overshoot until every record with a TTL is gone.
+        let live_memory_bytes = st.live_records() * super::INDEX_BYTES_PER_RECORD;
         let over_disk = self.config.high_water_disk_pct > 0 && disk_used_pct > self.config.high_water_disk_pct as u64;
-        let over_memory = self.config.high_water_memory_pct > 0 && memory_used_pct > self.config.high_water_memory_pct as u64;
+        let over_memory = self.config.high_water_memory_pct > 0
+            && live_memory_bytes * 100 > self.config.memory_size * self.config.high_water_memory_pct as u64;
         if !over_disk && !over_memory {
             return Vec::new();
         }

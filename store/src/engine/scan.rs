@@ -70,6 +70,7 @@ pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inne
         durable_wakeup: Condvar::new(),
         record_locks: (0..RECORD_LOCK_COUNT).map(|_| Mutex::new(())).collect(),
         shutting_down: AtomicBool::new(false),
+        flushers_stopping: AtomicBool::new(false),
         background_wakeup: Condvar::new(),
         clock,
         observer: options.observer,

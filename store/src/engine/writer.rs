@@ -139,11 +139,12 @@ impl Inner {
         loop {
             let dev = &st.devices[d];
             let timer_due = dev.first_unflushed_at.map(|at| at.elapsed() >= flush_max);
+            let stopping = self.flushers_stopping.load(std::sync::atomic::Ordering::Acquire);
             let wanted = dev.sealed.iter().any(|s| !s.handed)
                 || dev.requested_lsn > dev.handed_lsn
                 || timer_due == Some(true)
-                || (self.is_shutting_down() && dev.appended_lsn > dev.handed_lsn);
-            if dev.poisoned.is_some() || (!wanted && self.is_shutting_down()) {
+                || (stopping && dev.appended_lsn > dev.handed_lsn);
+            if dev.poisoned.is_some() || (!wanted && stopping) {
                 return;
             }
             if !wanted {
