@@ -65,8 +65,12 @@ impl FileDevice {
                 let size = size.ok_or_else(|| need_size(path))?;
                 let file = open_rw(path)?;
                 if meta.len() == 0 {
-                    allocate(&file, path, size)?;
-                    return Ok((FileDevice { file, path: path.to_owned(), len: size }, true));
+                    // Created by someone else, or truncated: either way not ours to format.
+                    return Err(Error::Config(format!(
+                        "device {} exists but is empty (truncated?); chunkstore formats only devices it creates: \
+                         remove the file to have it created",
+                        path.display()
+                    )));
                 }
                 if meta.len() != size {
                     return Err(Error::Config(format!(

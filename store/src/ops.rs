@@ -117,14 +117,15 @@ pub(crate) fn next_generation(generation: u32) -> u32 {
     }
 }
 
-/// Decides what to write; `Err` for a failed condition or a bad request.
+/// Decides what to write; `Err` for a failed condition or a bad request. Takes the record by
+/// value so that a large bytes bin is edited in place, not copied.
 pub(crate) fn plan(
-    existing: Option<&Record>,
+    existing: Option<Record>,
     policy: &WritePolicy,
     mutation: &Mutation<'_>,
     ctx: &PlanContext,
 ) -> Result<(Plan, Vec<OpResult>)> {
-    let current_generation = existing.map_or(0, |r| r.meta.generation);
+    let current_generation = existing.as_ref().map_or(0, |r| r.meta.generation);
     if let GenerationPolicy::ExpectEqual(expected) = policy.generation {
         if expected != current_generation {
             return Err(Error::GenerationMismatch { expected, actual: current_generation });
@@ -132,7 +133,7 @@ pub(crate) fn plan(
     }
     let needs_record = matches!(policy.exists, RecordExistsAction::UpdateOnly | RecordExistsAction::ReplaceOnly)
         || matches!(mutation, Mutation::Delete | Mutation::Touch);
-    match (existing, policy.exists) {
+    match (&existing, policy.exists) {
         (None, _) if needs_record => return Err(Error::RecordNotFound),
         (Some(_), RecordExistsAction::CreateOnly) => return Err(Error::RecordExists),
         _ => {}
@@ -140,11 +141,11 @@ pub(crate) fn plan(
     let generation = next_generation(current_generation);
     let void_time = |existing_void: Option<u32>| -> u32 {
         let from_now = |secs: u32| ((ctx.now_ms / 1000) as u32).saturating_add(secs.max(1));
-        match policy.ttl {
-            Ttl::NeverExpire => 0,
-            Ttl::Seconds(secs) => from_now(secs),
-            Ttl::DontUpdate if existing_void.is_some() => existing_void.unwrap(),
-            Ttl::DontUpdate | Ttl::NamespaceDefault => match ctx.default_ttl_secs {
+        match (policy.ttl, existing_void) {
+            (Ttl::NeverExpire, _) => 0,
+            (Ttl::Seconds(secs), _) => from_now(secs),
+            (Ttl::DontUpdate, Some(current)) => current,
+            (Ttl::DontUpdate | Ttl::NamespaceDefault, _) => match ctx.default_ttl_secs {
                 0 => 0,
                 secs => from_now(secs),
             },
@@ -156,21 +157,22 @@ pub(crate) fn plan(
         Mutation::Touch => {
             let record = existing.expect("checked above");
             let void_time_secs = void_time(Some(record.meta.void_time_secs));
-            Ok((Plan::Write { bins: record.bins.clone(), generation, void_time_secs }, Vec::new()))
+            Ok((Plan::Write { bins: record.bins, generation, void_time_secs }, Vec::new()))
         }
         Mutation::Put(bins) => {
             if bins.is_empty() {
                 return Err(Error::BadRequest("a put needs at least one bin".into()));
             }
+            let existing_void = existing.as_ref().map(|r| r.meta.void_time_secs);
             let mut merged = match existing {
-                Some(record) if !replace => record.bins.clone(),
+                Some(record) if !replace => record.bins,
                 _ => Vec::new(),
             };
             for bin in bins.iter() {
                 check_bin_name(&bin.name)?;
                 set_bin(&mut merged, bin.clone());
             }
-            let void_time_secs = void_time(existing.map(|r| r.meta.void_time_secs));
+            let void_time_secs = void_time(existing_void);
             Ok((Plan::Write { bins: merged, generation, void_time_secs }, Vec::new()))
         }
         Mutation::Operate(ops) => plan_operate(existing, replace, ops, ctx, generation, void_time),
@@ -178,7 +180,7 @@ pub(crate) fn plan(
 }
 
 fn plan_operate(
-    existing: Option<&Record>,
+    existing: Option<Record>,
     replace: bool,
     ops: &[Operation],
     ctx: &PlanContext,
@@ -192,8 +194,10 @@ fn plan_operate(
     if existing.is_none() && reads_only {
         return Err(Error::RecordNotFound);
     }
+    let existed = existing.is_some();
+    let existing_void = existing.as_ref().map(|r| r.meta.void_time_secs);
     let mut bins = match existing {
-        Some(record) if !(replace && !reads_only) => record.bins.clone(),
+        Some(record) if !(replace && !reads_only) => record.bins,
         _ => Vec::new(),
     };
     let mut results = Vec::new();
@@ -205,12 +209,10 @@ fn plan_operate(
     }
     if bins.is_empty() {
         // The last bin went (or DeleteRecord with nothing after it): the record goes.
-        return match existing {
-            Some(_) => Ok((Plan::Delete { generation }, results)),
-            None => Ok((Plan::Nothing, results)),
-        };
+        let plan = if existed { Plan::Delete { generation } } else { Plan::Nothing };
+        return Ok((plan, results));
     }
-    let void_time_secs = void_time(existing.map(|r| r.meta.void_time_secs));
+    let void_time_secs = void_time(existing_void);
     Ok((Plan::Write { bins, generation, void_time_secs }, results))
 }
 

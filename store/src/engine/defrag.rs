@@ -137,8 +137,7 @@ impl Inner {
             if let Some(reason) = &st.devices[device as usize].poisoned {
                 return Err(self.device_failed(device, reason));
             }
-            let mut copy = bytes.to_vec();
-            let placed = self.append(&mut st, device, &mut copy, entry.seq)?;
+            let placed = self.append(&mut st, device, bytes, entry.seq)?;
             st.install(header.digest, super::state::IndexEntry { block: placed.block, offset: placed.offset, ..entry });
             moved += 1;
         }

@@ -284,10 +284,11 @@ impl Inner {
             default_ttl_secs: self.config.default_ttl_secs,
             bin_bytes_max: self.config.record_size_limit(),
         };
-        let (plan, results) = plan(existing.as_ref(), policy, &mutation, &ctx)?;
+        let existing_meta = existing.as_ref().map(|r| r.meta.clone());
+        let (plan, results) = plan(existing, policy, &mutation, &ctx)?;
         let (bins, generation, void_time_secs, flags) = match plan {
             Plan::Nothing => {
-                let meta = existing.map(|r| r.meta).unwrap_or(RecordMeta { generation: 0, void_time_secs: 0, last_update_ms: 0 });
+                let meta = existing_meta.unwrap_or(RecordMeta { generation: 0, void_time_secs: 0, last_update_ms: 0 });
                 return Ok((meta, results));
             }
             Plan::Write { bins, generation, void_time_secs } => (bins, generation, void_time_secs, 0),
@@ -325,7 +326,7 @@ impl Inner {
             void_time_secs,
             last_update_ms: now_ms,
         };
-        let mut bytes = encode_record(&header, &key.set, bins);
+        let bytes = encode_record(&header, &key.set, bins);
         let device = self.device_for(&key.digest);
 
         let mut st = self.state.lock().unwrap();
@@ -348,7 +349,7 @@ impl Inner {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        let placed = self.append(&mut st, device, &mut bytes, seq)?;
+        let placed = self.append(&mut st, device, &bytes, seq)?;
         let entry = IndexEntry {
             seq,
             block: placed.block,

@@ -24,9 +24,9 @@ pub(crate) struct Placement {
 }
 
 impl Inner {
-    /// Appends an encoded record to `device`'s write buffer, stamping `seq` and the block
-    /// epoch into it. Opens a new block when the record does not fit.
-    pub(crate) fn append(&self, st: &mut State, device: u16, record: &mut [u8], seq: u64) -> Result<Placement> {
+    /// Copies an encoded record into `device`'s write buffer and stamps `seq`, the block epoch
+    /// and the CRC into the copy. Opens a new block when the record does not fit.
+    pub(crate) fn append(&self, st: &mut State, device: u16, record: &[u8], seq: u64) -> Result<Placement> {
         let block_size = self.config.write_block_size as usize;
         let need = align_up(record.len(), RECORD_ALIGN_BYTES);
         assert!(need <= block_size - BLOCK_HEADER_BYTES, "record size is checked against the block size first");
@@ -40,7 +40,6 @@ impl Inner {
         let at = buffer.len;
         buffer.buf[at..at + record.len()].copy_from_slice(record);
         seal_record(&mut buffer.buf[at..at + record.len()], seq, buffer.epoch);
-        record.copy_from_slice(&buffer.buf[at..at + record.len()]);
         buffer.len += need;
         let placement = Placement { block: buffer.block, offset: at as u32, lsn_end: buffer.lsn_base + (at + record.len()) as u64 };
         dev.appended_lsn = buffer.lsn_base + buffer.len as u64;

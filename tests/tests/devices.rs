@@ -1,6 +1,7 @@
-//! A device on a small, real filesystem (tmpfs mounted for the test; needs root): creation
-//! beyond its size is a clear error, a full device reaches stop-writes without corruption, and
-//! deletes plus defragmentation let writes resume.
+//! Real devices (these tests need root, as CI has): a device file on a small tmpfs, where
+//! creation beyond its size is a clear error, a full device reaches stop-writes without
+//! corruption, and deletes plus defragmentation let writes resume; and a raw block device
+//! (a loop device).
 
 use std::path::Path;
 use std::process::Command;
@@ -77,4 +78,59 @@ fn small_filesystem_fills_to_stop_writes_and_recovers() {
     }
     assert!(ns.stats().defrag_blocks > 0);
     ns.close().unwrap();
+}
+
+/// A loop device over a file, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(image: &Path) -> Loop {
+        assert!(is_root(), "this test attaches a loop device and needs root (CI runs as root)");
+        let output = Command::new("losetup").args(["-f", "--show"]).arg(image).output().expect("losetup (util-linux)");
+        assert!(output.status.success(), "losetup failed: {}", String::from_utf8_lossy(&output.stderr));
+        Loop(String::from_utf8(output.stdout).unwrap().trim().to_owned())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn raw_block_device_keeps_records_and_foreign_content_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
+    let device = Loop::attach(&image);
+    let block_config = || NamespaceConfig {
+        write_block_size: 64 * 1024,
+        ..NamespaceConfig::new("raw", vec![DeviceConfig { path: device.0.clone().into(), size: None }])
+    };
+    let ns = Namespace::open(block_config(), OpenOptions::default()).unwrap();
+    assert_eq!(ns.stats().total_blocks, 16 * 16 - 1, "the whole 16 MiB device is used, less the header block");
+    for k in 0..100i64 {
+        ns.put(&Key::new("s", k), &[Bin::new("b", Value::Int(k))], &WritePolicy::default()).unwrap();
+    }
+    ns.close().unwrap();
+    let ns = Namespace::open(block_config(), OpenOptions::default()).unwrap();
+    for k in 0..100i64 {
+        assert_eq!(ns.get(&Key::new("s", k), None).unwrap().unwrap().bin("b"), Some(&Value::Int(k)));
+    }
+    ns.close().unwrap();
+
+    // A block device holding something else is refused and left as it was.
+    let other = dir.path().join("other.img");
+    let foreign: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 199) as u8 + 1).collect();
+    std::fs::write(&other, &foreign).unwrap();
+    let other_device = Loop::attach(&other);
+    let config = NamespaceConfig {
+        write_block_size: 64 * 1024,
+        ..NamespaceConfig::new("raw", vec![DeviceConfig { path: other_device.0.clone().into(), size: None }])
+    };
+    let err = Namespace::open(config, OpenOptions::default()).err().expect("foreign content is refused");
+    assert!(err.to_string().contains("not a chunkstore device"), "{err}");
+    drop(other_device);
+    assert_eq!(std::fs::read(&other).unwrap(), foreign, "nothing was written to it");
 }
