@@ -19,7 +19,7 @@ impl Clock for FixedClock {
 pub fn fixture_config(path: std::path::PathBuf) -> NamespaceConfig {
     NamespaceConfig {
         write_block_size: 64 * 1024,
-        ..NamespaceConfig::new("fixture", vec![DeviceConfig { path, size: Some(4 * 64 * 1024) }])
+        ..NamespaceConfig::new("fixture", vec![DeviceConfig { path, size: Some(8 * 64 * 1024) }])
     }
 }
 

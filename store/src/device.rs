@@ -4,8 +4,9 @@
 //!   block device; `sync` is fdatasync.
 //! - `MemDevice`: bytes in memory, for deterministic tests.
 //! - `PowerLossDevice`: wraps another device and keeps every write made since the last `sync` in
-//!   process memory; each write may also leave a random prefix of its 512-byte sectors on the
-//!   device underneath, as a disk does when power fails mid-write. Killing the process (or
+//!   process memory; each write may also leave some of its 512-byte sectors on the device
+//!   underneath (a prefix: a torn write; or a random subset: out-of-order write-back), as a disk
+//!   does when power fails. Killing the process (or
 //!   calling `crash`) is then a power cut: only synced bytes, plus torn fragments, survive.
 
 use std::fmt;
@@ -291,13 +292,26 @@ impl Device for PowerLossDevice {
         if !state.powered {
             return Err(power_off());
         }
-        // Half the writes leave a random whole-sector prefix on the device at once: after a
-        // power cut the last write is torn at a sector boundary.
+        // Some unsynced writes reach the device early, sector by sector, as a disk's cache
+        // may write them back: a third leave a random prefix of their sectors (a torn last
+        // write), a third a random subset, out of order; the rest nothing.
         let roll = xorshift(&mut state.rng);
-        if roll % 2 == 0 {
-            let sectors = data.len().div_ceil(SECTOR_BYTES) as u64;
-            let kept = ((roll >> 8) % (sectors + 1)) as usize * SECTOR_BYTES;
-            self.inner.write_at(&data[..kept.min(data.len())], offset)?;
+        let sectors = data.len().div_ceil(SECTOR_BYTES);
+        match roll % 3 {
+            0 => {
+                let kept = ((roll >> 8) % (sectors as u64 + 1)) as usize * SECTOR_BYTES;
+                self.inner.write_at(&data[..kept.min(data.len())], offset)?;
+            }
+            1 => {
+                for sector in 0..sectors {
+                    if xorshift(&mut state.rng) % 2 == 0 {
+                        let from = sector * SECTOR_BYTES;
+                        let to = (from + SECTOR_BYTES).min(data.len());
+                        self.inner.write_at(&data[from..to], offset + from as u64)?;
+                    }
+                }
+            }
+            _ => {}
         }
         state.pending.push((offset, data.to_vec()));
         Ok(())

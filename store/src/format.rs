@@ -13,7 +13,7 @@ pub const FORMAT_VERSION: u32 = 1;
 
 pub const DEVICE_MAGIC: [u8; 8] = *b"CHUNKDEV";
 /// Block 0 of every device holds the device header; only its first bytes are used.
-pub const DEVICE_HEADER_BYTES: usize = 76;
+pub const DEVICE_HEADER_BYTES: usize = 84;
 
 pub const BLOCK_MAGIC: [u8; 4] = *b"CKBK";
 pub const BLOCK_HEADER_BYTES: usize = 64;
@@ -55,6 +55,9 @@ pub struct DeviceHeader {
     pub device_index: u32,
     pub device_count: u32,
     pub created_ms: u64,
+    /// Random, chosen when the device is formatted; every block header repeats it, so blocks
+    /// left over from an earlier use of the device are never taken for ours.
+    pub device_id: u64,
     pub namespace: String,
 }
 
@@ -68,12 +71,13 @@ impl DeviceHeader {
         out[24..28].copy_from_slice(&self.device_index.to_le_bytes());
         out[28..32].copy_from_slice(&self.device_count.to_le_bytes());
         out[32..40].copy_from_slice(&self.created_ms.to_le_bytes());
+        out[40..48].copy_from_slice(&self.device_id.to_le_bytes());
         let name = self.namespace.as_bytes();
         assert!(name.len() <= 31, "namespace names are sanitized to 31 bytes");
-        out[40] = name.len() as u8;
-        out[41..41 + name.len()].copy_from_slice(name);
-        let crc = crc32fast::hash(&out[0..72]);
-        out[72..76].copy_from_slice(&crc.to_le_bytes());
+        out[48] = name.len() as u8;
+        out[49..49 + name.len()].copy_from_slice(name);
+        let crc = crc32fast::hash(&out[0..80]);
+        out[80..84].copy_from_slice(&crc.to_le_bytes());
         out
     }
 
@@ -90,18 +94,18 @@ impl DeviceHeader {
                 DEVICE_MAGIC
             )));
         }
-        if crc32fast::hash(&buf[0..72]) != u32_at(buf, 72) {
+        if crc32fast::hash(&buf[0..80]) != u32_at(buf, 80) {
             return Err(corrupt("device header checksum mismatch".into()));
         }
         let version = u32_at(buf, 8);
         if version != FORMAT_VERSION {
             return Err(corrupt(format!("device format version {version}; this build reads version {FORMAT_VERSION}")));
         }
-        let name_len = buf[40] as usize;
+        let name_len = buf[48] as usize;
         if name_len > 31 {
             return Err(corrupt(format!("namespace name length {name_len} > 31")));
         }
-        let namespace = String::from_utf8(buf[41..41 + name_len].to_vec())
+        let namespace = String::from_utf8(buf[49..49 + name_len].to_vec())
             .map_err(|_| corrupt("namespace name is not UTF-8".into()))?;
         Ok(Some(DeviceHeader {
             block_size: u32_at(buf, 12),
@@ -109,6 +113,7 @@ impl DeviceHeader {
             device_index: u32_at(buf, 24),
             device_count: u32_at(buf, 28),
             created_ms: u64_at(buf, 32),
+            device_id: u64_at(buf, 40),
             namespace,
         }))
     }
@@ -120,8 +125,11 @@ impl DeviceHeader {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockHeader {
     pub state: u16,
+    /// Random, chosen each time the block is opened; records carry it.
     pub epoch: u64,
     pub block_index: u32,
+    /// The device header's id.
+    pub device_id: u64,
 }
 
 impl BlockHeader {
@@ -132,6 +140,7 @@ impl BlockHeader {
         out[6..8].copy_from_slice(&self.state.to_le_bytes());
         out[8..16].copy_from_slice(&self.epoch.to_le_bytes());
         out[16..20].copy_from_slice(&self.block_index.to_le_bytes());
+        out[20..28].copy_from_slice(&self.device_id.to_le_bytes());
         let crc = crc32fast::hash(&out[0..60]);
         out[60..64].copy_from_slice(&crc.to_le_bytes());
         out
@@ -146,7 +155,7 @@ impl BlockHeader {
         if crc32fast::hash(&buf[0..60]) != u32_at(buf, 60) || u16_at(buf, 4) as u32 != FORMAT_VERSION {
             return None;
         }
-        Some(BlockHeader { state: u16_at(buf, 6), epoch: u64_at(buf, 8), block_index: u32_at(buf, 16) })
+        Some(BlockHeader { state: u16_at(buf, 6), epoch: u64_at(buf, 8), block_index: u32_at(buf, 16), device_id: u64_at(buf, 20) })
     }
 
     /// True when the bytes look like a block header that was damaged (magic present, rest bad).
@@ -241,11 +250,22 @@ pub fn encode_record(header: &RecordHeader, set: &str, bins: &[Bin]) -> Vec<u8> 
     out
 }
 
-/// Stamps seq and block epoch into an encoded record and computes its CRC.
-pub fn seal_record(record: &mut [u8], seq: u64, block_epoch: u64) {
+/// A record's CRC: over its place (block index and offset in the block, so a copy of a
+/// record found anywhere else does not verify) and its bytes from offset 8 on.
+pub fn record_crc(bytes: &[u8], block: u32, offset: usize) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&block.to_le_bytes());
+    hasher.update(&(offset as u32).to_le_bytes());
+    hasher.update(&bytes[8..]);
+    hasher.finalize()
+}
+
+/// Stamps seq and block epoch into an encoded record placed at (block, offset) and computes
+/// its CRC.
+pub fn seal_record(record: &mut [u8], seq: u64, block_epoch: u64, block: u32, offset: usize) {
     record[16..24].copy_from_slice(&seq.to_le_bytes());
     record[24..32].copy_from_slice(&block_epoch.to_le_bytes());
-    let crc = crc32fast::hash(&record[8..]);
+    let crc = record_crc(record, block, offset);
     record[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -270,13 +290,14 @@ pub enum BlockItem<'a> {
 /// a header of this epoch that is cut off or fails its CRC is reported as a fault and skipped.
 pub struct BlockWalker<'a> {
     block: &'a [u8],
+    block_index: u32,
     epoch: u64,
     pos: usize,
 }
 
 impl<'a> BlockWalker<'a> {
-    pub fn new(block: &'a [u8], epoch: u64) -> BlockWalker<'a> {
-        BlockWalker { block, epoch, pos: BLOCK_HEADER_BYTES }
+    pub fn new(block: &'a [u8], block_index: u32, epoch: u64) -> BlockWalker<'a> {
+        BlockWalker { block, block_index, epoch, pos: BLOCK_HEADER_BYTES }
     }
 }
 
@@ -298,7 +319,7 @@ impl<'a> Iterator for BlockWalker<'a> {
                 return Some(BlockItem::Fault { offset: at, fault });
             }
             let bytes = &self.block[at..at + total];
-            if crc32fast::hash(&bytes[8..]) != u32_at(bytes, 4) {
+            if record_crc(bytes, self.block_index, at) != u32_at(bytes, 4) {
                 self.pos += RECORD_ALIGN_BYTES;
                 return Some(BlockItem::Fault { offset: at, fault: RecordFault::ChecksumMismatch });
             }
@@ -323,12 +344,13 @@ pub fn parse_header(bytes: &[u8]) -> RecordHeader {
     }
 }
 
-/// Checks a record read back from a device: magic, length and CRC. `None` if any is wrong.
-pub fn verify_record(bytes: &[u8]) -> Option<RecordHeader> {
+/// Checks a record read back from (block, offset): magic, length and CRC. `None` if any is
+/// wrong.
+pub fn verify_record(bytes: &[u8], block: u32, offset: usize) -> Option<RecordHeader> {
     if bytes.len() < RECORD_HEADER_BYTES || bytes[0..4] != RECORD_MAGIC || u32_at(bytes, 8) as usize != bytes.len() {
         return None;
     }
-    if crc32fast::hash(&bytes[8..]) != u32_at(bytes, 4) {
+    if record_crc(bytes, block, offset) != u32_at(bytes, 4) {
         return None;
     }
     Some(parse_header(bytes))

@@ -11,7 +11,7 @@ fn version_one_device_reads_back_exactly() {
     std::fs::copy(&fixture, &path).unwrap();
     let config = NamespaceConfig {
         write_block_size: 64 * 1024,
-        ..NamespaceConfig::new("fixture", vec![DeviceConfig { path, size: Some(4 * 64 * 1024) }])
+        ..NamespaceConfig::new("fixture", vec![DeviceConfig { path, size: Some(8 * 64 * 1024) }])
     };
     let ns = Namespace::open(config, OpenOptions::default()).unwrap();
     let scan = ns.stats().scan;

@@ -42,9 +42,17 @@ impl Inner {
                 if self.is_shutting_down() {
                     return;
                 }
-                if let Err(err) = self.defrag_block(device, block) {
-                    tracing::error!(%err, device, block, "defragmentation stopped for this pass");
-                    break;
+                match self.defrag_block(device, block) {
+                    Ok(()) => {}
+                    Err(err @ Error::Corrupt { .. }) => {
+                        // Leave the block out from now on and carry on with the others.
+                        tracing::error!(%err, device, block, "block quarantined: defragmentation skips it until restart");
+                        self.state.lock().unwrap().devices[device as usize].blocks[block as usize].state = BlockState::Quarantined;
+                    }
+                    Err(err) => {
+                        tracing::error!(%err, device, block, "defragmentation stopped for this pass");
+                        break;
+                    }
                 }
             }
         }
@@ -87,6 +95,7 @@ impl Inner {
         let (moved, dropped) = match result {
             Ok(counts) => counts,
             Err(err) => {
+                // Back in use; a Corrupt error makes the caller quarantine it.
                 self.state.lock().unwrap().devices[device as usize].blocks[block as usize].state = BlockState::InUse;
                 return Err(err);
             }
@@ -117,7 +126,7 @@ impl Inner {
         let mut buf = vec![0u8; block_size];
         dev_io.read_at(&mut buf, self.block_offset(block)).map_err(|e| Error::io(dev_io.path(), e))?;
         let (mut moved, mut dropped) = (0, 0);
-        for item in BlockWalker::new(&buf, epoch) {
+        for item in BlockWalker::new(&buf, block, epoch) {
             let BlockItem::Record { offset, header, bytes } = item else {
                 // A record of this block that fails its checksum now was either never live
                 // (torn before start-up) or rotted on disk; the index check below decides.
@@ -137,7 +146,7 @@ impl Inner {
             if let Some(reason) = &st.devices[device as usize].poisoned {
                 return Err(self.device_failed(device, reason));
             }
-            let placed = self.append(&mut st, device, bytes, entry.seq)?;
+            let placed = self.append(&mut st, device, bytes, entry.seq, true)?;
             st.install(header.digest, super::state::IndexEntry { block: placed.block, offset: placed.offset, ..entry });
             moved += 1;
         }
@@ -159,13 +168,14 @@ impl Inner {
     fn write_free_header(&self, device: u16, block: u32) -> Result<()> {
         let dev_io = &self.devices[device as usize];
         let mut sector = vec![0u8; SECTOR_BYTES];
-        let epoch = {
-            let mut st = self.state.lock().unwrap();
-            st.next_seq += 1;
-            st.next_seq - 1
+        let header = BlockHeader {
+            state: BLOCK_STATE_FREE,
+            epoch: rand::random::<u64>() | 1,
+            block_index: block,
+            device_id: self.device_ids[device as usize],
         };
-        let header = BlockHeader { state: BLOCK_STATE_FREE, epoch, block_index: block };
         sector[..BLOCK_HEADER_BYTES].copy_from_slice(&header.encode());
+        let _io_lock = self.io_locks[device as usize].lock().unwrap();
         let result = dev_io.write_at(&sector, self.block_offset(block)).and_then(|()| {
             if self.config.unsafe_skip_fsync {
                 Ok(())
@@ -175,6 +185,7 @@ impl Inner {
             }
         });
         if let Err(err) = result {
+            // Poisoned before the I/O lock is released, so the flusher cannot miss it.
             let reason = format!("freeing block {block} failed: {err}");
             let mut st = self.state.lock().unwrap();
             st.devices[device as usize].poisoned = Some(reason.clone());

@@ -121,6 +121,11 @@ pub(crate) struct Inner {
     pub state: Mutex<State>,
     /// One per device: wakes its flusher.
     pub flush_wakeups: Vec<Condvar>,
+    /// One per device, held across each write+fdatasync: an I/O error reported to one sync
+    /// can then never be missed by another thread's sync (Linux reports it once).
+    pub io_locks: Vec<Mutex<()>>,
+    /// Random id written in the device header and every block header, per device.
+    pub device_ids: Vec<u64>,
     /// Wakes everyone waiting for durability.
     pub durable_wakeup: Condvar,
     /// Serializes writers (and defragmentation) per record, chosen by digest.
@@ -195,7 +200,7 @@ impl Inner {
                     bytes
                 }
             };
-            match verify_record(&bytes) {
+            match verify_record(&bytes, entry.block, entry.offset as usize) {
                 Some(header) if header.digest == *digest && header.seq == entry.seq => return Ok(Some((entry, bytes))),
                 _ => {}
             }
@@ -226,7 +231,7 @@ impl Inner {
         if entry.tombstone || self.is_expired(&entry) {
             return Ok(None);
         }
-        let header = verify_record(&bytes).expect("verified by read_version");
+        let header = verify_record(&bytes, entry.block, entry.offset as usize).expect("verified by read_version");
         let (set, bins) = decode_body(&bytes).map_err(|what| Error::Corrupt {
             path: self.devices[entry.device as usize].path().to_owned(),
             offset: self.block_offset(entry.block) + entry.offset as u64,
@@ -256,12 +261,18 @@ impl Inner {
             ));
         }
         for (d, dev) in st.devices.iter().enumerate() {
+            let path = self.devices[d].path().display();
             if dev.available_pct() < self.config.min_avail_pct as u64 {
                 return Some(format!(
-                    "device {} has {}% free blocks, below min-avail-pct {}%",
-                    self.devices[d].path().display(),
+                    "device {path} has {}% free blocks, below min-avail-pct {}%",
                     dev.available_pct(),
                     self.config.min_avail_pct
+                ));
+            }
+            if dev.free.len() <= state::DEFRAG_RESERVE_BLOCKS {
+                return Some(format!(
+                    "device {path} is down to its last {} free blocks, kept for defragmentation",
+                    dev.free.len()
                 ));
             }
         }
@@ -349,7 +360,7 @@ impl Inner {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        let placed = self.append(&mut st, device, &bytes, seq)?;
+        let placed = self.append(&mut st, device, &bytes, seq, false)?;
         let entry = IndexEntry {
             seq,
             block: placed.block,

@@ -40,11 +40,13 @@ pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inne
     };
     let mut state = State { index: Default::default(), tombstones: 0, next_seq: 1, devices: Vec::new() };
     let mut report = ScanReport::default();
+    let mut device_ids = Vec::new();
     for (index, device) in devices.iter().enumerate() {
-        check_device_header(&config, index, device.as_ref(), clock.now_ms())?;
+        let device_id = check_device_header(&config, index, device.as_ref(), clock.now_ms())?;
         let block_count = (device.len() / config.write_block_size as u64) as u32;
         state.devices.push(DeviceState::new(block_count));
-        scan_device(&config, index as u16, device.as_ref(), &mut state, &mut report)?;
+        scan_device(&config, index as u16, device_id, device.as_ref(), &mut state, &mut report)?;
+        device_ids.push(device_id);
     }
     finish_accounting(&mut state);
     report.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -67,6 +69,8 @@ pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inne
         devices,
         state: Mutex::new(state),
         flush_wakeups: (0..device_count).map(|_| Condvar::new()).collect(),
+        io_locks: (0..device_count).map(|_| Mutex::new(())).collect(),
+        device_ids,
         durable_wakeup: Condvar::new(),
         record_locks: (0..RECORD_LOCK_COUNT).map(|_| Mutex::new(())).collect(),
         shutting_down: AtomicBool::new(false),
@@ -80,7 +84,8 @@ pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inne
 }
 
 /// Writes the header of a fresh device, or checks that an existing one belongs here.
-fn check_device_header(config: &NamespaceConfig, index: usize, device: &dyn Device, now_ms: u64) -> Result<()> {
+/// Returns the device id.
+fn check_device_header(config: &NamespaceConfig, index: usize, device: &dyn Device, now_ms: u64) -> Result<u64> {
     let path = device.path();
     let mut buf = [0u8; DEVICE_HEADER_BYTES];
     device.read_at(&mut buf, 0).map_err(|e| Error::io(path, e))?;
@@ -90,12 +95,14 @@ fn check_device_header(config: &NamespaceConfig, index: usize, device: &dyn Devi
         device_index: index as u32,
         device_count: config.devices.len() as u32,
         created_ms: now_ms,
+        device_id: rand::random::<u64>() | 1,
         namespace: config.name.clone(),
     };
     let Some(found) = DeviceHeader::decode(&buf, path)? else {
         tracing::info!(device = %path.display(), "new device: writing its header");
         device.write_at(&expected.encode(), 0).map_err(|e| Error::io(path, e))?;
-        return device.sync().map_err(|e| Error::io(path, e));
+        device.sync().map_err(|e| Error::io(path, e))?;
+        return Ok(expected.device_id);
     };
     let mismatch = |what: String| {
         Err(Error::Config(format!("device {}: {what}; nothing was changed on the device", path.display())))
@@ -118,10 +125,17 @@ fn check_device_header(config: &NamespaceConfig, index: usize, device: &dyn Devi
             expected.device_count
         ));
     }
-    Ok(())
+    Ok(found.device_id)
 }
 
-fn scan_device(config: &NamespaceConfig, device_index: u16, device: &dyn Device, st: &mut State, report: &mut ScanReport) -> Result<()> {
+fn scan_device(
+    config: &NamespaceConfig,
+    device_index: u16,
+    device_id: u64,
+    device: &dyn Device,
+    st: &mut State,
+    report: &mut ScanReport,
+) -> Result<()> {
     let block_size = config.write_block_size as usize;
     let block_count = st.devices[device_index as usize].blocks.len() as u32;
     let path = device.path().to_owned();
@@ -143,7 +157,10 @@ fn scan_device(config: &NamespaceConfig, device_index: u16, device: &dyn Device,
             report.blocks_scanned += 1;
             report.bytes_scanned += block_size as u64;
             let dev = &mut st.devices[device_index as usize];
-            let Some(header) = BlockHeader::decode(&buf).filter(|h| h.state == BLOCK_STATE_IN_USE && h.block_index == block) else {
+            // Ours, in use, in its place: anything else (zeros, free, torn, another device's or
+            // an earlier formatting's block) holds no records.
+            let ours = |h: &BlockHeader| h.state == BLOCK_STATE_IN_USE && h.block_index == block && h.device_id == device_id;
+            let Some(header) = BlockHeader::decode(&buf).filter(ours) else {
                 if BlockHeader::looks_damaged(&buf) {
                     report.damaged_block_headers += 1;
                     tracing::warn!(device = %path.display(), block, "block header fails its checksum: the block is treated as empty");
@@ -153,15 +170,14 @@ fn scan_device(config: &NamespaceConfig, device_index: u16, device: &dyn Device,
             };
             dev.blocks[block as usize].state = BlockState::InUse;
             dev.blocks[block as usize].epoch = header.epoch;
-            st.next_seq = st.next_seq.max(header.epoch + 1);
-            for item in BlockWalker::new(&buf, header.epoch) {
+            for item in BlockWalker::new(&buf, block, header.epoch) {
                 match item {
                     BlockItem::Record { offset, header: record, bytes } => {
                         report.records_found += 1;
                         let info = &mut st.devices[device_index as usize].blocks[block as usize];
                         info.used_bytes += bytes.len() as u32;
                         info.min_seq = info.min_seq.min(record.seq);
-                        st.next_seq = st.next_seq.max(record.seq + 1);
+                        st.next_seq = st.next_seq.max(record.seq.saturating_add(1));
                         let candidate = IndexEntry {
                             seq: record.seq,
                             block,

@@ -30,6 +30,10 @@ pub(crate) struct IndexEntry {
 /// table's 7/8 maximum load.
 pub const INDEX_BYTES_PER_RECORD: u64 = 65;
 
+/// Free blocks per device that only defragmentation may take: it always has room to empty a
+/// block, even when deletes (which stop-writes lets through) have used up the rest.
+pub(crate) const DEFRAG_RESERVE_BLOCKS: usize = 2;
+
 /// The digest is already uniformly random: hash it by taking eight of its bytes.
 #[derive(Default)]
 pub(crate) struct DigestHasher(u64);
@@ -63,12 +67,15 @@ pub(crate) enum BlockState {
     InUse,
     /// Being emptied by defragmentation.
     Defragging,
+    /// Defragmentation found records here that no longer verify: left alone (and logged) so
+    /// the rest of the device keeps being defragmented.
+    Quarantined,
 }
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BlockInfo {
     pub state: BlockState,
-    /// Epoch written in the block header when the block was opened; records carry it too.
+    /// Random epoch written in the block header when the block was opened; records carry it.
     pub epoch: u64,
     /// Bytes of records written into the block (padding excluded).
     pub used_bytes: u32,

@@ -26,20 +26,21 @@ pub(crate) struct Placement {
 impl Inner {
     /// Copies an encoded record into `device`'s write buffer and stamps `seq`, the block epoch
     /// and the CRC into the copy. Opens a new block when the record does not fit.
-    pub(crate) fn append(&self, st: &mut State, device: u16, record: &[u8], seq: u64) -> Result<Placement> {
+    /// `for_defrag` lets the copy use the blocks kept in reserve for defragmentation.
+    pub(crate) fn append(&self, st: &mut State, device: u16, record: &[u8], seq: u64, for_defrag: bool) -> Result<Placement> {
         let block_size = self.config.write_block_size as usize;
         let need = align_up(record.len(), RECORD_ALIGN_BYTES);
         assert!(need <= block_size - BLOCK_HEADER_BYTES, "record size is checked against the block size first");
         let fits = st.devices[device as usize].buffer.as_ref().is_some_and(|b| b.len + need <= block_size);
         if !fits {
             self.seal(st, device);
-            self.open_block(st, device)?;
+            self.open_block(st, device, for_defrag)?;
         }
         let dev = &mut st.devices[device as usize];
         let buffer = dev.buffer.as_mut().expect("a buffer is open");
         let at = buffer.len;
         buffer.buf[at..at + record.len()].copy_from_slice(record);
-        seal_record(&mut buffer.buf[at..at + record.len()], seq, buffer.epoch);
+        seal_record(&mut buffer.buf[at..at + record.len()], seq, buffer.epoch, buffer.block, at);
         buffer.len += need;
         let placement = Placement { block: buffer.block, offset: at as u32, lsn_end: buffer.lsn_base + (at + record.len()) as u64 };
         dev.appended_lsn = buffer.lsn_base + buffer.len as u64;
@@ -72,11 +73,15 @@ impl Inner {
         self.flush_wakeups[device as usize].notify_one();
     }
 
-    fn open_block(&self, st: &mut State, device: u16) -> Result<()> {
+    fn open_block(&self, st: &mut State, device: u16, for_defrag: bool) -> Result<()> {
         let block_size = self.config.write_block_size as usize;
-        let epoch = st.next_seq;
-        st.next_seq += 1;
+        // Random, never derived from seq: after a crash, a block reopened under a new epoch can
+        // never make records of an earlier, partly persisted life of the block valid again.
+        let epoch = rand::random::<u64>() | 1;
         let dev = &mut st.devices[device as usize];
+        if !for_defrag && dev.free.len() <= super::state::DEFRAG_RESERVE_BLOCKS {
+            return Err(Error::DeviceFull { path: self.devices[device as usize].path().to_owned() });
+        }
         // Running low on free blocks: wake defragmentation rather than wait for its timer.
         if dev.available_pct() < self.config.min_avail_pct as u64 + 10 {
             self.background_wakeup.notify_all();
@@ -85,7 +90,7 @@ impl Inner {
             return Err(Error::DeviceFull { path: self.devices[device as usize].path().to_owned() });
         };
         let mut buf = vec![0u8; block_size];
-        let header = BlockHeader { state: BLOCK_STATE_IN_USE, epoch, block_index: block };
+        let header = BlockHeader { state: BLOCK_STATE_IN_USE, epoch, block_index: block, device_id: self.device_ids[device as usize] };
         buf[..BLOCK_HEADER_BYTES].copy_from_slice(&header.encode());
         dev.blocks[block as usize] = BlockInfo { state: BlockState::Open, epoch, ..BlockInfo::free() };
         dev.buffer = Some(WriteBuffer {
@@ -185,6 +190,7 @@ impl Inner {
         drop(st);
 
         let device_io = &self.devices[device as usize];
+        let io_lock = self.io_locks[device as usize].lock().unwrap();
         let mut result = Ok(());
         let mut bytes_written = 0;
         for (offset, buf, range) in &segments {
@@ -199,9 +205,17 @@ impl Inner {
             self.stats.fsyncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         self.stats.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if result.is_ok() {
+            self.observe(EngineEvent::Flushed { device, bytes: bytes_written });
+        }
 
         let mut st = self.state.lock().unwrap();
+        drop(io_lock);
         let dev = &mut st.devices[device as usize];
+        if dev.poisoned.is_some() && result.is_ok() {
+            // Another thread's sync on this device failed: what this one wrote is in doubt.
+            result = Err(std::io::Error::other("an earlier fdatasync on this device failed"));
+        }
         match result {
             Ok(()) => {
                 dev.durable_lsn = dev.durable_lsn.max(target);
@@ -217,12 +231,13 @@ impl Inner {
                 for block in now_in_use {
                     dev.blocks[block as usize].state = BlockState::InUse;
                 }
-                self.observe(EngineEvent::Flushed { device, bytes: bytes_written });
             }
             Err(err) => {
-                let reason = format!("write or fdatasync failed: {err}");
-                tracing::error!(device = %device_io.path().display(), %reason, "device poisoned: no more writes until restart");
-                dev.poisoned = Some(reason);
+                if dev.poisoned.is_none() {
+                    let reason = format!("write or fdatasync failed: {err}");
+                    tracing::error!(device = %device_io.path().display(), %reason, "device poisoned: no more writes until restart");
+                    dev.poisoned = Some(reason);
+                }
             }
         }
         self.durable_wakeup.notify_all();
