@@ -24,8 +24,7 @@ pub const SECTOR_BYTES: usize = 512;
 pub trait Device: Send + Sync + fmt::Debug {
     /// The path named in every error about this device.
     fn path(&self) -> &Path;
-    /// Size in bytes.
-    fn len(&self) -> u64;
+    fn size_bytes(&self) -> u64;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
     /// Make every completed write durable (fdatasync).
@@ -36,7 +35,7 @@ pub trait Device: Send + Sync + fmt::Debug {
 pub struct FileDevice {
     file: File,
     path: PathBuf,
-    len: u64,
+    size_bytes: u64,
 }
 
 impl FileDevice {
@@ -59,8 +58,8 @@ impl FileDevice {
                         )));
                     }
                 }
-                let len = size.unwrap_or(len);
-                Ok((FileDevice { file, path: path.to_owned(), len }, false))
+                let size_bytes = size.unwrap_or(len);
+                Ok((FileDevice { file, path: path.to_owned(), size_bytes }, false))
             }
             Ok(meta) if meta.is_file() => {
                 let size = size.ok_or_else(|| need_size(path))?;
@@ -80,7 +79,7 @@ impl FileDevice {
                         meta.len()
                     )));
                 }
-                Ok((FileDevice { file, path: path.to_owned(), len: size }, false))
+                Ok((FileDevice { file, path: path.to_owned(), size_bytes: size }, false))
             }
             Ok(_) => Err(Error::Config(format!("device {} is neither a regular file nor a block device", path.display()))),
         }
@@ -101,7 +100,7 @@ impl FileDevice {
             return Err(err);
         }
         sync_parent_dir(path)?;
-        Ok((FileDevice { file, path: path.to_owned(), len: size }, true))
+        Ok((FileDevice { file, path: path.to_owned(), size_bytes: size }, true))
     }
 }
 
@@ -159,8 +158,8 @@ impl Device for FileDevice {
     fn path(&self) -> &Path {
         &self.path
     }
-    fn len(&self) -> u64 {
-        self.len
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
@@ -198,7 +197,7 @@ impl Device for MemDevice {
     fn path(&self) -> &Path {
         &self.path
     }
-    fn len(&self) -> u64 {
+    fn size_bytes(&self) -> u64 {
         self.bytes.lock().unwrap().len() as u64
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -261,15 +260,15 @@ impl PowerLossDevice {
 }
 
 fn power_off() -> io::Error {
-    io::Error::new(io::ErrorKind::Other, "power cut (PowerLossDevice::crash)")
+    io::Error::other("power cut (PowerLossDevice::crash)")
 }
 
 impl Device for PowerLossDevice {
     fn path(&self) -> &Path {
         self.inner.path()
     }
-    fn len(&self) -> u64 {
-        self.inner.len()
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let state = self.state.lock().unwrap();
@@ -304,7 +303,7 @@ impl Device for PowerLossDevice {
             }
             1 => {
                 for sector in 0..sectors {
-                    if xorshift(&mut state.rng) % 2 == 0 {
+                    if xorshift(&mut state.rng) & 1 == 0 {
                         let from = sector * SECTOR_BYTES;
                         let to = (from + SECTOR_BYTES).min(data.len());
                         self.inner.write_at(&data[from..to], offset + from as u64)?;

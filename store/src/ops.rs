@@ -197,7 +197,7 @@ fn plan_operate(
     let existed = existing.is_some();
     let existing_void = existing.as_ref().map(|r| r.meta.void_time_secs);
     let mut bins = match existing {
-        Some(record) if !(replace && !reads_only) => record.bins,
+        Some(record) if !replace || reads_only => record.bins,
         _ => Vec::new(),
     };
     let mut results = Vec::new();
@@ -322,11 +322,8 @@ fn value_len(value: &Value) -> u64 {
 /// Refuses to build a bin that could never fit in a record, before allocating it.
 fn check_bytes_len(bin: &str, len: u64, ctx: &PlanContext) -> Result<()> {
     if len > ctx.bin_bytes_max as u64 {
-        return Err(Error::RecordTooBig { size_bytes: len.min(usize::MAX as u64) as usize, limit_bytes: ctx.bin_bytes_max })
-            .map_err(|e| {
-                tracing::debug!(bin, "bin would exceed the record size limit");
-                e
-            });
+        tracing::debug!(bin, len, "bin would exceed the record size limit");
+        return Err(Error::RecordTooBig { size_bytes: len.min(usize::MAX as u64) as usize, limit_bytes: ctx.bin_bytes_max });
     }
     Ok(())
 }

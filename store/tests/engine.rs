@@ -131,8 +131,8 @@ impl Device for SlowDevice {
     fn path(&self) -> &Path {
         self.0.path()
     }
-    fn len(&self) -> u64 {
-        self.0.len()
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.0.read_at(buf, offset)
@@ -227,7 +227,7 @@ fn deleted_records_stay_deleted_through_defrag_and_power_cuts() {
 
 /// Device offset of the first run of 64 `fill` bytes (inside the record written with it).
 fn find_run(mem: &MemDevice, fill: u8) -> u64 {
-    let mut all = vec![0u8; mem.len() as usize];
+    let mut all = vec![0u8; mem.size_bytes() as usize];
     mem.read_at(&mut all, 0).unwrap();
     all.windows(64).position(|w| w.iter().all(|&b| b == fill)).expect("the record is on the device") as u64
 }
@@ -315,8 +315,8 @@ impl Device for FailingDevice {
     fn path(&self) -> &Path {
         self.inner.path()
     }
-    fn len(&self) -> u64 {
-        self.inner.len()
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.inner.read_at(buf, offset)
@@ -494,8 +494,8 @@ impl Device for HeaderLostDevice {
     fn path(&self) -> &Path {
         self.inner.path()
     }
-    fn len(&self) -> u64 {
-        self.inner.len()
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.inner.read_at(buf, offset)
@@ -504,7 +504,7 @@ impl Device for HeaderLostDevice {
         if !self.powered.load(Ordering::SeqCst) {
             return Err(io::Error::other("power cut"));
         }
-        if offset >= self.block_bytes && offset % self.block_bytes == 0 && data.len() > 512 {
+        if offset >= self.block_bytes && offset.is_multiple_of(self.block_bytes) && data.len() > 512 {
             self.powered.store(false, Ordering::SeqCst);
             return self.inner.write_at(&data[512..], offset + 512);
         }

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::state::BlockState;
+use super::state::{BlockState, Purpose};
 use super::{EngineEvent, Inner};
 use crate::error::{Error, Result};
 use crate::format::{BlockHeader, BlockItem, BlockWalker, BLOCK_STATE_FREE, BLOCK_HEADER_BYTES};
@@ -146,7 +146,7 @@ impl Inner {
             if let Some(reason) = &st.devices[device as usize].poisoned {
                 return Err(self.device_failed(device, reason));
             }
-            let placed = self.append(&mut st, device, bytes, entry.seq, true)?;
+            let placed = self.append(&mut st, device, bytes, entry.seq, Purpose::Defrag)?;
             st.install(header.digest, super::state::IndexEntry { block: placed.block, offset: placed.offset, ..entry });
             moved += 1;
         }

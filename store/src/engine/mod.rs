@@ -33,7 +33,7 @@ use crate::ops::{plan, Mutation, OpResult, Operation, Plan, PlanContext, WritePo
 use crate::value::{Bin, Record, RecordMeta};
 
 pub use state::INDEX_BYTES_PER_RECORD;
-use state::{IndexEntry, State};
+use state::{IndexEntry, Purpose, State};
 
 /// Wall-clock source for last-update times and TTLs. Safety never depends on it.
 pub trait Clock: Send + Sync {
@@ -139,6 +139,16 @@ pub(crate) struct Inner {
     pub observer: Option<Observer>,
     pub stats: Counters,
     pub scan_report: ScanReport,
+}
+
+/// One version of a record, as `Inner::commit` writes it.
+pub(crate) struct Version<'a> {
+    pub key: &'a Key,
+    pub bins: &'a [Bin],
+    pub generation: u32,
+    pub void_time_secs: u32,
+    pub tombstone: bool,
+    pub now_ms: u64,
 }
 
 const RECORD_LOCK_COUNT: usize = 1024;
@@ -297,32 +307,26 @@ impl Inner {
         };
         let existing_meta = existing.as_ref().map(|r| r.meta.clone());
         let (plan, results) = plan(existing, policy, &mutation, &ctx)?;
-        let (bins, generation, void_time_secs, flags) = match plan {
+        let (bins, generation, void_time_secs, tombstone) = match plan {
             Plan::Nothing => {
                 let meta = existing_meta.unwrap_or(RecordMeta { generation: 0, void_time_secs: 0, last_update_ms: 0 });
                 return Ok((meta, results));
             }
-            Plan::Write { bins, generation, void_time_secs } => (bins, generation, void_time_secs, 0),
-            Plan::Delete { generation } => (Vec::new(), generation, 0, RECORD_FLAG_TOMBSTONE),
+            Plan::Write { bins, generation, void_time_secs } => (bins, generation, void_time_secs, false),
+            Plan::Delete { generation } => (Vec::new(), generation, 0, true),
         };
-        let meta = self.commit(key, &bins, generation, void_time_secs, flags, now_ms, record_lock)?;
+        let version = Version { key, bins: &bins, generation, void_time_secs, tombstone, now_ms };
+        let meta = self.commit(version, record_lock)?;
         Ok((meta, results))
     }
 
-    /// Appends one version of a record (a tombstone when `flags` says so), installs it in the
-    /// index and, with commit-to-device, waits until it is durable. The caller holds the
-    /// record's lock, which is released before waiting.
-    pub(crate) fn commit(
-        &self,
-        key: &Key,
-        bins: &[Bin],
-        generation: u32,
-        void_time_secs: u32,
-        flags: u16,
-        now_ms: u64,
-        record_lock: MutexGuard<'_, ()>,
-    ) -> Result<RecordMeta> {
-        let is_delete = flags == RECORD_FLAG_TOMBSTONE;
+    /// Appends one version of a record, installs it in the index and, with commit-to-device,
+    /// waits until it is durable. The caller holds the record's lock, which is released before
+    /// waiting.
+    pub(crate) fn commit(&self, version: Version<'_>, record_lock: MutexGuard<'_, ()>) -> Result<RecordMeta> {
+        let Version { key, bins, generation, void_time_secs, tombstone, now_ms } = version;
+        let flags = if tombstone { RECORD_FLAG_TOMBSTONE } else { 0 };
+        let is_delete = tombstone;
         let size = encoded_record_len(&key.set, bins);
         if size > self.config.record_size_limit() {
             return Err(Error::RecordTooBig { size_bytes: size, limit_bytes: self.config.record_size_limit() });
@@ -360,7 +364,8 @@ impl Inner {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        let placed = self.append(&mut st, device, &bytes, seq, false)?;
+        let purpose = if is_delete { Purpose::Delete } else { Purpose::Write };
+        let placed = self.append(&mut st, device, &bytes, seq, purpose)?;
         let entry = IndexEntry {
             seq,
             block: placed.block,

@@ -9,8 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Inner;
-use crate::format::RECORD_FLAG_TOMBSTONE;
+use super::{Inner, Version};
 use crate::key::{Digest, Key};
 
 /// Records reclaimed per round at most, so a round never holds the engine for long.
@@ -110,7 +109,8 @@ impl Inner {
         let (set, _) = crate::format::decode_body(&bytes).unwrap_or_default();
         let key = Key::from_digest(set, *digest);
         let generation = crate::ops::next_generation(entry.generation);
-        self.commit(&key, &[], generation, 0, RECORD_FLAG_TOMBSTONE, self.clock.now_ms(), record_lock)?;
+        let version = Version { key: &key, bins: &[], generation, void_time_secs: 0, tombstone: true, now_ms: self.clock.now_ms() };
+        self.commit(version, record_lock)?;
         Ok(true)
     }
 }

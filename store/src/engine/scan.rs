@@ -43,7 +43,7 @@ pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inne
     let mut device_ids = Vec::new();
     for (index, device) in devices.iter().enumerate() {
         let device_id = check_device_header(&config, index, device.as_ref(), clock.now_ms())?;
-        let block_count = (device.len() / config.write_block_size as u64) as u32;
+        let block_count = (device.size_bytes() / config.write_block_size as u64) as u32;
         state.devices.push(DeviceState::new(block_count));
         scan_device(&config, index as u16, device_id, device.as_ref(), &mut state, &mut report)?;
         device_ids.push(device_id);
@@ -91,7 +91,7 @@ fn check_device_header(config: &NamespaceConfig, index: usize, device: &dyn Devi
     device.read_at(&mut buf, 0).map_err(|e| Error::io(path, e))?;
     let expected = DeviceHeader {
         block_size: config.write_block_size,
-        device_len: device.len() / config.write_block_size as u64 * config.write_block_size as u64,
+        device_len: device.size_bytes() / config.write_block_size as u64 * config.write_block_size as u64,
         device_index: index as u32,
         device_count: config.devices.len() as u32,
         created_ms: now_ms,
@@ -188,7 +188,7 @@ fn scan_device(
                             device: device_index,
                             tombstone: record.is_tombstone(),
                         };
-                        let newer = st.index.get(&record.digest).map_or(true, |e| candidate.seq > e.seq);
+                        let newer = st.index.get(&record.digest).is_none_or(|e| candidate.seq > e.seq);
                         if newer {
                             st.index.insert(record.digest, candidate);
                         }

@@ -30,9 +30,30 @@ pub(crate) struct IndexEntry {
 /// table's 7/8 maximum load.
 pub const INDEX_BYTES_PER_RECORD: u64 = 65;
 
-/// Free blocks per device that only defragmentation may take: it always has room to empty a
-/// block, even when deletes (which stop-writes lets through) have used up the rest.
+/// Free blocks per device kept from ordinary writes (they get StopWrites at this floor), so
+/// that deletes, which go on under stop-writes, and defragmentation still have room.
 pub(crate) const DEFRAG_RESERVE_BLOCKS: usize = 2;
+
+/// Who wants a new block: each may go lower into the reserve than the one before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// Writes leave DEFRAG_RESERVE_BLOCKS free.
+    Write,
+    /// Deletes (and expiry) leave one block for defragmentation.
+    Delete,
+    /// Defragmentation may take the last block: each pass frees more than it takes.
+    Defrag,
+}
+
+impl Purpose {
+    pub fn free_blocks_floor(self) -> usize {
+        match self {
+            Purpose::Write => DEFRAG_RESERVE_BLOCKS,
+            Purpose::Delete => 1,
+            Purpose::Defrag => 0,
+        }
+    }
+}
 
 /// The digest is already uniformly random: hash it by taking eight of its bytes.
 #[derive(Default)]

@@ -9,7 +9,7 @@
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::state::{BlockInfo, BlockState, SealedBlock, State, WriteBuffer};
+use super::state::{BlockInfo, BlockState, Purpose, SealedBlock, State, WriteBuffer};
 use super::{EngineEvent, Inner};
 use crate::device::SECTOR_BYTES;
 use crate::error::{Error, Result};
@@ -26,15 +26,15 @@ pub(crate) struct Placement {
 impl Inner {
     /// Copies an encoded record into `device`'s write buffer and stamps `seq`, the block epoch
     /// and the CRC into the copy. Opens a new block when the record does not fit.
-    /// `for_defrag` lets the copy use the blocks kept in reserve for defragmentation.
-    pub(crate) fn append(&self, st: &mut State, device: u16, record: &[u8], seq: u64, for_defrag: bool) -> Result<Placement> {
+    /// `purpose` decides how far into the reserve of free blocks the append may go.
+    pub(crate) fn append(&self, st: &mut State, device: u16, record: &[u8], seq: u64, purpose: Purpose) -> Result<Placement> {
         let block_size = self.config.write_block_size as usize;
         let need = align_up(record.len(), RECORD_ALIGN_BYTES);
         assert!(need <= block_size - BLOCK_HEADER_BYTES, "record size is checked against the block size first");
         let fits = st.devices[device as usize].buffer.as_ref().is_some_and(|b| b.len + need <= block_size);
         if !fits {
             self.seal(st, device);
-            self.open_block(st, device, for_defrag)?;
+            self.open_block(st, device, purpose)?;
         }
         let dev = &mut st.devices[device as usize];
         let buffer = dev.buffer.as_mut().expect("a buffer is open");
@@ -73,13 +73,13 @@ impl Inner {
         self.flush_wakeups[device as usize].notify_one();
     }
 
-    fn open_block(&self, st: &mut State, device: u16, for_defrag: bool) -> Result<()> {
+    fn open_block(&self, st: &mut State, device: u16, purpose: Purpose) -> Result<()> {
         let block_size = self.config.write_block_size as usize;
         // Random, never derived from seq: after a crash, a block reopened under a new epoch can
         // never make records of an earlier, partly persisted life of the block valid again.
         let epoch = rand::random::<u64>() | 1;
         let dev = &mut st.devices[device as usize];
-        if !for_defrag && dev.free.len() <= super::state::DEFRAG_RESERVE_BLOCKS {
+        if dev.free.len() <= purpose.free_blocks_floor() {
             return Err(Error::DeviceFull { path: self.devices[device as usize].path().to_owned() });
         }
         // Running low on free blocks: wake defragmentation rather than wait for its timer.
