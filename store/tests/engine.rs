@@ -4,7 +4,6 @@
 mod common;
 
 use std::io;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use chunkstore::device::{Device, MemDevice};
 use chunkstore::{
     Bin, DeviceConfig, Error, Key, Namespace, NamespaceConfig, OpenOptions, Operation, Ttl, Value, WritePolicy,
 };
-use common::{small_config, Disks, ManualClock};
+use common::{small_config, Disks, HookedDevice, ManualClock};
 
 fn bytes_bin(len: usize, fill: u8) -> Vec<Bin> {
     vec![Bin::new("b", Value::Bytes(vec![fill; len]))]
@@ -123,35 +122,18 @@ fn memory_budget_reaches_stop_writes() {
     ns.delete(&Key::new("s", 0i64), &WritePolicy::default()).expect("deletes go on under stop-writes");
 }
 
-/// Sleeps in every sync so that writes pile up in the cache.
-#[derive(Debug)]
-struct SlowDevice(Arc<MemDevice>);
-
-impl Device for SlowDevice {
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-    fn size_bytes(&self) -> u64 {
-        self.0.size_bytes()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        self.0.write_at(data, offset)
-    }
-    fn sync(&self) -> io::Result<()> {
-        std::thread::sleep(Duration::from_millis(200));
-        Ok(())
-    }
-}
-
 #[test]
 fn buffered_writes_past_max_write_cache_fail_at_once() {
     let mut config = small_config(1, 64);
     config.commit_to_device = false;
     config.max_write_cache = 2 * 64 * 1024;
-    let device = Arc::new(SlowDevice(Arc::new(MemDevice::new("slow", 64 * 64 * 1024))));
+    // Every sync takes 200 ms, so writes pile up in the cache.
+    let mut device = HookedDevice::new(Arc::new(MemDevice::new("slow", 64 * 64 * 1024)));
+    device.sync = Box::new(|| {
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(())
+    });
+    let device = Arc::new(device);
     let ns = mem_open(&config, vec![device], None);
     let started = Instant::now();
     let mut acked = 0;
@@ -304,45 +286,24 @@ fn foreign_or_mismatched_device_files_are_refused_untouched() {
     assert_eq!(std::fs::read(&path).unwrap(), flipped);
 }
 
-/// Fails every sync once `failing` is set.
-#[derive(Debug)]
-struct FailingDevice {
-    inner: Arc<MemDevice>,
-    failing: AtomicBool,
-}
-
-impl Device for FailingDevice {
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-    fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_at(data, offset)
-    }
-    fn sync(&self) -> io::Result<()> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        Ok(())
-    }
-}
-
 #[test]
 fn a_failed_fsync_poisons_the_device_until_restart() {
     let config = small_config(1, 16);
-    let device = Arc::new(FailingDevice { inner: Arc::new(MemDevice::new("dev0", 16 * 64 * 1024)), failing: AtomicBool::new(false) });
-    let ns = mem_open(&config, vec![device.clone()], None);
+    // Every sync fails with EIO once `failing` is set.
+    let failing = Arc::new(AtomicBool::new(false));
+    let mut device = HookedDevice::new(Arc::new(MemDevice::new("dev0", 16 * 64 * 1024)));
+    let flag = failing.clone();
+    device.sync = Box::new(move || match flag.load(Ordering::SeqCst) {
+        true => Err(io::Error::from_raw_os_error(libc::EIO)),
+        false => Ok(()),
+    });
+    let ns = mem_open(&config, vec![Arc::new(device)], None);
     put(&ns, 1, 100, 1).unwrap();
-    device.failing.store(true, Ordering::SeqCst);
+    failing.store(true, Ordering::SeqCst);
     let err = put(&ns, 2, 100, 2).unwrap_err();
     assert!(matches!(&err, Error::DeviceFailed { reason, .. } if reason.contains("fdatasync")), "{err}");
     assert!(err.to_string().contains("restart"), "the message says what to do: {err}");
-    device.failing.store(false, Ordering::SeqCst);
+    failing.store(false, Ordering::SeqCst);
     assert!(matches!(put(&ns, 3, 100, 3), Err(Error::DeviceFailed { .. })), "still poisoned after the disk recovers");
     assert!(ns.get(&Key::new("s", 1i64), None).unwrap().is_some(), "durable records stay readable");
     assert_eq!(ns.stats().poisoned_devices.len(), 1);
@@ -481,43 +442,6 @@ fn garbage_blocks_never_panic_the_parser() {
     }
 }
 
-/// Persists a block's first flush without its first sector (the block header), then loses
-/// power: the disk wrote back sectors out of order.
-#[derive(Debug)]
-struct HeaderLostDevice {
-    inner: Arc<MemDevice>,
-    block_bytes: u64,
-    powered: AtomicBool,
-}
-
-impl Device for HeaderLostDevice {
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-    fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        if !self.powered.load(Ordering::SeqCst) {
-            return Err(io::Error::other("power cut"));
-        }
-        if offset >= self.block_bytes && offset.is_multiple_of(self.block_bytes) && data.len() > 512 {
-            self.powered.store(false, Ordering::SeqCst);
-            return self.inner.write_at(&data[512..], offset + 512);
-        }
-        self.inner.write_at(data, offset)
-    }
-    fn sync(&self) -> io::Result<()> {
-        match self.powered.load(Ordering::SeqCst) {
-            true => Ok(()),
-            false => Err(io::Error::other("power cut")),
-        }
-    }
-}
-
 #[test]
 fn records_from_a_blocks_lost_life_never_come_back() {
     let mut config = small_config(1, 16);
@@ -525,8 +449,28 @@ fn records_from_a_blocks_lost_life_never_come_back() {
     let mem = Arc::new(MemDevice::new("dev0", 16 * 64 * 1024));
     let key = Key::new("s", "k");
     // Life 1: one flush holds the block header, fillers and K; only the header sector is lost.
-    let lossy = Arc::new(HeaderLostDevice { inner: mem.clone(), block_bytes: 64 * 1024, powered: AtomicBool::new(true) });
-    let ns = mem_open(&config, vec![lossy], None);
+    // The disk writes a block's first flush back without its first sector (the block header),
+    // out of order, and then loses power.
+    let powered = Arc::new(AtomicBool::new(true));
+    let mut lossy = HookedDevice::new(mem.clone());
+    let on = powered.clone();
+    lossy.write = Box::new(move |mem, data, offset| {
+        let block_bytes = 64 * 1024;
+        if !on.load(Ordering::SeqCst) {
+            return Err(io::Error::other("power cut"));
+        }
+        if offset >= block_bytes && offset.is_multiple_of(block_bytes) && data.len() > 512 {
+            on.store(false, Ordering::SeqCst);
+            return mem.write_at(&data[512..], offset + 512);
+        }
+        mem.write_at(data, offset)
+    });
+    let on = powered.clone();
+    lossy.sync = Box::new(move || match on.load(Ordering::SeqCst) {
+        true => Ok(()),
+        false => Err(io::Error::other("power cut")),
+    });
+    let ns = mem_open(&config, vec![Arc::new(lossy)], None);
     for filler in 0..4 {
         put(&ns, 100 + filler, 300, 9).unwrap();
     }

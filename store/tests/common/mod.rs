@@ -1,6 +1,8 @@
 //! Helpers shared by the engine tests.
 #![allow(dead_code)]
 
+use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -77,5 +79,45 @@ impl Disks {
             device.crash();
         }
         drop(namespace);
+    }
+}
+
+type WriteHook = Box<dyn Fn(&MemDevice, &[u8], u64) -> io::Result<()> + Send + Sync>;
+type SyncHook = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
+
+/// A memory device whose writes and syncs go through test hooks (slow, failing or lossy disks).
+pub struct HookedDevice {
+    pub inner: Arc<MemDevice>,
+    pub write: WriteHook,
+    pub sync: SyncHook,
+}
+
+impl HookedDevice {
+    pub fn new(inner: Arc<MemDevice>) -> HookedDevice {
+        HookedDevice { inner, write: Box::new(|mem, data, offset| mem.write_at(data, offset)), sync: Box::new(|| Ok(())) }
+    }
+}
+
+impl std::fmt::Debug for HookedDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HookedDevice({:?})", self.inner.path())
+    }
+}
+
+impl Device for HookedDevice {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        (self.write)(&self.inner, data, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (self.sync)()
     }
 }
