@@ -12,6 +12,7 @@ pub mod format;
 pub mod key;
 pub mod ops;
 pub mod value;
+pub mod wal;
 
 pub use config::{DeviceConfig, NamespaceConfig};
 pub use engine::{Clock, EngineEvent, Namespace, OpenOptions, ScanReport, Stats, SystemClock};

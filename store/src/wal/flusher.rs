@@ -1,0 +1,154 @@
+//! Group commit, segment rollover and segment deletion.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, MutexGuard};
+
+use super::format::{encode_segment_header, SECTOR_BYTES};
+use super::{segment_path, Durable, GroupId, Segment, WalError, WalInner, WalOp, WalResult, WalState};
+
+impl WalInner {
+    pub(crate) fn run_flusher(self: Arc<Self>) {
+        let mut st = self.state.lock().unwrap();
+        loop {
+            if st.poisoned.is_none() && st.appended_lsn > st.taken_lsn {
+                st = self.flush_once(st);
+                continue;
+            }
+            if st.shutting_down {
+                return;
+            }
+            st = self.flush_wakeup.wait(st).unwrap();
+        }
+    }
+
+    /// Writes every segment's pending bytes (oldest segment first, each synced before the next
+    /// is written), then completes the waiting appends and deletes segments nobody needs.
+    fn flush_once<'a>(&'a self, mut st: MutexGuard<'a, WalState>) -> MutexGuard<'a, WalState> {
+        let mut batch = Vec::new();
+        for segment in st.segments.values_mut().filter(|s| !s.pending.is_empty()) {
+            let padded = segment.pending.len().next_multiple_of(SECTOR_BYTES);
+            segment.pending.resize(padded, 0);
+            let bytes = Arc::new(std::mem::take(&mut segment.pending));
+            segment.in_flight = Some((segment.handed, bytes.clone()));
+            batch.push((segment.id, segment.path.clone(), segment.file.clone(), segment.handed, bytes));
+            segment.handed += padded as u64;
+        }
+        let target = st.appended_lsn;
+        st.taken_lsn = target;
+        // Segments before the active one have a successor whose checkpoint is in this batch
+        // or an earlier one; purge points taken now are durable once this batch is.
+        let active_id = *st.segments.keys().next_back().expect("an active segment");
+        let purged: Vec<(GroupId, u64)> = st.groups.iter().filter_map(|(g, log)| log.purged.map(|(i, _)| (*g, i))).collect();
+        drop(st);
+
+        let mut result: WalResult<()> = Ok(());
+        for (_, path, file, offset, bytes) in &batch {
+            let written = file.write_all_at(bytes, *offset).and_then(|()| match self.config.unsafe_skip_fsync {
+                true => Ok(()),
+                false => file.sync_data(),
+            });
+            if let Err(source) = written {
+                result = Err(WalError::Io { path: path.clone(), source });
+                break;
+            }
+        }
+
+        let mut st = self.state.lock().unwrap();
+        st.stats.flushes += 1;
+        if !self.config.unsafe_skip_fsync {
+            st.stats.fsyncs += batch.len() as u64;
+        }
+        for (id, ..) in &batch {
+            if let Some(segment) = st.segments.get_mut(id) {
+                segment.in_flight = None;
+            }
+        }
+        let mut done: Vec<(Durable, WalResult<()>)> = Vec::new();
+        let mut deleted: Vec<PathBuf> = Vec::new();
+        match &result {
+            Ok(()) => {
+                st.durable_lsn = target;
+                while st.waiting.front().is_some_and(|(lsn, _)| *lsn <= target) {
+                    done.push((st.waiting.pop_front().unwrap().1, Ok(())));
+                }
+                let purged: std::collections::HashMap<GroupId, u64> = purged.into_iter().collect();
+                let deletable: Vec<u64> = st
+                    .segments
+                    .values()
+                    .filter(|s| s.id < active_id)
+                    .filter(|s| s.max_index.iter().all(|(g, max)| purged.get(g).is_some_and(|p| p >= max)))
+                    .map(|s| s.id)
+                    .collect();
+                for id in deletable {
+                    deleted.push(st.segments.remove(&id).expect("listed above").path);
+                }
+            }
+            Err(err) => {
+                tracing::error!(%err, "WAL poisoned: no more appends until restart");
+                st.poisoned = Some(err.to_string());
+                while let Some((_, callback)) = st.waiting.pop_front() {
+                    done.push((callback, Err(err.clone())));
+                }
+            }
+        }
+        drop(st);
+        for (callback, outcome) in done {
+            callback(outcome);
+        }
+        if !deleted.is_empty() {
+            for path in &deleted {
+                if let Err(err) = std::fs::remove_file(path) {
+                    tracing::warn!(path = %path.display(), %err, "could not delete a WAL segment nobody needs");
+                }
+            }
+            if let Err(err) = crate::device::sync_parent_dir(&deleted[0]) {
+                tracing::warn!(%err, "could not sync the WAL directory after deleting segments");
+            }
+        }
+        self.state.lock().unwrap()
+    }
+
+    /// Starts a new segment: header written and synced, then a checkpoint of every group.
+    pub(crate) fn roll_over(&self, st: &mut WalState) -> WalResult<()> {
+        let id = st.segments.keys().next_back().map_or(1, |last| last + 1);
+        let segment = create_segment(&self.config.dir, id, self.config.unsafe_skip_fsync)?;
+        st.segments.insert(id, segment);
+        let mut groups: Vec<GroupId> = st.groups.keys().copied().collect();
+        groups.sort_unstable();
+        for group in groups {
+            let log = st.groups[&group].clone();
+            let mut checkpoint = Vec::new();
+            if let Some(vote) = log.vote {
+                checkpoint.push(WalOp::Vote(vote));
+            }
+            if let Some(committed) = log.committed {
+                checkpoint.push(WalOp::Committed(committed));
+            }
+            if let Some((upto_index, upto_term)) = log.purged {
+                checkpoint.push(WalOp::Purge { upto_index, upto_term });
+            }
+            let end = log.entries.keys().next_back().copied().or(log.purged.map(|(i, _)| i));
+            checkpoint.push(WalOp::Truncate { from_index: end.map_or(0, |last| last + 1) });
+            for op in &checkpoint {
+                self.append_one(st, group, op);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates segment `id` with its header, synced (and the directory entry too).
+pub(crate) fn create_segment(dir: &std::path::Path, id: u64, skip_fsync: bool) -> WalResult<Segment> {
+    let path = segment_path(dir, id);
+    let io = |source| WalError::Io { path: path.clone(), source };
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io)?;
+    file.write_all_at(&encode_segment_header(id), 0).map_err(io)?;
+    if !skip_fsync {
+        file.sync_all().map_err(io)?;
+        crate::device::sync_parent_dir(&path).map_err(|e| WalError::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
+    }
+    let handed = super::format::SEGMENT_HEADER_BYTES as u64;
+    Ok(Segment { id, path, file: Arc::new(file), handed, pending: Vec::new(), in_flight: None, max_index: Default::default() })
+}

@@ -1,0 +1,361 @@
+//! The node's write-ahead log: one log shared by every Raft group of the node, with group
+//! commit (one write + one fdatasync covers the appends of every group waiting at that moment).
+//! Byte format: store/WAL.md.
+//!
+//! Reading order: `mod.rs` (API, appending), `flusher.rs` (group commit, segment rollover and
+//! deletion), `recovery.rs` (open), `format.rs` (bytes).
+//!
+//! Invariants:
+//! - **An append's callback reports success only after its bytes were written and
+//!   fdatasync'd**; after any failed write or sync the log is poisoned and every later append
+//!   fails.
+//! - **No flush rewrites a durable sector**: each flush pads to the next 512-byte boundary.
+//! - **Every segment after the first starts with a checkpoint** (each group's vote, committed,
+//!   purge point and log end), so a segment can be deleted once every group has durably purged
+//!   the entries in it, without losing a vote or reviving a truncated entry.
+
+mod flusher;
+pub mod format;
+mod recovery;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use format::encode_record;
+
+pub type GroupId = u32;
+
+/// One change to one group's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WalOp {
+    /// A log entry; `payload` is opaque to the WAL.
+    Entry { index: u64, term: u64, payload: Vec<u8> },
+    /// Entries from `from_index` on are void (a follower's conflicting suffix).
+    Truncate { from_index: u64 },
+    /// Entries up to `upto_index` are no longer needed (applied and durable in the engine).
+    Purge { upto_index: u64, upto_term: u64 },
+    /// The group's vote, opaque to the WAL.
+    Vote(Vec<u8>),
+    /// The group's committed log id, opaque to the WAL.
+    Committed(Vec<u8>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("WAL I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("WAL segment {path} is corrupt at byte {offset}: {what}; this node's log cannot be trusted: rebuild the node from its peers")]
+    Corrupt { path: PathBuf, offset: u64, what: String },
+    #[error("the WAL stopped accepting writes after a failed write or fdatasync ({reason}); restart after checking the disk")]
+    Poisoned { reason: String },
+    #[error("WAL record of {size_bytes} bytes is over the limit of {limit_bytes}")]
+    TooBig { size_bytes: usize, limit_bytes: usize },
+    #[error("the WAL is shut down")]
+    ShutDown,
+}
+
+impl Clone for WalError {
+    fn clone(&self) -> Self {
+        match self {
+            WalError::Io { path, source } => {
+                WalError::Io { path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
+            }
+            WalError::Corrupt { path, offset, what } => WalError::Corrupt { path: path.clone(), offset: *offset, what: what.clone() },
+            WalError::Poisoned { reason } => WalError::Poisoned { reason: reason.clone() },
+            WalError::TooBig { size_bytes, limit_bytes } => WalError::TooBig { size_bytes: *size_bytes, limit_bytes: *limit_bytes },
+            WalError::ShutDown => WalError::ShutDown,
+        }
+    }
+}
+
+pub type WalResult<T> = Result<T, WalError>;
+
+/// Called once the appended ops are durable (or failed).
+pub type Durable = Box<dyn FnOnce(WalResult<()>) + Send>;
+
+#[derive(Clone, Debug)]
+pub struct WalConfig {
+    /// Directory of the segment files (created if missing).
+    pub dir: PathBuf,
+    /// A new segment is started once the current one holds this many bytes. Default 64 MiB.
+    pub segment_bytes: u64,
+    /// Largest record; longer appends are refused, longer lengths read back are corruption.
+    /// Default 16 MiB.
+    pub record_bytes_max: usize,
+    /// UNSAFE, for negative-control tests only: never fdatasync.
+    pub unsafe_skip_fsync: bool,
+}
+
+impl WalConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> WalConfig {
+        WalConfig { dir: dir.into(), segment_bytes: 64 << 20, record_bytes_max: 16 << 20, unsafe_skip_fsync: false }
+    }
+}
+
+/// Where an entry's record is (the whole record, so that reads check its CRC again).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EntryLoc {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    term: u64,
+}
+
+/// What the WAL knows of one group.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct GroupLog {
+    entries: BTreeMap<u64, EntryLoc>,
+    purged: Option<(u64, u64)>,
+    vote: Option<Vec<u8>>,
+    committed: Option<Vec<u8>>,
+}
+
+/// A group's log as openraft asks for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupLogState {
+    /// (index, term) of the last purged entry.
+    pub purged: Option<(u64, u64)>,
+    /// (index, term) of the last entry, or of the purge point if no entry is left.
+    pub last: Option<(u64, u64)>,
+    pub vote: Option<Vec<u8>>,
+    pub committed: Option<Vec<u8>>,
+}
+
+pub(crate) struct Segment {
+    id: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    /// File offset up to which bytes were handed to the flusher (a sector multiple).
+    handed: u64,
+    /// Appended bytes not yet handed; they start at file offset `handed`.
+    pending: Vec<u8>,
+    /// Handed bytes whose write may not have completed: (file offset, bytes).
+    in_flight: Option<(u64, Arc<Vec<u8>>)>,
+    /// Highest entry index (or truncate point) per group in this segment.
+    max_index: HashMap<GroupId, u64>,
+}
+
+pub(crate) struct WalState {
+    groups: HashMap<GroupId, GroupLog>,
+    segments: BTreeMap<u64, Segment>,
+    appended_lsn: u64,
+    taken_lsn: u64,
+    durable_lsn: u64,
+    waiting: VecDeque<(u64, Durable)>,
+    poisoned: Option<String>,
+    shutting_down: bool,
+    stats: WalStats,
+}
+
+/// Counters since the log was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalStats {
+    /// `append` calls accepted.
+    pub appends: u64,
+    pub flushes: u64,
+    pub fsyncs: u64,
+}
+
+pub(crate) struct WalInner {
+    config: WalConfig,
+    state: Mutex<WalState>,
+    flush_wakeup: Condvar,
+}
+
+/// The write-ahead log of a node.
+pub struct Wal {
+    inner: Arc<WalInner>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("wal-{id:016}.log"))
+}
+
+impl Wal {
+    /// Opens the log in `config.dir`, replaying every segment; returns it with the groups found.
+    pub fn open(config: WalConfig) -> WalResult<Wal> {
+        let inner = Arc::new(recovery::open(config)?);
+        let flusher_inner = inner.clone();
+        let flusher = std::thread::Builder::new()
+            .name("wal-flush".into())
+            .spawn(move || flusher_inner.run_flusher())
+            .map_err(|e| WalError::Io { path: "wal-flush thread".into(), source: e })?;
+        Ok(Wal { inner, flusher: Mutex::new(Some(flusher)) })
+    }
+
+    /// Appends `ops` to `group`'s log; `done` runs on the flusher thread once they are durable.
+    pub fn append(&self, group: GroupId, ops: &[WalOp], done: Durable) {
+        let result = self.inner.append(group, ops);
+        match result {
+            Ok(lsn) => {
+                let mut st = self.inner.state.lock().unwrap();
+                if st.durable_lsn >= lsn {
+                    drop(st);
+                    done(Ok(()));
+                } else {
+                    st.waiting.push_back((lsn, done));
+                    self.inner.flush_wakeup.notify_one();
+                }
+            }
+            Err(err) => done(Err(err)),
+        }
+    }
+
+    /// Appends and waits until durable.
+    pub fn append_blocking(&self, group: GroupId, ops: &[WalOp]) -> WalResult<()> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        self.append(group, ops, Box::new(move |result| drop(sender.send(result))));
+        receiver.recv().unwrap_or(Err(WalError::ShutDown))
+    }
+
+    pub fn group_ids(&self) -> Vec<GroupId> {
+        let mut ids: Vec<_> = self.inner.state.lock().unwrap().groups.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    pub fn log_state(&self, group: GroupId) -> GroupLogState {
+        let st = self.inner.state.lock().unwrap();
+        let Some(log) = st.groups.get(&group) else { return GroupLogState::default() };
+        let last = log.entries.iter().next_back().map(|(index, loc)| (*index, loc.term)).or(log.purged);
+        GroupLogState { purged: log.purged, last, vote: log.vote.clone(), committed: log.committed.clone() }
+    }
+
+    /// Entries of `group` with index in `range` that are still in the log: (index, term, payload).
+    pub fn entries(&self, group: GroupId, range: std::ops::Range<u64>) -> WalResult<Vec<(u64, u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let st = self.inner.state.lock().unwrap();
+        let Some(log) = st.groups.get(&group) else { return Ok(out) };
+        for (index, loc) in log.entries.range(range) {
+            out.push((*index, loc.term, self.inner.read_payload(&st, group, *index, loc)?));
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> WalStats {
+        self.inner.state.lock().unwrap().stats
+    }
+
+    /// Segment files on disk now (for tests and status).
+    pub fn segment_count(&self) -> usize {
+        self.inner.state.lock().unwrap().segments.len()
+    }
+
+    /// Flushes what is pending and stops the flusher.
+    pub fn close(&self) {
+        {
+            let mut st = self.inner.state.lock().unwrap();
+            st.shutting_down = true;
+            self.inner.flush_wakeup.notify_all();
+        }
+        if let Some(flusher) = self.flusher.lock().unwrap().take() {
+            let _ = flusher.join();
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl WalInner {
+    /// Encodes ops into the active segment and updates the in-memory logs. Returns the log
+    /// position that must be durable.
+    fn append(&self, group: GroupId, ops: &[WalOp]) -> WalResult<u64> {
+        let mut st = self.state.lock().unwrap();
+        if let Some(reason) = &st.poisoned {
+            return Err(WalError::Poisoned { reason: reason.clone() });
+        }
+        if st.shutting_down {
+            return Err(WalError::ShutDown);
+        }
+        for op in ops {
+            let size = match op {
+                WalOp::Entry { payload, .. } => payload.len() + 32,
+                WalOp::Vote(bytes) | WalOp::Committed(bytes) => bytes.len() + 16,
+                _ => 32,
+            };
+            if size > self.config.record_bytes_max {
+                return Err(WalError::TooBig { size_bytes: size, limit_bytes: self.config.record_bytes_max });
+            }
+        }
+        for op in ops {
+            let active_len = {
+                let active = st.segments.values().next_back().expect("an active segment");
+                active.handed + active.pending.len() as u64
+            };
+            if active_len >= self.config.segment_bytes {
+                self.roll_over(&mut st)?;
+            }
+            self.append_one(&mut st, group, op);
+        }
+        st.stats.appends += 1;
+        Ok(st.appended_lsn)
+    }
+
+    fn append_one(&self, st: &mut WalState, group: GroupId, op: &WalOp) {
+        let active = st.segments.values_mut().next_back().expect("an active segment");
+        let before = active.pending.len();
+        encode_record(&mut active.pending, group, op);
+        let record_len = (active.pending.len() - before) as u32;
+        let file_offset = active.handed + before as u64;
+        let segment = active.id;
+        st.appended_lsn += record_len as u64;
+        let log = st.groups.entry(group).or_default();
+        match op {
+            WalOp::Entry { index, term, .. } => {
+                log.entries.split_off(index);
+                log.entries.insert(*index, EntryLoc { segment, offset: file_offset, len: record_len, term: *term });
+                let max = active.max_index.entry(group).or_default();
+                *max = (*max).max(*index);
+            }
+            WalOp::Truncate { from_index } => {
+                log.entries.split_off(from_index);
+                let max = active.max_index.entry(group).or_default();
+                *max = (*max).max(*from_index);
+            }
+            WalOp::Purge { upto_index, upto_term } => {
+                log.entries = log.entries.split_off(&(upto_index + 1));
+                log.purged = Some((*upto_index, *upto_term));
+            }
+            WalOp::Vote(bytes) => log.vote = Some(bytes.clone()),
+            WalOp::Committed(bytes) => log.committed = Some(bytes.clone()),
+        }
+    }
+
+    /// Reads an entry's payload: from the buffers if not yet written, else from its file; the
+    /// record's CRC, group and index are checked again either way.
+    fn read_payload(&self, st: &WalState, group: GroupId, index: u64, loc: &EntryLoc) -> WalResult<Vec<u8>> {
+        let segment = st.segments.get(&loc.segment).expect("entries in the index live in kept segments");
+        let (start, end) = (loc.offset, loc.offset + loc.len as u64);
+        let record = if start >= segment.handed {
+            let at = (start - segment.handed) as usize;
+            segment.pending[at..at + loc.len as usize].to_vec()
+        } else if let Some(bytes) = segment.in_flight.as_ref().and_then(|(from, bytes)| {
+            (start >= *from && end <= from + bytes.len() as u64).then(|| bytes[(start - from) as usize..(end - from) as usize].to_vec())
+        }) {
+            bytes
+        } else {
+            let mut buf = vec![0u8; loc.len as usize];
+            use std::os::unix::fs::FileExt;
+            segment.file.read_exact_at(&mut buf, start).map_err(|e| WalError::Io { path: segment.path.clone(), source: e })?;
+            buf
+        };
+        match format::decode_at(&record, 0, self.config.record_bytes_max) {
+            (format::Step::Record(format::Decoded::Entry { group: g, index: i, payload, .. }), _) if g == group && i == index => {
+                Ok(payload.to_vec())
+            }
+            (step, _) => Err(WalError::Corrupt {
+                path: segment.path.clone(),
+                offset: start,
+                what: format!("entry {index} of group {group} reads back as {step:?}"),
+            }),
+        }
+    }
+}
