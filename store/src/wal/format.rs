@@ -126,7 +126,7 @@ pub fn decode_at(buf: &[u8], pos: usize, record_bytes_max: usize) -> (Step<'_>, 
         return (Step::Invalid(format!("record length {len} out of range")), pos);
     }
     let end = pos + 4 + len;
-    if end > buf.len() || pos % RECORD_ALIGN_BYTES != 0 {
+    if end > buf.len() || !pos.is_multiple_of(RECORD_ALIGN_BYTES) {
         return (Step::Invalid(format!("record of {len} bytes runs past the end of the segment")), pos);
     }
     let record = &buf[pos..end];
