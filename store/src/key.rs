@@ -18,7 +18,7 @@ const PARTICLE_STRING: u8 = 3;
 const PARTICLE_BLOB: u8 = 4;
 
 /// A user key: the value an application addresses a record by.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum UserKey {
     Int(i64),
     String(String),
@@ -26,7 +26,7 @@ pub enum UserKey {
 }
 
 /// A record's address inside a namespace: set name plus digest.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Key {
     pub set: String,
     pub digest: Digest,

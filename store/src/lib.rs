@@ -15,8 +15,8 @@ pub mod value;
 pub mod wal;
 
 pub use config::{DeviceConfig, NamespaceConfig};
-pub use engine::{Clock, EngineEvent, Namespace, OpenOptions, ScanReport, Stats, SystemClock};
+pub use engine::{Clock, EngineEvent, Namespace, OpenOptions, Replicated, ScanReport, Stats, SystemClock};
 pub use error::{Error, Result};
 pub use key::{Digest, Key, UserKey};
-pub use ops::{GenerationPolicy, OpResult, Operation, RecordExistsAction, Ttl, WritePolicy};
+pub use ops::{GenerationPolicy, OpResult, Operation, RecordExistsAction, Ttl, WriteOp, WritePolicy};
 pub use value::{Bin, Record, RecordMeta, Value};

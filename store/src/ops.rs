@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::value::{Bin, Record, Value};
 
 /// What a write does when the record exists or not (Aerospike's record-exists-action).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RecordExistsAction {
     /// Create the record or merge the given bins into it.
     #[default]
@@ -23,14 +23,14 @@ pub enum RecordExistsAction {
 }
 
 /// Check-and-set on the record's generation. A missing record has generation 0.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GenerationPolicy {
     #[default]
     None,
     ExpectEqual(u32),
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Ttl {
     /// The namespace's `default-ttl-secs`.
     #[default]
@@ -41,7 +41,7 @@ pub enum Ttl {
     Seconds(u32),
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WritePolicy {
     pub exists: RecordExistsAction,
     pub generation: GenerationPolicy,
@@ -50,7 +50,7 @@ pub struct WritePolicy {
 
 /// One step of `Namespace::operate`; the list is applied atomically, in order, each step seeing
 /// the ones before it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Operation {
     /// Read one bin (its value as it stands at this point of the list).
     Read { bin: String },
@@ -78,11 +78,31 @@ impl Operation {
 }
 
 /// A value returned by a read step of `operate`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OpResult {
     pub bin: String,
     /// `None` when the bin does not exist at that point.
     pub value: Option<Value>,
+}
+
+/// A write to one record, owned (what a replicated command carries).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum WriteOp {
+    Put(Vec<Bin>),
+    Delete,
+    Touch,
+    Operate(Vec<Operation>),
+}
+
+impl WriteOp {
+    pub(crate) fn as_mutation(&self) -> Mutation<'_> {
+        match self {
+            WriteOp::Put(bins) => Mutation::Put(bins),
+            WriteOp::Delete => Mutation::Delete,
+            WriteOp::Touch => Mutation::Touch,
+            WriteOp::Operate(ops) => Mutation::Operate(ops),
+        }
+    }
 }
 
 /// What a request asks of one record.

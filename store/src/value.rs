@@ -1,7 +1,7 @@
 //! Bin values and records as the engine hands them out.
 
 /// A bin's value. Lists and maps may come later; the on-disk type byte leaves room for them.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Value {
     Int(i64),
     Float(f64),
@@ -35,7 +35,7 @@ impl Value {
 }
 
 /// A named value inside a record.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Bin {
     pub name: String,
     pub value: Value,
@@ -51,7 +51,7 @@ impl Bin {
 }
 
 /// What the engine knows about a record apart from its bins.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecordMeta {
     /// +1 on every write; a record re-created after a delete starts again at 1.
     pub generation: u32,
@@ -62,7 +62,7 @@ pub struct RecordMeta {
 }
 
 /// A record as read.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     pub set: String,
     pub meta: RecordMeta,

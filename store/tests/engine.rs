@@ -540,3 +540,34 @@ fn a_record_copied_into_another_records_data_is_never_taken_for_real() {
     assert!(ns.get(&a, None).unwrap().is_none(), "the copy inside B's data was taken for a record");
     assert!(ns.stats().scan.checksum_mismatches >= 1);
 }
+
+#[test]
+fn replicated_writes_replay_idempotently_and_pass_local_limits() {
+    use chunkstore::{Replicated, WriteOp};
+    let config = small_config(1, 16);
+    let mut disks = Disks::new(&config, 9);
+    let mut ns = disks.open(&config, None).unwrap();
+    let key = Key::new("s", "counter");
+    let add = WriteOp::Operate(vec![Operation::Add { bin: "n".into(), delta: 1 }]);
+    let at = |log_index| Replicated { log_index, now_ms: 1_700_000_000_000 };
+    for index in [3, 5, 8] {
+        assert!(ns.apply_replicated(&key, &add, &WritePolicy::default(), at(index)).unwrap().is_some());
+    }
+    // After a power cut the log is replayed from an earlier point: entries the record already
+    // reflects are skipped, so the counter is not incremented twice.
+    disks.crash(ns);
+    ns = disks.open(&config, None).unwrap();
+    for index in [3, 5, 8] {
+        assert_eq!(ns.apply_replicated(&key, &add, &WritePolicy::default(), at(index)).unwrap(), None, "entry {index}");
+    }
+    let (meta, _) = ns.apply_replicated(&key, &add, &WritePolicy::default(), at(9)).unwrap().unwrap();
+    assert_eq!(meta.generation, 4);
+    assert_eq!(ns.get(&key, None).unwrap().unwrap().bin("n"), Some(&Value::Int(4)));
+    // Fill the device to stop-writes: local writes are refused, replicated ones are applied.
+    let mut k = 0;
+    while put(&ns, 1000 + k, 20_000, 1).is_ok() {
+        k += 1;
+    }
+    let put_op = WriteOp::Put(bytes_bin(100, 7));
+    assert!(ns.apply_replicated(&Key::new("s", "late"), &put_op, &WritePolicy::default(), at(10)).unwrap().is_some());
+}

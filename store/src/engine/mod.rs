@@ -29,7 +29,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::format::{decode_body, encode_record, encoded_record_len, verify_record, RecordHeader, RECORD_FLAG_TOMBSTONE};
 use crate::key::{Digest, Key};
-use crate::ops::{plan, Mutation, OpResult, Operation, Plan, PlanContext, WritePolicy};
+use crate::ops::{plan, Mutation, OpResult, Operation, Plan, PlanContext, WriteOp, WritePolicy};
 use crate::value::{Bin, Record, RecordMeta};
 
 pub use state::INDEX_BYTES_PER_RECORD;
@@ -149,6 +149,20 @@ pub(crate) struct Version<'a> {
     pub void_time_secs: u32,
     pub tombstone: bool,
     pub now_ms: u64,
+    /// The Raft log index of a replicated write (its seq); `None` for a local write.
+    pub seq: Option<u64>,
+}
+
+/// Where a replicated write comes from: its log index (used as the version's seq) and the
+/// leader's clock when it was proposed (so every replica computes the same TTLs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replicated {
+    pub log_index: u64,
+    pub now_ms: u64,
+}
+
+fn expired_at(entry: &IndexEntry, now_secs: u32) -> bool {
+    entry.void_time_secs != 0 && entry.void_time_secs <= now_secs
 }
 
 const RECORD_LOCK_COUNT: usize = 1024;
@@ -235,10 +249,10 @@ impl Inner {
         block as u64 * self.config.write_block_size as u64
     }
 
-    /// The visible record: `None` for nothing, a tombstone, or an expired record.
-    fn read_record(&self, digest: &Digest) -> Result<Option<Record>> {
+    /// The visible record at `now_secs`: `None` for nothing, a tombstone, or an expired record.
+    fn read_record(&self, digest: &Digest, now_secs: u32) -> Result<Option<Record>> {
         let Some((entry, bytes)) = self.read_version(digest)? else { return Ok(None) };
-        if entry.tombstone || self.is_expired(&entry) {
+        if entry.tombstone || expired_at(&entry, now_secs) {
             return Ok(None);
         }
         let header = verify_record(&bytes, entry.block, entry.offset as usize).expect("verified by read_version");
@@ -256,7 +270,7 @@ impl Inner {
     }
 
     pub(crate) fn is_expired(&self, entry: &IndexEntry) -> bool {
-        entry.void_time_secs != 0 && entry.void_time_secs <= self.now_secs()
+        expired_at(entry, self.now_secs())
     }
 
     /// Why writes are refused right now, if they are.
@@ -291,15 +305,33 @@ impl Inner {
 
     /// The one write path: every put, delete, touch and operate (and expiry) comes here.
     pub(crate) fn write(&self, key: &Key, policy: &WritePolicy, mutation: Mutation<'_>) -> Result<(RecordMeta, Vec<OpResult>)> {
+        Ok(self.write_version(key, policy, mutation, None)?.expect("only replicated writes are skipped"))
+    }
+
+    /// The write path shared by local and replicated writes. A replicated write is skipped
+    /// (`Ok(None)`) when the record already holds a version from that log index or later.
+    pub(crate) fn write_version(
+        &self,
+        key: &Key,
+        policy: &WritePolicy,
+        mutation: Mutation<'_>,
+        replicated: Option<Replicated>,
+    ) -> Result<Option<(RecordMeta, Vec<OpResult>)>> {
         if self.is_shutting_down() {
             return Err(Error::ShutDown(self.config.name.clone()));
         }
         if key.set.len() > Key::SET_NAME_MAX_BYTES {
             return Err(Error::BadRequest(format!("set name is {} bytes, the limit is {}", key.set.len(), Key::SET_NAME_MAX_BYTES)));
         }
-        let now_ms = self.clock.now_ms();
+        let now_ms = replicated.map_or_else(|| self.clock.now_ms(), |r| r.now_ms);
         let record_lock = self.record_lock(&key.digest);
-        let existing = self.read_record(&key.digest)?;
+        if let Some(replicated) = replicated {
+            let current = self.state.lock().unwrap().index.get(&key.digest).map(|e| e.seq);
+            if current.is_some_and(|seq| seq >= replicated.log_index) {
+                return Ok(None);
+            }
+        }
+        let existing = self.read_record(&key.digest, (now_ms / 1000) as u32)?;
         let ctx = PlanContext {
             now_ms,
             default_ttl_secs: self.config.default_ttl_secs,
@@ -310,21 +342,23 @@ impl Inner {
         let (bins, generation, void_time_secs, tombstone) = match plan {
             Plan::Nothing => {
                 let meta = existing_meta.unwrap_or(RecordMeta { generation: 0, void_time_secs: 0, last_update_ms: 0 });
-                return Ok((meta, results));
+                return Ok(Some((meta, results)));
             }
             Plan::Write { bins, generation, void_time_secs } => (bins, generation, void_time_secs, false),
             Plan::Delete { generation } => (Vec::new(), generation, 0, true),
         };
-        let version = Version { key, bins: &bins, generation, void_time_secs, tombstone, now_ms };
+        let seq = replicated.map(|r| r.log_index);
+        let version = Version { key, bins: &bins, generation, void_time_secs, tombstone, now_ms, seq };
         let meta = self.commit(version, record_lock)?;
-        Ok((meta, results))
+        Ok(Some((meta, results)))
     }
 
     /// Appends one version of a record, installs it in the index and, with commit-to-device,
     /// waits until it is durable. The caller holds the record's lock, which is released before
     /// waiting.
     pub(crate) fn commit(&self, version: Version<'_>, record_lock: MutexGuard<'_, ()>) -> Result<RecordMeta> {
-        let Version { key, bins, generation, void_time_secs, tombstone, now_ms } = version;
+        let Version { key, bins, generation, void_time_secs, tombstone, now_ms, seq } = version;
+        let replicated = seq.is_some();
         let flags = if tombstone { RECORD_FLAG_TOMBSTONE } else { 0 };
         let is_delete = tombstone;
         let size = encoded_record_len(&key.set, bins);
@@ -348,9 +382,19 @@ impl Inner {
         if let Some(reason) = &st.devices[device as usize].poisoned {
             return Err(self.device_failed(device, reason));
         }
-        if !is_delete {
+        // A replicated write was decided by the leader: every replica must apply it, so local
+        // limits do not refuse it (the leader checks them before proposing).
+        if !is_delete && !replicated {
             if let Some(reason) = self.stop_writes_reason(&st) {
                 return Err(Error::StopWrites { namespace: self.config.name.clone(), reason });
+            }
+        }
+        if replicated {
+            // Wait for the cache to drain instead of refusing.
+            let dev = &st.devices[device as usize];
+            if dev.appended_lsn - dev.durable_lsn + bytes.len() as u64 > self.config.max_write_cache {
+                let lsn = dev.appended_lsn;
+                st = self.wait_durable(st, device, lsn)?;
             }
         }
         let dev = &st.devices[device as usize];
@@ -362,9 +406,17 @@ impl Inner {
                 limit_bytes: self.config.max_write_cache,
             });
         }
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        let purpose = if is_delete { Purpose::Delete } else { Purpose::Write };
+        let seq = match seq {
+            Some(seq) => {
+                st.next_seq = st.next_seq.max(seq + 1);
+                seq
+            }
+            None => {
+                st.next_seq += 1;
+                st.next_seq - 1
+            }
+        };
+        let purpose = if is_delete || replicated { Purpose::Delete } else { Purpose::Write };
         let placed = self.append(&mut st, device, &bytes, seq, purpose)?;
         let entry = IndexEntry {
             seq,
@@ -424,7 +476,7 @@ impl Namespace {
 
     /// The record with all its bins, or only the named ones (`Some(&[...])`).
     pub fn get(&self, key: &Key, bins: Option<&[&str]>) -> Result<Option<Record>> {
-        let mut record = self.inner.read_record(&key.digest)?;
+        let mut record = self.inner.read_record(&key.digest, self.inner.now_secs())?;
         if let (Some(record), Some(names)) = (record.as_mut(), bins) {
             record.bins.retain(|bin| names.contains(&bin.name.as_str()));
         }
@@ -433,7 +485,7 @@ impl Namespace {
 
     /// The record's metadata, if it exists (same checks as a read).
     pub fn exists(&self, key: &Key) -> Result<Option<RecordMeta>> {
-        Ok(self.inner.read_record(&key.digest)?.map(|r| r.meta))
+        Ok(self.inner.read_record(&key.digest, self.inner.now_secs())?.map(|r| r.meta))
     }
 
     pub fn put(&self, key: &Key, bins: &[Bin], policy: &WritePolicy) -> Result<RecordMeta> {
@@ -454,6 +506,19 @@ impl Namespace {
     /// read step (ReadAll gives one per bin).
     pub fn operate(&self, key: &Key, ops: &[Operation], policy: &WritePolicy) -> Result<(RecordMeta, Vec<OpResult>)> {
         self.inner.write(key, policy, Mutation::Operate(ops))
+    }
+
+    /// Applies a write decided through Raft at `replicated.log_index`. Every replica gets the
+    /// same result from the same state; local limits (stop-writes, a full write cache) do not
+    /// refuse it. `Ok(None)`: the record already reflects this entry (a replay after restart).
+    pub fn apply_replicated(
+        &self,
+        key: &Key,
+        op: &WriteOp,
+        policy: &WritePolicy,
+        replicated: Replicated,
+    ) -> Result<Option<(RecordMeta, Vec<OpResult>)>> {
+        self.inner.write_version(key, policy, op.as_mutation(), Some(replicated))
     }
 
     /// Makes everything written so far durable (what commit-to-device = false leaves buffered).

@@ -109,7 +109,8 @@ impl Inner {
         let (set, _) = crate::format::decode_body(&bytes).unwrap_or_default();
         let key = Key::from_digest(set, *digest);
         let generation = crate::ops::next_generation(entry.generation);
-        let version = Version { key: &key, bins: &[], generation, void_time_secs: 0, tombstone: true, now_ms: self.clock.now_ms() };
+        let now_ms = self.clock.now_ms();
+        let version = Version { key: &key, bins: &[], generation, void_time_secs: 0, tombstone: true, now_ms, seq: None };
         self.commit(version, record_lock)?;
         Ok(true)
     }
