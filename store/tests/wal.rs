@@ -26,7 +26,7 @@ fn check(wal: &Wal, model: &BTreeMap<GroupId, ModelGroup>, context: &str) {
         let last = expected.entries.iter().next_back().map(|(i, (t, _))| (*i, *t)).or(expected.purged);
         assert_eq!(
             state,
-            GroupLogState { purged: expected.purged, last, vote: expected.vote.clone(), committed: None },
+            GroupLogState { purged: expected.purged, last, vote: expected.vote.clone(), committed: None, applied: None },
             "{context}: group {group}"
         );
         let entries = wal.entries(*group, 0..u64::MAX).unwrap();

@@ -18,7 +18,10 @@ mod defrag;
 mod nsup;
 mod scan;
 mod state;
+mod transfer;
 mod writer;
+
+pub use transfer::RecordVersion;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -256,11 +259,7 @@ impl Inner {
             return Ok(None);
         }
         let header = verify_record(&bytes, entry.block, entry.offset as usize).expect("verified by read_version");
-        let (set, bins) = decode_body(&bytes).map_err(|what| Error::Corrupt {
-            path: self.devices[entry.device as usize].path().to_owned(),
-            offset: self.block_offset(entry.block) + entry.offset as u64,
-            what: format!("record passed its checksum but does not decode: {what}"),
-        })?;
+        let (set, bins) = decode_body(&bytes).map_err(|what| self.undecodable(&entry, what))?;
         let meta = RecordMeta {
             generation: header.generation,
             void_time_secs: header.void_time_secs,

@@ -126,6 +126,9 @@ impl WalInner {
             if let Some(committed) = log.committed {
                 checkpoint.push(WalOp::Committed(committed));
             }
+            if let Some(applied) = log.applied {
+                checkpoint.push(WalOp::Applied(applied));
+            }
             if let Some((upto_index, upto_term)) = log.purged {
                 checkpoint.push(WalOp::Purge { upto_index, upto_term });
             }

@@ -18,6 +18,7 @@ const TYPE_TRUNCATE: u8 = 2;
 const TYPE_PURGE: u8 = 3;
 const TYPE_VOTE: u8 = 4;
 const TYPE_COMMITTED: u8 = 5;
+const TYPE_APPLIED: u8 = 6;
 
 pub fn encode_segment_header(segment_id: u64) -> Vec<u8> {
     let mut out = vec![0u8; SEGMENT_HEADER_BYTES];
@@ -70,8 +71,12 @@ pub fn encode_record(out: &mut Vec<u8>, group: GroupId, op: &WalOp) {
             out.extend_from_slice(&upto_index.to_le_bytes());
             out.extend_from_slice(&upto_term.to_le_bytes());
         }
-        WalOp::Vote(bytes) | WalOp::Committed(bytes) => {
-            out.push(if matches!(op, WalOp::Vote(_)) { TYPE_VOTE } else { TYPE_COMMITTED });
+        WalOp::Vote(bytes) | WalOp::Committed(bytes) | WalOp::Applied(bytes) => {
+            out.push(match op {
+                WalOp::Vote(_) => TYPE_VOTE,
+                WalOp::Committed(_) => TYPE_COMMITTED,
+                _ => TYPE_APPLIED,
+            });
             out.extend_from_slice(&group.to_le_bytes());
             out.extend_from_slice(bytes);
         }
@@ -91,6 +96,7 @@ pub enum Decoded<'a> {
     Purge { group: GroupId, upto_index: u64, upto_term: u64 },
     Vote { group: GroupId, bytes: &'a [u8] },
     Committed { group: GroupId, bytes: &'a [u8] },
+    Applied { group: GroupId, bytes: &'a [u8] },
 }
 
 /// One step of reading a segment.
@@ -153,6 +159,7 @@ pub fn decode_at(buf: &[u8], pos: usize, record_bytes_max: usize) -> (Step<'_>, 
         },
         TYPE_VOTE => Decoded::Vote { group, bytes: body },
         TYPE_COMMITTED => Decoded::Committed { group, bytes: body },
+        TYPE_APPLIED => Decoded::Applied { group, bytes: body },
         other => return (Step::Invalid(format!("unknown record type {other}")), pos),
     };
     (Step::Record(decoded), end.next_multiple_of(RECORD_ALIGN_BYTES))

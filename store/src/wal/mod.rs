@@ -41,6 +41,8 @@ pub enum WalOp {
     Vote(Vec<u8>),
     /// The group's committed log id, opaque to the WAL.
     Committed(Vec<u8>),
+    /// The group state machine's durable applied point (and what it needs with it), opaque.
+    Applied(Vec<u8>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,7 @@ pub(crate) struct GroupLog {
     purged: Option<(u64, u64)>,
     vote: Option<Vec<u8>>,
     committed: Option<Vec<u8>>,
+    applied: Option<Vec<u8>>,
 }
 
 /// A group's log as openraft asks for it.
@@ -122,6 +125,7 @@ pub struct GroupLogState {
     pub last: Option<(u64, u64)>,
     pub vote: Option<Vec<u8>>,
     pub committed: Option<Vec<u8>>,
+    pub applied: Option<Vec<u8>>,
 }
 
 pub(crate) struct Segment {
@@ -222,7 +226,13 @@ impl Wal {
         let st = self.inner.state.lock().unwrap();
         let Some(log) = st.groups.get(&group) else { return GroupLogState::default() };
         let last = log.entries.iter().next_back().map(|(index, loc)| (*index, loc.term)).or(log.purged);
-        GroupLogState { purged: log.purged, last, vote: log.vote.clone(), committed: log.committed.clone() }
+        GroupLogState {
+            purged: log.purged,
+            last,
+            vote: log.vote.clone(),
+            committed: log.committed.clone(),
+            applied: log.applied.clone(),
+        }
     }
 
     /// Entries of `group` with index in `range` that are still in the log: (index, term, payload).
@@ -278,7 +288,7 @@ impl WalInner {
         for op in ops {
             let size = match op {
                 WalOp::Entry { payload, .. } => payload.len() + 32,
-                WalOp::Vote(bytes) | WalOp::Committed(bytes) => bytes.len() + 16,
+                WalOp::Vote(bytes) | WalOp::Committed(bytes) | WalOp::Applied(bytes) => bytes.len() + 16,
                 _ => 32,
             };
             if size > self.config.record_bytes_max {
@@ -326,6 +336,7 @@ impl WalInner {
             }
             WalOp::Vote(bytes) => log.vote = Some(bytes.clone()),
             WalOp::Committed(bytes) => log.committed = Some(bytes.clone()),
+            WalOp::Applied(bytes) => log.applied = Some(bytes.clone()),
         }
     }
 

@@ -121,5 +121,6 @@ fn replay(groups: &mut HashMap<u32, GroupLog>, max_index: &mut HashMap<u32, u64>
         }
         Decoded::Vote { group, bytes } => groups.entry(group).or_default().vote = Some(bytes.to_vec()),
         Decoded::Committed { group, bytes } => groups.entry(group).or_default().committed = Some(bytes.to_vec()),
+        Decoded::Applied { group, bytes } => groups.entry(group).or_default().applied = Some(bytes.to_vec()),
     }
 }

@@ -1,0 +1,134 @@
+//! A group's Raft log, kept in the node's shared WAL.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{
+    CommittedLeaderId, Entry, LogId, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+};
+
+use super::types::{NodeId, TypeConfig};
+use crate::wal::{GroupId, Wal, WalError, WalOp};
+
+/// One group's view of the WAL. Cheap to clone.
+#[derive(Clone)]
+pub struct GroupLogStore {
+    wal: Arc<Wal>,
+    group: GroupId,
+}
+
+impl GroupLogStore {
+    pub fn new(wal: Arc<Wal>, group: GroupId) -> GroupLogStore {
+        GroupLogStore { wal, group }
+    }
+
+    async fn append_durable(&self, ops: Vec<WalOp>) -> Result<(), WalError> {
+        append_durable(&self.wal, self.group, ops).await
+    }
+}
+
+/// Appends and waits (without blocking the runtime) until the ops are durable.
+pub(crate) async fn append_durable(wal: &Wal, group: GroupId, ops: Vec<WalOp>) -> Result<(), WalError> {
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    wal.append(group, &ops, Box::new(move |result| drop(sender.send(result))));
+    receiver.await.unwrap_or(Err(WalError::ShutDown))
+}
+
+pub(crate) fn log_id(term: u64, index: u64) -> LogId<NodeId> {
+    LogId::new(CommittedLeaderId::new(term, 0), index)
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    bincode::serialize(value).expect("raft types serialize")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError<NodeId>> {
+    bincode::deserialize(bytes).map_err(|e| StorageIOError::read_logs(&e).into())
+}
+
+impl RaftLogReader<TypeConfig> for GroupLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i + 1,
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        let entries = self.wal.entries(self.group, start..end).map_err(|e| StorageIOError::read_logs(&e))?;
+        entries.iter().map(|(_, _, payload)| decode(payload)).collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for GroupLogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let state = self.wal.log_state(self.group);
+        Ok(LogState {
+            last_purged_log_id: state.purged.map(|(index, term)| log_id(term, index)),
+            last_log_id: state.last.map(|(index, term)| log_id(term, index)),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.append_durable(vec![WalOp::Vote(encode(vote))]).await.map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        self.wal.log_state(self.group).vote.map(|bytes| decode(&bytes)).transpose()
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
+        self.append_durable(vec![WalOp::Committed(encode(&committed))]).await.map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        match self.wal.log_state(self.group).committed {
+            Some(bytes) => decode(&bytes),
+            None => Ok(None),
+        }
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let ops: Vec<WalOp> = entries
+            .into_iter()
+            .map(|entry| WalOp::Entry { index: entry.log_id.index, term: entry.log_id.leader_id.term, payload: encode(&entry) })
+            .collect();
+        // Readable at once (the WAL serves unflushed entries from memory); the callback runs
+        // on the WAL's flusher thread once they are durable.
+        self.wal.append(
+            self.group,
+            &ops,
+            Box::new(move |result| callback.log_io_completed(result.map_err(std::io::Error::other))),
+        );
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.append_durable(vec![WalOp::Truncate { from_index: log_id.index }])
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let op = WalOp::Purge { upto_index: log_id.index, upto_term: log_id.leader_id.term };
+        self.append_durable(vec![op]).await.map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}

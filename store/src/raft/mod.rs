@@ -1,0 +1,30 @@
+//! Raft replication of partition groups, on openraft (pinned at =0.9.25, classic one leader per
+//! term: feature `single-term-leader`).
+//!
+//! Each namespace maps Aerospike's 4096 partitions onto G groups (`group_of`); each group is an
+//! openraft instance whose log lives in the node's shared WAL (`GroupLogStore`) and whose state
+//! machine is the node's engine (`GroupStateMachine`).
+//!
+//! Invariants:
+//! - **A command is applied with its log index as the record version's seq**, so replaying
+//!   entries the engine already reflects (after a restart, or after a snapshot newer than its
+//!   metadata says) changes nothing.
+//! - **The applied point recorded in the WAL is never ahead of what the engine has made
+//!   durable**: it is written only after an engine flush, when a snapshot is built or installed.
+//! - **Apply is deterministic**: the leader's clock travels in the command; local limits do not
+//!   refuse replicated writes (the leader checks them before proposing).
+
+pub mod log_store;
+pub mod state_machine;
+pub mod types;
+
+pub use log_store::GroupLogStore;
+pub use state_machine::GroupStateMachine;
+pub use types::{Command, CommandResult, NodeId, RaftInstance, TypeConfig, WriteFailure};
+
+use crate::key::{partition_id, Digest};
+
+/// The Raft group of a record in a namespace with `groups` groups (a power of two).
+pub fn group_of(digest: &Digest, groups: u32) -> u32 {
+    partition_id(digest) as u32 % groups
+}

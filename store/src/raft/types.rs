@@ -1,0 +1,77 @@
+//! openraft's type configuration and the commands a group's log carries.
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::key::Key;
+use crate::ops::{OpResult, WriteOp, WritePolicy};
+use crate::value::RecordMeta;
+
+pub type NodeId = u64;
+
+/// A write, as proposed by a leader and applied by every replica.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub key: Key,
+    pub op: WriteOp,
+    pub policy: WritePolicy,
+    /// The leader's wall clock when it proposed the write (TTLs and last-update times).
+    pub now_ms: u64,
+}
+
+/// A write's outcome, the same on every replica.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CommandResult {
+    Applied { meta: RecordMeta, results: Vec<OpResult> },
+    /// A condition failed or the request was bad: nothing was written.
+    Failed(WriteFailure),
+    /// The engine already reflected this entry (replay after restart).
+    Replayed,
+    /// A blank or membership entry.
+    Noop,
+}
+
+/// Deterministic refusals (the same on every replica from the same state).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteFailure {
+    GenerationMismatch { expected: u32, actual: u32 },
+    RecordExists,
+    RecordNotFound,
+    RecordTooBig { size_bytes: usize, limit_bytes: usize },
+    IncompatibleBin { bin: String, reason: String },
+    BadRequest(String),
+}
+
+impl WriteFailure {
+    /// The refusal an engine error stands for, or `None` for errors that are not answers
+    /// (device failures, corruption): those stop the replica.
+    pub fn from_engine(err: &Error) -> Option<WriteFailure> {
+        Some(match err {
+            Error::GenerationMismatch { expected, actual } => WriteFailure::GenerationMismatch { expected: *expected, actual: *actual },
+            Error::RecordExists => WriteFailure::RecordExists,
+            Error::RecordNotFound => WriteFailure::RecordNotFound,
+            Error::RecordTooBig { size_bytes, limit_bytes } => {
+                WriteFailure::RecordTooBig { size_bytes: *size_bytes, limit_bytes: *limit_bytes }
+            }
+            Error::IncompatibleBin { bin, reason } => WriteFailure::IncompatibleBin { bin: bin.clone(), reason: reason.clone() },
+            Error::BadRequest(what) => WriteFailure::BadRequest(what.clone()),
+            _ => return None,
+        })
+    }
+}
+
+openraft::declare_raft_types!(
+    /// chunkstore's openraft types.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type RaftInstance = openraft::Raft<TypeConfig>;
