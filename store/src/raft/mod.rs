@@ -14,6 +14,9 @@
 //! - **Apply is deterministic**: the leader's clock travels in the command; local limits do not
 //!   refuse replicated writes (the leader checks them before proposing).
 
+// openraft's StorageError is large, and it is what openraft's traits return.
+#![allow(clippy::result_large_err)]
+
 pub mod log_store;
 pub mod state_machine;
 pub mod types;

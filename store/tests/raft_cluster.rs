@@ -1,0 +1,214 @@
+//! Three Raft replicas of one group in one process, connected by an in-memory router: writes
+//! go through the leader and every replica's engine ends up the same; a replica that was down
+//! while the others purged their logs catches up from a snapshot; a replica restarted on its
+//! WAL and engine replays without applying anything twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chunkstore::raft::{Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, RaftInstance, TypeConfig};
+use chunkstore::wal::{Wal, WalConfig};
+use chunkstore::{DeviceConfig, Key, Namespace, NamespaceConfig, OpenOptions, Operation, Value, WriteOp, WritePolicy};
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
+
+#[derive(Clone, Default)]
+struct Router(Arc<Mutex<HashMap<NodeId, RaftInstance>>>);
+
+struct Connection {
+    router: Router,
+    target: NodeId,
+}
+
+impl Router {
+    fn get(&self, target: NodeId) -> Option<RaftInstance> {
+        self.0.lock().unwrap().get(&target).cloned()
+    }
+}
+
+fn unreachable<E: std::error::Error>(target: NodeId) -> RPCError<NodeId, BasicNode, E> {
+    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!("node {target} is down"))))
+}
+
+impl RaftNetworkFactory<TypeConfig> for Router {
+    type Network = Connection;
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Connection {
+        Connection { router: self.clone(), target }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let raft = self.router.get(self.target).ok_or_else(|| unreachable(self.target))?;
+        raft.append_entries(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>> {
+        let raft = self.router.get(self.target).ok_or_else(|| unreachable(self.target))?;
+        raft.install_snapshot(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let raft = self.router.get(self.target).ok_or_else(|| unreachable(self.target))?;
+        raft.vote(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+struct Replica {
+    raft: RaftInstance,
+    engine: Arc<Namespace>,
+    state_machine: GroupStateMachine,
+}
+
+fn engine_config(dir: &std::path::Path) -> NamespaceConfig {
+    NamespaceConfig {
+        write_block_size: 64 * 1024,
+        commit_to_device: false,
+        flush_max_ms: 50,
+        max_write_cache: 16 * 64 * 1024,
+        ..NamespaceConfig::new("raft", vec![DeviceConfig { path: dir.join("engine.dat"), size: Some(32 << 20) }])
+    }
+}
+
+async fn start(id: NodeId, dir: &std::path::Path, router: &Router) -> Replica {
+    std::fs::create_dir_all(dir).unwrap();
+    let wal = Arc::new(Wal::open(WalConfig::new(dir.join("wal"))).unwrap());
+    let engine = Arc::new(Namespace::open(engine_config(dir), OpenOptions::default()).unwrap());
+    let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), 0, 1).unwrap();
+    let config = openraft::Config {
+        heartbeat_interval: 50,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
+        max_in_snapshot_log_to_keep: 0,
+        ..Default::default()
+    };
+    let raft = RaftInstance::new(id, Arc::new(config.validate().unwrap()), router.clone(), GroupLogStore::new(wal, 0), state_machine.clone())
+        .await
+        .unwrap();
+    router.0.lock().unwrap().insert(id, raft.clone());
+    Replica { raft, engine, state_machine }
+}
+
+fn add_one(k: i64) -> Command {
+    Command {
+        key: Key::new("s", k),
+        op: WriteOp::Operate(vec![Operation::Add { bin: "n".into(), delta: 1 }]),
+        policy: WritePolicy::default(),
+        now_ms: 1_700_000_000_000,
+    }
+}
+
+/// Increments keys 0..keys through the leader; returns the log index of the last write.
+async fn write_all(leader: &RaftInstance, keys: i64) -> u64 {
+    let mut last = 0;
+    for k in 0..keys {
+        let response = leader.client_write(add_one(k)).await.unwrap();
+        assert!(matches!(response.data, CommandResult::Applied { .. }), "{:?}", response.data);
+        last = response.log_id.index;
+    }
+    last
+}
+
+async fn wait_applied(replica: &Replica, index: u64) {
+    replica
+        .raft
+        .wait(Some(Duration::from_secs(20)))
+        .applied_index_at_least(Some(index), "replica catches up")
+        .await
+        .unwrap();
+}
+
+fn counters(engine: &Namespace, keys: i64) -> Vec<i64> {
+    (0..keys)
+        .map(|k| match engine.get(&Key::new("s", k), None).unwrap() {
+            Some(record) => record.bin("n").and_then(Value::as_int).unwrap_or(-1),
+            None => 0,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_converge_catch_up_from_snapshots_and_replay_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = Router::default();
+    let mut replicas = BTreeMap::new();
+    for id in 1..=3 {
+        replicas.insert(id, start(id, &dir.path().join(format!("n{id}")), &router).await);
+    }
+    let members: BTreeMap<NodeId, BasicNode> = (1..=3).map(|id| (id, BasicNode::new(format!("n{id}")))).collect();
+    replicas[&1].raft.initialize(members).await.unwrap();
+    let elected = replicas[&1].raft.wait(Some(Duration::from_secs(10))).metrics(|m| m.current_leader.is_some(), "leader").await;
+    let leader_id = elected.unwrap().current_leader.unwrap();
+    let leader = replicas[&leader_id].raft.clone();
+
+    // (The leader's metrics may lag its last write: wait for the index the write returned.)
+    let last = write_all(&leader, 40).await;
+    for (id, replica) in &replicas {
+        wait_applied(replica, last).await;
+        let applied = replica.raft.metrics().borrow().last_applied;
+        assert_eq!(counters(&replica.engine, 40), vec![1; 40], "replica {id} (leader {leader_id}), applied {applied:?}, last {last}, sm {:?}", replica.state_machine.last_applied());
+    }
+
+    // A follower goes down; the others write on, snapshot and purge their logs.
+    let down = *replicas.keys().find(|id| **id != leader_id).unwrap();
+    router.0.lock().unwrap().remove(&down);
+    let gone = replicas.remove(&down).unwrap();
+    gone.raft.shutdown().await.unwrap();
+    drop(gone);
+    let purged_to = write_all(&leader, 40).await;
+    leader.trigger().snapshot().await.unwrap();
+    // (No metrics().borrow() guard may live across an await: it blocks openraft's metrics.)
+    let purged = leader
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= purged_to), "log purged")
+        .await;
+    let metrics = leader.metrics().borrow().clone();
+    assert!(purged.is_ok(), "the leader purged its log: {metrics:?}");
+
+    // It comes back on its own WAL and engine and catches up (from the snapshot: its log was purged).
+    let back = start(down, &dir.path().join(format!("n{down}")), &router).await;
+    let last = write_all(&leader, 1).await;
+    wait_applied(&back, last).await;
+    let mut expected = vec![2; 40];
+    expected[0] = 3;
+    assert_eq!(counters(&back.engine, 40), expected, "the restarted replica matches the leader");
+    let installed = back.raft.metrics().borrow().snapshot;
+    assert!(installed.is_some_and(|s| s.index >= purged_to), "caught up by installing a snapshot: {installed:?}");
+    replicas.insert(down, back);
+    for replica in replicas.values() {
+        wait_applied(replica, last).await;
+        assert_eq!(counters(&replica.engine, 40), expected);
+    }
+    // A follower that kept its whole log restarts: openraft re-applies every entry over an
+    // engine that already holds them, and nothing is counted twice.
+    let again = *replicas.keys().find(|id| **id != leader_id && **id != down).unwrap();
+    let replica = replicas.remove(&again).unwrap();
+    router.0.lock().unwrap().remove(&again);
+    replica.raft.shutdown().await.unwrap();
+    drop(replica);
+    let restarted = start(again, &dir.path().join(format!("n{again}")), &router).await;
+    wait_applied(&restarted, last).await;
+    assert_eq!(counters(&restarted.engine, 40), expected, "replayed entries were applied once");
+    replicas.insert(again, restarted);
+    for replica in replicas.values() {
+        replica.raft.shutdown().await.unwrap();
+    }
+}
