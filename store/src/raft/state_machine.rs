@@ -17,6 +17,7 @@ use crate::engine::{Namespace, RecordVersion, Replicated};
 use crate::wal::{GroupId, Wal, WalOp};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 
 /// Recorded in the WAL after an engine flush: everything up to `last_applied` is durable in
 /// the engine, so a restart resumes applying after it.
@@ -29,7 +30,8 @@ struct AppliedMarker {
 struct Progress {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
-    snapshot: Option<(SnapshotMeta<NodeId, openraft::BasicNode>, Arc<Vec<u8>>)>,
+    /// The last snapshot built or installed: its metadata and its bytes.
+    snapshot: Option<(Meta, Arc<Vec<u8>>)>,
 }
 
 struct Shared {
