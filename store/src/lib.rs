@@ -11,6 +11,7 @@ pub mod error;
 pub mod format;
 pub mod key;
 pub mod ops;
+pub mod protocol;
 pub mod raft;
 pub mod value;
 pub mod wal;

@@ -1,0 +1,102 @@
+//! The messages frames carry, and their encoding: bincode 1 with fixed-width little-endian
+//! integers, a size limit and no trailing bytes (see store/PROTOCOL.md). Decoding a body never
+//! allocates more than the limit.
+
+use bincode::Options;
+use serde::{Deserialize, Serialize};
+
+use crate::key::Key;
+use crate::ops::{OpResult, WriteOp, WritePolicy};
+use crate::value::{Record, RecordMeta};
+
+/// How a read may be served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadPolicy {
+    /// Monotonic reads and read-your-writes for one client: never older than `min_index`, the
+    /// newest log index this client has seen for the record's group.
+    #[default]
+    Session,
+    /// Confirmed with a quorum before answering.
+    Linearizable,
+}
+
+/// Identifies a write for exactly-once retries: a client id and its sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteTag {
+    pub client_id: u64,
+    pub seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Nodes, their addresses and which node leads each group of each namespace.
+    ClusterMap,
+    Get { namespace: String, key: Key, bins: Option<Vec<String>>, read: ReadPolicy, min_index: u64 },
+    Write { namespace: String, key: Key, op: WriteOp, policy: WritePolicy, tag: WriteTag },
+    /// A Raft message between nodes: the group it is for and the message, encoded by the
+    /// group's Raft layer.
+    Raft { namespace: String, group: u32, message: Vec<u8> },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    ClusterMap(ClusterMap),
+    /// The record (or none) and the log index it reflects, for session guarantees.
+    Record { record: Option<Record>, index: u64 },
+    Written { meta: RecordMeta, results: Vec<OpResult>, index: u64 },
+    Raft { message: Vec<u8> },
+    Error(ErrorReply),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMap {
+    /// (node id, client address)
+    pub nodes: Vec<(u64, String)>,
+    /// (namespace, groups, leader node of each group if known)
+    pub namespaces: Vec<(String, u32, Vec<Option<u64>>)>,
+}
+
+/// Every error a client can get, saying which of them happened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ErrorReply {
+    #[error("not the leader of this group (leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    #[error("partition unavailable: no quorum of its replicas is reachable")]
+    PartitionUnavailable,
+    #[error("timed out (in doubt: {in_doubt}; an in-doubt write may or may not have been applied)")]
+    Timeout { in_doubt: bool },
+    #[error("stop-writes: {0}")]
+    StopWrites(String),
+    #[error("device overload: {0}")]
+    DeviceOverload(String),
+    #[error("generation mismatch: expected {expected}, the record is at {actual}")]
+    GenerationMismatch { expected: u32, actual: u32 },
+    #[error("record exists")]
+    RecordExists,
+    #[error("record not found")]
+    RecordNotFound,
+    #[error("record too big: {size_bytes} bytes, the limit is {limit_bytes}")]
+    RecordTooBig { size_bytes: usize, limit_bytes: usize },
+    #[error("bin {bin:?}: {reason}")]
+    IncompatibleBin { bin: String, reason: String },
+    #[error("unknown namespace {0:?}")]
+    UnknownNamespace(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("server error: {0}")]
+    Internal(String),
+}
+
+fn options(limit: usize) -> impl Options {
+    bincode::DefaultOptions::new().with_fixint_encoding().with_little_endian().with_limit(limit as u64).reject_trailing_bytes()
+}
+
+/// Encodes a message body (fails only past `limit`).
+pub fn encode_body<T: Serialize>(message: &T, limit: usize) -> Result<Vec<u8>, String> {
+    options(limit).serialize(message).map_err(|e| format!("message does not fit in {limit} bytes: {e}"))
+}
+
+/// Decodes a message body; any malformed input is an error, never a panic.
+pub fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8], limit: usize) -> Result<T, String> {
+    options(limit).deserialize(body).map_err(|e| format!("malformed message: {e}"))
+}
