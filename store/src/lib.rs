@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod key;
+pub mod node;
 pub mod ops;
 pub mod protocol;
 pub mod raft;

@@ -1,0 +1,318 @@
+//! A chunkstore node as a library: the WAL, one engine per namespace, one Raft instance per
+//! group this node replicates, and the request handler behind the server. (`chunkd` will be a
+//! thin binary around it.)
+//!
+//! Invariants:
+//! - **A write is answered `Written` only after its Raft entry is committed and applied**;
+//!   any doubt (a timeout, a lost leader) is `Timeout { in_doubt: true }`, never success.
+//! - **A node only proposes writes for groups it leads**; others get `NotLeader` with a hint.
+//! - **Every node computes the same placement** (`placement::replicas`).
+
+pub mod placement;
+pub mod raft_network;
+pub mod transport;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::BasicNode;
+
+use crate::engine::{Clock, Namespace, OpenOptions};
+use crate::protocol::{ClusterMap, ErrorReply, ReadPolicy, Request, Response};
+use crate::raft::{group_of, Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, RaftInstance, WriteFailure};
+use crate::wal::{Wal, WalConfig};
+use crate::NamespaceConfig;
+use raft_network::{GroupNetwork, RaftReply, RaftRpc};
+
+/// One namespace as a node hosts it.
+#[derive(Clone, Debug)]
+pub struct NamespaceSpec {
+    /// The engine's configuration (its devices are this node's).
+    pub engine: NamespaceConfig,
+    pub replication_factor: usize,
+    /// Raft groups the 4096 partitions map onto (a power of two, fixed at creation).
+    pub groups: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    /// Every node of the cluster: (id, address). Static until the metadata group lands.
+    pub nodes: Vec<(NodeId, String)>,
+    pub data_dir: PathBuf,
+    pub namespaces: Vec<NamespaceSpec>,
+    /// Raft timing, milliseconds.
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: (u64, u64),
+    /// How long a request may take before it is answered Timeout.
+    pub request_timeout: Duration,
+}
+
+struct Group {
+    raft: RaftInstance,
+    state_machine: GroupStateMachine,
+    replicas: Vec<NodeId>,
+}
+
+struct HostedNamespace {
+    engine: Arc<Namespace>,
+    groups: u32,
+    replication_factor: usize,
+    /// The groups this node replicates.
+    local: HashMap<u32, Group>,
+}
+
+pub struct Node {
+    config: NodeConfig,
+    wal: Arc<Wal>,
+    namespaces: HashMap<String, HostedNamespace>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("storage engine: {0}")]
+    Engine(#[from] crate::Error),
+    #[error("write-ahead log: {0}")]
+    Wal(#[from] crate::wal::WalError),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("bad node configuration: {0}")]
+    Config(String),
+}
+
+impl Node {
+    /// Opens everything and starts the Raft groups this node replicates. A group whose log is
+    /// empty is initialized by its preferred leader (the first of its placement).
+    pub async fn start(config: NodeConfig) -> Result<Arc<Node>, NodeError> {
+        if !config.nodes.iter().any(|(id, _)| *id == config.node_id) {
+            return Err(NodeError::Config(format!("node {} is not in the node list", config.node_id)));
+        }
+        let wal = Arc::new(Wal::open(WalConfig::new(config.data_dir.join("wal")))?);
+        let node_ids: Vec<NodeId> = config.nodes.iter().map(|(id, _)| *id).collect();
+        let peers = Arc::new(config.nodes.iter().cloned().collect::<HashMap<_, _>>());
+        let raft_config = Arc::new(
+            openraft::Config {
+                heartbeat_interval: config.heartbeat_ms,
+                election_timeout_min: config.election_timeout_ms.0,
+                election_timeout_max: config.election_timeout_ms.1,
+                ..Default::default()
+            }
+            .validate()
+            .map_err(|e| NodeError::Config(e.to_string()))?,
+        );
+        let mut namespaces = HashMap::new();
+        let mut wal_prefixes = HashMap::new();
+        for spec in &config.namespaces {
+            let prefix = wal_prefix(&spec.engine.name);
+            if let Some(other) = wal_prefixes.insert(prefix, spec.engine.name.clone()) {
+                return Err(NodeError::Config(format!(
+                    "namespaces {other:?} and {:?} hash to the same log prefix; rename one",
+                    spec.engine.name
+                )));
+            }
+            if !spec.groups.is_power_of_two() || spec.groups > 4096 || spec.replication_factor == 0 {
+                return Err(NodeError::Config(format!("namespace {}: groups must be a power of two ≤ 4096 and replication-factor ≥ 1", spec.engine.name)));
+            }
+            let engine = Arc::new(Namespace::open(spec.engine.clone(), OpenOptions::default())?);
+            let mut local = HashMap::new();
+            for group in 0..spec.groups {
+                let replicas = placement::replicas(&spec.engine.name, group, &node_ids, spec.replication_factor);
+                if !replicas.contains(&config.node_id) {
+                    continue;
+                }
+                let wal_group = prefix << 12 | group;
+                let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), wal_group, spec.groups)
+                    .map_err(|e| NodeError::Raft(e.to_string()))?;
+                let network = GroupNetwork { namespace: spec.engine.name.clone(), group, peers: peers.clone() };
+                let log_store = GroupLogStore::new(wal.clone(), wal_group);
+                let raft = RaftInstance::new(config.node_id, raft_config.clone(), network, log_store, state_machine.clone())
+                    .await
+                    .map_err(|e| NodeError::Raft(e.to_string()))?;
+                let fresh = wal.log_state(wal_group).last.is_none();
+                if fresh && replicas[0] == config.node_id {
+                    let members: BTreeMap<NodeId, BasicNode> =
+                        replicas.iter().map(|id| (*id, BasicNode::new(peers[id].clone()))).collect();
+                    raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+                }
+                local.insert(group, Group { raft, state_machine, replicas });
+            }
+            namespaces.insert(
+                spec.engine.name.clone(),
+                HostedNamespace { engine, groups: spec.groups, replication_factor: spec.replication_factor, local },
+            );
+        }
+        Ok(Arc::new(Node { config, wal, namespaces }))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.config.node_id
+    }
+
+    /// Leader of each group this node replicates, per namespace (None while electing).
+    pub fn leaders(&self, namespace: &str) -> Vec<(u32, Option<NodeId>)> {
+        let Some(hosted) = self.namespaces.get(namespace) else { return Vec::new() };
+        let mut out: Vec<_> = hosted.local.iter().map(|(g, group)| (*g, group.raft.metrics().borrow().current_leader)).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Stops the Raft groups and closes engines and WAL cleanly.
+    pub async fn shutdown(&self) {
+        for hosted in self.namespaces.values() {
+            for group in hosted.local.values() {
+                let _ = group.raft.shutdown().await;
+            }
+            let _ = hosted.engine.flush();
+        }
+        self.wal.close();
+    }
+
+    pub async fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::ClusterMap => Response::ClusterMap(self.cluster_map()),
+            Request::Raft { namespace, group, message } => self.handle_raft(&namespace, group, &message).await,
+            Request::Write { namespace, key, op, policy, tag: _ } => {
+                let Some(hosted) = self.namespaces.get(&namespace) else {
+                    return Response::Error(ErrorReply::UnknownNamespace(namespace));
+                };
+                let group_id = group_of(&key.digest, hosted.groups);
+                let Some(group) = hosted.local.get(&group_id) else {
+                    let leader = placement::replicas(&namespace, group_id, &self.node_ids(), hosted.replication_factor).first().copied();
+                    return Response::Error(ErrorReply::NotLeader { leader });
+                };
+                if let Some(reason) = hosted.engine.stats().stop_writes {
+                    if !matches!(op, crate::WriteOp::Delete) {
+                        return Response::Error(ErrorReply::StopWrites(reason));
+                    }
+                }
+                let command = Command { key, op, policy, now_ms: crate::engine::SystemClock.now_ms() };
+                let proposed = tokio::time::timeout(self.config.request_timeout, group.raft.client_write(command)).await;
+                match proposed {
+                    Err(_) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
+                    Ok(Ok(written)) => match written.data {
+                        CommandResult::Applied { meta, results } => Response::Written { meta, results, index: written.log_id.index },
+                        CommandResult::Failed(failure) => Response::Error(failure_reply(failure)),
+                        other => Response::Error(ErrorReply::Internal(format!("unexpected apply result {other:?}"))),
+                    },
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                        Response::Error(ErrorReply::NotLeader { leader: forward.leader_id })
+                    }
+                    Ok(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
+                }
+            }
+            Request::Get { namespace, key, bins, read, min_index } => {
+                let Some(hosted) = self.namespaces.get(&namespace) else {
+                    return Response::Error(ErrorReply::UnknownNamespace(namespace));
+                };
+                let group_id = group_of(&key.digest, hosted.groups);
+                let Some(group) = hosted.local.get(&group_id) else {
+                    let leader = placement::replicas(&namespace, group_id, &self.node_ids(), hosted.replication_factor).first().copied();
+                    return Response::Error(ErrorReply::NotLeader { leader });
+                };
+                match read {
+                    ReadPolicy::Linearizable => {
+                        let confirmed = tokio::time::timeout(self.config.request_timeout, group.raft.ensure_linearizable()).await;
+                        match confirmed {
+                            Err(_) => return Response::Error(ErrorReply::Timeout { in_doubt: false }),
+                            Ok(Ok(_)) => {}
+                            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
+                                return Response::Error(ErrorReply::NotLeader { leader: forward.leader_id })
+                            }
+                            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
+                                return Response::Error(ErrorReply::PartitionUnavailable)
+                            }
+                            Ok(Err(err)) => return Response::Error(ErrorReply::Internal(err.to_string())),
+                        }
+                    }
+                    ReadPolicy::Session => {
+                        // Any replica that has applied what this client has seen may answer.
+                        let applied = group.state_machine.last_applied().map_or(0, |l| l.index);
+                        if applied < min_index {
+                            let leader = group.raft.metrics().borrow().current_leader;
+                            return Response::Error(ErrorReply::NotLeader { leader });
+                        }
+                    }
+                }
+                let index = group.state_machine.last_applied().map_or(0, |l| l.index);
+                let names: Option<Vec<&str>> = bins.as_ref().map(|b| b.iter().map(String::as_str).collect());
+                match hosted.engine.get(&key, names.as_deref()) {
+                    Ok(record) => Response::Record { record, index },
+                    Err(err) => Response::Error(ErrorReply::Internal(err.to_string())),
+                }
+            }
+        }
+    }
+
+    fn node_ids(&self) -> Vec<NodeId> {
+        self.config.nodes.iter().map(|(id, _)| *id).collect()
+    }
+
+    fn cluster_map(&self) -> ClusterMap {
+        let mut namespaces: Vec<(String, u32, Vec<Option<u64>>)> = self
+            .namespaces
+            .iter()
+            .map(|(name, hosted)| {
+                let leaders = (0..hosted.groups)
+                    .map(|g| match hosted.local.get(&g) {
+                        Some(group) => group.raft.metrics().borrow().current_leader,
+                        None => placement::replicas(name, g, &self.node_ids(), hosted.replication_factor).first().copied(),
+                    })
+                    .collect();
+                (name.clone(), hosted.groups, leaders)
+            })
+            .collect();
+        namespaces.sort();
+        ClusterMap { nodes: self.config.nodes.clone(), namespaces }
+    }
+
+    async fn handle_raft(&self, namespace: &str, group: u32, message: &[u8]) -> Response {
+        let Some(group) = self.namespaces.get(namespace).and_then(|h| h.local.get(&group)) else {
+            return Response::Error(ErrorReply::BadRequest(format!("this node does not replicate {namespace}/{group}")));
+        };
+        let rpc: RaftRpc = match bincode::deserialize(message) {
+            Ok(rpc) => rpc,
+            Err(err) => return Response::Error(ErrorReply::BadRequest(format!("malformed raft message: {err}"))),
+        };
+        let reply = match rpc {
+            RaftRpc::AppendEntries(request) => RaftReply::AppendEntries(group.raft.append_entries(request).await),
+            RaftRpc::Vote(request) => RaftReply::Vote(group.raft.vote(request).await),
+            RaftRpc::InstallSnapshot(request) => RaftReply::InstallSnapshot(group.raft.install_snapshot(request).await),
+        };
+        Response::Raft { message: bincode::serialize(&reply).expect("raft replies serialize") }
+    }
+
+    /// Replicas of each local group (for status).
+    pub fn local_groups(&self, namespace: &str) -> Vec<(u32, Vec<NodeId>)> {
+        let Some(hosted) = self.namespaces.get(namespace) else { return Vec::new() };
+        let mut out: Vec<_> = hosted.local.iter().map(|(g, group)| (*g, group.replicas.clone())).collect();
+        out.sort_unstable();
+        out
+    }
+}
+
+impl transport::Handler for Node {
+    async fn handle(&self, request: Request) -> Response {
+        Node::handle(self, request).await
+    }
+}
+
+/// A namespace's WAL group ids are `prefix << 12 | group`, the prefix taken from a hash of the
+/// name (so that it does not depend on the order of namespaces in the configuration; start-up
+/// refuses two namespaces with the same prefix).
+fn wal_prefix(namespace: &str) -> u32 {
+    crc32fast::hash(namespace.as_bytes()) & 0xF_FFFF
+}
+
+fn failure_reply(failure: WriteFailure) -> ErrorReply {
+    match failure {
+        WriteFailure::GenerationMismatch { expected, actual } => ErrorReply::GenerationMismatch { expected, actual },
+        WriteFailure::RecordExists => ErrorReply::RecordExists,
+        WriteFailure::RecordNotFound => ErrorReply::RecordNotFound,
+        WriteFailure::RecordTooBig { size_bytes, limit_bytes } => ErrorReply::RecordTooBig { size_bytes, limit_bytes },
+        WriteFailure::IncompatibleBin { bin, reason } => ErrorReply::IncompatibleBin { bin, reason },
+        WriteFailure::BadRequest(what) => ErrorReply::BadRequest(what),
+    }
+}

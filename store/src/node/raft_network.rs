@@ -1,0 +1,118 @@
+//! openraft's network over chunkstore connections: each Raft message travels as a
+//! `Request::Raft` for its namespace and group.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
+use serde::{Deserialize, Serialize};
+
+use super::transport::Connection;
+use crate::protocol::{Request, Response};
+use crate::raft::{NodeId, TypeConfig};
+
+#[derive(Serialize, Deserialize)]
+pub(crate) enum RaftRpc {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) enum RaftReply {
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+}
+
+/// Creates connections to the other replicas of one group.
+#[derive(Clone)]
+pub struct GroupNetwork {
+    pub(crate) namespace: String,
+    pub(crate) group: u32,
+    /// Peer addresses by node id.
+    pub(crate) peers: Arc<HashMap<NodeId, String>>,
+}
+
+pub struct PeerConnection {
+    namespace: String,
+    group: u32,
+    target: NodeId,
+    connection: Option<Connection>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> PeerConnection {
+        let connection = self.peers.get(&target).map(|addr| Connection::new(addr.clone()));
+        PeerConnection { namespace: self.namespace.clone(), group: self.group, target, connection }
+    }
+}
+
+impl PeerConnection {
+    async fn send<E: std::error::Error>(&mut self, rpc: RaftRpc, option: &RPCOption) -> Result<RaftReply, RPCError<NodeId, BasicNode, E>> {
+        let unknown = || std::io::Error::other(format!("node {} has no known address", self.target));
+        let Some(connection) = self.connection.as_mut() else {
+            return Err(RPCError::Unreachable(Unreachable::new(&unknown())));
+        };
+        let message = bincode::serialize(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let request = Request::Raft { namespace: self.namespace.clone(), group: self.group, message };
+        let timeout = option.hard_ttl().max(Duration::from_millis(50));
+        match connection.call(&request, timeout).await {
+            Ok(Response::Raft { message }) => bincode::deserialize(&message).map_err(|e| RPCError::Network(NetworkError::new(&e))),
+            Ok(other) => Err(RPCError::Network(NetworkError::new(&std::io::Error::other(format!("unexpected reply {other:?}"))))),
+            Err(err) => Err(RPCError::Unreachable(Unreachable::new(&err))),
+        }
+    }
+}
+
+fn mismatch<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
+    RPCError::Network(NetworkError::new(&std::io::Error::other("reply of another kind")))
+}
+
+fn remote<E: std::error::Error>(target: NodeId, err: E) -> RPCError<NodeId, BasicNode, E> {
+    RPCError::RemoteError(openraft::error::RemoteError::new(target, err))
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.send(RaftRpc::AppendEntries(rpc), &option).await? {
+            RaftReply::AppendEntries(reply) => reply.map_err(|e| remote(self.target, e)),
+            _ => Err(mismatch()),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>> {
+        match self.send(RaftRpc::InstallSnapshot(rpc), &option).await? {
+            RaftReply::InstallSnapshot(reply) => reply.map_err(|e| remote(self.target, e)),
+            _ => Err(mismatch()),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.send(RaftRpc::Vote(rpc), &option).await? {
+            RaftReply::Vote(reply) => reply.map_err(|e| remote(self.target, e)),
+            _ => Err(mismatch()),
+        }
+    }
+}
