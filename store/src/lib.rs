@@ -4,6 +4,7 @@
 //! The engine keeps Aerospike's data model: namespace → set → record, records addressed by a
 //! RIPEMD-160 digest, holding bins, with a generation and an optional void time.
 
+pub mod client;
 pub mod config;
 pub mod device;
 pub mod engine;

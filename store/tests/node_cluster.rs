@@ -33,6 +33,7 @@ async fn start_cluster(dir: &std::path::Path) -> (Vec<Arc<Node>>, HashMap<u64, S
         let config = NodeConfig {
             node_id: id,
             nodes: nodes.clone(),
+            client_addresses: nodes.clone(),
             data_dir,
             namespaces: vec![NamespaceSpec { engine, replication_factor: 3, groups: GROUPS }],
             heartbeat_ms: 50,

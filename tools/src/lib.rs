@@ -2,4 +2,5 @@
 
 pub mod bench;
 pub mod engine_check;
+pub mod local_cluster;
 pub mod logging;

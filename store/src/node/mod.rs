@@ -8,6 +8,7 @@
 //! - **A node only proposes writes for groups it leads**; others get `NotLeader` with a hint.
 //! - **Every node computes the same placement** (`placement::replicas`).
 
+pub mod config;
 pub mod placement;
 pub mod raft_network;
 pub mod transport;
@@ -21,7 +22,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::BasicNode;
 
 use crate::engine::{Clock, Namespace, OpenOptions};
-use crate::protocol::{ClusterMap, ErrorReply, ReadPolicy, Request, Response};
+use crate::protocol::{ClusterMap, ErrorReply, NamespaceMap, ReadPolicy, Request, Response};
 use crate::raft::{group_of, Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, RaftInstance, WriteFailure};
 use crate::wal::{Wal, WalConfig};
 use crate::NamespaceConfig;
@@ -40,8 +41,10 @@ pub struct NamespaceSpec {
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub node_id: NodeId,
-    /// Every node of the cluster: (id, address). Static until the metadata group lands.
+    /// Every node of the cluster: (id, peer address). Static until the metadata group lands.
     pub nodes: Vec<(NodeId, String)>,
+    /// Every node's client address, for the cluster map.
+    pub client_addresses: Vec<(NodeId, String)>,
     pub data_dir: PathBuf,
     pub namespaces: Vec<NamespaceSpec>,
     /// Raft timing, milliseconds.
@@ -251,21 +254,24 @@ impl Node {
     }
 
     fn cluster_map(&self) -> ClusterMap {
-        let mut namespaces: Vec<(String, u32, Vec<Option<u64>>)> = self
+        let node_ids = self.node_ids();
+        let mut namespaces: Vec<NamespaceMap> = self
             .namespaces
             .iter()
             .map(|(name, hosted)| {
+                let replicas: Vec<Vec<u64>> =
+                    (0..hosted.groups).map(|g| placement::replicas(name, g, &node_ids, hosted.replication_factor)).collect();
                 let leaders = (0..hosted.groups)
                     .map(|g| match hosted.local.get(&g) {
                         Some(group) => group.raft.metrics().borrow().current_leader,
-                        None => placement::replicas(name, g, &self.node_ids(), hosted.replication_factor).first().copied(),
+                        None => replicas[g as usize].first().copied(),
                     })
                     .collect();
-                (name.clone(), hosted.groups, leaders)
+                NamespaceMap { name: name.clone(), groups: hosted.groups, replication_factor: hosted.replication_factor as u32, leaders, replicas }
             })
             .collect();
-        namespaces.sort();
-        ClusterMap { nodes: self.config.nodes.clone(), namespaces }
+        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+        ClusterMap { nodes: self.config.client_addresses.clone(), namespaces }
     }
 
     async fn handle_raft(&self, namespace: &str, group: u32, message: &[u8]) -> Response {

@@ -52,8 +52,20 @@ pub enum Response {
 pub struct ClusterMap {
     /// (node id, client address)
     pub nodes: Vec<(u64, String)>,
-    /// (namespace, groups, leader node of each group if known)
-    pub namespaces: Vec<(String, u32, Vec<Option<u64>>)>,
+    pub namespaces: Vec<NamespaceMap>,
+}
+
+/// One namespace's groups as the answering node sees them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceMap {
+    pub name: String,
+    pub groups: u32,
+    pub replication_factor: u32,
+    /// The leader of each group if known (for groups the node does not replicate: the
+    /// preferred leader, a hint).
+    pub leaders: Vec<Option<u64>>,
+    /// The replicas of each group.
+    pub replicas: Vec<Vec<u64>>,
 }
 
 /// Every error a client can get, saying which of them happened.

@@ -64,6 +64,9 @@ enum Commands {
 }
 
 fn main() -> ExitCode {
+    // Die quietly when output goes to a closed pipe (`| head`), as command-line tools do.
+    // SAFETY: setting a signal disposition at start-up, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     chunkstore_tools::logging::init("warn");
     match Cli::parse().command {
         Commands::Engine { cycles, power_loss, unsafe_skip_fsync, seed, dir, writers, keys, json } => {

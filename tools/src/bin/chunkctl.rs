@@ -3,26 +3,53 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
-use chunkstore::{Bin, DeviceConfig, Key, Namespace, NamespaceConfig, OpenOptions, Operation, Value, WritePolicy};
+use chunkstore::client::{Client, ClientConfig};
+use chunkstore::{Bin, Key, Value, WritePolicy};
 use chunkstore_tools::bench::{self, BenchOptions};
+use chunkstore_tools::local_cluster::{self, LocalCluster};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "chunkctl", about = "Operate and benchmark chunkstore")]
 struct Cli {
+    /// The directory of a local cluster started by `chunkctl up`.
+    #[arg(long, global = true)]
+    dir: Option<PathBuf>,
+    /// Addresses of some nodes, HOST:PORT[,...] (instead of --dir).
+    #[arg(long, global = true, value_delimiter = ',')]
+    seeds: Vec<String>,
     #[command(subcommand)]
     command: Commands,
 }
 
 #[derive(Subcommand)]
 enum Commands {
-    /// Start chunkstore locally. Until the cluster lands this opens the storage engine in DIR,
-    /// shows a few operations and its figures, and stops cleanly.
+    /// Start a local cluster of chunkd processes on loopback in --dir (default ./chunkstore-data),
+    /// or start the stopped nodes of the one there, and wait until every group has a leader.
     Up {
-        #[arg(long, default_value = "chunkstore-data")]
-        dir: PathBuf,
+        /// Nodes of a new cluster (replication factor min(3, nodes)).
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// Bytes of each node's device for namespace "test".
+        #[arg(long, default_value_t = 256 << 20)]
+        device_size: u64,
     },
+    /// Stop the local cluster in --dir cleanly (SIGTERM, then SIGKILL after 30 s).
+    Down,
+    /// Nodes and, per namespace, each group's leader, replicas and state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read a record: NAMESPACE SET KEY (integer keys are integers).
+    Get { namespace: String, set: String, key: String },
+    /// Write bins: NAMESPACE SET KEY BIN=VALUE... (integer values are integers).
+    Put { namespace: String, set: String, key: String, bins: Vec<String> },
+    /// Delete a record (durably): NAMESPACE SET KEY.
+    Delete { namespace: String, set: String, key: String },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -55,10 +82,52 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    // Die quietly when output goes to a closed pipe (`| head`), as command-line tools do.
+    // SAFETY: setting a signal disposition at start-up, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
-    chunkstore_tools::logging::init(if matches!(cli.command, Commands::Up { .. }) { "info" } else { "warn" });
+    chunkstore_tools::logging::init("warn");
     let result = match cli.command {
-        Commands::Up { dir } => up(&dir),
+        Commands::Up { nodes, device_size } => {
+            let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
+            local_cluster::up(&dir, nodes, device_size, &mut |line| eprintln!("{line}")).map(|cluster| {
+                let seeds = cluster.seeds().join(",");
+                println!("chunkstore is up: {} nodes, namespace \"test\" (16 groups, replication factor {})", cluster.nodes.len(), cluster.nodes.len().min(3));
+                println!("  seeds: {seeds}");
+                println!("  try:   chunkctl --dir {} put test demo k1 greeting=hello", dir.display());
+                println!("         chunkctl --dir {} get test demo k1", dir.display());
+                println!("  stop:  chunkctl --dir {} down", dir.display());
+            })
+        }
+        Commands::Down => {
+            let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
+            local_cluster::down(&dir, Duration::from_secs(30), &mut |line| eprintln!("{line}"))
+        }
+        Commands::Status { json } => client(&cli).and_then(|client| status(&client, json)),
+        Commands::Get { ref namespace, ref set, ref key } => client(&cli).and_then(|client| {
+            let record = client.get(namespace, &user_key(set, key), None)?;
+            match record {
+                Some(record) => {
+                    println!("generation {}", record.meta.generation);
+                    for bin in record.bins {
+                        println!("{} = {}", bin.name, show(&bin.value));
+                    }
+                }
+                None => println!("(no record)"),
+            }
+            Ok(())
+        }),
+        Commands::Put { ref namespace, ref set, ref key, ref bins } => client(&cli).and_then(|client| {
+            let bins = bins.iter().map(|b| parse_bin(b)).collect::<Result<Vec<_>>>()?;
+            let meta = client.put(namespace, &user_key(set, key), bins, &WritePolicy::default())?;
+            println!("written: generation {}", meta.generation);
+            Ok(())
+        }),
+        Commands::Delete { ref namespace, ref set, ref key } => client(&cli).and_then(|client| {
+            client.delete(namespace, &user_key(set, key), &WritePolicy::default())?;
+            println!("deleted");
+            Ok(())
+        }),
         Commands::Bench(BenchCommand::Engine { writers, seconds, dir, cold_start_records, cold_start_value_bytes, json }) => {
             let options = BenchOptions { writers, seconds, dir: dir.clone(), cold_start_records, cold_start_value_bytes };
             let created_dir = !dir.exists();
@@ -81,27 +150,80 @@ fn main() -> ExitCode {
     }
 }
 
-fn up(dir: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let config = NamespaceConfig::new("demo", vec![DeviceConfig { path: dir.join("demo.dat"), size: Some(64 << 20) }]);
-    let ns = Namespace::open(config, OpenOptions::default())?;
-    let scan = ns.stats().scan;
-    println!("namespace demo open on {} ({} records found in {} ms)", dir.join("demo.dat").display(), ns.stats().records, scan.elapsed_ms);
-    let key = Key::new("journal", "chunk-0");
-    let chunk = Operation::WriteBytesAt { bin: "data".into(), offset: 512, data: b"hello, durable world".to_vec(), zero_fill: true };
-    let (meta, _) = ns.operate(&key, &[chunk, Operation::Add { bin: "writes".into(), delta: 1 }], &WritePolicy::default())?;
-    println!("wrote 20 bytes at offset 512 of journal/chunk-0: generation {} (on disk before this line printed)", meta.generation);
-    let record = ns.get(&key, None)?.context("the record just written")?;
-    if let (Some(Value::Bytes(data)), Some(Value::Int(writes))) = (record.bin("data"), record.bin("writes")) {
-        println!("read back: {} bytes, text {:?}, written {writes} times", data.len(), String::from_utf8_lossy(&data[512..]));
+/// A client for --seeds, or for the cluster in --dir (default ./chunkstore-data).
+fn client(cli: &Cli) -> Result<Client> {
+    let seeds = if !cli.seeds.is_empty() {
+        cli.seeds.clone()
+    } else {
+        let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
+        LocalCluster::load(&dir)?.seeds()
+    };
+    Client::connect(ClientConfig::new(seeds)).context("connecting to the cluster")
+}
+
+fn user_key(set: &str, key: &str) -> Key {
+    match key.parse::<i64>() {
+        Ok(int) => Key::new(set, int),
+        Err(_) => Key::new(set, key),
     }
-    ns.put(&Key::new("journal", "meta"), &[Bin::new("name", Value::String("queue.journal".into()))], &WritePolicy::default())?;
-    let stats = ns.stats();
-    println!(
-        "records {}, writes {}, fdatasync calls {}, free blocks {}/{}, index memory {} bytes",
-        stats.records, stats.writes, stats.fsyncs, stats.free_blocks, stats.total_blocks, stats.memory_used_bytes
-    );
-    ns.close()?;
-    println!("closed cleanly; run again to see the records survive (data in {})", dir.display());
+}
+
+fn parse_bin(text: &str) -> Result<Bin> {
+    let (name, value) = text.split_once('=').with_context(|| format!("{text:?} is not BIN=VALUE"))?;
+    let value = match value.parse::<i64>() {
+        Ok(int) => Value::Int(int),
+        Err(_) => Value::String(value.to_owned()),
+    };
+    Ok(Bin::new(name, value))
+}
+
+fn show(value: &Value) -> String {
+    match value {
+        Value::Int(v) => v.to_string(),
+        Value::Float(v) => v.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Bytes(b) => format!("<{} bytes>", b.len()),
+    }
+}
+
+fn status(client: &Client, json: bool) -> Result<()> {
+    // Each node knows the leaders of the groups it replicates: ask every node.
+    let map = client.cluster_map();
+    let mut groups: Vec<serde_json::Value> = Vec::new();
+    let mut nodes_up = Vec::new();
+    let mut views = Vec::new();
+    for (id, addr) in &map.nodes {
+        let view = Client::connect(ClientConfig { retries_max: 0, timeout: Duration::from_secs(2), ..ClientConfig::new(vec![addr.clone()]) });
+        nodes_up.push(serde_json::json!({ "id": id, "address": addr, "up": view.is_ok() }));
+        if let Ok(view) = view {
+            views.push((*id, view.cluster_map()));
+        }
+    }
+    for ns in &map.namespaces {
+        for group in 0..ns.groups as usize {
+            let replicas = &ns.replicas[group];
+            let leader = views
+                .iter()
+                .filter(|(id, _)| replicas.contains(id))
+                .find_map(|(_, view)| view.namespaces.iter().find(|n| n.name == ns.name).and_then(|n| n.leaders[group]));
+            let leader_up = leader.is_some_and(|l| views.iter().any(|(id, _)| *id == l));
+            let state = match (leader, leader_up) {
+                (Some(_), true) => "ok",
+                (Some(_), false) => "leader-down",
+                (None, _) => "no-leader",
+            };
+            groups.push(serde_json::json!({ "namespace": ns.name, "group": group, "leader": leader, "replicas": replicas, "state": state }));
+        }
+    }
+    if json {
+        println!("{}", serde_json::json!({ "nodes": nodes_up, "groups": groups }));
+        return Ok(());
+    }
+    for node in &nodes_up {
+        println!("node {} at {}: {}", node["id"], node["address"].as_str().unwrap_or(""), if node["up"] == true { "up" } else { "DOWN" });
+    }
+    for group in &groups {
+        println!("{}/{:<3} leader {:<4} replicas {} {}", group["namespace"].as_str().unwrap_or(""), group["group"], group["leader"], group["replicas"], group["state"].as_str().unwrap_or(""));
+    }
     Ok(())
 }

@@ -1,0 +1,70 @@
+//! One blocking connection: std TcpStream, whole frames, deadlines.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use super::CallError;
+use crate::protocol::{decode_body, decode_frame, encode_body, Frame, FrameKind, Request, Response, FRAME_BYTES_MAX_DEFAULT};
+
+pub(crate) struct BlockingConnection {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    next_id: u64,
+}
+
+impl BlockingConnection {
+    pub fn connect(addr: &str, timeout: Duration) -> std::io::Result<BlockingConnection> {
+        let mut last = std::io::Error::other(format!("{addr} resolves to no address"));
+        for socket in std::net::ToSocketAddrs::to_socket_addrs(addr)? {
+            match TcpStream::connect_timeout(&socket, timeout) {
+                Ok(stream) => {
+                    stream.set_nodelay(true)?;
+                    return Ok(BlockingConnection { stream, buf: Vec::new(), next_id: 1 });
+                }
+                Err(err) => last = err,
+            }
+        }
+        Err(last)
+    }
+
+    /// Forgets the socket without closing it (after a fork it belongs to the parent).
+    pub fn abandon(self) {
+        std::mem::forget(self.stream);
+    }
+
+    pub fn call(&mut self, request: &Request, deadline: Instant) -> Result<Response, CallError> {
+        let request_id = self.next_id;
+        self.next_id += 1;
+        let body = encode_body(request, FRAME_BYTES_MAX_DEFAULT).map_err(|_| CallError::NotSent)?;
+        let mut bytes = Vec::with_capacity(body.len() + 18);
+        Frame { kind: FrameKind::Request, request_id, body }.encode(&mut bytes);
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        self.stream.set_write_timeout(Some(remaining)).map_err(|_| CallError::NotSent)?;
+        // A failed write may still have delivered part (or all) of the request.
+        self.stream.write_all(&bytes).map_err(|_| CallError::Lost)?;
+        loop {
+            match decode_frame(&self.buf, FRAME_BYTES_MAX_DEFAULT) {
+                Ok(Some((frame, used))) => {
+                    self.buf.drain(..used);
+                    if frame.request_id != request_id || frame.kind != FrameKind::Response {
+                        return Err(CallError::Lost);
+                    }
+                    return decode_body(&frame.body, FRAME_BYTES_MAX_DEFAULT).map_err(|_| CallError::Lost);
+                }
+                Ok(None) => {}
+                Err(_) => return Err(CallError::Lost),
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(CallError::Lost);
+            }
+            self.stream.set_read_timeout(Some(remaining)).map_err(|_| CallError::Lost)?;
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return Err(CallError::Lost),
+                Ok(read) => self.buf.extend_from_slice(&chunk[..read]),
+            }
+        }
+    }
+}

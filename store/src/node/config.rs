@@ -1,0 +1,165 @@
+//! `chunkd`'s configuration file (TOML). Every field, its default and unit; `load` validates and
+//! says which field is wrong.
+//!
+//! ```toml
+//! node-id = 1
+//! client-listen = "127.0.0.1:7401"   # clients connect here
+//! peer-listen = "127.0.0.1:7501"     # other nodes connect here (Raft)
+//! data-dir = "/var/lib/chunkstore"   # WAL and, by default, namespace devices
+//!
+//! [[nodes]]                          # every node of the cluster (static for now)
+//! id = 1
+//! client = "127.0.0.1:7401"
+//! peer = "127.0.0.1:7501"
+//!
+//! [[namespaces]]
+//! name = "test"
+//! replication-factor = 3             # default 3 (at most the number of nodes)
+//! groups = 16                        # Raft groups, a power of two; default 16
+//! device-size = 268435456            # bytes of the default device DATA-DIR/NAME.dat; default 256 MiB
+//! [namespaces.storage]               # optional engine settings (see NamespaceConfig)
+//! write-block-size = 1048576
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{NamespaceSpec, NodeConfig};
+use crate::{DeviceConfig, NamespaceConfig};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChunkdConfig {
+    pub node_id: u64,
+    pub client_listen: String,
+    pub peer_listen: String,
+    pub data_dir: PathBuf,
+    pub nodes: Vec<NodeAddress>,
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceToml>,
+    /// Raft heartbeat, milliseconds. Default 100.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Raft election timeout range, milliseconds. Default [800, 1600].
+    #[serde(default = "default_election_timeout_ms")]
+    pub election_timeout_ms: [u64; 2],
+    /// A request not done in this time is answered Timeout. Milliseconds, default 5000.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeAddress {
+    pub id: u64,
+    pub client: String,
+    pub peer: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NamespaceToml {
+    pub name: String,
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: usize,
+    #[serde(default = "default_groups")]
+    pub groups: u32,
+    /// Size of the default device, bytes (used when `storage.devices` is empty). Default 256 MiB.
+    #[serde(default = "default_device_size")]
+    pub device_size: u64,
+    /// Engine settings; `name` comes from above. Under Raft, commit-to-device defaults to false:
+    /// the WAL makes writes durable, the engine flushes lazily.
+    #[serde(default)]
+    pub storage: Option<toml::Value>,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    100
+}
+fn default_election_timeout_ms() -> [u64; 2] {
+    [800, 1600]
+}
+fn default_request_timeout_ms() -> u64 {
+    5000
+}
+fn default_replication_factor() -> usize {
+    3
+}
+fn default_groups() -> u32 {
+    16
+}
+fn default_device_size() -> u64 {
+    256 << 20
+}
+
+impl ChunkdConfig {
+    /// Reads and checks a config file; the error names the file and the problem.
+    pub fn load(path: &Path) -> Result<ChunkdConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let config: ChunkdConfig = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        config.check().map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !self.nodes.iter().any(|n| n.id == self.node_id) {
+            return Err(format!("node-id {} is not one of [[nodes]]", self.node_id));
+        }
+        let mut ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.nodes.len() {
+            return Err("[[nodes]] lists the same id twice".into());
+        }
+        let [low, high] = self.election_timeout_ms;
+        if self.heartbeat_ms == 0 || low <= self.heartbeat_ms * 2 || high <= low {
+            return Err("election-timeout-ms must be [low, high] with heartbeat-ms * 2 < low < high".into());
+        }
+        for ns in &self.namespaces {
+            if ns.replication_factor == 0 || ns.replication_factor > self.nodes.len() {
+                return Err(format!("namespace {}: replication-factor {} must be 1..={} (the number of nodes)", ns.name, ns.replication_factor, self.nodes.len()));
+            }
+            if !ns.groups.is_power_of_two() || ns.groups > 4096 {
+                return Err(format!("namespace {}: groups {} must be a power of two up to 4096", ns.name, ns.groups));
+            }
+        }
+        Ok(())
+    }
+
+    /// The node runtime's configuration (engine configs checked here too).
+    pub fn node_config(&self) -> Result<NodeConfig, String> {
+        let mut namespaces = Vec::new();
+        for ns in &self.namespaces {
+            let mut engine: NamespaceConfig = match &ns.storage {
+                Some(value) => {
+                    let mut table = value.clone();
+                    if let Some(t) = table.as_table_mut() {
+                        t.insert("name".into(), toml::Value::String(ns.name.clone()));
+                    }
+                    table.try_into().map_err(|e| format!("namespace {}: [namespaces.storage]: {e}", ns.name))?
+                }
+                None => NamespaceConfig { commit_to_device: false, ..NamespaceConfig::new(ns.name.clone(), Vec::new()) },
+            };
+            if ns.storage.as_ref().and_then(|s| s.get("commit-to-device")).is_none() {
+                engine.commit_to_device = false;
+            }
+            if engine.devices.is_empty() {
+                engine.devices = vec![DeviceConfig { path: self.data_dir.join(format!("{}.dat", ns.name)), size: Some(ns.device_size) }];
+            }
+            engine.sanitize().map_err(|e| e.to_string())?;
+            namespaces.push(NamespaceSpec { engine, replication_factor: ns.replication_factor, groups: ns.groups });
+        }
+        Ok(NodeConfig {
+            node_id: self.node_id,
+            nodes: self.nodes.iter().map(|n| (n.id, n.peer.clone())).collect(),
+            client_addresses: self.nodes.iter().map(|n| (n.id, n.client.clone())).collect(),
+            data_dir: self.data_dir.clone(),
+            namespaces,
+            heartbeat_ms: self.heartbeat_ms,
+            election_timeout_ms: (self.election_timeout_ms[0], self.election_timeout_ms[1]),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+        })
+    }
+}

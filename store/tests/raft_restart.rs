@@ -1,0 +1,28 @@
+//! A group's Raft state survives a restart of the node's WAL: vote, log, committed.
+
+use std::sync::Arc;
+
+use chunkstore::raft::{GroupLogStore, TypeConfig};
+use chunkstore::wal::{Wal, WalConfig};
+use openraft::storage::RaftLogStorage;
+use openraft::{CommittedLeaderId, LeaderId, LogId, Vote};
+
+#[test]
+fn vote_and_committed_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).unwrap());
+        let mut store = GroupLogStore::new(wal.clone(), 7 << 12 | 3);
+        let vote = Vote { leader_id: LeaderId::new(4, 2), committed: true };
+        store.save_vote(&vote).await.unwrap();
+        let committed = LogId::new(CommittedLeaderId::new(4, 0), 17);
+        store.save_committed(Some(committed)).await.unwrap();
+        drop(store);
+        drop(wal);
+        let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).unwrap());
+        let mut store = GroupLogStore::new(wal, 7 << 12 | 3);
+        assert_eq!(store.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(<GroupLogStore as RaftLogStorage<TypeConfig>>::read_committed(&mut store).await.unwrap(), Some(committed));
+    });
+}

@@ -1,0 +1,198 @@
+//! A local cluster of chunkd processes on loopback, kept in one directory: `DIR/cluster.json`
+//! lists the nodes (id, addresses, pid), `DIR/nodeN/` holds each node's config, log and data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use chunkstore::client::{Client, ClientConfig};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalNode {
+    pub id: u64,
+    pub client: String,
+    pub peer: String,
+    pub pid: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalCluster {
+    pub nodes: Vec<LocalNode>,
+}
+
+impl LocalCluster {
+    pub fn load(dir: &Path) -> Result<LocalCluster> {
+        let path = dir.join("cluster.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("no cluster in {} (start one with chunkctl up --dir {})", dir.display(), dir.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not a cluster description", path.display()))
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("cluster.json");
+        let tmp = dir.join("cluster.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client.clone()).collect()
+    }
+}
+
+/// Is `pid` a live chunkd?
+pub fn is_running(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("chunkd"))
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn chunkd_binary() -> Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name("chunkd");
+    if !path.exists() {
+        bail!("{} not found: build it with cargo build --release", path.display());
+    }
+    Ok(path)
+}
+
+fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replication_factor: usize, device_bytes: u64) -> Result<PathBuf> {
+    let node_dir = dir.join(format!("node{}", node.id));
+    std::fs::create_dir_all(&node_dir)?;
+    let mut text = format!(
+        "node-id = {}\nclient-listen = \"{}\"\npeer-listen = \"{}\"\ndata-dir = \"{}\"\n\n",
+        node.id,
+        node.client,
+        node.peer,
+        node_dir.join("data").display()
+    );
+    for other in &cluster.nodes {
+        text += &format!("[[nodes]]\nid = {}\nclient = \"{}\"\npeer = \"{}\"\n\n", other.id, other.client, other.peer);
+    }
+    text += &format!("[[namespaces]]\nname = \"test\"\nreplication-factor = {replication_factor}\ngroups = 16\ndevice-size = {device_bytes}\n");
+    let path = node_dir.join("chunkd.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Starts (or restarts, keeping its data) the cluster in `dir`, and waits until every group
+/// has a leader.
+pub fn up(dir: &Path, nodes: u64, device_bytes: u64, log: &mut impl FnMut(&str)) -> Result<LocalCluster> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = &dir.canonicalize()?;
+    let mut cluster = match LocalCluster::load(dir) {
+        Ok(existing) => {
+            let running = existing.nodes.iter().filter(|n| n.pid.is_some_and(is_running)).count();
+            if running == existing.nodes.len() {
+                bail!("the cluster in {} is already running (chunkctl down --dir {} stops it)", dir.display(), dir.display());
+            }
+            log(&format!("starting {} of the {} nodes in {} (data kept)", existing.nodes.len() - running, existing.nodes.len(), dir.display()));
+            existing
+        }
+        Err(_) => {
+            if nodes == 0 {
+                bail!("--nodes must be at least 1");
+            }
+            let mut fresh = Vec::new();
+            for id in 1..=nodes {
+                fresh.push(LocalNode { id, client: format!("127.0.0.1:{}", free_port()?), peer: format!("127.0.0.1:{}", free_port()?), pid: None });
+            }
+            LocalCluster { nodes: fresh }
+        }
+    };
+    let replication_factor = cluster.nodes.len().min(3);
+    let chunkd = chunkd_binary()?;
+    for index in 0..cluster.nodes.len() {
+        let node = cluster.nodes[index].clone();
+        if node.pid.is_some_and(is_running) {
+            continue;
+        }
+        // A node that has a config keeps it (its devices were made with those sizes).
+        let existing_config = dir.join(format!("node{}", node.id)).join("chunkd.toml");
+        let config = match existing_config.exists() {
+            true => existing_config,
+            false => write_config(dir, &cluster, &node, replication_factor, device_bytes)?,
+        };
+        let log_path = dir.join(format!("node{}", node.id)).join("chunkd.log");
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let child = {
+            use std::os::unix::process::CommandExt;
+            Command::new(&chunkd)
+                .arg("--config")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone()?)
+                .stderr(log_file)
+                // Its own process group: a Ctrl-C meant for chunkctl does not reach the nodes.
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("starting {}", chunkd.display()))?
+        };
+        cluster.nodes[index].pid = Some(child.id());
+    }
+    cluster.save(dir)?;
+    wait_for_leaders(&cluster, Duration::from_secs(60)).with_context(|| format!("see the logs in {}/node*/chunkd.log", dir.display()))?;
+    Ok(cluster)
+}
+
+/// Waits until, on every node, every group it replicates knows its leader.
+pub fn wait_for_leaders(cluster: &LocalCluster, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut ready = true;
+        for node in &cluster.nodes {
+            let config = ClientConfig { timeout: Duration::from_secs(2), retries_max: 0, ..ClientConfig::new(vec![node.client.clone()]) };
+            match Client::connect(config) {
+                Ok(client) => {
+                    let map = client.cluster_map();
+                    for ns in &map.namespaces {
+                        for (group, replicas) in ns.replicas.iter().enumerate() {
+                            if replicas.contains(&node.id) && ns.leaders[group].is_none() {
+                                ready = false;
+                            }
+                        }
+                    }
+                }
+                Err(_) => ready = false,
+            }
+        }
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not elect a leader for every group within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGTERM to every node, then waits for them to exit (SIGKILL after `grace`).
+pub fn down(dir: &Path, grace: Duration, log: &mut impl FnMut(&str)) -> Result<()> {
+    let mut cluster = LocalCluster::load(dir)?;
+    for node in &cluster.nodes {
+        if let Some(pid) = node.pid.filter(|pid| is_running(*pid)) {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    }
+    for node in &mut cluster.nodes {
+        let Some(pid) = node.pid else { continue };
+        let deadline = Instant::now() + grace;
+        while is_running(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if is_running(pid) {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            log(&format!("node {} did not stop within {grace:?}: killed", node.id));
+        } else {
+            log(&format!("node {} stopped", node.id));
+        }
+        node.pid = None;
+    }
+    cluster.save(dir)
+}
