@@ -40,7 +40,7 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 fn mem_open(config: &NamespaceConfig, devices: Vec<Arc<dyn Device>>, clock: Option<Arc<dyn chunkstore::Clock>>) -> Namespace {
-    Namespace::open(config.clone(), OpenOptions { devices: Some(devices), clock, observer: None }).unwrap()
+    Namespace::open(config.clone(), OpenOptions { devices: Some(devices), clock, ..Default::default() }).unwrap()
 }
 
 #[test]
@@ -570,4 +570,27 @@ fn replicated_writes_replay_idempotently_and_pass_local_limits() {
     }
     let put_op = WriteOp::Put(bytes_bin(100, 7));
     assert!(ns.apply_replicated(&Key::new("s", "late"), &put_op, &WritePolicy::default(), at(10)).unwrap().is_some());
+}
+
+#[test]
+fn replicated_namespaces_never_reclaim_locally() {
+    use chunkstore::{Replicated, WriteOp};
+    let mut config = small_config(1, 16);
+    config.nsup_period_ms = 5;
+    let clock = ManualClock::at_secs(1_700_000_000);
+    let device: Arc<dyn Device> = Arc::new(MemDevice::new("dev0", 16 * 64 * 1024));
+    let options = OpenOptions { devices: Some(vec![device]), clock: Some(clock.clone()), replicated: true, ..Default::default() };
+    let ns = Namespace::open(config, options).unwrap();
+    let key = Key::new("s", "ttl");
+    let ttl = WritePolicy { ttl: Ttl::Seconds(10), ..Default::default() };
+    let at = |log_index| Replicated { log_index, now_ms: 1_700_000_000_000 };
+    ns.apply_replicated(&key, &WriteOp::Put(bytes_bin(10, 1)), &ttl, at(5)).unwrap().unwrap();
+    clock.advance_secs(60);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(ns.stats().expired, 0, "no local tombstone: its seq would not be a log index");
+    // The next log entry for the record is applied, not mistaken for one already reflected.
+    let later = at(6);
+    let applied = ns.apply_replicated(&key, &WriteOp::Put(bytes_bin(10, 2)), &WritePolicy::default(), Replicated { now_ms: 1_700_000_100_000, ..later });
+    assert!(applied.unwrap().is_some());
+    assert_eq!(ns.get(&key, None).unwrap().unwrap().bin("b"), Some(&Value::Bytes(vec![2; 10])));
 }

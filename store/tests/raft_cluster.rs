@@ -91,7 +91,8 @@ fn engine_config(dir: &std::path::Path) -> NamespaceConfig {
 async fn start(id: NodeId, dir: &std::path::Path, router: &Router) -> Replica {
     std::fs::create_dir_all(dir).unwrap();
     let wal = Arc::new(Wal::open(WalConfig::new(dir.join("wal"))).unwrap());
-    let engine = Arc::new(Namespace::open(engine_config(dir), OpenOptions::default()).unwrap());
+    let options = OpenOptions { replicated: true, ..Default::default() };
+    let engine = Arc::new(Namespace::open(engine_config(dir), options).unwrap());
     let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), 0, 1).unwrap();
     let config = openraft::Config {
         heartbeat_interval: 50,

@@ -24,7 +24,7 @@ impl StoreBuilder<TypeConfig, GroupLogStore, GroupStateMachine, tempfile::TempDi
             ..NamespaceConfig::new("raft", vec![DeviceConfig { path: "dev0".into(), size: Some(64 * block) }])
         };
         let device: Arc<dyn Device> = Arc::new(MemDevice::new("dev0", 64 * block));
-        let options = OpenOptions { devices: Some(vec![device]), ..Default::default() };
+        let options = OpenOptions { devices: Some(vec![device]), replicated: true, ..Default::default() };
         let engine = Arc::new(Namespace::open(config, options).unwrap());
         let state_machine = GroupStateMachine::new(engine, wal.clone(), 0, 1)?;
         Ok((dir, GroupLogStore::new(wal, 0), state_machine))

@@ -170,7 +170,7 @@ pub fn run_child(options: ChildOptions) -> Result<()> {
         EngineEvent::DefragBlockDone { device, block, .. } => say(&format!("d {device} {block}")),
         EngineEvent::Flushed { .. } => {}
     });
-    let ns = Arc::new(Namespace::open(config, OpenOptions { devices: Some(devices), clock: None, observer: Some(observer) })?);
+    let ns = Arc::new(Namespace::open(config, OpenOptions { devices: Some(devices), observer: Some(observer), ..Default::default() })?);
     say("ready");
     let threads: Vec<_> = (0..options.writers)
         .map(|writer| {

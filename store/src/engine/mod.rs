@@ -69,6 +69,10 @@ pub struct OpenOptions {
     pub devices: Option<Vec<Arc<dyn Device>>>,
     pub clock: Option<Arc<dyn Clock>>,
     pub observer: Option<Observer>,
+    /// The namespace is a Raft state machine: every write must come through the log, so the
+    /// engine does not reclaim expired records or evict on its own (a local tombstone's seq
+    /// would not be a log index, and replicas would diverge). Expired records stay invisible.
+    pub replicated: bool,
 }
 
 /// What the start-up scan found.
@@ -450,6 +454,7 @@ impl Namespace {
     /// index, then starts the flusher, defragmentation and expiration threads.
     pub fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Namespace> {
         config.sanitize()?;
+        let replicated = options.replicated;
         let inner = Arc::new(scan::open(config, options)?);
         let mut flushers = Vec::new();
         for device in 0..inner.devices.len() as u16 {
@@ -460,8 +465,10 @@ impl Namespace {
         let defrag_inner = inner.clone();
         let defrag = spawn("defrag".into(), move || defrag_inner.run_defrag())?;
         namespace.background.lock().unwrap().push(defrag);
-        let nsup = spawn("nsup".into(), move || inner.run_nsup())?;
-        namespace.background.lock().unwrap().push(nsup);
+        if !replicated {
+            let nsup = spawn("nsup".into(), move || inner.run_nsup())?;
+            namespace.background.lock().unwrap().push(nsup);
+        }
         Ok(namespace)
     }
 

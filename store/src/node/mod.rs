@@ -119,7 +119,8 @@ impl Node {
             if !spec.groups.is_power_of_two() || spec.groups > 4096 || spec.replication_factor == 0 {
                 return Err(NodeError::Config(format!("namespace {}: groups must be a power of two ≤ 4096 and replication-factor ≥ 1", spec.engine.name)));
             }
-            let engine = Arc::new(Namespace::open(spec.engine.clone(), OpenOptions::default())?);
+            let options = OpenOptions { replicated: true, ..OpenOptions::default() };
+            let engine = Arc::new(Namespace::open(spec.engine.clone(), options)?);
             let mut local = HashMap::new();
             for group in 0..spec.groups {
                 let replicas = placement::replicas(&spec.engine.name, group, &node_ids, spec.replication_factor);

@@ -70,7 +70,7 @@ impl Disks {
             .map(|(i, m)| Arc::new(PowerLossDevice::new(m.clone() as Arc<dyn Device>, self.seed ^ i as u64)))
             .collect();
         let devices = self.current.iter().map(|d| d.clone() as Arc<dyn Device>).collect();
-        Namespace::open(config.clone(), OpenOptions { devices: Some(devices), clock, observer: None })
+        Namespace::open(config.clone(), OpenOptions { devices: Some(devices), clock, ..Default::default() })
     }
 
     /// Power cut: every unsynced write is gone (torn fragments may remain).
