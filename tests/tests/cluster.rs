@@ -105,6 +105,18 @@ fn leader_killed_during_writes_loses_no_acknowledged_write() {
     let record = client.get("test", &Key::new("s", 399i64), None).unwrap().unwrap();
     assert_eq!(record.bin("v"), Some(&Value::Int(399 * 7)));
 
+    // The kv benchmark's contract fields, on the recovered cluster (a short run).
+    let bench = chunkctl(dir, &["bench", "kv", "--clients", "1,2", "--seconds", "0.5", "--json"]);
+    let report = chunkstore_tests::last_json_line(&bench);
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4, "put and get for each client count: {report}");
+    for result in results {
+        assert!(result["clients"].is_u64() && (result["op"] == "put" || result["op"] == "get"), "{result}");
+        assert!(result["ops_per_sec"].as_f64().unwrap() > 0.0, "{result}");
+        assert!(result["p50_us"].as_u64().unwrap() <= result["p99_us"].as_u64().unwrap());
+        assert!(result["baseline_p50_us"].as_u64().unwrap() > 0);
+    }
+
     let down = chunkctl(dir, &["down"]);
     let stderr = String::from_utf8_lossy(&down.stderr);
     assert_eq!(stderr.matches("stopped").count(), 3, "{stderr}");

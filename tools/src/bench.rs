@@ -57,7 +57,7 @@ pub struct BenchReport {
     pub cold_start: Option<ColdStart>,
 }
 
-fn percentile(sorted: &[u64], pct: f64) -> u64 {
+pub(crate) fn percentile(sorted: &[u64], pct: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
@@ -102,7 +102,7 @@ pub fn run(options: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchRep
 }
 
 /// A preallocated file (like an engine device) written with pwrite + fdatasync per 4 KiB.
-fn plain_file_baseline(dir: &Path, seconds: f64) -> Result<(f64, u64, u64)> {
+pub(crate) fn plain_file_baseline(dir: &Path, seconds: f64) -> Result<(f64, u64, u64)> {
     let path = dir.join("baseline.dat");
     let _ = std::fs::remove_file(&path);
     let file = FileOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;

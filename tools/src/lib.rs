@@ -1,6 +1,7 @@
 //! The code behind `chunkctl` and `chunkcheck` (the binaries in src/bin are thin CLIs).
 
 pub mod bench;
+pub mod bench_kv;
 pub mod engine_check;
 pub mod local_cluster;
 pub mod logging;

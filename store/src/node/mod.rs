@@ -171,6 +171,8 @@ impl Node {
             }
             let _ = hosted.engine.flush();
         }
+        let stats = self.wal.stats();
+        tracing::info!(appends = stats.appends, flushes = stats.flushes, fsyncs = stats.fsyncs, "WAL totals");
         self.wal.close();
     }
 

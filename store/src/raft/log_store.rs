@@ -91,8 +91,13 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
         self.wal.log_state(self.group).vote.map(|bytes| decode(&bytes)).transpose()
     }
 
+    /// Written without waiting for the disk: openraft awaits this on every commit, and Raft does
+    /// not need it durable (a stale value only means re-applying less at start-up; the rest is
+    /// applied when the leader's next commit arrives, and the engine never reverts below the
+    /// applied point recorded in the WAL).
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
-        self.append_durable(vec![WalOp::Committed(encode(&committed))]).await.map_err(|e| StorageIOError::write_logs(&e).into())
+        self.wal.append(self.group, &[WalOp::Committed(encode(&committed))], Box::new(|_| {}));
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {

@@ -55,8 +55,32 @@ enum Commands {
     Bench(BenchCommand),
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ReadPolicyArg {
+    Session,
+    Linearizable,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// 4 KiB puts and gets against a running cluster (--dir or --seeds), per client count, with
+    /// pwrite+fdatasync of 4 KiB on the local disk measured in the same run.
+    Kv {
+        /// Comma-separated client counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        clients: Vec<u32>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, value_enum, default_value = "session")]
+        read_policy: ReadPolicyArg,
+        /// Namespace to write in.
+        #[arg(long, default_value = "test")]
+        namespace: String,
+        /// Print one JSON object as the last line.
+        #[arg(long)]
+        json: bool,
+    },
     /// 4 KiB puts with commit-to-device per writer count, against pwrite+fdatasync on a plain
     /// file in the same run, and the cold-start scan.
     Engine {
@@ -128,6 +152,32 @@ fn main() -> ExitCode {
             println!("deleted");
             Ok(())
         }),
+        Commands::Bench(BenchCommand::Kv { ref clients, seconds, read_policy, ref namespace, json }) => (|| {
+            let (seeds, baseline_dir) = match (&cli.seeds, &cli.dir) {
+                (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data")),
+                (_, dir) => {
+                    let dir = dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
+                    (LocalCluster::load(&dir)?.seeds(), dir)
+                }
+            };
+            let read_policy = match read_policy {
+                ReadPolicyArg::Session => chunkstore::protocol::ReadPolicy::Session,
+                ReadPolicyArg::Linearizable => chunkstore::protocol::ReadPolicy::Linearizable,
+            };
+            let options = chunkstore_tools::bench_kv::KvBenchOptions {
+                seeds,
+                namespace: namespace.clone(),
+                clients: clients.clone(),
+                seconds,
+                read_policy,
+                baseline_dir,
+            };
+            let report = chunkstore_tools::bench_kv::run(&options, |line| eprintln!("{line}"))?;
+            if json {
+                println!("{}", serde_json::to_string(&report).expect("report serializes"));
+            }
+            Ok(())
+        })(),
         Commands::Bench(BenchCommand::Engine { writers, seconds, dir, cold_start_records, cold_start_value_bytes, json }) => {
             let options = BenchOptions { writers, seconds, dir: dir.clone(), cold_start_records, cold_start_value_bytes };
             let created_dir = !dir.exists();
