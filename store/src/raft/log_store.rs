@@ -91,12 +91,12 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
         self.wal.log_state(self.group).vote.map(|bytes| decode(&bytes)).transpose()
     }
 
-    /// Written without waiting for the disk: openraft awaits this on every commit, and Raft does
-    /// not need it durable (a stale value only means re-applying less at start-up; the rest is
-    /// applied when the leader's next commit arrives, and the engine never reverts below the
-    /// applied point recorded in the WAL).
+    /// Kept in memory and written with the WAL's next checkpoint: openraft calls this on every
+    /// commit, and Raft does not need it durable (a stale value only means re-applying less at
+    /// start-up; the rest is applied when the leader's next commit arrives, and the engine never
+    /// reverts below the applied point recorded in the WAL).
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
-        self.wal.append(self.group, &[WalOp::Committed(encode(&committed))], Box::new(|_| {}));
+        self.wal.set_committed_lazily(self.group, encode(&committed));
         Ok(())
     }
 

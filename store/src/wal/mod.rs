@@ -250,6 +250,12 @@ impl Wal {
         self.inner.state.lock().unwrap().stats
     }
 
+    /// Records `group`'s committed log id in memory only; it reaches the disk with the next
+    /// checkpoint (segment rollover or open). For data that may be stale after a crash.
+    pub fn set_committed_lazily(&self, group: GroupId, bytes: Vec<u8>) {
+        self.inner.state.lock().unwrap().groups.entry(group).or_default().committed = Some(bytes);
+    }
+
     /// Segment files on disk now (for tests and status).
     pub fn segment_count(&self) -> usize {
         self.inner.state.lock().unwrap().segments.len()
