@@ -1,4 +1,6 @@
-//! A group's Raft state survives a restart of the node's WAL: vote, log, committed.
+//! A group's Raft state survives a clean restart of the node's WAL: vote and committed (the
+//! commit point is kept in memory and written at checkpoints and at close; a crash may lose it,
+//! which Raft tolerates).
 
 use std::sync::Arc;
 

@@ -261,10 +261,17 @@ impl Wal {
         self.inner.state.lock().unwrap().segments.len()
     }
 
-    /// Flushes what is pending and stops the flusher.
+    /// Writes the lazily kept commit points, flushes what is pending and stops the flusher.
     pub fn close(&self) {
         {
             let mut st = self.inner.state.lock().unwrap();
+            if !st.shutting_down && st.poisoned.is_none() {
+                let committed: Vec<(GroupId, Vec<u8>)> =
+                    st.groups.iter().filter_map(|(g, log)| log.committed.clone().map(|c| (*g, c))).collect();
+                for (group, bytes) in committed {
+                    self.inner.append_one(&mut st, group, &WalOp::Committed(bytes));
+                }
+            }
             st.shutting_down = true;
             self.inner.flush_wakeup.notify_all();
         }
