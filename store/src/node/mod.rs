@@ -72,6 +72,8 @@ pub struct Node {
     config: NodeConfig,
     wal: Arc<Wal>,
     namespaces: HashMap<String, HostedNamespace>,
+    /// Set when shutdown begins: new requests are turned away (safely retryable elsewhere).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +150,7 @@ impl Node {
                 HostedNamespace { engine, groups: spec.groups, replication_factor: spec.replication_factor, local },
             );
         }
-        Ok(Arc::new(Node { config, wal, namespaces }))
+        Ok(Arc::new(Node { config, wal, namespaces, stopping: Default::default() }))
     }
 
     pub fn id(&self) -> NodeId {
@@ -163,8 +165,11 @@ impl Node {
         out
     }
 
-    /// Stops the Raft groups and closes engines and WAL cleanly.
+    /// Stops the Raft groups and closes engines and WAL cleanly. Requests arriving from now on
+    /// are answered NotLeader (nothing proposed: the client retries elsewhere); a proposal cut
+    /// short by the stop is answered in doubt.
     pub async fn shutdown(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         for hosted in self.namespaces.values() {
             for group in hosted.local.values() {
                 let _ = group.raft.shutdown().await;
@@ -177,6 +182,9 @@ impl Node {
     }
 
     pub async fn handle(&self, request: Request) -> Response {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) && !matches!(request, Request::Raft { .. }) {
+            return Response::Error(ErrorReply::NotLeader { leader: None });
+        }
         match request {
             Request::ClusterMap => Response::ClusterMap(self.cluster_map()),
             Request::Raft { namespace, group, message } => self.handle_raft(&namespace, group, &message).await,
@@ -206,6 +214,8 @@ impl Node {
                     Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
                         Response::Error(ErrorReply::NotLeader { leader: forward.leader_id })
                     }
+                    // The group stopped (shutdown) or failed with the entry maybe in its log.
+                    Ok(Err(RaftError::Fatal(_))) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
                     Ok(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
                 }
             }
@@ -230,7 +240,7 @@ impl Node {
                             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
                                 return Response::Error(ErrorReply::PartitionUnavailable)
                             }
-                            Ok(Err(err)) => return Response::Error(ErrorReply::Internal(err.to_string())),
+                            Ok(Err(RaftError::Fatal(_))) => return Response::Error(ErrorReply::NotLeader { leader: None }),
                         }
                     }
                     ReadPolicy::Session => {
