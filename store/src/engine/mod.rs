@@ -537,6 +537,12 @@ impl Namespace {
         Ok(())
     }
 
+    /// Why writes are refused right now (stop-writes), if they are.
+    pub fn stop_writes_reason(&self) -> Option<String> {
+        let st = self.inner.state.lock().unwrap();
+        self.inner.stop_writes_reason(&st)
+    }
+
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
         let st = inner.state.lock().unwrap();

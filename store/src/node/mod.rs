@@ -189,15 +189,11 @@ impl Node {
             Request::ClusterMap => Response::ClusterMap(self.cluster_map()),
             Request::Raft { namespace, group, message } => self.handle_raft(&namespace, group, &message).await,
             Request::Write { namespace, key, op, policy, tag: _ } => {
-                let Some(hosted) = self.namespaces.get(&namespace) else {
-                    return Response::Error(ErrorReply::UnknownNamespace(namespace));
+                let (hosted, group) = match self.local_group(&namespace, &key) {
+                    Ok(found) => found,
+                    Err(reply) => return Response::Error(reply),
                 };
-                let group_id = group_of(&key.digest, hosted.groups);
-                let Some(group) = hosted.local.get(&group_id) else {
-                    let leader = placement::replicas(&namespace, group_id, &self.node_ids(), hosted.replication_factor).first().copied();
-                    return Response::Error(ErrorReply::NotLeader { leader });
-                };
-                if let Some(reason) = hosted.engine.stats().stop_writes {
+                if let Some(reason) = hosted.engine.stop_writes_reason() {
                     if !matches!(op, crate::WriteOp::Delete) {
                         return Response::Error(ErrorReply::StopWrites(reason));
                     }
@@ -220,13 +216,9 @@ impl Node {
                 }
             }
             Request::Get { namespace, key, bins, read, min_index } => {
-                let Some(hosted) = self.namespaces.get(&namespace) else {
-                    return Response::Error(ErrorReply::UnknownNamespace(namespace));
-                };
-                let group_id = group_of(&key.digest, hosted.groups);
-                let Some(group) = hosted.local.get(&group_id) else {
-                    let leader = placement::replicas(&namespace, group_id, &self.node_ids(), hosted.replication_factor).first().copied();
-                    return Response::Error(ErrorReply::NotLeader { leader });
+                let (hosted, group) = match self.local_group(&namespace, &key) {
+                    Ok(found) => found,
+                    Err(reply) => return Response::Error(reply),
                 };
                 match read {
                     ReadPolicy::Linearizable => {
@@ -258,6 +250,20 @@ impl Node {
                     Ok(record) => Response::Record { record, index },
                     Err(err) => Response::Error(ErrorReply::Internal(err.to_string())),
                 }
+            }
+        }
+    }
+
+    /// The namespace and this node's replica of the key's group; the error to answer if the
+    /// namespace is unknown or the group lives elsewhere (NotLeader with its preferred leader).
+    fn local_group(&self, namespace: &str, key: &crate::Key) -> Result<(&HostedNamespace, &Group), ErrorReply> {
+        let hosted = self.namespaces.get(namespace).ok_or_else(|| ErrorReply::UnknownNamespace(namespace.to_owned()))?;
+        let group_id = group_of(&key.digest, hosted.groups);
+        match hosted.local.get(&group_id) {
+            Some(group) => Ok((hosted, group)),
+            None => {
+                let leader = placement::replicas(namespace, group_id, &self.node_ids(), hosted.replication_factor).first().copied();
+                Err(ErrorReply::NotLeader { leader })
             }
         }
     }
