@@ -116,11 +116,13 @@ fn main() -> ExitCode {
             let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
             local_cluster::up(&dir, nodes, device_size, &mut |line| eprintln!("{line}")).map(|cluster| {
                 let seeds = cluster.seeds().join(",");
+                let me = std::env::args().next().unwrap_or_else(|| "chunkctl".into());
                 println!("chunkstore is up: {} nodes, namespace \"test\" (16 groups, replication factor {})", cluster.nodes.len(), cluster.nodes.len().min(3));
                 println!("  seeds: {seeds}");
-                println!("  try:   chunkctl --dir {} put test demo k1 greeting=hello", dir.display());
-                println!("         chunkctl --dir {} get test demo k1", dir.display());
-                println!("  stop:  chunkctl --dir {} down", dir.display());
+                println!("  try:   {me} --dir {} put test demo k1 greeting=hello", dir.display());
+                println!("         {me} --dir {} get test demo k1", dir.display());
+                println!("         {me} --dir {} status", dir.display());
+                println!("  stop:  {me} --dir {} down", dir.display());
             })
         }
         Commands::Down => {
