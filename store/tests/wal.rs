@@ -172,3 +172,23 @@ fn oversized_records_are_refused() {
     assert!(matches!(err, WalError::TooBig { .. }), "{err}");
     assert_eq!(wal.log_state(1).last, None, "nothing was appended");
 }
+
+#[test]
+fn an_idle_purged_group_does_not_pin_old_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(config(dir.path())).unwrap();
+    // Group 2 writes a little, purges it all, and goes quiet.
+    for index in 1..=5 {
+        wal.append_blocking(2, &[WalOp::Entry { index, term: 1, payload: vec![2; 100] }]).unwrap();
+    }
+    wal.append_blocking(2, &[WalOp::Purge { upto_index: 5, upto_term: 1 }]).unwrap();
+    // Group 1 keeps writing and purging: every rollover checkpoints group 2 too.
+    for index in 1..=2000u64 {
+        wal.append_blocking(1, &[WalOp::Entry { index, term: 1, payload: vec![1; 200] }]).unwrap();
+        if index % 50 == 0 {
+            wal.append_blocking(1, &[WalOp::Purge { upto_index: index - 10, upto_term: 1 }]).unwrap();
+        }
+    }
+    assert!(wal.segment_count() < 20, "old segments were kept: {}", wal.segment_count());
+    assert_eq!(wal.log_state(2).last, Some((5, 1)));
+}

@@ -122,6 +122,11 @@ pub fn decode_at(buf: &[u8], pos: usize, record_bytes_max: usize) -> (Step<'_>, 
     }
     let len = u32::from_le_bytes(buf[pos..pos + 4].try_into().unwrap()) as usize;
     if len == 0 {
+        // Every flush starts at a sector boundary with a record; padding only ever follows a
+        // record inside its sector. Zeros at a boundary are a torn (or never written) flush.
+        if pos.is_multiple_of(SECTOR_BYTES) {
+            return (Step::Invalid("zeros where a flush should begin".into()), pos);
+        }
         let next = (pos / SECTOR_BYTES + 1) * SECTOR_BYTES;
         if buf[pos..next.min(buf.len())].iter().any(|&b| b != 0) {
             return (Step::Invalid("non-zero bytes in padding".into()), pos);

@@ -138,7 +138,7 @@ pub(crate) struct Segment {
     pending: Vec<u8>,
     /// Handed bytes whose write may not have completed: (file offset, bytes).
     in_flight: Option<(u64, Arc<Vec<u8>>)>,
-    /// Highest entry index (or truncate point) per group in this segment.
+    /// Highest entry index per group in this segment.
     max_index: HashMap<GroupId, u64>,
 }
 
@@ -200,6 +200,10 @@ impl Wal {
                 if st.durable_lsn >= lsn {
                     drop(st);
                     done(Ok(()));
+                } else if let Some(reason) = st.poisoned.clone() {
+                    // The flusher failed (and answered its waiters) since the append.
+                    drop(st);
+                    done(Err(WalError::Poisoned { reason }));
                 } else {
                     st.waiting.push_back((lsn, done));
                     self.inner.flush_wakeup.notify_one();
@@ -278,6 +282,11 @@ impl Wal {
         if let Some(flusher) = self.flusher.lock().unwrap().take() {
             let _ = flusher.join();
         }
+        // Anything still waiting was never made durable (a poisoned log): say so.
+        let left: Vec<Durable> = self.inner.state.lock().unwrap().waiting.drain(..).map(|(_, done)| done).collect();
+        for done in left {
+            done(Err(WalError::ShutDown));
+        }
     }
 }
 
@@ -339,9 +348,9 @@ impl WalInner {
                 *max = (*max).max(*index);
             }
             WalOp::Truncate { from_index } => {
+                // Not counted for deletion: a later segment's checkpoint (purge point and log
+                // end) and any re-appended entries cover what this truncate voided.
                 log.entries.split_off(from_index);
-                let max = active.max_index.entry(group).or_default();
-                *max = (*max).max(*from_index);
             }
             WalOp::Purge { upto_index, upto_term } => {
                 log.entries = log.entries.split_off(&(upto_index + 1));

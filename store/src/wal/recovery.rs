@@ -31,8 +31,9 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
         match decode_segment_header(&data) {
             Ok(found) if found == id => {}
             Ok(found) => return Err(corrupt(0, format!("header says segment {found}"))),
-            // The newest segment may have been cut short while being created: nothing was in it.
-            Err(what) if position + 1 == file_count => {
+            // The newest segment may have been cut short while being created: then it holds no
+            // more than its header sector (records are only written after the header is synced).
+            Err(what) if position + 1 == file_count && data.len() <= SEGMENT_HEADER_BYTES => {
                 tracing::warn!(path = %path.display(), %what, "removing a WAL segment whose creation did not finish");
                 std::fs::remove_file(&path).map_err(io(&path))?;
                 continue;
@@ -111,8 +112,6 @@ fn replay(groups: &mut HashMap<u32, GroupLog>, max_index: &mut HashMap<u32, u64>
         }
         Decoded::Truncate { group, from_index } => {
             groups.entry(group).or_default().entries.split_off(&from_index);
-            let max = max_index.entry(group).or_default();
-            *max = (*max).max(from_index);
         }
         Decoded::Purge { group, upto_index, upto_term } => {
             let log = groups.entry(group).or_default();
