@@ -198,6 +198,11 @@ impl Node {
                         return Response::Error(ErrorReply::StopWrites(reason));
                     }
                 }
+                // NotLeader is a promise that nothing was proposed: give it only before proposing.
+                let leader = group.raft.current_leader().await;
+                if leader != Some(self.config.node_id) {
+                    return Response::Error(ErrorReply::NotLeader { leader });
+                }
                 let command = Command { key, op, policy, now_ms: crate::engine::SystemClock.now_ms() };
                 let proposed = tokio::time::timeout(self.config.request_timeout, group.raft.client_write(command)).await;
                 match proposed {
@@ -207,8 +212,10 @@ impl Node {
                         CommandResult::Failed(failure) => Response::Error(failure_reply(failure)),
                         other => Response::Error(ErrorReply::Internal(format!("unexpected apply result {other:?}"))),
                     },
-                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                        Response::Error(ErrorReply::NotLeader { leader: forward.leader_id })
+                    // Leadership was lost after proposing: the entry may still commit under a new
+                    // leader (openraft answers ForwardToLeader then too), so the fate is unknown.
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                        Response::Error(ErrorReply::Timeout { in_doubt: true })
                     }
                     // The group stopped (shutdown) or failed with the entry maybe in its log.
                     Ok(Err(RaftError::Fatal(_))) => Response::Error(ErrorReply::Timeout { in_doubt: true }),

@@ -40,6 +40,9 @@ struct Shared {
     group: GroupId,
     groups: u32,
     progress: Mutex<Progress>,
+    /// The last applied point written as a marker: markers only ever move forward (a snapshot
+    /// built from an older point may finish after a newer snapshot was installed).
+    marker_written: tokio::sync::Mutex<Option<LogId<NodeId>>>,
 }
 
 impl Shared {
@@ -48,8 +51,13 @@ impl Shared {
         move |digest| group_of(digest, groups) == group
     }
 
-    /// Flushes the engine, then records `marker` as the durable applied point.
+    /// Flushes the engine, then records `marker` as the durable applied point (unless a newer
+    /// one was recorded already).
     async fn make_durable(&self, marker: AppliedMarker) -> Result<(), StorageError<NodeId>> {
+        let mut written = self.marker_written.lock().await;
+        if *written > marker.last_applied {
+            return Ok(());
+        }
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || engine.flush())
             .await
@@ -58,7 +66,9 @@ impl Shared {
         let bytes = bincode::serialize(&marker).expect("marker serializes");
         append_durable(&self.wal, self.group, vec![WalOp::Applied(bytes)])
             .await
-            .map_err(|e| StorageIOError::write_state_machine(&e).into())
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        *written = marker.last_applied;
+        Ok(())
     }
 }
 
@@ -76,8 +86,10 @@ impl GroupStateMachine {
             Some(bytes) => bincode::deserialize(&bytes).map_err(|e| StorageIOError::read_state_machine(&e))?,
             None => AppliedMarker::default(),
         };
+        let written = tokio::sync::Mutex::new(marker.last_applied);
         let progress = Progress { last_applied: marker.last_applied, membership: marker.membership, snapshot: None };
-        Ok(GroupStateMachine { shared: Arc::new(Shared { engine, wal, group, groups, progress: Mutex::new(progress) }) })
+        let shared = Shared { engine, wal, group, groups, progress: Mutex::new(progress), marker_written: written };
+        Ok(GroupStateMachine { shared: Arc::new(shared) })
     }
 
     /// Last applied log id (for tests and status).
@@ -99,6 +111,7 @@ impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
         // what a record already holds.
         self.shared.make_durable(self.marker.clone()).await?;
         let engine = self.shared.engine.clone();
+        // (A build that finishes after a newer snapshot was installed must not replace it.)
         let filter = self.shared.in_group();
         let versions = tokio::task::spawn_blocking(move || engine.export(filter))
             .await
@@ -111,7 +124,13 @@ impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
             last_membership: self.marker.membership.clone(),
             snapshot_id: format!("group{}-index{index}-{}records", self.shared.group, versions.len()),
         };
-        self.shared.progress.lock().unwrap().snapshot = Some((meta.clone(), data.clone()));
+        {
+            let mut progress = self.shared.progress.lock().unwrap();
+            let newer_exists = progress.snapshot.as_ref().is_some_and(|(m, _)| m.last_log_id > meta.last_log_id);
+            if !newer_exists {
+                progress.snapshot = Some((meta.clone(), data.clone()));
+            }
+        }
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data.to_vec())) })
     }
 }
