@@ -1,7 +1,8 @@
 //! Three Raft replicas of one group in one process, connected by an in-memory router: writes
 //! go through the leader and every replica's engine ends up the same; a replica that was down
 //! while the others purged their logs catches up from a snapshot; a replica restarted on its
-//! WAL and engine replays without applying anything twice.
+//! WAL and engine replays without applying anything twice. The group has a WAL id that is not
+//! its group number (as in chunkd), so the state machine must keep the two apart.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -93,7 +94,7 @@ async fn start(id: NodeId, dir: &std::path::Path, router: &Router) -> Replica {
     let wal = Arc::new(Wal::open(WalConfig::new(dir.join("wal"))).unwrap());
     let options = OpenOptions { replicated: true, ..Default::default() };
     let engine = Arc::new(Namespace::open(engine_config(dir), options).unwrap());
-    let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), 0, 1).unwrap();
+    let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), 5 << 12, 0, 1).unwrap();
     let config = openraft::Config {
         heartbeat_interval: 50,
         election_timeout_min: 300,
@@ -101,7 +102,7 @@ async fn start(id: NodeId, dir: &std::path::Path, router: &Router) -> Replica {
         max_in_snapshot_log_to_keep: 0,
         ..Default::default()
     };
-    let raft = RaftInstance::new(id, Arc::new(config.validate().unwrap()), router.clone(), GroupLogStore::new(wal, 0), state_machine.clone())
+    let raft = RaftInstance::new(id, Arc::new(config.validate().unwrap()), router.clone(), GroupLogStore::new(wal, 5 << 12), state_machine.clone())
         .await
         .unwrap();
     router.0.lock().unwrap().insert(id, raft.clone());

@@ -130,7 +130,7 @@ impl Node {
                     continue;
                 }
                 let wal_group = prefix << 12 | group;
-                let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), wal_group, spec.groups)
+                let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), wal_group, group, spec.groups)
                     .map_err(|e| NodeError::Raft(e.to_string()))?;
                 let network = GroupNetwork { namespace: spec.engine.name.clone(), group, peers: peers.clone() };
                 let log_store = GroupLogStore::new(wal.clone(), wal_group);

@@ -37,7 +37,10 @@ struct Progress {
 struct Shared {
     engine: Arc<Namespace>,
     wal: Arc<Wal>,
-    group: GroupId,
+    /// This group's id in the node's WAL (not the group number).
+    wal_group: GroupId,
+    /// The group number within its namespace, and the namespace's number of groups.
+    group: u32,
     groups: u32,
     progress: Mutex<Progress>,
     /// The last applied point written as a marker: markers only ever move forward (a snapshot
@@ -64,7 +67,7 @@ impl Shared {
             .map_err(|e| StorageIOError::write_state_machine(&e))?
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let bytes = bincode::serialize(&marker).expect("marker serializes");
-        append_durable(&self.wal, self.group, vec![WalOp::Applied(bytes)])
+        append_durable(&self.wal, self.wal_group, vec![WalOp::Applied(bytes)])
             .await
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         *written = marker.last_applied;
@@ -79,16 +82,22 @@ pub struct GroupStateMachine {
 }
 
 impl GroupStateMachine {
-    /// The state machine of `group` (of `groups`) on `engine`, resuming from the applied point
-    /// recorded in `wal`.
-    pub fn new(engine: Arc<Namespace>, wal: Arc<Wal>, group: GroupId, groups: u32) -> Result<GroupStateMachine, StorageError<NodeId>> {
-        let marker: AppliedMarker = match wal.log_state(group).applied {
+    /// The state machine of group number `group` (of `groups`) on `engine`, whose log is
+    /// `wal_group` in `wal`, resuming from the applied point recorded there.
+    pub fn new(
+        engine: Arc<Namespace>,
+        wal: Arc<Wal>,
+        wal_group: GroupId,
+        group: u32,
+        groups: u32,
+    ) -> Result<GroupStateMachine, StorageError<NodeId>> {
+        let marker: AppliedMarker = match wal.log_state(wal_group).applied {
             Some(bytes) => bincode::deserialize(&bytes).map_err(|e| StorageIOError::read_state_machine(&e))?,
             None => AppliedMarker::default(),
         };
         let written = tokio::sync::Mutex::new(marker.last_applied);
         let progress = Progress { last_applied: marker.last_applied, membership: marker.membership, snapshot: None };
-        let shared = Shared { engine, wal, group, groups, progress: Mutex::new(progress), marker_written: written };
+        let shared = Shared { engine, wal, wal_group, group, groups, progress: Mutex::new(progress), marker_written: written };
         Ok(GroupStateMachine { shared: Arc::new(shared) })
     }
 
