@@ -594,3 +594,52 @@ fn replicated_namespaces_never_reclaim_locally() {
     assert!(applied.unwrap().is_some());
     assert_eq!(ns.get(&key, None).unwrap().unwrap().bin("b"), Some(&Value::Bytes(vec![2; 10])));
 }
+
+/// A replicated engine keeps tombstones until the group's durable applied point passes them
+/// (replay never starts before it), and snapshots carry tombstones, so a receiver replaying
+/// older entries does not bring a deleted record back.
+#[test]
+fn replicated_tombstones_survive_until_the_floor_and_travel_in_snapshots() {
+    use chunkstore::{Replicated, WriteOp};
+    let open = || {
+        let mut config = small_config(1, 24);
+        config.commit_to_device = false;
+        let device: Arc<dyn Device> = Arc::new(MemDevice::new("dev0", 24 * 64 * 1024));
+        Namespace::open(config, OpenOptions { devices: Some(vec![device]), replicated: true, ..Default::default() }).unwrap()
+    };
+    let at = |log_index| Replicated { log_index, now_ms: 1_700_000_000_000 };
+    let p = WritePolicy::default();
+    let ns = open();
+    let gone = Key::new("s", "gone");
+    ns.apply_replicated(&gone, &WriteOp::Put(bytes_bin(100, 1)), &p, at(1)).unwrap();
+    ns.apply_replicated(&gone, &WriteOp::Delete, &p, at(2)).unwrap();
+    // Churn other records so that every old block gets defragmented.
+    let mut index = 3;
+    let mut churn = |ns: &Namespace, rounds: i64| {
+        for round in 0..rounds {
+            for k in 0..20i64 {
+                ns.apply_replicated(&Key::new("s", k), &WriteOp::Put(bytes_bin(5000, round as u8)), &p, at(index)).unwrap();
+                index += 1;
+            }
+        }
+    };
+    churn(&ns, 12);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(ns.stats().defrag_blocks > 0);
+    assert_eq!(ns.stats().tombstones_dropped, 0, "no floor yet: the tombstone must stay");
+    // A snapshot taken now carries the deletion.
+    let snapshot = ns.export(|_| true).unwrap();
+    let carried = snapshot.iter().find(|v| v.digest == gone.digest).expect("the tombstone is in the snapshot");
+    assert!(carried.tombstone && carried.seq == 2);
+    let receiver = open();
+    receiver.apply_replicated(&gone, &WriteOp::Put(bytes_bin(100, 1)), &p, at(1)).unwrap();
+    receiver.import(|_| true, snapshot, 0).unwrap();
+    assert!(receiver.get(&gone, None).unwrap().is_none());
+    assert_eq!(receiver.apply_replicated(&gone, &WriteOp::Put(bytes_bin(100, 1)), &p, at(1)).unwrap(), None, "a replayed older write is skipped");
+    // Once the group's applied point is durable past it, the tombstone may go.
+    ns.set_tombstone_floor(0, 1, 1_000_000);
+    wait_until("the tombstone to be dropped", || {
+        churn(&ns, 1);
+        ns.stats().tombstones_dropped > 0
+    });
+}

@@ -138,7 +138,7 @@ impl Inner {
             if (entry.device, entry.block, entry.offset, entry.seq) != (device, block, offset as u32, header.seq) {
                 continue;
             }
-            if entry.tombstone && entry.seq < min_dirty_seq {
+            if entry.tombstone && entry.seq < min_dirty_seq && self.tombstone_may_go(&header.digest, entry.seq) {
                 st.remove(&header.digest);
                 dropped += 1;
                 continue;

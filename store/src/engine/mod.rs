@@ -146,6 +146,11 @@ pub(crate) struct Inner {
     pub observer: Option<Observer>,
     pub stats: Counters,
     pub scan_report: ScanReport,
+    /// A Raft state machine (see `OpenOptions::replicated`).
+    pub replicated: bool,
+    /// In a replicated namespace: (groups, durable applied log index per group). A tombstone may
+    /// be dropped only at or below its group's point: the log is never replayed from earlier.
+    pub tombstone_floors: Mutex<Option<(u32, Vec<u64>)>>,
 }
 
 /// One version of a record, as `Inner::commit` writes it.
@@ -177,6 +182,17 @@ const RECORD_LOCK_COUNT: usize = 1024;
 const READ_ATTEMPTS_MAX: usize = 16;
 
 impl Inner {
+    /// May defragmentation drop this tombstone (given that no older version remains)?
+    pub(crate) fn tombstone_may_go(&self, digest: &Digest, seq: u64) -> bool {
+        if !self.replicated {
+            return true;
+        }
+        match &*self.tombstone_floors.lock().unwrap() {
+            Some((groups, floors)) => floors[(crate::key::partition_id(digest) as u32 % groups) as usize] >= seq,
+            None => false,
+        }
+    }
+
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
@@ -535,6 +551,17 @@ impl Namespace {
             drop(self.inner.wait_durable(st, device, lsn)?);
         }
         Ok(())
+    }
+
+    /// Replicated namespaces: group `group` (of `groups`) has everything up to `applied_index`
+    /// durable and will never replay its log from before it; tombstones of the group at or
+    /// below it may be dropped once nothing older remains.
+    pub fn set_tombstone_floor(&self, group: u32, groups: u32, applied_index: u64) {
+        let mut floors = self.inner.tombstone_floors.lock().unwrap();
+        let (known_groups, values) = floors.get_or_insert_with(|| (groups, vec![0; groups as usize]));
+        if *known_groups == groups && (group as usize) < values.len() {
+            values[group as usize] = values[group as usize].max(applied_index);
+        }
     }
 
     /// Why writes are refused right now (stop-writes), if they are.

@@ -80,6 +80,8 @@ pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inne
         observer: options.observer,
         stats: Counters::default(),
         scan_report: report,
+        replicated: options.replicated,
+        tombstone_floors: Mutex::new(None),
     })
 }
 

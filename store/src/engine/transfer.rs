@@ -16,24 +16,24 @@ use crate::value::{Bin, RecordMeta};
 pub struct RecordVersion {
     pub set: String,
     pub digest: Digest,
+    /// Empty for a tombstone.
     pub bins: Vec<Bin>,
     pub meta: RecordMeta,
     pub seq: u64,
+    /// A deletion: a receiver replaying older log entries must know the record is gone.
+    pub tombstone: bool,
 }
 
 impl Namespace {
-    /// Every record (not tombstones) whose digest passes `filter`, with its seq.
+    /// Every record and tombstone whose digest passes `filter`, with its seq.
     pub fn export(&self, filter: impl Fn(&Digest) -> bool) -> Result<Vec<RecordVersion>> {
         let digests: Vec<Digest> = {
             let st = self.inner.state.lock().unwrap();
-            st.index.iter().filter(|(d, e)| !e.tombstone && filter(d)).map(|(d, _)| *d).collect()
+            st.index.keys().filter(|d| filter(d)).copied().collect()
         };
         let mut out = Vec::with_capacity(digests.len());
         for digest in digests {
             let Some((entry, bytes)) = self.inner.read_version(&digest)? else { continue };
-            if entry.tombstone {
-                continue;
-            }
             let (set, bins) = decode_body(&bytes).map_err(|what| self.inner.undecodable(&entry, what))?;
             let header = crate::format::parse_header(&bytes);
             let meta = RecordMeta {
@@ -41,7 +41,7 @@ impl Namespace {
                 void_time_secs: header.void_time_secs,
                 last_update_ms: header.last_update_ms,
             };
-            out.push(RecordVersion { set, digest, bins, meta, seq: header.seq });
+            out.push(RecordVersion { set, digest, bins, meta, seq: header.seq, tombstone: entry.tombstone });
         }
         Ok(out)
     }
@@ -68,7 +68,7 @@ impl Namespace {
                 bins: &version.bins,
                 generation: version.meta.generation,
                 void_time_secs: version.meta.void_time_secs,
-                tombstone: false,
+                tombstone: version.tombstone,
                 now_ms: version.meta.last_update_ms,
                 seq: Some(version.seq),
             };

@@ -71,6 +71,9 @@ impl Shared {
             .await
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         *written = marker.last_applied;
+        if let Some(applied) = marker.last_applied {
+            self.engine.set_tombstone_floor(self.group, self.groups, applied.index);
+        }
         Ok(())
     }
 }
@@ -95,6 +98,9 @@ impl GroupStateMachine {
             Some(bytes) => bincode::deserialize(&bytes).map_err(|e| StorageIOError::read_state_machine(&e))?,
             None => AppliedMarker::default(),
         };
+        if let Some(applied) = marker.last_applied {
+            engine.set_tombstone_floor(group, groups, applied.index);
+        }
         let written = tokio::sync::Mutex::new(marker.last_applied);
         let progress = Progress { last_applied: marker.last_applied, membership: marker.membership, snapshot: None };
         let shared = Shared { engine, wal, wal_group, group, groups, progress: Mutex::new(progress), marker_written: written };
