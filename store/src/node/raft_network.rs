@@ -63,7 +63,16 @@ impl PeerConnection {
         let Some(connection) = self.connection.as_mut() else {
             return Err(RPCError::Unreachable(Unreachable::new(&unknown())));
         };
+        let entries = match &rpc {
+            RaftRpc::AppendEntries(append) => append.entries.len() as u64,
+            _ => 0,
+        };
         let message = bincode::serialize(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        // Over the frame limit: ask openraft for fewer entries per message (half as many), rather
+        // than failing the same oversized batch forever.
+        if message.len() + 1024 > crate::protocol::FRAME_BYTES_MAX_DEFAULT && entries > 1 {
+            return Err(RPCError::PayloadTooLarge(openraft::error::PayloadTooLarge::new_entries_hint(entries / 2)));
+        }
         let request = Request::Raft { namespace: self.namespace.clone(), group: self.group, message };
         let timeout = option.hard_ttl().max(Duration::from_millis(50));
         match connection.call(&request, timeout).await {
