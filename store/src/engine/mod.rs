@@ -410,13 +410,15 @@ impl Inner {
         }
         // A replicated write waits for the cache to drain instead of being refused (other
         // groups' writes may fill it again while this one waits: wait again).
-        while replicated {
-            let dev = &st.devices[device as usize];
-            if dev.appended_lsn - dev.durable_lsn + bytes.len() as u64 <= self.config.max_write_cache {
-                break;
+        if replicated {
+            loop {
+                let dev = &st.devices[device as usize];
+                if dev.appended_lsn - dev.durable_lsn + bytes.len() as u64 <= self.config.max_write_cache {
+                    break;
+                }
+                let lsn = dev.appended_lsn;
+                st = self.wait_durable(st, device, lsn)?;
             }
-            let lsn = dev.appended_lsn;
-            st = self.wait_durable(st, device, lsn)?;
         }
         let dev = &st.devices[device as usize];
         let unflushed = dev.appended_lsn - dev.durable_lsn;
