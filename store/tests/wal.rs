@@ -192,3 +192,31 @@ fn an_idle_purged_group_does_not_pin_old_segments() {
     assert!(wal.segment_count() < 20, "old segments were kept: {}", wal.segment_count());
     assert_eq!(wal.log_state(2).last, Some((5, 1)));
 }
+
+/// A flush whose first sectors were lost (they read back as zeros) while later sectors of the
+/// same file survived: recovery ends the log at the gap instead of skipping it, so no group
+/// ends up with entries after a hole.
+#[test]
+fn a_lost_sector_ends_the_log_instead_of_leaving_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(WalConfig::new(dir.path())).unwrap();
+    for index in 1..=20u64 {
+        // One flush per append: each entry starts at a sector boundary.
+        wal.append_blocking(1, &[WalOp::Entry { index, term: 1, payload: vec![index as u8; 600] }]).unwrap();
+    }
+    drop(wal);
+    let last = segment_files(dir.path()).into_iter().rev().find(|p| std::fs::metadata(p).unwrap().len() > 4096).unwrap();
+    let mut data = std::fs::read(&last).unwrap();
+    // Lose entry 10's flush entirely (its sectors read back as zeros); entry 11's flush, which
+    // starts at the next sector boundary, survives.
+    let at10 = data.windows(600).position(|w| w.iter().all(|&b| b == 10)).unwrap();
+    let at11 = data.windows(600).position(|w| w.iter().all(|&b| b == 11)).unwrap();
+    data[at10 / 512 * 512..at11 / 512 * 512].fill(0);
+    std::fs::write(&last, &data).unwrap();
+    let wal = Wal::open(WalConfig::new(dir.path())).unwrap();
+    let state = wal.log_state(1);
+    assert!(state.last.unwrap().0 < 10, "the log must end before the lost sector, not skip it: {state:?}");
+    let entries = wal.entries(1, 0..u64::MAX).unwrap();
+    let indexes: Vec<u64> = entries.iter().map(|(i, _, _)| *i).collect();
+    assert_eq!(indexes, (1..=indexes.len() as u64).collect::<Vec<_>>(), "no gaps");
+}

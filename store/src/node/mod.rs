@@ -252,10 +252,17 @@ impl Node {
                     }
                 }
                 let index = group.state_machine.last_applied().map_or(0, |l| l.index);
-                let names: Option<Vec<&str>> = bins.as_ref().map(|b| b.iter().map(String::as_str).collect());
-                match hosted.engine.get(&key, names.as_deref()) {
-                    Ok(record) => Response::Record { record, index },
-                    Err(err) => Response::Error(ErrorReply::Internal(err.to_string())),
+                // A read may go to the device: keep it off the runtime's worker threads.
+                let engine = hosted.engine.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let names: Option<Vec<&str>> = bins.as_ref().map(|b| b.iter().map(String::as_str).collect());
+                    engine.get(&key, names.as_deref())
+                })
+                .await;
+                match read {
+                    Ok(Ok(record)) => Response::Record { record, index },
+                    Ok(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
+                    Err(err) => Response::Error(ErrorReply::Internal(format!("read task failed: {err}"))),
                 }
             }
         }
