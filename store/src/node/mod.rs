@@ -57,7 +57,6 @@ pub struct NodeConfig {
 struct Group {
     raft: RaftInstance,
     state_machine: GroupStateMachine,
-    replicas: Vec<NodeId>,
 }
 
 struct HostedNamespace {
@@ -143,7 +142,7 @@ impl Node {
                         replicas.iter().map(|id| (*id, BasicNode::new(peers[id].clone()))).collect();
                     raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
                 }
-                local.insert(group, Group { raft, state_machine, replicas });
+                local.insert(group, Group { raft, state_machine });
             }
             namespaces.insert(
                 spec.engine.name.clone(),
@@ -151,10 +150,6 @@ impl Node {
             );
         }
         Ok(Arc::new(Node { config, wal, namespaces, stopping: Default::default() }))
-    }
-
-    pub fn id(&self) -> NodeId {
-        self.config.node_id
     }
 
     /// Leader of each group this node replicates, per namespace (None while electing).
@@ -321,14 +316,6 @@ impl Node {
             RaftRpc::InstallSnapshot(request) => RaftReply::InstallSnapshot(group.raft.install_snapshot(request).await),
         };
         Response::Raft { message: bincode::serialize(&reply).expect("raft replies serialize") }
-    }
-
-    /// Replicas of each local group (for status).
-    pub fn local_groups(&self, namespace: &str) -> Vec<(u32, Vec<NodeId>)> {
-        let Some(hosted) = self.namespaces.get(namespace) else { return Vec::new() };
-        let mut out: Vec<_> = hosted.local.iter().map(|(g, group)| (*g, group.replicas.clone())).collect();
-        out.sort_unstable();
-        out
     }
 }
 
