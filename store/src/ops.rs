@@ -103,6 +103,11 @@ impl WriteOp {
             WriteOp::Operate(ops) => Mutation::Operate(ops),
         }
     }
+
+    /// Whether the write returns values it read (an operate with read steps).
+    pub fn has_reads(&self) -> bool {
+        matches!(self, WriteOp::Operate(ops) if ops.iter().any(Operation::is_read))
+    }
 }
 
 /// What a request asks of one record.

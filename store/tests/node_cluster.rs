@@ -39,6 +39,7 @@ async fn start_cluster(dir: &std::path::Path) -> (Vec<Arc<Node>>, HashMap<u64, S
             heartbeat_ms: 50,
             election_timeout_ms: (300, 600),
             request_timeout: Duration::from_secs(5),
+            unsafe_skip_dedup: false,
         };
         let node = Node::start(config).await.unwrap();
         tokio::spawn(serve(listener, node.clone()));
@@ -81,7 +82,7 @@ async fn three_nodes_over_tcp_replicate_and_serve_reads() {
             key: Key::new("s", k),
             op: WriteOp::Operate(vec![Operation::Add { bin: "n".into(), delta: k }]),
             policy: WritePolicy::default(),
-            tag: WriteTag { client_id: 1, seq: k as u64 },
+            tag: WriteTag { client_id: 1, born_ms: 1, lane: 0, seq: k as u64 + 1 },
         };
         match call_leader(&addrs, 1 + (k as u64 % 3), request).await {
             Response::Written { meta, index, .. } => {

@@ -72,7 +72,7 @@ fn messages_round_trip() {
             key: Key::new("s", "k"),
             op: WriteOp::Put(vec![Bin::new("b", Value::Bytes(vec![1; 512]))]),
             policy: WritePolicy::default(),
-            tag: WriteTag { client_id: 3, seq: 4 },
+            tag: WriteTag { client_id: 3, born_ms: 5, lane: 2, seq: 4 },
         },
     ];
     for request in requests {

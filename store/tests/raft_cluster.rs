@@ -2,13 +2,16 @@
 //! go through the leader and every replica's engine ends up the same; a replica that was down
 //! while the others purged their logs catches up from a snapshot; a replica restarted on its
 //! WAL and engine replays without applying anything twice. The group has a WAL id that is not
-//! its group number (as in chunkd), so the state machine must keep the two apart.
+//! its group number (as in chunkd), so the state machine must keep the two apart. Tagged
+//! (exactly-once) writes proposed again get their first outcome, on every replica, after a
+//! snapshot install or a replay too; the unsafe test flag shows the check failing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chunkstore::raft::{Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, RaftInstance, TypeConfig};
+use chunkstore::protocol::WriteTag;
+use chunkstore::raft::{Command, CommandResult, Outcome, GroupLogStore, GroupStateMachine, NodeId, RaftInstance, TypeConfig};
 use chunkstore::wal::{Wal, WalConfig};
 use chunkstore::{DeviceConfig, Key, Namespace, NamespaceConfig, OpenOptions, Operation, Value, WriteOp, WritePolicy};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
@@ -115,7 +118,17 @@ fn add_one(k: i64) -> Command {
         op: WriteOp::Operate(vec![Operation::Add { bin: "n".into(), delta: 1 }]),
         policy: WritePolicy::default(),
         now_ms: 1_700_000_000_000,
+        tag: None,
     }
+}
+
+/// `add_one(k)` tagged as write `seq` of client 9.
+fn tagged_add_one(k: i64, seq: u64) -> Command {
+    Command { tag: Some(WriteTag { client_id: 9, born_ms: 1, lane: seq as u32, seq }), ..add_one(k) }
+}
+
+fn counter(engine: &Namespace, k: i64) -> i64 {
+    engine.get(&Key::new("s", k), None).unwrap().and_then(|r| r.bin("n").and_then(Value::as_int)).unwrap_or(0)
 }
 
 /// Increments keys 0..keys through the leader; returns the log index of the last write.
@@ -169,6 +182,21 @@ async fn replicas_converge_catch_up_from_snapshots_and_replay_once() {
         assert_eq!(counters(&replica.engine, 40), vec![1; 40], "replica {id} (leader {leader_id}), applied {applied:?}, last {last}, sm {:?}", replica.state_machine.last_applied());
     }
 
+    // Tagged writes: proposed again, the first outcome comes back and nothing is applied twice.
+    // (Key 1000 is never written again; key 5 is, by the next round.)
+    let first = leader.client_write(tagged_add_one(1000, 1)).await.unwrap();
+    let CommandResult::Applied { meta: meta_1000, .. } = first.data else { panic!("{:?}", first.data) };
+    let retry = leader.client_write(tagged_add_one(1000, 1)).await.unwrap();
+    let written_1000 = Outcome::Written { meta: meta_1000.clone(), results: Vec::new() };
+    assert_eq!(retry.data, CommandResult::Duplicate(written_1000.clone()));
+    let second = leader.client_write(tagged_add_one(5, 2)).await.unwrap();
+    let CommandResult::Applied { meta: meta_5, .. } = second.data else { panic!("{:?}", second.data) };
+    for replica in replicas.values() {
+        wait_applied(replica, second.log_id.index).await;
+        assert_eq!(counter(&replica.engine, 1000), 1);
+        assert_eq!(replica.state_machine.session_clients(), 1);
+    }
+
     // A follower goes down; the others write on, snapshot and purge their logs.
     let down = *replicas.keys().find(|id| **id != leader_id).unwrap();
     router.0.lock().unwrap().remove(&down);
@@ -191,7 +219,9 @@ async fn replicas_converge_catch_up_from_snapshots_and_replay_once() {
     wait_applied(&back, last).await;
     let mut expected = vec![2; 40];
     expected[0] = 3;
+    expected[5] = 3;
     assert_eq!(counters(&back.engine, 40), expected, "the restarted replica matches the leader");
+    assert_eq!(back.state_machine.session_clients(), 1, "the snapshot carried the exactly-once table");
     let installed = back.raft.metrics().borrow().snapshot;
     assert!(installed.is_some_and(|s| s.index >= purged_to), "caught up by installing a snapshot: {installed:?}");
     replicas.insert(down, back);
@@ -209,8 +239,59 @@ async fn replicas_converge_catch_up_from_snapshots_and_replay_once() {
     let restarted = start(again, &dir.path().join(format!("n{again}")), &router).await;
     wait_applied(&restarted, last).await;
     assert_eq!(counters(&restarted.engine, 40), expected, "replayed entries were applied once");
+    assert_eq!(restarted.state_machine.session_clients(), 1, "the replay rebuilt the exactly-once table");
     replicas.insert(again, restarted);
+
+    // The leader goes; whichever replica takes over (table from a snapshot, or rebuilt by a
+    // replay over an engine that already held the writes) answers the retries from its table.
+    let old = replicas.remove(&leader_id).unwrap();
+    router.0.lock().unwrap().remove(&leader_id);
+    old.raft.shutdown().await.unwrap();
+    let mut new_leader = None;
+    for _ in 0..200 {
+        let leaders: Vec<NodeId> = replicas.values().filter_map(|r| r.raft.metrics().borrow().current_leader).collect();
+        if let Some(id) = leaders.into_iter().find(|id| *id != leader_id && replicas.contains_key(id)) {
+            new_leader = Some(id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let new_leader = &replicas[&new_leader.expect("a new leader")].raft;
+    let retry = new_leader.client_write(tagged_add_one(1000, 1)).await.unwrap();
+    assert_eq!(retry.data, CommandResult::Duplicate(written_1000), "the retry's outcome survived");
+    let retry = new_leader.client_write(tagged_add_one(5, 2)).await.unwrap();
+    let written_5 = Outcome::Written { meta: meta_5, results: Vec::new() };
+    assert!(
+        [CommandResult::Duplicate(written_5), CommandResult::Duplicate(Outcome::ResultLost)].contains(&retry.data),
+        "{:?}",
+        retry.data
+    );
     for replica in replicas.values() {
+        wait_applied(replica, retry.log_id.index).await;
+        assert_eq!(counter(&replica.engine, 1000), 1);
+        assert_eq!(counters(&replica.engine, 40), expected);
+    }
+    for replica in replicas.values() {
+        replica.raft.shutdown().await.unwrap();
+    }
+}
+
+/// The negative control: with deduplication switched off, the same tagged write proposed twice
+/// is applied twice (and the check above would fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_deduplication_a_retried_write_is_applied_twice() {
+    for unsafe_skip_dedup in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let router = Router::default();
+        let replica = start(1, dir.path(), &router).await;
+        if unsafe_skip_dedup {
+            replica.state_machine.set_unsafe_skip_dedup();
+        }
+        replica.raft.initialize(BTreeMap::from([(1, BasicNode::new("n1"))])).await.unwrap();
+        replica.raft.wait(Some(Duration::from_secs(10))).metrics(|m| m.current_leader == Some(1), "leader").await.unwrap();
+        replica.raft.client_write(tagged_add_one(7, 1)).await.unwrap();
+        replica.raft.client_write(tagged_add_one(7, 1)).await.unwrap();
+        assert_eq!(counter(&replica.engine, 7), if unsafe_skip_dedup { 2 } else { 1 }, "unsafe_skip_dedup {unsafe_skip_dedup}");
         replica.raft.shutdown().await.unwrap();
     }
 }

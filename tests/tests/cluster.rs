@@ -186,3 +186,146 @@ fn rolling_restart_under_load_loses_nothing() {
         assert_eq!(record.and_then(|r| r.bin("v").cloned()), Some(Value::Int(k)), "acknowledged write {k} lost");
     }
 }
+
+/// The leader of `key`'s group per `chunkctl status`, once the group has a live one.
+fn group_leader(dir: &Path, key: &Key) -> u64 {
+    let group = chunkstore::raft::group_of(&key.digest, 16) as u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = status(dir);
+        let entry = now["groups"].as_array().unwrap().iter().find(|g| g["group"] == group).unwrap().clone();
+        if entry["state"] == "ok" {
+            return entry["leader"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "group {group} has no live leader: {now}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn node_field(dir: &Path, node: u64, field: &str) -> serde_json::Value {
+    cluster_json(dir)["nodes"].as_array().unwrap().iter().find(|n| n["id"] == node).unwrap()[field].clone()
+}
+
+/// Sends one write with a fixed tag to `key`'s group leader (retrying NotLeader while a new
+/// leader is elected), as a client retrying an in-doubt write would.
+fn send_tagged(dir: &Path, client: &Client, key: &Key, tag: chunkstore::protocol::WriteTag) -> chunkstore::protocol::Response {
+    use chunkstore::protocol::{Request, Response};
+    let request = Request::Write {
+        namespace: "test".into(),
+        key: key.clone(),
+        op: chunkstore::WriteOp::Operate(vec![chunkstore::Operation::Add { bin: "n".into(), delta: 1 }]),
+        policy: WritePolicy::default(),
+        tag,
+    };
+    for _ in 0..50 {
+        let leader = group_leader(dir, key);
+        let addr = node_field(dir, leader, "client");
+        match client.call_node(addr.as_str().unwrap(), &request) {
+            Ok(Response::Error(ErrorReply::NotLeader { .. })) | Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            Ok(response) => return response,
+        }
+    }
+    panic!("no leader accepted the write");
+}
+
+fn counter(client: &Client, key: &Key) -> i64 {
+    let record = client.get_with("test", key, None, ReadPolicy::Linearizable).unwrap();
+    record.and_then(|r| r.bin("n").and_then(Value::as_int)).unwrap_or(0)
+}
+
+/// Exactly-once writes on real nodes: a write sent again with its tag (as a client retries a
+/// write whose answer it lost) is applied once and answered with its first outcome, also by a
+/// new leader after the old one was SIGKILLed; a delayed copy of a write older than its lane's
+/// last is refused. The client library's own retries during a leader kill count every increment once.
+/// Negative control: on nodes started with the unsafe-skip-dedup test option, the same retry
+/// is applied twice.
+#[test]
+fn retried_in_doubt_writes_are_applied_once() {
+    use chunkstore::protocol::{Response, WriteTag};
+
+    for unsafe_skip_dedup in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let mut args = vec!["up", "--nodes", "3", "--device-size", "67108864"];
+        if unsafe_skip_dedup {
+            args.extend(["--chunkd-option", "unsafe-skip-dedup=true"]);
+        }
+        chunkctl(dir, &args);
+        let _down = Down(dir);
+        let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+        let client = Client::connect(ClientConfig::new(seeds)).unwrap();
+        let key = Key::new("once", "counter");
+        let tag = |lane: u32, seq: u64| WriteTag { client_id: 0x5eed, born_ms: client.cluster_map().now_ms, lane, seq };
+
+        let first = send_tagged(dir, &client, &key, tag(0, 1));
+        let Response::Written { meta, .. } = &first else { panic!("{first:?}") };
+        assert_eq!(meta.generation, 1);
+        let again = send_tagged(dir, &client, &key, tag(0, 1));
+        if unsafe_skip_dedup {
+            assert_eq!(counter(&client, &key), 2, "negative control: without deduplication the retry is applied again");
+            continue;
+        }
+        assert_eq!(again, Response::Written { meta: meta.clone(), results: Vec::new(), index: written_index(&again) });
+        assert_eq!(counter(&client, &key), 1);
+
+        // The leader dies; the new one answers the retry from its own table.
+        let victim = group_leader(dir, &key);
+        // SAFETY: plain syscall on a process this test started.
+        unsafe { libc::kill(node_field(dir, victim, "pid").as_u64().unwrap() as i32, libc::SIGKILL) };
+        let after_kill = send_tagged(dir, &client, &key, tag(0, 1));
+        assert!(matches!(&after_kill, Response::Written { meta: m, .. } if m == meta), "{after_kill:?}");
+        assert_eq!(counter(&client, &key), 1);
+
+        // The lane moves on to write 3 (2 was given up before it was sent): a delayed copy of
+        // 1 or 2 is refused.
+        assert!(matches!(send_tagged(dir, &client, &key, tag(0, 3)), Response::Written { .. }));
+        assert_eq!(send_tagged(dir, &client, &key, tag(0, 1)), Response::Error(ErrorReply::StaleWrite));
+        assert_eq!(send_tagged(dir, &client, &key, tag(0, 2)), Response::Error(ErrorReply::StaleWrite));
+        assert_eq!(counter(&client, &key), 2);
+
+        // The killed node restarts (its replay rebuilds its table); then the library's own
+        // retries: four threads increment while the group's leader is SIGKILLed.
+        chunkctl(dir, &["up"]);
+        let key = Key::new("once", "busy");
+        let victim = group_leader(dir, &key);
+        let victim_pid = node_field(dir, victim, "pid").as_u64().unwrap();
+        let client = std::sync::Arc::new(client);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (client, key, stop) = (client.clone(), key.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let (mut acked, mut in_doubt) = (0, 0);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let add = vec![chunkstore::Operation::Add { bin: "n".into(), delta: 1 }];
+                        match client.operate("test", &key, add, &WritePolicy::default()) {
+                            Ok(_) => acked += 1,
+                            Err(ClientError::Server(ErrorReply::Timeout { in_doubt: true })) => in_doubt += 1,
+                            Err(err) => panic!("increment: {err}"),
+                        }
+                    }
+                    (acked, in_doubt)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: plain syscall on a process this test started.
+        unsafe { libc::kill(victim_pid as i32, libc::SIGKILL) };
+        // Past the election and the clients' retries, with increments going on throughout.
+        let resumed = group_leader(dir, &key);
+        assert_ne!(resumed, victim);
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (acked, in_doubt) = threads.into_iter().map(|t| t.join().unwrap()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let total = counter(&client, &key);
+        eprintln!("increments during a leader kill: {acked} acknowledged, {in_doubt} in doubt, counter {total}");
+        assert!(acked <= total && total <= acked + in_doubt, "{acked} acked, {in_doubt} in doubt, counter {total}");
+    }
+}
+
+fn written_index(response: &chunkstore::protocol::Response) -> u64 {
+    match response {
+        chunkstore::protocol::Response::Written { index, .. } => *index,
+        other => panic!("{other:?}"),
+    }
+}

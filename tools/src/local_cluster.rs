@@ -60,7 +60,18 @@ fn chunkd_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replication_factor: usize, device_bytes: u64) -> Result<PathBuf> {
+/// How `up` makes a new cluster.
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    pub nodes: u64,
+    /// Bytes of each node's device for namespace "test".
+    pub device_bytes: u64,
+    /// Extra top-level lines for every chunkd.toml (`KEY = VALUE`, TOML).
+    pub chunkd_options: Vec<String>,
+}
+
+fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replication_factor: usize, options: &UpOptions) -> Result<PathBuf> {
+    let device_bytes = options.device_bytes;
     let node_dir = dir.join(format!("node{}", node.id));
     std::fs::create_dir_all(&node_dir)?;
     let mut text = format!(
@@ -70,6 +81,10 @@ fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replicatio
         node.peer,
         node_dir.join("data").display()
     );
+    for line in &options.chunkd_options {
+        text += line;
+        text += "\n";
+    }
     for other in &cluster.nodes {
         text += &format!("[[nodes]]\nid = {}\nclient = \"{}\"\npeer = \"{}\"\n\n", other.id, other.client, other.peer);
     }
@@ -81,7 +96,8 @@ fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replicatio
 
 /// Starts (or restarts, keeping its data) the cluster in `dir`, and waits until every group
 /// has a leader.
-pub fn up(dir: &Path, nodes: u64, device_bytes: u64, log: &mut impl FnMut(&str)) -> Result<LocalCluster> {
+pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result<LocalCluster> {
+    let nodes = options.nodes;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = &dir.canonicalize()?;
     let mut cluster = match LocalCluster::load(dir) {
@@ -115,7 +131,7 @@ pub fn up(dir: &Path, nodes: u64, device_bytes: u64, log: &mut impl FnMut(&str))
         let existing_config = dir.join(format!("node{}", node.id)).join("chunkd.toml");
         let config = match existing_config.exists() {
             true => existing_config,
-            false => write_config(dir, &cluster, &node, replication_factor, device_bytes)?,
+            false => write_config(dir, &cluster, &node, replication_factor, options)?,
         };
         let log_path = dir.join(format!("node{}", node.id)).join("chunkd.log");
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;

@@ -55,6 +55,9 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
     let peer = TcpListener::bind(&config.peer_listen).await.map_err(|e| format!("cannot listen on {} (peer-listen): {e}", config.peer_listen))?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    if config.unsafe_skip_dedup {
+        tracing::warn!("UNSAFE test option unsafe-skip-dedup is set: retried writes may be applied twice");
+    }
     let node = Node::start(node_config).await.map_err(|e| e.to_string())?;
     tokio::spawn(serve(client, node.clone()));
     tokio::spawn(serve(peer, node.clone()));

@@ -6,14 +6,23 @@
 //! cluster map; NotLeader answers update the map (or refresh it) and the request is retried,
 //! up to `retries_max` times.
 //!
-//! Invariant: **a write is retried only when it certainly was not applied** (the connection
-//! could not be made, or a node answered NotLeader). A write whose fate is unknown comes back
-//! as `Timeout { in_doubt: true }`; exactly-once retries of those come with the server's
-//! deduplication of write tags.
+//! Exactly-once writes: every write carries a tag (client id, birth, lane, sequence number;
+//! see `raft::sessions`). A write whose fate is unknown (connection lost after sending, or an
+//! in-doubt answer) is retried with the same tag, so the group applies it at most once and a
+//! retry returns the first outcome. Only when the retries run out does the caller get
+//! `Timeout { in_doubt: true }`; the write is then finished for the client, its lane goes to
+//! a later write, and a delayed copy of it is refused by its group once that later write
+//! reached the same group.
+//!
+//! Invariants:
+//! - **A tag never changes once sent**, and a lane carries one unfinished write at a time.
+//! - **A new tag is used only for a write certainly not applied** (refused as `ClientExpired`
+//!   before any attempt could have been applied).
+//! - **A forked child never reuses its parent's client id or connections.**
 
 mod connection;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -64,7 +73,7 @@ pub enum ClientError {
 
 pub struct Client {
     config: ClientConfig,
-    client_id: u64,
+    identity: Mutex<Identity>,
     next_seq: AtomicU64,
     map: Mutex<ClusterMap>,
     /// Idle connections by node address, and the process that opened them.
@@ -76,18 +85,35 @@ pub struct Client {
 /// Idle connections kept per node.
 const POOL_PER_NODE_MAX: usize = 16;
 
+/// Who the client is to the exactly-once tables, and its unfinished writes.
+struct Identity {
+    /// The process the id belongs to (a forked child takes a new one).
+    pid: u32,
+    client_id: u64,
+    born_ms: u64,
+    /// Lanes of unfinished writes by client id (writes under an earlier id keep theirs).
+    busy_lanes: HashMap<u64, BTreeSet<u32>>,
+}
+
+impl Identity {
+    fn new(born_ms: u64) -> Identity {
+        Identity { pid: std::process::id(), client_id: rand::random(), born_ms, busy_lanes: HashMap::new() }
+    }
+}
+
 impl Client {
     /// Connects to the first seed that answers and loads the cluster map.
     pub fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let client = Client {
-            client_id: rand::random(),
+            identity: Mutex::new(Identity::new(0)),
             next_seq: AtomicU64::new(1),
             map: Mutex::new(ClusterMap::default()),
             pool: Mutex::new((std::process::id(), HashMap::new())),
             seen: Mutex::new(HashMap::new()),
             config,
         };
-        client.refresh_map()?;
+        let map = client.refresh_map()?;
+        client.identity.lock().unwrap().born_ms = map.now_ms;
         Ok(client)
     }
 
@@ -140,15 +166,78 @@ impl Client {
 
     pub fn write(&self, namespace: &str, key: &Key, op: WriteOp, policy: &WritePolicy) -> Result<(RecordMeta, Vec<OpResult>), ClientError> {
         let group = self.group(namespace, key)?;
-        let tag = WriteTag { client_id: self.client_id, seq: self.next_seq.fetch_add(1, Ordering::Relaxed) };
-        let request = Request::Write { namespace: namespace.into(), key: key.clone(), op, policy: *policy, tag };
-        match self.routed(namespace, group, &request, true)? {
+        let mut tag = self.begin_write();
+        let mut request = Request::Write { namespace: namespace.into(), key: key.clone(), op, policy: *policy, tag };
+        let mut outcome = self.routed(namespace, group, &request, true);
+        if let Err(ClientError::Server(ErrorReply::ClientExpired)) = outcome {
+            // Refused before any attempt could apply it: safe to send again under a new id.
+            self.end_write(&tag);
+            tag = self.reborn(tag.client_id);
+            if let Request::Write { tag: t, .. } = &mut request {
+                *t = tag;
+            }
+            outcome = self.routed(namespace, group, &request, true);
+        }
+        self.end_write(&tag);
+        match outcome? {
             Response::Written { meta, results, index } => {
                 self.saw(namespace, group, index);
                 Ok((meta, results))
             }
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Sends one request to one node: no routing, no retries (for tools and tests).
+    pub fn call_node(&self, addr: &str, request: &Request) -> Result<Response, ClientError> {
+        self.call(addr, request).map_err(|err| match err {
+            CallError::NotSent => ClientError::NoNodeReachable(vec![addr.to_owned()]),
+            CallError::Lost => ClientError::Server(ErrorReply::Timeout { in_doubt: true }),
+        })
+    }
+
+    /// A new write's tag on the lowest free lane; the write is unfinished until `end_write`.
+    fn begin_write(&self) -> WriteTag {
+        let mut identity = self.identity();
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let client_id = identity.client_id;
+        let busy = identity.busy_lanes.entry(client_id).or_default();
+        let lane = (0..).find(|lane| !busy.contains(lane)).expect("a free lane");
+        busy.insert(lane);
+        WriteTag { client_id, born_ms: identity.born_ms, lane, seq }
+    }
+
+    fn end_write(&self, tag: &WriteTag) {
+        let mut identity = self.identity();
+        if let Some(busy) = identity.busy_lanes.get_mut(&tag.client_id) {
+            busy.remove(&tag.lane);
+            if busy.is_empty() {
+                identity.busy_lanes.remove(&tag.client_id);
+            }
+        }
+    }
+
+    /// After `ClientExpired`: a new id (unless another thread took one already) born now, and
+    /// a new tag for the refused write.
+    fn reborn(&self, expired_id: u64) -> WriteTag {
+        let born_ms = self.refresh_map().map(|m| m.now_ms).ok();
+        {
+            let mut identity = self.identity();
+            if identity.client_id == expired_id {
+                identity.client_id = rand::random();
+                identity.born_ms = born_ms.unwrap_or(identity.born_ms);
+            }
+        }
+        self.begin_write()
+    }
+
+    /// The identity, renewed first if this process is a fork of the one that made it.
+    fn identity(&self) -> std::sync::MutexGuard<'_, Identity> {
+        let mut identity = self.identity.lock().unwrap();
+        if identity.pid != std::process::id() {
+            *identity = Identity::new(identity.born_ms);
+        }
+        identity
     }
 
     fn group(&self, namespace: &str, key: &Key) -> Result<u32, ClientError> {
@@ -200,10 +289,15 @@ impl Client {
         }
     }
 
-    /// Sends to the group's leader, retrying what is safe to retry.
+    /// Sends to the group's leader, retrying what is safe to retry: reads, and writes (their
+    /// tag makes a retry apply at most once).
     fn routed(&self, namespace: &str, group: u32, request: &Request, is_write: bool) -> Result<Response, ClientError> {
         let mut attempt = 0;
         let give_up_at = Instant::now() + self.config.retry_window;
+        // Whether an attempt may have reached the group (then the outcome is in doubt unless
+        // an answer settles it).
+        let mut maybe_applied = false;
+        let in_doubt = |maybe_applied: bool| ClientError::Server(ErrorReply::Timeout { in_doubt: maybe_applied });
         loop {
             let retry = |attempt: &mut u32| -> bool {
                 *attempt += 1;
@@ -213,9 +307,16 @@ impl Client {
                 std::thread::sleep(Duration::from_millis((25u64 << (*attempt).min(4)).min(400)));
                 true
             };
+            let unavailable = |maybe_applied: bool| {
+                if maybe_applied {
+                    in_doubt(true)
+                } else {
+                    ClientError::Server(ErrorReply::PartitionUnavailable)
+                }
+            };
             let Some(addr) = self.leader_address(namespace, group) else {
                 if !retry(&mut attempt) {
-                    return Err(ClientError::Server(ErrorReply::PartitionUnavailable));
+                    return Err(unavailable(maybe_applied));
                 }
                 let _ = self.refresh_map();
                 continue;
@@ -223,27 +324,36 @@ impl Client {
             match self.call(&addr, request) {
                 Ok(Response::Error(ErrorReply::NotLeader { leader })) => {
                     if !retry(&mut attempt) {
-                        return Err(ClientError::Server(ErrorReply::PartitionUnavailable));
+                        return Err(unavailable(maybe_applied));
                     }
                     match leader {
                         Some(leader) => self.set_leader(namespace, group, leader),
                         None => drop(self.refresh_map()),
                     }
                 }
+                Ok(Response::Error(ErrorReply::Timeout { in_doubt: true })) if is_write => {
+                    maybe_applied = true;
+                    if !retry(&mut attempt) {
+                        return Err(in_doubt(true));
+                    }
+                    let _ = self.refresh_map();
+                }
+                // An expired client's retry: an earlier attempt may have been applied.
+                Ok(Response::Error(ErrorReply::ClientExpired)) if maybe_applied => return Err(in_doubt(true)),
                 Ok(Response::Error(reply)) => return Err(ClientError::Server(reply)),
                 Ok(response) => return Ok(response),
                 Err(CallError::NotSent) => {
                     if !retry(&mut attempt) {
-                        return Err(ClientError::NoNodeReachable(vec![addr]));
+                        return Err(if maybe_applied { in_doubt(true) } else { ClientError::NoNodeReachable(vec![addr]) });
                     }
                     // The leader is unreachable: ask another replica who leads now (a refreshed
                     // map would still name the dead node until the group elects a new leader).
                     self.forget_leader(namespace, group);
                 }
-                Err(CallError::Lost) if is_write => return Err(ClientError::Server(ErrorReply::Timeout { in_doubt: true })),
                 Err(CallError::Lost) => {
+                    maybe_applied |= is_write;
                     if !retry(&mut attempt) {
-                        return Err(ClientError::Server(ErrorReply::Timeout { in_doubt: false }));
+                        return Err(in_doubt(is_write));
                     }
                     let _ = self.refresh_map();
                 }

@@ -547,6 +547,13 @@ impl Namespace {
         self.inner.write_version(key, policy, op.as_mutation(), Some(replicated))
     }
 
+    /// The seq, generation and void time of a record's current version (a tombstone included),
+    /// from the index.
+    pub fn current_version(&self, digest: &crate::key::Digest) -> Option<(u64, u32, u32)> {
+        let st = self.inner.state.lock().unwrap();
+        st.index.get(digest).map(|e| (e.seq, e.generation, e.void_time_secs))
+    }
+
     /// Makes everything written so far durable (what commit-to-device = false leaves buffered).
     pub fn flush(&self) -> Result<()> {
         for device in 0..self.inner.devices.len() as u16 {

@@ -20,6 +20,9 @@
 //! [namespaces.storage]               # optional engine settings (see NamespaceConfig)
 //! write-block-size = 1048576
 //! ```
+//!
+//! Options whose name starts with `unsafe-` break a guarantee on purpose; they exist for the
+//! negative controls of the test suite and chunkd logs a warning when one is set.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,6 +51,10 @@ pub struct ChunkdConfig {
     /// A request not done in this time is answered Timeout. Milliseconds, default 5000.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// UNSAFE, for negative controls in tests only: retried writes are applied again instead
+    /// of being answered from the exactly-once table. Default false.
+    #[serde(default)]
+    pub unsafe_skip_dedup: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -160,6 +167,7 @@ impl ChunkdConfig {
             heartbeat_ms: self.heartbeat_ms,
             election_timeout_ms: (self.election_timeout_ms[0], self.election_timeout_ms[1]),
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            unsafe_skip_dedup: self.unsafe_skip_dedup,
         })
     }
 }

@@ -23,7 +23,7 @@ use openraft::BasicNode;
 
 use crate::engine::{Clock, Namespace, OpenOptions};
 use crate::protocol::{ClusterMap, ErrorReply, NamespaceMap, ReadPolicy, Request, Response};
-use crate::raft::{group_of, Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, RaftInstance, WriteFailure};
+use crate::raft::{group_of, Outcome, Refusal, Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, RaftInstance, WriteFailure};
 use crate::wal::{Wal, WalConfig};
 use crate::NamespaceConfig;
 use raft_network::{GroupNetwork, RaftReply, RaftRpc};
@@ -52,6 +52,8 @@ pub struct NodeConfig {
     pub election_timeout_ms: (u64, u64),
     /// How long a request may take before it is answered Timeout.
     pub request_timeout: Duration,
+    /// UNSAFE (negative controls only): no exactly-once deduplication of retried writes.
+    pub unsafe_skip_dedup: bool,
 }
 
 struct Group {
@@ -131,6 +133,9 @@ impl Node {
                 let wal_group = prefix << 12 | group;
                 let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), wal_group, group, spec.groups)
                     .map_err(|e| NodeError::Raft(e.to_string()))?;
+                if config.unsafe_skip_dedup {
+                    state_machine.set_unsafe_skip_dedup();
+                }
                 let network = GroupNetwork { namespace: spec.engine.name.clone(), group, peers: peers.clone() };
                 let log_store = GroupLogStore::new(wal.clone(), wal_group);
                 let raft = RaftInstance::new(config.node_id, raft_config.clone(), network, log_store, state_machine.clone())
@@ -183,7 +188,7 @@ impl Node {
         match request {
             Request::ClusterMap => Response::ClusterMap(self.cluster_map()),
             Request::Raft { namespace, group, message } => self.handle_raft(&namespace, group, &message).await,
-            Request::Write { namespace, key, op, policy, tag: _ } => {
+            Request::Write { namespace, key, op, policy, tag } => {
                 let (hosted, group) = match self.local_group(&namespace, &key) {
                     Ok(found) => found,
                     Err(reply) => return Response::Error(reply),
@@ -198,13 +203,23 @@ impl Node {
                 if leader != Some(self.config.node_id) {
                     return Response::Error(ErrorReply::NotLeader { leader });
                 }
-                let command = Command { key, op, policy, now_ms: crate::engine::SystemClock.now_ms() };
+                let command = Command { key, op, policy, now_ms: crate::engine::SystemClock.now_ms(), tag: Some(tag) };
                 let proposed = tokio::time::timeout(self.config.request_timeout, group.raft.client_write(command)).await;
                 match proposed {
                     Err(_) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
                     Ok(Ok(written)) => match written.data {
                         CommandResult::Applied { meta, results } => Response::Written { meta, results, index: written.log_id.index },
                         CommandResult::Failed(failure) => Response::Error(failure_reply(failure)),
+                        CommandResult::Duplicate(Outcome::Written { meta, results }) => {
+                            Response::Written { meta, results, index: written.log_id.index }
+                        }
+                        CommandResult::Duplicate(Outcome::Failed(failure)) => Response::Error(failure_reply(failure)),
+                        CommandResult::Duplicate(Outcome::ResultLost) => Response::Error(ErrorReply::AppliedResultLost),
+                        CommandResult::Refused(refusal) => Response::Error(match refusal {
+                            Refusal::Stale => ErrorReply::StaleWrite,
+                            Refusal::ClientExpired => ErrorReply::ClientExpired,
+                            Refusal::TooManyInFlight => ErrorReply::TooManyInFlight,
+                        }),
                         other => Response::Error(ErrorReply::Internal(format!("unexpected apply result {other:?}"))),
                     },
                     // Leadership was lost after proposing: the entry may still commit under a new
@@ -299,7 +314,7 @@ impl Node {
             })
             .collect();
         namespaces.sort_by(|a, b| a.name.cmp(&b.name));
-        ClusterMap { nodes: self.config.client_addresses.clone(), namespaces }
+        ClusterMap { nodes: self.config.client_addresses.clone(), now_ms: crate::engine::SystemClock.now_ms(), namespaces }
     }
 
     async fn handle_raft(&self, namespace: &str, group: u32, message: &[u8]) -> Response {

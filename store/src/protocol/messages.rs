@@ -20,10 +20,17 @@ pub enum ReadPolicy {
     Linearizable,
 }
 
-/// Identifies a write for exactly-once retries: a client id and its sequence number.
+/// Identifies a write for exactly-once retries (see `raft::sessions`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteTag {
+    /// Random, chosen by the client object (a new one after a fork).
     pub client_id: u64,
+    /// The client's birth: `ClusterMap::now_ms` of the map it loaded first.
+    pub born_ms: u64,
+    /// One of the client's writes in flight at a time: a lane is reused only after its last
+    /// write was finished (answered, or given up and reported in doubt).
+    pub lane: u32,
+    /// The write's sequence number within the client (rising, from 1).
     pub seq: u64,
 }
 
@@ -52,6 +59,8 @@ pub enum Response {
 pub struct ClusterMap {
     /// (node id, client address)
     pub nodes: Vec<(u64, String)>,
+    /// The answering node's wall clock (ms since the Unix epoch): a new client's birth time.
+    pub now_ms: u64,
     pub namespaces: Vec<NamespaceMap>,
 }
 
@@ -95,6 +104,14 @@ pub enum ErrorReply {
     UnknownNamespace(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("the write was applied exactly once, but its result was not retained (read the record to see its state)")]
+    AppliedResultLost,
+    #[error("a delayed copy of a write this client had finished with: refused, not applied")]
+    StaleWrite,
+    #[error("this client's session expired (idle or evicted); the write was not applied: use a new client id")]
+    ClientExpired,
+    #[error("too many writes in flight from this client; the write was not applied")]
+    TooManyInFlight,
     #[error("server error: {0}")]
     Internal(String),
 }

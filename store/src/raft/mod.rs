@@ -18,11 +18,13 @@
 #![allow(clippy::result_large_err)]
 
 pub mod log_store;
+pub mod sessions;
 pub mod state_machine;
 pub mod types;
 
 pub use log_store::GroupLogStore;
 pub use state_machine::GroupStateMachine;
+pub use sessions::{Outcome, Refusal, Sessions};
 pub use types::{Command, CommandResult, NodeId, RaftInstance, TypeConfig, WriteFailure};
 
 use crate::key::{partition_id, Digest};

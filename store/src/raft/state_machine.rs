@@ -1,6 +1,7 @@
 //! A group's state machine: the node's engine, restricted to the group's partitions.
 
 use std::io::Cursor;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::RaftStateMachine;
@@ -12,8 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use super::group_of;
 use super::log_store::append_durable;
-use super::types::{CommandResult, NodeId, TypeConfig, WriteFailure};
+use super::sessions::{Admission, Outcome, Sessions};
+use super::types::{Command, CommandResult, NodeId, TypeConfig, WriteFailure};
 use crate::engine::{Namespace, RecordVersion, Replicated};
+use crate::value::RecordMeta;
 use crate::wal::{GroupId, Wal, WalOp};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
@@ -25,11 +28,21 @@ type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 struct AppliedMarker {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
+    /// The exactly-once table as of `last_applied`.
+    sessions: Sessions,
+}
+
+/// What a snapshot holds: the exactly-once table and the group's records (tombstones included).
+#[derive(Serialize, Deserialize)]
+struct SnapshotContent {
+    sessions: Sessions,
+    versions: Vec<RecordVersion>,
 }
 
 struct Progress {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
+    sessions: Sessions,
     /// The last snapshot built or installed: its metadata and its bytes.
     snapshot: Option<(Meta, Arc<Vec<u8>>)>,
 }
@@ -46,6 +59,8 @@ struct Shared {
     /// The last applied point written as a marker: markers only ever move forward (a snapshot
     /// built from an older point may finish after a newer snapshot was installed).
     marker_written: tokio::sync::Mutex<Option<LogId<NodeId>>>,
+    /// Test flag for negative controls: every tagged write is applied as if new.
+    unsafe_skip_dedup: AtomicBool,
 }
 
 impl Shared {
@@ -102,9 +117,30 @@ impl GroupStateMachine {
             engine.set_tombstone_floor(group, groups, applied.index);
         }
         let written = tokio::sync::Mutex::new(marker.last_applied);
-        let progress = Progress { last_applied: marker.last_applied, membership: marker.membership, snapshot: None };
-        let shared = Shared { engine, wal, wal_group, group, groups, progress: Mutex::new(progress), marker_written: written };
+        let progress =
+            Progress { last_applied: marker.last_applied, membership: marker.membership, sessions: marker.sessions, snapshot: None };
+        let shared = Shared {
+            engine,
+            wal,
+            wal_group,
+            group,
+            groups,
+            progress: Mutex::new(progress),
+            marker_written: written,
+            unsafe_skip_dedup: AtomicBool::new(false),
+        };
         Ok(GroupStateMachine { shared: Arc::new(shared) })
+    }
+
+    /// UNSAFE, for negative controls only: apply retried writes again instead of answering
+    /// them from the exactly-once table.
+    pub fn set_unsafe_skip_dedup(&self) {
+        self.shared.unsafe_skip_dedup.store(true, Ordering::Relaxed);
+    }
+
+    /// Clients in the exactly-once table (for tests and status).
+    pub fn session_clients(&self) -> usize {
+        self.shared.progress.lock().unwrap().sessions.clients()
     }
 
     /// Last applied log id (for tests and status).
@@ -132,12 +168,14 @@ impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
             .await
             .map_err(|e| StorageIOError::read_state_machine(&e))?
             .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        let data = Arc::new(bincode::serialize(&versions).expect("records serialize"));
+        let records = versions.len();
+        let content = SnapshotContent { sessions: self.marker.sessions.clone(), versions };
+        let data = Arc::new(bincode::serialize(&content).expect("records serialize"));
         let index = self.marker.last_applied.map_or(0, |l| l.index);
         let meta = SnapshotMeta {
             last_log_id: self.marker.last_applied,
             last_membership: self.marker.membership.clone(),
-            snapshot_id: format!("group{}-index{index}-{}records", self.shared.group, versions.len()),
+            snapshot_id: format!("group{}-index{index}-{records}records", self.shared.group),
         };
         {
             let mut progress = self.shared.progress.lock().unwrap();
@@ -172,7 +210,11 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let progress = self.shared.progress.lock().unwrap();
-        let marker = AppliedMarker { last_applied: progress.last_applied, membership: progress.membership.clone() };
+        let marker = AppliedMarker {
+            last_applied: progress.last_applied,
+            membership: progress.membership.clone(),
+            sessions: progress.sessions.clone(),
+        };
         GroupSnapshotBuilder { shared: self.shared.clone(), marker }
     }
 
@@ -186,7 +228,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
-        let versions: Vec<RecordVersion> = bincode::deserialize(&data)
+        let SnapshotContent { sessions, versions } = bincode::deserialize(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let engine = self.shared.engine.clone();
         let filter = self.shared.in_group();
@@ -195,11 +237,13 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        let marker = AppliedMarker { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        let marker =
+            AppliedMarker { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), sessions: sessions.clone() };
         self.shared.make_durable(marker).await?;
         let mut progress = self.shared.progress.lock().unwrap();
         progress.last_applied = meta.last_log_id;
         progress.membership = meta.last_membership.clone();
+        progress.sessions = sessions;
         progress.snapshot = Some((meta.clone(), Arc::new(data)));
         Ok(())
     }
@@ -222,20 +266,52 @@ fn apply_all(shared: &Shared, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Com
                 shared.progress.lock().unwrap().membership = StoredMembership::new(Some(entry.log_id), membership.clone());
                 CommandResult::Noop
             }
-            EntryPayload::Normal(command) => {
-                let replicated = Replicated { log_index: entry.log_id.index, now_ms: command.now_ms };
-                match shared.engine.apply_replicated(&command.key, &command.op, &command.policy, replicated) {
-                    Ok(Some((meta, results))) => CommandResult::Applied { meta, results },
-                    Ok(None) => CommandResult::Replayed,
-                    Err(err) => match WriteFailure::from_engine(&err) {
-                        Some(failure) => CommandResult::Failed(failure),
-                        None => return Err(StorageIOError::apply(entry.log_id, &err).into()),
-                    },
-                }
-            }
+            EntryPayload::Normal(command) => apply_command(shared, command, entry.log_id)?,
         };
         shared.progress.lock().unwrap().last_applied = Some(entry.log_id);
         results.push(result);
     }
     Ok(results)
+}
+
+/// Applies one client command: asks the exactly-once table first (a retry gets its first
+/// outcome), then the engine, and records the outcome.
+fn apply_command(shared: &Shared, command: &Command, log_id: LogId<NodeId>) -> Result<CommandResult, StorageError<NodeId>> {
+    let tag = command.tag.filter(|_| !shared.unsafe_skip_dedup.load(Ordering::Relaxed));
+    if let Some(tag) = &tag {
+        match shared.progress.lock().unwrap().sessions.admit(tag, command.now_ms) {
+            Admission::Fresh => {}
+            Admission::Duplicate(outcome) => return Ok(CommandResult::Duplicate(outcome)),
+            Admission::Refused(refusal) => return Ok(CommandResult::Refused(refusal)),
+        }
+    }
+    let replicated = Replicated { log_index: log_id.index, now_ms: command.now_ms };
+    let (result, outcome) = match shared.engine.apply_replicated(&command.key, &command.op, &command.policy, replicated) {
+        Ok(Some((meta, results))) => {
+            let outcome = Outcome::Written { meta: meta.clone(), results: results.clone() };
+            (CommandResult::Applied { meta, results }, outcome)
+        }
+        Ok(None) => (CommandResult::Replayed, replayed_outcome(shared, command, log_id.index)),
+        Err(err) => match WriteFailure::from_engine(&err) {
+            Some(failure) => (CommandResult::Failed(failure.clone()), Outcome::Failed(failure)),
+            None => return Err(StorageIOError::apply(log_id, &err).into()),
+        },
+    };
+    if let Some(tag) = &tag {
+        shared.progress.lock().unwrap().sessions.complete(tag, outcome);
+    }
+    Ok(result)
+}
+
+/// The outcome of an entry the engine already held when it was replayed (it flushed past the
+/// durable applied point before a restart): recoverable when the record's current version is
+/// the one this entry wrote and the write read nothing; otherwise lost (and a retry says so).
+fn replayed_outcome(shared: &Shared, command: &Command, index: u64) -> Outcome {
+    match shared.engine.current_version(&command.key.digest) {
+        Some((seq, generation, void_time_secs)) if seq == index && !command.op.has_reads() => Outcome::Written {
+            meta: RecordMeta { generation, void_time_secs, last_update_ms: command.now_ms },
+            results: Vec::new(),
+        },
+        _ => Outcome::ResultLost,
+    }
 }

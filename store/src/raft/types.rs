@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::key::Key;
+use super::sessions::{Outcome, Refusal};
 use crate::ops::{OpResult, WriteOp, WritePolicy};
+use crate::protocol::WriteTag;
 use crate::value::RecordMeta;
 
 pub type NodeId = u64;
@@ -17,8 +19,11 @@ pub struct Command {
     pub key: Key,
     pub op: WriteOp,
     pub policy: WritePolicy,
-    /// The leader's wall clock when it proposed the write (TTLs and last-update times).
+    /// The leader's wall clock when it proposed the write (TTLs, last-update times, and the
+    /// idle expiry of client sessions).
     pub now_ms: u64,
+    /// The client's exactly-once tag (`None`: not deduplicated).
+    pub tag: Option<WriteTag>,
 }
 
 /// A write's outcome, the same on every replica.
@@ -31,6 +36,10 @@ pub enum CommandResult {
     Replayed,
     /// A blank or membership entry.
     Noop,
+    /// A retry of a tagged write applied earlier: what it did then.
+    Duplicate(Outcome),
+    /// A tagged write refused without being applied (see `sessions`).
+    Refused(Refusal),
 }
 
 /// Deterministic refusals (the same on every replica from the same state).

@@ -36,6 +36,10 @@ enum Commands {
         /// Bytes of each node's device for namespace "test".
         #[arg(long, default_value_t = 256 << 20)]
         device_size: u64,
+        /// An extra top-level setting for every node's chunkd.toml, as KEY=VALUE in TOML
+        /// (repeatable; for example request-timeout-ms=2000, or the unsafe-* test options).
+        #[arg(long = "chunkd-option", value_name = "KEY=VALUE", value_parser = parse_chunkd_option)]
+        chunkd_options: Vec<String>,
     },
     /// Stop the local cluster in --dir cleanly (SIGTERM, then SIGKILL after 30 s).
     Down,
@@ -112,9 +116,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     chunkstore_tools::logging::init("warn");
     let result = match cli.command {
-        Commands::Up { nodes, device_size } => {
+        Commands::Up { nodes, device_size, chunkd_options } => {
             let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
-            local_cluster::up(&dir, nodes, device_size, &mut |line| eprintln!("{line}")).map(|cluster| {
+            let options = local_cluster::UpOptions {
+                nodes,
+                device_bytes: device_size,
+                chunkd_options: chunkd_options.iter().map(|o| o.replacen('=', " = ", 1)).collect(),
+            };
+            local_cluster::up(&dir, &options, &mut |line| eprintln!("{line}")).map(|cluster| {
                 let seeds = cluster.seeds().join(",");
                 let me = std::env::args().next().unwrap_or_else(|| "chunkctl".into());
                 println!("chunkstore is up: {} nodes, namespace \"test\" (16 groups, replication factor {})", cluster.nodes.len(), cluster.nodes.len().min(3));
@@ -278,4 +287,11 @@ fn status(client: &Client, json: bool) -> Result<()> {
         println!("{}/{:<3} leader {:<4} replicas {} {}", group["namespace"].as_str().unwrap_or(""), group["group"], group["leader"], group["replicas"], group["state"].as_str().unwrap_or(""));
     }
     Ok(())
+}
+
+fn parse_chunkd_option(option: &str) -> Result<String, String> {
+    match option.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() && !value.trim().is_empty() => Ok(option.to_owned()),
+        _ => Err(format!("{option:?} is not KEY=VALUE")),
+    }
 }
