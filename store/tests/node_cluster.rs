@@ -39,6 +39,8 @@ async fn start_cluster(dir: &std::path::Path) -> (Vec<Arc<Node>>, HashMap<u64, S
             heartbeat_ms: 50,
             election_timeout_ms: (300, 600),
             request_timeout: Duration::from_secs(5),
+            snapshot_after_entries: 5000,
+            entries_kept_after_snapshot: 1000,
             unsafe_skip_dedup: false,
         };
         let node = Node::start(config).await.unwrap();

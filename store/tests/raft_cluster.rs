@@ -97,7 +97,7 @@ async fn start(id: NodeId, dir: &std::path::Path, router: &Router) -> Replica {
     let wal = Arc::new(Wal::open(WalConfig::new(dir.join("wal"))).unwrap());
     let options = OpenOptions { replicated: true, ..Default::default() };
     let engine = Arc::new(Namespace::open(engine_config(dir), options).unwrap());
-    let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), 5 << 12, 0, 1).unwrap();
+    let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), 5 << 12, 0, 1, &dir.join("snapshots")).unwrap();
     let config = openraft::Config {
         heartbeat_interval: 50,
         election_timeout_min: 300,

@@ -26,7 +26,7 @@ impl StoreBuilder<TypeConfig, GroupLogStore, GroupStateMachine, tempfile::TempDi
         let device: Arc<dyn Device> = Arc::new(MemDevice::new("dev0", 64 * block));
         let options = OpenOptions { devices: Some(vec![device]), replicated: true, ..Default::default() };
         let engine = Arc::new(Namespace::open(config, options).unwrap());
-        let state_machine = GroupStateMachine::new(engine, wal.clone(), 0, 0, 1)?;
+        let state_machine = GroupStateMachine::new(engine, wal.clone(), 0, 0, 1, &dir.path().join("snapshots"))?;
         Ok((dir, GroupLogStore::new(wal, 0), state_machine))
     }
 }

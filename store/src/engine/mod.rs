@@ -21,7 +21,7 @@ mod state;
 mod transfer;
 mod writer;
 
-pub use transfer::RecordVersion;
+pub use transfer::{Importer, RecordVersion};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

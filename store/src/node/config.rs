@@ -51,6 +51,14 @@ pub struct ChunkdConfig {
     /// A request not done in this time is answered Timeout. Milliseconds, default 5000.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// A group builds a snapshot (and may then drop its log up to it) after this many log
+    /// entries since its last one. Default 5000.
+    #[serde(default = "default_snapshot_after_entries")]
+    pub snapshot_after_entries: u64,
+    /// Log entries kept behind a snapshot, so a replica slightly behind catches up from the log
+    /// rather than a whole snapshot. Default 1000.
+    #[serde(default = "default_entries_kept_after_snapshot")]
+    pub entries_kept_after_snapshot: u64,
     /// UNSAFE, for negative controls in tests only: retried writes are applied again instead
     /// of being answered from the exactly-once table. Default false.
     #[serde(default)]
@@ -91,6 +99,12 @@ fn default_election_timeout_ms() -> [u64; 2] {
 fn default_request_timeout_ms() -> u64 {
     5000
 }
+fn default_snapshot_after_entries() -> u64 {
+    5000
+}
+fn default_entries_kept_after_snapshot() -> u64 {
+    1000
+}
 fn default_replication_factor() -> usize {
     3
 }
@@ -119,6 +133,9 @@ impl ChunkdConfig {
         ids.dedup();
         if ids.len() != self.nodes.len() {
             return Err("[[nodes]] lists the same id twice".into());
+        }
+        if self.snapshot_after_entries == 0 {
+            return Err("snapshot-after-entries must be at least 1".into());
         }
         let [low, high] = self.election_timeout_ms;
         if self.heartbeat_ms == 0 || low <= self.heartbeat_ms * 2 || high <= low {
@@ -167,6 +184,8 @@ impl ChunkdConfig {
             heartbeat_ms: self.heartbeat_ms,
             election_timeout_ms: (self.election_timeout_ms[0], self.election_timeout_ms[1]),
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            snapshot_after_entries: self.snapshot_after_entries,
+            entries_kept_after_snapshot: self.entries_kept_after_snapshot,
             unsafe_skip_dedup: self.unsafe_skip_dedup,
         })
     }

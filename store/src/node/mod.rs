@@ -52,6 +52,9 @@ pub struct NodeConfig {
     pub election_timeout_ms: (u64, u64),
     /// How long a request may take before it is answered Timeout.
     pub request_timeout: Duration,
+    /// Log entries between snapshots, and entries kept behind one.
+    pub snapshot_after_entries: u64,
+    pub entries_kept_after_snapshot: u64,
     /// UNSAFE (negative controls only): no exactly-once deduplication of retried writes.
     pub unsafe_skip_dedup: bool,
 }
@@ -104,11 +107,14 @@ impl Node {
                 heartbeat_interval: config.heartbeat_ms,
                 election_timeout_min: config.election_timeout_ms.0,
                 election_timeout_max: config.election_timeout_ms.1,
+                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),
+                max_in_snapshot_log_to_keep: config.entries_kept_after_snapshot,
                 ..Default::default()
             }
             .validate()
             .map_err(|e| NodeError::Config(e.to_string()))?,
         );
+        let snapshot_dir = config.data_dir.join("snapshots");
         let mut namespaces = HashMap::new();
         let mut wal_prefixes = HashMap::new();
         for spec in &config.namespaces {
@@ -131,7 +137,7 @@ impl Node {
                     continue;
                 }
                 let wal_group = prefix << 12 | group;
-                let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), wal_group, group, spec.groups)
+                let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), wal_group, group, spec.groups, &snapshot_dir)
                     .map_err(|e| NodeError::Raft(e.to_string()))?;
                 if config.unsafe_skip_dedup {
                     state_machine.set_unsafe_skip_dedup();

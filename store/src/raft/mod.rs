@@ -19,6 +19,7 @@
 
 pub mod log_store;
 pub mod sessions;
+pub mod snapshot_file;
 pub mod state_machine;
 pub mod types;
 

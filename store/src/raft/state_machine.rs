@@ -1,6 +1,8 @@
 //! A group's state machine: the node's engine, restricted to the group's partitions.
 
-use std::io::Cursor;
+use std::io::Seek;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -14,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use super::group_of;
 use super::log_store::append_durable;
 use super::sessions::{Admission, Outcome, Sessions};
+use super::snapshot_file::{SnapshotReader, SnapshotWriter};
 use super::types::{Command, CommandResult, NodeId, TypeConfig, WriteFailure};
-use crate::engine::{Namespace, RecordVersion, Replicated};
+use crate::engine::{Namespace, Replicated};
 use crate::value::RecordMeta;
 use crate::wal::{GroupId, Wal, WalOp};
 
@@ -32,19 +35,12 @@ struct AppliedMarker {
     sessions: Sessions,
 }
 
-/// What a snapshot holds: the exactly-once table and the group's records (tombstones included).
-#[derive(Serialize, Deserialize)]
-struct SnapshotContent {
-    sessions: Sessions,
-    versions: Vec<RecordVersion>,
-}
-
 struct Progress {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
     sessions: Sessions,
-    /// The last snapshot built or installed: its metadata and its bytes.
-    snapshot: Option<(Meta, Arc<Vec<u8>>)>,
+    /// The last snapshot built or installed: its metadata and its file (snapshot_file.rs).
+    snapshot: Option<(Meta, PathBuf)>,
 }
 
 struct Shared {
@@ -61,9 +57,31 @@ struct Shared {
     marker_written: tokio::sync::Mutex<Option<LogId<NodeId>>>,
     /// Test flag for negative controls: every tagged write is applied as if new.
     unsafe_skip_dedup: AtomicBool,
+    /// Where this group's snapshot files live (names start with `file_prefix`).
+    snapshot_dir: PathBuf,
+    file_prefix: String,
+    /// Files created to receive snapshots and not installed yet.
+    receiving: Mutex<Vec<PathBuf>>,
 }
 
 impl Shared {
+    /// A new file name in the snapshot directory.
+    fn new_snapshot_path(&self, what: &str) -> PathBuf {
+        self.snapshot_dir.join(format!("{}{what}-{:016x}", self.file_prefix, rand::random::<u64>()))
+    }
+
+    /// Makes `path` the current snapshot unless a newer one exists; the file that is not kept
+    /// is deleted (open handles still read it).
+    fn keep_snapshot(&self, meta: &Meta, path: PathBuf) {
+        let mut progress = self.progress.lock().unwrap();
+        let newer_exists = progress.snapshot.as_ref().is_some_and(|(m, _)| m.last_log_id > meta.last_log_id);
+        let dropped = if newer_exists { Some(path) } else { progress.snapshot.replace((meta.clone(), path)).map(|(_, p)| p) };
+        drop(progress);
+        if let Some(dropped) = dropped {
+            let _ = std::fs::remove_file(dropped);
+        }
+    }
+
     fn in_group(&self) -> impl Fn(&crate::key::Digest) -> bool + Send + 'static {
         let (group, groups) = (self.group, self.groups);
         move |digest| group_of(digest, groups) == group
@@ -102,13 +120,24 @@ pub struct GroupStateMachine {
 impl GroupStateMachine {
     /// The state machine of group number `group` (of `groups`) on `engine`, whose log is
     /// `wal_group` in `wal`, resuming from the applied point recorded there.
+    /// Snapshot files go to `snapshot_dir` (created if missing; this group's files left there by
+    /// an earlier run are deleted: snapshots are rebuilt after a restart).
     pub fn new(
         engine: Arc<Namespace>,
         wal: Arc<Wal>,
         wal_group: GroupId,
         group: u32,
         groups: u32,
+        snapshot_dir: &Path,
     ) -> Result<GroupStateMachine, StorageError<NodeId>> {
+        let file_prefix = format!("group-{wal_group:08x}-");
+        std::fs::create_dir_all(snapshot_dir).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        for entry in std::fs::read_dir(snapshot_dir).map_err(|e| StorageIOError::read_snapshot(None, &e))? {
+            let entry = entry.map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+            if entry.file_name().to_string_lossy().starts_with(&file_prefix) {
+                std::fs::remove_file(entry.path()).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+            }
+        }
         let marker: AppliedMarker = match wal.log_state(wal_group).applied {
             Some(bytes) => bincode::deserialize(&bytes).map_err(|e| StorageIOError::read_state_machine(&e))?,
             None => AppliedMarker::default(),
@@ -128,6 +157,9 @@ impl GroupStateMachine {
             progress: Mutex::new(progress),
             marker_written: written,
             unsafe_skip_dedup: AtomicBool::new(false),
+            snapshot_dir: snapshot_dir.to_owned(),
+            file_prefix,
+            receiving: Mutex::new(Vec::new()),
         };
         Ok(GroupStateMachine { shared: Arc::new(shared) })
     }
@@ -161,30 +193,41 @@ impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
         // reflect more (applies go on meanwhile); a receiver replaying the log after it skips
         // what a record already holds.
         self.shared.make_durable(self.marker.clone()).await?;
-        let engine = self.shared.engine.clone();
-        // (A build that finishes after a newer snapshot was installed must not replace it.)
-        let filter = self.shared.in_group();
-        let versions = tokio::task::spawn_blocking(move || engine.export(filter))
-            .await
-            .map_err(|e| StorageIOError::read_state_machine(&e))?
-            .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        let records = versions.len();
-        let content = SnapshotContent { sessions: self.marker.sessions.clone(), versions };
-        let data = Arc::new(bincode::serialize(&content).expect("records serialize"));
+        let path = self.shared.new_snapshot_path("snap");
+        let (engine, filter, sessions, file) = (self.shared.engine.clone(), self.shared.in_group(), self.marker.sessions.clone(), path.clone());
+        let written = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+            let mut writer = SnapshotWriter::create(&file, &sessions).map_err(|e| e.to_string())?;
+            let mut failed = None;
+            engine
+                .export_each(filter, |version| {
+                    writer.record(&version).map_err(|e| {
+                        let reason = e.to_string();
+                        failed = Some(reason.clone());
+                        crate::Error::BadRequest(reason)
+                    })
+                })
+                .map_err(|e| failed.take().unwrap_or_else(|| e.to_string()))?;
+            writer.finish().map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let records = match written {
+            Ok(records) => records,
+            Err(reason) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(StorageIOError::read_state_machine(&std::io::Error::other(reason)).into());
+            }
+        };
         let index = self.marker.last_applied.map_or(0, |l| l.index);
         let meta = SnapshotMeta {
             last_log_id: self.marker.last_applied,
             last_membership: self.marker.membership.clone(),
             snapshot_id: format!("group{}-index{index}-{records}records", self.shared.group),
         };
-        {
-            let mut progress = self.shared.progress.lock().unwrap();
-            let newer_exists = progress.snapshot.as_ref().is_some_and(|(m, _)| m.last_log_id > meta.last_log_id);
-            if !newer_exists {
-                progress.snapshot = Some((meta.clone(), data.clone()));
-            }
-        }
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data.to_vec())) })
+        let file = tokio::fs::File::open(&path).await.map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        // (A build that finishes after a newer snapshot was installed does not replace it.)
+        self.shared.keep_snapshot(&meta, path);
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
     }
 }
 
@@ -218,42 +261,84 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         GroupSnapshotBuilder { shared: self.shared.clone(), marker }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        let path = self.shared.new_snapshot_path("receiving");
+        let file = tokio::fs::OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        self.shared.receiving.lock().unwrap().push(path);
+        Ok(Box::new(file))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError<NodeId>> {
-        let data = snapshot.into_inner();
-        let SnapshotContent { sessions, versions } = bincode::deserialize(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let engine = self.shared.engine.clone();
-        let filter = self.shared.in_group();
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<tokio::fs::File>) -> Result<(), StorageError<NodeId>> {
+        let signature = meta.signature();
+        let read_error = |e: &std::io::Error| StorageIOError::read_snapshot(Some(signature.clone()), e);
+        let mut file = snapshot.into_std().await;
+        let inode = file.metadata().map_err(|e| read_error(&e))?.ino();
+        file.seek(std::io::SeekFrom::Start(0)).map_err(|e| read_error(&e))?;
+        let (engine, filter) = (self.shared.engine.clone(), self.shared.in_group());
         let delete_seq = meta.last_log_id.map_or(0, |l| l.index);
-        tokio::task::spawn_blocking(move || engine.import(filter, versions, delete_seq))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        // Records go into the engine one at a time; a damaged file fails the install (openraft
+        // then stops this replica's group rather than run on half a snapshot).
+        let installed = tokio::task::spawn_blocking(move || -> Result<(Sessions, std::fs::File), String> {
+            let (sessions, mut reader) = SnapshotReader::open(&mut file).map_err(|e| e.to_string())?;
+            let mut importer = engine.importer(filter);
+            while let Some(version) = reader.next_record().map_err(|e| e.to_string())? {
+                importer.add(version).map_err(|e| e.to_string())?;
+            }
+            importer.finish(delete_seq).map_err(|e| e.to_string())?;
+            drop(reader);
+            Ok((sessions, file))
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let (sessions, mut file) =
+            installed.map_err(|reason| StorageIOError::write_snapshot(Some(meta.signature()), &std::io::Error::other(reason)))?;
         let marker =
             AppliedMarker { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), sessions: sessions.clone() };
         self.shared.make_durable(marker).await?;
-        let mut progress = self.shared.progress.lock().unwrap();
-        progress.last_applied = meta.last_log_id;
-        progress.membership = meta.last_membership.clone();
-        progress.sessions = sessions;
-        progress.snapshot = Some((meta.clone(), Arc::new(data)));
+        tracing::info!(group = self.shared.group, snapshot = %meta.snapshot_id, last_log = ?meta.last_log_id, "installed snapshot");
+        {
+            let mut progress = self.shared.progress.lock().unwrap();
+            progress.last_applied = meta.last_log_id;
+            progress.membership = meta.last_membership.clone();
+            progress.sessions = sessions;
+        }
+        // The received file becomes the current snapshot (renamed when it is one this state
+        // machine created to receive into, copied otherwise); partial receptions are dropped.
+        let received: Vec<PathBuf> = std::mem::take(&mut *self.shared.receiving.lock().unwrap());
+        let kept = self.shared.new_snapshot_path("snap");
+        let mut renamed = false;
+        for path in received {
+            if !renamed && std::fs::metadata(&path).is_ok_and(|m| m.ino() == inode) && std::fs::rename(&path, &kept).is_ok() {
+                renamed = true;
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        if !renamed {
+            let copy = kept.clone();
+            let copied = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+                file.seek(std::io::SeekFrom::Start(0))?;
+                std::io::copy(&mut file, &mut std::fs::File::create(&copy)?)
+            })
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+            copied.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        }
+        self.shared.keep_snapshot(meta, kept);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let progress = self.shared.progress.lock().unwrap();
-        Ok(progress
-            .snapshot
-            .as_ref()
-            .map(|(meta, data)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(data.to_vec())) }))
+        let current = self.shared.progress.lock().unwrap().snapshot.clone();
+        let Some((meta, path)) = current else { return Ok(None) };
+        let file = tokio::fs::File::open(&path).await.map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
     }
 }
 

@@ -1,7 +1,5 @@
 //! openraft's type configuration and the commands a group's log carries.
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -79,7 +77,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
