@@ -144,16 +144,20 @@ fn rolling_restart_under_load_loses_nothing() {
     let writer = {
         let (client, stop, acked) = (client.clone(), stop.clone(), acked.clone());
         std::thread::spawn(move || {
-            let mut in_doubt = 0;
+            let (mut in_doubt, mut slowest) = (0, Duration::ZERO);
             let mut k = 0i64;
             while !stop.load(Ordering::Relaxed) {
-                match client.put("test", &Key::new("r", k), vec![Bin::new("v", Value::Int(k))], &WritePolicy::default()) {
+                let started = Instant::now();
+                let result = client.put("test", &Key::new("r", k), vec![Bin::new("v", Value::Int(k))], &WritePolicy::default());
+                slowest = slowest.max(started.elapsed());
+                match result {
                     Ok(_) => acked.lock().unwrap().push(k),
                     Err(ClientError::Server(ErrorReply::Timeout { in_doubt: true })) => in_doubt += 1,
                     Err(err) => panic!("write {k} failed: {err}"),
                 }
                 k += 1;
             }
+            eprintln!("rolling restart: slowest write {slowest:?}");
             in_doubt
         })
     };

@@ -78,6 +78,24 @@ pub struct Node {
     namespaces: HashMap<String, HostedNamespace>,
     /// Set when shutdown begins: new requests are turned away (safely retryable elsewhere).
     stopping: std::sync::atomic::AtomicBool,
+    /// Writes proposed and not answered yet (shutdown lets them finish).
+    writes_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a write in flight for as long as it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a std::sync::atomic::AtomicUsize) -> InFlight<'a> {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +178,7 @@ impl Node {
                 HostedNamespace { engine, groups: spec.groups, replication_factor: spec.replication_factor, local },
             );
         }
-        Ok(Arc::new(Node { config, wal, namespaces, stopping: Default::default() }))
+        Ok(Arc::new(Node { config, wal, namespaces, stopping: Default::default(), writes_in_flight: Default::default() }))
     }
 
     /// Leader of each group this node replicates, per namespace (None while electing).
@@ -172,10 +190,39 @@ impl Node {
     }
 
     /// Stops the Raft groups and closes engines and WAL cleanly. Requests arriving from now on
-    /// are answered NotLeader (nothing proposed: the client retries elsewhere); a proposal cut
-    /// short by the stop is answered in doubt.
+    /// are answered NotLeader (nothing proposed: the client retries elsewhere); writes already
+    /// proposed are given up to `request_timeout` to be committed and answered, and the groups
+    /// this node leads up to a second for their followers to hold the whole log. Then the
+    /// groups stop (a proposal still cut short is answered in doubt) and the followers elect a
+    /// new leader once the leader lease (election-timeout-max) has passed: openraft 0.9.25 has
+    /// no leadership transfer (TimeoutNow), and its followers refuse votes while the lease lasts.
     pub async fn shutdown(&self) {
-        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering;
+        self.stopping.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        while self.writes_in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let unanswered = self.writes_in_flight.load(Ordering::SeqCst);
+        if unanswered > 0 {
+            tracing::warn!(unanswered, "shutting down with writes still in flight (they are answered in doubt)");
+        }
+        let me = self.config.node_id;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        for hosted in self.namespaces.values() {
+            for group in hosted.local.values() {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let _ = group.raft.wait(Some(left)).metrics(
+                    |m| {
+                        let last = m.last_log_index;
+                        m.current_leader != Some(me)
+                            || m.replication.as_ref().is_some_and(|r| r.iter().all(|(id, matched)| *id == me || matched.map(|l| l.index) >= last))
+                    },
+                    "followers hold the whole log",
+                )
+                .await;
+            }
+        }
         for hosted in self.namespaces.values() {
             for group in hosted.local.values() {
                 let _ = group.raft.shutdown().await;
@@ -209,6 +256,7 @@ impl Node {
                 if leader != Some(self.config.node_id) {
                     return Response::Error(ErrorReply::NotLeader { leader });
                 }
+                let _in_flight = InFlight::new(&self.writes_in_flight);
                 let command = Command { key, op, policy, now_ms: crate::engine::SystemClock.now_ms(), tag: Some(tag) };
                 let proposed = tokio::time::timeout(self.config.request_timeout, group.raft.client_write(command)).await;
                 match proposed {
