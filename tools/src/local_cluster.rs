@@ -66,6 +66,8 @@ pub struct UpOptions {
     pub nodes: u64,
     /// Bytes of each node's device for namespace "test".
     pub device_bytes: u64,
+    /// Raft groups of namespace "test" (a power of two).
+    pub groups: u32,
     /// Extra top-level lines for every chunkd.toml (`KEY = VALUE`, TOML).
     pub chunkd_options: Vec<String>,
 }
@@ -88,7 +90,7 @@ fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replicatio
     for other in &cluster.nodes {
         text += &format!("[[nodes]]\nid = {}\nclient = \"{}\"\npeer = \"{}\"\n\n", other.id, other.client, other.peer);
     }
-    text += &format!("[[namespaces]]\nname = \"test\"\nreplication-factor = {replication_factor}\ngroups = 16\ndevice-size = {device_bytes}\n");
+    text += &format!("[[namespaces]]\nname = \"test\"\nreplication-factor = {replication_factor}\ngroups = {}\ndevice-size = {device_bytes}\n", options.groups);
     let path = node_dir.join("chunkd.toml");
     std::fs::write(&path, text)?;
     Ok(path)
@@ -112,6 +114,9 @@ pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result
         Err(_) => {
             if nodes == 0 {
                 bail!("--nodes must be at least 1");
+            }
+            if !options.groups.is_power_of_two() || options.groups > 4096 {
+                bail!("--groups {} must be a power of two up to 4096", options.groups);
             }
             let mut fresh = Vec::new();
             for id in 1..=nodes {

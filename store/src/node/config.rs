@@ -5,7 +5,12 @@
 //! node-id = 1
 //! client-listen = "127.0.0.1:7401"   # clients connect here
 //! peer-listen = "127.0.0.1:7501"     # other nodes connect here (Raft)
-//! data-dir = "/var/lib/chunkstore"   # WAL and, by default, namespace devices
+//! data-dir = "/var/lib/chunkstore"   # WAL, snapshots and, by default, namespace devices
+//! heartbeat-ms = 100                 # Raft heartbeat; default 100
+//! election-timeout-ms = [800, 1600]  # Raft election timeout range; default [800, 1600]
+//! request-timeout-ms = 5000          # a request not done by then is answered Timeout; default 5000
+//! snapshot-after-entries = 5000      # log entries between a group's snapshots; default 5000
+//! entries-kept-after-snapshot = 1000 # log kept behind a snapshot; default 1000
 //!
 //! [[nodes]]                          # every node of the cluster (static for now)
 //! id = 1

@@ -36,6 +36,9 @@ enum Commands {
         /// Bytes of each node's device for namespace "test".
         #[arg(long, default_value_t = 256 << 20)]
         device_size: u64,
+        /// Raft groups of namespace "test" (a power of two up to 4096).
+        #[arg(long, default_value_t = 16)]
+        groups: u32,
         /// An extra top-level setting for every node's chunkd.toml, as KEY=VALUE in TOML
         /// (repeatable; for example request-timeout-ms=2000, or the unsafe-* test options).
         #[arg(long = "chunkd-option", value_name = "KEY=VALUE", value_parser = parse_chunkd_option)]
@@ -116,17 +119,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     chunkstore_tools::logging::init("warn");
     let result = match cli.command {
-        Commands::Up { nodes, device_size, chunkd_options } => {
+        Commands::Up { nodes, device_size, groups, chunkd_options } => {
             let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
             let options = local_cluster::UpOptions {
                 nodes,
                 device_bytes: device_size,
+                groups,
                 chunkd_options: chunkd_options.iter().map(|o| o.replacen('=', " = ", 1)).collect(),
             };
             local_cluster::up(&dir, &options, &mut |line| eprintln!("{line}")).map(|cluster| {
                 let seeds = cluster.seeds().join(",");
                 let me = std::env::args().next().unwrap_or_else(|| "chunkctl".into());
-                println!("chunkstore is up: {} nodes, namespace \"test\" (16 groups, replication factor {})", cluster.nodes.len(), cluster.nodes.len().min(3));
+                println!("chunkstore is up: {} nodes, namespace \"test\" ({groups} groups, replication factor {})", cluster.nodes.len(), cluster.nodes.len().min(3));
                 println!("  seeds: {seeds}");
                 println!("  try:   {me} --dir {} put test demo k1 greeting=hello", dir.display());
                 println!("         {me} --dir {} get test demo k1", dir.display());
