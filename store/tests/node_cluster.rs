@@ -126,6 +126,18 @@ async fn three_nodes_over_tcp_replicate_and_serve_reads() {
             }
         }
     }
+    // The async client API, on this test's runtime: routing, writes with their tags, reads.
+    let seeds: Vec<String> = addrs.values().cloned().collect();
+    let client = chunkstore::client::AsyncClient::connect(chunkstore::client::ClientConfig::new(seeds)).await.unwrap();
+    let add = vec![Operation::Add { bin: "n".into(), delta: 100 }];
+    let (meta, _) = client.operate("test", &Key::new("s", 3i64), add, &WritePolicy::default()).await.unwrap();
+    assert_eq!(meta.generation, 2);
+    let record = client.get("test", &Key::new("s", 3i64), None).await.unwrap().unwrap();
+    assert_eq!(record.bin("n"), Some(&Value::Int(103)), "session read after the client's own write");
+    client.delete("test", &Key::new("s", 3i64), &WritePolicy::default()).await.unwrap();
+    assert_eq!(client.get_with("test", &Key::new("s", 3i64), None, ReadPolicy::Linearizable).await.unwrap(), None);
+    assert!(matches!(client.get("nope", &Key::new("s", 1i64), None).await, Err(chunkstore::client::ClientError::UnknownNamespace(_))));
+
     let unknown = Request::Get { namespace: "nope".into(), key: Key::new("s", 1i64), bins: None, read: ReadPolicy::Session, min_index: 0 };
     let response = Connection::new(addrs[&1].clone()).call(&unknown, Duration::from_secs(5)).await.unwrap();
     assert_eq!(response, Response::Error(ErrorReply::UnknownNamespace("nope".into())));

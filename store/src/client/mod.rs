@@ -20,7 +20,10 @@
 //!   before any attempt could have been applied).
 //! - **A forked child never reuses its parent's client id or connections.**
 
+mod async_client;
 mod connection;
+
+pub use async_client::AsyncClient;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
