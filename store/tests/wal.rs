@@ -220,3 +220,42 @@ fn a_lost_sector_ends_the_log_instead_of_leaving_a_gap() {
     let indexes: Vec<u64> = entries.iter().map(|(i, _, _)| *i).collect();
     assert_eq!(indexes, (1..=indexes.len() as u64).collect::<Vec<_>>(), "no gaps");
 }
+
+/// Only a newest segment whose creation was cut short (nothing past its header sector) is
+/// removed at open; a newest segment holding records behind a damaged header is corruption,
+/// refused with the file left untouched.
+#[test]
+fn a_damaged_newest_segment_holding_records_is_refused_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(WalConfig::new(dir.path())).unwrap();
+    for index in 1..=5u64 {
+        wal.append_blocking(7, &[WalOp::Entry { index, term: 1, payload: vec![index as u8; 100] }]).unwrap();
+    }
+    drop(wal);
+    let newest = segment_files(dir.path()).pop().unwrap();
+    let good = std::fs::read(&newest).unwrap();
+
+    // A creation cut short: one more segment holding part of a header only.
+    let next = dir.path().join(format!("wal-{}.log", segment_files(dir.path()).len() + 100));
+    std::fs::write(&next, &good[..10]).unwrap();
+    let wal = Wal::open(WalConfig::new(dir.path())).unwrap();
+    assert!(!next.exists(), "the unfinished segment was removed");
+    assert_eq!(wal.log_state(7).last, Some((5, 1)));
+    drop(wal);
+
+    // The segment holding the entries (no longer the newest after that open: make it so again).
+    for file in segment_files(dir.path()) {
+        if file != newest {
+            std::fs::remove_file(file).unwrap();
+        }
+    }
+    let mut damaged = good.clone();
+    damaged[0] ^= 0xff;
+    std::fs::write(&newest, &damaged).unwrap();
+    match Wal::open(WalConfig::new(dir.path())) {
+        Err(WalError::Corrupt { .. }) => {}
+        Err(other) => panic!("expected corruption, got {other}"),
+        Ok(_) => panic!("a segment holding records behind a damaged header was accepted"),
+    }
+    assert_eq!(std::fs::read(&newest).unwrap(), damaged, "the damaged segment is left as it was");
+}
