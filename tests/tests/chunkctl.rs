@@ -36,4 +36,14 @@ fn bad_arguments_are_clear_errors() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("--writers"));
     let output = run("chunkctl", &["bench", "engine", "--writers", "x"]);
     assert!(!output.status.success());
+    // A malformed operate step is refused before anything is sent (no cluster is needed).
+    for (op, says) in [("add:n=x", "not an integer"), ("frobnicate:n", "not an operation"), ("write-bytes:b=1", "BIN@OFFSET")] {
+        let output = run("chunkctl", &["--seeds", "127.0.0.1:1", "operate", "test", "s", "k", op]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains(says), "{op}: {stderr}");
+    }
+    let dir = std::env::temp_dir().join(format!("chunkctl-bad-groups-{}", std::process::id()));
+    let output = run("chunkctl", &["--dir", dir.to_str().unwrap(), "up", "--groups", "3"]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("power of two"), "{output:?}");
+    assert!(!dir.exists(), "nothing is created for a refused cluster");
 }

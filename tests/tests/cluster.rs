@@ -105,6 +105,14 @@ fn leader_killed_during_writes_loses_no_acknowledged_write() {
     let record = client.get("test", &Key::new("s", 399i64), None).unwrap().unwrap();
     assert_eq!(record.bin("v"), Some(&Value::Int(399 * 7)));
 
+    // Ad-hoc operate from the command line: steps applied in order, read results printed.
+    let output = chunkctl(dir, &["operate", "test", "demo", "k1", "add:n=5", "append:s=ab", "write-bytes:b@2=xy", "read:n", "read:b"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout, "written: generation 1\nn = 5\nb = <4 bytes>\n", "{stdout}");
+    let record = client.get("test", &Key::new("demo", "k1"), None).unwrap().unwrap();
+    assert_eq!(record.bin("b"), Some(&Value::Bytes(b"\0\0xy".to_vec())));
+    assert_eq!(record.bin("s"), Some(&Value::String("ab".into())));
+
     // The kv benchmark's contract fields, on the recovered cluster (a short run).
     let bench = chunkctl(dir, &["bench", "kv", "--clients", "1,2", "--seconds", "0.5", "--json"]);
     let report = chunkstore_tests::last_json_line(&bench);

@@ -100,6 +100,9 @@ fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replicatio
 /// has a leader.
 pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result<LocalCluster> {
     let nodes = options.nodes;
+    if !options.groups.is_power_of_two() || options.groups > 4096 {
+        bail!("--groups {} must be a power of two up to 4096", options.groups);
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = &dir.canonicalize()?;
     let mut cluster = match LocalCluster::load(dir) {
@@ -114,9 +117,6 @@ pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result
         Err(_) => {
             if nodes == 0 {
                 bail!("--nodes must be at least 1");
-            }
-            if !options.groups.is_power_of_two() || options.groups > 4096 {
-                bail!("--groups {} must be a power of two up to 4096", options.groups);
             }
             let mut fresh = Vec::new();
             for id in 1..=nodes {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chunkstore::client::{Client, ClientConfig};
-use chunkstore::{Bin, Key, Value, WritePolicy};
+use chunkstore::{Bin, Key, Operation, Value, WritePolicy};
 use chunkstore_tools::bench::{self, BenchOptions};
 use chunkstore_tools::local_cluster::{self, LocalCluster};
 use clap::{Parser, Subcommand};
@@ -57,6 +57,17 @@ enum Commands {
     Put { namespace: String, set: String, key: String, bins: Vec<String> },
     /// Delete a record (durably): NAMESPACE SET KEY.
     Delete { namespace: String, set: String, key: String },
+    /// Apply operations to one record atomically, in order: NAMESPACE SET KEY OP...
+    /// OP is one of read:BIN, read-all, write:BIN=VALUE, add:BIN=N, append:BIN=VALUE,
+    /// prepend:BIN=VALUE, write-bytes:BIN@OFFSET=TEXT (zero-fills a gap),
+    /// truncate:BIN=LENGTH, delete-bin:BIN, delete-record. Integer values are integers.
+    Operate {
+        namespace: String,
+        set: String,
+        key: String,
+        #[arg(required = true)]
+        ops: Vec<String>,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -167,6 +178,19 @@ fn main() -> ExitCode {
             println!("deleted");
             Ok(())
         }),
+        Commands::Operate { ref namespace, ref set, ref key, ref ops } => (|| {
+            let ops = ops.iter().map(|op| parse_operation(op)).collect::<Result<Vec<_>>>()?;
+            let client = client(&cli)?;
+            let (meta, results) = client.operate(namespace, &user_key(set, key), ops, &WritePolicy::default())?;
+            println!("written: generation {}", meta.generation);
+            for result in results {
+                match result.value {
+                    Some(value) => println!("{} = {}", result.bin, show(&value)),
+                    None => println!("{} = (none)", result.bin),
+                }
+            }
+            Ok(())
+        })(),
         Commands::Bench(BenchCommand::Kv { ref clients, seconds, read_policy, ref namespace, json }) => (|| {
             let (seeds, baseline_dir) = match (&cli.seeds, &cli.dir) {
                 (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data")),
@@ -240,6 +264,41 @@ fn parse_bin(text: &str) -> Result<Bin> {
         Err(_) => Value::String(value.to_owned()),
     };
     Ok(Bin::new(name, value))
+}
+
+/// One `operate` step from its command-line form (see `chunkctl operate --help`).
+fn parse_operation(text: &str) -> Result<Operation> {
+    let (kind, arg) = text.split_once(':').unwrap_or((text, ""));
+    let bin_value = || -> Result<(String, Value)> {
+        let bin = parse_bin(arg).with_context(|| format!("{text:?}: expected {kind}:BIN=VALUE"))?;
+        Ok((bin.name, bin.value))
+    };
+    let integer = |value: &str, what: &str| value.parse::<i64>().with_context(|| format!("{text:?}: {what} {value:?} is not an integer"));
+    Ok(match kind {
+        "read" if !arg.is_empty() => Operation::Read { bin: arg.to_owned() },
+        "read-all" => Operation::ReadAll,
+        "write" => Operation::Write(parse_bin(arg)?),
+        "add" => {
+            let (bin, value) = arg.split_once('=').with_context(|| format!("{text:?}: expected add:BIN=N"))?;
+            Operation::Add { bin: bin.to_owned(), delta: integer(value, "the delta")? }
+        }
+        "append" => bin_value().map(|(bin, value)| Operation::Append { bin, value })?,
+        "prepend" => bin_value().map(|(bin, value)| Operation::Prepend { bin, value })?,
+        "write-bytes" => {
+            let (target, data) = arg.split_once('=').with_context(|| format!("{text:?}: expected write-bytes:BIN@OFFSET=TEXT"))?;
+            let (bin, offset) = target.split_once('@').with_context(|| format!("{text:?}: expected write-bytes:BIN@OFFSET=TEXT"))?;
+            let offset = u64::try_from(integer(offset, "the offset")?).with_context(|| format!("{text:?}: negative offset"))?;
+            Operation::WriteBytesAt { bin: bin.to_owned(), offset, data: data.as_bytes().to_vec(), zero_fill: true }
+        }
+        "truncate" => {
+            let (bin, len) = arg.split_once('=').with_context(|| format!("{text:?}: expected truncate:BIN=LENGTH"))?;
+            let len = u64::try_from(integer(len, "the length")?).with_context(|| format!("{text:?}: negative length"))?;
+            Operation::TruncateBytes { bin: bin.to_owned(), len }
+        }
+        "delete-bin" if !arg.is_empty() => Operation::DeleteBin { bin: arg.to_owned() },
+        "delete-record" => Operation::DeleteRecord,
+        _ => anyhow::bail!("{text:?} is not an operation (see chunkctl operate --help)"),
+    })
 }
 
 fn show(value: &Value) -> String {
