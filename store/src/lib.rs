@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod key;
+pub mod meta;
 pub mod node;
 pub mod ops;
 pub mod protocol;

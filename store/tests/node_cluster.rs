@@ -13,41 +13,65 @@ use chunkstore::{DeviceConfig, Key, NamespaceConfig, Operation, Value, WriteOp, 
 
 const GROUPS: u32 = 4;
 
-async fn start_cluster(dir: &std::path::Path) -> (Vec<Arc<Node>>, HashMap<u64, String>) {
+fn node_config(id: u64, nodes: &[(u64, String)], dir: &std::path::Path, groups: u32) -> NodeConfig {
+    let data_dir = dir.join(format!("node{id}"));
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let engine = NamespaceConfig {
+        write_block_size: 64 * 1024,
+        commit_to_device: false,
+        flush_max_ms: 50,
+        ..NamespaceConfig::new("test", vec![DeviceConfig { path: data_dir.join("test.dat"), size: Some(32 << 20) }])
+    };
+    NodeConfig {
+        node_id: id,
+        nodes: nodes.to_vec(),
+        client_addresses: nodes.to_vec(),
+        seeds: Vec::new(),
+        data_dir,
+        namespaces: vec![NamespaceSpec { engine, replication_factor: 3, groups }],
+        heartbeat_ms: 50,
+        election_timeout_ms: (300, 600),
+        request_timeout: Duration::from_secs(5),
+        snapshot_after_entries: 5000,
+        entries_kept_after_snapshot: 1000,
+        unsafe_skip_dedup: false,
+    }
+}
+
+/// Starts `count` nodes, serving one listener each (clients and peers alike), and waits until
+/// every one has joined the cluster.
+async fn start_cluster(dir: &std::path::Path, count: u64) -> (Vec<Arc<Node>>, HashMap<u64, String>, Vec<tokio::task::JoinHandle<()>>) {
     let mut listeners = Vec::new();
-    for id in 1..=3u64 {
+    for id in 1..=count {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         listeners.push((id, listener));
     }
     let nodes: Vec<(u64, String)> = listeners.iter().map(|(id, l)| (*id, l.local_addr().unwrap().to_string())).collect();
     let mut started = Vec::new();
+    let mut servers = Vec::new();
     for (id, listener) in listeners {
-        let data_dir = dir.join(format!("node{id}"));
-        std::fs::create_dir_all(&data_dir).unwrap();
-        let engine = NamespaceConfig {
-            write_block_size: 64 * 1024,
-            commit_to_device: false,
-            flush_max_ms: 50,
-            ..NamespaceConfig::new("test", vec![DeviceConfig { path: data_dir.join("test.dat"), size: Some(32 << 20) }])
-        };
-        let config = NodeConfig {
-            node_id: id,
-            nodes: nodes.clone(),
-            client_addresses: nodes.clone(),
-            data_dir,
-            namespaces: vec![NamespaceSpec { engine, replication_factor: 3, groups: GROUPS }],
-            heartbeat_ms: 50,
-            election_timeout_ms: (300, 600),
-            request_timeout: Duration::from_secs(5),
-            snapshot_after_entries: 5000,
-            entries_kept_after_snapshot: 1000,
-            unsafe_skip_dedup: false,
-        };
-        let node = Node::start(config).await.unwrap();
-        tokio::spawn(serve(listener, node.clone()));
+        let node = Node::start(node_config(id, &nodes, dir, GROUPS)).await.unwrap();
+        servers.push(tokio::spawn(serve(listener, node.clone())));
         started.push(node);
     }
-    (started, nodes.into_iter().collect())
+    let joins: Vec<_> = started.iter().map(|node| tokio::spawn({
+        let node = node.clone();
+        async move { node.join().await }
+    })).collect();
+    for join in joins {
+        join.await.unwrap().unwrap();
+    }
+    (started, nodes.into_iter().collect(), servers)
+}
+
+/// Binds `addr` once the listener that had it is gone.
+async fn bind_again(addr: &str) -> tokio::net::TcpListener {
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => return listener,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// Sends `request` to `node`, following NotLeader hints; returns the final response.
@@ -68,7 +92,7 @@ async fn call_leader(addrs: &HashMap<u64, String>, mut node: u64, request: Reque
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_over_tcp_replicate_and_serve_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let (nodes, addrs) = start_cluster(dir.path()).await;
+    let (nodes, addrs, _servers) = start_cluster(dir.path(), 3).await;
     // Every group gets a leader, and every node replicates every group (RF 3 on 3 nodes).
     let deadline = Instant::now() + Duration::from_secs(20);
     while nodes.iter().any(|n| n.leaders("test").iter().any(|(_, leader)| leader.is_none())) {
@@ -143,5 +167,69 @@ async fn three_nodes_over_tcp_replicate_and_serve_reads() {
     assert_eq!(response, Response::Error(ErrorReply::UnknownNamespace("nope".into())));
     for node in &nodes {
         node.shutdown().await;
+    }
+}
+
+/// Six nodes: the lowest five vote in the metadata group, the sixth learns the metadata from
+/// them. Every node hands out the same cluster map (placement from the metadata, the same
+/// metadata voters). A node restarted with a configuration that disagrees with the metadata
+/// (another number of groups) refuses to join and says what differs; restarted with its
+/// original configuration it joins again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metadata_group_bootstraps_and_refuses_a_disagreeing_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, addrs, servers) = start_cluster(dir.path(), 6).await;
+    let mut maps = Vec::new();
+    for node in 1..=6u64 {
+        match Connection::new(addrs[&node].clone()).call(&Request::ClusterMap, Duration::from_secs(5)).await.unwrap() {
+            Response::ClusterMap(map) => maps.push(map),
+            other => panic!("node {node}: {other:?}"),
+        }
+    }
+    for map in &maps {
+        assert_eq!(map.metadata_voters, vec![1, 2, 3, 4, 5]);
+        assert_eq!(map.nodes.len(), 6);
+        assert_eq!(map.namespaces.len(), 1);
+        assert_eq!(map.namespaces[0].replicas, maps[0].namespaces[0].replicas, "every node uses the same placement");
+        assert_eq!(map.namespaces[0].replicas.len(), GROUPS as usize);
+    }
+    assert_eq!(maps[5].metadata_leader, None, "node 6 is not a metadata voter");
+    assert!(maps[0].metadata_leader.is_some_and(|l| (1..=5).contains(&l)));
+    // The metadata log pins no WAL segment: every voter purges it up to its last entry.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nodes[..5].iter().all(|n| matches!(n.metadata_log(), (Some(purged), Some(last)) if purged == last)) {
+        let logs: Vec<_> = nodes.iter().map(|n| n.metadata_log()).collect();
+        assert!(Instant::now() < deadline, "metadata logs not purged: {logs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(nodes[5].metadata_log(), (None, None), "node 6 keeps no metadata log");
+    // Node 6 hosts exactly the groups the placement gives it.
+    let hosted: Vec<u32> = nodes[5].leaders("test").iter().map(|(g, _)| *g).collect();
+    let placed: Vec<u32> = (0..GROUPS).filter(|g| maps[0].namespaces[0].replicas[*g as usize].contains(&6)).collect();
+    assert_eq!(hosted, placed);
+
+    // Node 2 comes back configured with 8 groups: refused, with the difference named.
+    let peers: Vec<(u64, String)> = (1..=6u64).map(|id| (id, addrs[&id].clone())).collect();
+    nodes[1].shutdown().await;
+    servers[1].abort();
+    let listener = bind_again(&addrs[&2]).await;
+    let wrong = Node::start(node_config(2, &peers, dir.path(), 8)).await.unwrap();
+    let server = tokio::spawn(serve(listener, wrong.clone()));
+    let refused = wrong.join().await.expect_err("a node configured with other groups must not join");
+    assert!(refused.to_string().contains("groups 8 configured, the cluster has 4"), "{refused}");
+    wrong.shutdown().await;
+    drop(wrong);
+    server.abort();
+    let _ = server.await;
+    let listener = bind_again(&addrs[&2]).await;
+    let again = Node::start(node_config(2, &peers, dir.path(), GROUPS)).await.unwrap();
+    tokio::spawn(serve(listener, again.clone()));
+    again.join().await.unwrap();
+    assert_eq!(again.leaders("test").len(), (0..GROUPS).filter(|g| maps[0].namespaces[0].replicas[*g as usize].contains(&2)).count());
+    again.shutdown().await;
+    for (i, node) in nodes.iter().enumerate() {
+        if i != 1 {
+            node.shutdown().await;
+        }
     }
 }

@@ -45,6 +45,9 @@ fn leader_killed_during_writes_loses_no_acknowledged_write() {
     let status_before = status(dir);
     let groups = status_before["groups"].as_array().unwrap();
     assert_eq!(groups.len(), 16);
+    let metadata = &status_before["metadata"];
+    assert_eq!(metadata["voters"], serde_json::json!([1, 2, 3]), "{status_before}");
+    assert!(metadata["leader"].is_u64() && metadata["state"] == "ok", "{status_before}");
     for group in groups {
         assert_eq!(group["state"], "ok", "{group}");
         assert_eq!(group["replicas"].as_array().unwrap().len(), 3);
@@ -392,4 +395,39 @@ fn a_restarted_node_catches_up_from_snapshots() {
         }
         chunkctl(dir, &["up"]);
     }
+}
+
+/// The cluster metadata decides: a node restarted with a configuration that disagrees with it
+/// (another number of groups for a namespace) exits at start and says what differs, and
+/// `chunkctl up` reports that at once; with its configuration put back, the node rejoins.
+#[test]
+fn a_node_whose_configuration_disagrees_with_the_cluster_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    chunkctl(dir, &["up", "--nodes", "3", "--device-size", "67108864"]);
+    let _down = Down(dir);
+    let pid = node_field(dir, 3, "pid").as_u64().unwrap() as i32;
+    // SAFETY: plain syscalls on a process this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(Instant::now() < deadline, "node 3 did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let config_path = dir.join("node3/chunkd.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    assert!(config.contains("groups = 16"), "{config}");
+    std::fs::write(&config_path, config.replace("groups = 16", "groups = 32")).unwrap();
+    let started = Instant::now();
+    let refused = run("chunkctl", &["--dir", dir.to_str().unwrap(), "up"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "node 3 started with a disagreeing configuration");
+    assert!(stderr.contains("node 3 exited"), "{stderr}");
+    assert!(stderr.contains("groups 32 configured, the cluster has 16"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30), "chunkctl up took {:?} to notice", started.elapsed());
+
+    std::fs::write(&config_path, config).unwrap();
+    chunkctl(dir, &["up"]);
+    let now = status(dir);
+    assert!(now["groups"].as_array().unwrap().iter().all(|g| g["state"] == "ok"), "{now}");
 }

@@ -127,6 +127,7 @@ pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result
     };
     let replication_factor = cluster.nodes.len().min(3);
     let chunkd = chunkd_binary()?;
+    let mut started = Vec::new();
     for index in 0..cluster.nodes.len() {
         let node = cluster.nodes[index].clone();
         if node.pid.is_some_and(is_running) {
@@ -154,16 +155,26 @@ pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result
                 .with_context(|| format!("starting {}", chunkd.display()))?
         };
         cluster.nodes[index].pid = Some(child.id());
+        started.push((node.id, child));
     }
     cluster.save(dir)?;
-    wait_for_leaders(&cluster, Duration::from_secs(60)).with_context(|| format!("see the logs in {}/node*/chunkd.log", dir.display()))?;
+    wait_for_leaders(dir, &cluster, Duration::from_secs(60), &mut started)
+        .with_context(|| format!("see the logs in {}/node*/chunkd.log", dir.display()))?;
     Ok(cluster)
 }
 
-/// Waits until, on every node, every group it replicates knows its leader.
-pub fn wait_for_leaders(cluster: &LocalCluster, timeout: Duration) -> Result<()> {
+/// Waits until, on every node, every group it replicates knows its leader. Fails at once,
+/// quoting the end of its log, if one of the `started` nodes exits meanwhile.
+pub fn wait_for_leaders(dir: &Path, cluster: &LocalCluster, timeout: Duration, started: &mut [(u64, std::process::Child)]) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
+        for (id, child) in started.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(dir.join(format!("node{id}")).join("chunkd.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+                bail!("node {id} exited ({status}) while starting; the end of its log:\n{}", tail.join("\n"));
+            }
+        }
         let mut ready = true;
         for node in &cluster.nodes {
             let config = ClientConfig { timeout: Duration::from_secs(2), retries_max: 0, ..ClientConfig::new(vec![node.client.clone()]) };

@@ -61,10 +61,23 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
     let node = Node::start(node_config).await.map_err(|e| e.to_string())?;
     tokio::spawn(serve(client, node.clone()));
     tokio::spawn(serve(peer, node.clone()));
-    tracing::info!(node = config.node_id, client = %config.client_listen, peer = %config.peer_listen, "chunkd ready");
+    let stop = async {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    tokio::pin!(stop);
     tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        joined = node.join() => {
+            if let Err(err) = joined {
+                node.shutdown().await;
+                return Err(err.to_string());
+            }
+            tracing::info!(node = config.node_id, client = %config.client_listen, peer = %config.peer_listen, "chunkd ready");
+            stop.await;
+        }
+        _ = &mut stop => {}
     }
     node.shutdown().await;
     tracing::info!(node = config.node_id, "finished clean shutdown");

@@ -12,9 +12,12 @@
 //! snapshot-after-entries = 5000      # log entries between a group's snapshots; default 5000
 //! entries-kept-after-snapshot = 1000 # log kept behind a snapshot; default 1000
 //!
-//! [[nodes]]                          # every node of the cluster (static for now)
-//! id = 1
-//! client = "127.0.0.1:7401"
+//! seeds = ["10.0.0.1:7501"]          # peers asked for the cluster metadata; default: the
+//!                                    # metadata voters' peer addresses from [[nodes]]
+//!
+//! [[nodes]]                          # every node of the cluster: bootstraps the cluster
+//! id = 1                             # metadata on first start, and must agree with it after
+//! client = "127.0.0.1:7401"          # (the lowest 5 ids are the metadata group's voters)
 //! peer = "127.0.0.1:7501"
 //!
 //! [[namespaces]]
@@ -45,6 +48,10 @@ pub struct ChunkdConfig {
     pub peer_listen: String,
     pub data_dir: PathBuf,
     pub nodes: Vec<NodeAddress>,
+    /// Peer addresses asked for the cluster metadata by a node that is not one of the
+    /// metadata group's voters. Default: the voters' peer addresses from `nodes`.
+    #[serde(default)]
+    pub seeds: Vec<String>,
     #[serde(default)]
     pub namespaces: Vec<NamespaceToml>,
     /// Raft heartbeat, milliseconds. Default 100.
@@ -184,6 +191,7 @@ impl ChunkdConfig {
             node_id: self.node_id,
             nodes: self.nodes.iter().map(|n| (n.id, n.peer.clone())).collect(),
             client_addresses: self.nodes.iter().map(|n| (n.id, n.client.clone())).collect(),
+            seeds: self.seeds.clone(),
             data_dir: self.data_dir.clone(),
             namespaces,
             heartbeat_ms: self.heartbeat_ms,

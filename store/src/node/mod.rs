@@ -1,12 +1,18 @@
-//! A chunkstore node as a library: the WAL, one engine per namespace, one Raft instance per
-//! group this node replicates, and the request handler behind the server. (`chunkd` will be a
-//! thin binary around it.)
+//! A chunkstore node as a library: the WAL, the metadata group (on its voters), one engine per
+//! namespace, one Raft instance per group this node replicates, and the request handler behind
+//! the server. `chunkd` is a thin binary around it.
+//!
+//! Life cycle: `Node::start` opens the WAL and starts the metadata group; the caller then serves
+//! the node's listeners and calls `Node::join`, which learns the cluster metadata (bootstrapping
+//! it on a fresh cluster), checks the configuration against it, and starts the partition groups.
+//! Until then, client requests are answered NotLeader (retry elsewhere or later).
 //!
 //! Invariants:
 //! - **A write is answered `Written` only after its Raft entry is committed and applied**;
 //!   any doubt (a timeout, a lost leader) is `Timeout { in_doubt: true }`, never success.
 //! - **A node only proposes writes for groups it leads**; others get `NotLeader` with a hint.
-//! - **Every node computes the same placement** (`placement::replicas`).
+//! - **Every node uses the same placement**: the one stored in the cluster metadata.
+//! - **A node whose configuration disagrees with the cluster metadata does not start.**
 
 pub mod config;
 pub mod placement;
@@ -15,13 +21,14 @@ pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::BasicNode;
 
 use crate::engine::{Clock, Namespace, OpenOptions};
+use crate::meta::{self, ClusterMeta, MetaCommand, MetaRaft, MetaStateMachine, MetaTypeConfig, NodeInfo, META_NAMESPACE, META_WAL_GROUP};
 use crate::protocol::{ClusterMap, ErrorReply, NamespaceMap, ReadPolicy, Request, Response};
 use crate::raft::{group_of, Outcome, Refusal, Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, RaftInstance, WriteFailure};
 use crate::wal::{Wal, WalConfig};
@@ -41,10 +48,14 @@ pub struct NamespaceSpec {
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub node_id: NodeId,
-    /// Every node of the cluster: (id, peer address). Static until the metadata group lands.
+    /// Every node of the cluster: (id, peer address). Bootstraps the cluster metadata, and must
+    /// agree with it afterwards.
     pub nodes: Vec<(NodeId, String)>,
-    /// Every node's client address, for the cluster map.
+    /// Every node's client address (part of the cluster metadata too).
     pub client_addresses: Vec<(NodeId, String)>,
+    /// Peer addresses a node that is not a metadata voter asks for the cluster metadata
+    /// (empty: the voters' peer addresses from `nodes`).
+    pub seeds: Vec<String>,
     pub data_dir: PathBuf,
     pub namespaces: Vec<NamespaceSpec>,
     /// Raft timing, milliseconds.
@@ -67,15 +78,29 @@ struct Group {
 struct HostedNamespace {
     engine: Arc<Namespace>,
     groups: u32,
-    replication_factor: usize,
     /// The groups this node replicates.
     local: HashMap<u32, Group>,
+}
+
+/// What a node knows once it has joined the cluster.
+struct Joined {
+    cluster: ClusterMeta,
+    namespaces: HashMap<String, HostedNamespace>,
 }
 
 pub struct Node {
     config: NodeConfig,
     wal: Arc<Wal>,
-    namespaces: HashMap<String, HostedNamespace>,
+    raft_config: Arc<openraft::Config>,
+    /// Peer addresses.
+    peers: raft_network::Peers,
+    /// The cluster metadata this node knows (applied by the metadata group on its voters,
+    /// remembered from a voter on other nodes).
+    meta_state: MetaStateMachine,
+    /// This node's member of the metadata group, when it is one of the voters.
+    meta_raft: Option<MetaRaft>,
+    /// Set once by `join`.
+    joined: OnceLock<Joined>,
     /// Set when shutdown begins: new requests are turned away (safely retryable elsewhere).
     stopping: std::sync::atomic::AtomicBool,
     /// Writes proposed and not answered yet (shutdown lets them finish).
@@ -111,15 +136,14 @@ pub enum NodeError {
 }
 
 impl Node {
-    /// Opens everything and starts the Raft groups this node replicates. A group whose log is
-    /// empty is initialized by its preferred leader (the first of its placement).
+    /// Opens the WAL and starts this node's member of the metadata group (if it is one of the
+    /// voters: the lowest `META_VOTERS_MAX` ids; the lowest initializes a fresh group). Serve the
+    /// node, then call `join`.
     pub async fn start(config: NodeConfig) -> Result<Arc<Node>, NodeError> {
         if !config.nodes.iter().any(|(id, _)| *id == config.node_id) {
             return Err(NodeError::Config(format!("node {} is not in the node list", config.node_id)));
         }
         let wal = Arc::new(Wal::open(WalConfig::new(config.data_dir.join("wal")))?);
-        let node_ids: Vec<NodeId> = config.nodes.iter().map(|(id, _)| *id).collect();
-        let peers = Arc::new(config.nodes.iter().cloned().collect::<HashMap<_, _>>());
         let raft_config = Arc::new(
             openraft::Config {
                 heartbeat_interval: config.heartbeat_ms,
@@ -132,9 +156,109 @@ impl Node {
             .validate()
             .map_err(|e| NodeError::Config(e.to_string()))?,
         );
+        let meta_state = MetaStateMachine::new(wal.clone()).map_err(NodeError::Config)?;
+        let node_ids: Vec<NodeId> = config.nodes.iter().map(|(id, _)| *id).collect();
+        let voters = meta::voters(&node_ids);
+        let peers: raft_network::Peers = Arc::new(config.nodes.iter().cloned().collect());
+        let addresses: HashMap<NodeId, String> = config.nodes.iter().cloned().collect();
+        let meta_raft = if voters.contains(&config.node_id) {
+            // The metadata changes rarely: a snapshot after every entry keeps its log (and so the
+            // WAL segments it pins) to a few entries.
+            let meta_config = openraft::Config {
+                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1),
+                max_in_snapshot_log_to_keep: 0,
+                ..(*raft_config).clone()
+            };
+            let meta_config = Arc::new(meta_config.validate().map_err(|e| NodeError::Config(e.to_string()))?);
+            let network = GroupNetwork::<MetaTypeConfig>::new(META_NAMESPACE.to_owned(), 0, peers.clone());
+            let log_store = GroupLogStore::<MetaTypeConfig>::with_types(wal.clone(), META_WAL_GROUP);
+            let raft = MetaRaft::new(config.node_id, meta_config, network, log_store, meta_state.clone())
+                .await
+                .map_err(|e| NodeError::Raft(e.to_string()))?;
+            if wal.log_state(META_WAL_GROUP).last.is_none() && voters[0] == config.node_id {
+                let members: BTreeMap<NodeId, BasicNode> = voters.iter().map(|id| (*id, BasicNode::new(addresses[id].clone()))).collect();
+                raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+            }
+            tokio::spawn(keep_metadata_log_short(raft.clone()));
+            Some(raft)
+        } else {
+            None
+        };
+        Ok(Arc::new(Node {
+            config,
+            wal,
+            raft_config,
+            peers,
+            meta_state,
+            meta_raft,
+            joined: OnceLock::new(),
+            stopping: Default::default(),
+            writes_in_flight: Default::default(),
+        }))
+    }
+
+    /// Learns the cluster metadata (bootstrapping it from this node's configuration on a fresh
+    /// cluster), refuses a configuration that disagrees with it, then opens the namespaces and
+    /// starts the Raft groups this node replicates. A group whose log is empty is initialized by
+    /// its preferred leader (the first of its placement). Waits as long as the metadata group
+    /// has no quorum (logging so).
+    pub async fn join(&self) -> Result<(), NodeError> {
+        let config = &self.config;
+        let configured = self.configured_cluster()?;
+        let cluster = self.learn_cluster(&configured).await;
+        let differences = cluster.differences(&configured);
+        if !differences.is_empty() {
+            return Err(NodeError::Config(format!(
+                "this node's configuration disagrees with the cluster metadata (fix the file; the cluster keeps what it was created with):\n  - {}",
+                differences.join("\n  - ")
+            )));
+        }
         let snapshot_dir = config.data_dir.join("snapshots");
         let mut namespaces = HashMap::new();
+        for spec in &config.namespaces {
+            let prefix = wal_prefix(&spec.engine.name);
+            let info = cluster.namespace(&spec.engine.name).expect("differences checked every namespace");
+            let options = OpenOptions { replicated: true, ..OpenOptions::default() };
+            let engine = Arc::new(Namespace::open(spec.engine.clone(), options)?);
+            let mut local = HashMap::new();
+            for (group, replicas) in (0..info.groups).zip(&info.placement) {
+                if !replicas.contains(&config.node_id) {
+                    continue;
+                }
+                let wal_group = prefix << 12 | group;
+                let state_machine = GroupStateMachine::new(engine.clone(), self.wal.clone(), wal_group, group, info.groups, &snapshot_dir)
+                    .map_err(|e| NodeError::Raft(e.to_string()))?;
+                if config.unsafe_skip_dedup {
+                    state_machine.set_unsafe_skip_dedup();
+                }
+                let network = GroupNetwork::new(spec.engine.name.clone(), group, self.peers.clone());
+                let log_store = GroupLogStore::new(self.wal.clone(), wal_group);
+                let raft = RaftInstance::new(config.node_id, self.raft_config.clone(), network, log_store, state_machine.clone())
+                    .await
+                    .map_err(|e| NodeError::Raft(e.to_string()))?;
+                let fresh = self.wal.log_state(wal_group).last.is_none();
+                if fresh && replicas[0] == config.node_id {
+                    let members: BTreeMap<NodeId, BasicNode> =
+                        replicas.iter().map(|id| (*id, BasicNode::new(cluster.node(*id).map(|n| n.peer.clone()).unwrap_or_default()))).collect();
+                    raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+                }
+                local.insert(group, Group { raft, state_machine });
+            }
+            namespaces.insert(spec.engine.name.clone(), HostedNamespace { engine, groups: info.groups, local });
+        }
+        tracing::info!(node = config.node_id, nodes = cluster.nodes.len(), namespaces = namespaces.len(), "joined the cluster");
+        if self.joined.set(Joined { cluster, namespaces }).is_err() {
+            return Err(NodeError::Config("join called twice".into()));
+        }
+        Ok(())
+    }
+
+    /// The cluster metadata this node's configuration describes (checked for what start-up
+    /// needs: valid groups, distinct WAL prefixes).
+    fn configured_cluster(&self) -> Result<ClusterMeta, NodeError> {
+        let config = &self.config;
         let mut wal_prefixes = HashMap::new();
+        let mut declared = Vec::new();
         for spec in &config.namespaces {
             let prefix = wal_prefix(&spec.engine.name);
             if let Some(other) = wal_prefixes.insert(prefix, spec.engine.name.clone()) {
@@ -143,47 +267,93 @@ impl Node {
                     spec.engine.name
                 )));
             }
+            if prefix << 12 | 0xFFF == META_WAL_GROUP {
+                return Err(NodeError::Config(format!("namespace {:?} hashes to the metadata group's log prefix; rename it", spec.engine.name)));
+            }
             if !spec.groups.is_power_of_two() || spec.groups > 4096 || spec.replication_factor == 0 {
                 return Err(NodeError::Config(format!("namespace {}: groups must be a power of two ≤ 4096 and replication-factor ≥ 1", spec.engine.name)));
             }
-            let options = OpenOptions { replicated: true, ..OpenOptions::default() };
-            let engine = Arc::new(Namespace::open(spec.engine.clone(), options)?);
-            let mut local = HashMap::new();
-            for group in 0..spec.groups {
-                let replicas = placement::replicas(&spec.engine.name, group, &node_ids, spec.replication_factor);
-                if !replicas.contains(&config.node_id) {
-                    continue;
-                }
-                let wal_group = prefix << 12 | group;
-                let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), wal_group, group, spec.groups, &snapshot_dir)
-                    .map_err(|e| NodeError::Raft(e.to_string()))?;
-                if config.unsafe_skip_dedup {
-                    state_machine.set_unsafe_skip_dedup();
-                }
-                let network = GroupNetwork { namespace: spec.engine.name.clone(), group, peers: peers.clone() };
-                let log_store = GroupLogStore::new(wal.clone(), wal_group);
-                let raft = RaftInstance::new(config.node_id, raft_config.clone(), network, log_store, state_machine.clone())
-                    .await
-                    .map_err(|e| NodeError::Raft(e.to_string()))?;
-                let fresh = wal.log_state(wal_group).last.is_none();
-                if fresh && replicas[0] == config.node_id {
-                    let members: BTreeMap<NodeId, BasicNode> =
-                        replicas.iter().map(|id| (*id, BasicNode::new(peers[id].clone()))).collect();
-                    raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
-                }
-                local.insert(group, Group { raft, state_machine });
-            }
-            namespaces.insert(
-                spec.engine.name.clone(),
-                HostedNamespace { engine, groups: spec.groups, replication_factor: spec.replication_factor, local },
-            );
+            declared.push((spec.engine.name.clone(), spec.replication_factor as u32, spec.groups));
         }
-        Ok(Arc::new(Node { config, wal, namespaces, stopping: Default::default(), writes_in_flight: Default::default() }))
+        let clients: HashMap<NodeId, String> = config.client_addresses.iter().cloned().collect();
+        let nodes = config
+            .nodes
+            .iter()
+            .map(|(id, peer)| NodeInfo { id: *id, client: clients.get(id).cloned().unwrap_or_default(), peer: peer.clone() })
+            .collect();
+        Ok(ClusterMeta::from_config(nodes, &declared))
+    }
+
+    /// The cluster metadata: what this node already knows, else bootstrapped (a voter that
+    /// leads a fresh metadata group proposes `configured`) or fetched from the voters.
+    async fn learn_cluster(&self, configured: &ClusterMeta) -> ClusterMeta {
+        let me = self.config.node_id;
+        let started = tokio::time::Instant::now();
+        let mut next_report = started + Duration::from_secs(5);
+        loop {
+            if let Some(cluster) = self.meta_state.cluster() {
+                return cluster;
+            }
+            match &self.meta_raft {
+                Some(raft) => {
+                    if raft.current_leader().await == Some(me) {
+                        let bootstrap = raft.client_write(MetaCommand::Bootstrap(configured.clone()));
+                        if let Ok(Err(err)) = tokio::time::timeout(self.config.request_timeout, bootstrap).await {
+                            tracing::warn!(%err, "proposing the cluster metadata failed; retrying");
+                        }
+                        continue;
+                    }
+                }
+                None => {
+                    if let Some(cluster) = self.fetch_cluster().await {
+                        if let Err(err) = self.meta_state.remember(cluster.clone()).await {
+                            tracing::warn!(%err, "cannot record the cluster metadata; retrying");
+                        }
+                        continue;
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= next_report {
+                tracing::info!(waited_s = started.elapsed().as_secs(), "waiting for the metadata group (it needs a quorum of its voters)");
+                next_report += Duration::from_secs(5);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Asks the seeds (or the metadata voters) for the cluster metadata; None if none knew.
+    async fn fetch_cluster(&self) -> Option<ClusterMeta> {
+        let node_ids: Vec<NodeId> = self.config.nodes.iter().map(|(id, _)| *id).collect();
+        let voters = meta::voters(&node_ids);
+        let addresses: Vec<String> = if self.config.seeds.is_empty() {
+            self.config.nodes.iter().filter(|(id, _)| voters.contains(id)).map(|(_, peer)| peer.clone()).collect()
+        } else {
+            self.config.seeds.clone()
+        };
+        for address in addresses {
+            let mut connection = transport::Connection::new(address);
+            if let Ok(Response::ClusterMeta(Some(cluster))) = connection.call(&Request::ClusterMeta, Duration::from_secs(2)).await {
+                return Some(cluster);
+            }
+        }
+        None
+    }
+
+    /// The metadata group's log in this node's WAL: (last purged index, last index). Its
+    /// entries are purged as soon as a snapshot covers them, so the two meet once applied.
+    pub fn metadata_log(&self) -> (Option<u64>, Option<u64>) {
+        let state = self.wal.log_state(META_WAL_GROUP);
+        (state.purged.map(|p| p.0), state.last.map(|l| l.0))
+    }
+
+    /// The namespaces, once joined.
+    fn namespaces(&self) -> Option<&HashMap<String, HostedNamespace>> {
+        self.joined.get().map(|j| &j.namespaces)
     }
 
     /// Leader of each group this node replicates, per namespace (None while electing).
     pub fn leaders(&self, namespace: &str) -> Vec<(u32, Option<NodeId>)> {
-        let Some(hosted) = self.namespaces.get(namespace) else { return Vec::new() };
+        let Some(hosted) = self.namespaces().and_then(|n| n.get(namespace)) else { return Vec::new() };
         let mut out: Vec<_> = hosted.local.iter().map(|(g, group)| (*g, group.raft.metrics().borrow().current_leader)).collect();
         out.sort_unstable();
         out
@@ -209,7 +379,9 @@ impl Node {
         }
         let me = self.config.node_id;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        for hosted in self.namespaces.values() {
+        let empty = HashMap::new();
+        let namespaces = self.namespaces().unwrap_or(&empty);
+        for hosted in namespaces.values() {
             for group in hosted.local.values() {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let _ = group.raft.wait(Some(left)).metrics(
@@ -223,11 +395,14 @@ impl Node {
                 .await;
             }
         }
-        for hosted in self.namespaces.values() {
+        for hosted in namespaces.values() {
             for group in hosted.local.values() {
                 let _ = group.raft.shutdown().await;
             }
             let _ = hosted.engine.flush();
+        }
+        if let Some(raft) = &self.meta_raft {
+            let _ = raft.shutdown().await;
         }
         let stats = self.wal.stats();
         tracing::info!(appends = stats.appends, flushes = stats.flushes, fsyncs = stats.fsyncs, "WAL totals");
@@ -238,7 +413,13 @@ impl Node {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) && !matches!(request, Request::Raft { .. }) {
             return Response::Error(ErrorReply::NotLeader { leader: None });
         }
+        let joined = self.joined.get().is_some();
         match request {
+            Request::ClusterMeta => self.handle_cluster_meta().await,
+            Request::Raft { namespace, group, message } if namespace == META_NAMESPACE => self.handle_meta_raft(group, &message).await,
+            // Until it has joined, the node knows no groups: clients retry (NotLeader promises
+            // that nothing was done).
+            _ if !joined => Response::Error(ErrorReply::NotLeader { leader: None }),
             Request::ClusterMap => Response::ClusterMap(self.cluster_map()),
             Request::Raft { namespace, group, message } => self.handle_raft(&namespace, group, &message).await,
             Request::Write { namespace, key, op, policy, tag } => {
@@ -335,57 +516,104 @@ impl Node {
     /// The namespace and this node's replica of the key's group; the error to answer if the
     /// namespace is unknown or the group lives elsewhere (NotLeader with its preferred leader).
     fn local_group(&self, namespace: &str, key: &crate::Key) -> Result<(&HostedNamespace, &Group), ErrorReply> {
-        let hosted = self.namespaces.get(namespace).ok_or_else(|| ErrorReply::UnknownNamespace(namespace.to_owned()))?;
+        let joined = self.joined.get().ok_or(ErrorReply::NotLeader { leader: None })?;
+        let hosted = joined.namespaces.get(namespace).ok_or_else(|| ErrorReply::UnknownNamespace(namespace.to_owned()))?;
         let group_id = group_of(&key.digest, hosted.groups);
         match hosted.local.get(&group_id) {
             Some(group) => Ok((hosted, group)),
             None => {
-                let leader = placement::replicas(namespace, group_id, &self.node_ids(), hosted.replication_factor).first().copied();
+                let leader = joined.cluster.namespace(namespace).and_then(|ns| ns.placement[group_id as usize].first().copied());
                 Err(ErrorReply::NotLeader { leader })
             }
         }
     }
 
-    fn node_ids(&self) -> Vec<NodeId> {
-        self.config.nodes.iter().map(|(id, _)| *id).collect()
-    }
-
     fn cluster_map(&self) -> ClusterMap {
-        let node_ids = self.node_ids();
-        let mut namespaces: Vec<NamespaceMap> = self
+        let Some(joined) = self.joined.get() else { return ClusterMap::default() };
+        let namespaces: Vec<NamespaceMap> = joined
+            .cluster
             .namespaces
             .iter()
-            .map(|(name, hosted)| {
-                let replicas: Vec<Vec<u64>> =
-                    (0..hosted.groups).map(|g| placement::replicas(name, g, &node_ids, hosted.replication_factor)).collect();
-                let leaders = (0..hosted.groups)
+            .filter_map(|info| {
+                let hosted = joined.namespaces.get(&info.name)?;
+                let leaders = (0..info.groups)
                     .map(|g| match hosted.local.get(&g) {
                         Some(group) => group.raft.metrics().borrow().current_leader,
-                        None => replicas[g as usize].first().copied(),
+                        None => info.placement[g as usize].first().copied(),
                     })
                     .collect();
-                NamespaceMap { name: name.clone(), groups: hosted.groups, replication_factor: hosted.replication_factor as u32, leaders, replicas }
+                Some(NamespaceMap {
+                    name: info.name.clone(),
+                    groups: info.groups,
+                    replication_factor: info.replication_factor,
+                    leaders,
+                    replicas: info.placement.clone(),
+                })
             })
             .collect();
-        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
-        ClusterMap { nodes: self.config.client_addresses.clone(), now_ms: crate::engine::SystemClock.now_ms(), namespaces }
+        let nodes = joined.cluster.nodes.iter().map(|n| (n.id, n.client.clone())).collect();
+        let metadata_voters = meta::voters(&joined.cluster.nodes.iter().map(|n| n.id).collect::<Vec<_>>());
+        let metadata_leader = self.meta_raft.as_ref().and_then(|raft| raft.metrics().borrow().current_leader);
+        ClusterMap { nodes, now_ms: crate::engine::SystemClock.now_ms(), namespaces, metadata_voters, metadata_leader }
+    }
+
+    /// The cluster metadata, confirmed by the metadata group's leader with a quorum (so a node
+    /// that learns it never gets a stale copy); others answer NotLeader.
+    async fn handle_cluster_meta(&self) -> Response {
+        let Some(raft) = &self.meta_raft else { return Response::Error(ErrorReply::NotLeader { leader: None }) };
+        match tokio::time::timeout(self.config.request_timeout, raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Response::ClusterMeta(self.meta_state.cluster()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
+                Response::Error(ErrorReply::NotLeader { leader: forward.leader_id })
+            }
+            Ok(Err(_)) | Err(_) => Response::Error(ErrorReply::PartitionUnavailable),
+        }
+    }
+
+    async fn handle_meta_raft(&self, group: u32, message: &[u8]) -> Response {
+        match &self.meta_raft {
+            Some(raft) if group == 0 => serve_raft(raft, message).await,
+            _ => Response::Error(ErrorReply::BadRequest("this node is not a voter of the metadata group".into())),
+        }
     }
 
     async fn handle_raft(&self, namespace: &str, group: u32, message: &[u8]) -> Response {
-        let Some(group) = self.namespaces.get(namespace).and_then(|h| h.local.get(&group)) else {
+        let Some(group) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.local.get(&group)) else {
             return Response::Error(ErrorReply::BadRequest(format!("this node does not replicate {namespace}/{group}")));
         };
-        let rpc: RaftRpc = match bincode::deserialize(message) {
-            Ok(rpc) => rpc,
-            Err(err) => return Response::Error(ErrorReply::BadRequest(format!("malformed raft message: {err}"))),
-        };
-        let reply = match rpc {
-            RaftRpc::AppendEntries(request) => RaftReply::AppendEntries(group.raft.append_entries(request).await),
-            RaftRpc::Vote(request) => RaftReply::Vote(group.raft.vote(request).await),
-            RaftRpc::InstallSnapshot(request) => RaftReply::InstallSnapshot(group.raft.install_snapshot(request).await),
-        };
-        Response::Raft { message: bincode::serialize(&reply).expect("raft replies serialize") }
+        serve_raft(&group.raft, message).await
     }
+}
+
+/// openraft checks its snapshot policy only when entries are applied, and skips the check while
+/// a snapshot is being built: an entry applied then would stay in the log (pinning its WAL
+/// segment) until the next metadata change. Once a second, a metadata group whose snapshot is
+/// behind its applied point builds one (openraft then purges the log). Ends when the group stops.
+async fn keep_metadata_log_short(raft: MetaRaft) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.running_state.is_err() {
+            return;
+        }
+        if metrics.snapshot.map(|l| l.index) < metrics.last_applied.map(|l| l.index) && raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Hands a Raft message from a peer to `raft` and encodes its reply.
+async fn serve_raft<C: raft_network::NetworkTypes>(raft: &openraft::Raft<C>, message: &[u8]) -> Response {
+    let rpc: RaftRpc<C> = match bincode::deserialize(message) {
+        Ok(rpc) => rpc,
+        Err(err) => return Response::Error(ErrorReply::BadRequest(format!("malformed raft message: {err}"))),
+    };
+    let reply = match rpc {
+        RaftRpc::AppendEntries(request) => RaftReply::AppendEntries(raft.append_entries(request).await),
+        RaftRpc::Vote(request) => RaftReply::Vote(raft.vote(request).await),
+        RaftRpc::InstallSnapshot(request) => RaftReply::InstallSnapshot(raft.install_snapshot(request).await),
+    };
+    Response::Raft { message: bincode::serialize(&reply).expect("raft replies serialize") }
 }
 
 impl transport::Handler for Node {

@@ -2,6 +2,7 @@
 //! `Request::Raft` for its namespace and group.
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,18 +12,24 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
+use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 
 use super::transport::Connection;
 use crate::protocol::{Request, Response};
 use crate::raft::{NodeId, TypeConfig};
 
+/// The Raft type configurations that travel over this network.
+pub trait NetworkTypes: RaftTypeConfig<NodeId = NodeId, Node = BasicNode> {}
+
+impl<C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>> NetworkTypes for C {}
+
 #[derive(Serialize, Deserialize)]
-pub(crate) enum RaftRpc {
-    AppendEntries(AppendEntriesRequest<TypeConfig>),
+#[serde(bound = "")]
+pub(crate) enum RaftRpc<C: NetworkTypes> {
+    AppendEntries(AppendEntriesRequest<C>),
     Vote(VoteRequest<NodeId>),
-    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    InstallSnapshot(InstallSnapshotRequest<C>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -32,33 +39,43 @@ pub(crate) enum RaftReply {
     InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
 }
 
-/// Creates connections to the other replicas of one group.
-#[derive(Clone)]
-pub struct GroupNetwork {
+/// Peer addresses by node id.
+pub type Peers = Arc<HashMap<NodeId, String>>;
+
+/// Creates connections to the other replicas of one group (the metadata group's namespace is
+/// `crate::meta::META_NAMESPACE`).
+pub struct GroupNetwork<C = TypeConfig> {
     pub(crate) namespace: String,
     pub(crate) group: u32,
-    /// Peer addresses by node id.
-    pub(crate) peers: Arc<HashMap<NodeId, String>>,
+    pub(crate) peers: Peers,
+    pub(crate) types: PhantomData<C>,
 }
 
-pub struct PeerConnection {
+impl<C> GroupNetwork<C> {
+    pub(crate) fn new(namespace: String, group: u32, peers: Peers) -> GroupNetwork<C> {
+        GroupNetwork { namespace, group, peers, types: PhantomData }
+    }
+}
+
+pub struct PeerConnection<C = TypeConfig> {
     namespace: String,
     group: u32,
     target: NodeId,
     connection: Option<Connection>,
+    types: PhantomData<C>,
 }
 
-impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
-    type Network = PeerConnection;
+impl<C: NetworkTypes> RaftNetworkFactory<C> for GroupNetwork<C> {
+    type Network = PeerConnection<C>;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> PeerConnection {
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> PeerConnection<C> {
         let connection = self.peers.get(&target).map(|addr| Connection::new(addr.clone()));
-        PeerConnection { namespace: self.namespace.clone(), group: self.group, target, connection }
+        PeerConnection { namespace: self.namespace.clone(), group: self.group, target, connection, types: PhantomData }
     }
 }
 
-impl PeerConnection {
-    async fn send<E: std::error::Error>(&mut self, rpc: RaftRpc, option: &RPCOption) -> Result<RaftReply, RPCError<NodeId, BasicNode, E>> {
+impl<C: NetworkTypes> PeerConnection<C> {
+    async fn send<E: std::error::Error>(&mut self, rpc: RaftRpc<C>, option: &RPCOption) -> Result<RaftReply, RPCError<NodeId, BasicNode, E>> {
         let unknown = || std::io::Error::other(format!("node {} has no known address", self.target));
         let Some(connection) = self.connection.as_mut() else {
             return Err(RPCError::Unreachable(Unreachable::new(&unknown())));
@@ -91,10 +108,10 @@ fn remote<E: std::error::Error>(target: NodeId, err: E) -> RPCError<NodeId, Basi
     RPCError::RemoteError(openraft::error::RemoteError::new(target, err))
 }
 
-impl RaftNetwork<TypeConfig> for PeerConnection {
+impl<C: NetworkTypes> RaftNetwork<C> for PeerConnection<C> {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         match self.send(RaftRpc::AppendEntries(rpc), &option).await? {
@@ -105,7 +122,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        rpc: InstallSnapshotRequest<C>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>> {
         match self.send(RaftRpc::InstallSnapshot(rpc), &option).await? {

@@ -6,6 +6,7 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use crate::key::Key;
+use crate::meta::ClusterMeta;
 use crate::ops::{OpResult, WriteOp, WritePolicy};
 use crate::value::{Record, RecordMeta};
 
@@ -43,6 +44,9 @@ pub enum Request {
     /// A Raft message between nodes: the group it is for and the message, encoded by the
     /// group's Raft layer.
     Raft { namespace: String, group: u32, message: Vec<u8> },
+    /// The cluster metadata (between nodes: a node that is not a metadata voter learns it so).
+    /// Answered by the metadata group's leader after confirming its leadership with a quorum.
+    ClusterMeta,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,6 +57,8 @@ pub enum Response {
     Written { meta: RecordMeta, results: Vec<OpResult>, index: u64 },
     Raft { message: Vec<u8> },
     Error(ErrorReply),
+    /// None while the metadata group has not been bootstrapped yet.
+    ClusterMeta(Option<ClusterMeta>),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +68,10 @@ pub struct ClusterMap {
     /// The answering node's wall clock (ms since the Unix epoch): a new client's birth time.
     pub now_ms: u64,
     pub namespaces: Vec<NamespaceMap>,
+    /// The metadata group's voters, and its leader as the answering node knows it (None when it
+    /// has none or the node is not a voter).
+    pub metadata_voters: Vec<u64>,
+    pub metadata_leader: Option<u64>,
 }
 
 /// One namespace's groups as the answering node sees them.

@@ -1,27 +1,45 @@
 //! A group's Raft log, kept in the node's shared WAL.
 
 use std::fmt::Debug;
+use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
-    CommittedLeaderId, Entry, LogId, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+    CommittedLeaderId, Entry, LogId, LogState, OptionalSend, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError,
+    Vote,
 };
 
 use super::types::{NodeId, TypeConfig};
 use crate::wal::{GroupId, Wal, WalError, WalOp};
 
-/// One group's view of the WAL. Cheap to clone.
-#[derive(Clone)]
-pub struct GroupLogStore {
+/// One group's view of the WAL. Cheap to clone. Generic over the Raft types, so that the
+/// partition groups (`TypeConfig`) and the metadata group (`crate::meta::MetaTypeConfig`) keep
+/// their logs the same way.
+pub struct GroupLogStore<C = TypeConfig> {
     wal: Arc<Wal>,
     group: GroupId,
+    types: PhantomData<C>,
 }
 
-impl GroupLogStore {
-    pub fn new(wal: Arc<Wal>, group: GroupId) -> GroupLogStore {
-        GroupLogStore { wal, group }
+impl<C> Clone for GroupLogStore<C> {
+    fn clone(&self) -> Self {
+        GroupLogStore { wal: self.wal.clone(), group: self.group, types: PhantomData }
+    }
+}
+
+impl GroupLogStore<TypeConfig> {
+    /// A partition group's log: WAL group `group`.
+    pub fn new(wal: Arc<Wal>, group: GroupId) -> GroupLogStore<TypeConfig> {
+        GroupLogStore::with_types(wal, group)
+    }
+}
+
+impl<C> GroupLogStore<C> {
+    /// The log of a group with other Raft types (the metadata group's).
+    pub fn with_types(wal: Arc<Wal>, group: GroupId) -> GroupLogStore<C> {
+        GroupLogStore { wal, group, types: PhantomData }
     }
 
     async fn append_durable(&self, ops: Vec<WalOp>) -> Result<(), WalError> {
@@ -48,11 +66,16 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageErro
     bincode::deserialize(bytes).map_err(|e| StorageIOError::read_logs(&e).into())
 }
 
-impl RaftLogReader<TypeConfig> for GroupLogStore {
+/// The Raft type configurations whose logs the WAL keeps.
+pub trait WalLogTypes: RaftTypeConfig<NodeId = NodeId, Entry = Entry<Self>> {}
+
+impl<C: RaftTypeConfig<NodeId = NodeId, Entry = Entry<C>>> WalLogTypes for C {}
+
+impl<C: WalLogTypes> RaftLogReader<C> for GroupLogStore<C> {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+    ) -> Result<Vec<Entry<C>>, StorageError<NodeId>> {
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i + 1,
@@ -68,10 +91,10 @@ impl RaftLogReader<TypeConfig> for GroupLogStore {
     }
 }
 
-impl RaftLogStorage<TypeConfig> for GroupLogStore {
+impl<C: WalLogTypes> RaftLogStorage<C> for GroupLogStore<C> {
     type LogReader = Self;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+    async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<NodeId>> {
         let state = self.wal.log_state(self.group);
         Ok(LogState {
             last_purged_log_id: state.purged.map(|(index, term)| log_id(term, index)),
@@ -107,9 +130,9 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
         }
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageError<NodeId>>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let ops: Vec<WalOp> = entries

@@ -339,13 +339,18 @@ fn status(client: &Client, json: bool) -> Result<()> {
             groups.push(serde_json::json!({ "namespace": ns.name, "group": group, "leader": leader, "replicas": replicas, "state": state }));
         }
     }
+    // The metadata group: its voters, and its leader as any voter that is up knows it.
+    let voters = &map.metadata_voters;
+    let meta_leader = views.iter().filter(|(id, _)| voters.contains(id)).find_map(|(_, view)| view.metadata_leader);
+    let metadata = serde_json::json!({ "voters": voters, "leader": meta_leader, "state": if meta_leader.is_some() { "ok" } else { "no-leader" } });
     if json {
-        println!("{}", serde_json::json!({ "nodes": nodes_up, "groups": groups }));
+        println!("{}", serde_json::json!({ "nodes": nodes_up, "metadata": metadata, "groups": groups }));
         return Ok(());
     }
     for node in &nodes_up {
         println!("node {} at {}: {}", node["id"], node["address"].as_str().unwrap_or(""), if node["up"] == true { "up" } else { "DOWN" });
     }
+    println!("metadata group: voters {} leader {} {}", metadata["voters"], metadata["leader"], metadata["state"].as_str().unwrap_or(""));
     for group in &groups {
         println!("{}/{:<3} leader {:<4} replicas {} {}", group["namespace"].as_str().unwrap_or(""), group["group"], group["leader"], group["replicas"], group["state"].as_str().unwrap_or(""));
     }

@@ -1,0 +1,224 @@
+//! Cluster metadata: the nodes, the namespaces and where each group's replicas live, kept by one
+//! small Raft group of its own (the *metadata group*) on the lowest `META_VOTERS_MAX` node ids.
+//!
+//! Its log lives in the node's shared WAL like every partition group's (`GroupLogStore`, WAL
+//! group `META_WAL_GROUP`); its messages travel as `Request::Raft` for `META_NAMESPACE`. The
+//! state machine is small and held in memory; every applied batch is written to the WAL as the
+//! group's applied marker before it counts as applied, so a restarted voter knows the cluster at
+//! once, without a quorum.
+//!
+//! A fresh cluster is bootstrapped from the `[[nodes]]` and `[[namespaces]]` of its nodes'
+//! configuration: the lowest voter initializes the group, and the first leader proposes
+//! `MetaCommand::Bootstrap` with the metadata its own configuration describes. From then on the
+//! metadata group is the authority: a node whose configuration disagrees with it refuses to
+//! start and says where (`ClusterMeta::differences`).
+//!
+//! Invariants:
+//! - **Placement is decided once and stored**: nodes take each group's replicas from the
+//!   metadata, never from their own configuration (so that changing the node list in one file
+//!   cannot move data; roster changes will go through this group).
+//! - **A group's membership is decided by the group's own Raft log**; the placement stored here
+//!   is what the group was created with.
+//! - **The metadata applied point is durable before openraft is told it is applied.**
+
+mod state_machine;
+
+use serde::{Deserialize, Serialize};
+
+use crate::node::placement;
+use crate::raft::NodeId;
+use crate::wal::GroupId;
+pub use state_machine::MetaStateMachine;
+
+/// The name under which the metadata group's Raft messages travel (not a valid namespace name).
+pub const META_NAMESPACE: &str = "$meta";
+/// The metadata group's id in the WAL (no namespace's groups use it: start-up refuses a
+/// namespace whose WAL prefix would reach it).
+pub const META_WAL_GROUP: GroupId = u32::MAX;
+/// The metadata group has at most this many voters: the lowest node ids.
+pub const META_VOTERS_MAX: usize = 5;
+
+/// A node as the cluster knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    /// Address clients connect to.
+    pub client: String,
+    /// Address other nodes connect to (Raft).
+    pub peer: String,
+}
+
+/// A namespace as the cluster knows it (engine settings are each node's own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub replication_factor: u32,
+    pub groups: u32,
+    /// Replicas of each group, preferred leader first.
+    pub placement: Vec<Vec<NodeId>>,
+}
+
+/// The replicated cluster metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMeta {
+    /// Sorted by id.
+    pub nodes: Vec<NodeInfo>,
+    /// Sorted by name.
+    pub namespaces: Vec<NamespaceInfo>,
+}
+
+/// A namespace as a configuration file declares it: (name, replication factor, groups).
+pub type NamespaceDecl = (String, u32, u32);
+
+impl ClusterMeta {
+    /// The metadata a configuration describes: its nodes, and its namespaces with each group's
+    /// replicas placed by rendezvous hashing (`placement::replicas`).
+    pub fn from_config(mut nodes: Vec<NodeInfo>, namespaces: &[NamespaceDecl]) -> ClusterMeta {
+        nodes.sort_by_key(|n| n.id);
+        let ids: Vec<NodeId> = nodes.iter().map(|n| n.id).collect();
+        let mut namespaces: Vec<NamespaceInfo> = namespaces
+            .iter()
+            .map(|(name, replication_factor, groups)| NamespaceInfo {
+                name: name.clone(),
+                replication_factor: *replication_factor,
+                groups: *groups,
+                placement: (0..*groups).map(|g| placement::replicas(name, g, &ids, *replication_factor as usize)).collect(),
+            })
+            .collect();
+        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+        ClusterMeta { nodes, namespaces }
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&NodeInfo> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<&NamespaceInfo> {
+        self.namespaces.iter().find(|n| n.name == name)
+    }
+
+    /// How a node's configuration (`configured`, from `from_config`) disagrees with this
+    /// metadata, one line per difference; empty when it agrees. Placement is not compared (it
+    /// is derived, and the stored one wins).
+    pub fn differences(&self, configured: &ClusterMeta) -> Vec<String> {
+        let mut out = Vec::new();
+        for node in &configured.nodes {
+            match self.node(node.id) {
+                None => out.push(format!("[[nodes]] lists node {} but the cluster has no such node", node.id)),
+                Some(known) if known != node => out.push(format!(
+                    "[[nodes]] gives node {} client {:?} peer {:?}, the cluster has client {:?} peer {:?}",
+                    node.id, node.client, node.peer, known.client, known.peer
+                )),
+                Some(_) => {}
+            }
+        }
+        for node in &self.nodes {
+            if configured.node(node.id).is_none() {
+                out.push(format!("[[nodes]] leaves out node {} ({}), which the cluster has", node.id, node.peer));
+            }
+        }
+        for ns in &configured.namespaces {
+            match self.namespace(&ns.name) {
+                None => out.push(format!("namespace {:?} is configured but the cluster has no such namespace", ns.name)),
+                Some(known) => {
+                    if known.replication_factor != ns.replication_factor {
+                        out.push(format!(
+                            "namespace {:?}: replication-factor {} configured, the cluster has {}",
+                            ns.name, ns.replication_factor, known.replication_factor
+                        ));
+                    }
+                    if known.groups != ns.groups {
+                        out.push(format!("namespace {:?}: groups {} configured, the cluster has {}", ns.name, ns.groups, known.groups));
+                    }
+                }
+            }
+        }
+        for ns in &self.namespaces {
+            if configured.namespace(&ns.name).is_none() {
+                out.push(format!("namespace {:?} exists in the cluster but is not configured", ns.name));
+            }
+        }
+        out
+    }
+}
+
+/// The metadata group's voters among `node_ids`: the lowest `META_VOTERS_MAX`, ascending.
+pub fn voters(node_ids: &[NodeId]) -> Vec<NodeId> {
+    let mut ids = node_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.truncate(META_VOTERS_MAX);
+    ids
+}
+
+/// A change to the metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Sets the metadata of a fresh cluster; a no-op once it is set.
+    Bootstrap(ClusterMeta),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MetaResult {
+    Noop,
+    Bootstrapped,
+    /// The metadata was set already (by an earlier Bootstrap); nothing changed.
+    AlreadyBootstrapped,
+}
+
+openraft::declare_raft_types!(
+    /// The metadata group's openraft types.
+    pub MetaTypeConfig:
+        D = MetaCommand,
+        R = MetaResult,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<MetaTypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type MetaRaft = openraft::Raft<MetaTypeConfig>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u64) -> NodeInfo {
+        NodeInfo { id, client: format!("127.0.0.1:{}", 7400 + id), peer: format!("127.0.0.1:{}", 7500 + id) }
+    }
+
+    #[test]
+    fn voters_are_the_lowest_five_ids() {
+        assert_eq!(voters(&[9, 3, 1, 7, 5, 2, 8]), vec![1, 2, 3, 5, 7]);
+        assert_eq!(voters(&[4, 2]), vec![2, 4]);
+    }
+
+    /// The same configuration gives the same metadata whatever the order it lists things in;
+    /// each kind of disagreement is named, and agreement gives no differences.
+    #[test]
+    fn differences_name_what_disagrees() {
+        let decl = vec![("a".to_string(), 3, 16), ("b".to_string(), 1, 4)];
+        let meta = ClusterMeta::from_config(vec![node(1), node(2), node(3)], &decl);
+        let reordered = ClusterMeta::from_config(vec![node(3), node(1), node(2)], &[decl[1].clone(), decl[0].clone()]);
+        assert_eq!(meta, reordered);
+        assert!(meta.differences(&reordered).is_empty());
+        assert_eq!(meta.namespace("a").unwrap().placement.len(), 16);
+
+        let mut moved = node(2);
+        moved.peer = "127.0.0.1:9999".into();
+        let other = ClusterMeta::from_config(vec![node(1), moved, node(4)], &[("a".to_string(), 2, 32), ("c".to_string(), 1, 4)]);
+        let diff = meta.differences(&other).join("\n");
+        for expected in [
+            "node 2 client",
+            "lists node 4 but",
+            "leaves out node 3",
+            "replication-factor 2 configured, the cluster has 3",
+            "groups 32 configured, the cluster has 16",
+            "namespace \"c\" is configured",
+            "namespace \"b\" exists in the cluster",
+        ] {
+            assert!(diff.contains(expected), "{expected:?} missing from:\n{diff}");
+        }
+    }
+}

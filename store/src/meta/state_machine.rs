@@ -1,0 +1,162 @@
+//! The metadata group's state machine: the `ClusterMeta` in memory, written whole to the WAL
+//! (as the group's applied marker) after every applied batch.
+
+// openraft's StorageError is large, and it is what openraft's traits return.
+#![allow(clippy::result_large_err)]
+
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{ClusterMeta, MetaCommand, MetaResult, MetaTypeConfig, META_WAL_GROUP};
+use crate::raft::log_store::append_durable;
+use crate::raft::NodeId;
+use crate::wal::{Wal, WalOp};
+
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
+
+/// Everything the state machine holds; also its applied marker in the WAL.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct MetaState {
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    cluster: Option<ClusterMeta>,
+}
+
+struct Shared {
+    wal: Arc<Wal>,
+    state: Mutex<MetaState>,
+    /// The last snapshot built or installed (a few hundred bytes).
+    snapshot: Mutex<Option<(Meta, Vec<u8>)>>,
+}
+
+impl Shared {
+    /// Writes `state` to the WAL and waits until it is durable.
+    async fn persist(&self, state: &MetaState) -> Result<(), StorageError<NodeId>> {
+        let bytes = bincode::serialize(state).expect("metadata serializes");
+        append_durable(&self.wal, META_WAL_GROUP, vec![WalOp::Applied(bytes)])
+            .await
+            .map_err(|e| StorageIOError::write_state_machine(&e).into())
+    }
+}
+
+/// Cheap to clone; clones share the same state.
+#[derive(Clone)]
+pub struct MetaStateMachine {
+    shared: Arc<Shared>,
+}
+
+impl MetaStateMachine {
+    /// The state machine resuming from the marker in `wal` (empty for a fresh node).
+    pub fn new(wal: Arc<Wal>) -> Result<MetaStateMachine, String> {
+        let state = match wal.log_state(META_WAL_GROUP).applied {
+            Some(bytes) => bincode::deserialize(&bytes).map_err(|e| format!("the cluster metadata in the WAL does not decode: {e}"))?,
+            None => MetaState::default(),
+        };
+        Ok(MetaStateMachine { shared: Arc::new(Shared { wal, state: Mutex::new(state), snapshot: Mutex::new(None) }) })
+    }
+
+    /// The cluster metadata, once bootstrapped.
+    pub fn cluster(&self) -> Option<ClusterMeta> {
+        self.shared.state.lock().unwrap().cluster.clone()
+    }
+
+    /// Keeps `cluster` as learnt from the metadata group (a node that is not a voter), durably,
+    /// so that the node restarts without asking again.
+    pub async fn remember(&self, cluster: ClusterMeta) -> Result<(), String> {
+        let state = {
+            let mut state = self.shared.state.lock().unwrap();
+            state.cluster = Some(cluster);
+            state.clone()
+        };
+        self.shared.persist(&state).await.map_err(|e| e.to_string())
+    }
+}
+
+pub struct MetaSnapshotBuilder {
+    shared: Arc<Shared>,
+}
+
+impl RaftSnapshotBuilder<MetaTypeConfig> for MetaSnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<MetaTypeConfig>, StorageError<NodeId>> {
+        let state = self.shared.state.lock().unwrap().clone();
+        let bytes = bincode::serialize(&state.cluster).expect("metadata serializes");
+        let index = state.last_applied.map_or(0, |l| l.index);
+        let meta = Meta { last_log_id: state.last_applied, last_membership: state.membership, snapshot_id: format!("meta-index{index}") };
+        *self.shared.snapshot.lock().unwrap() = Some((meta.clone(), bytes.clone()));
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+    }
+}
+
+impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
+    type SnapshotBuilder = MetaSnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+        let state = self.shared.state.lock().unwrap();
+        Ok((state.last_applied, state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<MetaResult>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<MetaTypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut next = self.shared.state.lock().unwrap().clone();
+        let mut results = Vec::new();
+        for entry in entries {
+            results.push(match entry.payload {
+                EntryPayload::Blank => MetaResult::Noop,
+                EntryPayload::Membership(membership) => {
+                    next.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    MetaResult::Noop
+                }
+                EntryPayload::Normal(MetaCommand::Bootstrap(cluster)) => {
+                    if next.cluster.is_some() {
+                        MetaResult::AlreadyBootstrapped
+                    } else {
+                        tracing::info!(nodes = cluster.nodes.len(), namespaces = cluster.namespaces.len(), "cluster metadata bootstrapped");
+                        next.cluster = Some(cluster);
+                        MetaResult::Bootstrapped
+                    }
+                }
+            });
+            next.last_applied = Some(entry.log_id);
+        }
+        // Durable first, then visible: a restart never finds less than was reported applied.
+        self.shared.persist(&next).await?;
+        *self.shared.state.lock().unwrap() = next;
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        MetaSnapshotBuilder { shared: self.shared.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError<NodeId>> {
+        let bytes = snapshot.into_inner();
+        let cluster: Option<ClusterMeta> =
+            bincode::deserialize(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let next = MetaState { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), cluster };
+        self.shared.persist(&next).await?;
+        *self.shared.state.lock().unwrap() = next;
+        *self.shared.snapshot.lock().unwrap() = Some((meta.clone(), bytes));
+        tracing::info!(snapshot = %meta.snapshot_id, "installed metadata snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<MetaTypeConfig>>, StorageError<NodeId>> {
+        let current = self.shared.snapshot.lock().unwrap().clone();
+        Ok(current.map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
+    }
+}
