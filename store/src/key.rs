@@ -22,7 +22,7 @@ const PARTICLE_BLOB: u8 = 4;
 pub enum UserKey {
     Int(i64),
     String(String),
-    Bytes(Vec<u8>),
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// A record's address inside a namespace: set name plus digest.

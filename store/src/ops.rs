@@ -64,7 +64,13 @@ pub enum Operation {
     Prepend { bin: String, value: Value },
     /// Write `data` at `offset` of a bytes bin, extending it. An offset past the end is an
     /// error unless `zero_fill`, which fills the gap with zeros.
-    WriteBytesAt { bin: String, offset: u64, data: Vec<u8>, zero_fill: bool },
+    WriteBytesAt {
+        bin: String,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        zero_fill: bool,
+    },
     /// Set a bytes bin's length: cut it, or extend it with zeros (ftruncate's semantics).
     TruncateBytes { bin: String, len: u64 },
     DeleteBin { bin: String },

@@ -109,3 +109,21 @@ fn random_garbage_never_panics() {
         let _ = decode_body::<Response>(&bytes, MAX);
     }
 }
+
+/// Byte strings (values, offset writes, Raft messages) are encoded as one block, yet in exactly
+/// the layout PROTOCOL.md gives for any vector: a u64 length, then the bytes. A length past the
+/// limit is refused before anything is allocated.
+#[test]
+fn byte_strings_are_a_length_then_the_bytes() {
+    let body = encode_body(&Value::Bytes(vec![7, 8, 9]), MAX).unwrap();
+    let mut expected = 3u32.to_le_bytes().to_vec(); // variant 3: Bytes
+    expected.extend_from_slice(&3u64.to_le_bytes());
+    expected.extend_from_slice(&[7, 8, 9]);
+    assert_eq!(body, expected);
+    assert_eq!(decode_body::<Value>(&body, MAX).unwrap(), Value::Bytes(vec![7, 8, 9]));
+    let raft = Request::Raft { namespace: "n".into(), group: 2, message: vec![5; 1000] };
+    assert_eq!(decode_body::<Request>(&encode_body(&raft, MAX).unwrap(), MAX).unwrap(), raft);
+    let mut huge = 3u32.to_le_bytes().to_vec();
+    huge.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    assert!(decode_body::<Value>(&huge, MAX).is_err());
+}

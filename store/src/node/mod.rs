@@ -92,7 +92,7 @@ pub struct Node {
     config: NodeConfig,
     wal: Arc<Wal>,
     raft_config: Arc<openraft::Config>,
-    /// Peer addresses.
+    /// One connection per peer, shared by all groups.
     peers: raft_network::Peers,
     /// The cluster metadata this node knows (applied by the metadata group on its voters,
     /// remembered from a voter on other nodes).
@@ -159,7 +159,8 @@ impl Node {
         let meta_state = MetaStateMachine::new(wal.clone()).map_err(NodeError::Config)?;
         let node_ids: Vec<NodeId> = config.nodes.iter().map(|(id, _)| *id).collect();
         let voters = meta::voters(&node_ids);
-        let peers: raft_network::Peers = Arc::new(config.nodes.iter().cloned().collect());
+        let peers: raft_network::Peers =
+            Arc::new(config.nodes.iter().map(|(id, addr)| (*id, Arc::new(transport::SharedConnection::new(addr.clone())))).collect());
         let addresses: HashMap<NodeId, String> = config.nodes.iter().cloned().collect();
         let meta_raft = if voters.contains(&config.node_id) {
             // The metadata changes rarely: a snapshot after every entry keeps its log (and so the

@@ -15,7 +15,7 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 
-use super::transport::Connection;
+use super::transport::SharedConnection;
 use crate::protocol::{Request, Response};
 use crate::raft::{NodeId, TypeConfig};
 
@@ -39,8 +39,8 @@ pub(crate) enum RaftReply {
     InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
 }
 
-/// Peer addresses by node id.
-pub type Peers = Arc<HashMap<NodeId, String>>;
+/// The node's connections to its peers, by node id: one each, shared by every group.
+pub type Peers = Arc<HashMap<NodeId, Arc<SharedConnection>>>;
 
 /// Creates connections to the other replicas of one group (the metadata group's namespace is
 /// `crate::meta::META_NAMESPACE`).
@@ -61,7 +61,7 @@ pub struct PeerConnection<C = TypeConfig> {
     namespace: String,
     group: u32,
     target: NodeId,
-    connection: Option<Connection>,
+    connection: Option<Arc<SharedConnection>>,
     types: PhantomData<C>,
 }
 
@@ -69,7 +69,7 @@ impl<C: NetworkTypes> RaftNetworkFactory<C> for GroupNetwork<C> {
     type Network = PeerConnection<C>;
 
     async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> PeerConnection<C> {
-        let connection = self.peers.get(&target).map(|addr| Connection::new(addr.clone()));
+        let connection = self.peers.get(&target).cloned();
         PeerConnection { namespace: self.namespace.clone(), group: self.group, target, connection, types: PhantomData }
     }
 }
@@ -77,7 +77,7 @@ impl<C: NetworkTypes> RaftNetworkFactory<C> for GroupNetwork<C> {
 impl<C: NetworkTypes> PeerConnection<C> {
     async fn send<E: std::error::Error>(&mut self, rpc: RaftRpc<C>, option: &RPCOption) -> Result<RaftReply, RPCError<NodeId, BasicNode, E>> {
         let unknown = || std::io::Error::other(format!("node {} has no known address", self.target));
-        let Some(connection) = self.connection.as_mut() else {
+        let Some(connection) = self.connection.as_ref() else {
             return Err(RPCError::Unreachable(Unreachable::new(&unknown())));
         };
         let entries = match &rpc {

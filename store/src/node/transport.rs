@@ -1,6 +1,13 @@
 //! Frames over TCP: a connection that reads and writes whole frames within a size bound, the
-//! server accept loop (pipelined requests, bounded), and a simple request/response client.
+//! server accept loop (pipelined requests, bounded), a simple request/response client
+//! (`Connection`), and a connection many tasks share (`SharedConnection`: the Raft traffic of
+//! every group between two nodes).
+//!
+//! Both the server and `SharedConnection` write through one writer task per connection that
+//! sends every frame queued at that moment with one write: the messages of many groups to the
+//! same peer, and their answers, then cost one system call instead of one each.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,7 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 
 use crate::protocol::{decode_body, decode_frame, encode_body, Frame, FrameKind, Request, Response, FRAME_BYTES_MAX_DEFAULT};
 
@@ -17,47 +24,86 @@ use crate::protocol::{decode_body, decode_frame, encode_body, Frame, FrameKind, 
 pub const CONNECTIONS_MAX: usize = 1024;
 /// Requests of one connection handled at once (pipelining depth).
 pub const IN_FLIGHT_PER_CONNECTION_MAX: usize = 256;
+/// A writer task gathers queued frames into one write up to this many bytes.
+const COALESCED_WRITE_BYTES_MAX: usize = 1 << 20;
 
-/// Reads whole frames, never buffering more than one frame's worth.
+/// Reads whole frames: every frame already received is taken from the buffer before the next
+/// read, and a read adds at most `READ_BYTES` (so the buffer stays within a frame plus that).
 pub struct FrameReader {
     stream: OwnedReadHalf,
     buf: Vec<u8>,
+    /// Where the unparsed bytes of `buf` start.
+    start: usize,
     frame_bytes_max: usize,
 }
 
+/// Bytes asked of the socket per read.
+const READ_BYTES: usize = 64 * 1024;
+
 impl FrameReader {
     pub fn new(stream: OwnedReadHalf, frame_bytes_max: usize) -> FrameReader {
-        FrameReader { stream, buf: Vec::with_capacity(64 * 1024), frame_bytes_max }
+        FrameReader { stream, buf: Vec::with_capacity(READ_BYTES), start: 0, frame_bytes_max }
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream.
     pub async fn read_frame(&mut self) -> io::Result<Option<Frame>> {
         loop {
-            match decode_frame(&self.buf, self.frame_bytes_max) {
+            match decode_frame(&self.buf[self.start..], self.frame_bytes_max) {
                 Ok(Some((frame, used))) => {
-                    self.buf.drain(..used);
+                    self.start += used;
                     return Ok(Some(frame));
                 }
                 Ok(None) => {}
                 Err(err) => return Err(io::Error::new(io::ErrorKind::InvalidData, err)),
             }
-            let mut chunk = [0u8; 64 * 1024];
-            let read = self.stream.read(&mut chunk).await?;
+            // Parsed bytes are dropped before reading more (one move of the partial frame).
+            self.buf.drain(..self.start);
+            self.start = 0;
+            self.buf.reserve(READ_BYTES);
+            let read = (&mut self.stream).take(READ_BYTES as u64).read_buf(&mut self.buf).await?;
             if read == 0 {
                 return match self.buf.is_empty() {
                     true => Ok(None),
                     false => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a frame")),
                 };
             }
-            self.buf.extend_from_slice(&chunk[..read]);
         }
     }
 }
 
 async fn write_frame(writer: &Mutex<OwnedWriteHalf>, frame: &Frame) -> io::Result<()> {
-    let mut bytes = Vec::with_capacity(frame.body.len() + 18);
+    writer.lock().await.write_all(&encode_frame(frame)).await
+}
+
+fn encode_frame(frame: &Frame) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(frame.body.len() + crate::protocol::frame::FRAME_HEADER_BYTES);
     frame.encode(&mut bytes);
-    writer.lock().await.write_all(&bytes).await
+    bytes
+}
+
+/// Spawns the task that writes the frames sent to the returned queue, all those queued at
+/// the moment in one write. It ends when every sender is gone or a write fails (`on_error`
+/// runs then).
+fn spawn_writer(mut stream: OwnedWriteHalf, on_error: impl FnOnce(io::Error) + Send + 'static) -> mpsc::UnboundedSender<Vec<u8>> {
+    let (sender, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while let Some(first) = queue.recv().await {
+            batch.clear();
+            batch.extend_from_slice(&first);
+            while batch.len() < COALESCED_WRITE_BYTES_MAX {
+                match queue.try_recv() {
+                    Ok(more) => batch.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            if let Err(err) = stream.write_all(&batch).await {
+                on_error(err);
+                return;
+            }
+        }
+    });
+    sender
 }
 
 /// Answers requests.
@@ -95,7 +141,8 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>) {
 async fn serve_connection<H: Handler>(stream: TcpStream, handler: Arc<H>) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let (read, write) = stream.into_split();
-    let writer = Arc::new(Mutex::new(write));
+    // (Each queued response is one request's, and requests in flight are bounded: the queue is.)
+    let writer = spawn_writer(write, |err| tracing::debug!(%err, "could not write responses"));
     let mut reader = FrameReader::new(read, FRAME_BYTES_MAX_DEFAULT);
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_PER_CONNECTION_MAX));
     while let Some(frame) = reader.read_frame().await? {
@@ -113,9 +160,8 @@ async fn serve_connection<H: Handler>(stream: TcpStream, handler: Arc<H>) -> io:
                 encode_body(&error, FRAME_BYTES_MAX_DEFAULT).expect("a short error fits")
             });
             let reply = Frame { kind: FrameKind::Response, request_id: frame.request_id, body };
-            if let Err(err) = write_frame(&writer, &reply).await {
-                tracing::debug!(%err, "could not write a response");
-            }
+            // A closed queue means the connection failed; the reader sees that too.
+            let _ = writer.send(encode_frame(&reply));
         });
     }
     Ok(())
@@ -161,5 +207,133 @@ impl Connection {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "response to another request"));
         }
         decode_body(&frame.body, FRAME_BYTES_MAX_DEFAULT).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+type Waiting = HashMap<u64, oneshot::Sender<io::Result<Response>>>;
+
+/// One TCP connection shared by every task that calls through it: requests are pipelined (one
+/// writer task sends what is queued in one write, one reader task hands each response to its
+/// caller by request id). A failed connection fails every call waiting on it, and the next call
+/// reconnects; a call that times out gives up alone (its late answer is dropped), so one slow
+/// request does not cut off the others.
+pub struct SharedConnection {
+    addr: String,
+    live: Mutex<Option<Arc<Live>>>,
+    next_id: AtomicU64,
+}
+
+struct Live {
+    writer: mpsc::UnboundedSender<Vec<u8>>,
+    /// Callers waiting for answers; `None` once the connection failed.
+    waiting: std::sync::Mutex<Option<Waiting>>,
+}
+
+impl Live {
+    /// Fails every waiting call and refuses new ones.
+    fn fail(&self, err: &io::Error) {
+        if let Some(waiting) = self.waiting.lock().unwrap().take() {
+            for (_, caller) in waiting {
+                let _ = caller.send(Err(io::Error::new(err.kind(), err.to_string())));
+            }
+        }
+    }
+
+    fn is_failed(&self) -> bool {
+        self.waiting.lock().unwrap().is_none()
+    }
+}
+
+impl SharedConnection {
+    pub fn new(addr: impl Into<String>) -> SharedConnection {
+        SharedConnection { addr: addr.into(), live: Mutex::new(None), next_id: AtomicU64::new(1) }
+    }
+
+    /// Sends `request` and waits for its response, within `timeout` (connecting included).
+    pub async fn call(&self, request: &Request, timeout: Duration) -> io::Result<Response> {
+        let body = encode_body(request, FRAME_BYTES_MAX_DEFAULT).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = encode_frame(&Frame { kind: FrameKind::Request, request_id, body });
+        let call = async {
+            let live = self.connected().await?;
+            let (sender, answer) = oneshot::channel();
+            match live.waiting.lock().unwrap().as_mut() {
+                Some(waiting) => waiting.insert(request_id, sender),
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "connection failed")),
+            };
+            if live.writer.send(bytes).is_err() {
+                live.fail(&io::Error::new(io::ErrorKind::BrokenPipe, "connection writer stopped"));
+            }
+            let answered = Answer { live: &live, request_id, answer };
+            answered.wait().await
+        };
+        tokio::time::timeout(timeout, call).await.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "request timed out")))
+    }
+
+    /// The live connection, connecting if there is none or the last one failed.
+    async fn connected(&self) -> io::Result<Arc<Live>> {
+        let mut live = self.live.lock().await;
+        if let Some(current) = live.as_ref().filter(|l| !l.is_failed()) {
+            return Ok(current.clone());
+        }
+        let stream = TcpStream::connect(&self.addr).await?;
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
+        let fresh = Arc::new_cyclic(|weak: &std::sync::Weak<Live>| {
+            let weak = weak.clone();
+            let writer = spawn_writer(write, move |err| {
+                if let Some(live) = weak.upgrade() {
+                    live.fail(&err);
+                }
+            });
+            Live { writer, waiting: std::sync::Mutex::new(Some(HashMap::new())) }
+        });
+        tokio::spawn(read_responses(FrameReader::new(read, FRAME_BYTES_MAX_DEFAULT), Arc::downgrade(&fresh)));
+        *live = Some(fresh.clone());
+        Ok(fresh)
+    }
+}
+
+/// A call waiting for its response; dropped unanswered (timeout), it stops waiting.
+struct Answer<'a> {
+    live: &'a Live,
+    request_id: u64,
+    answer: oneshot::Receiver<io::Result<Response>>,
+}
+
+impl Answer<'_> {
+    async fn wait(mut self) -> io::Result<Response> {
+        (&mut self.answer).await.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::BrokenPipe, "connection failed")))
+    }
+}
+
+impl Drop for Answer<'_> {
+    fn drop(&mut self) {
+        if let Some(waiting) = self.live.waiting.lock().unwrap().as_mut() {
+            waiting.remove(&self.request_id);
+        }
+    }
+}
+
+/// Hands each response to its caller until the connection ends or the `Live` is dropped.
+async fn read_responses(mut reader: FrameReader, live: std::sync::Weak<Live>) {
+    let failure = loop {
+        let frame = match reader.read_frame().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection"),
+            Err(err) => break err,
+        };
+        let Some(current) = live.upgrade() else { return };
+        if frame.kind != FrameKind::Response {
+            break io::Error::new(io::ErrorKind::InvalidData, "the server sent a request frame");
+        }
+        let caller = current.waiting.lock().unwrap().as_mut().and_then(|w| w.remove(&frame.request_id));
+        if let Some(caller) = caller {
+            let response = decode_body(&frame.body, FRAME_BYTES_MAX_DEFAULT).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+            let _ = caller.send(response);
+        }
+    };
+    if let Some(current) = live.upgrade() {
+        current.fail(&failure);
     }
 }

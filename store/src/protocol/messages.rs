@@ -43,7 +43,12 @@ pub enum Request {
     Write { namespace: String, key: Key, op: WriteOp, policy: WritePolicy, tag: WriteTag },
     /// A Raft message between nodes: the group it is for and the message, encoded by the
     /// group's Raft layer.
-    Raft { namespace: String, group: u32, message: Vec<u8> },
+    Raft {
+        namespace: String,
+        group: u32,
+        #[serde(with = "serde_bytes")]
+        message: Vec<u8>,
+    },
     /// The cluster metadata (between nodes: a node that is not a metadata voter learns it so).
     /// Answered by the metadata group's leader after confirming its leadership with a quorum.
     ClusterMeta,
@@ -55,7 +60,10 @@ pub enum Response {
     /// The record (or none) and the log index it reflects, for session guarantees.
     Record { record: Option<Record>, index: u64 },
     Written { meta: RecordMeta, results: Vec<OpResult>, index: u64 },
-    Raft { message: Vec<u8> },
+    Raft {
+        #[serde(with = "serde_bytes")]
+        message: Vec<u8>,
+    },
     Error(ErrorReply),
     /// None while the metadata group has not been bootstrapped yet.
     ClusterMeta(Option<ClusterMeta>),
