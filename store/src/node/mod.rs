@@ -299,18 +299,19 @@ impl Node {
                 Some(raft) => {
                     if raft.current_leader().await == Some(me) {
                         let bootstrap = raft.client_write(MetaCommand::Bootstrap(configured.clone()));
-                        if let Ok(Err(err)) = tokio::time::timeout(self.config.request_timeout, bootstrap).await {
-                            tracing::warn!(%err, "proposing the cluster metadata failed; retrying");
+                        match tokio::time::timeout(self.config.request_timeout, bootstrap).await {
+                            Ok(Ok(_)) => continue,
+                            Ok(Err(err)) => tracing::warn!(%err, "proposing the cluster metadata failed; retrying"),
+                            Err(_) => tracing::warn!("proposing the cluster metadata timed out; retrying"),
                         }
-                        continue;
                     }
                 }
                 None => {
                     if let Some(cluster) = self.fetch_cluster().await {
-                        if let Err(err) = self.meta_state.remember(cluster.clone()).await {
-                            tracing::warn!(%err, "cannot record the cluster metadata; retrying");
+                        match self.meta_state.remember(cluster).await {
+                            Ok(()) => continue,
+                            Err(err) => tracing::warn!(%err, "cannot record the cluster metadata; retrying"),
                         }
-                        continue;
                     }
                 }
             }
