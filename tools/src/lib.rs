@@ -2,6 +2,8 @@
 
 pub mod bench;
 pub mod bench_kv;
+pub mod check;
 pub mod engine_check;
+pub mod history;
 pub mod local_cluster;
 pub mod logging;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use chunkstore_tools::check::models::Model;
 use chunkstore_tools::engine_check::{run_check, run_child, CheckOptions, ChildOptions};
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,20 @@ enum Commands {
         /// Keys written (each owned by one writer thread).
         #[arg(long, default_value_t = 256)]
         keys: u32,
+        /// Print one JSON object as the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a recorded history (Jepsen's EDN format, one event per line) for linearizability.
+    /// Exit code: 0 linearizable, 1 not, 2 unknown (the search ran out of time or memory) or
+    /// the file could not be read.
+    History {
+        file: PathBuf,
+        #[arg(long, value_enum)]
+        model: Model,
+        /// Give up (verdict unknown) after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        time_limit: u64,
         /// Print one JSON object as the last line.
         #[arg(long)]
         json: bool,
@@ -107,6 +122,9 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Commands::History { file, model, time_limit, json } => {
+            ExitCode::from(chunkstore_tools::check::history_command(&file, model, std::time::Duration::from_secs(time_limit), json))
         }
         Commands::EngineChild { dir, seed, writers, keys, power_loss, unsafe_skip_fsync } => {
             match run_child(ChildOptions { dir, seed, writers, keys, power_loss, unsafe_skip_fsync }) {

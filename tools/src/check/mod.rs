@@ -1,0 +1,77 @@
+//! Checkers for recorded histories.
+
+pub mod linearizable;
+pub mod models;
+
+use std::path::Path;
+use std::time::Duration;
+
+use linearizable::{Limits, Verdict};
+use models::Model;
+
+use crate::history::{operations, read_history};
+
+/// `chunkcheck history`: prints a summary (and with `json` a JSON last line); returns the exit
+/// code (0 linearizable, 1 not, 2 unknown or unreadable).
+pub fn history_command(path: &Path, model: Model, time_limit: Duration, json: bool) -> u8 {
+    let fail = |what: String| {
+        eprintln!("chunkcheck history: {what}");
+        if json {
+            println!("{}", serde_json::json!({ "valid": "unknown", "error": what }));
+        }
+        2
+    };
+    let events = match read_history(path) {
+        Ok(events) => events,
+        Err(err) => return fail(err.to_string()),
+    };
+    let ops = match operations(&events) {
+        Ok(ops) => ops,
+        Err(err) => return fail(err.to_string()),
+    };
+    let report = match linearizable::check(model, &ops, Limits::within(time_limit)) {
+        Ok(report) => report,
+        Err(what) => return fail(what),
+    };
+    let anomalies: Vec<serde_json::Value> = report
+        .keys
+        .iter()
+        .filter(|k| k.verdict == Verdict::NotLinearizable)
+        .map(|k| {
+            let stuck = k.stuck_operation.map(|i| &ops[i]);
+            if let Some(op) = stuck {
+                let shown = events[op.call].to_string();
+                let completion = op.ret.map(|r| events[r].to_string()).unwrap_or_else(|| "(no completion)".into());
+                eprintln!("key {}: no order of the operations explains {shown} -> {completion} (line {})", k.key.as_deref().unwrap_or("(none)"), op.ret.unwrap_or(op.call) + 1);
+            }
+            serde_json::json!({
+                "key": k.key,
+                "stuck_line": stuck.map(|op| op.ret.unwrap_or(op.call) + 1),
+                "linearized_before_lines": k.linearized_before.iter().map(|&i| ops[i].call + 1).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    for key in report.keys.iter().filter(|k| k.verdict == Verdict::Unknown) {
+        eprintln!("key {}: unknown: {}", key.key.as_deref().unwrap_or("(none)"), key.unknown_reason.as_deref().unwrap_or(""));
+    }
+    let (valid, code) = match report.verdict {
+        Verdict::Linearizable => (serde_json::json!(true), 0),
+        Verdict::NotLinearizable => (serde_json::json!(false), 1),
+        Verdict::Unknown => (serde_json::json!("unknown"), 2),
+    };
+    eprintln!(
+        "{}: {:?} ({} operations over {} keys, {} ms)",
+        path.display(),
+        report.verdict,
+        ops.len(),
+        report.keys.len(),
+        report.elapsed_ms
+    );
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "valid": valid, "model": format!("{model:?}"), "ops": ops.len(), "keys": report.keys.len(), "elapsed_ms": report.elapsed_ms, "anomalies": anomalies })
+        );
+    }
+    code
+}
