@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_kv;
 pub mod check;
+pub mod cluster_check;
 pub mod engine_check;
 pub mod history;
 pub mod local_cluster;

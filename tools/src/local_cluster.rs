@@ -52,7 +52,7 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn chunkd_binary() -> Result<PathBuf> {
+pub fn chunkd_binary() -> Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name("chunkd");
     if !path.exists() {
         bail!("{} not found: build it with cargo build --release", path.display());
@@ -72,7 +72,7 @@ pub struct UpOptions {
     pub chunkd_options: Vec<String>,
 }
 
-fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replication_factor: usize, options: &UpOptions) -> Result<PathBuf> {
+pub fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replication_factor: usize, options: &UpOptions) -> Result<PathBuf> {
     let device_bytes = options.device_bytes;
     let node_dir = dir.join(format!("node{}", node.id));
     std::fs::create_dir_all(&node_dir)?;
@@ -181,6 +181,10 @@ pub fn wait_for_leaders(dir: &Path, cluster: &LocalCluster, timeout: Duration, s
             match Client::connect(config) {
                 Ok(client) => {
                     let map = client.cluster_map();
+                    // A node that has not joined yet hands out a map without namespaces.
+                    if map.namespaces.is_empty() {
+                        ready = false;
+                    }
                     for ns in &map.namespaces {
                         for (group, replicas) in ns.replicas.iter().enumerate() {
                             if replicas.contains(&node.id) && ns.leaders[group].is_none() {

@@ -110,8 +110,16 @@ impl<C: WalLogTypes> RaftLogStorage<C> for GroupLogStore<C> {
         self.append_durable(vec![WalOp::Vote(encode(vote))]).await.map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
+    /// openraft reads the vote once, at start. A committed vote is handed back uncommitted, so
+    /// a node never resumes as leader after a restart: it must win a new term, whose first
+    /// entry commits everything before it. (openraft 0.9 would resume the old leadership with
+    /// the term's first entry as the read index of linearizable reads, while the commit index
+    /// it lost in the restart, and the engine's unflushed applies, may be far past it: such a
+    /// read returned a record as it was before writes it had acknowledged. Found by
+    /// `chunkcheck register --nemesis kill`.)
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        self.wal.log_state(self.group).vote.map(|bytes| decode(&bytes)).transpose()
+        let vote: Option<Vote<NodeId>> = self.wal.log_state(self.group).vote.map(|bytes| decode(&bytes)).transpose()?;
+        Ok(vote.map(|vote| Vote { committed: false, ..vote }))
     }
 
     /// Kept in memory and written with the WAL's next checkpoint: openraft calls this on every

@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use chunkstore::protocol::ReadPolicy;
 use chunkstore_tools::check::models::Model;
+use chunkstore_tools::cluster_check::nemesis::NemesisKind;
+use chunkstore_tools::cluster_check::workload::Workload;
+use chunkstore_tools::cluster_check::{self, RunOptions};
 use chunkstore_tools::engine_check::{run_check, run_child, CheckOptions, ChildOptions};
 use clap::{Parser, Subcommand};
 
@@ -14,8 +18,64 @@ struct Cli {
     command: Commands,
 }
 
+/// What every cluster workload takes.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// chunkd processes, each on its own loopback address 127.0.0.(10+id).
+    #[arg(long, default_value_t = 5)]
+    nodes: u64,
+    #[arg(long, default_value_t = 3)]
+    replication_factor: usize,
+    /// Raft groups of the test namespace.
+    #[arg(long, default_value_t = 16)]
+    groups: u32,
+    /// Seconds of workload and faults (healing, recovery and the final reads come after).
+    #[arg(long, default_value_t = 120)]
+    time_limit: u64,
+    /// Client threads, each with its own client (session).
+    #[arg(long, default_value_t = 10)]
+    concurrency: usize,
+    /// Keys in use at a time.
+    #[arg(long, default_value_t = 8)]
+    keys: u64,
+    /// Register: operations on one key before it is replaced by a fresh key.
+    #[arg(long, default_value_t = 200)]
+    ops_per_key: u32,
+    /// Faults, comma-separated (kill, pause); `none` for none.
+    #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
+    nemesis: Vec<String>,
+    /// Seconds between faults (and the length of most faults).
+    #[arg(long, default_value_t = 10)]
+    nemesis_interval: u64,
+    /// Seed of the fault schedule and the operations (random when absent; always printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Directory for the report (default chunkcheck-runs/WORKLOAD-SEED).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Read policy of the workload's reads: linearizable or session.
+    #[arg(long, default_value = "linearizable")]
+    read_policy: String,
+    /// Extra line for every node's chunkd.toml (`KEY = VALUE`), e.g. an unsafe negative control.
+    #[arg(long)]
+    chunkd_option: Vec<String>,
+    /// Seconds the linearizability search may take before it answers unknown.
+    #[arg(long, default_value_t = 300)]
+    check_time_limit: u64,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Commands {
+    /// Linearizable registers: read, write, compare-and-set on independent keys under faults.
+    /// Exit code: 0 valid, 1 anomalies found, 2 unknown or the run could not complete.
+    Register(ClusterArgs),
+    /// Increments and reads: every read between the acknowledged and the attempted increments.
+    Counter(ClusterArgs),
+    /// Unique adds to sets: no acknowledged add lost, no element from nowhere.
+    Set(ClusterArgs),
     /// SIGKILL a writing process at random moments and check every acknowledged write.
     /// Exit code: 0 valid, 1 anomalies found, 2 the run could not complete.
     Engine {
@@ -123,6 +183,9 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Commands::Register(args) => cluster_run(Workload::Register, args),
+        Commands::Counter(args) => cluster_run(Workload::Counter, args),
+        Commands::Set(args) => cluster_run(Workload::Set, args),
         Commands::History { file, model, time_limit, json } => {
             ExitCode::from(chunkstore_tools::check::history_command(&file, model, std::time::Duration::from_secs(time_limit), json))
         }
@@ -136,4 +199,72 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
+    let fail = |what: String| {
+        eprintln!("chunkcheck: {what}");
+        if args.json {
+            println!("{}", serde_json::json!({ "valid": "unknown", "error": what }));
+        }
+        ExitCode::from(2)
+    };
+    let read_policy = match args.read_policy.as_str() {
+        "linearizable" => ReadPolicy::Linearizable,
+        "session" => ReadPolicy::Session,
+        other => return fail(format!("--read-policy {other}: use linearizable or session")),
+    };
+    let mut nemeses = Vec::new();
+    for name in args.nemesis.iter().map(|n| n.trim()).filter(|n| !n.is_empty() && *n != "none") {
+        match name {
+            "kill" => nemeses.push(NemesisKind::Kill),
+            "pause" => nemeses.push(NemesisKind::Pause),
+            "partition" | "clock" | "disk" => return fail(format!("--nemesis {name} is not implemented yet (kill and pause are)")),
+            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause)")),
+        }
+    }
+    if args.nodes == 0 || args.replication_factor == 0 || args.replication_factor as u64 > args.nodes {
+        return fail(format!("--replication-factor {} must be between 1 and --nodes {}", args.replication_factor, args.nodes));
+    }
+    if args.concurrency == 0 || args.keys == 0 || args.ops_per_key == 0 {
+        return fail("--concurrency, --keys and --ops-per-key must be at least 1".into());
+    }
+    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let name = format!("{workload:?}").to_lowercase();
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("chunkcheck-runs").join(format!("{name}-{seed}")));
+    let options = RunOptions {
+        workload,
+        nodes: args.nodes,
+        replication_factor: args.replication_factor,
+        groups: args.groups,
+        time_limit: std::time::Duration::from_secs(args.time_limit),
+        concurrency: args.concurrency,
+        keys: args.keys,
+        ops_per_key_max: args.ops_per_key,
+        nemeses,
+        nemesis_interval: std::time::Duration::from_secs(args.nemesis_interval),
+        seed,
+        out: out.clone(),
+        read_policy,
+        chunkd_options: args.chunkd_option.clone(),
+        check_time_limit: std::time::Duration::from_secs(args.check_time_limit),
+    };
+    eprintln!("chunkcheck {name}: seed {seed}, {} nodes, RF {}, {} s, nemesis {:?} every {} s, report in {}", args.nodes, args.replication_factor, args.time_limit, options.nemeses, args.nemesis_interval, out.display());
+    cluster_check::catch_interrupts();
+    let result = cluster_check::run(&options, &mut |line| eprintln!("{line}"));
+    let code = match &result["valid"] {
+        serde_json::Value::Bool(true) => 0,
+        serde_json::Value::Bool(false) => 1,
+        _ => 2,
+    };
+    eprintln!(
+        "{}: {} ops ({} ok, {} fail, {} info), {} anomalies, {} faults, recovery {} ms{}",
+        match code { 0 => "valid", 1 => "INVALID", _ => "unknown" },
+        result["ops"], result["ok"], result["fail"], result["info"], result["anomalies"], result["nemesis_events"], result["recovery_ms"],
+        result["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()
+    );
+    if args.json {
+        println!("{result}");
+    }
+    ExitCode::from(code)
 }

@@ -1,7 +1,10 @@
 //! Checkers for recorded histories.
 
+pub mod counter;
 pub mod linearizable;
 pub mod models;
+pub mod session;
+pub mod set;
 
 use std::path::Path;
 use std::time::Duration;

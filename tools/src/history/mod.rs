@@ -177,6 +177,18 @@ pub struct Operation {
     /// Position of the completion, `None` when the outcome is unknown (it may take effect any
     /// time after `call`).
     pub ret: Option<usize>,
+    /// Other fields of the completion (chunkcheck records the record's generation as `:gen`).
+    pub extra: Vec<(Edn, Edn)>,
+}
+
+impl Operation {
+    /// An integer field of the completion, such as `gen`.
+    pub fn completion_int(&self, name: &str) -> Option<i64> {
+        self.extra.iter().find_map(|(k, v)| match (k, v) {
+            (Edn::Keyword(k), Edn::Int(n)) if k == name => Some(*n),
+            _ => None,
+        })
+    }
 }
 
 /// Pairs each client's invocations with their completions. Nemesis events are skipped.
@@ -201,6 +213,7 @@ pub fn operations(events: &[Event]) -> Result<Vec<Operation>, HistoryError> {
                     outcome: Outcome::Unknown,
                     call: position,
                     ret: None,
+                    extra: Vec::new(),
                 });
             }
             kind => {
@@ -212,6 +225,7 @@ pub fn operations(events: &[Event]) -> Result<Vec<Operation>, HistoryError> {
                     return Err(malformed(format!("process {process} invoked :{} but completes :{}", op.f, event.f)));
                 }
                 op.output = event.value.clone();
+                op.extra = event.extra.clone();
                 match kind {
                     EventType::Ok => (op.outcome, op.ret) = (Outcome::Ok, Some(position)),
                     EventType::Fail => (op.outcome, op.ret) = (Outcome::Fail(event.error.clone()), Some(position)),

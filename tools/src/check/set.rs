@@ -1,0 +1,101 @@
+//! Set checks: every acknowledged add is in the final read (else lost), no read holds an
+//! element never added (unexpected), and a read begun after an add was acknowledged holds it
+//! (else stale; for session reads only the adding client's own reads are held to this).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::history::{Edn, Operation, Outcome};
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SetReport {
+    pub acknowledged: usize,
+    pub attempted: usize,
+    pub lost: Vec<i64>,
+    pub unexpected: Vec<i64>,
+    /// (element, line of the read that missed it)
+    pub stale: Vec<(i64, usize)>,
+    /// Keys with no successful read at all (their adds could not be verified).
+    pub keys_never_read: Vec<String>,
+}
+
+impl SetReport {
+    pub fn anomalies(&self) -> usize {
+        self.lost.len() + self.unexpected.len() + self.stale.len()
+    }
+}
+
+/// `session_of` maps a process to its client session (reads are only held to see the adds of
+/// their own session when `linearizable` is false).
+pub fn check(ops: &[Operation], linearizable: bool, session_of: impl Fn(i64) -> i64) -> SetReport {
+    let mut report = SetReport::default();
+    let mut by_key: BTreeMap<String, Vec<&Operation>> = BTreeMap::new();
+    for op in ops {
+        by_key.entry(op.key.as_ref().map_or_else(String::new, Edn::to_string)).or_default().push(op);
+    }
+    for (key, ops) in by_key {
+        let element = |op: &Operation| match op.input {
+            Edn::Int(n) => Some(n),
+            _ => None,
+        };
+        let attempted: HashMap<i64, &Operation> = ops.iter().filter(|op| op.f == "add" && !matches!(op.outcome, Outcome::Fail(_))).filter_map(|op| Some((element(op)?, *op))).collect();
+        let acknowledged: Vec<(i64, &Operation)> = attempted.iter().filter(|(_, op)| op.outcome == Outcome::Ok).map(|(e, op)| (*e, *op)).collect();
+        report.attempted += attempted.len();
+        report.acknowledged += acknowledged.len();
+        let reads: Vec<(&Operation, BTreeSet<i64>)> = ops
+            .iter()
+            .filter(|op| op.f == "read" && op.outcome == Outcome::Ok)
+            .map(|op| {
+                let items = match &op.output {
+                    Edn::Vector(items) => items.iter().filter_map(|e| if let Edn::Int(n) = e { Some(*n) } else { None }).collect(),
+                    _ => BTreeSet::new(),
+                };
+                (*op, items)
+            })
+            .collect();
+        let Some((_, last)) = reads.iter().max_by_key(|(op, _)| op.ret) else {
+            if !acknowledged.is_empty() {
+                report.keys_never_read.push(key);
+            }
+            continue;
+        };
+        for (e, _) in &acknowledged {
+            if !last.contains(e) {
+                report.lost.push(*e);
+            }
+        }
+        for (read, items) in &reads {
+            report.unexpected.extend(items.iter().filter(|e| !attempted.contains_key(e)));
+            for (e, add) in &acknowledged {
+                let acked_before = add.ret.is_some_and(|r| r < read.call);
+                let held = linearizable || session_of(add.process) == session_of(read.process);
+                if acked_before && held && !items.contains(e) && last.contains(e) {
+                    report.stale.push((*e, read.ret.unwrap_or(read.call) + 1));
+                }
+            }
+        }
+    }
+    report.lost.sort_unstable();
+    report.unexpected.sort_unstable();
+    report.unexpected.dedup();
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::history::{operations, parse_history};
+
+    #[test]
+    fn lost_stale_and_unexpected_elements_are_told_apart() {
+        let text = "{:process 0, :type :invoke, :f :add, :value 1}\n{:process 0, :type :ok, :f :add, :value 1}\n\
+                    {:process 0, :type :invoke, :f :add, :value 2}\n{:process 0, :type :ok, :f :add, :value 2}\n\
+                    {:process 1, :type :invoke, :f :read, :value nil}\n{:process 1, :type :ok, :f :read, :value [2]}\n\
+                    {:process 1, :type :invoke, :f :read, :value nil}\n{:process 1, :type :ok, :f :read, :value [1 9]}\n";
+        let ops = operations(&parse_history(text).unwrap()).unwrap();
+        let report = super::check(&ops, true, |p| p);
+        assert_eq!(report.lost, vec![2]);
+        assert_eq!(report.unexpected, vec![9]);
+        assert_eq!(report.stale, vec![(1, 6)]);
+        let session = super::check(&ops, false, |p| p);
+        assert!(session.stale.is_empty(), "another session's add need not be visible yet");
+    }
+}

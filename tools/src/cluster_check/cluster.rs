@@ -1,0 +1,194 @@
+//! The cluster under test: real chunkd processes, each on its own loopback address
+//! (127.0.0.(10+id)), so that faults can target one node's traffic. Killed with SIGKILL,
+//! paused with SIGSTOP, restarted on the same data; everything is torn down on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::local_cluster::{self, LocalCluster, LocalNode, UpOptions};
+
+/// One node of the cluster under test.
+pub struct TestNode {
+    pub id: u64,
+    pub host: String,
+    pub client: String,
+    pub peer: String,
+    child: Option<Child>,
+    paused: bool,
+}
+
+pub struct TestCluster {
+    pub dir: PathBuf,
+    pub nodes: Vec<TestNode>,
+    chunkd: PathBuf,
+}
+
+/// The loopback address of node `id` (Linux routes all of 127.0.0.0/8 to lo).
+pub fn node_host(id: u64) -> String {
+    format!("127.0.0.{}", 10 + id)
+}
+
+fn free_port(host: &str) -> Result<u16> {
+    Ok(std::net::TcpListener::bind((host, 0)).with_context(|| format!("binding a port on {host}"))?.local_addr()?.port())
+}
+
+impl TestCluster {
+    /// Writes the configs and starts every node; returns once every group has a leader.
+    pub fn start(dir: &Path, nodes: u64, replication_factor: usize, groups: u32, chunkd_options: &[String]) -> Result<TestCluster> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut listed = Vec::new();
+        for id in 1..=nodes {
+            let host = node_host(id);
+            listed.push(LocalNode { id, client: format!("{host}:{}", free_port(&host)?), peer: format!("{host}:{}", free_port(&host)?), pid: None });
+        }
+        let layout = LocalCluster { nodes: listed.clone() };
+        let options = UpOptions { nodes, device_bytes: 128 << 20, groups, chunkd_options: chunkd_options.to_vec() };
+        for node in &listed {
+            local_cluster::write_config(dir, &layout, node, replication_factor, &options)?;
+        }
+        let mut cluster = TestCluster {
+            dir: dir.to_owned(),
+            nodes: listed
+                .into_iter()
+                .map(|n| TestNode { id: n.id, host: node_host(n.id), client: n.client, peer: n.peer, child: None, paused: false })
+                .collect(),
+            chunkd: local_cluster::chunkd_binary()?,
+        };
+        for id in 1..=nodes {
+            cluster.restart(id)?;
+        }
+        cluster.wait_until_ready(Duration::from_secs(60))?;
+        Ok(cluster)
+    }
+
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client.clone()).collect()
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut TestNode {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("a node of this cluster")
+    }
+
+    pub fn node_dir(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("node{id}"))
+    }
+
+    pub fn is_up(&self, id: u64) -> bool {
+        self.nodes.iter().any(|n| n.id == id && n.child.is_some())
+    }
+
+    pub fn is_paused(&self, id: u64) -> bool {
+        self.nodes.iter().any(|n| n.id == id && n.paused)
+    }
+
+    /// SIGKILL (a paused node is killed too).
+    pub fn kill(&mut self, id: u64) {
+        let node = self.node_mut(id);
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        node.paused = false;
+    }
+
+    /// Starts a node that is down, on its existing data.
+    pub fn restart(&mut self, id: u64) -> Result<()> {
+        let config = self.node_dir(id).join("chunkd.toml");
+        let log_path = self.node_dir(id).join("chunkd.log");
+        let chunkd = self.chunkd.clone();
+        let node = self.node_mut(id);
+        if node.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let child = {
+            use std::os::unix::process::CommandExt;
+            Command::new(&chunkd)
+                .arg("--config")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                // Its own process group: a Ctrl-C meant for chunkcheck does not reach the nodes.
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("starting {}", chunkd.display()))?
+        };
+        node.child = Some(child);
+        node.paused = false;
+        Ok(())
+    }
+
+    pub fn pause(&mut self, id: u64) {
+        let node = self.node_mut(id);
+        if let Some(child) = &node.child {
+            // SAFETY: plain syscall on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+            node.paused = true;
+        }
+    }
+
+    pub fn resume(&mut self, id: u64) {
+        let node = self.node_mut(id);
+        if let Some(child) = &node.child {
+            // SAFETY: plain syscall on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+        }
+        node.paused = false;
+    }
+
+    /// Resumes paused nodes and restarts dead ones (a node that exited on its own counts as
+    /// dead: the caller learns of it from `exited`).
+    pub fn heal(&mut self) -> Result<()> {
+        for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
+            self.resume(id);
+            self.restart(id)?;
+        }
+        Ok(())
+    }
+
+    /// Nodes whose process exited without being killed by us, with their exit status.
+    pub fn exited(&mut self) -> Vec<(u64, String)> {
+        let mut gone = Vec::new();
+        for node in &mut self.nodes {
+            if let Some(child) = &mut node.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    gone.push((node.id, status.to_string()));
+                    node.child = None;
+                }
+            }
+        }
+        gone
+    }
+
+    /// Waits until every node is up and every group has a leader known to all its replicas.
+    pub fn wait_until_ready(&mut self, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let layout = LocalCluster {
+            nodes: self.nodes.iter().map(|n| LocalNode { id: n.id, client: n.client.clone(), peer: n.peer.clone(), pid: None }).collect(),
+        };
+        let mut children: Vec<(u64, Child)> = self.nodes.iter_mut().filter_map(|n| n.child.take().map(|c| (n.id, c))).collect();
+        let result = local_cluster::wait_for_leaders(&self.dir, &layout, timeout, &mut children);
+        for (id, child) in children {
+            self.node_mut(id).child = Some(child);
+        }
+        result.map(|()| started.elapsed())
+    }
+
+    /// Stops every node (SIGCONT first, then SIGKILL): nothing is left running.
+    pub fn tear_down(&mut self) {
+        for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
+            self.resume(id);
+            self.kill(id);
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.tear_down();
+    }
+}

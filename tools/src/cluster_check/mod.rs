@@ -1,0 +1,349 @@
+//! `chunkcheck register|counter|set`: a fresh cluster of real chunkd processes, concurrent
+//! clients recording every operation, faults from a seeded schedule, then heal, recover,
+//! final reads, and the checkers. Reading order: `cluster.rs` (the processes),
+//! `workload.rs` (clients and the history), `nemesis.rs` (faults), this file (the run).
+
+pub mod cluster;
+pub mod nemesis;
+pub mod workload;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chunkstore::client::{Client, ClientConfig};
+use chunkstore::protocol::ReadPolicy;
+use serde_json::json;
+
+use crate::check::linearizable::{self, Limits, Verdict};
+use crate::check::models::Model;
+use crate::check::{counter, session, set};
+use crate::history::{operations, Edn, Event, EventType};
+use cluster::TestCluster;
+use nemesis::{NemesisKind, PlannedFault};
+use workload::{Invocation, Shared, Workload};
+
+/// Everything a run is told.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub workload: Workload,
+    pub nodes: u64,
+    pub replication_factor: usize,
+    pub groups: u32,
+    pub time_limit: Duration,
+    pub concurrency: usize,
+    pub keys: u64,
+    pub ops_per_key_max: u32,
+    pub nemeses: Vec<NemesisKind>,
+    pub nemesis_interval: Duration,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub read_policy: ReadPolicy,
+    /// Extra `KEY = VALUE` lines for every node's chunkd.toml (the unsafe negative controls).
+    pub chunkd_options: Vec<String>,
+    /// Time the linearizability search may take before it answers unknown.
+    pub check_time_limit: Duration,
+}
+
+/// Processes of the final reads (after every worker process).
+const FINAL_PROCESS: i64 = 1_000_000_000;
+
+/// Set by SIGINT/SIGTERM: the run stops, heals and tears down.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Routes SIGINT and SIGTERM to `INTERRUPTED`.
+pub fn catch_interrupts() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// A fault as it happened.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FaultRecord {
+    pub kind: NemesisKind,
+    pub target: nemesis::Target,
+    pub nodes: Vec<u64>,
+    pub start_ms: u64,
+    pub end_ms: u64,
+}
+
+/// Runs the test; the JSON result (also written to OUT/results.json). Exit code by `valid`.
+pub fn run(options: &RunOptions, progress: &mut impl FnMut(&str)) -> serde_json::Value {
+    let started = Instant::now();
+    let mut result = match run_inner(options, progress) {
+        Ok(result) => result,
+        Err(err) => json!({ "valid": "unknown", "error": format!("{err:#}"), "ops": 0, "ok": 0, "fail": 0, "info": 0, "anomalies": 0, "nemesis_events": 0, "recovery_ms": null }),
+    };
+    result["workload"] = json!(options.workload);
+    result["seed"] = json!(options.seed);
+    result["out"] = json!(options.out.display().to_string());
+    result["elapsed_ms"] = json!(started.elapsed().as_millis() as u64);
+    let _ = std::fs::write(options.out.join("results.json"), serde_json::to_string_pretty(&result).unwrap_or_default());
+    result
+}
+
+fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<serde_json::Value> {
+    std::fs::create_dir_all(&options.out).with_context(|| format!("creating {}", options.out.display()))?;
+    let plan = nemesis::plan(options.seed, &options.nemeses, options.nemesis_interval, options.time_limit);
+    let mut nemesis_log = String::new();
+    nemesis_log += &format!("seed {} plan ({} faults, interval {:?}):\n", options.seed, plan.len(), options.nemesis_interval);
+    for fault in &plan {
+        nemesis_log += &format!("  {fault:?}\n");
+    }
+    progress(&format!("starting {} nodes in {}", options.nodes, options.out.display()));
+    let cluster = TestCluster::start(&options.out.join("cluster"), options.nodes, options.replication_factor, options.groups, &options.chunkd_options)?;
+    let cluster = Arc::new(Mutex::new(cluster));
+    let recorder = workload::Recorder::create(&options.out.join("history.edn"))?;
+    let seeds = cluster.lock().unwrap().seeds();
+    let shared = Shared::new(options.workload, seeds.clone(), options.read_policy, options.concurrency, options.keys, options.ops_per_key_max, options.seed, recorder);
+    let node_ids: Vec<u64> = (1..=options.nodes).collect();
+
+    let mut faults: Vec<FaultRecord> = Vec::new();
+    let mut crashed: Vec<String> = Vec::new();
+    std::thread::scope(|scope| {
+        for thread in 0..options.concurrency {
+            let shared = &shared;
+            scope.spawn(move || workload::run_worker(shared, thread));
+        }
+        drive_faults(options, &plan, &cluster, &shared, &node_ids, &mut faults, &mut crashed, &mut nemesis_log, progress);
+        shared.stop.store(true, Ordering::SeqCst);
+    });
+
+    progress("healing every fault and restarting every node");
+    let recovery = {
+        let mut cluster = cluster.lock().unwrap();
+        cluster.heal()?;
+        cluster.wait_until_ready(Duration::from_secs(120))
+    };
+    let recovery_ms = recovery.as_ref().ok().map(|d| d.as_millis() as u64);
+    let mut run_error = recovery.err().map(|e| format!("the cluster did not recover: {e:#}"));
+    if run_error.is_none() && !INTERRUPTED.load(Ordering::SeqCst) {
+        if let Err(err) = final_reads(&shared) {
+            run_error = Some(format!("final reads: {err:#}"));
+        }
+    }
+    {
+        let mut cluster = cluster.lock().unwrap();
+        crashed.extend(cluster.exited().into_iter().map(|(id, status)| format!("node {id} exited on its own ({status})")));
+        cluster.tear_down();
+    }
+    std::fs::write(options.out.join("nemesis.log"), &nemesis_log)?;
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        run_error.get_or_insert_with(|| "interrupted".into());
+    }
+
+    let events = shared.recorder.finish();
+    let mut result = check_history(options, &events)?;
+    let anomalies = result["anomalies"].as_u64().unwrap_or(0);
+    if !crashed.is_empty() {
+        result["node_exits"] = json!(crashed);
+    }
+    if let Some(error) = &run_error {
+        result["error"] = json!(error);
+        if anomalies == 0 {
+            result["valid"] = json!("unknown");
+        }
+    }
+    result["nemesis_events"] = json!(faults.len());
+    result["faults"] = json!(faults);
+    result["recovery_ms"] = json!(recovery_ms);
+    result["availability"] = availability(&events, &faults);
+    Ok(result)
+}
+
+/// Carries out the fault plan until the time limit (or an interrupt), printing progress.
+#[allow(clippy::too_many_arguments)]
+fn drive_faults(
+    options: &RunOptions,
+    plan: &[PlannedFault],
+    cluster: &Arc<Mutex<TestCluster>>,
+    shared: &Shared,
+    node_ids: &[u64],
+    faults: &mut Vec<FaultRecord>,
+    crashed: &mut Vec<String>,
+    log: &mut String,
+    progress: &mut impl FnMut(&str),
+) {
+    let recorder = &shared.recorder;
+    let mut next = 0;
+    let mut next_start = options.nemesis_interval;
+    let mut active: Option<(FaultRecord, Duration)> = None;
+    let mut last_progress = Duration::ZERO;
+    let mut nemesis_client: Option<Client> = None;
+    loop {
+        let now = recorder.elapsed();
+        if now >= options.time_limit || INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+        crashed.extend(cluster.lock().unwrap().exited().into_iter().map(|(id, status)| format!("node {id} exited on its own ({status}) at {} ms", now.as_millis())));
+        match &mut active {
+            Some((fault, ends)) if now >= *ends => {
+                if let Err(err) = nemesis::heal(cluster, fault.kind, &fault.nodes) {
+                    crashed.push(format!("could not restart a node: {err:#}"));
+                }
+                fault.end_ms = now.as_millis() as u64;
+                *log += &format!("{:>8} ms heal {:?} {:?}\n", fault.end_ms, fault.kind, fault.nodes);
+                recorder.record(nemesis_event(&format!("stop-{}", kind_name(fault.kind)), &fault.nodes));
+                faults.push(fault.clone());
+                next_start = now + options.nemesis_interval;
+                active = None;
+            }
+            None if next < plan.len() && now >= next_start => {
+                let planned = &plan[next];
+                next += 1;
+                let leader = busiest_leader(&mut nemesis_client, &shared.seeds);
+                let nodes = nemesis::pick_nodes(planned, node_ids, leader);
+                nemesis::inflict(cluster, planned.kind, &nodes);
+                *log += &format!("{:>8} ms {:?} {:?} {:?} for {} ms\n", now.as_millis(), planned.kind, planned.target, nodes, planned.duration_ms);
+                recorder.record(nemesis_event(&format!("start-{}", kind_name(planned.kind)), &nodes));
+                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes, start_ms: now.as_millis() as u64, end_ms: 0 };
+                active = Some((record, now + Duration::from_millis(planned.duration_ms)));
+            }
+            _ => {}
+        }
+        if now >= last_progress + Duration::from_secs(5) {
+            last_progress = now;
+            let fault = active.as_ref().map_or("none".to_string(), |(f, _)| format!("{:?} {:?}", f.kind, f.nodes));
+            progress(&format!("[{:>4}s/{}s] {} events, fault: {fault}", now.as_secs(), options.time_limit.as_secs(), recorder.len()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some((mut fault, _)) = active {
+        let _ = nemesis::heal(cluster, fault.kind, &fault.nodes);
+        fault.end_ms = recorder.elapsed().as_millis() as u64;
+        *log += &format!("{:>8} ms heal {:?} {:?} (end of run)\n", fault.end_ms, fault.kind, fault.nodes);
+        recorder.record(nemesis_event(&format!("stop-{}", kind_name(fault.kind)), &fault.nodes));
+        faults.push(fault);
+    }
+}
+
+fn kind_name(kind: NemesisKind) -> &'static str {
+    match kind {
+        NemesisKind::Kill => "kill",
+        NemesisKind::Pause => "pause",
+    }
+}
+
+fn nemesis_event(f: &str, nodes: &[u64]) -> Event {
+    let mut event = Event::new(0, EventType::Info, f, Edn::Vector(nodes.iter().map(|&n| Edn::Int(n as i64)).collect()));
+    event.process = None;
+    event
+}
+
+/// The node leading the most groups, as the cluster map says (None if no node answers).
+fn busiest_leader(client: &mut Option<Client>, seeds: &[String]) -> Option<u64> {
+    if client.is_none() {
+        let config = ClientConfig { timeout: Duration::from_millis(500), retries_max: 0, ..ClientConfig::new(seeds.to_vec()) };
+        *client = Client::connect(config).ok();
+    }
+    let map = client.as_ref()?.refresh_map().ok()?;
+    let mut counts: std::collections::BTreeMap<u64, usize> = Default::default();
+    for ns in &map.namespaces {
+        for leader in ns.leaders.iter().flatten() {
+            *counts.entry(*leader).or_default() += 1;
+        }
+    }
+    counts.into_iter().max_by_key(|(_, count)| *count).map(|(id, _)| id)
+}
+
+/// After healing: one linearizable read of every key, retried until it succeeds.
+fn final_reads(shared: &Shared) -> Result<()> {
+    let client = Client::connect(ClientConfig { read_policy: ReadPolicy::Linearizable, ..ClientConfig::new(shared.seeds.clone()) }).context("connecting for the final reads")?;
+    for key in 0..shared.keys_used() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let op = Invocation { f: "read", key, value: Edn::Nil };
+            let done = workload::perform_with_policy(&client, shared, FINAL_PROCESS, &op, ReadPolicy::Linearizable);
+            if done.kind == EventType::Ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("key {key} could not be read within 30 s after healing: {:?}", done.error);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the workload's checkers over the history.
+pub fn check_history(options: &RunOptions, events: &[Event]) -> Result<serde_json::Value> {
+    let ops = operations(events)?;
+    let count = |kind: EventType| events.iter().filter(|e| e.process.is_some() && e.kind == kind).count();
+    let concurrency = options.concurrency.max(1) as i64;
+    let session_of = |process: i64| if process >= FINAL_PROCESS { -1 } else { process % concurrency };
+    let is_final = |process: i64| process >= FINAL_PROCESS;
+    let linearizable_reads = options.read_policy == ReadPolicy::Linearizable;
+    let mut result = json!({
+        "ops": ops.len(),
+        "ok": count(EventType::Ok),
+        "fail": count(EventType::Fail),
+        // Completed :info plus invocations that never completed.
+        "info": ops.iter().filter(|op| op.outcome == crate::history::Outcome::Unknown).count(),
+        "read_policy": format!("{:?}", options.read_policy).to_lowercase(),
+    });
+    let (anomalies, unknown, details) = match options.workload {
+        Workload::Register => {
+            let sessions = session::check(&ops, session_of, is_final);
+            let mut anomalies = sessions.len();
+            let mut unknown = false;
+            let mut details = json!({ "session": sessions });
+            if linearizable_reads {
+                let report = linearizable::check(Model::CasRegister, &ops, Limits::within(options.check_time_limit)).map_err(anyhow::Error::msg)?;
+                anomalies += report.keys.iter().filter(|k| k.verdict == Verdict::NotLinearizable).count();
+                unknown = report.verdict == Verdict::Unknown;
+                let bad: Vec<_> = report.keys.iter().filter(|k| k.verdict != Verdict::Linearizable).collect();
+                details["linearizable"] = json!({ "verdict": report.verdict, "keys": report.keys.len(), "elapsed_ms": report.elapsed_ms, "not_linearizable_or_unknown": bad });
+            }
+            (anomalies, unknown, details)
+        }
+        Workload::Counter => {
+            let report = counter::check(&ops, linearizable_reads, session_of, is_final);
+            (report.anomalies.len(), false, json!({ "counter": report }))
+        }
+        Workload::Set => {
+            let report = set::check(&ops, linearizable_reads, session_of);
+            let unknown = !report.keys_never_read.is_empty();
+            (report.anomalies(), unknown, json!({ "set": report }))
+        }
+    };
+    result["anomalies"] = json!(anomalies);
+    result["valid"] = match (anomalies, unknown) {
+        (0, false) => json!(true),
+        (0, true) => json!("unknown"),
+        _ => json!(false),
+    };
+    result["checks"] = details;
+    Ok(result)
+}
+
+/// Successful operations per second while a fault was active and while none was.
+fn availability(events: &[Event], faults: &[FaultRecord]) -> serde_json::Value {
+    let in_fault = |ms: u64| faults.iter().any(|f| ms >= f.start_ms && ms < f.end_ms.max(f.start_ms));
+    let fault_ms: u64 = faults.iter().map(|f| f.end_ms.saturating_sub(f.start_ms)).sum();
+    let last_ms = events.iter().filter_map(|e| e.time_ns).max().unwrap_or(0) / 1_000_000;
+    let (mut during, mut outside) = (0u64, 0u64);
+    for event in events.iter().filter(|e| e.process.is_some_and(|p| p < FINAL_PROCESS) && e.kind == EventType::Ok) {
+        let ms = event.time_ns.unwrap_or(0) / 1_000_000;
+        if in_fault(ms) {
+            during += 1;
+        } else {
+            outside += 1;
+        }
+    }
+    let rate = |count: u64, ms: u64| if ms == 0 { serde_json::Value::Null } else { json!((count as f64 * 1000.0 / ms as f64).round()) };
+    json!({
+        "ok_per_sec_during_faults": rate(during, fault_ms),
+        "ok_per_sec_outside_faults": rate(outside, last_ms.saturating_sub(fault_ms)),
+        "fault_ms": fault_ms,
+    })
+}
