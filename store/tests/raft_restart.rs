@@ -10,7 +10,7 @@ use openraft::storage::RaftLogStorage;
 use openraft::{CommittedLeaderId, LeaderId, LogId, Vote};
 
 #[test]
-fn vote_and_committed_survive_a_reopen() {
+fn vote_and_committed_survive_a_reopen_and_the_vote_comes_back_uncommitted() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -24,7 +24,9 @@ fn vote_and_committed_survive_a_reopen() {
         drop(wal);
         let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).unwrap());
         let mut store = GroupLogStore::new(wal, 7 << 12 | 3);
-        assert_eq!(store.read_vote().await.unwrap(), Some(vote));
+        // The vote survives, handed back uncommitted: a restarted node must win a new term
+        // rather than resume leadership (see `read_vote`).
+        assert_eq!(store.read_vote().await.unwrap(), Some(Vote { committed: false, ..vote }));
         assert_eq!(<GroupLogStore as RaftLogStorage<TypeConfig>>::read_committed(&mut store).await.unwrap(), Some(committed));
     });
 }

@@ -38,7 +38,7 @@ struct ClusterArgs {
     /// Keys in use at a time.
     #[arg(long, default_value_t = 8)]
     keys: u64,
-    /// Register: operations on one key before it is replaced by a fresh key.
+    /// Register and set: operations on one key before it is replaced by a fresh key.
     #[arg(long, default_value_t = 200)]
     ops_per_key: u32,
     /// Faults, comma-separated (kill, pause); `none` for none.

@@ -87,7 +87,7 @@ pub struct Shared {
     pub recorder: Recorder,
     /// Source of unique written values and set elements.
     next_value: AtomicI64,
-    /// Register keys in use and the operations each has had; a key that reaches
+    /// Register and set keys in use and the operations each has had; a key that reaches
     /// `ops_per_key_max` is replaced by a fresh one.
     key_pool: Mutex<KeyPool>,
 }
@@ -118,13 +118,16 @@ impl Shared {
     /// Every key an operation was issued on.
     pub fn keys_used(&self) -> u64 {
         match self.workload {
-            Workload::Register => self.key_pool.lock().unwrap().next_key,
-            _ => self.keys,
+            Workload::Register | Workload::Set => self.key_pool.lock().unwrap().next_key,
+            Workload::Counter => self.keys,
         }
     }
 
+    /// Registers and sets move on to a fresh key after `ops_per_key_max` operations (bounded
+    /// linearizability searches; sets that stay small, so reads stay cheap). Counters keep
+    /// their keys for the whole run.
     fn pick_key(&self, rng: &mut SmallRng) -> u64 {
-        if self.workload != Workload::Register {
+        if self.workload == Workload::Counter {
             return rng.gen_range(0..self.keys);
         }
         let mut pool = self.key_pool.lock().unwrap();
