@@ -60,6 +60,22 @@ pub fn chunkd_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Starts `chunkd --config CONFIG` with its output appended to `log`, in its own process group
+/// (a Ctrl-C meant for the tool that started it does not reach the node).
+pub fn spawn_chunkd(chunkd: &Path, config: &Path, log: &Path) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("opening {}", log.display()))?;
+    Command::new(chunkd)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", chunkd.display()))
+}
+
 /// How `up` makes a new cluster.
 #[derive(Clone, Debug)]
 pub struct UpOptions {
@@ -139,21 +155,7 @@ pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result
             true => existing_config,
             false => write_config(dir, &cluster, &node, replication_factor, options)?,
         };
-        let log_path = dir.join(format!("node{}", node.id)).join("chunkd.log");
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-        let child = {
-            use std::os::unix::process::CommandExt;
-            Command::new(&chunkd)
-                .arg("--config")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone()?)
-                .stderr(log_file)
-                // Its own process group: a Ctrl-C meant for chunkctl does not reach the nodes.
-                .process_group(0)
-                .spawn()
-                .with_context(|| format!("starting {}", chunkd.display()))?
-        };
+        let child = spawn_chunkd(&chunkd, &config, &dir.join(format!("node{}", node.id)).join("chunkd.log"))?;
         cluster.nodes[index].pid = Some(child.id());
         started.push((node.id, child));
     }

@@ -2,7 +2,6 @@
 //! the increments attempted before it ended (the second seed: Aerospike lost about 10% of
 //! acknowledged increments under partitions).
 
-use std::collections::BTreeMap;
 
 use crate::history::{Edn, Operation, Outcome};
 
@@ -29,11 +28,7 @@ pub struct CounterReport {
 /// acknowledged increments, except for the final reads (`is_final`), held to all of them.
 pub fn check(ops: &[Operation], linearizable: bool, session_of: impl Fn(i64) -> i64, is_final: impl Fn(i64) -> bool) -> CounterReport {
     let mut report = CounterReport::default();
-    let mut by_key: BTreeMap<String, Vec<&Operation>> = BTreeMap::new();
-    for op in ops {
-        by_key.entry(op.key.as_ref().map_or_else(String::new, Edn::to_string)).or_default().push(op);
-    }
-    for (key, ops) in by_key {
+    for (key, ops) in super::by_key(ops) {
         let delta = |op: &Operation| match op.input {
             Edn::Int(n) => n,
             _ => 0,

@@ -6,13 +6,23 @@ pub mod models;
 pub mod session;
 pub mod set;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use linearizable::{Limits, Verdict};
 use models::Model;
 
-use crate::history::{operations, read_history};
+use crate::history::{operations, read_history, Edn, Operation};
+
+/// Operations grouped by their key (printed as EDN; no key is the empty string).
+pub fn by_key(ops: &[Operation]) -> BTreeMap<String, Vec<&Operation>> {
+    let mut grouped: BTreeMap<String, Vec<&Operation>> = BTreeMap::new();
+    for op in ops {
+        grouped.entry(op.key.as_ref().map_or_else(String::new, Edn::to_string)).or_default().push(op);
+    }
+    grouped
+}
 
 /// `chunkcheck history`: prints a summary (and with `json` a JSON last line); returns the exit
 /// code (0 linearizable, 1 not, 2 unknown or unreadable).

@@ -3,7 +3,7 @@
 //! one value per generation and no value that nobody wrote (no dirty or invented reads);
 //! and the final reads show every acknowledged write's generation (nothing lost).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use crate::history::{Edn, Operation, Outcome};
 
@@ -19,11 +19,7 @@ pub struct SessionAnomaly {
 /// `session_of` maps a process to its client session; `final_process` marks the final reads.
 pub fn check(ops: &[Operation], session_of: impl Fn(i64) -> i64, is_final: impl Fn(i64) -> bool) -> Vec<SessionAnomaly> {
     let mut anomalies = Vec::new();
-    let mut by_key: BTreeMap<String, Vec<&Operation>> = BTreeMap::new();
-    for op in ops {
-        by_key.entry(op.key.as_ref().map_or_else(String::new, Edn::to_string)).or_default().push(op);
-    }
-    for (key, mut ops) in by_key {
+    for (key, mut ops) in super::by_key(ops) {
         ops.sort_by_key(|op| op.ret.unwrap_or(usize::MAX));
         let written: HashSet<&Edn> = ops.iter().filter_map(|op| match (op.f.as_str(), &op.input) {
             ("write", v) => Some(v),

@@ -2,7 +2,7 @@
 //! element never added (unexpected), and a read begun after an add was acknowledged holds it
 //! (else stale; for session reads only the adding client's own reads are held to this).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use crate::history::{Edn, Operation, Outcome};
 
@@ -28,11 +28,7 @@ impl SetReport {
 /// their own session when `linearizable` is false).
 pub fn check(ops: &[Operation], linearizable: bool, session_of: impl Fn(i64) -> i64) -> SetReport {
     let mut report = SetReport::default();
-    let mut by_key: BTreeMap<String, Vec<&Operation>> = BTreeMap::new();
-    for op in ops {
-        by_key.entry(op.key.as_ref().map_or_else(String::new, Edn::to_string)).or_default().push(op);
-    }
-    for (key, ops) in by_key {
+    for (key, ops) in super::by_key(ops) {
         let element = |op: &Operation| match op.input {
             Edn::Int(n) => Some(n),
             _ => None,

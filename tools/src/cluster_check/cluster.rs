@@ -3,7 +3,7 @@
 //! paused with SIGSTOP, restarted on the same data; everything is torn down on drop.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -103,20 +103,7 @@ impl TestCluster {
         if node.child.is_some() {
             return Ok(());
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-        let child = {
-            use std::os::unix::process::CommandExt;
-            Command::new(&chunkd)
-                .arg("--config")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                // Its own process group: a Ctrl-C meant for chunkcheck does not reach the nodes.
-                .process_group(0)
-                .spawn()
-                .with_context(|| format!("starting {}", chunkd.display()))?
-        };
+        let child = local_cluster::spawn_chunkd(&chunkd, &config, &log_path)?;
         node.child = Some(child);
         node.paused = false;
         Ok(())
