@@ -23,6 +23,7 @@ fn node_config(id: u64, nodes: &[(u64, String)], dir: &std::path::Path, groups: 
         ..NamespaceConfig::new("test", vec![DeviceConfig { path: data_dir.join("test.dat"), size: Some(32 << 20) }])
     };
     NodeConfig {
+        peer_source: None,
         node_id: id,
         nodes: nodes.to_vec(),
         client_addresses: nodes.to_vec(),
@@ -35,6 +36,7 @@ fn node_config(id: u64, nodes: &[(u64, String)], dir: &std::path::Path, groups: 
         snapshot_after_entries: 5000,
         entries_kept_after_snapshot: 1000,
         unsafe_skip_dedup: false,
+        unsafe_unchecked_reads: false,
     }
 }
 

@@ -55,6 +55,9 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
     let peer = TcpListener::bind(&config.peer_listen).await.map_err(|e| format!("cannot listen on {} (peer-listen): {e}", config.peer_listen))?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    if config.unsafe_unchecked_reads {
+        tracing::warn!("UNSAFE test option unsafe-unchecked-reads is set: linearizable reads may be stale");
+    }
     if config.unsafe_skip_dedup {
         tracing::warn!("UNSAFE test option unsafe-skip-dedup is set: retried writes may be applied twice");
     }

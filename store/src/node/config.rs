@@ -4,7 +4,9 @@
 //! ```toml
 //! node-id = 1
 //! client-listen = "127.0.0.1:7401"   # clients connect here
-//! peer-listen = "127.0.0.1:7501"     # other nodes connect here (Raft)
+//! peer-listen = "127.0.0.1:7501"     # other nodes connect here (Raft); when it names an
+//!                                    # address (not 0.0.0.0 or ::), this node's connections
+//!                                    # to its peers leave from that address too
 //! data-dir = "/var/lib/chunkstore"   # WAL, snapshots and, by default, namespace devices
 //! heartbeat-ms = 100                 # Raft heartbeat; default 100
 //! election-timeout-ms = [800, 1600]  # Raft election timeout range; default [800, 1600]
@@ -75,6 +77,10 @@ pub struct ChunkdConfig {
     /// of being answered from the exactly-once table. Default false.
     #[serde(default)]
     pub unsafe_skip_dedup: bool,
+    /// UNSAFE (negative controls only): linearizable reads are answered from whichever replica
+    /// gets them, with no check that it still leads. Default false.
+    #[serde(default)]
+    pub unsafe_unchecked_reads: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -199,7 +205,16 @@ impl ChunkdConfig {
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             snapshot_after_entries: self.snapshot_after_entries,
             entries_kept_after_snapshot: self.entries_kept_after_snapshot,
+            peer_source: peer_source(&self.peer_listen),
             unsafe_skip_dedup: self.unsafe_skip_dedup,
+            unsafe_unchecked_reads: self.unsafe_unchecked_reads,
         })
     }
+}
+
+/// The address of `peer-listen` when it names one: outgoing peer connections bind to it. A
+/// host name (resolved by the listener) or a wildcard address leaves the choice to the kernel.
+fn peer_source(peer_listen: &str) -> Option<std::net::IpAddr> {
+    let address: std::net::SocketAddr = peer_listen.parse().ok()?;
+    Some(address.ip()).filter(|ip| !ip.is_unspecified())
 }

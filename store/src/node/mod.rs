@@ -66,8 +66,12 @@ pub struct NodeConfig {
     /// Log entries between snapshots, and entries kept behind one.
     pub snapshot_after_entries: u64,
     pub entries_kept_after_snapshot: u64,
+    /// Address this node's connections to its peers leave from (None: the kernel picks).
+    pub peer_source: Option<std::net::IpAddr>,
     /// UNSAFE (negative controls only): no exactly-once deduplication of retried writes.
     pub unsafe_skip_dedup: bool,
+    /// UNSAFE (negative controls only): linearizable reads served by any replica, unchecked.
+    pub unsafe_unchecked_reads: bool,
 }
 
 struct Group {
@@ -160,7 +164,7 @@ impl Node {
         let node_ids: Vec<NodeId> = config.nodes.iter().map(|(id, _)| *id).collect();
         let voters = meta::voters(&node_ids);
         let peers: raft_network::Peers =
-            Arc::new(config.nodes.iter().map(|(id, addr)| (*id, Arc::new(transport::SharedConnection::new(addr.clone())))).collect());
+            Arc::new(config.nodes.iter().map(|(id, addr)| (*id, Arc::new(transport::SharedConnection::new(addr.clone()).from_source(config.peer_source)))).collect());
         let addresses: HashMap<NodeId, String> = config.nodes.iter().cloned().collect();
         let meta_raft = if voters.contains(&config.node_id) {
             // The metadata changes rarely: a snapshot after every entry keeps its log (and so the
@@ -333,7 +337,7 @@ impl Node {
             self.config.seeds.clone()
         };
         for address in addresses {
-            let mut connection = transport::Connection::new(address);
+            let mut connection = transport::Connection::new(address).from_source(self.config.peer_source);
             if let Ok(Response::ClusterMeta(Some(cluster))) = connection.call(&Request::ClusterMeta, Duration::from_secs(2)).await {
                 return Some(cluster);
             }
@@ -475,6 +479,7 @@ impl Node {
                     Err(reply) => return Response::Error(reply),
                 };
                 match read {
+                    ReadPolicy::Linearizable if self.config.unsafe_unchecked_reads => {}
                     ReadPolicy::Linearizable => {
                         let confirmed = tokio::time::timeout(self.config.request_timeout, group.raft.ensure_linearizable()).await;
                         match confirmed {

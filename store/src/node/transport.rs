@@ -9,13 +9,14 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 
 use crate::protocol::{decode_body, decode_frame, encode_body, Frame, FrameKind, Request, Response, FRAME_BYTES_MAX_DEFAULT};
@@ -24,6 +25,10 @@ use crate::protocol::{decode_body, decode_frame, encode_body, Frame, FrameKind, 
 pub const CONNECTIONS_MAX: usize = 1024;
 /// Requests of one connection handled at once (pipelining depth).
 pub const IN_FLIGHT_PER_CONNECTION_MAX: usize = 256;
+/// A shared connection that has received nothing for this long while a call timed out is
+/// given up and reopened by the next call: after a network cut heals, a fresh connection
+/// works at once, while the old one may wait out TCP's retransmission backoff.
+const SILENT_CONNECTION_GIVE_UP: Duration = Duration::from_secs(2);
 /// A writer task gathers queued frames into one write up to this many bytes.
 const COALESCED_WRITE_BYTES_MAX: usize = 1 << 20;
 
@@ -171,13 +176,20 @@ async fn serve_connection<H: Handler>(stream: TcpStream, handler: Arc<H>) -> io:
 /// requests open several).
 pub struct Connection {
     addr: String,
+    source: Option<IpAddr>,
     stream: Option<(FrameReader, Mutex<OwnedWriteHalf>)>,
     next_id: AtomicU64,
 }
 
 impl Connection {
     pub fn new(addr: impl Into<String>) -> Connection {
-        Connection { addr: addr.into(), stream: None, next_id: AtomicU64::new(1) }
+        Connection { addr: addr.into(), source: None, stream: None, next_id: AtomicU64::new(1) }
+    }
+
+    /// Connections leave from `source` (port chosen by the kernel) when it is set.
+    pub fn from_source(mut self, source: Option<IpAddr>) -> Connection {
+        self.source = source;
+        self
     }
 
     /// Sends `request` and waits for its response, within `timeout`. Any error drops the
@@ -193,8 +205,7 @@ impl Connection {
 
     async fn call_inner(&mut self, request: &Request) -> io::Result<Response> {
         if self.stream.is_none() {
-            let stream = TcpStream::connect(&self.addr).await?;
-            stream.set_nodelay(true)?;
+            let stream = connect(&self.addr, self.source).await?;
             let (read, write) = stream.into_split();
             self.stream = Some((FrameReader::new(read, FRAME_BYTES_MAX_DEFAULT), Mutex::new(write)));
         }
@@ -219,19 +230,26 @@ type Waiting = HashMap<u64, oneshot::Sender<io::Result<Response>>>;
 /// request does not cut off the others.
 pub struct SharedConnection {
     addr: String,
+    source: Option<IpAddr>,
     live: Mutex<Option<Arc<Live>>>,
     next_id: AtomicU64,
 }
 
 struct Live {
     writer: mpsc::UnboundedSender<Vec<u8>>,
+    opened: tokio::time::Instant,
+    /// Milliseconds after `opened` when the last response arrived.
+    last_received_ms: AtomicU64,
+    /// Tells the reader task to stop (the writer stops when the `Live` is dropped).
+    given_up: Arc<tokio::sync::Notify>,
     /// Callers waiting for answers; `None` once the connection failed.
     waiting: std::sync::Mutex<Option<Waiting>>,
 }
 
 impl Live {
-    /// Fails every waiting call and refuses new ones.
+    /// Fails every waiting call and refuses new ones; the connection's reader stops.
     fn fail(&self, err: &io::Error) {
+        self.given_up.notify_one();
         if let Some(waiting) = self.waiting.lock().unwrap().take() {
             for (_, caller) in waiting {
                 let _ = caller.send(Err(io::Error::new(err.kind(), err.to_string())));
@@ -242,11 +260,25 @@ impl Live {
     fn is_failed(&self) -> bool {
         self.waiting.lock().unwrap().is_none()
     }
+
+    fn note_received(&self) {
+        self.last_received_ms.store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        self.opened.elapsed().saturating_sub(Duration::from_millis(self.last_received_ms.load(Ordering::Relaxed)))
+    }
 }
 
 impl SharedConnection {
     pub fn new(addr: impl Into<String>) -> SharedConnection {
-        SharedConnection { addr: addr.into(), live: Mutex::new(None), next_id: AtomicU64::new(1) }
+        SharedConnection { addr: addr.into(), source: None, live: Mutex::new(None), next_id: AtomicU64::new(1) }
+    }
+
+    /// Connections leave from `source` (port chosen by the kernel) when it is set.
+    pub fn from_source(mut self, source: Option<IpAddr>) -> SharedConnection {
+        self.source = source;
+        self
     }
 
     /// Sends `request` and waits for its response, within `timeout` (connecting included).
@@ -254,8 +286,10 @@ impl SharedConnection {
         let body = encode_body(request, FRAME_BYTES_MAX_DEFAULT).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let bytes = encode_frame(&Frame { kind: FrameKind::Request, request_id, body });
+        let mut used: Option<Arc<Live>> = None;
         let call = async {
             let live = self.connected().await?;
+            used = Some(live.clone());
             let (sender, answer) = oneshot::channel();
             match live.waiting.lock().unwrap().as_mut() {
                 Some(waiting) => waiting.insert(request_id, sender),
@@ -267,7 +301,13 @@ impl SharedConnection {
             let answered = Answer { live: &live, request_id, answer };
             answered.wait().await
         };
-        tokio::time::timeout(timeout, call).await.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "request timed out")))
+        let result = tokio::time::timeout(timeout, call).await;
+        result.unwrap_or_else(|_| {
+            if let Some(live) = used.filter(|live| live.silent_for() >= SILENT_CONNECTION_GIVE_UP) {
+                live.fail(&io::Error::new(io::ErrorKind::TimedOut, "no answer on this connection for a while"));
+            }
+            Err(io::Error::new(io::ErrorKind::TimedOut, "request timed out"))
+        })
     }
 
     /// The live connection, connecting if there is none or the last one failed.
@@ -276,8 +316,7 @@ impl SharedConnection {
         if let Some(current) = live.as_ref().filter(|l| !l.is_failed()) {
             return Ok(current.clone());
         }
-        let stream = TcpStream::connect(&self.addr).await?;
-        stream.set_nodelay(true)?;
+        let stream = connect(&self.addr, self.source).await?;
         let (read, write) = stream.into_split();
         let fresh = Arc::new_cyclic(|weak: &std::sync::Weak<Live>| {
             let weak = weak.clone();
@@ -286,9 +325,15 @@ impl SharedConnection {
                     live.fail(&err);
                 }
             });
-            Live { writer, waiting: std::sync::Mutex::new(Some(HashMap::new())) }
+            Live {
+                writer,
+                opened: tokio::time::Instant::now(),
+                last_received_ms: AtomicU64::new(0),
+                given_up: Arc::new(tokio::sync::Notify::new()),
+                waiting: std::sync::Mutex::new(Some(HashMap::new())),
+            }
         });
-        tokio::spawn(read_responses(FrameReader::new(read, FRAME_BYTES_MAX_DEFAULT), Arc::downgrade(&fresh)));
+        tokio::spawn(read_responses(FrameReader::new(read, FRAME_BYTES_MAX_DEFAULT), Arc::downgrade(&fresh), fresh.given_up.clone()));
         *live = Some(fresh.clone());
         Ok(fresh)
     }
@@ -316,14 +361,19 @@ impl Drop for Answer<'_> {
 }
 
 /// Hands each response to its caller until the connection ends or the `Live` is dropped.
-async fn read_responses(mut reader: FrameReader, live: std::sync::Weak<Live>) {
+async fn read_responses(mut reader: FrameReader, live: std::sync::Weak<Live>, given_up: Arc<tokio::sync::Notify>) {
     let failure = loop {
-        let frame = match reader.read_frame().await {
+        let read = tokio::select! {
+            read = reader.read_frame() => read,
+            () = given_up.notified() => return,
+        };
+        let frame = match read {
             Ok(Some(frame)) => frame,
             Ok(None) => break io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection"),
             Err(err) => break err,
         };
         let Some(current) = live.upgrade() else { return };
+        current.note_received();
         if frame.kind != FrameKind::Response {
             break io::Error::new(io::ErrorKind::InvalidData, "the server sent a request frame");
         }
@@ -337,3 +387,24 @@ async fn read_responses(mut reader: FrameReader, live: std::sync::Weak<Live>) {
         current.fail(&failure);
     }
 }
+
+/// Opens a TCP connection to `addr` (host:port, resolved), leaving from `source` when set:
+/// a node's peer connections then come from its own address, which is what lets firewall
+/// rules (and chunkcheck's partitions) tell nodes on one host apart.
+pub async fn connect(addr: &str, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let stream = match source {
+        None => TcpStream::connect(addr).await?,
+        Some(source) => {
+            let target = tokio::net::lookup_host(addr)
+                .await?
+                .find(|a| a.is_ipv4() == source.is_ipv4())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{addr} has no address of the family of {source}")))?;
+            let socket = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            socket.bind(SocketAddr::new(source, 0))?;
+            socket.connect(target).await?
+        }
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+

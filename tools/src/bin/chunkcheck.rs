@@ -219,8 +219,9 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
         match name {
             "kill" => nemeses.push(NemesisKind::Kill),
             "pause" => nemeses.push(NemesisKind::Pause),
-            "partition" | "clock" | "disk" => return fail(format!("--nemesis {name} is not implemented yet (kill and pause are)")),
-            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause)")),
+            "partition" => nemeses.push(NemesisKind::Partition),
+            "clock" | "disk" => return fail(format!("--nemesis {name} is not implemented yet (kill, pause and partition are)")),
+            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause, partition)")),
         }
     }
     if args.nodes == 0 || args.replication_factor == 0 || args.replication_factor as u64 > args.nodes {

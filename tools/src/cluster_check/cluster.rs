@@ -1,6 +1,7 @@
 //! The cluster under test: real chunkd processes, each on its own loopback address
 //! (127.0.0.(10+id)), so that faults can target one node's traffic. Killed with SIGKILL,
-//! paused with SIGSTOP, restarted on the same data; everything is torn down on drop.
+//! paused with SIGSTOP, cut off from each other with iptables (`net.rs`), restarted on the
+//! same data; everything is torn down on drop, network rules included.
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use super::net::{Cut, Firewall};
 use crate::local_cluster::{self, LocalCluster, LocalNode, UpOptions};
 
 /// One node of the cluster under test.
@@ -24,6 +26,8 @@ pub struct TestCluster {
     pub dir: PathBuf,
     pub nodes: Vec<TestNode>,
     chunkd: PathBuf,
+    /// Present once partitions are enabled.
+    firewall: Option<Firewall>,
 }
 
 /// The loopback address of node `id` (Linux routes all of 127.0.0.0/8 to lo).
@@ -36,8 +40,9 @@ fn free_port(host: &str) -> Result<u16> {
 }
 
 impl TestCluster {
-    /// Writes the configs and starts every node; returns once every group has a leader.
-    pub fn start(dir: &Path, nodes: u64, replication_factor: usize, groups: u32, chunkd_options: &[String]) -> Result<TestCluster> {
+    /// Writes the configs and starts every node; returns once every group has a leader. The
+    /// cluster owns `firewall` (needed for `cut`) from then on.
+    pub fn start(dir: &Path, nodes: u64, replication_factor: usize, groups: u32, chunkd_options: &[String], firewall: Option<Firewall>) -> Result<TestCluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut listed = Vec::new();
         for id in 1..=nodes {
@@ -56,6 +61,7 @@ impl TestCluster {
                 .map(|n| TestNode { id: n.id, host: node_host(n.id), client: n.client, peer: n.peer, child: None, paused: false })
                 .collect(),
             chunkd: local_cluster::chunkd_binary()?,
+            firewall,
         };
         for id in 1..=nodes {
             cluster.restart(id)?;
@@ -127,9 +133,26 @@ impl TestCluster {
         node.paused = false;
     }
 
-    /// Resumes paused nodes and restarts dead ones (a node that exited on its own counts as
-    /// dead: the caller learns of it from `exited`).
+    /// Drops the packets of every directed cut.
+    pub fn cut(&mut self, cuts: &[Cut]) -> Result<()> {
+        match &mut self.firewall {
+            Some(firewall) => firewall.cut(cuts),
+            None => anyhow::bail!("this cluster was started without a firewall"),
+        }
+    }
+
+    /// Removes every cut; the packets they dropped.
+    pub fn heal_network(&mut self) -> Result<u64> {
+        match &mut self.firewall {
+            Some(firewall) if !firewall.cuts().is_empty() => firewall.heal(),
+            _ => Ok(0),
+        }
+    }
+
+    /// Heals the network, resumes paused nodes and restarts dead ones (a node that exited on
+    /// its own counts as dead: the caller learns of it from `exited`).
     pub fn heal(&mut self) -> Result<()> {
+        self.heal_network()?;
         for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
             self.resume(id);
             self.restart(id)?;
@@ -165,12 +188,14 @@ impl TestCluster {
         result.map(|()| started.elapsed())
     }
 
-    /// Stops every node (SIGCONT first, then SIGKILL): nothing is left running.
+    /// Stops every node (SIGCONT first, then SIGKILL) and removes the firewall chain: nothing
+    /// is left running, no rule left behind.
     pub fn tear_down(&mut self) {
         for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
             self.resume(id);
             self.kill(id);
         }
+        self.firewall = None;
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod nemesis;
+pub mod net;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -72,6 +73,12 @@ pub struct FaultRecord {
     pub kind: NemesisKind,
     pub target: nemesis::Target,
     pub nodes: Vec<u64>,
+    /// Partitions: packets from the first node to the second were dropped.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cuts: Vec<net::Cut>,
+    /// Partitions: packets the cuts dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped_packets: Option<u64>,
     pub start_ms: u64,
     pub end_ms: u64,
 }
@@ -99,8 +106,12 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     for fault in &plan {
         nemesis_log += &format!("  {fault:?}\n");
     }
+    let firewall = match options.nemeses.contains(&NemesisKind::Partition) {
+        true => Some(net::Firewall::new()?),
+        false => None,
+    };
     progress(&format!("starting {} nodes in {}", options.nodes, options.out.display()));
-    let cluster = TestCluster::start(&options.out.join("cluster"), options.nodes, options.replication_factor, options.groups, &options.chunkd_options)?;
+    let cluster = TestCluster::start(&options.out.join("cluster"), options.nodes, options.replication_factor, options.groups, &options.chunkd_options, firewall)?;
     let cluster = Arc::new(Mutex::new(cluster));
     let recorder = workload::Recorder::create(&options.out.join("history.edn"))?;
     let seeds = cluster.lock().unwrap().seeds();
@@ -187,8 +198,10 @@ fn drive_faults(
         crashed.extend(cluster.lock().unwrap().exited().into_iter().map(|(id, status)| format!("node {id} exited on its own ({status}) at {} ms", now.as_millis())));
         match &mut active {
             Some((fault, ends)) if now >= *ends => {
-                if let Err(err) = nemesis::heal(cluster, fault.kind, &fault.nodes) {
-                    crashed.push(format!("could not restart a node: {err:#}"));
+                match nemesis::heal(cluster, fault.kind, &fault.resolved()) {
+                    Ok(dropped) if fault.kind == NemesisKind::Partition => fault.dropped_packets = Some(dropped),
+                    Ok(_) => {}
+                    Err(err) => crashed.push(format!("could not heal {:?}: {err:#}", fault.kind)),
                 }
                 fault.end_ms = now.as_millis() as u64;
                 *log += &format!("{:>8} ms heal {:?} {:?}\n", fault.end_ms, fault.kind, fault.nodes);
@@ -201,11 +214,17 @@ fn drive_faults(
                 let planned = &plan[next];
                 next += 1;
                 let leader = busiest_leader(&mut nemesis_client, &shared.seeds);
-                let nodes = nemesis::pick_nodes(planned, node_ids, leader);
-                nemesis::inflict(cluster, planned.kind, &nodes);
-                *log += &format!("{:>8} ms {:?} {:?} {:?} for {} ms\n", now.as_millis(), planned.kind, planned.target, nodes, planned.duration_ms);
-                recorder.record(nemesis_event(&format!("start-{}", kind_name(planned.kind)), &nodes));
-                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes, start_ms: now.as_millis() as u64, end_ms: 0 };
+                let hit = nemesis::resolve(planned, node_ids, leader);
+                if let Err(err) = nemesis::inflict(cluster, planned.kind, &hit) {
+                    crashed.push(format!("could not start {:?}: {err:#}", planned.kind));
+                }
+                let cuts = match hit.cuts.is_empty() {
+                    true => String::new(),
+                    false => format!(" cutting {}", hit.cuts.iter().map(|(a, b)| format!("{a}->{b}")).collect::<Vec<_>>().join(" ")),
+                };
+                *log += &format!("{:>8} ms {:?} {:?} {:?} for {} ms{cuts}\n", now.as_millis(), planned.kind, planned.target, hit.nodes, planned.duration_ms);
+                recorder.record(nemesis_event(&format!("start-{}", kind_name(planned.kind)), &hit.nodes));
+                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes: hit.nodes, cuts: hit.cuts, dropped_packets: None, start_ms: now.as_millis() as u64, end_ms: 0 };
                 active = Some((record, now + Duration::from_millis(planned.duration_ms)));
             }
             _ => {}
@@ -218,7 +237,9 @@ fn drive_faults(
         std::thread::sleep(Duration::from_millis(50));
     }
     if let Some((mut fault, _)) = active {
-        let _ = nemesis::heal(cluster, fault.kind, &fault.nodes);
+        if let Ok(dropped) = nemesis::heal(cluster, fault.kind, &fault.resolved()) {
+            fault.dropped_packets = Some(dropped).filter(|_| fault.kind == NemesisKind::Partition);
+        }
         fault.end_ms = recorder.elapsed().as_millis() as u64;
         *log += &format!("{:>8} ms heal {:?} {:?} (end of run)\n", fault.end_ms, fault.kind, fault.nodes);
         recorder.record(nemesis_event(&format!("stop-{}", kind_name(fault.kind)), &fault.nodes));
@@ -230,6 +251,13 @@ fn kind_name(kind: NemesisKind) -> &'static str {
     match kind {
         NemesisKind::Kill => "kill",
         NemesisKind::Pause => "pause",
+        NemesisKind::Partition => "partition",
+    }
+}
+
+impl FaultRecord {
+    fn resolved(&self) -> nemesis::Resolved {
+        nemesis::Resolved { nodes: self.nodes.clone(), cuts: self.cuts.clone() }
     }
 }
 

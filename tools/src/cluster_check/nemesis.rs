@@ -10,6 +10,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use super::cluster::TestCluster;
+use super::net::{self, Cut};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -19,6 +20,9 @@ pub enum NemesisKind {
     Kill,
     /// SIGSTOP/SIGCONT of one node or the busiest leader, past the election timeout or for 30 s.
     Pause,
+    /// Network cuts between nodes (iptables, needs root): random halves, one node or the
+    /// busiest leader isolated, a majorities ring, or one node cut off in one direction only.
+    Partition,
 }
 
 /// Which nodes a fault hits, resolved when it starts.
@@ -31,6 +35,12 @@ pub enum Target {
     All,
     /// The node leading the most groups.
     Leader,
+    /// Partitions: a random minority against the rest.
+    Halves,
+    /// Partitions: every node sees a majority, no two the same one.
+    Ring,
+    /// Partitions: one node's packets to the others are dropped, or theirs to it.
+    OneWay,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -59,6 +69,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
         let target = match kind {
             NemesisKind::Kill => *[Target::One, Target::Minority, Target::Majority, Target::All, Target::Leader].choose(&mut rng).unwrap(),
             NemesisKind::Pause => *[Target::One, Target::Leader].choose(&mut rng).unwrap(),
+            NemesisKind::Partition => *[Target::Halves, Target::One, Target::Leader, Target::Ring, Target::OneWay].choose(&mut rng).unwrap(),
         };
         let long = kind == NemesisKind::Pause && rng.gen_bool(0.25) && at + LONG_PAUSE + interval <= time_limit;
         let duration = if long { LONG_PAUSE } else { interval };
@@ -68,44 +79,70 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
     faults
 }
 
+/// What a fault hits, resolved when it starts: the nodes, and for partitions the directed
+/// cuts (packets from the first node to the second are dropped).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub nodes: Vec<u64>,
+    pub cuts: Vec<Cut>,
+}
+
 /// Picks the nodes a fault hits. `leader` is the node leading the most groups, if known.
-pub fn pick_nodes(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>) -> Vec<u64> {
+pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>) -> Resolved {
     let mut rng = SmallRng::seed_from_u64(fault.pick);
     let mut shuffled = nodes.to_vec();
     shuffled.shuffle(&mut rng);
-    let count = match fault.target {
-        Target::One => 1,
-        Target::Minority => (nodes.len() - 1) / 2,
-        Target::Majority => nodes.len() / 2 + 1,
-        Target::All => nodes.len(),
-        Target::Leader => return vec![leader.unwrap_or(shuffled[0])],
+    let leader = leader.unwrap_or(shuffled[0]);
+    let picked = |count: usize| {
+        let mut picked = shuffled[..count.clamp(1, nodes.len())].to_vec();
+        picked.sort_unstable();
+        picked
     };
-    shuffled.truncate(count.max(1));
-    shuffled.sort_unstable();
-    shuffled
+    let hit = match fault.target {
+        Target::One | Target::OneWay => picked(1),
+        Target::Minority | Target::Halves => picked((nodes.len() - 1) / 2),
+        Target::Majority => picked(nodes.len() / 2 + 1),
+        Target::All | Target::Ring => picked(nodes.len()),
+        Target::Leader => vec![leader],
+    };
+    let cuts = match (fault.kind, fault.target) {
+        (NemesisKind::Partition, Target::Ring) => net::majorities_ring(&shuffled),
+        (NemesisKind::Partition, Target::OneWay) => {
+            let (node, others) = (hit[0], nodes.iter().copied().filter(|&o| o != hit[0]));
+            match rng.gen_bool(0.5) {
+                true => others.map(|o| (node, o)).collect(),
+                false => others.map(|o| (o, node)).collect(),
+            }
+        }
+        (NemesisKind::Partition, _) => net::isolate(&hit, nodes),
+        _ => Vec::new(),
+    };
+    Resolved { nodes: hit, cuts }
 }
 
-/// Starts a planned fault on `nodes`.
-pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, nodes: &[u64]) {
+/// Starts a fault.
+pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved) -> anyhow::Result<()> {
     let mut cluster = cluster.lock().unwrap();
-    for &id in nodes {
-        match kind {
-            NemesisKind::Kill => cluster.kill(id),
-            NemesisKind::Pause => cluster.pause(id),
-        }
-    }
-}
-
-/// Ends a fault: killed nodes restart, paused ones continue.
-pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, nodes: &[u64]) -> anyhow::Result<()> {
-    let mut cluster = cluster.lock().unwrap();
-    for &id in nodes {
-        match kind {
-            NemesisKind::Kill => cluster.restart(id)?,
-            NemesisKind::Pause => cluster.resume(id),
-        }
+    match kind {
+        NemesisKind::Kill => hit.nodes.iter().for_each(|&id| cluster.kill(id)),
+        NemesisKind::Pause => hit.nodes.iter().for_each(|&id| cluster.pause(id)),
+        NemesisKind::Partition => cluster.cut(&hit.cuts)?,
     }
     Ok(())
+}
+
+/// Ends a fault: killed nodes restart, paused ones continue, cuts are removed. Returns the
+/// packets a partition's cuts dropped (0 for other faults).
+pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved) -> anyhow::Result<u64> {
+    let mut cluster = cluster.lock().unwrap();
+    match kind {
+        NemesisKind::Kill => hit.nodes.iter().try_for_each(|&id| cluster.restart(id)).map(|()| 0),
+        NemesisKind::Pause => {
+            hit.nodes.iter().for_each(|&id| cluster.resume(id));
+            Ok(0)
+        }
+        NemesisKind::Partition => cluster.heal_network(),
+    }
 }
 
 #[cfg(test)]
@@ -114,7 +151,7 @@ mod tests {
 
     #[test]
     fn the_same_seed_plans_the_same_faults() {
-        let kinds = [NemesisKind::Kill, NemesisKind::Pause];
+        let kinds = [NemesisKind::Kill, NemesisKind::Pause, NemesisKind::Partition];
         let a = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         let b = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
@@ -122,14 +159,26 @@ mod tests {
         assert!(a.iter().any(|f| f.duration_ms == LONG_PAUSE.as_millis() as u64), "a 300 s run has a long pause");
         let nodes = [1, 2, 3, 4, 5];
         for fault in &a {
-            let picked = pick_nodes(fault, &nodes, Some(3));
+            let hit = resolve(fault, &nodes, Some(3));
             let expected = match fault.target {
-                Target::One | Target::Leader => 1,
-                Target::Minority => 2,
+                Target::One | Target::Leader | Target::OneWay => 1,
+                Target::Minority | Target::Halves => 2,
                 Target::Majority => 3,
-                Target::All => 5,
+                Target::All | Target::Ring => 5,
             };
-            assert_eq!(picked.len(), expected, "{fault:?}");
+            assert_eq!(hit.nodes.len(), expected, "{fault:?}");
+            if fault.target == Target::Leader {
+                assert_eq!(hit.nodes, vec![3]);
+            }
+            let cut_count = match (fault.kind, fault.target) {
+                (NemesisKind::Partition, Target::OneWay) => 4,
+                (NemesisKind::Partition, Target::Halves) => 2 * 2 * 3,
+                (NemesisKind::Partition, Target::Ring) => 5 * 2,
+                (NemesisKind::Partition, _) => 2 * 4,
+                _ => 0,
+            };
+            assert_eq!(hit.cuts.len(), cut_count, "{fault:?}");
         }
+        assert!(a.iter().any(|f| f.kind == NemesisKind::Partition), "a 300 s run has a partition");
     }
 }
