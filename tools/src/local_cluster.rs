@@ -60,14 +60,16 @@ pub fn chunkd_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts `chunkd --config CONFIG` with its output appended to `log`, in its own process group
-/// (a Ctrl-C meant for the tool that started it does not reach the node).
-pub fn spawn_chunkd(chunkd: &Path, config: &Path, log: &Path) -> Result<std::process::Child> {
+/// Starts `chunkd --config CONFIG` (with `env` added to its environment) with its output
+/// appended to `log`, in its own process group (a Ctrl-C meant for the tool that started it
+/// does not reach the node).
+pub fn spawn_chunkd(chunkd: &Path, config: &Path, log: &Path, env: &[(String, String)]) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("opening {}", log.display()))?;
     Command::new(chunkd)
         .arg("--config")
         .arg(config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
@@ -155,7 +157,7 @@ pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result
             true => existing_config,
             false => write_config(dir, &cluster, &node, replication_factor, options)?,
         };
-        let child = spawn_chunkd(&chunkd, &config, &dir.join(format!("node{}", node.id)).join("chunkd.log"))?;
+        let child = spawn_chunkd(&chunkd, &config, &dir.join(format!("node{}", node.id)).join("chunkd.log"), &[])?;
         cluster.nodes[index].pid = Some(child.id());
         started.push((node.id, child));
     }

@@ -21,7 +21,7 @@ struct Cli {
 /// What every cluster workload takes.
 #[derive(clap::Args)]
 struct ClusterArgs {
-    /// chunkd processes, each on its own loopback address 127.0.0.(10+id).
+    /// chunkd processes, each on its own loopback address 127.A.B.(10+id) (A.B from the process id).
     #[arg(long, default_value_t = 5)]
     nodes: u64,
     #[arg(long, default_value_t = 3)]
@@ -220,8 +220,9 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
             "kill" => nemeses.push(NemesisKind::Kill),
             "pause" => nemeses.push(NemesisKind::Pause),
             "partition" => nemeses.push(NemesisKind::Partition),
-            "clock" | "disk" => return fail(format!("--nemesis {name} is not implemented yet (kill, pause and partition are)")),
-            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause, partition)")),
+            "clock" => nemeses.push(NemesisKind::Clock),
+            "disk" => return fail(format!("--nemesis {name} is not implemented yet (kill, pause, partition and clock are)")),
+            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause, partition, clock)")),
         }
     }
     if args.nodes == 0 || args.replication_factor == 0 || args.replication_factor as u64 > args.nodes {

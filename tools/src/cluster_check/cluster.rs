@@ -1,5 +1,5 @@
 //! The cluster under test: real chunkd processes, each on its own loopback address
-//! (127.0.0.(10+id)), so that faults can target one node's traffic. Killed with SIGKILL,
+//! (127.A.B.(10+id), `node_host`), so that faults can target one node's traffic. Killed with SIGKILL,
 //! paused with SIGSTOP, cut off from each other with iptables (`net.rs`), restarted on the
 //! same data; everything is torn down on drop, network rules included.
 
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use super::clock;
 use super::net::{Cut, Firewall};
 use crate::local_cluster::{self, LocalCluster, LocalNode, UpOptions};
 
@@ -26,13 +27,18 @@ pub struct TestCluster {
     pub dir: PathBuf,
     pub nodes: Vec<TestNode>,
     chunkd: PathBuf,
-    /// Present once partitions are enabled.
+    /// Present when partitions are enabled.
     firewall: Option<Firewall>,
+    /// libfaketime, when clock faults are enabled: every node then runs with it.
+    fake_clock: Option<PathBuf>,
 }
 
-/// The loopback address of node `id` (Linux routes all of 127.0.0.0/8 to lo).
+/// The loopback address of node `id` (Linux routes all of 127.0.0.0/8 to lo). The middle
+/// two bytes come from this process's id, so that runs going on at the same time (the test
+/// suite's) use different addresses and one run's cuts cannot touch another's nodes.
 pub fn node_host(id: u64) -> String {
-    format!("127.0.0.{}", 10 + id)
+    let pid = std::process::id();
+    format!("127.{}.{}.{}", 100 + pid % 100, (pid / 100) % 256, 10 + id)
 }
 
 fn free_port(host: &str) -> Result<u16> {
@@ -41,8 +47,17 @@ fn free_port(host: &str) -> Result<u16> {
 
 impl TestCluster {
     /// Writes the configs and starts every node; returns once every group has a leader. The
-    /// cluster owns `firewall` (needed for `cut`) from then on.
-    pub fn start(dir: &Path, nodes: u64, replication_factor: usize, groups: u32, chunkd_options: &[String], firewall: Option<Firewall>) -> Result<TestCluster> {
+    /// cluster owns `firewall` (needed for `cut`) from then on; with `fake_clock` (the
+    /// libfaketime library) every node's wall clock can be moved with `set_clock`.
+    pub fn start(
+        dir: &Path,
+        nodes: u64,
+        replication_factor: usize,
+        groups: u32,
+        chunkd_options: &[String],
+        firewall: Option<Firewall>,
+        fake_clock: Option<PathBuf>,
+    ) -> Result<TestCluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut listed = Vec::new();
         for id in 1..=nodes {
@@ -62,7 +77,13 @@ impl TestCluster {
                 .collect(),
             chunkd: local_cluster::chunkd_binary()?,
             firewall,
+            fake_clock,
         };
+        if cluster.fake_clock.is_some() {
+            for id in 1..=nodes {
+                cluster.set_clock(id, 0)?;
+            }
+        }
         for id in 1..=nodes {
             cluster.restart(id)?;
         }
@@ -105,11 +126,15 @@ impl TestCluster {
         let config = self.node_dir(id).join("chunkd.toml");
         let log_path = self.node_dir(id).join("chunkd.log");
         let chunkd = self.chunkd.clone();
+        let env = match &self.fake_clock {
+            Some(library) => clock::environment(library, &clock::offset_file(&self.node_dir(id))),
+            None => Vec::new(),
+        };
         let node = self.node_mut(id);
         if node.child.is_some() {
             return Ok(());
         }
-        let child = local_cluster::spawn_chunkd(&chunkd, &config, &log_path)?;
+        let child = local_cluster::spawn_chunkd(&chunkd, &config, &log_path, &env)?;
         node.child = Some(child);
         node.paused = false;
         Ok(())
@@ -141,6 +166,14 @@ impl TestCluster {
         }
     }
 
+    /// Moves node `id`'s wall clock `offset_ms` away from the real one.
+    pub fn set_clock(&mut self, id: u64, offset_ms: i64) -> Result<()> {
+        match self.fake_clock {
+            Some(_) => clock::set_offset(&clock::offset_file(&self.node_dir(id)), offset_ms),
+            None => anyhow::bail!("this cluster was started without libfaketime"),
+        }
+    }
+
     /// Removes every cut; the packets they dropped.
     pub fn heal_network(&mut self) -> Result<u64> {
         match &mut self.firewall {
@@ -153,6 +186,11 @@ impl TestCluster {
     /// its own counts as dead: the caller learns of it from `exited`).
     pub fn heal(&mut self) -> Result<()> {
         self.heal_network()?;
+        if self.fake_clock.is_some() {
+            for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
+                self.set_clock(id, 0)?;
+            }
+        }
         for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
             self.resume(id);
             self.restart(id)?;

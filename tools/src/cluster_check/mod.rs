@@ -3,6 +3,7 @@
 //! final reads, and the checkers. Reading order: `cluster.rs` (the processes),
 //! `workload.rs` (clients and the history), `nemesis.rs` (faults), this file (the run).
 
+pub mod clock;
 pub mod cluster;
 pub mod nemesis;
 pub mod net;
@@ -79,6 +80,13 @@ pub struct FaultRecord {
     /// Partitions: packets the cuts dropped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dropped_packets: Option<u64>,
+    /// Clock faults: (node, wall-clock offset in milliseconds).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub clock_offsets: Vec<(u64, i64)>,
+    /// Clock faults: (node, offset the node's own clock showed once the fault began, as its
+    /// cluster map's `now_ms` tells; None if it did not answer).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub observed_clock_offsets: Vec<(u64, Option<i64>)>,
     pub start_ms: u64,
     pub end_ms: u64,
 }
@@ -110,8 +118,20 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
         true => Some(net::Firewall::new()?),
         false => None,
     };
+    let fake_clock = match options.nemeses.contains(&NemesisKind::Clock) {
+        true => Some(clock::library()?),
+        false => None,
+    };
     progress(&format!("starting {} nodes in {}", options.nodes, options.out.display()));
-    let cluster = TestCluster::start(&options.out.join("cluster"), options.nodes, options.replication_factor, options.groups, &options.chunkd_options, firewall)?;
+    let cluster = TestCluster::start(
+        &options.out.join("cluster"),
+        options.nodes,
+        options.replication_factor,
+        options.groups,
+        &options.chunkd_options,
+        firewall,
+        fake_clock,
+    )?;
     let cluster = Arc::new(Mutex::new(cluster));
     let recorder = workload::Recorder::create(&options.out.join("history.edn"))?;
     let seeds = cluster.lock().unwrap().seeds();
@@ -222,10 +242,25 @@ fn drive_faults(
                     true => String::new(),
                     false => format!(" cutting {}", hit.cuts.iter().map(|(a, b)| format!("{a}->{b}")).collect::<Vec<_>>().join(" ")),
                 };
+                let cuts = cuts + &hit.clock_offsets.iter().map(|(n, ms)| format!(" clock of {n} {ms:+} ms")).collect::<String>();
+                let observed_clock_offsets = match planned.target {
+                    // A strobe's phase is whatever it is when observed.
+                    nemesis::Target::Jump | nemesis::Target::Skew => {
+                        let addresses = cluster.lock().unwrap().seeds();
+                        hit.clock_offsets.iter().map(|&(id, _)| (id, observed_clock_offset(&addresses[id as usize - 1]))).collect()
+                    }
+                    _ => Vec::new(),
+                };
                 *log += &format!("{:>8} ms {:?} {:?} {:?} for {} ms{cuts}\n", now.as_millis(), planned.kind, planned.target, hit.nodes, planned.duration_ms);
                 recorder.record(nemesis_event(&format!("start-{}", kind_name(planned.kind)), &hit.nodes));
-                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes: hit.nodes, cuts: hit.cuts, dropped_packets: None, start_ms: now.as_millis() as u64, end_ms: 0 };
+                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes: hit.nodes, cuts: hit.cuts, dropped_packets: None, clock_offsets: hit.clock_offsets, observed_clock_offsets, start_ms: now.as_millis() as u64, end_ms: 0 };
                 active = Some((record, now + Duration::from_millis(planned.duration_ms)));
+            }
+            Some((fault, _)) => {
+                let since = now.saturating_sub(Duration::from_millis(fault.start_ms));
+                if let Err(err) = nemesis::tick(cluster, fault.target, &fault.resolved(), since) {
+                    crashed.push(format!("could not keep {:?} going: {err:#}", fault.kind));
+                }
             }
             _ => {}
         }
@@ -252,12 +287,13 @@ fn kind_name(kind: NemesisKind) -> &'static str {
         NemesisKind::Kill => "kill",
         NemesisKind::Pause => "pause",
         NemesisKind::Partition => "partition",
+        NemesisKind::Clock => "clock",
     }
 }
 
 impl FaultRecord {
     fn resolved(&self) -> nemesis::Resolved {
-        nemesis::Resolved { nodes: self.nodes.clone(), cuts: self.cuts.clone() }
+        nemesis::Resolved { nodes: self.nodes.clone(), cuts: self.cuts.clone(), clock_offsets: self.clock_offsets.clone() }
     }
 }
 
@@ -281,6 +317,18 @@ fn busiest_leader(client: &mut Option<Client>, seeds: &[String]) -> Option<u64> 
         }
     }
     counts.into_iter().max_by_key(|(_, count)| *count).map(|(id, _)| id)
+}
+
+/// How far the wall clock of the node at `address` is from ours, by the `now_ms` of the
+/// cluster map it sends (the time halfway through the request is taken as its moment).
+fn observed_clock_offset(address: &str) -> Option<i64> {
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let config = ClientConfig { timeout: Duration::from_millis(1000), retries_max: 0, ..ClientConfig::new(vec![address.to_owned()]) };
+    let client = Client::connect(config).ok()?;
+    let before = now_ms();
+    let map = client.refresh_map().ok()?;
+    let after = now_ms();
+    Some(map.now_ms as i64 - (before + after) / 2)
 }
 
 /// After healing: one linearizable read of every key, retried until it succeeds.

@@ -23,6 +23,9 @@ pub enum NemesisKind {
     /// Network cuts between nodes (iptables, needs root): random halves, one node or the
     /// busiest leader isolated, a majorities ring, or one node cut off in one direction only.
     Partition,
+    /// Wall-clock faults (libfaketime): one node's clock jumps, or strobes between two
+    /// times, or every node's clock is skewed differently (by more than Aerospike's 27 s).
+    Clock,
 }
 
 /// Which nodes a fault hits, resolved when it starts.
@@ -41,7 +44,16 @@ pub enum Target {
     Ring,
     /// Partitions: one node's packets to the others are dropped, or theirs to it.
     OneWay,
+    /// Clock: one node's clock jumps forward or back, by up to a day.
+    Jump,
+    /// Clock: one node's clock flips between right and far off, every `STROBE_PERIOD`.
+    Strobe,
+    /// Clock: every node's clock is off by a different amount, up to a minute either way.
+    Skew,
 }
+
+/// How often a strobed clock flips.
+pub const STROBE_PERIOD: Duration = Duration::from_millis(200);
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PlannedFault {
@@ -70,6 +82,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
             NemesisKind::Kill => *[Target::One, Target::Minority, Target::Majority, Target::All, Target::Leader].choose(&mut rng).unwrap(),
             NemesisKind::Pause => *[Target::One, Target::Leader].choose(&mut rng).unwrap(),
             NemesisKind::Partition => *[Target::Halves, Target::One, Target::Leader, Target::Ring, Target::OneWay].choose(&mut rng).unwrap(),
+            NemesisKind::Clock => *[Target::Jump, Target::Strobe, Target::Skew].choose(&mut rng).unwrap(),
         };
         let long = kind == NemesisKind::Pause && rng.gen_bool(0.25) && at + LONG_PAUSE + interval <= time_limit;
         let duration = if long { LONG_PAUSE } else { interval };
@@ -85,6 +98,8 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
 pub struct Resolved {
     pub nodes: Vec<u64>,
     pub cuts: Vec<Cut>,
+    /// Clock faults: (node, offset of its wall clock in milliseconds).
+    pub clock_offsets: Vec<(u64, i64)>,
 }
 
 /// Picks the nodes a fault hits. `leader` is the node leading the most groups, if known.
@@ -99,10 +114,10 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>) -> Reso
         picked
     };
     let hit = match fault.target {
-        Target::One | Target::OneWay => picked(1),
+        Target::One | Target::OneWay | Target::Jump | Target::Strobe => picked(1),
         Target::Minority | Target::Halves => picked((nodes.len() - 1) / 2),
         Target::Majority => picked(nodes.len() / 2 + 1),
-        Target::All | Target::Ring => picked(nodes.len()),
+        Target::All | Target::Ring | Target::Skew => picked(nodes.len()),
         Target::Leader => vec![leader],
     };
     let cuts = match (fault.kind, fault.target) {
@@ -117,7 +132,14 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>) -> Reso
         (NemesisKind::Partition, _) => net::isolate(&hit, nodes),
         _ => Vec::new(),
     };
-    Resolved { nodes: hit, cuts }
+    let sign = |rng: &mut SmallRng| if rng.gen_bool(0.5) { 1 } else { -1 };
+    let clock_offsets = match fault.target {
+        Target::Jump => hit.iter().map(|&n| (n, sign(&mut rng) * rng.gen_range(2_000..=86_400_000))).collect(),
+        Target::Strobe => hit.iter().map(|&n| (n, sign(&mut rng) * rng.gen_range(2_000..=600_000))).collect(),
+        Target::Skew => hit.iter().map(|&n| (n, rng.gen_range(-60_000..=60_000))).collect(),
+        _ => Vec::new(),
+    };
+    Resolved { nodes: hit, cuts, clock_offsets }
 }
 
 /// Starts a fault.
@@ -127,8 +149,20 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resol
         NemesisKind::Kill => hit.nodes.iter().for_each(|&id| cluster.kill(id)),
         NemesisKind::Pause => hit.nodes.iter().for_each(|&id| cluster.pause(id)),
         NemesisKind::Partition => cluster.cut(&hit.cuts)?,
+        NemesisKind::Clock => hit.clock_offsets.iter().try_for_each(|&(id, offset)| cluster.set_clock(id, offset))?,
     }
     Ok(())
+}
+
+/// Keeps a fault going: a strobed clock flips every `STROBE_PERIOD` (`since` is the time
+/// since the fault started).
+pub fn tick(cluster: &Arc<Mutex<TestCluster>>, target: Target, hit: &Resolved, since: Duration) -> anyhow::Result<()> {
+    if target != Target::Strobe {
+        return Ok(());
+    }
+    let off = (since.as_millis() / STROBE_PERIOD.as_millis()) % 2 == 0;
+    let mut cluster = cluster.lock().unwrap();
+    hit.clock_offsets.iter().try_for_each(|&(id, offset)| cluster.set_clock(id, if off { offset } else { 0 }))
 }
 
 /// Ends a fault: killed nodes restart, paused ones continue, cuts are removed. Returns the
@@ -142,6 +176,7 @@ pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved
             Ok(0)
         }
         NemesisKind::Partition => cluster.heal_network(),
+        NemesisKind::Clock => hit.clock_offsets.iter().try_for_each(|&(id, _)| cluster.set_clock(id, 0)).map(|()| 0),
     }
 }
 
@@ -151,7 +186,7 @@ mod tests {
 
     #[test]
     fn the_same_seed_plans_the_same_faults() {
-        let kinds = [NemesisKind::Kill, NemesisKind::Pause, NemesisKind::Partition];
+        let kinds = [NemesisKind::Kill, NemesisKind::Pause, NemesisKind::Partition, NemesisKind::Clock];
         let a = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         let b = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
@@ -161,10 +196,10 @@ mod tests {
         for fault in &a {
             let hit = resolve(fault, &nodes, Some(3));
             let expected = match fault.target {
-                Target::One | Target::Leader | Target::OneWay => 1,
+                Target::One | Target::Leader | Target::OneWay | Target::Jump | Target::Strobe => 1,
                 Target::Minority | Target::Halves => 2,
                 Target::Majority => 3,
-                Target::All | Target::Ring => 5,
+                Target::All | Target::Ring | Target::Skew => 5,
             };
             assert_eq!(hit.nodes.len(), expected, "{fault:?}");
             if fault.target == Target::Leader {
@@ -178,7 +213,12 @@ mod tests {
                 _ => 0,
             };
             assert_eq!(hit.cuts.len(), cut_count, "{fault:?}");
+            match fault.kind {
+                NemesisKind::Clock => assert_eq!(hit.clock_offsets.len(), hit.nodes.len(), "{fault:?}"),
+                _ => assert!(hit.clock_offsets.is_empty()),
+            }
         }
+        assert!(a.iter().any(|f| f.kind == NemesisKind::Clock), "a 300 s run has a clock fault");
         assert!(a.iter().any(|f| f.kind == NemesisKind::Partition), "a 300 s run has a partition");
     }
 }

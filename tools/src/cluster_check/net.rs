@@ -1,6 +1,6 @@
 //! Network cuts between nodes of the cluster under test, with iptables. Every node has its own
 //! loopback address and its peer connections leave from it (chunkd binds them to its
-//! `peer-listen` address), so a rule "drop packets from 127.0.0.11 to 127.0.0.12" cuts node 1
+//! `peer-listen` address), so a rule "drop packets from 127.A.B.11 to 127.A.B.12" cuts node 1
 //! off from node 2 and nothing else: clients, which connect from 127.0.0.1, still reach every
 //! node, as Jepsen's clients do.
 //!
@@ -94,11 +94,17 @@ fn remove_stale_chains() -> Result<()> {
     for line in rules.lines() {
         let Some(chain) = line.strip_prefix("-N ") else { continue };
         let Some(pid) = chain.strip_prefix(CHAIN_PREFIX).and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if !crate::local_cluster::is_running(pid) {
+        if !is_chunkcheck(pid) {
             remove_chain(chain);
         }
     }
     Ok(())
+}
+
+/// Is `pid` a live chunkcheck (whose chain must stay)?
+fn is_chunkcheck(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("chunkcheck"))
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
 }
 
 /// The cuts that separate `side` from every other node, both ways.
