@@ -160,7 +160,7 @@ pub fn tick(cluster: &Arc<Mutex<TestCluster>>, target: Target, hit: &Resolved, s
     if target != Target::Strobe {
         return Ok(());
     }
-    let off = (since.as_millis() / STROBE_PERIOD.as_millis()) % 2 == 0;
+    let off = (since.as_millis() / STROBE_PERIOD.as_millis()).is_multiple_of(2);
     let mut cluster = cluster.lock().unwrap();
     hit.clock_offsets.iter().try_for_each(|&(id, offset)| cluster.set_clock(id, if off { offset } else { 0 }))
 }
