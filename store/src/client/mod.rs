@@ -83,6 +83,8 @@ pub struct Client {
     pool: Mutex<(u32, HashMap<String, Vec<BlockingConnection>>)>,
     /// Newest log index seen per (namespace, group): session reads never go below it.
     seen: Mutex<HashMap<(String, u32), u64>>,
+    /// Map refreshes so far (each starts at the next seed).
+    refreshes: AtomicU64,
 }
 
 /// Idle connections kept per node.
@@ -113,6 +115,7 @@ impl Client {
             map: Mutex::new(ClusterMap::default()),
             pool: Mutex::new((std::process::id(), HashMap::new())),
             seen: Mutex::new(HashMap::new()),
+            refreshes: AtomicU64::new(0),
             config,
         };
         let map = client.refresh_map()?;
@@ -124,11 +127,18 @@ impl Client {
         self.map.lock().unwrap().clone()
     }
 
-    /// Asks the seeds, then every known node, for the cluster map.
+    /// Asks the seeds, then every known node, for the cluster map. Each refresh starts at the
+    /// next seed: a node cut off from the others answers with a map that names no leader for
+    /// the groups it can no longer lead, and the next refresh should hear another node.
     pub fn refresh_map(&self) -> Result<ClusterMap, ClientError> {
         let known: Vec<String> = self.map.lock().unwrap().nodes.iter().map(|(_, a)| a.clone()).collect();
+        let mut seeds = self.config.seeds.clone();
+        if !seeds.is_empty() {
+            let first = self.refreshes.fetch_add(1, Ordering::Relaxed) as usize % seeds.len();
+            seeds.rotate_left(first);
+        }
         let mut tried = Vec::new();
-        for addr in self.config.seeds.iter().chain(known.iter()) {
+        for addr in seeds.iter().chain(known.iter()) {
             tried.push(addr.clone());
             if let Ok(Response::ClusterMap(map)) = self.call(addr, &Request::ClusterMap) {
                 *self.map.lock().unwrap() = map.clone();

@@ -443,6 +443,9 @@ impl Node {
                 if leader != Some(self.config.node_id) {
                     return Response::Error(ErrorReply::NotLeader { leader });
                 }
+                if self.out_of_touch(group) {
+                    return Response::Error(ErrorReply::NotLeader { leader: None });
+                }
                 let _in_flight = InFlight::new(&self.writes_in_flight);
                 let command = Command { key, op, policy, now_ms: crate::engine::SystemClock.now_ms(), tag: Some(tag) };
                 let proposed = tokio::time::timeout(self.config.request_timeout, group.raft.client_write(command)).await;
@@ -480,6 +483,7 @@ impl Node {
                 };
                 match read {
                     ReadPolicy::Linearizable if self.config.unsafe_unchecked_reads => {}
+                    ReadPolicy::Linearizable if self.out_of_touch(group) => return Response::Error(ErrorReply::NotLeader { leader: None }),
                     ReadPolicy::Linearizable => {
                         let confirmed = tokio::time::timeout(self.config.request_timeout, group.raft.ensure_linearizable()).await;
                         match confirmed {
@@ -535,6 +539,19 @@ impl Node {
         }
     }
 
+    /// Whether this node leads `group` but has not heard from a quorum of its replicas for
+    /// longer than an election timeout: it is most likely cut off, and another replica may lead
+    /// by now. Requests it would only hold until they time out are turned away at once instead
+    /// (NotLeader, nothing proposed), and the cluster map it hands out names no leader for the
+    /// group, so clients look elsewhere. Safety does not rest on this (a deposed leader cannot
+    /// commit, and linearizable reads still confirm leadership); availability does.
+    fn out_of_touch(&self, group: &Group) -> bool {
+        let metrics = group.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.current_leader == Some(self.config.node_id)
+            && metrics.millis_since_quorum_ack.is_some_and(|ms| ms > self.config.election_timeout_ms.1)
+    }
+
     fn cluster_map(&self) -> ClusterMap {
         let Some(joined) = self.joined.get() else { return ClusterMap::default() };
         let namespaces: Vec<NamespaceMap> = joined
@@ -545,6 +562,7 @@ impl Node {
                 let hosted = joined.namespaces.get(&info.name)?;
                 let leaders = (0..info.groups)
                     .map(|g| match hosted.local.get(&g) {
+                        Some(group) if self.out_of_touch(group) => None,
                         Some(group) => group.raft.metrics().borrow().current_leader,
                         None => info.placement[g as usize].first().copied(),
                     })

@@ -253,7 +253,7 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
     };
     eprintln!("chunkcheck {name}: seed {seed}, {} nodes, RF {}, {} s, nemesis {:?} every {} s, report in {}", args.nodes, args.replication_factor, args.time_limit, options.nemeses, args.nemesis_interval, out.display());
     cluster_check::catch_interrupts();
-    let result = cluster_check::run(&options, &mut |line| eprintln!("{line}"));
+    let result = cluster_check::run(&options, &mut status_printer());
     let code = match &result["valid"] {
         serde_json::Value::Bool(true) => 0,
         serde_json::Value::Bool(false) => 1,
@@ -269,4 +269,34 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
         println!("{result}");
     }
     ExitCode::from(code)
+}
+
+/// Prints a run's progress: on a terminal, status updates rewrite one line in place; in a log,
+/// one status line every 5 s.
+fn status_printer() -> impl FnMut(&str) {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_status: Option<std::time::Instant> = None;
+    let mut on_status_line = false;
+    move |line: &str| {
+        let is_status = line.starts_with(cluster_check::STATUS_PREFIX);
+        match (is_status, terminal) {
+            (true, true) => {
+                eprint!("\r\x1b[K{line}");
+                on_status_line = true;
+            }
+            (true, false) => {
+                if last_status.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5)) {
+                    last_status = Some(std::time::Instant::now());
+                    eprintln!("{line}");
+                }
+            }
+            (false, _) => {
+                if std::mem::take(&mut on_status_line) {
+                    eprintln!();
+                }
+                eprintln!("{line}");
+            }
+        }
+    }
 }

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod cluster;
 pub mod nemesis;
 pub mod net;
+pub mod report;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -50,7 +51,11 @@ pub struct RunOptions {
 }
 
 /// Processes of the final reads (after every worker process).
-const FINAL_PROCESS: i64 = 1_000_000_000;
+pub(crate) const FINAL_PROCESS: i64 = 1_000_000_000;
+
+/// Progress lines that start with this are status updates (a terminal shows them on one
+/// line that updates in place); other lines are events of the run.
+pub const STATUS_PREFIX: char = '[';
 
 /// Set by SIGINT/SIGTERM: the run stops, heals and tears down.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -188,6 +193,10 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     result["faults"] = json!(faults);
     result["recovery_ms"] = json!(recovery_ms);
     result["availability"] = availability(&events, &faults);
+    progress("writing the report");
+    if let Err(err) = report::write(&options.out, options, &result, &events, &faults) {
+        result["report_error"] = json!(format!("{err:#}"));
+    }
     Ok(result)
 }
 
@@ -264,10 +273,13 @@ fn drive_faults(
             }
             _ => {}
         }
-        if now >= last_progress + Duration::from_secs(5) {
+        if now >= last_progress + Duration::from_secs(1) {
             last_progress = now;
-            let fault = active.as_ref().map_or("none".to_string(), |(f, _)| format!("{:?} {:?}", f.kind, f.nodes));
-            progress(&format!("[{:>4}s/{}s] {} events, fault: {fault}", now.as_secs(), options.time_limit.as_secs(), recorder.len()));
+            let fault = active.as_ref().map_or("none".to_string(), |(f, ends)| {
+                format!("{} {:?} {:?} ({} s left)", kind_name(f.kind), f.target, f.nodes, ends.saturating_sub(now).as_secs())
+            });
+            let (ops, fail, info) = recorder.completed();
+            progress(&format!("[{:>4}s/{}s] {ops} ops ({fail} fail, {info} info), fault: {fault}", now.as_secs(), options.time_limit.as_secs()));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -38,11 +38,13 @@ pub enum Workload {
 pub struct Recorder {
     started: Instant,
     inner: Mutex<(Vec<Event>, BufWriter<File>)>,
+    /// Client operations completed so far: (all, :fail, :info), for the progress line.
+    completed: [std::sync::atomic::AtomicU64; 3],
 }
 
 impl Recorder {
     pub fn create(path: &std::path::Path) -> std::io::Result<Recorder> {
-        Ok(Recorder { started: Instant::now(), inner: Mutex::new((Vec::new(), BufWriter::new(File::create(path)?))) })
+        Ok(Recorder { started: Instant::now(), inner: Mutex::new((Vec::new(), BufWriter::new(File::create(path)?))), completed: Default::default() })
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -54,8 +56,24 @@ impl Recorder {
     pub fn record(&self, mut event: Event) {
         let mut inner = self.inner.lock().unwrap();
         event.time_ns = Some(self.started.elapsed().as_nanos() as u64);
+        if event.process.is_some() && event.kind != EventType::Invoke {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.completed[0].fetch_add(1, Relaxed);
+            match event.kind {
+                EventType::Fail => self.completed[1].fetch_add(1, Relaxed),
+                EventType::Info => self.completed[2].fetch_add(1, Relaxed),
+                _ => 0,
+            };
+        }
         let _ = writeln!(inner.1, "{event}");
         inner.0.push(event);
+    }
+
+    /// Client operations completed so far: (all, failed, in doubt).
+    pub fn completed(&self) -> (u64, u64, u64) {
+        let [all, fail, info] = &self.completed;
+        use std::sync::atomic::Ordering::Relaxed;
+        (all.load(Relaxed), fail.load(Relaxed), info.load(Relaxed))
     }
 
     pub fn len(&self) -> usize {
