@@ -276,6 +276,6 @@ pub fn write(out: &Path, options: &RunOptions, result: &serde_json::Value, event
     }
     let _ = write!(html, "<h2>Checker output</h2><pre>{}</pre>", escape(&serde_json::to_string_pretty(&result["checks"]).unwrap_or_default()));
     let faults_of_kind = |kind: EventType| events.iter().filter(|e| e.process.is_none() && e.kind == kind).count();
-    let _ = write!(html, "<p>{} nemesis events in the history.</p></body></html>\n", faults_of_kind(EventType::Info));
+    let _ = writeln!(html, "<p>{} nemesis events in the history.</p></body></html>", faults_of_kind(EventType::Info));
     std::fs::write(out.join("index.html"), html).map_err(|e| anyhow!("writing index.html: {e}"))
 }
