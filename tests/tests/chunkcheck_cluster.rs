@@ -17,9 +17,14 @@ fn chunkcheck(workload: &str, seed: &str, nemesis: &str, interval: &str, extra: 
     args.extend_from_slice(extra);
     let output = run("chunkcheck", &args);
     let result = last_json_line(&output);
-    for file in ["history.edn", "results.json", "nemesis.log", "cluster/node1/chunkd.log"] {
+    for file in ["history.edn", "results.json", "nemesis.log", "cluster/node1/chunkd.log", "index.html", "latency.svg", "throughput.svg"] {
         assert!(out_dir.join(file).exists(), "the run left no {file}");
     }
+    // The report shows what the run found: its anomalies with the history around them.
+    let report = std::fs::read_to_string(out_dir.join("index.html")).unwrap();
+    let anomalies = result["anomalies"].as_u64().unwrap_or(0);
+    assert_eq!(report.contains("<h2>Anomalies"), anomalies > 0, "index.html and {anomalies} anomalies disagree");
+    assert!(std::fs::read_to_string(out_dir.join("latency.svg")).unwrap().contains("<circle"), "the latency plot has points");
     (output.status.code().expect("exited"), result)
 }
 
