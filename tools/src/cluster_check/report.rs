@@ -17,6 +17,8 @@ use crate::history::{operations, Event, EventType, Outcome};
 const POINTS_PER_OUTCOME_MAX: usize = 25_000;
 /// History lines shown around each anomaly, for the key it concerns.
 const CONTEXT_EVENTS: usize = 12;
+/// Anomalies shown with their history (all are in the checker output below them).
+const ANOMALIES_SHOWN_MAX: usize = 50;
 
 /// One completed operation: when it completed (s), its latency (ms), and how it ended.
 struct Sample {
@@ -262,10 +264,19 @@ pub fn write(out: &Path, options: &RunOptions, result: &serde_json::Value, event
     let anchors = anomaly_anchors(result, &ops);
     if !anchors.is_empty() {
         let _ = write!(html, "<h2>Anomalies ({})</h2>", anchors.len());
-        for (key, line, what) in anchors.iter().take(50) {
+        let shown = &anchors[..anchors.len().min(ANOMALIES_SHOWN_MAX)];
+        // One pass over the history: the events of each key an anomaly concerns.
+        let wanted: std::collections::HashSet<&str> = shown.iter().map(|(key, _, _)| key.as_str()).collect();
+        let mut by_key: std::collections::HashMap<String, Vec<usize>> = std::collections::HashMap::new();
+        for (i, event) in events.iter().enumerate() {
+            if let Some(key) = event.key.as_ref().map(|k| k.to_string()).filter(|k| wanted.contains(k.as_str())) {
+                by_key.entry(key).or_default().push(i);
+            }
+        }
+        for (key, line, what) in shown {
             let _ = write!(html, "<h3>key {} at history line {line}</h3><p>{}</p><pre>", escape(key), escape(what));
             // The key's events up to the anomaly's line (and a few after), as history.edn has them.
-            let same_key: Vec<usize> = (0..events.len()).filter(|&i| events[i].key.as_ref().is_some_and(|k| k.to_string() == *key)).collect();
+            let same_key = by_key.get(key).map_or(&[][..], Vec::as_slice);
             let at = same_key.partition_point(|&i| i + 1 < *line);
             for &i in &same_key[at.saturating_sub(CONTEXT_EVENTS)..(at + 4).min(same_key.len())] {
                 let mark = if i + 1 == *line { "▶" } else { " " };
