@@ -44,7 +44,12 @@ impl LocalCluster {
 
 /// Is `pid` a live chunkd?
 pub fn is_running(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("chunkd"))
+    is_live_process_named(pid, "chunkd")
+}
+
+/// Is `pid` a live (not zombie) process whose command line contains `name`?
+pub fn is_live_process_named(pid: u32, name: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(name))
         && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
 }
 

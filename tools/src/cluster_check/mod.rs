@@ -267,7 +267,7 @@ fn drive_faults(
             }
             Some((fault, _)) => {
                 let since = now.saturating_sub(Duration::from_millis(fault.start_ms));
-                if let Err(err) = nemesis::tick(cluster, fault.target, &fault.resolved(), since) {
+                if let Err(err) = nemesis::tick(cluster, fault.target, &fault.clock_offsets, since) {
                     crashed.push(format!("could not keep {:?} going: {err:#}", fault.kind));
                 }
             }

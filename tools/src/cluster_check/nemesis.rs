@@ -156,13 +156,13 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resol
 
 /// Keeps a fault going: a strobed clock flips every `STROBE_PERIOD` (`since` is the time
 /// since the fault started).
-pub fn tick(cluster: &Arc<Mutex<TestCluster>>, target: Target, hit: &Resolved, since: Duration) -> anyhow::Result<()> {
+pub fn tick(cluster: &Arc<Mutex<TestCluster>>, target: Target, clock_offsets: &[(u64, i64)], since: Duration) -> anyhow::Result<()> {
     if target != Target::Strobe {
         return Ok(());
     }
     let off = (since.as_millis() / STROBE_PERIOD.as_millis()).is_multiple_of(2);
     let mut cluster = cluster.lock().unwrap();
-    hit.clock_offsets.iter().try_for_each(|&(id, offset)| cluster.set_clock(id, if off { offset } else { 0 }))
+    clock_offsets.iter().try_for_each(|&(id, offset)| cluster.set_clock(id, if off { offset } else { 0 }))
 }
 
 /// Ends a fault: killed nodes restart, paused ones continue, cuts are removed. Returns the

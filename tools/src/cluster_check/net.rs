@@ -94,18 +94,13 @@ fn remove_stale_chains() -> Result<()> {
     for line in rules.lines() {
         let Some(chain) = line.strip_prefix("-N ") else { continue };
         let Some(pid) = chain.strip_prefix(CHAIN_PREFIX).and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if !is_chunkcheck(pid) {
+        if !crate::local_cluster::is_live_process_named(pid, "chunkcheck") {
             remove_chain(chain);
         }
     }
     Ok(())
 }
 
-/// Is `pid` a live chunkcheck (whose chain must stay)?
-fn is_chunkcheck(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("chunkcheck"))
-        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
-}
 
 /// The cuts that separate `side` from every other node, both ways.
 pub fn isolate(side: &[u64], nodes: &[u64]) -> Vec<Cut> {
