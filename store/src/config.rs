@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::format::{BLOCK_HEADER_BYTES, RECORD_HEADER_BYTES};
+use crate::format::{BLOCK_HEADER_BYTES, BLOCK_TRAILER_BYTES, RECORD_HEADER_BYTES};
 
 pub const MIB: u64 = 1024 * 1024;
 
@@ -106,7 +106,7 @@ impl NamespaceConfig {
 
     /// Largest encoded record this namespace accepts, bytes.
     pub fn record_size_limit(&self) -> usize {
-        let block_limit = self.write_block_size as usize - BLOCK_HEADER_BYTES;
+        let block_limit = self.write_block_size as usize - BLOCK_HEADER_BYTES - BLOCK_TRAILER_BYTES;
         match self.max_record_size {
             0 => block_limit,
             limit => (limit as usize).min(block_limit),

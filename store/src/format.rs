@@ -8,8 +8,12 @@ use crate::error::{Error, Result};
 use crate::key::Digest;
 use crate::value::{Bin, Value};
 
-/// Version of the device, block and record formats below.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the device, block and record formats below (what this build writes).
+/// Version 2 added the block header's log position and the block trailer.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this build still reads (a version-1 block has no trailer: its records
+/// may run to the block's end).
+pub const FORMAT_VERSION_OLDEST: u32 = 1;
 
 pub const DEVICE_MAGIC: [u8; 8] = *b"CHUNKDEV";
 /// Block 0 of every device holds the device header; only its first bytes are used.
@@ -19,6 +23,9 @@ pub const BLOCK_MAGIC: [u8; 4] = *b"CKBK";
 pub const BLOCK_HEADER_BYTES: usize = 64;
 pub const BLOCK_STATE_IN_USE: u16 = 1;
 pub const BLOCK_STATE_FREE: u16 = 2;
+/// The last sector of every block is kept for its trailer: records end before it.
+pub const BLOCK_TRAILER_BYTES: usize = 512;
+pub const TRAILER_MAGIC: [u8; 4] = *b"CKTL";
 
 pub const RECORD_MAGIC: [u8; 4] = *b"CKRC";
 pub const RECORD_HEADER_BYTES: usize = 72;
@@ -98,8 +105,10 @@ impl DeviceHeader {
             return Err(corrupt("device header checksum mismatch".into()));
         }
         let version = u32_at(buf, 8);
-        if version != FORMAT_VERSION {
-            return Err(corrupt(format!("device format version {version}; this build reads version {FORMAT_VERSION}")));
+        if !(FORMAT_VERSION_OLDEST..=FORMAT_VERSION).contains(&version) {
+            return Err(corrupt(format!(
+                "device format version {version}; this build reads versions {FORMAT_VERSION_OLDEST} to {FORMAT_VERSION}"
+            )));
         }
         let name_len = buf[48] as usize;
         if name_len > 31 {
@@ -130,17 +139,23 @@ pub struct BlockHeader {
     pub block_index: u32,
     /// The device header's id.
     pub device_id: u64,
+    /// The device's log position of the block's byte 0: positions grow with every block opened,
+    /// so start-up can tell bytes written before a known durable point from later ones.
+    pub lsn_base: u64,
+    /// The format version the block was written in (this build writes `FORMAT_VERSION`).
+    pub version: u16,
 }
 
 impl BlockHeader {
     pub fn encode(&self) -> [u8; BLOCK_HEADER_BYTES] {
         let mut out = [0u8; BLOCK_HEADER_BYTES];
         out[0..4].copy_from_slice(&BLOCK_MAGIC);
-        out[4..6].copy_from_slice(&(FORMAT_VERSION as u16).to_le_bytes());
+        out[4..6].copy_from_slice(&self.version.to_le_bytes());
         out[6..8].copy_from_slice(&self.state.to_le_bytes());
         out[8..16].copy_from_slice(&self.epoch.to_le_bytes());
         out[16..20].copy_from_slice(&self.block_index.to_le_bytes());
         out[20..28].copy_from_slice(&self.device_id.to_le_bytes());
+        out[28..36].copy_from_slice(&self.lsn_base.to_le_bytes());
         let crc = crc32fast::hash(&out[0..60]);
         out[60..64].copy_from_slice(&crc.to_le_bytes());
         out
@@ -152,15 +167,92 @@ impl BlockHeader {
         if buf.len() < BLOCK_HEADER_BYTES || buf[0..4] != BLOCK_MAGIC {
             return None;
         }
-        if crc32fast::hash(&buf[0..60]) != u32_at(buf, 60) || u16_at(buf, 4) as u32 != FORMAT_VERSION {
+        let version = u16_at(buf, 4);
+        if crc32fast::hash(&buf[0..60]) != u32_at(buf, 60) || !(FORMAT_VERSION_OLDEST..=FORMAT_VERSION).contains(&(version as u32)) {
             return None;
         }
-        Some(BlockHeader { state: u16_at(buf, 6), epoch: u64_at(buf, 8), block_index: u32_at(buf, 16), device_id: u64_at(buf, 20) })
+        Some(BlockHeader {
+            state: u16_at(buf, 6),
+            epoch: u64_at(buf, 8),
+            block_index: u32_at(buf, 16),
+            device_id: u64_at(buf, 20),
+            lsn_base: u64_at(buf, 28),
+            version,
+        })
     }
 
-    /// True when the bytes look like a block header that was damaged (magic present, rest bad).
-    pub fn looks_damaged(buf: &[u8]) -> bool {
-        buf.len() >= 4 && buf[0..4] == BLOCK_MAGIC && BlockHeader::decode(buf).is_none()
+    /// Where the block's records end: before the trailer sector (version 1: at the block's end).
+    pub fn records_end(&self, block_len: usize) -> usize {
+        match self.version {
+            1 => block_len,
+            _ => block_len - BLOCK_TRAILER_BYTES,
+        }
+    }
+
+    /// Does the block have a trailer and log position (version 2 on)?
+    pub fn has_trailer(&self) -> bool {
+        self.version >= 2
+    }
+
+    /// True when the bytes look like a block header that was damaged: the magic is there but
+    /// the rest is bad, or the header is gone while the block's first record slot holds a
+    /// record that passes its CRC (a block is only ever written with its header).
+    pub fn looks_damaged(buf: &[u8], block_index: u32) -> bool {
+        if buf.len() < BLOCK_HEADER_BYTES + RECORD_HEADER_BYTES || BlockHeader::decode(buf).is_some() {
+            return false;
+        }
+        if buf[0..4] == BLOCK_MAGIC {
+            return true;
+        }
+        let at = BLOCK_HEADER_BYTES;
+        let total = u32_at(buf, at + 8) as usize;
+        buf[at..at + 4] == RECORD_MAGIC
+            && total >= RECORD_HEADER_BYTES
+            && at + total <= buf.len()
+            && record_crc(&buf[at..at + total], block_index, at) == u32_at(buf, at + 4)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block trailer (in the block's last sector, written when the block is sealed)
+
+/// What a sealed block holds: records tile bytes [BLOCK_HEADER_BYTES, used_len) with only
+/// zero padding between them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockTrailer {
+    pub used_len: u32,
+    pub records: u32,
+}
+
+impl BlockTrailer {
+    pub const BYTES: usize = 32;
+
+    /// Encoded for the block `block_index` opened under `epoch`.
+    pub fn encode(&self, block_index: u32, epoch: u64) -> [u8; BlockTrailer::BYTES] {
+        let mut out = [0u8; BlockTrailer::BYTES];
+        out[0..4].copy_from_slice(&TRAILER_MAGIC);
+        out[4..8].copy_from_slice(&self.used_len.to_le_bytes());
+        out[8..12].copy_from_slice(&self.records.to_le_bytes());
+        out[12..16].copy_from_slice(&block_index.to_le_bytes());
+        out[16..24].copy_from_slice(&epoch.to_le_bytes());
+        let crc = crc32fast::hash(&out[0..28]);
+        out[28..32].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// The trailer of a whole block (`block` is all of it), if it is valid for this block and
+    /// epoch; `None` for a block that was never sealed, or whose trailer is damaged.
+    pub fn decode(block: &[u8], block_index: u32, epoch: u64) -> Option<BlockTrailer> {
+        let at = block.len().checked_sub(BLOCK_TRAILER_BYTES)?;
+        let t = &block[at..at + BlockTrailer::BYTES];
+        if t[0..4] != TRAILER_MAGIC || crc32fast::hash(&t[0..28]) != u32_at(t, 28) {
+            return None;
+        }
+        if u32_at(t, 12) != block_index || u64_at(t, 16) != epoch {
+            return None;
+        }
+        let used_len = u32_at(t, 4);
+        (used_len as usize <= at).then_some(BlockTrailer { used_len, records: u32_at(t, 8) })
     }
 }
 
@@ -276,6 +368,9 @@ pub enum RecordFault {
     Truncated,
     /// The record of this block's epoch fails its CRC: torn or corrupt.
     ChecksumMismatch,
+    /// Non-zero bytes that are no record of this epoch lie before a later record or fault of
+    /// it: between records there is only zero padding, so something overwrote them.
+    Garbage,
 }
 
 /// One step of walking a block.
@@ -285,19 +380,54 @@ pub enum BlockItem<'a> {
     Fault { offset: usize, fault: RecordFault },
 }
 
-/// Walks the records of a block written under `epoch`. Bytes that are not a record header of
-/// this epoch (padding, zeros, leftovers from the block's earlier life) are skipped silently;
-/// a header of this epoch that is cut off or fails its CRC is reported as a fault and skipped.
+/// Walks the records of a block written under `epoch`, in `block` (its records area: bytes up
+/// to `BlockHeader::records_end`). Bytes that are not a record header of this epoch (padding, zeros,
+/// leftovers from the block's earlier life) are skipped; a header of this epoch that is cut off
+/// or fails its CRC is reported as a fault and skipped, and so are non-zero skipped bytes
+/// followed by a later record or fault (`RecordFault::Garbage`). Non-zero bytes after the last
+/// record are not a fault by themselves (an earlier life of the block, or a torn tail):
+/// `tail_garbage_at` says where they start, for the caller to judge.
 pub struct BlockWalker<'a> {
     block: &'a [u8],
     block_index: u32,
     epoch: u64,
     pos: usize,
+    /// First non-zero byte skipped since the last record or fault.
+    garbage_at: Option<usize>,
+    /// A record (or fault) found after garbage, returned after the garbage fault.
+    pending: Option<BlockItem<'a>>,
 }
 
 impl<'a> BlockWalker<'a> {
     pub fn new(block: &'a [u8], block_index: u32, epoch: u64) -> BlockWalker<'a> {
-        BlockWalker { block, block_index, epoch, pos: BLOCK_HEADER_BYTES }
+        BlockWalker { block, block_index, epoch, pos: BLOCK_HEADER_BYTES, garbage_at: None, pending: None }
+    }
+
+    /// After the walk: where non-zero bytes after the last record or fault start, if any.
+    pub fn tail_garbage_at(&self) -> Option<usize> {
+        self.garbage_at
+    }
+
+    /// Skips `len` bytes at `pos` that are no record, remembering the first non-zero one.
+    fn skip(&mut self, len: usize) {
+        if self.garbage_at.is_none() {
+            let end = (self.pos + len).min(self.block.len());
+            if let Some(i) = self.block[self.pos..end].iter().position(|&b| b != 0) {
+                self.garbage_at = Some(self.pos + i);
+            }
+        }
+        self.pos += len;
+    }
+
+    /// Returns `item`, preceded by a garbage fault when non-zero bytes were skipped before it.
+    fn found(&mut self, item: BlockItem<'a>) -> BlockItem<'a> {
+        match self.garbage_at.take() {
+            Some(offset) => {
+                self.pending = Some(item);
+                BlockItem::Fault { offset, fault: RecordFault::Garbage }
+            }
+            None => item,
+        }
     }
 }
 
@@ -305,27 +435,37 @@ impl<'a> Iterator for BlockWalker<'a> {
     type Item = BlockItem<'a>;
 
     fn next(&mut self) -> Option<BlockItem<'a>> {
+        if let Some(item) = self.pending.take() {
+            return Some(item);
+        }
         while self.pos + RECORD_HEADER_BYTES <= self.block.len() {
             let at = self.pos;
             let head = &self.block[at..at + RECORD_HEADER_BYTES];
             if head[0..4] != RECORD_MAGIC || u64_at(head, 24) != self.epoch {
-                self.pos += RECORD_ALIGN_BYTES;
+                self.skip(RECORD_ALIGN_BYTES);
                 continue;
             }
             let total = u32_at(head, 8) as usize;
             if total < RECORD_HEADER_BYTES || at + total > self.block.len() {
                 self.pos += RECORD_ALIGN_BYTES;
                 let fault = if total < RECORD_HEADER_BYTES { RecordFault::ChecksumMismatch } else { RecordFault::Truncated };
-                return Some(BlockItem::Fault { offset: at, fault });
+                return Some(self.found(BlockItem::Fault { offset: at, fault }));
             }
             let bytes = &self.block[at..at + total];
             if record_crc(bytes, self.block_index, at) != u32_at(bytes, 4) {
                 self.pos += RECORD_ALIGN_BYTES;
-                return Some(BlockItem::Fault { offset: at, fault: RecordFault::ChecksumMismatch });
+                return Some(self.found(BlockItem::Fault { offset: at, fault: RecordFault::ChecksumMismatch }));
             }
-            self.pos = at + align_up(total, RECORD_ALIGN_BYTES);
-            return Some(BlockItem::Record { offset: at, header: parse_header(bytes), bytes });
+            // The padding up to the next aligned offset is zeros.
+            self.pos = at + total;
+            let padding = align_up(total, RECORD_ALIGN_BYTES) - total;
+            let item = self.found(BlockItem::Record { offset: at, header: parse_header(bytes), bytes });
+            self.skip(padding.min(self.block.len() - self.pos));
+            return Some(item);
         }
+        // Bytes too few for a record header at the end of the area.
+        let rest = self.block.len().saturating_sub(self.pos);
+        self.skip(rest);
         None
     }
 }

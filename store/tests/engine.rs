@@ -241,6 +241,71 @@ fn corrupt_record_is_never_returned() {
     }
 }
 
+/// Twenty 5000-byte records (1..=12 fill the first 64 KiB block, which is sealed with its
+/// trailer; 13..=20 are in the open block), made durable, then record 21 written after the
+/// durable point. Returns the device and the durable points.
+fn durable_point_scenario(config: &NamespaceConfig) -> (Arc<MemDevice>, Vec<chunkstore::DurablePoint>) {
+    let mem = Arc::new(MemDevice::new("dev0", 16 * 64 * 1024));
+    let ns = mem_open(config, vec![mem.clone()], None);
+    for k in 1..=20 {
+        put(&ns, k, 5000, k as u8).unwrap();
+    }
+    let points = ns.flush_to_durable_point().unwrap();
+    put(&ns, 21, 5000, 21).unwrap();
+    ns.close().unwrap();
+    (mem, points)
+}
+
+/// Did a reopen (with these durable points) report lost acknowledged records?
+fn reopen_finds_loss(config: &NamespaceConfig, mem: &Arc<MemDevice>, points: Option<Vec<chunkstore::DurablePoint>>) -> bool {
+    let options = OpenOptions { devices: Some(vec![mem.clone() as Arc<dyn Device>]), durable_points: points, ..Default::default() };
+    let ns = Namespace::open(config.clone(), options).unwrap();
+    let lost = ns.lost_acknowledged_records();
+    ns.close().unwrap();
+    lost
+}
+
+/// The start-up scan tells damage to records that were durable from a torn tail: a record of
+/// a sealed block (its trailer says what the block holds) or of the open block below the
+/// durable point is a loss; the record written after the durable point is not. A device with
+/// another id than the points name was replaced: a loss too.
+#[test]
+fn damage_below_the_durable_point_is_told_from_a_torn_tail() {
+    let config = small_config(1, 16);
+    let (mem, points) = durable_point_scenario(&config);
+    assert!(!reopen_finds_loss(&config, &mem, Some(points.clone())), "nothing was damaged");
+
+    mem.corrupt(find_run(&mem, 21), 4);
+    assert!(!reopen_finds_loss(&config, &mem, Some(points.clone())), "a torn record after the durable point is no loss");
+
+    let (mem, points) = durable_point_scenario(&config);
+    mem.corrupt(find_run(&mem, 3), 4);
+    assert!(reopen_finds_loss(&config, &mem, None), "the sealed block's trailer shows the loss without points");
+    assert!(reopen_finds_loss(&config, &mem, Some(points)));
+
+    let (mem, points) = durable_point_scenario(&config);
+    mem.corrupt(find_run(&mem, 15), 4);
+    assert!(!reopen_finds_loss(&config, &mem, None), "without points the open block's tail cannot be judged");
+    assert!(reopen_finds_loss(&config, &mem, Some(points.clone())), "a record of the open block below the durable point");
+
+    // A whole record of the sealed block zeroed (no fault to see: only its trailer's count).
+    let (mem, points) = durable_point_scenario(&config);
+    let data = find_run(&mem, 5);
+    let mut before = vec![0u8; 256];
+    mem.read_at(&mut before, data - 256).unwrap();
+    let header_at = data - 256 + before.windows(4).rposition(|w| w == b"CKRC").expect("the record's header precedes its data") as u64;
+    mem.write_at(&vec![0u8; (data + 5000 - header_at) as usize], header_at).unwrap();
+    let ns = mem_open(&config, vec![mem.clone()], None);
+    let scan = ns.stats().scan;
+    assert_eq!((scan.checksum_mismatches, scan.garbage_regions, scan.torn_records), (0, 0, 0), "a zeroed record leaves no fault");
+    ns.close().unwrap();
+    assert!(reopen_finds_loss(&config, &mem, Some(points.clone())), "a record zeroed out of a sealed block");
+
+    let other_device = points.iter().map(|p| chunkstore::DurablePoint { device_id: p.device_id ^ 1, ..*p }).collect();
+    let (mem, _) = durable_point_scenario(&config);
+    assert!(reopen_finds_loss(&config, &mem, Some(other_device)), "a device other than the one the points were recorded on");
+}
+
 #[test]
 fn foreign_or_mismatched_device_files_are_refused_untouched() {
     let dir = tempfile::tempdir().unwrap();
@@ -270,12 +335,12 @@ fn foreign_or_mismatched_device_files_are_refused_untouched() {
 
     // A newer format version (with a valid checksum) is refused by name.
     let mut newer = formatted.clone();
-    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    newer[8..12].copy_from_slice(&(chunkstore::format::FORMAT_VERSION + 1).to_le_bytes());
     let crc = crc32fast::hash(&newer[0..80]);
     newer[80..84].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&path, &newer).unwrap();
     let err = Namespace::open(config.clone(), OpenOptions::default()).err().unwrap();
-    assert!(err.to_string().contains("format version 2"), "{err}");
+    assert!(err.to_string().contains(&format!("format version {}", chunkstore::format::FORMAT_VERSION + 1)), "{err}");
 
     // A flipped bit in the header is a checksum error, not a guess.
     let mut flipped = formatted.clone();

@@ -37,12 +37,22 @@ fn node_config(id: u64, nodes: &[(u64, String)], dir: &std::path::Path, groups: 
         entries_kept_after_snapshot: 1000,
         unsafe_skip_dedup: false,
         unsafe_unchecked_reads: false,
+        unsafe_serve_damaged: false,
     }
 }
 
 /// Starts `count` nodes, serving one listener each (clients and peers alike), and waits until
 /// every one has joined the cluster.
 async fn start_cluster(dir: &std::path::Path, count: u64) -> (Vec<Arc<Node>>, HashMap<u64, String>, Vec<tokio::task::JoinHandle<()>>) {
+    start_cluster_with(dir, count, |_| {}).await
+}
+
+/// `start_cluster` with `tweak` applied to every node's configuration.
+async fn start_cluster_with(
+    dir: &std::path::Path,
+    count: u64,
+    tweak: impl Fn(&mut NodeConfig),
+) -> (Vec<Arc<Node>>, HashMap<u64, String>, Vec<tokio::task::JoinHandle<()>>) {
     let mut listeners = Vec::new();
     for id in 1..=count {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -52,7 +62,9 @@ async fn start_cluster(dir: &std::path::Path, count: u64) -> (Vec<Arc<Node>>, Ha
     let mut started = Vec::new();
     let mut servers = Vec::new();
     for (id, listener) in listeners {
-        let node = Node::start(node_config(id, &nodes, dir, GROUPS)).await.unwrap();
+        let mut config = node_config(id, &nodes, dir, GROUPS);
+        tweak(&mut config);
+        let node = Node::start(config).await.unwrap();
         servers.push(tokio::spawn(serve(listener, node.clone())));
         started.push(node);
     }
@@ -231,6 +243,117 @@ async fn the_metadata_group_bootstraps_and_refuses_a_disagreeing_node() {
     again.shutdown().await;
     for (i, node) in nodes.iter().enumerate() {
         if i != 1 {
+            node.shutdown().await;
+        }
+    }
+}
+
+/// Writes `count` records through the leaders: key k holds bin "v" = "payload-k". Returns the
+/// highest log index acknowledged per key.
+async fn write_payloads(addrs: &HashMap<u64, String>, count: i64) -> HashMap<i64, u64> {
+    let mut acknowledged = HashMap::new();
+    for k in 0..count {
+        let request = Request::Write {
+            namespace: "test".into(),
+            key: Key::new("s", k),
+            op: WriteOp::Put(vec![chunkstore::Bin::new("v", Value::String(format!("payload-{k}")))]),
+            policy: WritePolicy::default(),
+            tag: WriteTag { client_id: 7, born_ms: 1, lane: 0, seq: k as u64 + 1 },
+        };
+        match call_leader(addrs, 1 + (k as u64 % 3), request).await {
+            Response::Written { index, .. } => acknowledged.insert(k, index),
+            other => panic!("write {k}: {other:?}"),
+        };
+    }
+    acknowledged
+}
+
+/// Overwrites every copy of `pattern` in `path` (a stopped node's device file) with `with`.
+fn corrupt_every(path: &std::path::Path, pattern: &[u8], with: &[u8]) -> usize {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mut hits = 0;
+    let mut at = 0;
+    while let Some(found) = bytes[at..].windows(pattern.len()).position(|w| w == pattern) {
+        let start = at + found;
+        bytes[start..start + with.len()].copy_from_slice(with);
+        hits += 1;
+        at = start + pattern.len();
+    }
+    std::fs::write(path, bytes).unwrap();
+    hits
+}
+
+/// What node `node` answers to session reads of keys 0..count at their acknowledged index:
+/// the keys whose answer is not their payload.
+async fn wrong_answers(addrs: &HashMap<u64, String>, node: u64, acknowledged: &HashMap<i64, u64>) -> Vec<(i64, String)> {
+    let mut wrong = Vec::new();
+    for (&k, &index) in acknowledged {
+        let get = Request::Get { namespace: "test".into(), key: Key::new("s", k), bins: None, read: ReadPolicy::Session, min_index: index };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let response = Connection::new(addrs[&node].clone()).call(&get, Duration::from_secs(5)).await;
+            match response {
+                Ok(Response::Record { record, .. }) => {
+                    let value = record.as_ref().and_then(|r| r.bin("v").cloned());
+                    if value != Some(Value::String(format!("payload-{k}"))) {
+                        wrong.push((k, format!("{value:?}")));
+                    }
+                    break;
+                }
+                Ok(Response::Error(ErrorReply::NotLeader { .. })) | Err(_) => {}
+                Ok(other) => panic!("session read of {k} on node {node}: {other:?}"),
+            }
+            assert!(Instant::now() < deadline, "node {node} never answered a session read of {k} at index {index}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    wrong.sort();
+    wrong
+}
+
+/// A replica whose device was damaged while it was down (every stored copy of the records'
+/// values overwritten) finds the damage in its start-up scan, rebuilds each of its groups from
+/// a peer before serving, and then answers every acknowledged record. Snapshots are taken
+/// every 20 entries, so the damaged records lie below its durable applied point and its log
+/// cannot bring them back. The same damage under `unsafe-serve-damaged` (the replica served as
+/// it is) gives wrong answers: the check can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_a_damaged_device_is_rebuilt_from_its_peers_before_it_serves() {
+    for unsafe_serve_damaged in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let tweak = |config: &mut NodeConfig| {
+            config.snapshot_after_entries = 20;
+            config.entries_kept_after_snapshot = 0;
+        };
+        let (nodes, addrs, servers) = start_cluster_with(dir.path(), 3, tweak).await;
+        let acknowledged = write_payloads(&addrs, 200).await;
+        assert_eq!(wrong_answers(&addrs, 2, &acknowledged).await, Vec::<(i64, String)>::new(), "before the damage");
+        // Let the snapshot policy write its applied markers past most of the writes.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        nodes[1].shutdown().await;
+        servers[1].abort();
+
+        let device = dir.path().join("node2").join("test.dat");
+        let hits = corrupt_every(&device, b"payload-", b"PAYLOAD-");
+        assert!(hits >= 200, "only {hits} stored copies found to damage");
+        let listener = bind_again(&addrs[&2]).await;
+        let peers: Vec<(u64, String)> = (1..=3).map(|id| (id, addrs[&id].clone())).collect();
+        let mut config = node_config(2, &peers, dir.path(), GROUPS);
+        tweak(&mut config);
+        config.unsafe_serve_damaged = unsafe_serve_damaged;
+        let again = Node::start(config).await.unwrap();
+        let server = tokio::spawn(serve(listener, again.clone()));
+        tokio::time::timeout(Duration::from_secs(60), again.join()).await.expect("the damaged node joins").unwrap();
+
+        let wrong = wrong_answers(&addrs, 2, &acknowledged).await;
+        if unsafe_serve_damaged {
+            assert!(!wrong.is_empty(), "served as it is, the damaged replica still answered every record");
+        } else {
+            assert_eq!(wrong, Vec::<(i64, String)>::new(), "the rebuilt replica's answers");
+        }
+        again.shutdown().await;
+        server.abort();
+        for node in [&nodes[0], &nodes[2]] {
             node.shutdown().await;
         }
     }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use super::state::{BlockState, Purpose};
 use super::{EngineEvent, Inner};
 use crate::error::{Error, Result};
-use crate::format::{BlockHeader, BlockItem, BlockWalker, BLOCK_STATE_FREE, BLOCK_HEADER_BYTES};
+use crate::format::{BlockHeader, BlockItem, BlockWalker, BLOCK_HEADER_BYTES, BLOCK_STATE_FREE, BLOCK_TRAILER_BYTES};
 use crate::device::SECTOR_BYTES;
 
 /// Blocks emptied per pass before sleeping again.
@@ -60,7 +60,7 @@ impl Inner {
 
     /// Full, durable blocks under the low-water mark, emptiest first.
     fn defrag_candidates(&self) -> Vec<(u16, u32)> {
-        let usable = (self.config.write_block_size as usize - BLOCK_HEADER_BYTES) as u64;
+        let usable = (self.config.write_block_size as usize - BLOCK_HEADER_BYTES - BLOCK_TRAILER_BYTES) as u64;
         let st = self.state.lock().unwrap();
         let mut candidates = Vec::new();
         for (d, dev) in st.devices.iter().enumerate() {
@@ -126,7 +126,10 @@ impl Inner {
         let mut buf = vec![0u8; block_size];
         dev_io.read_at(&mut buf, self.block_offset(block)).map_err(|e| Error::io(dev_io.path(), e))?;
         let (mut moved, mut dropped) = (0, 0);
-        for item in BlockWalker::new(&buf, block, epoch) {
+        // The header tells where the records end (its version); a block whose header no longer
+        // decodes is walked to its end (the index check below keeps what must be kept).
+        let records_end = BlockHeader::decode(&buf).map_or(block_size, |h| h.records_end(block_size));
+        for item in BlockWalker::new(&buf[..records_end], block, epoch) {
             let BlockItem::Record { offset, header, bytes } = item else {
                 // A record of this block that fails its checksum now was either never live
                 // (torn before start-up) or rotted on disk; the index check below decides.
@@ -165,7 +168,7 @@ impl Inner {
     }
 
     /// Marks the block free on the device (one sector, synced): its old records stop counting.
-    fn write_free_header(&self, device: u16, block: u32) -> Result<()> {
+    pub(crate) fn write_free_header(&self, device: u16, block: u32) -> Result<()> {
         let dev_io = &self.devices[device as usize];
         let mut sector = vec![0u8; SECTOR_BYTES];
         let header = BlockHeader {
@@ -173,6 +176,8 @@ impl Inner {
             epoch: rand::random::<u64>() | 1,
             block_index: block,
             device_id: self.device_ids[device as usize],
+            lsn_base: 0,
+            version: crate::format::FORMAT_VERSION as u16,
         };
         sector[..BLOCK_HEADER_BYTES].copy_from_slice(&header.encode());
         let _io_lock = self.io_locks[device as usize].lock().unwrap();

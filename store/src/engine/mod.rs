@@ -73,6 +73,20 @@ pub struct OpenOptions {
     /// engine does not reclaim expired records or evict on its own (a local tombstone's seq
     /// would not be a log index, and replicas would diverge). Expired records stay invisible.
     pub replicated: bool,
+    /// Durable points recorded earlier (a replicated namespace records them with each applied
+    /// point): start-up then tells damage to acknowledged data from a torn tail, and a device
+    /// that was replaced from one that was not. `None`: only sealed blocks can be checked.
+    pub durable_points: Option<Vec<DurablePoint>>,
+}
+
+/// A device was durable up to `lsn` (its log position): every block and record written before
+/// it was on stable storage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DurablePoint {
+    /// The device's index in the namespace's configuration, and the id in its header.
+    pub device: u16,
+    pub device_id: u64,
+    pub lsn: u64,
 }
 
 /// What the start-up scan found.
@@ -84,6 +98,14 @@ pub struct ScanReport {
     pub checksum_mismatches: u64,
     pub torn_records: u64,
     pub damaged_block_headers: u64,
+    /// Non-zero bytes found where only records or zero padding can be.
+    pub garbage_regions: u64,
+    /// (device, block) of blocks that lost records written before the durable point, or whose
+    /// header is damaged: what they held is gone from this copy.
+    pub damaged_blocks: Vec<(u16, u32)>,
+    /// Devices that are not the ones the durable points were recorded on (replaced or
+    /// reformatted): everything they held is gone from this copy.
+    pub replaced_devices: Vec<u16>,
     pub elapsed_ms: u64,
 }
 
@@ -556,10 +578,36 @@ impl Namespace {
 
     /// Makes everything written so far durable (what commit-to-device = false leaves buffered).
     pub fn flush(&self) -> Result<()> {
+        self.flush_to_durable_point().map(drop)
+    }
+
+    /// Flushes everything written so far and returns each device's durable point (what
+    /// `OpenOptions::durable_points` takes after a restart).
+    pub fn flush_to_durable_point(&self) -> Result<Vec<DurablePoint>> {
+        let mut points = Vec::with_capacity(self.inner.devices.len());
         for device in 0..self.inner.devices.len() as u16 {
             let st = self.inner.state.lock().unwrap();
             let lsn = st.devices[device as usize].appended_lsn;
             drop(self.inner.wait_durable(st, device, lsn)?);
+            points.push(DurablePoint { device, device_id: self.inner.device_ids[device as usize], lsn });
+        }
+        Ok(points)
+    }
+
+    /// Did the start-up scan find acknowledged records missing (damaged blocks, or a device
+    /// that is not the one the durable points were recorded on)?
+    pub fn lost_acknowledged_records(&self) -> bool {
+        let report = &self.inner.scan_report;
+        !report.damaged_blocks.is_empty() || !report.replaced_devices.is_empty()
+    }
+
+    /// After the records of damaged blocks were restored from elsewhere: empties the damaged
+    /// blocks still in use (their intact records move) and frees them, so the next start-up
+    /// does not find the damage again. (A block whose header was damaged is free already and
+    /// is rewritten when it is reused.)
+    pub fn retire_damaged_blocks(&self) -> Result<()> {
+        for &(device, block) in &self.inner.scan_report.damaged_blocks {
+            self.inner.defrag_block(device, block)?;
         }
         Ok(())
     }

@@ -12,7 +12,10 @@ use super::{Counters, Inner, OpenOptions, ScanReport, SystemClock, RECORD_LOCK_C
 use crate::config::NamespaceConfig;
 use crate::device::{Device, FileDevice};
 use crate::error::{Error, Result};
-use crate::format::{BlockHeader, BlockItem, BlockWalker, DeviceHeader, RecordFault, BLOCK_STATE_IN_USE, DEVICE_HEADER_BYTES};
+use crate::format::{
+    BlockHeader, BlockItem, BlockTrailer, BlockWalker, DeviceHeader, RecordFault, BLOCK_STATE_IN_USE,
+    DEVICE_HEADER_BYTES,
+};
 
 /// Faults logged one by one per device before only counting them.
 const FAULT_LOG_LINES_MAX: u64 = 10;
@@ -45,7 +48,24 @@ pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inne
         let device_id = check_device_header(&config, index, device.as_ref(), clock.now_ms())?;
         let block_count = (device.size_bytes() / config.write_block_size as u64) as u32;
         state.devices.push(DeviceState::new(block_count));
-        scan_device(&config, index as u16, device_id, device.as_ref(), &mut state, &mut report)?;
+        let (durable_lsn, replaced) = match &options.durable_points {
+            None => (None, false),
+            Some(points) => {
+                let recorded = points.iter().filter(|p| p.device as usize == index);
+                let matching = recorded.clone().filter(|p| p.device_id == device_id).map(|p| p.lsn).max();
+                (matching, matching.is_none() && recorded.count() > 0)
+            }
+        };
+        if replaced {
+            tracing::warn!(device = %device.path().display(), "the device is not the one the durable points were recorded on: what it held is lost here");
+            report.replaced_devices.push(index as u16);
+        }
+        let next_lsn = scan_device(&config, index as u16, device_id, device.as_ref(), durable_lsn, &mut state, &mut report)?;
+        // New blocks continue the device's log positions past everything seen, and past the
+        // durable point even when the blocks that reached it were freed since.
+        let next_lsn = next_lsn.max(durable_lsn.unwrap_or(0));
+        let dev = &mut state.devices[index];
+        (dev.appended_lsn, dev.handed_lsn, dev.durable_lsn, dev.requested_lsn) = (next_lsn, next_lsn, next_lsn, next_lsn);
         device_ids.push(device_id);
     }
     finish_accounting(&mut state);
@@ -59,6 +79,9 @@ pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inne
         checksum_mismatches = report.checksum_mismatches,
         torn_records = report.torn_records,
         damaged_block_headers = report.damaged_block_headers,
+        garbage_regions = report.garbage_regions,
+        damaged_blocks = report.damaged_blocks.len(),
+        replaced_devices = report.replaced_devices.len(),
         elapsed_ms = report.elapsed_ms,
         mib_per_sec = bytes_per_sec / (1024.0 * 1024.0),
         "namespace scanned"
@@ -130,14 +153,20 @@ fn check_device_header(config: &NamespaceConfig, index: usize, device: &dyn Devi
     Ok(found.device_id)
 }
 
+/// Scans one device into the index. `durable_lsn`, when known, is a log position everything
+/// before which was durable when the process stopped: a fault there is damage to data that was
+/// acknowledged, not a torn tail, and the block goes to `report.damaged_blocks`.
+/// Returns the log position after the last block found.
 fn scan_device(
     config: &NamespaceConfig,
     device_index: u16,
     device_id: u64,
     device: &dyn Device,
+    durable_lsn: Option<u64>,
     st: &mut State,
     report: &mut ScanReport,
-) -> Result<()> {
+) -> Result<u64> {
+    let mut next_lsn = 0;
     let block_size = config.write_block_size as usize;
     let block_count = st.devices[device_index as usize].blocks.len() as u32;
     let path = device.path().to_owned();
@@ -167,18 +196,41 @@ fn scan_device(
             // an earlier formatting's block) holds no records.
             let ours = |h: &BlockHeader| h.state == BLOCK_STATE_IN_USE && h.block_index == block && h.device_id == device_id;
             let Some(header) = BlockHeader::decode(&buf).filter(ours) else {
-                if BlockHeader::looks_damaged(&buf) {
+                if BlockHeader::looks_damaged(&buf, block) {
                     report.damaged_block_headers += 1;
-                    tracing::warn!(device = %path.display(), block, "block header fails its checksum: the block is treated as empty");
+                    report.damaged_blocks.push((device_index, block));
+                    tracing::warn!(device = %path.display(), block, "block header is damaged: the block's records are lost here");
+                    // Reused first: rewriting it clears the damage.
+                    dev.free.push_front(block);
+                    continue;
                 }
                 dev.free.push_back(block);
                 continue;
             };
             dev.blocks[block as usize].state = BlockState::InUse;
             dev.blocks[block as usize].epoch = header.epoch;
-            for item in BlockWalker::new(&buf, block, header.epoch) {
+            next_lsn = next_lsn.max(header.lsn_base + block_size as u64);
+            // Bytes [header, intact_until) must hold records and zero padding only.
+            let records_end = header.records_end(block_size);
+            let trailer = BlockTrailer::decode(&buf, block, header.epoch).filter(|_| header.has_trailer());
+            let mut damage: Option<&str> = None;
+            let intact_until = match (trailer, durable_lsn) {
+                // A version-1 block has neither trailer nor log position: faults are counted only.
+                _ if !header.has_trailer() => 0,
+                (Some(trailer), _) => trailer.used_len as usize,
+                (None, Some(durable)) if header.lsn_base + block_size as u64 <= durable => {
+                    damage = Some("the block was sealed before the durable point but its trailer is missing or damaged");
+                    records_end
+                }
+                (None, Some(durable)) => durable.saturating_sub(header.lsn_base).min(records_end as u64) as usize,
+                (None, None) => 0,
+            };
+            let mut records_in_block = 0u32;
+            let mut walker = BlockWalker::new(&buf[..records_end], block, header.epoch);
+            for item in walker.by_ref() {
                 match item {
                     BlockItem::Record { offset, header: record, bytes } => {
+                        records_in_block += 1;
                         report.records_found += 1;
                         let info = &mut st.devices[device_index as usize].blocks[block as usize];
                         info.used_bytes += bytes.len() as u32;
@@ -203,6 +255,10 @@ fn scan_device(
                         match fault {
                             RecordFault::Truncated => report.torn_records += 1,
                             RecordFault::ChecksumMismatch => report.checksum_mismatches += 1,
+                            RecordFault::Garbage => report.garbage_regions += 1,
+                        }
+                        if offset < intact_until {
+                            damage.get_or_insert("a record the block must hold fails its check");
                         }
                         faults_logged += 1;
                         if faults_logged <= FAULT_LOG_LINES_MAX {
@@ -212,14 +268,24 @@ fn scan_device(
                     }
                 }
             }
+            if walker.tail_garbage_at().is_some_and(|at| at < intact_until) {
+                damage.get_or_insert("bytes the block's records must fill were overwritten");
+            }
+            if trailer.is_some_and(|t| t.records != records_in_block) {
+                damage.get_or_insert("the block holds fewer records than its trailer says");
+            }
+            if let Some(why) = damage {
+                report.damaged_blocks.push((device_index, block));
+                tracing::warn!(device = %path.display(), block, why, "damaged block: records written before the durable point are lost here");
+            }
         }
         Ok(())
     })?;
-    let faults = report.torn_records + report.checksum_mismatches;
+    let faults = report.torn_records + report.checksum_mismatches + report.garbage_regions;
     if faults > FAULT_LOG_LINES_MAX {
         tracing::warn!(device = %path.display(), faults, "more skipped records than logged one by one");
     }
-    Ok(())
+    Ok(next_lsn)
 }
 
 /// Hands a block buffer back to the reader when parsing is done with it.

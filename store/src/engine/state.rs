@@ -125,6 +125,8 @@ pub(crate) struct WriteBuffer {
     pub buf: Vec<u8>,
     /// Append position. Always a multiple of RECORD_ALIGN_BYTES.
     pub len: usize,
+    /// Records appended (written in the trailer when the block is sealed).
+    pub records: u32,
     /// Bytes [0, flushed) were handed to the flusher; always a multiple of SECTOR_BYTES, so no
     /// later flush rewrites a sector an earlier flush made durable.
     pub flushed: usize,

@@ -13,7 +13,9 @@ use super::state::{BlockInfo, BlockState, Purpose, SealedBlock, State, WriteBuff
 use super::{EngineEvent, Inner};
 use crate::device::SECTOR_BYTES;
 use crate::error::{Error, Result};
-use crate::format::{align_up, seal_record, BlockHeader, BLOCK_HEADER_BYTES, BLOCK_STATE_IN_USE, RECORD_ALIGN_BYTES};
+use crate::format::{
+    align_up, seal_record, BlockHeader, BlockTrailer, BLOCK_HEADER_BYTES, BLOCK_STATE_IN_USE, BLOCK_TRAILER_BYTES, RECORD_ALIGN_BYTES,
+};
 
 /// Where an appended record landed.
 pub(crate) struct Placement {
@@ -30,8 +32,9 @@ impl Inner {
     pub(crate) fn append(&self, st: &mut State, device: u16, record: &[u8], seq: u64, purpose: Purpose) -> Result<Placement> {
         let block_size = self.config.write_block_size as usize;
         let need = align_up(record.len(), RECORD_ALIGN_BYTES);
-        assert!(need <= block_size - BLOCK_HEADER_BYTES, "record size is checked against the block size first");
-        let fits = st.devices[device as usize].buffer.as_ref().is_some_and(|b| b.len + need <= block_size);
+        let records_end = block_size - BLOCK_TRAILER_BYTES;
+        assert!(need <= records_end - BLOCK_HEADER_BYTES, "record size is checked against the block size first");
+        let fits = st.devices[device as usize].buffer.as_ref().is_some_and(|b| b.len + need <= records_end);
         if !fits {
             self.seal(st, device);
             self.open_block(st, device, purpose)?;
@@ -42,6 +45,7 @@ impl Inner {
         buffer.buf[at..at + record.len()].copy_from_slice(record);
         seal_record(&mut buffer.buf[at..at + record.len()], seq, buffer.epoch, buffer.block, at);
         buffer.len += need;
+        buffer.records += 1;
         let placement = Placement { block: buffer.block, offset: at as u32, lsn_end: buffer.lsn_base + (at + record.len()) as u64 };
         dev.appended_lsn = buffer.lsn_base + buffer.len as u64;
         let info = &mut dev.blocks[buffer.block as usize];
@@ -53,12 +57,16 @@ impl Inner {
         Ok(placement)
     }
 
-    /// Closes the open buffer (if any): its unflushed tail goes to the flusher's queue.
+    /// Closes the open buffer (if any): its unflushed tail and its trailer (in the last sector,
+    /// which no earlier flush wrote) go to the flusher's queue.
     fn seal(&self, st: &mut State, device: u16) {
         let block_size = self.config.write_block_size as usize;
         let dev = &mut st.devices[device as usize];
-        let Some(buffer) = dev.buffer.take() else { return };
-        let to = align_up(buffer.len, SECTOR_BYTES).min(block_size);
+        let Some(mut buffer) = dev.buffer.take() else { return };
+        let trailer = BlockTrailer { used_len: buffer.len as u32, records: buffer.records };
+        let trailer_at = block_size - BLOCK_TRAILER_BYTES;
+        buffer.buf[trailer_at..trailer_at + BlockTrailer::BYTES].copy_from_slice(&trailer.encode(buffer.block, buffer.epoch));
+        let to = align_up(buffer.len, SECTOR_BYTES).min(trailer_at);
         let lsn_end = buffer.lsn_base + block_size as u64;
         dev.appended_lsn = lsn_end;
         dev.blocks[buffer.block as usize].state = BlockState::Sealed;
@@ -90,7 +98,14 @@ impl Inner {
             return Err(Error::DeviceFull { path: self.devices[device as usize].path().to_owned() });
         };
         let mut buf = vec![0u8; block_size];
-        let header = BlockHeader { state: BLOCK_STATE_IN_USE, epoch, block_index: block, device_id: self.device_ids[device as usize] };
+        let header = BlockHeader {
+            state: BLOCK_STATE_IN_USE,
+            epoch,
+            block_index: block,
+            device_id: self.device_ids[device as usize],
+            lsn_base: dev.appended_lsn,
+            version: crate::format::FORMAT_VERSION as u16,
+        };
         buf[..BLOCK_HEADER_BYTES].copy_from_slice(&header.encode());
         dev.blocks[block as usize] = BlockInfo { state: BlockState::Open, epoch, ..BlockInfo::free() };
         dev.buffer = Some(WriteBuffer {
@@ -98,6 +113,7 @@ impl Inner {
             epoch,
             buf,
             len: BLOCK_HEADER_BYTES,
+            records: 0,
             flushed: 0,
             lsn_base: dev.appended_lsn,
         });
@@ -171,9 +187,12 @@ impl Inner {
         let mut segments: Vec<(u64, Arc<Vec<u8>>, std::ops::Range<usize>)> = Vec::new();
         for sealed in dev.sealed.iter_mut().filter(|s| !s.handed) {
             sealed.handed = true;
+            let base = sealed.block as u64 * block_size;
             if sealed.to > sealed.from {
-                segments.push((sealed.block as u64 * block_size + sealed.from as u64, sealed.buf.clone(), sealed.from..sealed.to));
+                segments.push((base + sealed.from as u64, sealed.buf.clone(), sealed.from..sealed.to));
             }
+            let trailer_at = block_size as usize - BLOCK_TRAILER_BYTES;
+            segments.push((base + trailer_at as u64, sealed.buf.clone(), trailer_at..block_size as usize));
         }
         if let Some(buffer) = dev.buffer.as_mut().filter(|b| b.len > b.flushed) {
             let to = align_up(buffer.len, SECTOR_BYTES);

@@ -81,6 +81,10 @@ pub struct ChunkdConfig {
     /// gets them, with no check that it still leads. Default false.
     #[serde(default)]
     pub unsafe_unchecked_reads: bool,
+    /// UNSAFE (negative controls only): a namespace whose engine scan found damaged blocks is
+    /// served as it is instead of being rebuilt from peers first. Default false.
+    #[serde(default)]
+    pub unsafe_serve_damaged: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -208,6 +212,7 @@ impl ChunkdConfig {
             peer_source: peer_source(&self.peer_listen),
             unsafe_skip_dedup: self.unsafe_skip_dedup,
             unsafe_unchecked_reads: self.unsafe_unchecked_reads,
+            unsafe_serve_damaged: self.unsafe_serve_damaged,
         })
     }
 }

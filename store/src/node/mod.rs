@@ -17,6 +17,7 @@
 pub mod config;
 pub mod placement;
 pub mod raft_network;
+mod repair;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -72,6 +73,8 @@ pub struct NodeConfig {
     pub unsafe_skip_dedup: bool,
     /// UNSAFE (negative controls only): linearizable reads served by any replica, unchecked.
     pub unsafe_unchecked_reads: bool,
+    /// UNSAFE (negative controls only): a damaged engine is served without rebuilding it.
+    pub unsafe_serve_damaged: bool,
 }
 
 struct Group {
@@ -109,6 +112,8 @@ pub struct Node {
     stopping: std::sync::atomic::AtomicBool,
     /// Writes proposed and not answered yet (shutdown lets them finish).
     writes_in_flight: std::sync::atomic::AtomicUsize,
+    /// Snapshots being sent to peers that rebuild a damaged copy.
+    transfers: repair::Transfers,
 }
 
 /// Counts a write in flight for as long as it lives.
@@ -199,6 +204,7 @@ impl Node {
             joined: OnceLock::new(),
             stopping: Default::default(),
             writes_in_flight: Default::default(),
+            transfers: Default::default(),
         }))
     }
 
@@ -223,19 +229,39 @@ impl Node {
         for spec in &config.namespaces {
             let prefix = wal_prefix(&spec.engine.name);
             let info = cluster.namespace(&spec.engine.name).expect("differences checked every namespace");
-            let options = OpenOptions { replicated: true, ..OpenOptions::default() };
+            let hosted: Vec<(u32, &Vec<NodeId>)> =
+                (0..info.groups).zip(&info.placement).filter(|(_, replicas)| replicas.contains(&config.node_id)).collect();
+            let wal_group = |group: u32| prefix << 12 | group;
+            // The engine's durable point as the groups' applied markers recorded it: the scan
+            // then tells damage to acknowledged records from a torn tail.
+            let durable_points = crate::raft::recorded_engine_points(&self.wal, hosted.iter().map(|(group, _)| wal_group(*group)))
+                .map_err(|e| NodeError::Raft(e.to_string()))?;
+            let options = OpenOptions { replicated: true, durable_points, ..OpenOptions::default() };
             let engine = Arc::new(Namespace::open(spec.engine.clone(), options)?);
-            let mut local = HashMap::new();
-            for (group, replicas) in (0..info.groups).zip(&info.placement) {
-                if !replicas.contains(&config.node_id) {
-                    continue;
-                }
-                let wal_group = prefix << 12 | group;
-                let state_machine = GroupStateMachine::new(engine.clone(), self.wal.clone(), wal_group, group, info.groups, &snapshot_dir)
-                    .map_err(|e| NodeError::Raft(e.to_string()))?;
+            let mut state_machines = Vec::new();
+            for &(group, _) in &hosted {
+                let state_machine =
+                    GroupStateMachine::new(engine.clone(), self.wal.clone(), wal_group(group), group, info.groups, &snapshot_dir)
+                        .map_err(|e| NodeError::Raft(e.to_string()))?;
                 if config.unsafe_skip_dedup {
                     state_machine.set_unsafe_skip_dedup();
                 }
+                state_machines.push(state_machine);
+            }
+            if engine.lost_acknowledged_records() && !config.unsafe_serve_damaged {
+                tracing::warn!(namespace = %spec.engine.name, groups = hosted.len(),
+                    "the engine lost acknowledged records: rebuilding every group this node replicates here from its peers before serving");
+                for (&(group, replicas), state_machine) in hosted.iter().zip(&state_machines) {
+                    self.rebuild_group(&spec.engine.name, group, replicas, state_machine).await;
+                }
+                let retire = engine.clone();
+                tokio::task::spawn_blocking(move || retire.retire_damaged_blocks())
+                    .await
+                    .map_err(|e| NodeError::Raft(e.to_string()))??;
+            }
+            let mut local = HashMap::new();
+            for (&(group, replicas), state_machine) in hosted.iter().zip(state_machines) {
+                let wal_group = wal_group(group);
                 let network = GroupNetwork::new(spec.engine.name.clone(), group, self.peers.clone());
                 let log_store = GroupLogStore::new(self.wal.clone(), wal_group);
                 let raft = RaftInstance::new(config.node_id, self.raft_config.clone(), network, log_store, state_machine.clone())
@@ -428,6 +454,9 @@ impl Node {
             _ if !joined => Response::Error(ErrorReply::NotLeader { leader: None }),
             Request::ClusterMap => Response::ClusterMap(self.cluster_map()),
             Request::Raft { namespace, group, message } => self.handle_raft(&namespace, group, &message).await,
+            Request::SnapshotPart { namespace, group, min_applied, transfer, offset } => {
+                self.handle_snapshot_part(&namespace, group, min_applied, transfer, offset).await
+            }
             Request::Write { namespace, key, op, policy, tag } => {
                 let (hosted, group) = match self.local_group(&namespace, &key) {
                     Ok(found) => found,

@@ -52,6 +52,10 @@ pub enum Request {
     /// The cluster metadata (between nodes: a node that is not a metadata voter learns it so).
     /// Answered by the metadata group's leader after confirming its leadership with a quorum.
     ClusterMeta,
+    /// Between nodes: part of a snapshot of a group, for a replica rebuilding its damaged copy.
+    /// The first call (`transfer: None`) makes the snapshot once the answering replica has
+    /// applied `min_applied`; later calls name the transfer and the offset to continue from.
+    SnapshotPart { namespace: String, group: u32, min_applied: u64, transfer: Option<u64>, offset: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -67,6 +71,16 @@ pub enum Response {
     Error(ErrorReply),
     /// None while the metadata group has not been bootstrapped yet.
     ClusterMeta(Option<ClusterMeta>),
+    /// `data` are the snapshot's bytes from the offset asked for; `meta` is its Raft metadata
+    /// (bincode), `total_len` its size.
+    SnapshotPart {
+        transfer: u64,
+        #[serde(with = "serde_bytes")]
+        meta: Vec<u8>,
+        total_len: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

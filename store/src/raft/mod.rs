@@ -24,7 +24,7 @@ pub mod state_machine;
 pub mod types;
 
 pub use log_store::GroupLogStore;
-pub use state_machine::GroupStateMachine;
+pub use state_machine::{recorded_engine_points, GroupStateMachine};
 pub use sessions::{Outcome, Refusal, Sessions};
 pub use types::{Command, CommandResult, NodeId, RaftInstance, TypeConfig, WriteFailure};
 

@@ -18,7 +18,7 @@ use super::log_store::append_durable;
 use super::sessions::{Admission, Outcome, Sessions};
 use super::snapshot_file::{SnapshotReader, SnapshotWriter};
 use super::types::{Command, CommandResult, NodeId, TypeConfig, WriteFailure};
-use crate::engine::{Namespace, Replicated};
+use crate::engine::{DurablePoint, Namespace, Replicated};
 use crate::value::RecordMeta;
 use crate::wal::{GroupId, Wal, WalOp};
 
@@ -33,6 +33,40 @@ struct AppliedMarker {
     membership: Membership,
     /// The exactly-once table as of `last_applied`.
     sessions: Sessions,
+    /// Per engine device, the log position the engine was durable up to when this marker was
+    /// written: start-up tells damage below it from a torn tail above it.
+    engine_points: Vec<DurablePoint>,
+}
+
+/// A marker as written before markers recorded the engine's durable points.
+#[derive(Deserialize)]
+struct AppliedMarkerV1 {
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    sessions: Sessions,
+}
+
+impl AppliedMarker {
+    fn read(wal: &Wal, wal_group: GroupId) -> Result<AppliedMarker, StorageError<NodeId>> {
+        let Some(bytes) = wal.log_state(wal_group).applied else { return Ok(AppliedMarker::default()) };
+        bincode::deserialize(&bytes).or_else(|err| match bincode::deserialize::<AppliedMarkerV1>(&bytes) {
+            Ok(v1) => Ok(AppliedMarker { last_applied: v1.last_applied, membership: v1.membership, sessions: v1.sessions, engine_points: Vec::new() }),
+            Err(_) => Err(StorageIOError::read_state_machine(&err).into()),
+        })
+    }
+}
+
+/// The engine durable points the applied markers of these groups recorded (`None` when none
+/// recorded any), for `OpenOptions::durable_points`.
+pub fn recorded_engine_points(wal: &Wal, wal_groups: impl IntoIterator<Item = GroupId>) -> Result<Option<Vec<DurablePoint>>, StorageError<NodeId>> {
+    let mut points: Option<Vec<DurablePoint>> = None;
+    for wal_group in wal_groups {
+        let marker = AppliedMarker::read(wal, wal_group)?;
+        if !marker.engine_points.is_empty() {
+            points.get_or_insert_with(Vec::new).extend(marker.engine_points);
+        }
+    }
+    Ok(points)
 }
 
 struct Progress {
@@ -89,13 +123,13 @@ impl Shared {
 
     /// Flushes the engine, then records `marker` as the durable applied point (unless a newer
     /// one was recorded already).
-    async fn make_durable(&self, marker: AppliedMarker) -> Result<(), StorageError<NodeId>> {
+    async fn make_durable(&self, mut marker: AppliedMarker) -> Result<(), StorageError<NodeId>> {
         let mut written = self.marker_written.lock().await;
         if *written > marker.last_applied {
             return Ok(());
         }
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.flush())
+        marker.engine_points = tokio::task::spawn_blocking(move || engine.flush_to_durable_point())
             .await
             .map_err(|e| StorageIOError::write_state_machine(&e))?
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
@@ -138,10 +172,7 @@ impl GroupStateMachine {
                 std::fs::remove_file(entry.path()).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
             }
         }
-        let marker: AppliedMarker = match wal.log_state(wal_group).applied {
-            Some(bytes) => bincode::deserialize(&bytes).map_err(|e| StorageIOError::read_state_machine(&e))?,
-            None => AppliedMarker::default(),
-        };
+        let marker = AppliedMarker::read(&wal, wal_group)?;
         if let Some(applied) = marker.last_applied {
             engine.set_tombstone_floor(group, groups, applied.index);
         }
@@ -179,6 +210,30 @@ impl GroupStateMachine {
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         self.shared.progress.lock().unwrap().last_applied
     }
+
+    /// The durable applied point recorded in the WAL: a restart resumes after it.
+    pub async fn durable_applied(&self) -> Option<LogId<NodeId>> {
+        *self.shared.marker_written.lock().await
+    }
+
+    /// Writes a snapshot of the current state to a new file for a peer that must rebuild its
+    /// copy (outside Raft's own snapshot bookkeeping): its metadata and the file, which the
+    /// caller deletes when done.
+    pub async fn export_snapshot(&self) -> Result<(Meta, PathBuf), StorageError<NodeId>> {
+        let mut builder = self.clone().get_snapshot_builder().await;
+        builder.write_file().await
+    }
+
+    /// A new file to receive a peer's exported snapshot into.
+    pub async fn receive_file(&self) -> Result<tokio::fs::File, StorageError<NodeId>> {
+        Ok(*self.clone().begin_receiving_snapshot().await?)
+    }
+
+    /// Rebuilds this replica's state from a peer's snapshot (see `export_snapshot`) received
+    /// into a file: installed like a snapshot Raft sends.
+    pub async fn install_exported(&self, meta: &Meta, file: tokio::fs::File) -> Result<(), StorageError<NodeId>> {
+        self.clone().install_snapshot(meta, Box::new(file)).await
+    }
 }
 
 /// Builds a snapshot of the state as of the moment it was asked for.
@@ -187,8 +242,9 @@ pub struct GroupSnapshotBuilder {
     marker: AppliedMarker,
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+impl GroupSnapshotBuilder {
+    /// Writes the snapshot file: its metadata and path.
+    async fn write_file(&mut self) -> Result<(Meta, PathBuf), StorageError<NodeId>> {
         // Flushed first: the data then reflects at least everything up to the marker. It may
         // reflect more (applies go on meanwhile); a receiver replaying the log after it skips
         // what a record already holds.
@@ -224,6 +280,13 @@ impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
             last_membership: self.marker.membership.clone(),
             snapshot_id: format!("group{}-index{index}-{records}records", self.shared.group),
         };
+        Ok((meta, path))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let (meta, path) = self.write_file().await?;
         let file = tokio::fs::File::open(&path).await.map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         // (A build that finishes after a newer snapshot was installed does not replace it.)
         self.shared.keep_snapshot(&meta, path);
@@ -257,6 +320,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             last_applied: progress.last_applied,
             membership: progress.membership.clone(),
             sessions: progress.sessions.clone(),
+            engine_points: Vec::new(),
         };
         GroupSnapshotBuilder { shared: self.shared.clone(), marker }
     }
@@ -299,7 +363,12 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         let (sessions, mut file) =
             installed.map_err(|reason| StorageIOError::write_snapshot(Some(meta.signature()), &std::io::Error::other(reason)))?;
         let marker =
-            AppliedMarker { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), sessions: sessions.clone() };
+            AppliedMarker {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            sessions: sessions.clone(),
+            engine_points: Vec::new(),
+        };
         self.shared.make_durable(marker).await?;
         tracing::info!(group = self.shared.group, snapshot = %meta.snapshot_id, last_log = ?meta.last_log_id, "installed snapshot");
         {

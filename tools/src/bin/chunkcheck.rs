@@ -221,8 +221,8 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
             "pause" => nemeses.push(NemesisKind::Pause),
             "partition" => nemeses.push(NemesisKind::Partition),
             "clock" => nemeses.push(NemesisKind::Clock),
-            "disk" => return fail(format!("--nemesis {name} is not implemented yet (kill, pause, partition and clock are)")),
-            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause, partition, clock)")),
+            "disk" => nemeses.push(NemesisKind::Disk),
+            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause, partition, clock, disk)")),
         }
     }
     if args.nodes == 0 || args.replication_factor == 0 || args.replication_factor as u64 > args.nodes {

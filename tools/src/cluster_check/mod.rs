@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod cluster;
+pub mod disk;
 pub mod nemesis;
 pub mod net;
 pub mod report;
@@ -92,6 +93,9 @@ pub struct FaultRecord {
     /// cluster map's `now_ms` tells; None if it did not answer).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub observed_clock_offsets: Vec<(u64, Option<i64>)>,
+    /// Disk faults: the regions of the node's devices overwritten while it was down.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub corrupted: Vec<disk::Corruption>,
     pub start_ms: u64,
     pub end_ms: u64,
 }
@@ -244,14 +248,20 @@ fn drive_faults(
                 next += 1;
                 let leader = busiest_leader(&mut nemesis_client, &shared.seeds);
                 let hit = nemesis::resolve(planned, node_ids, leader);
-                if let Err(err) = nemesis::inflict(cluster, planned.kind, &hit) {
-                    crashed.push(format!("could not start {:?}: {err:#}", planned.kind));
-                }
+                let corrupted = match nemesis::inflict(cluster, planned.kind, &hit) {
+                    Ok(corrupted) => corrupted,
+                    Err(err) => {
+                        crashed.push(format!("could not start {:?}: {err:#}", planned.kind));
+                        Vec::new()
+                    }
+                };
                 let cuts = match hit.cuts.is_empty() {
                     true => String::new(),
                     false => format!(" cutting {}", hit.cuts.iter().map(|(a, b)| format!("{a}->{b}")).collect::<Vec<_>>().join(" ")),
                 };
                 let cuts = cuts + &hit.clock_offsets.iter().map(|(n, ms)| format!(" clock of {n} {ms:+} ms")).collect::<String>();
+                let cuts = cuts
+                    + &corrupted.iter().map(|c| format!(" overwrote {} bytes at {} of {}", c.len, c.offset, c.file.display())).collect::<String>();
                 let observed_clock_offsets = match planned.target {
                     // A strobe's phase is whatever it is when observed.
                     nemesis::Target::Jump | nemesis::Target::Skew => {
@@ -262,7 +272,7 @@ fn drive_faults(
                 };
                 *log += &format!("{:>8} ms {:?} {:?} {:?} for {} ms{cuts}\n", now.as_millis(), planned.kind, planned.target, hit.nodes, planned.duration_ms);
                 recorder.record(nemesis_event(&format!("start-{}", kind_name(planned.kind)), &hit.nodes));
-                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes: hit.nodes, cuts: hit.cuts, dropped_packets: None, clock_offsets: hit.clock_offsets, observed_clock_offsets, start_ms: now.as_millis() as u64, end_ms: 0 };
+                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes: hit.nodes, cuts: hit.cuts, dropped_packets: None, clock_offsets: hit.clock_offsets, observed_clock_offsets, corrupted, start_ms: now.as_millis() as u64, end_ms: 0 };
                 active = Some((record, now + Duration::from_millis(planned.duration_ms)));
             }
             Some((fault, _)) => {
@@ -300,12 +310,13 @@ fn kind_name(kind: NemesisKind) -> &'static str {
         NemesisKind::Pause => "pause",
         NemesisKind::Partition => "partition",
         NemesisKind::Clock => "clock",
+        NemesisKind::Disk => "disk",
     }
 }
 
 impl FaultRecord {
     fn resolved(&self) -> nemesis::Resolved {
-        nemesis::Resolved { nodes: self.nodes.clone(), cuts: self.cuts.clone(), clock_offsets: self.clock_offsets.clone() }
+        nemesis::Resolved { nodes: self.nodes.clone(), cuts: self.cuts.clone(), clock_offsets: self.clock_offsets.clone(), seed: 0 }
     }
 }
 

@@ -10,6 +10,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use super::cluster::TestCluster;
+use super::disk::{self, Corruption};
 use super::net::{self, Cut};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -26,6 +27,10 @@ pub enum NemesisKind {
     /// Wall-clock faults (libfaketime): one node's clock jumps, or strobes between two
     /// times, or every node's clock is skewed differently (by more than Aerospike's 27 s).
     Clock,
+    /// One node's engine device damaged while it is down: killed, random regions of its
+    /// written blocks overwritten, restarted. It must find the damage and rebuild its copy
+    /// from its peers, never serve it.
+    Disk,
 }
 
 /// Which nodes a fault hits, resolved when it starts.
@@ -50,6 +55,8 @@ pub enum Target {
     Strobe,
     /// Clock: every node's clock is off by a different amount, up to a minute either way.
     Skew,
+    /// Disk: regions of one node's devices overwritten while it is down.
+    Corrupt,
 }
 
 /// How often a strobed clock flips.
@@ -83,6 +90,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
             NemesisKind::Pause => *[Target::One, Target::Leader].choose(&mut rng).unwrap(),
             NemesisKind::Partition => *[Target::Halves, Target::One, Target::Leader, Target::Ring, Target::OneWay].choose(&mut rng).unwrap(),
             NemesisKind::Clock => *[Target::Jump, Target::Strobe, Target::Skew].choose(&mut rng).unwrap(),
+            NemesisKind::Disk => Target::Corrupt,
         };
         let long = kind == NemesisKind::Pause && rng.gen_bool(0.25) && at + LONG_PAUSE + interval <= time_limit;
         let duration = if long { LONG_PAUSE } else { interval };
@@ -100,6 +108,8 @@ pub struct Resolved {
     pub cuts: Vec<Cut>,
     /// Clock faults: (node, offset of its wall clock in milliseconds).
     pub clock_offsets: Vec<(u64, i64)>,
+    /// Disk faults: picks the regions overwritten.
+    pub seed: u64,
 }
 
 /// Picks the nodes a fault hits. `leader` is the node leading the most groups, if known.
@@ -114,7 +124,7 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>) -> Reso
         picked
     };
     let hit = match fault.target {
-        Target::One | Target::OneWay | Target::Jump | Target::Strobe => picked(1),
+        Target::One | Target::OneWay | Target::Jump | Target::Strobe | Target::Corrupt => picked(1),
         Target::Minority | Target::Halves => picked((nodes.len() - 1) / 2),
         Target::Majority => picked(nodes.len() / 2 + 1),
         Target::All | Target::Ring | Target::Skew => picked(nodes.len()),
@@ -139,19 +149,26 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>) -> Reso
         Target::Skew => hit.iter().map(|&n| (n, rng.gen_range(-60_000..=60_000))).collect(),
         _ => Vec::new(),
     };
-    Resolved { nodes: hit, cuts, clock_offsets }
+    Resolved { nodes: hit, cuts, clock_offsets, seed: rng.gen() }
 }
 
-/// Starts a fault.
-pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved) -> anyhow::Result<()> {
+/// Starts a fault. Returns what a disk fault overwrote.
+pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved) -> anyhow::Result<Vec<Corruption>> {
     let mut cluster = cluster.lock().unwrap();
+    let mut corrupted = Vec::new();
     match kind {
         NemesisKind::Kill => hit.nodes.iter().for_each(|&id| cluster.kill(id)),
         NemesisKind::Pause => hit.nodes.iter().for_each(|&id| cluster.pause(id)),
         NemesisKind::Partition => cluster.cut(&hit.cuts)?,
         NemesisKind::Clock => hit.clock_offsets.iter().try_for_each(|&(id, offset)| cluster.set_clock(id, offset))?,
+        NemesisKind::Disk => {
+            for &id in &hit.nodes {
+                cluster.kill(id);
+                corrupted.extend(disk::corrupt_devices(id, &cluster.node_dir(id).join("data"), hit.seed)?);
+            }
+        }
     }
-    Ok(())
+    Ok(corrupted)
 }
 
 /// Keeps a fault going: a strobed clock flips every `STROBE_PERIOD` (`since` is the time
@@ -170,7 +187,7 @@ pub fn tick(cluster: &Arc<Mutex<TestCluster>>, target: Target, clock_offsets: &[
 pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved) -> anyhow::Result<u64> {
     let mut cluster = cluster.lock().unwrap();
     match kind {
-        NemesisKind::Kill => hit.nodes.iter().try_for_each(|&id| cluster.restart(id)).map(|()| 0),
+        NemesisKind::Kill | NemesisKind::Disk => hit.nodes.iter().try_for_each(|&id| cluster.restart(id)).map(|()| 0),
         NemesisKind::Pause => {
             hit.nodes.iter().for_each(|&id| cluster.resume(id));
             Ok(0)
@@ -186,7 +203,7 @@ mod tests {
 
     #[test]
     fn the_same_seed_plans_the_same_faults() {
-        let kinds = [NemesisKind::Kill, NemesisKind::Pause, NemesisKind::Partition, NemesisKind::Clock];
+        let kinds = [NemesisKind::Kill, NemesisKind::Pause, NemesisKind::Partition, NemesisKind::Clock, NemesisKind::Disk];
         let a = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         let b = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
@@ -196,7 +213,7 @@ mod tests {
         for fault in &a {
             let hit = resolve(fault, &nodes, Some(3));
             let expected = match fault.target {
-                Target::One | Target::Leader | Target::OneWay | Target::Jump | Target::Strobe => 1,
+                Target::One | Target::Leader | Target::OneWay | Target::Jump | Target::Strobe | Target::Corrupt => 1,
                 Target::Minority | Target::Halves => 2,
                 Target::Majority => 3,
                 Target::All | Target::Ring | Target::Skew => 5,
@@ -220,5 +237,6 @@ mod tests {
         }
         assert!(a.iter().any(|f| f.kind == NemesisKind::Clock), "a 300 s run has a clock fault");
         assert!(a.iter().any(|f| f.kind == NemesisKind::Partition), "a 300 s run has a partition");
+        assert!(a.iter().any(|f| f.kind == NemesisKind::Disk), "a 300 s run has a disk fault");
     }
 }
