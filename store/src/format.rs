@@ -195,8 +195,9 @@ impl BlockHeader {
     }
 
     /// True when the bytes look like a block header that was damaged: the magic is there but
-    /// the rest is bad, or the header is gone while the block's first record slot holds a
-    /// record that passes its CRC (a block is only ever written with its header).
+    /// the rest is bad, or the header is gone while the block holds a record that passes its
+    /// CRC for this very place (a block is only ever written with its header, and freeing it
+    /// writes a valid free header, so such a block lost its header).
     pub fn looks_damaged(buf: &[u8], block_index: u32) -> bool {
         if buf.len() < BLOCK_HEADER_BYTES + RECORD_HEADER_BYTES || BlockHeader::decode(buf).is_some() {
             return false;
@@ -204,12 +205,13 @@ impl BlockHeader {
         if buf[0..4] == BLOCK_MAGIC {
             return true;
         }
-        let at = BLOCK_HEADER_BYTES;
-        let total = u32_at(buf, at + 8) as usize;
-        buf[at..at + 4] == RECORD_MAGIC
-            && total >= RECORD_HEADER_BYTES
-            && at + total <= buf.len()
-            && record_crc(&buf[at..at + total], block_index, at) == u32_at(buf, at + 4)
+        (BLOCK_HEADER_BYTES..=buf.len() - RECORD_HEADER_BYTES).step_by(RECORD_ALIGN_BYTES).any(|at| {
+            let total = u32_at(buf, at + 8) as usize;
+            buf[at..at + 4] == RECORD_MAGIC
+                && total >= RECORD_HEADER_BYTES
+                && at + total <= buf.len()
+                && record_crc(&buf[at..at + total], block_index, at) == u32_at(buf, at + 4)
+        })
     }
 }
 

@@ -301,6 +301,13 @@ fn damage_below_the_durable_point_is_told_from_a_torn_tail() {
     ns.close().unwrap();
     assert!(reopen_finds_loss(&config, &mem, Some(points.clone())), "a record zeroed out of a sealed block");
 
+    // A block's header (and its first records) overwritten: its other records still show
+    // that it held data.
+    let (mem, points) = durable_point_scenario(&config);
+    mem.write_at(&[0xee; 1024], 64 * 1024).unwrap();
+    assert!(reopen_finds_loss(&config, &mem, None), "a block whose header was overwritten");
+    assert!(reopen_finds_loss(&config, &mem, Some(points.clone())));
+
     let other_device = points.iter().map(|p| chunkstore::DurablePoint { device_id: p.device_id ^ 1, ..*p }).collect();
     let (mem, _) = durable_point_scenario(&config);
     assert!(reopen_finds_loss(&config, &mem, Some(other_device)), "a device other than the one the points were recorded on");

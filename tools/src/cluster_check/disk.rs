@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use chunkstore::format::{BlockHeader, DeviceHeader, BLOCK_STATE_IN_USE, BLOCK_TRAILER_BYTES, DEVICE_HEADER_BYTES};
 use rand::rngs::SmallRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, RngCore, SeedableRng};
 
-/// Regions overwritten per fault.
-const REGIONS_PER_FAULT: usize = 3;
+/// Regions overwritten per block that holds records.
+const REGIONS_PER_BLOCK: usize = 4;
 
 /// One overwritten region.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -34,9 +33,9 @@ fn device_files(data_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Overwrites up to `REGIONS_PER_FAULT` regions (512 bytes to 4 KiB each) of node `node`'s
-/// devices in `data_dir` with random bytes, chosen by `seed`, and syncs them. Returns what it
-/// overwrote (nothing when no block holds records yet).
+/// Overwrites `REGIONS_PER_BLOCK` regions (512 bytes to 4 KiB each) of every block holding
+/// records on node `node`'s devices in `data_dir` with random bytes, chosen by `seed`, and
+/// syncs them. Returns what it overwrote (nothing when no block holds records yet).
 pub fn corrupt_devices(node: u64, data_dir: &Path, seed: u64) -> Result<Vec<Corruption>> {
     let mut rng = SmallRng::seed_from_u64(seed);
     // (file, block offset, written length of the block)
@@ -59,9 +58,9 @@ pub fn corrupt_devices(node: u64, data_dir: &Path, seed: u64) -> Result<Vec<Corr
             written.push((path.clone(), block * block_size as u64, used as u64, block_size as u64));
         }
     }
-    written.shuffle(&mut rng);
     let mut done = Vec::new();
-    for (path, block_at, used, block_size) in written.into_iter().take(REGIONS_PER_FAULT) {
+    let regions = written.iter().flat_map(|w| std::iter::repeat_n(w.clone(), REGIONS_PER_BLOCK)).collect::<Vec<_>>();
+    for (path, block_at, used, block_size) in regions {
         let len = rng.gen_range(512..=4096u64).min(block_size);
         // Mostly inside the written records; now and then over the header or the trailer.
         let offset = match rng.gen_range(0..10) {
