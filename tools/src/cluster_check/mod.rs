@@ -246,9 +246,9 @@ fn drive_faults(
             None if next < plan.len() && now >= next_start => {
                 let planned = &plan[next];
                 next += 1;
-                let leader = busiest_leader(&mut nemesis_client, &shared.seeds);
-                let hit = nemesis::resolve(planned, node_ids, leader);
-                let corrupted = match nemesis::inflict(cluster, planned.kind, &hit) {
+                let (leader, groups) = cluster_view(&mut nemesis_client, &shared.seeds);
+                let hit = nemesis::resolve(planned, node_ids, leader, &groups);
+                let corrupted = match nemesis::inflict(cluster, planned.kind, planned.target, &hit) {
                     Ok(corrupted) => corrupted,
                     Err(err) => {
                         crashed.push(format!("could not start {:?}: {err:#}", planned.kind));
@@ -275,9 +275,10 @@ fn drive_faults(
                 let record = FaultRecord { kind: planned.kind, target: planned.target, nodes: hit.nodes, cuts: hit.cuts, dropped_packets: None, clock_offsets: hit.clock_offsets, observed_clock_offsets, corrupted, start_ms: now.as_millis() as u64, end_ms: 0 };
                 active = Some((record, now + Duration::from_millis(planned.duration_ms)));
             }
-            Some((fault, _)) => {
+            Some((fault, ends)) => {
                 let since = now.saturating_sub(Duration::from_millis(fault.start_ms));
-                if let Err(err) = nemesis::tick(cluster, fault.target, &fault.clock_offsets, since) {
+                let duration = ends.saturating_sub(Duration::from_millis(fault.start_ms));
+                if let Err(err) = nemesis::tick(cluster, fault.target, &fault.resolved(), since, duration) {
                     crashed.push(format!("could not keep {:?} going: {err:#}", fault.kind));
                 }
             }
@@ -326,20 +327,22 @@ fn nemesis_event(f: &str, nodes: &[u64]) -> Event {
     event
 }
 
-/// The node leading the most groups, as the cluster map says (None if no node answers).
-fn busiest_leader(client: &mut Option<Client>, seeds: &[String]) -> Option<u64> {
+/// The node leading the most groups, and the replicas of every group, as the cluster map says
+/// (None and nothing if no node answers).
+fn cluster_view(client: &mut Option<Client>, seeds: &[String]) -> (Option<u64>, Vec<Vec<u64>>) {
     if client.is_none() {
         let config = ClientConfig { timeout: Duration::from_millis(500), retries_max: 0, ..ClientConfig::new(seeds.to_vec()) };
         *client = Client::connect(config).ok();
     }
-    let map = client.as_ref()?.refresh_map().ok()?;
+    let Some(map) = client.as_ref().and_then(|c| c.refresh_map().ok()) else { return (None, Vec::new()) };
     let mut counts: std::collections::BTreeMap<u64, usize> = Default::default();
     for ns in &map.namespaces {
         for leader in ns.leaders.iter().flatten() {
             *counts.entry(*leader).or_default() += 1;
         }
     }
-    counts.into_iter().max_by_key(|(_, count)| *count).map(|(id, _)| id)
+    let leader = counts.into_iter().max_by_key(|(_, count)| *count).map(|(id, _)| id);
+    (leader, map.namespaces.iter().flat_map(|ns| ns.replicas.iter().cloned()).collect())
 }
 
 /// How far the wall clock of the node at `address` is from ours, by the `now_ms` of the

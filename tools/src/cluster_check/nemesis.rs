@@ -16,8 +16,8 @@ use super::net::{self, Cut};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NemesisKind {
-    /// SIGKILL of one node, a minority, a majority, all nodes, or the busiest leader; then a
-    /// restart on the same data.
+    /// SIGKILL of one node, a minority, a majority, all nodes, the busiest leader, or the
+    /// replicas of one group one after another; then a restart on the same data.
     Kill,
     /// SIGSTOP/SIGCONT of one node or the busiest leader, past the election timeout or for 30 s.
     Pause,
@@ -43,6 +43,9 @@ pub enum Target {
     All,
     /// The node leading the most groups.
     Leader,
+    /// Kill: the replicas of one group, one after another: each is killed, and restarted when
+    /// the next one is killed.
+    Rolling,
     /// Partitions: a random minority against the rest.
     Halves,
     /// Partitions: every node sees a majority, no two the same one.
@@ -86,7 +89,9 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
     while at + interval <= time_limit {
         let kind = *kinds.choose(&mut rng).expect("kinds is not empty");
         let target = match kind {
-            NemesisKind::Kill => *[Target::One, Target::Minority, Target::Majority, Target::All, Target::Leader].choose(&mut rng).unwrap(),
+            NemesisKind::Kill => {
+                *[Target::One, Target::Minority, Target::Majority, Target::All, Target::Leader, Target::Rolling].choose(&mut rng).unwrap()
+            }
             NemesisKind::Pause => *[Target::One, Target::Leader].choose(&mut rng).unwrap(),
             NemesisKind::Partition => *[Target::Halves, Target::One, Target::Leader, Target::Ring, Target::OneWay].choose(&mut rng).unwrap(),
             NemesisKind::Clock => *[Target::Jump, Target::Strobe, Target::Skew].choose(&mut rng).unwrap(),
@@ -112,8 +117,9 @@ pub struct Resolved {
     pub seed: u64,
 }
 
-/// Picks the nodes a fault hits. `leader` is the node leading the most groups, if known.
-pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>) -> Resolved {
+/// Picks the nodes a fault hits. `leader` is the node leading the most groups, if known;
+/// `groups` the replicas of each group, as far as known.
+pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>, groups: &[Vec<u64>]) -> Resolved {
     let mut rng = SmallRng::seed_from_u64(fault.pick);
     let mut shuffled = nodes.to_vec();
     shuffled.shuffle(&mut rng);
@@ -129,6 +135,11 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>) -> Reso
         Target::Majority => picked(nodes.len() / 2 + 1),
         Target::All | Target::Ring | Target::Skew => picked(nodes.len()),
         Target::Leader => vec![leader],
+        // In the order they are killed.
+        Target::Rolling => match groups.choose(&mut rng) {
+            Some(replicas) if !replicas.is_empty() => replicas.clone(),
+            _ => shuffled[..3.min(nodes.len())].to_vec(),
+        },
     };
     let cuts = match (fault.kind, fault.target) {
         (NemesisKind::Partition, Target::Ring) => net::majorities_ring(&shuffled),
@@ -153,10 +164,12 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>) -> Reso
 }
 
 /// Starts a fault. Returns what a disk fault overwrote.
-pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved) -> anyhow::Result<Vec<Corruption>> {
+pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Target, hit: &Resolved) -> anyhow::Result<Vec<Corruption>> {
     let mut cluster = cluster.lock().unwrap();
     let mut corrupted = Vec::new();
     match kind {
+        // A rolling kill starts with its first replica (`tick` goes on).
+        NemesisKind::Kill if target == Target::Rolling => hit.nodes.iter().take(1).for_each(|&id| cluster.kill(id)),
         NemesisKind::Kill => hit.nodes.iter().for_each(|&id| cluster.kill(id)),
         NemesisKind::Pause => hit.nodes.iter().for_each(|&id| cluster.pause(id)),
         NemesisKind::Partition => cluster.cut(&hit.cuts)?,
@@ -171,15 +184,27 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resol
     Ok(corrupted)
 }
 
-/// Keeps a fault going: a strobed clock flips every `STROBE_PERIOD` (`since` is the time
-/// since the fault started).
-pub fn tick(cluster: &Arc<Mutex<TestCluster>>, target: Target, clock_offsets: &[(u64, i64)], since: Duration) -> anyhow::Result<()> {
-    if target != Target::Strobe {
-        return Ok(());
-    }
-    let off = (since.as_millis() / STROBE_PERIOD.as_millis()).is_multiple_of(2);
+/// Keeps a fault of `duration` going (`since` is the time since it started): a strobed clock
+/// flips every `STROBE_PERIOD`; a rolling kill moves on to the next replica every
+/// `duration / replicas`, restarting the ones before it.
+pub fn tick(cluster: &Arc<Mutex<TestCluster>>, target: Target, hit: &Resolved, since: Duration, duration: Duration) -> anyhow::Result<()> {
     let mut cluster = cluster.lock().unwrap();
-    clock_offsets.iter().try_for_each(|&(id, offset)| cluster.set_clock(id, if off { offset } else { 0 }))
+    match target {
+        Target::Strobe => {
+            let off = (since.as_millis() / STROBE_PERIOD.as_millis()).is_multiple_of(2);
+            hit.clock_offsets.iter().try_for_each(|&(id, offset)| cluster.set_clock(id, if off { offset } else { 0 }))
+        }
+        Target::Rolling if !hit.nodes.is_empty() => {
+            let step = (duration.as_millis() / hit.nodes.len() as u128).max(1);
+            let current = ((since.as_millis() / step) as usize).min(hit.nodes.len() - 1);
+            for &id in &hit.nodes[..current] {
+                cluster.restart(id)?;
+            }
+            cluster.kill(hit.nodes[current]);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Ends a fault: killed nodes restart, paused ones continue, cuts are removed. Returns the
@@ -211,11 +236,11 @@ mod tests {
         assert!(a.iter().any(|f| f.duration_ms == LONG_PAUSE.as_millis() as u64), "a 300 s run has a long pause");
         let nodes = [1, 2, 3, 4, 5];
         for fault in &a {
-            let hit = resolve(fault, &nodes, Some(3));
+            let hit = resolve(fault, &nodes, Some(3), &[]);
             let expected = match fault.target {
                 Target::One | Target::Leader | Target::OneWay | Target::Jump | Target::Strobe | Target::Corrupt => 1,
                 Target::Minority | Target::Halves => 2,
-                Target::Majority => 3,
+                Target::Majority | Target::Rolling => 3,
                 Target::All | Target::Ring | Target::Skew => 5,
             };
             assert_eq!(hit.nodes.len(), expected, "{fault:?}");
