@@ -38,6 +38,7 @@ fn node_config(id: u64, nodes: &[(u64, String)], dir: &std::path::Path, groups: 
         unsafe_skip_dedup: false,
         unsafe_unchecked_reads: false,
         unsafe_serve_damaged: false,
+        test_power_loss_devices: false,
     }
 }
 

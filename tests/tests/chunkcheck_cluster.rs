@@ -114,9 +114,10 @@ fn partitions_leave_no_firewall_rules_behind() {
     assert!(left.is_empty(), "chains of finished runs left behind: {left:?}\n{rules}");
 }
 
-/// Disk faults: a node's written blocks are overwritten while it is down. Each damaged node
-/// finds the damage at start-up and rebuilds its groups from its peers (its log says so), and
-/// registers stay linearizable. (Snapshots every 200 entries put the damage below the applied
+/// Disk faults: a node's written blocks are overwritten while it is down, or every node loses
+/// power (with disk faults on, every kill drops what the engines had not synced). Each damaged
+/// node finds the damage at start-up and rebuilds its groups from its peers (its log says so),
+/// a power cut or kill is never taken for damage, and registers stay linearizable. (Snapshots every 200 entries put the damage below the applied
 /// markers, where the log cannot repair it. The deterministic negative control, the same
 /// damage served as it is, is node_cluster's
 /// `a_replica_with_a_damaged_device_is_rebuilt_from_its_peers_before_it_serves`.)
@@ -129,9 +130,16 @@ fn register_through_corrupted_devices_is_linearizable_and_damaged_replicas_rebui
     assert!(!disk_faults.is_empty(), "no disk fault happened: {result}");
     let regions: usize = disk_faults.iter().map(|f| f["corrupted"].as_array().map_or(0, Vec::len)).sum();
     assert!(regions > 0, "the disk faults overwrote nothing: {result}");
-    let rebuilt: usize = (1..=3)
+    let logs: Vec<String> = (1..=3)
         .map(|id| std::fs::read_to_string(out.path().join(format!("run/cluster/node{id}/chunkd.log"))).unwrap_or_default())
-        .map(|log| log.matches("rebuilt this replica's copy of the group from a peer").count())
-        .sum();
-    assert!(rebuilt > 0, "no damaged node rebuilt a group from its peers: {result}");
+        .collect();
+    let count = |what: &str| logs.iter().map(|log| log.matches(what).count()).sum::<usize>();
+    assert!(count("rebuilt this replica's copy of the group from a peer") > 0, "no damaged node rebuilt a group from its peers: {result}");
+    let corrupt_faults = disk_faults.iter().filter(|f| f["target"] == "corrupt").count();
+    let damage_found = count("the engine lost acknowledged records");
+    assert!(damage_found <= corrupt_faults, "{damage_found} start-ups found damage after {corrupt_faults} corruptions: a kill was taken for damage");
+    assert!(
+        result["faults"].as_array().unwrap().iter().any(|f| f["kind"] == "kill" || f["target"] == "power-cut"),
+        "no power cut happened: {result}"
+    );
 }

@@ -58,6 +58,9 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
     if config.unsafe_unchecked_reads {
         tracing::warn!("UNSAFE test option unsafe-unchecked-reads is set: linearizable reads may be stale");
     }
+    if config.test_power_loss_devices {
+        tracing::warn!("test hook test-power-loss-devices is set: unsynced engine writes are lost when the process dies");
+    }
     if config.unsafe_serve_damaged {
         tracing::warn!("UNSAFE test option unsafe-serve-damaged is set: a damaged replica serves what is left of its data");
     }

@@ -85,6 +85,12 @@ pub struct ChunkdConfig {
     /// served as it is instead of being rebuilt from peers first. Default false.
     #[serde(default)]
     pub unsafe_serve_damaged: bool,
+    /// Test hook (chunkcheck's disk nemesis turns it on): the engine's devices keep writes in
+    /// memory until they are synced, letting a random part of them through early, so that a
+    /// SIGKILL loses what a power cut could (the WAL is not covered). Safe, but it costs memory
+    /// and speed. Default false.
+    #[serde(default)]
+    pub test_power_loss_devices: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -213,6 +219,7 @@ impl ChunkdConfig {
             unsafe_skip_dedup: self.unsafe_skip_dedup,
             unsafe_unchecked_reads: self.unsafe_unchecked_reads,
             unsafe_serve_damaged: self.unsafe_serve_damaged,
+            test_power_loss_devices: self.test_power_loss_devices,
         })
     }
 }

@@ -75,6 +75,8 @@ pub struct NodeConfig {
     pub unsafe_unchecked_reads: bool,
     /// UNSAFE (negative controls only): a damaged engine is served without rebuilding it.
     pub unsafe_serve_damaged: bool,
+    /// Test hook: engine devices drop unsynced writes when the process dies (power cut).
+    pub test_power_loss_devices: bool,
 }
 
 struct Group {
@@ -236,7 +238,11 @@ impl Node {
             // then tells damage to acknowledged records from a torn tail.
             let durable_points = crate::raft::recorded_engine_points(&self.wal, hosted.iter().map(|(group, _)| wal_group(*group)))
                 .map_err(|e| NodeError::Raft(e.to_string()))?;
-            let options = OpenOptions { replicated: true, durable_points, ..OpenOptions::default() };
+            let devices = match config.test_power_loss_devices {
+                true => Some(power_loss_devices(&spec.engine)?),
+                false => None,
+            };
+            let options = OpenOptions { replicated: true, durable_points, devices, ..OpenOptions::default() };
             let engine = Arc::new(Namespace::open(spec.engine.clone(), options)?);
             let mut state_machines = Vec::new();
             for &(group, _) in &hosted {
@@ -674,6 +680,16 @@ impl transport::Handler for Node {
     async fn handle(&self, request: Request) -> Response {
         Node::handle(self, request).await
     }
+}
+
+/// The namespace's devices, each behind a `PowerLossDevice` (the `test-power-loss-devices` hook).
+fn power_loss_devices(engine: &NamespaceConfig) -> Result<Vec<Arc<dyn crate::device::Device>>, NodeError> {
+    let mut devices: Vec<Arc<dyn crate::device::Device>> = Vec::new();
+    for device in &engine.devices {
+        let (file, _created) = crate::device::FileDevice::open_or_create(&device.path, device.size)?;
+        devices.push(Arc::new(crate::device::PowerLossDevice::new(Arc::new(file), rand::random())));
+    }
+    Ok(devices)
 }
 
 /// A namespace's WAL group ids are `prefix << 12 | group`, the prefix taken from a hash of the

@@ -131,13 +131,18 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
         true => Some(clock::library()?),
         false => None,
     };
+    // With disk faults every kill is a power cut: the engines' devices drop unsynced writes.
+    let mut chunkd_options = options.chunkd_options.clone();
+    if options.nemeses.contains(&NemesisKind::Disk) {
+        chunkd_options.push("test-power-loss-devices = true".into());
+    }
     progress(&format!("starting {} nodes in {}", options.nodes, options.out.display()));
     let cluster = TestCluster::start(
         &options.out.join("cluster"),
         options.nodes,
         options.replication_factor,
         options.groups,
-        &options.chunkd_options,
+        &chunkd_options,
         firewall,
         fake_clock,
     )?;

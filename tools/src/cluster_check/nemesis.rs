@@ -27,9 +27,10 @@ pub enum NemesisKind {
     /// Wall-clock faults (libfaketime): one node's clock jumps, or strobes between two
     /// times, or every node's clock is skewed differently (by more than Aerospike's 27 s).
     Clock,
-    /// One node's engine device damaged while it is down: killed, random regions of its
-    /// written blocks overwritten, restarted. It must find the damage and rebuild its copy
-    /// from its peers, never serve it.
+    /// One node's engine device damaged while it is down (killed, random regions of its
+    /// written blocks overwritten, restarted: it must find the damage and rebuild its copy
+    /// from its peers, never serve it), or a power cut of every node. With it, every node's
+    /// engine devices drop unsynced writes when the process dies, so every kill is a power cut.
     Disk,
 }
 
@@ -60,6 +61,8 @@ pub enum Target {
     Skew,
     /// Disk: regions of one node's devices overwritten while it is down.
     Corrupt,
+    /// Disk: every node killed at once, losing what its devices had not synced.
+    PowerCut,
 }
 
 /// How often a strobed clock flips.
@@ -95,7 +98,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
             NemesisKind::Pause => *[Target::One, Target::Leader].choose(&mut rng).unwrap(),
             NemesisKind::Partition => *[Target::Halves, Target::One, Target::Leader, Target::Ring, Target::OneWay].choose(&mut rng).unwrap(),
             NemesisKind::Clock => *[Target::Jump, Target::Strobe, Target::Skew].choose(&mut rng).unwrap(),
-            NemesisKind::Disk => Target::Corrupt,
+            NemesisKind::Disk => *[Target::Corrupt, Target::PowerCut].choose(&mut rng).unwrap(),
         };
         let long = kind == NemesisKind::Pause && rng.gen_bool(0.25) && at + LONG_PAUSE + interval <= time_limit;
         let duration = if long { LONG_PAUSE } else { interval };
@@ -133,7 +136,7 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>, groups:
         Target::One | Target::OneWay | Target::Jump | Target::Strobe | Target::Corrupt => picked(1),
         Target::Minority | Target::Halves => picked((nodes.len() - 1) / 2),
         Target::Majority => picked(nodes.len() / 2 + 1),
-        Target::All | Target::Ring | Target::Skew => picked(nodes.len()),
+        Target::All | Target::Ring | Target::Skew | Target::PowerCut => picked(nodes.len()),
         Target::Leader => vec![leader],
         // In the order they are killed.
         Target::Rolling => match groups.choose(&mut rng) {
@@ -177,7 +180,9 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Tar
         NemesisKind::Disk => {
             for &id in &hit.nodes {
                 cluster.kill(id);
-                corrupted.extend(disk::corrupt_devices(id, &cluster.node_dir(id).join("data"), hit.seed)?);
+                if target == Target::Corrupt {
+                    corrupted.extend(disk::corrupt_devices(id, &cluster.node_dir(id).join("data"), hit.seed)?);
+                }
             }
         }
     }
@@ -241,7 +246,7 @@ mod tests {
                 Target::One | Target::Leader | Target::OneWay | Target::Jump | Target::Strobe | Target::Corrupt => 1,
                 Target::Minority | Target::Halves => 2,
                 Target::Majority | Target::Rolling => 3,
-                Target::All | Target::Ring | Target::Skew => 5,
+                Target::All | Target::Ring | Target::Skew | Target::PowerCut => 5,
             };
             assert_eq!(hit.nodes.len(), expected, "{fault:?}");
             if fault.target == Target::Leader {
