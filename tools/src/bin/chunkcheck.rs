@@ -41,7 +41,7 @@ struct ClusterArgs {
     /// Register and set: operations on one key before it is replaced by a fresh key.
     #[arg(long, default_value_t = 200)]
     ops_per_key: u32,
-    /// Faults, comma-separated (kill, pause); `none` for none.
+    /// Faults, comma-separated (kill, pause, partition, clock, disk); `none` for none.
     #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
     nemesis: Vec<String>,
     /// Seconds between faults (and the length of most faults).
