@@ -143,3 +143,29 @@ fn register_through_corrupted_devices_is_linearizable_and_damaged_replicas_rebui
         "no power cut happened: {result}"
     );
 }
+
+/// Packet faults (netem's delay, loss and reordering, done through NFQUEUE since this kernel
+/// has no netem): the nodes' real packets to each other and to the clients are held, dropped
+/// and overtaken, and registers stay linearizable. Each fault shows it took effect.
+#[test]
+fn register_through_delayed_dropped_and_reordered_packets_is_linearizable() {
+    let (code, result) = chunkcheck("register", "19", "packet", "3", &[]);
+    assert_contract_fields(&result);
+    assert_eq!((code, &result["valid"]), (0, &serde_json::json!(true)), "{result}");
+    assert!(result["ok"].as_u64().unwrap() > 1000, "the workload made progress: {result}");
+    let faults = result["faults"].as_array().expect("faults");
+    let mut targets = std::collections::BTreeSet::new();
+    for fault in faults {
+        let (target, packets) = (fault["target"].as_str().unwrap(), &fault["packets"]);
+        let count = |field: &str| packets[field].as_u64().unwrap_or_else(|| panic!("no packets.{field} in {fault}"));
+        assert!(count("queued") > 100, "the links' packets went through the queue: {fault}");
+        match target {
+            "delay" => assert!(count("delayed") == count("queued") - count("dropped") && count("dropped") == 0, "{fault}"),
+            "loss" => assert!(count("dropped") > 0 && count("delayed") == 0, "{fault}"),
+            "reorder" => assert!(count("reordered") > 0 && count("delayed") < count("queued"), "{fault}"),
+            other => panic!("a packet fault with target {other}"),
+        }
+        targets.insert(target.to_owned());
+    }
+    assert_eq!(targets.len(), 3, "delay, loss and reordering all happened: {result}");
+}

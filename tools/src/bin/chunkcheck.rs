@@ -41,7 +41,7 @@ struct ClusterArgs {
     /// Register and set: operations on one key before it is replaced by a fresh key.
     #[arg(long, default_value_t = 200)]
     ops_per_key: u32,
-    /// Faults, comma-separated (kill, pause, partition, clock, disk); `none` for none.
+    /// Faults, comma-separated (kill, pause, partition, clock, disk, packet); `none` for none.
     #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
     nemesis: Vec<String>,
     /// Seconds between faults (and the length of most faults).
@@ -222,7 +222,8 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
             "partition" => nemeses.push(NemesisKind::Partition),
             "clock" => nemeses.push(NemesisKind::Clock),
             "disk" => nemeses.push(NemesisKind::Disk),
-            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause, partition, clock, disk)")),
+            "packet" => nemeses.push(NemesisKind::Packet),
+            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause, partition, clock, disk, packet)")),
         }
     }
     if args.nodes == 0 || args.replication_factor == 0 || args.replication_factor as u64 > args.nodes {

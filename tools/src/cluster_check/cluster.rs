@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 
 use super::clock;
 use super::net::{Cut, Firewall};
+use super::packets::{PacketQueue, PacketStats, Shape};
 use crate::local_cluster::{self, LocalCluster, LocalNode, UpOptions};
 
 /// One node of the cluster under test.
@@ -27,10 +28,18 @@ pub struct TestCluster {
     pub dir: PathBuf,
     pub nodes: Vec<TestNode>,
     chunkd: PathBuf,
-    /// Present when partitions are enabled.
-    firewall: Option<Firewall>,
-    /// libfaketime, when clock faults are enabled: every node then runs with it.
-    fake_clock: Option<PathBuf>,
+    tools: FaultTools,
+}
+
+/// What some faults need set up before the nodes start.
+#[derive(Default)]
+pub struct FaultTools {
+    /// Partitions and packet faults: this run's iptables chain.
+    pub firewall: Option<Firewall>,
+    /// Packet faults: the queue the firewall sends the faulted links' packets to.
+    pub packets: Option<PacketQueue>,
+    /// Clock faults: libfaketime; every node then runs with it.
+    pub fake_clock: Option<PathBuf>,
 }
 
 /// The loopback address of node `id` (Linux routes all of 127.0.0.0/8 to lo). The middle
@@ -47,17 +56,10 @@ fn free_port(host: &str) -> Result<u16> {
 
 impl TestCluster {
     /// Writes the configs and starts every node; returns once every group has a leader. The
-    /// cluster owns `firewall` (needed for `cut`) from then on; with `fake_clock` (the
-    /// libfaketime library) every node's wall clock can be moved with `set_clock`.
-    pub fn start(
-        dir: &Path,
-        nodes: u64,
-        replication_factor: usize,
-        groups: u32,
-        chunkd_options: &[String],
-        firewall: Option<Firewall>,
-        fake_clock: Option<PathBuf>,
-    ) -> Result<TestCluster> {
+    /// cluster owns the fault `tools` from then on: the firewall (needed for `cut`), the packet
+    /// queue (for `disturb`), and libfaketime (every node's wall clock can then be moved with
+    /// `set_clock`).
+    pub fn start(dir: &Path, nodes: u64, replication_factor: usize, groups: u32, chunkd_options: &[String], tools: FaultTools) -> Result<TestCluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut listed = Vec::new();
         for id in 1..=nodes {
@@ -76,10 +78,9 @@ impl TestCluster {
                 .map(|n| TestNode { id: n.id, host: node_host(n.id), client: n.client, peer: n.peer, child: None, paused: false })
                 .collect(),
             chunkd: local_cluster::chunkd_binary()?,
-            firewall,
-            fake_clock,
+            tools,
         };
-        if cluster.fake_clock.is_some() {
+        if cluster.tools.fake_clock.is_some() {
             for id in 1..=nodes {
                 cluster.set_clock(id, 0)?;
             }
@@ -126,7 +127,7 @@ impl TestCluster {
         let config = self.node_dir(id).join("chunkd.toml");
         let log_path = self.node_dir(id).join("chunkd.log");
         let chunkd = self.chunkd.clone();
-        let env = match &self.fake_clock {
+        let env = match &self.tools.fake_clock {
             Some(library) => clock::environment(library, &clock::offset_file(&self.node_dir(id))),
             None => Vec::new(),
         };
@@ -160,33 +161,48 @@ impl TestCluster {
 
     /// Drops the packets of every directed cut.
     pub fn cut(&mut self, cuts: &[Cut]) -> Result<()> {
-        match &mut self.firewall {
+        match &mut self.tools.firewall {
             Some(firewall) => firewall.cut(cuts),
             None => anyhow::bail!("this cluster was started without a firewall"),
         }
     }
 
+    /// Sends the packets of every directed link through the packet queue, which treats them
+    /// as `shape` says (`seed` draws each packet's fate).
+    pub fn disturb(&mut self, links: &[Cut], shape: Shape, seed: u64) -> Result<()> {
+        match (&mut self.tools.firewall, &self.tools.packets) {
+            (Some(firewall), Some(packets)) => {
+                packets.start(shape, seed);
+                firewall.queue(links, packets.number())
+            }
+            _ => anyhow::bail!("this cluster was started without a packet queue"),
+        }
+    }
+
     /// Moves node `id`'s wall clock `offset_ms` away from the real one.
     pub fn set_clock(&mut self, id: u64, offset_ms: i64) -> Result<()> {
-        match self.fake_clock {
+        match self.tools.fake_clock {
             Some(_) => clock::set_offset(&clock::offset_file(&self.node_dir(id)), offset_ms),
             None => anyhow::bail!("this cluster was started without libfaketime"),
         }
     }
 
-    /// Removes every cut; the packets they dropped.
-    pub fn heal_network(&mut self) -> Result<u64> {
-        match &mut self.firewall {
-            Some(firewall) if !firewall.cuts().is_empty() => firewall.heal(),
-            _ => Ok(0),
-        }
+    /// Ends packet faults (held packets pass) and removes every rule. Returns the packets the
+    /// rules matched, and what the packet queue did to them.
+    pub fn heal_network(&mut self) -> Result<(u64, Option<PacketStats>)> {
+        let packets = self.tools.packets.as_ref().map(|queue| queue.stop());
+        let matched = match &mut self.tools.firewall {
+            Some(firewall) if !firewall.is_clear() => firewall.heal()?,
+            _ => 0,
+        };
+        Ok((matched, packets))
     }
 
     /// Heals the network, resumes paused nodes and restarts dead ones (a node that exited on
     /// its own counts as dead: the caller learns of it from `exited`).
     pub fn heal(&mut self) -> Result<()> {
         self.heal_network()?;
-        if self.fake_clock.is_some() {
+        if self.tools.fake_clock.is_some() {
             for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
                 self.set_clock(id, 0)?;
             }
@@ -233,7 +249,8 @@ impl TestCluster {
             self.resume(id);
             self.kill(id);
         }
-        self.firewall = None;
+        self.tools.packets = None;
+        self.tools.firewall = None;
     }
 }
 

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod cluster;
 pub mod disk;
 pub mod nemesis;
+pub mod packets;
 pub mod net;
 pub mod report;
 pub mod workload;
@@ -86,6 +87,12 @@ pub struct FaultRecord {
     /// Partitions: packets the cuts dropped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dropped_packets: Option<u64>,
+    /// Packet faults: what happens to each packet of the links in `cuts`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shape: Option<packets::Shape>,
+    /// Packet faults: what the queue did to the packets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packets: Option<packets::PacketStats>,
     /// Clock faults: (node, wall-clock offset in milliseconds).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub clock_offsets: Vec<(u64, i64)>,
@@ -123,13 +130,20 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     for fault in &plan {
         nemesis_log += &format!("  {fault:?}\n");
     }
-    let firewall = match options.nemeses.contains(&NemesisKind::Partition) {
-        true => Some(net::Firewall::new()?),
-        false => None,
-    };
-    let fake_clock = match options.nemeses.contains(&NemesisKind::Clock) {
-        true => Some(clock::library()?),
-        false => None,
+    let wants = |kind| options.nemeses.contains(&kind);
+    let tools = cluster::FaultTools {
+        firewall: match wants(NemesisKind::Partition) || wants(NemesisKind::Packet) {
+            true => Some(net::Firewall::new()?),
+            false => None,
+        },
+        packets: match wants(NemesisKind::Packet) {
+            true => Some(packets::PacketQueue::open()?),
+            false => None,
+        },
+        fake_clock: match wants(NemesisKind::Clock) {
+            true => Some(clock::library()?),
+            false => None,
+        },
     };
     // With disk faults every kill is a power cut: the engines' devices drop unsynced writes.
     let mut chunkd_options = options.chunkd_options.clone();
@@ -143,8 +157,7 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
         options.replication_factor,
         options.groups,
         &chunkd_options,
-        firewall,
-        fake_clock,
+        tools,
     )?;
     let cluster = Arc::new(Mutex::new(cluster));
     let recorder = workload::Recorder::create(&options.out.join("history.edn"))?;
@@ -237,8 +250,7 @@ fn drive_faults(
         match &mut active {
             Some((fault, ends)) if now >= *ends => {
                 match nemesis::heal(cluster, fault.kind, &fault.resolved()) {
-                    Ok(dropped) if fault.kind == NemesisKind::Partition => fault.dropped_packets = Some(dropped),
-                    Ok(_) => {}
+                    Ok(healed) => fault.record_healed(healed),
                     Err(err) => crashed.push(format!("could not heal {:?}: {err:#}", fault.kind)),
                 }
                 fault.end_ms = now.as_millis() as u64;
@@ -277,7 +289,7 @@ fn drive_faults(
                 };
                 *log += &format!("{:>8} ms {:?} {:?} {:?} for {} ms{cuts}\n", now.as_millis(), planned.kind, planned.target, hit.nodes, planned.duration_ms);
                 recorder.record(nemesis_event(&format!("start-{}", kind_name(planned.kind)), &hit.nodes));
-                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes: hit.nodes, cuts: hit.cuts, dropped_packets: None, clock_offsets: hit.clock_offsets, observed_clock_offsets, corrupted, start_ms: now.as_millis() as u64, end_ms: 0 };
+                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes: hit.nodes, cuts: hit.cuts, dropped_packets: None, shape: hit.shape, packets: None, clock_offsets: hit.clock_offsets, observed_clock_offsets, corrupted, start_ms: now.as_millis() as u64, end_ms: 0 };
                 active = Some((record, now + Duration::from_millis(planned.duration_ms)));
             }
             Some((fault, ends)) => {
@@ -300,8 +312,8 @@ fn drive_faults(
         std::thread::sleep(Duration::from_millis(50));
     }
     if let Some((mut fault, _)) = active {
-        if let Ok(dropped) = nemesis::heal(cluster, fault.kind, &fault.resolved()) {
-            fault.dropped_packets = Some(dropped).filter(|_| fault.kind == NemesisKind::Partition);
+        if let Ok(healed) = nemesis::heal(cluster, fault.kind, &fault.resolved()) {
+            fault.record_healed(healed);
         }
         fault.end_ms = recorder.elapsed().as_millis() as u64;
         *log += &format!("{:>8} ms heal {:?} {:?} (end of run)\n", fault.end_ms, fault.kind, fault.nodes);
@@ -317,12 +329,18 @@ fn kind_name(kind: NemesisKind) -> &'static str {
         NemesisKind::Partition => "partition",
         NemesisKind::Clock => "clock",
         NemesisKind::Disk => "disk",
+        NemesisKind::Packet => "packet",
     }
 }
 
 impl FaultRecord {
     fn resolved(&self) -> nemesis::Resolved {
-        nemesis::Resolved { nodes: self.nodes.clone(), cuts: self.cuts.clone(), clock_offsets: self.clock_offsets.clone(), seed: 0 }
+        nemesis::Resolved { nodes: self.nodes.clone(), cuts: self.cuts.clone(), clock_offsets: self.clock_offsets.clone(), seed: 0, shape: self.shape }
+    }
+
+    fn record_healed(&mut self, healed: nemesis::Healed) {
+        self.dropped_packets = healed.dropped_packets;
+        self.packets = healed.packets;
     }
 }
 

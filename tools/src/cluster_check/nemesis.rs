@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use super::cluster::TestCluster;
 use super::disk::{self, Corruption};
 use super::net::{self, Cut};
+use super::packets::{PacketStats, Shape};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -32,6 +33,9 @@ pub enum NemesisKind {
     /// from its peers, never serve it), or a power cut of every node. With it, every node's
     /// engine devices drop unsynced writes when the process dies, so every kill is a power cut.
     Disk,
+    /// Packets of one node's links, or of every link, delayed, dropped or reordered (netem's
+    /// faults, done through NFQUEUE: `packets.rs`; needs root).
+    Packet,
 }
 
 /// Which nodes a fault hits, resolved when it starts.
@@ -63,6 +67,13 @@ pub enum Target {
     Corrupt,
     /// Disk: every node killed at once, losing what its devices had not synced.
     PowerCut,
+    /// Packets: every packet held, by tens of milliseconds or past the election timeout, with
+    /// jitter (so packets overtake each other too).
+    Delay,
+    /// Packets: a share of packets dropped.
+    Loss,
+    /// Packets: a share of packets held, the rest passing them.
+    Reorder,
 }
 
 /// How often a strobed clock flips.
@@ -99,6 +110,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
             NemesisKind::Partition => *[Target::Halves, Target::One, Target::Leader, Target::Ring, Target::OneWay].choose(&mut rng).unwrap(),
             NemesisKind::Clock => *[Target::Jump, Target::Strobe, Target::Skew].choose(&mut rng).unwrap(),
             NemesisKind::Disk => *[Target::Corrupt, Target::PowerCut].choose(&mut rng).unwrap(),
+            NemesisKind::Packet => *[Target::Delay, Target::Loss, Target::Reorder].choose(&mut rng).unwrap(),
         };
         let long = kind == NemesisKind::Pause && rng.gen_bool(0.25) && at + LONG_PAUSE + interval <= time_limit;
         let duration = if long { LONG_PAUSE } else { interval };
@@ -110,14 +122,16 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
 
 /// What a fault hits, resolved when it starts: the nodes, and for partitions the directed
 /// cuts (packets from the first node to the second are dropped).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Resolved {
     pub nodes: Vec<u64>,
     pub cuts: Vec<Cut>,
     /// Clock faults: (node, offset of its wall clock in milliseconds).
     pub clock_offsets: Vec<(u64, i64)>,
-    /// Disk faults: picks the regions overwritten.
+    /// Disk faults: picks the regions overwritten. Packet faults: draws each packet's fate.
     pub seed: u64,
+    /// Packet faults: what happens to the packets of the links in `cuts`.
+    pub shape: Option<Shape>,
 }
 
 /// Picks the nodes a fault hits. `leader` is the node leading the most groups, if known;
@@ -143,6 +157,11 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>, groups:
             Some(replicas) if !replicas.is_empty() => replicas.clone(),
             _ => shuffled[..3.min(nodes.len())].to_vec(),
         },
+        // One node's links, or every link.
+        Target::Delay | Target::Loss | Target::Reorder => match rng.gen_bool(0.5) {
+            true => picked(1),
+            false => picked(nodes.len()),
+        },
     };
     let cuts = match (fault.kind, fault.target) {
         (NemesisKind::Partition, Target::Ring) => net::majorities_ring(&shuffled),
@@ -154,6 +173,7 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>, groups:
             }
         }
         (NemesisKind::Partition, _) => net::isolate(&hit, nodes),
+        (NemesisKind::Packet, _) => net::links_of(&hit, nodes),
         _ => Vec::new(),
     };
     let sign = |rng: &mut SmallRng| if rng.gen_bool(0.5) { 1 } else { -1 };
@@ -163,7 +183,20 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>, groups:
         Target::Skew => hit.iter().map(|&n| (n, rng.gen_range(-60_000..=60_000))).collect(),
         _ => Vec::new(),
     };
-    Resolved { nodes: hit, cuts, clock_offsets, seed: rng.gen() }
+    let shape = match fault.target {
+        // One delay in four outlasts the election timeout (800..1600 ms by default) both ways.
+        Target::Delay => {
+            let delay_ms = if rng.gen_bool(0.25) { rng.gen_range(500..=1_000) } else { rng.gen_range(10..=200) };
+            Some(Shape { delay_ms, jitter_ms: delay_ms / 2, loss: 0.0, reorder: 0.0 })
+        }
+        Target::Loss => Some(Shape { delay_ms: 0, jitter_ms: 0, loss: rng.gen_range(0.05..=0.4), reorder: 0.0 }),
+        Target::Reorder => {
+            let delay_ms = rng.gen_range(5..=50);
+            Some(Shape { delay_ms, jitter_ms: delay_ms / 2, loss: 0.0, reorder: rng.gen_range(0.1..=0.5) })
+        }
+        _ => None,
+    };
+    Resolved { nodes: hit, cuts, clock_offsets, seed: rng.gen(), shape }
 }
 
 /// Starts a fault. Returns what a disk fault overwrote.
@@ -177,6 +210,10 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Tar
         NemesisKind::Pause => hit.nodes.iter().for_each(|&id| cluster.pause(id)),
         NemesisKind::Partition => cluster.cut(&hit.cuts)?,
         NemesisKind::Clock => hit.clock_offsets.iter().try_for_each(|&(id, offset)| cluster.set_clock(id, offset))?,
+        NemesisKind::Packet => match hit.shape {
+            Some(shape) => cluster.disturb(&hit.cuts, shape, hit.seed)?,
+            None => anyhow::bail!("a packet fault without a shape"),
+        },
         NemesisKind::Disk => {
             for &id in &hit.nodes {
                 cluster.kill(id);
@@ -212,19 +249,27 @@ pub fn tick(cluster: &Arc<Mutex<TestCluster>>, target: Target, hit: &Resolved, s
     }
 }
 
-/// Ends a fault: killed nodes restart, paused ones continue, cuts are removed. Returns the
-/// packets a partition's cuts dropped (0 for other faults).
-pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved) -> anyhow::Result<u64> {
+/// What healing a network fault found.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Healed {
+    /// Partitions: packets the cuts dropped.
+    pub dropped_packets: Option<u64>,
+    /// Packet faults: what the queue did.
+    pub packets: Option<PacketStats>,
+}
+
+/// Ends a fault: killed nodes restart, paused ones continue, cuts and queued links are
+/// removed.
+pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved) -> anyhow::Result<Healed> {
     let mut cluster = cluster.lock().unwrap();
     match kind {
-        NemesisKind::Kill | NemesisKind::Disk => hit.nodes.iter().try_for_each(|&id| cluster.restart(id)).map(|()| 0),
-        NemesisKind::Pause => {
-            hit.nodes.iter().for_each(|&id| cluster.resume(id));
-            Ok(0)
-        }
-        NemesisKind::Partition => cluster.heal_network(),
-        NemesisKind::Clock => hit.clock_offsets.iter().try_for_each(|&(id, _)| cluster.set_clock(id, 0)).map(|()| 0),
+        NemesisKind::Kill | NemesisKind::Disk => hit.nodes.iter().try_for_each(|&id| cluster.restart(id))?,
+        NemesisKind::Pause => hit.nodes.iter().for_each(|&id| cluster.resume(id)),
+        NemesisKind::Partition => return Ok(Healed { dropped_packets: Some(cluster.heal_network()?.0), packets: None }),
+        NemesisKind::Packet => return Ok(Healed { dropped_packets: None, packets: cluster.heal_network()?.1 }),
+        NemesisKind::Clock => hit.clock_offsets.iter().try_for_each(|&(id, _)| cluster.set_clock(id, 0))?,
     }
+    Ok(Healed::default())
 }
 
 #[cfg(test)]
@@ -233,7 +278,7 @@ mod tests {
 
     #[test]
     fn the_same_seed_plans_the_same_faults() {
-        let kinds = [NemesisKind::Kill, NemesisKind::Pause, NemesisKind::Partition, NemesisKind::Clock, NemesisKind::Disk];
+        let kinds = [NemesisKind::Kill, NemesisKind::Pause, NemesisKind::Partition, NemesisKind::Clock, NemesisKind::Disk, NemesisKind::Packet];
         let a = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         let b = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
@@ -247,8 +292,22 @@ mod tests {
                 Target::Minority | Target::Halves => 2,
                 Target::Majority | Target::Rolling => 3,
                 Target::All | Target::Ring | Target::Skew | Target::PowerCut => 5,
+                Target::Delay | Target::Loss | Target::Reorder => hit.nodes.len(),
             };
             assert_eq!(hit.nodes.len(), expected, "{fault:?}");
+            if fault.kind == NemesisKind::Packet {
+                assert!(hit.nodes.len() == 1 || hit.nodes.len() == 5, "{fault:?}");
+                // Every link of the hit nodes, to the other nodes and to the clients, both ways.
+                assert_eq!(hit.cuts.len(), if hit.nodes.len() == 1 { 2 * 5 } else { 2 * (10 + 5) }, "{fault:?}");
+                let shape = hit.shape.expect("a packet fault has a shape");
+                match fault.target {
+                    Target::Delay => assert!(shape.delay_ms > 0 && shape.loss == 0.0 && shape.reorder == 0.0),
+                    Target::Loss => assert!(shape.loss > 0.0 && shape.delay_ms == 0),
+                    _ => assert!(shape.reorder > 0.0 && shape.reorder < 1.0 && shape.delay_ms > 0),
+                }
+                continue;
+            }
+            assert!(hit.shape.is_none());
             if fault.target == Target::Leader {
                 assert_eq!(hit.nodes, vec![3]);
             }
@@ -268,5 +327,6 @@ mod tests {
         assert!(a.iter().any(|f| f.kind == NemesisKind::Clock), "a 300 s run has a clock fault");
         assert!(a.iter().any(|f| f.kind == NemesisKind::Partition), "a 300 s run has a partition");
         assert!(a.iter().any(|f| f.kind == NemesisKind::Disk), "a 300 s run has a disk fault");
+        assert!(a.iter().any(|f| f.kind == NemesisKind::Packet), "a 300 s run has a packet fault");
     }
 }

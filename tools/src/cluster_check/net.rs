@@ -20,9 +20,21 @@ const CHAIN_PREFIX: &str = "chunkcheck-";
 /// A directed cut: packets from the first node to the second are dropped.
 pub type Cut = (u64, u64);
 
+/// In a `Cut` or a link, this stands for the clients: they connect from 127.0.0.1.
+pub const CLIENTS: u64 = 0;
+
+fn host(endpoint: u64) -> String {
+    match endpoint {
+        CLIENTS => "127.0.0.1".into(),
+        node => node_host(node),
+    }
+}
+
 pub struct Firewall {
     chain: String,
     cuts: Vec<Cut>,
+    /// Links whose packets go to a packet queue (`packets.rs`).
+    queued: Vec<Cut>,
 }
 
 fn iptables(args: &[&str]) -> Result<String> {
@@ -43,7 +55,7 @@ impl Firewall {
         remove_stale_chains()?;
         let chain = format!("{CHAIN_PREFIX}{}", std::process::id());
         iptables(&["-N", &chain])?;
-        let firewall = Firewall { chain, cuts: Vec::new() };
+        let firewall = Firewall { chain, cuts: Vec::new(), queued: Vec::new() };
         iptables(&["-I", "OUTPUT", "-j", &firewall.chain])?;
         Ok(firewall)
     }
@@ -58,20 +70,32 @@ impl Firewall {
         Ok(())
     }
 
-    /// The cuts in place.
-    pub fn cuts(&self) -> &[Cut] {
-        &self.cuts
+    /// Sends the packets of each directed link to NFQUEUE queue `queue` (`--queue-bypass`:
+    /// they pass untouched when nobody serves it).
+    pub fn queue(&mut self, links: &[Cut], queue: u16) -> Result<()> {
+        for &(from, to) in links {
+            let (source, destination, number) = (host(from), host(to), queue.to_string());
+            iptables(&["-A", &self.chain, "-s", &source, "-d", &destination, "-j", "NFQUEUE", "--queue-num", &number, "--queue-bypass"])?;
+            self.queued.push((from, to));
+        }
+        Ok(())
     }
 
-    /// Removes every cut; returns how many packets the cuts dropped (evidence that they took
-    /// effect: a node whose peer connections did not leave from its own address would get
-    /// through untouched).
+    /// True when cuts or queued links are in place.
+    pub fn is_clear(&self) -> bool {
+        self.cuts.is_empty() && self.queued.is_empty()
+    }
+
+    /// Removes every cut and queued link; returns how many packets the rules matched
+    /// (evidence that they took effect: a node whose peer connections did not leave from its
+    /// own address would get through untouched).
     pub fn heal(&mut self) -> Result<u64> {
         let listing = iptables(&["-L", &self.chain, "-v", "-x", "-n"])?;
-        let dropped = listing.lines().skip(2).filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok()).sum();
+        let matched = listing.lines().skip(2).filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok()).sum();
         iptables(&["-F", &self.chain])?;
         self.cuts.clear();
-        Ok(dropped)
+        self.queued.clear();
+        Ok(matched)
     }
 }
 
@@ -101,6 +125,18 @@ fn remove_stale_chains() -> Result<()> {
     Ok(())
 }
 
+
+/// Every directed link between a node of `side` and any other node or the clients.
+pub fn links_of(side: &[u64], nodes: &[u64]) -> Vec<Cut> {
+    let mut links = Vec::new();
+    for &a in side {
+        for &b in nodes.iter().chain(&[CLIENTS]).filter(|&&b| b != a && !(side.contains(&b) && b < a)) {
+            links.push((a, b));
+            links.push((b, a));
+        }
+    }
+    links
+}
 
 /// The cuts that separate `side` from every other node, both ways.
 pub fn isolate(side: &[u64], nodes: &[u64]) -> Vec<Cut> {
@@ -159,6 +195,15 @@ mod tests {
             }
             assert_eq!(views.len(), nodes.len(), "{n} nodes: every node sees a different majority");
         }
+    }
+
+    #[test]
+    fn the_links_of_a_side_are_each_listed_once_both_ways() {
+        assert_eq!(links_of(&[2], &[1, 2, 3]), vec![(2, 1), (1, 2), (2, 3), (3, 2), (2, CLIENTS), (CLIENTS, 2)]);
+        let all = links_of(&[1, 2, 3], &[1, 2, 3]);
+        assert_eq!(all.len(), 2 * (3 + 3), "3 links between the nodes and 3 to the clients, both ways");
+        let unique: std::collections::BTreeSet<_> = all.iter().collect();
+        assert_eq!(unique.len(), all.len());
     }
 
     #[test]

@@ -61,6 +61,8 @@ fn fault_color(kind: &str) -> RGBColor {
         "pause" => RGBColor(148, 103, 189),
         "partition" => RGBColor(44, 160, 44),
         "clock" => RGBColor(188, 189, 34),
+        "disk" => RGBColor(140, 86, 75),
+        "packet" => RGBColor(23, 190, 207),
         _ => RGBColor(127, 127, 127),
     }
 }
