@@ -73,7 +73,7 @@ fn step(ns: &chunkstore::Namespace, model: &mut Model, rng: &mut SmallRng) {
         GenerationPolicy::None => true,
     };
     let next_gen = current.as_ref().map_or(1, |c| c.0 + 1);
-    match rng.gen_range(0..10) {
+    match rng.gen_range(0..13) {
         0..=3 => {
             let exists = [
                 RecordExistsAction::CreateOrUpdate,
@@ -167,6 +167,71 @@ fn step(ns: &chunkstore::Namespace, model: &mut Model, rng: &mut SmallRng) {
             assert_eq!(results.len(), 1);
             assert_eq!(results[0].value, Some(Value::Int(n)), "operate {k} read-after-add");
             model.insert(k, (next_gen, bins));
+        }
+        10 => {
+            let policy = WritePolicy { generation: expect_gen, ..Default::default() };
+            let got = outcome(retry(|| ns.touch(&key, &policy)).map(|_| ()));
+            let expected = match (gen_ok, &current) {
+                (false, _) => Outcome::GenMismatch,
+                (true, None) => Outcome::NotFound,
+                (true, Some(_)) => Outcome::Ok,
+            };
+            assert_eq!(got, expected, "touch {k}");
+            if let (Outcome::Ok, Some((_, bins))) = (expected, current) {
+                model.insert(k, (next_gen, bins));
+            }
+        }
+        11 => {
+            // Append or prepend to the bytes bin, maybe dropping the integer bin; or the whole
+            // record deleted, maybe with a new bin written after (a replacement).
+            let data = random_bytes(rng, 300);
+            let ops = match rng.gen_range(0..4) {
+                0 => vec![Operation::DeleteRecord],
+                1 => vec![Operation::DeleteRecord, Operation::Write(Bin::new("b", Value::Bytes(data.clone())))],
+                2 => vec![Operation::Append { bin: "b".into(), value: Value::Bytes(data.clone()) }, Operation::DeleteBin { bin: "i".into() }],
+                _ => vec![Operation::Prepend { bin: "b".into(), value: Value::Bytes(data.clone()) }],
+            };
+            let policy = WritePolicy { generation: expect_gen, ..Default::default() };
+            let result = retry(|| ns.operate(&key, &ops, &policy));
+            if !gen_ok {
+                assert_eq!(outcome(result.map(|_| ())), Outcome::GenMismatch, "operate {k} {ops:?}");
+                return;
+            }
+            result.unwrap_or_else(|e| panic!("operate {k} {ops:?}: {e}"));
+            let mut bins = current.as_ref().map(|c| c.1.clone()).unwrap_or_default();
+            for op in &ops {
+                match op {
+                    Operation::DeleteRecord => bins.clear(),
+                    Operation::DeleteBin { bin } => bins.retain(|(n, _)| n != bin),
+                    Operation::Write(bin) => model_set(&mut bins, &bin.name, bin.value.clone()),
+                    Operation::Append { .. } | Operation::Prepend { .. } => {
+                        let old = match bins.iter().find(|(n, _)| n == "b") {
+                            Some((_, Value::Bytes(b))) => b.clone(),
+                            _ => Vec::new(),
+                        };
+                        let joined = match op {
+                            Operation::Append { .. } => [old, data.clone()].concat(),
+                            _ => [data.clone(), old].concat(),
+                        };
+                        model_set(&mut bins, "b", Value::Bytes(joined));
+                    }
+                    other => unreachable!("{other:?}"),
+                }
+            }
+            // A record left without bins is gone (it never existed if it was not there).
+            match bins.is_empty() {
+                true => model.remove(&k),
+                false => model.insert(k, (next_gen, bins)),
+            };
+        }
+        12 => {
+            let exists = ns.exists(&key).unwrap_or_else(|e| panic!("exists {k}: {e}"));
+            assert_eq!(exists.map(|m| m.generation), current.as_ref().map(|c| c.0), "exists {k}");
+            let names: &[&str] = if rng.gen_bool(0.5) { &["i"] } else { &["b", "n"] };
+            let got = ns.get(&key, Some(names)).unwrap_or_else(|e| panic!("get {k} {names:?}: {e}"));
+            let expected = current.map(|(generation, bins)| (generation, bins.into_iter().filter(|(n, _)| names.contains(&n.as_str())).collect::<Vec<_>>()));
+            let got = got.map(|r| (r.meta.generation, r.bins.into_iter().map(|b| (b.name, b.value)).collect::<Vec<_>>()));
+            assert_eq!(got, expected, "get {k} bins {names:?}");
         }
         _ => check_key(ns, model, k),
     }

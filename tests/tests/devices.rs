@@ -133,4 +133,23 @@ fn raw_block_device_keeps_records_and_foreign_content_is_refused() {
     assert!(err.to_string().contains("not a chunkstore device"), "{err}");
     drop(other_device);
     assert_eq!(std::fs::read(&other).unwrap(), foreign, "nothing was written to it");
+
+    // A filesystem leaves the first bytes zero (ext4's superblock is at byte 1024); so does a
+    // chunkstore device whose header was wiped. Neither is taken for a blank device.
+    let mut ext4_like = foreign.clone();
+    ext4_like[..1024].fill(0);
+    let mut wiped_header = std::fs::read(&image).unwrap();
+    wiped_header[..4096].fill(0);
+    for (name, content) in [("ext4-like", ext4_like), ("wiped header", wiped_header)] {
+        std::fs::write(&other, &content).unwrap();
+        let other_device = Loop::attach(&other);
+        let config = NamespaceConfig {
+            write_block_size: 64 * 1024,
+            ..NamespaceConfig::new("raw", vec![DeviceConfig { path: other_device.0.clone().into(), size: None }])
+        };
+        let err = Namespace::open(config, OpenOptions::default()).err().unwrap_or_else(|| panic!("{name}: refused"));
+        assert!(err.to_string().contains("not blank"), "{name}: {err}");
+        drop(other_device);
+        assert!(std::fs::read(&other).unwrap() == content, "{name}: nothing was written to it");
+    }
 }

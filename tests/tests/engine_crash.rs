@@ -42,7 +42,8 @@ fn power_cut_loses_no_acknowledged_write() {
 /// check must say so with exit code 1.
 #[test]
 fn power_cut_without_fsync_is_caught() {
-    let (code, report) = check(&["--power-loss", "--unsafe-skip-fsync"], 10);
+    let cycles = env_or("CHUNKSTORE_KILL_CYCLES", 30);
+    let (code, report) = check(&["--power-loss", "--unsafe-skip-fsync"], cycles);
     assert_eq!(code, Some(1), "{report}");
     assert_eq!(report["valid"], false);
     assert!(report["lost"].as_u64().unwrap() > 0, "{report}");

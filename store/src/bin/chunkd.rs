@@ -18,7 +18,9 @@ fn usage() -> ExitCode {
 
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour codes only on a terminal: a log file stays plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let config_path = match args.as_slice() {
         [flag, path] if flag == "--config" => PathBuf::from(path),

@@ -13,8 +13,8 @@ use crate::config::NamespaceConfig;
 use crate::device::{Device, FileDevice};
 use crate::error::{Error, Result};
 use crate::format::{
-    BlockHeader, BlockItem, BlockTrailer, BlockWalker, DeviceHeader, RecordFault, BLOCK_STATE_IN_USE,
-    DEVICE_HEADER_BYTES,
+    BlockHeader, BlockItem, BlockTrailer, BlockWalker, DeviceHeader, RecordFault, BLOCK_HEADER_BYTES,
+    BLOCK_STATE_IN_USE, DEVICE_HEADER_BYTES,
 };
 
 /// Faults logged one by one per device before only counting them.
@@ -124,6 +124,7 @@ fn check_device_header(config: &NamespaceConfig, index: usize, device: &dyn Devi
         namespace: config.name.clone(),
     };
     let Some(found) = DeviceHeader::decode(&buf, path)? else {
+        refuse_unless_blank(device, config.write_block_size)?;
         tracing::info!(device = %path.display(), "new device: writing its header");
         device.write_at(&expected.encode(), 0).map_err(|e| Error::io(path, e))?;
         device.sync().map_err(|e| Error::io(path, e))?;
@@ -151,6 +152,39 @@ fn check_device_header(config: &NamespaceConfig, index: usize, device: &dyn Devi
         ));
     }
     Ok(found.device_id)
+}
+
+/// A device is formatted only when it holds nothing: its whole first block zero (a filesystem
+/// or partition table may leave the first bytes zero: ext4 starts at byte 1024, a GPT disk's
+/// protective MBR at 446) and the first bytes of every later block zero too (a device whose
+/// header was wiped but whose blocks hold records is damaged, not new). Anything else is an
+/// error, and nothing is written.
+fn refuse_unless_blank(device: &dyn Device, block_size: u32) -> Result<()> {
+    let path = device.path();
+    let not_blank = |offset: u64| {
+        Err(Error::Corrupt {
+            path: path.to_owned(),
+            offset,
+            what: format!(
+                "not a chunkstore device: it has no chunkstore header but is not blank (non-zero bytes in the block at {offset}; a filesystem, a partition table or a chunkstore device whose header was lost?); nothing was written to it"
+            ),
+        })
+    };
+    let mut first = vec![0u8; block_size as usize];
+    device.read_at(&mut first, 0).map_err(|e| Error::io(path, e))?;
+    if first.iter().any(|&b| b != 0) {
+        return not_blank(0);
+    }
+    let mut head = [0u8; BLOCK_HEADER_BYTES];
+    let blocks = device.size_bytes() / block_size as u64;
+    for block in 1..blocks {
+        let offset = block * block_size as u64;
+        device.read_at(&mut head, offset).map_err(|e| Error::io(path, e))?;
+        if head.iter().any(|&b| b != 0) {
+            return not_blank(offset);
+        }
+    }
+    Ok(())
 }
 
 /// Scans one device into the index. `durable_lsn`, when known, is a log position everything
