@@ -53,6 +53,9 @@ impl Inner {
         info.min_seq = info.min_seq.min(seq);
         if dev.first_unflushed_at.is_none() {
             dev.first_unflushed_at = Some(Instant::now());
+            // The flusher may be asleep with nothing to wait for: it must start the
+            // flush-max-ms timer now, not when its idle wait ends.
+            self.flush_wakeups[device as usize].notify_one();
         }
         Ok(placement)
     }

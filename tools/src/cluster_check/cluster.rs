@@ -214,6 +214,13 @@ impl TestCluster {
         Ok(())
     }
 
+    /// SIGKILLs every node at once, then starts each again on its data.
+    pub fn restart_all(&mut self) -> Result<()> {
+        let ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        ids.iter().for_each(|&id| self.kill(id));
+        ids.iter().try_for_each(|&id| self.restart(id))
+    }
+
     /// Nodes whose process exited without being killed by us, with their exit status.
     pub fn exited(&mut self) -> Vec<(u64, String)> {
         let mut gone = Vec::new();
