@@ -40,6 +40,15 @@ fn model_set(bins: &mut Vec<(String, Value)>, name: &str, value: Value) {
     }
 }
 
+/// What a write that needs the record (delete, touch) must answer.
+fn on_existing_record(generation_matches: bool, exists: bool) -> Outcome {
+    match (generation_matches, exists) {
+        (false, _) => Outcome::GenMismatch,
+        (true, false) => Outcome::NotFound,
+        (true, true) => Outcome::Ok,
+    }
+}
+
 /// Stop-writes and a full device are definite refusals (nothing was written): wait for
 /// defragmentation and retry, as a client would.
 fn retry<T>(mut attempt: impl FnMut() -> Result<T, Error>) -> Result<T, Error> {
@@ -113,11 +122,7 @@ fn step(ns: &chunkstore::Namespace, model: &mut Model, rng: &mut SmallRng) {
         4 => {
             let policy = WritePolicy { generation: expect_gen, ..Default::default() };
             let got = outcome(retry(|| ns.delete(&key, &policy)).map(|_| ()));
-            let expected = match (gen_ok, &current) {
-                (false, _) => Outcome::GenMismatch,
-                (true, None) => Outcome::NotFound,
-                (true, Some(_)) => Outcome::Ok,
-            };
+            let expected = on_existing_record(gen_ok, current.is_some());
             assert_eq!(got, expected, "delete {k}");
             if expected == Outcome::Ok {
                 model.remove(&k);
@@ -171,11 +176,7 @@ fn step(ns: &chunkstore::Namespace, model: &mut Model, rng: &mut SmallRng) {
         10 => {
             let policy = WritePolicy { generation: expect_gen, ..Default::default() };
             let got = outcome(retry(|| ns.touch(&key, &policy)).map(|_| ()));
-            let expected = match (gen_ok, &current) {
-                (false, _) => Outcome::GenMismatch,
-                (true, None) => Outcome::NotFound,
-                (true, Some(_)) => Outcome::Ok,
-            };
+            let expected = on_existing_record(gen_ok, current.is_some());
             assert_eq!(got, expected, "touch {k}");
             if let (Outcome::Ok, Some((_, bins))) = (expected, current) {
                 model.insert(k, (next_gen, bins));

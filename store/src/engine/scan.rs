@@ -156,9 +156,12 @@ fn check_device_header(config: &NamespaceConfig, index: usize, device: &dyn Devi
 
 /// A device is formatted only when it holds nothing: its whole first block zero (a filesystem
 /// or partition table may leave the first bytes zero: ext4 starts at byte 1024, a GPT disk's
-/// protective MBR at 446) and the first bytes of every later block zero too (a device whose
-/// header was wiped but whose blocks hold records is damaged, not new). Anything else is an
-/// error, and nothing is written.
+/// protective MBR at 446) and the first bytes of later blocks zero too (a device whose header
+/// was wiped but whose blocks hold records is damaged, not new). Of a large device only
+/// `BLANK_CHECK_BLOCKS` blocks spread over it are read, so that formatting a large disk does
+/// not read a sector per block. Anything else is an error, and nothing is written.
+const BLANK_CHECK_BLOCKS: u64 = 4096;
+
 fn refuse_unless_blank(device: &dyn Device, block_size: u32) -> Result<()> {
     let path = device.path();
     let not_blank = |offset: u64| {
@@ -177,7 +180,8 @@ fn refuse_unless_blank(device: &dyn Device, block_size: u32) -> Result<()> {
     }
     let mut head = [0u8; BLOCK_HEADER_BYTES];
     let blocks = device.size_bytes() / block_size as u64;
-    for block in 1..blocks {
+    let stride = blocks.div_ceil(BLANK_CHECK_BLOCKS).max(1) as usize;
+    for block in (1..blocks).step_by(stride) {
         let offset = block * block_size as u64;
         device.read_at(&mut head, offset).map_err(|e| Error::io(path, e))?;
         if head.iter().any(|&b| b != 0) {
