@@ -93,10 +93,14 @@ fn engine_config(dir: &std::path::Path) -> NamespaceConfig {
 }
 
 async fn start(id: NodeId, dir: &std::path::Path, router: &Router) -> Replica {
+    start_with(id, dir, router, engine_config(dir)).await
+}
+
+async fn start_with(id: NodeId, dir: &std::path::Path, router: &Router, engine_config: NamespaceConfig) -> Replica {
     std::fs::create_dir_all(dir).unwrap();
     let wal = Arc::new(Wal::open(WalConfig::new(dir.join("wal"))).unwrap());
     let options = OpenOptions { replicated: true, ..Default::default() };
-    let engine = Arc::new(Namespace::open(engine_config(dir), options).unwrap());
+    let engine = Arc::new(Namespace::open(engine_config, options).unwrap());
     let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), 5 << 12, 0, 1, &dir.join("snapshots")).unwrap();
     let config = openraft::Config {
         heartbeat_interval: 50,
@@ -292,6 +296,88 @@ async fn without_deduplication_a_retried_write_is_applied_twice() {
         replica.raft.client_write(tagged_add_one(7, 1)).await.unwrap();
         replica.raft.client_write(tagged_add_one(7, 1)).await.unwrap();
         assert_eq!(counter(&replica.engine, 7), if unsafe_skip_dedup { 2 } else { 1 }, "unsafe_skip_dedup {unsafe_skip_dedup}");
+        replica.raft.shutdown().await.unwrap();
+    }
+}
+
+/// A 16 KiB record for key `k`.
+fn put_big(k: i64) -> Command {
+    Command { op: WriteOp::Put(vec![chunkstore::Bin::new("b", Value::Bytes(vec![k as u8; 16 * 1024]))]), ..add_one(k) }
+}
+
+/// A replica whose device fills while the other two have room (nodes refuse new writes while a
+/// replica reports stop-writes, but writes already in the log must be applied everywhere): its
+/// apply waits for room instead of failing, which would stop its copy of the group for good.
+/// The group goes on committing with the other two, the full replica still takes (and holds)
+/// the log, stops promptly when asked to, and after a restart waits again where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_device_fills_waits_for_room_and_the_group_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = Router::default();
+    let mut replicas = BTreeMap::new();
+    for id in 1..=2 {
+        replicas.insert(id, start(id, &dir.path().join(format!("n{id}")), &router).await);
+    }
+    // Replica 3 starts after a leader was elected among the other two, so it never leads.
+    let members: BTreeMap<NodeId, BasicNode> = (1..=3).map(|id| (id, BasicNode::new(format!("n{id}")))).collect();
+    replicas[&1].raft.initialize(members).await.unwrap();
+    let elected = replicas[&1].raft.wait(Some(Duration::from_secs(10))).metrics(|m| m.current_leader.is_some(), "leader").await;
+    let leader_id = elected.unwrap().current_leader.unwrap();
+    let follower_id = 3 - leader_id;
+    let small_dir = dir.path().join("n3");
+    // 2 MiB of 64 KiB blocks: room for about 100 of the 16 KiB records.
+    let small = |dir: &std::path::Path| NamespaceConfig {
+        devices: vec![DeviceConfig { path: dir.join("engine.dat"), size: Some(2 << 20) }],
+        ..engine_config(dir)
+    };
+    replicas.insert(3, start_with(3, &small_dir, &router, small(&small_dir)).await);
+    let leader = replicas[&leader_id].raft.clone();
+
+    // 300 records (4.7 MiB): every write is committed and applied by the leader.
+    let mut last = 0;
+    for k in 0..300 {
+        let written = leader.client_write(put_big(k)).await.unwrap();
+        assert!(matches!(written.data, CommandResult::Applied { .. }), "{:?}", written.data);
+        last = written.log_id.index;
+    }
+    wait_applied(&replicas[&follower_id], last).await;
+    let stalled = |replica: &Replica| {
+        let metrics = replica.raft.metrics().borrow().clone();
+        assert!(metrics.running_state.is_ok(), "the full replica's group failed: {:?}", metrics.running_state);
+        let applied = metrics.last_applied.map_or(0, |l| l.index);
+        assert!(applied < last, "replica 3 applied {applied} of {last} entries on a 2 MiB device");
+        applied
+    };
+    // Replica 3 holds the whole log, and is waiting (still running) partway through applying it.
+    let holds_log = replicas[&3].raft.wait(Some(Duration::from_secs(20))).metrics(|m| m.last_log_index >= Some(last), "log").await;
+    assert!(holds_log.is_ok(), "replica 3 did not take the log: {:?}", replicas[&3].raft.metrics().borrow().clone());
+    let applied = stalled(&replicas[&3]);
+    assert!(applied > 0, "replica 3 applied nothing");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stalled(&replicas[&3]), applied, "replica 3 went on applying with a full device");
+    for k in 0..10 {
+        assert_eq!(replicas[&3].engine.get(&Key::new("s", k), None).unwrap().and_then(|r| r.bin("b").cloned()),
+            Some(Value::Bytes(vec![k as u8; 16 * 1024])));
+    }
+
+    // It stops promptly while waiting, and after a restart it is back where it was, waiting.
+    let full = replicas.remove(&3).unwrap();
+    router.0.lock().unwrap().remove(&3);
+    full.state_machine.stop();
+    tokio::time::timeout(Duration::from_secs(10), full.raft.shutdown()).await.expect("the waiting replica stops").unwrap();
+    drop(full);
+    let again = start_with(3, &small_dir, &router, small(&small_dir)).await;
+    let holds_log = again.raft.wait(Some(Duration::from_secs(20))).metrics(|m| m.last_log_index >= Some(last), "log").await;
+    assert!(holds_log.is_ok(), "restarted replica 3 lost its log: {:?}", again.raft.metrics().borrow().clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reapplied = stalled(&again);
+    assert!(reapplied + 16 >= applied, "replica 3 applied {reapplied} after a restart, {applied} before");
+
+    // The group still commits with the other two.
+    let more = leader.client_write(add_one(7)).await.unwrap();
+    wait_applied(&replicas[&follower_id], more.log_id.index).await;
+    again.state_machine.stop();
+    for replica in replicas.values().chain([&again]) {
         replica.raft.shutdown().await.unwrap();
     }
 }

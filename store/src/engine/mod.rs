@@ -659,6 +659,11 @@ impl Namespace {
         }
     }
 
+    /// Wakes defragmentation (and nsup) now rather than at their next timer.
+    pub fn wake_background(&self) {
+        self.inner.notify_all_under_lock(|inner| inner.background_wakeup.notify_all());
+    }
+
     /// Clean shutdown: flushes what is buffered and stops the background threads.
     pub fn close(self) -> Result<()> {
         self.shutdown()

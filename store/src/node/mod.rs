@@ -116,7 +116,24 @@ pub struct Node {
     writes_in_flight: std::sync::atomic::AtomicUsize,
     /// Snapshots being sent to peers that rebuild a damaged copy.
     transfers: repair::Transfers,
+    /// Each peer's last health report, and when it came (see `report_health`).
+    peer_health: std::sync::Mutex<HashMap<NodeId, PeerHealth>>,
 }
+
+/// What a peer last said of itself.
+struct PeerHealth {
+    /// Namespace → why the peer refuses new writes there.
+    stop_writes: HashMap<String, String>,
+    received: std::time::Instant,
+}
+
+/// How often a node looks at its own stop-writes state (and reports it when it changed).
+const HEALTH_POLL: Duration = Duration::from_millis(50);
+/// A node reports its state at least this often, changed or not.
+const HEALTH_REFRESH: Duration = Duration::from_secs(1);
+/// A peer's report older than this is forgotten: a replica not heard from in that long is
+/// treated as down (it holds no write back), and reports afresh once it can reach us again.
+const HEALTH_FORGET: Duration = Duration::from_secs(5);
 
 /// Counts a write in flight for as long as it lives.
 struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
@@ -207,6 +224,7 @@ impl Node {
             stopping: Default::default(),
             writes_in_flight: Default::default(),
             transfers: Default::default(),
+            peer_health: Default::default(),
         }))
     }
 
@@ -215,7 +233,7 @@ impl Node {
     /// starts the Raft groups this node replicates. A group whose log is empty is initialized by
     /// its preferred leader (the first of its placement). Waits as long as the metadata group
     /// has no quorum (logging so).
-    pub async fn join(&self) -> Result<(), NodeError> {
+    pub async fn join(self: &Arc<Self>) -> Result<(), NodeError> {
         let config = &self.config;
         let configured = self.configured_cluster()?;
         let cluster = self.learn_cluster(&configured).await;
@@ -287,6 +305,7 @@ impl Node {
         if self.joined.set(Joined { cluster, namespaces }).is_err() {
             return Err(NodeError::Config("join called twice".into()));
         }
+        tokio::spawn(report_health(Arc::downgrade(self)));
         Ok(())
     }
 
@@ -435,6 +454,8 @@ impl Node {
         }
         for hosted in namespaces.values() {
             for group in hosted.local.values() {
+                // An apply waiting for device space gives up, so the group can stop.
+                group.state_machine.stop();
                 let _ = group.raft.shutdown().await;
             }
             let _ = hosted.engine.flush();
@@ -455,6 +476,7 @@ impl Node {
         match request {
             Request::ClusterMeta => self.handle_cluster_meta().await,
             Request::Raft { namespace, group, message } if namespace == META_NAMESPACE => self.handle_meta_raft(group, &message).await,
+            Request::NodeHealth { node, stop_writes } => self.note_health(node, stop_writes),
             // Until it has joined, the node knows no groups: clients retry (NotLeader promises
             // that nothing was done).
             _ if !joined => Response::Error(ErrorReply::NotLeader { leader: None }),
@@ -468,8 +490,8 @@ impl Node {
                     Ok(found) => found,
                     Err(reply) => return Response::Error(reply),
                 };
-                if let Some(reason) = hosted.engine.stop_writes_reason() {
-                    if !matches!(op, crate::WriteOp::Delete) {
+                if !matches!(op, crate::WriteOp::Delete) {
+                    if let Some(reason) = self.stop_writes(&namespace, hosted, group) {
                         return Response::Error(ErrorReply::StopWrites(reason));
                     }
                 }
@@ -587,6 +609,63 @@ impl Node {
             && metrics.millis_since_quorum_ack.is_some_and(|ms| ms > self.config.election_timeout_ms.1)
     }
 
+    /// Why a new write to `group` must be refused, if it must: this node's engine is in
+    /// stop-writes, or another replica of the group reported that its engine is. Every replica
+    /// applies every committed write, so a write one replica has no room for would stall that
+    /// replica's apply (see `apply_when_there_is_room`); deletes still go through, to free room.
+    fn stop_writes(&self, namespace: &str, hosted: &HostedNamespace, group: &Group) -> Option<String> {
+        if let Some(reason) = hosted.engine.stop_writes_reason() {
+            return Some(reason);
+        }
+        let health = self.peer_health.lock().unwrap();
+        let stopped: Vec<(NodeId, &String)> = health
+            .iter()
+            .filter(|(_, h)| h.received.elapsed() < HEALTH_FORGET)
+            .filter_map(|(id, h)| h.stop_writes.get(namespace).map(|reason| (*id, reason)))
+            .collect();
+        if stopped.is_empty() {
+            return None;
+        }
+        let metrics = group.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        stopped
+            .into_iter()
+            .find(|(id, _)| membership.get_node(id).is_some())
+            .map(|(id, reason)| format!("replica node {id} of this group: {reason}"))
+    }
+
+    fn note_health(&self, node: NodeId, stop_writes: Vec<(String, String)>) -> Response {
+        if node == self.config.node_id || !self.config.nodes.iter().any(|(id, _)| *id == node) {
+            return Response::Error(ErrorReply::BadRequest(format!("health report from node {node}, which is not a peer of this node")));
+        }
+        let stop_writes: HashMap<String, String> = stop_writes.into_iter().collect();
+        let mut health = self.peer_health.lock().unwrap();
+        let was_stopped: Vec<String> = health.get(&node).map(|h| h.stop_writes.keys().cloned().collect()).unwrap_or_default();
+        for (namespace, reason) in &stop_writes {
+            if !was_stopped.contains(namespace) {
+                tracing::warn!(peer = node, namespace, reason, "a peer is in stop-writes: new writes to the groups it replicates are refused");
+            }
+        }
+        for namespace in was_stopped.iter().filter(|ns| !stop_writes.contains_key(*ns)) {
+            tracing::info!(peer = node, namespace, "a peer left stop-writes");
+        }
+        health.insert(node, PeerHealth { stop_writes, received: std::time::Instant::now() });
+        Response::Noted
+    }
+
+    /// The namespaces where this node's engine refuses new writes, with the reason.
+    fn own_stop_writes(&self) -> Vec<(String, String)> {
+        let mut stopped: Vec<(String, String)> = self
+            .namespaces()
+            .into_iter()
+            .flatten()
+            .filter_map(|(name, hosted)| hosted.engine.stop_writes_reason().map(|reason| (name.clone(), reason)))
+            .collect();
+        stopped.sort();
+        stopped
+    }
+
     fn cluster_map(&self) -> ClusterMap {
         let Some(joined) = self.joined.get() else { return ClusterMap::default() };
         let namespaces: Vec<NamespaceMap> = joined
@@ -659,6 +738,37 @@ async fn keep_metadata_log_short(raft: MetaRaft) {
         if metrics.snapshot.map(|l| l.index) < metrics.last_applied.map(|l| l.index) && raft.trigger().snapshot().await.is_err() {
             return;
         }
+    }
+}
+
+/// Tells the peers whether this node is in stop-writes, at once when that changes and once a
+/// second regardless (a peer that restarted learns it again). Group leaders refuse new writes
+/// while any replica of the group is in stop-writes. Ends when the node stops.
+async fn report_health(node: std::sync::Weak<Node>) {
+    let mut sent: Option<(Vec<(String, String)>, std::time::Instant)> = None;
+    loop {
+        tokio::time::sleep(HEALTH_POLL).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let stop_writes = node.own_stop_writes();
+        let due = match &sent {
+            None => true,
+            Some((last, at)) => *last != stop_writes || at.elapsed() >= HEALTH_REFRESH,
+        };
+        if !due {
+            continue;
+        }
+        let me = node.config.node_id;
+        let request = Request::NodeHealth { node: me, stop_writes: stop_writes.clone() };
+        for (_, peer) in node.peers.iter().filter(|(id, _)| **id != me) {
+            let (peer, request) = (peer.clone(), request.clone());
+            tokio::spawn(async move {
+                let _ = peer.call(&request, HEALTH_REFRESH).await;
+            });
+        }
+        sent = Some((stop_writes, std::time::Instant::now()));
     }
 }
 

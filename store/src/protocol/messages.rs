@@ -56,6 +56,10 @@ pub enum Request {
     /// The first call (`transfer: None`) makes the snapshot once the answering replica has
     /// applied `min_applied`; later calls name the transfer and the offset to continue from.
     SnapshotPart { namespace: String, group: u32, min_applied: u64, transfer: Option<u64>, offset: u64 },
+    /// Between nodes: the sender's health as its group leaders need it. `stop_writes` lists the
+    /// namespaces where the sender refuses new writes, with the reason (empty: none). Sent on
+    /// every change and once a second; answered `Noted`.
+    NodeHealth { node: u64, stop_writes: Vec<(String, String)> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,6 +85,8 @@ pub enum Response {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// A `NodeHealth` report was taken into account.
+    Noted,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

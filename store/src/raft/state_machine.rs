@@ -5,6 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -91,6 +92,9 @@ struct Shared {
     marker_written: tokio::sync::Mutex<Option<LogId<NodeId>>>,
     /// Test flag for negative controls: every tagged write is applied as if new.
     unsafe_skip_dedup: AtomicBool,
+    /// Set when the node shuts down: an apply waiting for device space gives up (the entry
+    /// stays in the log and is applied after the restart).
+    stopping: AtomicBool,
     /// Where this group's snapshot files live (names start with `file_prefix`).
     snapshot_dir: PathBuf,
     file_prefix: String,
@@ -188,6 +192,7 @@ impl GroupStateMachine {
             progress: Mutex::new(progress),
             marker_written: written,
             unsafe_skip_dedup: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             snapshot_dir: snapshot_dir.to_owned(),
             file_prefix,
             receiving: Mutex::new(Vec::new()),
@@ -197,6 +202,12 @@ impl GroupStateMachine {
 
     /// UNSAFE, for negative controls only: apply retried writes again instead of answering
     /// them from the exactly-once table.
+    /// The node is shutting down: an apply waiting for device space gives up, so the group
+    /// can stop.
+    pub fn stop(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+    }
+
     pub fn set_unsafe_skip_dedup(&self) {
         self.shared.unsafe_skip_dedup.store(true, Ordering::Relaxed);
     }
@@ -440,7 +451,7 @@ fn apply_command(shared: &Shared, command: &Command, log_id: LogId<NodeId>) -> R
         }
     }
     let replicated = Replicated { log_index: log_id.index, now_ms: command.now_ms };
-    let (result, outcome) = match shared.engine.apply_replicated(&command.key, &command.op, &command.policy, replicated) {
+    let (result, outcome) = match apply_when_there_is_room(shared, command, replicated) {
         Ok(Some((meta, results))) => {
             let outcome = Outcome::Written { meta: meta.clone(), results: results.clone() };
             (CommandResult::Applied { meta, results }, outcome)
@@ -455,6 +466,43 @@ fn apply_command(shared: &Shared, command: &Command, log_id: LogId<NodeId>) -> R
         shared.progress.lock().unwrap().sessions.complete(tag, outcome);
     }
     Ok(result)
+}
+
+/// How often an apply that found its device full looks again.
+const DEVICE_FULL_RETRY: Duration = Duration::from_millis(50);
+
+/// Applies a command to the engine. A committed entry must be applied on every replica, in
+/// order: when this replica's device is full (its leader refuses new writes while any replica
+/// reports stop-writes, so this is the last resort for writes already in the log), the apply
+/// waits for defragmentation to free room instead of failing, which would stop this replica of
+/// the group for good. The other replicas go on committing meanwhile. Gives up only when the
+/// node shuts down (the entry stays in the log and is applied after the restart).
+fn apply_when_there_is_room(
+    shared: &Shared,
+    command: &Command,
+    replicated: Replicated,
+) -> crate::Result<Option<(RecordMeta, Vec<crate::OpResult>)>> {
+    let mut waiting_since: Option<Instant> = None;
+    loop {
+        match shared.engine.apply_replicated(&command.key, &command.op, &command.policy, replicated) {
+            Err(crate::Error::DeviceFull { path }) if !shared.stopping.load(Ordering::SeqCst) => {
+                if waiting_since.is_none() {
+                    tracing::warn!(group = shared.group, index = replicated.log_index, device = %path.display(),
+                        "the device is full: applying waits for defragmentation to free room (the other replicas go on)");
+                    waiting_since = Some(Instant::now());
+                }
+                shared.engine.wake_background();
+                std::thread::sleep(DEVICE_FULL_RETRY);
+            }
+            done => {
+                if let Some(since) = waiting_since {
+                    tracing::info!(group = shared.group, index = replicated.log_index, waited_ms = since.elapsed().as_millis() as u64,
+                        "applying goes on: the device has room again (or the node is stopping)");
+                }
+                return done;
+            }
+        }
+    }
 }
 
 /// The outcome of an entry the engine already held when it was replayed (it flushed past the
