@@ -532,3 +532,96 @@ fn a_linearizable_read_after_a_whole_cluster_restart_sees_the_last_acknowledged_
     }
     assert!(stale.is_empty(), "linearizable reads returned stale values after the restart:\n{}", stale.join("\n"));
 }
+
+/// The record `key` as node `node` holds it, read from that node alone (a session read with no
+/// floor: whatever it has applied).
+fn held_by(dir: &Path, client: &Client, node: u64, key: &Key) -> Option<chunkstore::Record> {
+    use chunkstore::protocol::{Request, Response};
+    let request = Request::Get { namespace: "test".into(), key: key.clone(), bins: None, read: ReadPolicy::Session, min_index: 0 };
+    let addr = node_field(dir, node, "client");
+    match client.call_node(addr.as_str().unwrap(), &request) {
+        Ok(Response::Record { record, .. }) => record,
+        other => panic!("node {node} answered a read with {other:?}"),
+    }
+}
+
+/// Node 3's disk is replaced by one a quarter the size of its peers': it reaches stop-writes
+/// first. Its peers learn it, so the leaders on nodes 1 and 2 refuse new writes too ("replica
+/// node 3 ..."), and node 3 keeps applying every write that was acknowledged: it holds them all.
+/// Deletes go on under stop-writes; once they free room, writes are accepted again and node 3
+/// ends up with exactly what was acknowledged. Negative control: with leaders ignoring their
+/// replicas' stop-writes, node 3's apply waits for room that never comes, and it never holds
+/// every acknowledged write.
+#[test]
+fn a_replica_in_stop_writes_stops_new_writes_to_its_groups_and_holds_every_acknowledged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    chunkctl(dir, &["up", "--nodes", "3", "--device-size", "67108864"]);
+    let _down = Down(dir);
+    chunkctl(dir, &["down"]);
+    // Nothing was written: node 3 starts on a new, blank 16 MiB device of 128 KiB blocks.
+    let config_path = dir.join("node3").join("chunkd.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    assert!(config.contains("device-size = 67108864\n"), "{config}");
+    let config = config.replace("device-size = 67108864\n", "device-size = 16777216\n[namespaces.storage]\nwrite-block-size = 131072\n");
+    std::fs::write(&config_path, config).unwrap();
+    std::fs::remove_file(dir.join("node3").join("data").join("test.dat")).unwrap();
+    chunkctl(dir, &["up"]);
+
+    let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let client = Client::connect(ClientConfig::new(seeds)).unwrap();
+    let value = |k: i64| Value::Bytes(vec![k as u8; 4096]);
+    let key = |k: i64| Key::new("full", k);
+    let mut acknowledged = Vec::new();
+    let mut refusals = Vec::new();
+    let mut k = 0;
+    // 16 MiB hold about 3,800 of these records: write until refused, then on until a leader
+    // on node 1 or 2 has refused for node 3 (every group has a replica on node 3).
+    while !refusals.iter().any(|r: &String| r.contains("replica node 3")) {
+        assert!(k < 12_000, "{k} writes, {} refused, none for node 3 (the last: {:?})", refusals.len(), refusals.last());
+        match client.put("test", &key(k), vec![Bin::new("v", value(k))], &WritePolicy::default()) {
+            Ok(_) => acknowledged.push(k),
+            Err(ClientError::Server(ErrorReply::StopWrites(reason))) => refusals.push(reason),
+            Err(err) => panic!("write {k}: {err}"),
+        }
+        k += 1;
+    }
+    assert!(acknowledged.len() > 2_000, "only {} writes before stop-writes", acknowledged.len());
+    let unexpected: Vec<&String> = refusals.iter().filter(|r| !(r.contains("/node3/") && r.contains("min-avail-pct"))).collect();
+    assert!(unexpected.is_empty(), "refusals not for node 3's device: {:?}", &unexpected[..unexpected.len().min(3)]);
+
+    // Node 3 holds every acknowledged write (it may still be applying the last ones).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for &k in &acknowledged {
+        while held_by(dir, &client, 3, &key(k)).and_then(|r| r.bin("v").cloned()) != Some(value(k)) {
+            assert!(Instant::now() < deadline, "node 3 does not hold acknowledged write {k} of {}", acknowledged.len());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // Deletes go through under stop-writes; once defragmentation frees node 3's blocks, new
+    // writes are accepted again.
+    for &k in &acknowledged {
+        client.delete("test", &key(k), &WritePolicy::default()).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let again = loop {
+        match client.put("test", &key(k), vec![Bin::new("v", value(k))], &WritePolicy::default()) {
+            Ok(_) => break k,
+            Err(ClientError::Server(ErrorReply::StopWrites(reason))) => {
+                assert!(Instant::now() < deadline, "still in stop-writes after deleting everything: {reason}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(err) => panic!("write {k}: {err}"),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held_by(dir, &client, 3, &key(again)).is_none() {
+        assert!(Instant::now() < deadline, "node 3 never applied the write after the deletes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for &k in &acknowledged {
+        assert!(held_by(dir, &client, 3, &key(k)).is_none(), "node 3 still holds deleted record {k}");
+        assert!(client.get("test", &key(k), None).unwrap().is_none(), "deleted record {k} is back");
+    }
+}
