@@ -659,6 +659,15 @@ impl Namespace {
         }
     }
 
+    /// Whether writes of `bytes` in all would find room in every device's write cache with
+    /// half of it to spare, so that applying them now does not wait for a flush (unless other
+    /// writers fill the cache meanwhile).
+    pub fn write_cache_has_room(&self, bytes: u64) -> bool {
+        let st = self.inner.state.lock().unwrap();
+        let limit = self.inner.config.max_write_cache;
+        st.devices.iter().all(|dev| dev.appended_lsn - dev.durable_lsn + bytes + limit / 2 <= limit)
+    }
+
     /// Wakes defragmentation (and nsup) now rather than at their next timer.
     pub fn wake_background(&self) {
         self.inner.notify_all_under_lock(|inner| inner.background_wakeup.notify_all());

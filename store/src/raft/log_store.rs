@@ -3,7 +3,8 @@
 use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
@@ -17,15 +18,88 @@ use crate::wal::{GroupId, Wal, WalError, WalOp};
 /// One group's view of the WAL. Cheap to clone. Generic over the Raft types, so that the
 /// partition groups (`TypeConfig`) and the metadata group (`crate::meta::MetaTypeConfig`) keep
 /// their logs the same way.
-pub struct GroupLogStore<C = TypeConfig> {
+pub struct GroupLogStore<C: RaftTypeConfig = TypeConfig> {
     wal: Arc<Wal>,
     group: GroupId,
+    /// Shared by the clones (openraft's log reader is one).
+    recent: Arc<Mutex<RecentEntries<C>>>,
     types: PhantomData<C>,
 }
 
-impl<C> Clone for GroupLogStore<C> {
+impl<C: RaftTypeConfig> Clone for GroupLogStore<C> {
     fn clone(&self) -> Self {
-        GroupLogStore { wal: self.wal.clone(), group: self.group, types: PhantomData }
+        GroupLogStore { wal: self.wal.clone(), group: self.group, recent: self.recent.clone(), types: PhantomData }
+    }
+}
+
+/// Entries kept decoded per group at most, and their encoded bytes at most.
+const RECENT_ENTRIES_MAX: usize = 512;
+const RECENT_BYTES_MAX: usize = 4 << 20;
+
+/// The newest entries of a group's log, decoded, in a contiguous run that ends at the log's
+/// last entry (or empty). Each entry is read soon after it is appended (by the replication to
+/// every follower and by the state machine): from here that costs a clone, where the WAL costs a
+/// read under its lock, a CRC check and a decode each time. Appends, truncations and purges
+/// change it together with the WAL, so what it holds is what the WAL would return.
+struct RecentEntries<C: RaftTypeConfig> {
+    /// (entry, encoded length)
+    entries: VecDeque<(Entry<C>, usize)>,
+    bytes: usize,
+}
+
+impl<C: RaftTypeConfig> Default for RecentEntries<C> {
+    fn default() -> Self {
+        RecentEntries { entries: VecDeque::new(), bytes: 0 }
+    }
+}
+
+impl<C: WalLogTypes> RecentEntries<C> {
+    fn first(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn push(&mut self, entry: Entry<C>, len: usize) {
+        let index = entry.log_id.index;
+        self.truncate(index);
+        if self.entries.back().is_some_and(|(last, _)| last.log_id.index + 1 != index) {
+            // Not contiguous with what is kept (cannot happen after the truncation unless the
+            // log skipped ahead, as after a snapshot install): start over from this entry.
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.entries.push_back((entry, len));
+        self.bytes += len;
+        while self.entries.len() > RECENT_ENTRIES_MAX || (self.bytes > RECENT_BYTES_MAX && self.entries.len() > 1) {
+            let (_, len) = self.entries.pop_front().expect("not empty");
+            self.bytes -= len;
+        }
+    }
+
+    /// Forgets entries from `index` on.
+    fn truncate(&mut self, index: u64) {
+        while self.entries.back().is_some_and(|(e, _)| e.log_id.index >= index) {
+            let (_, len) = self.entries.pop_back().expect("not empty");
+            self.bytes -= len;
+        }
+    }
+
+    /// Forgets entries up to `index`.
+    fn purge(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|(e, _)| e.log_id.index <= index) {
+            let (_, len) = self.entries.pop_front().expect("not empty");
+            self.bytes -= len;
+        }
+    }
+
+    /// The entries in `start..end`, if every one of them that the log holds is here: the run
+    /// ends at the log's last entry, so it suffices that it begins at or before `start`.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry<C>>> {
+        let first = self.first()?;
+        if start < first {
+            return None;
+        }
+        let from = (start - first) as usize;
+        Some(self.entries.iter().skip(from).take_while(|(e, _)| e.log_id.index < end).map(|(e, _)| e.clone()).collect())
     }
 }
 
@@ -36,10 +110,10 @@ impl GroupLogStore<TypeConfig> {
     }
 }
 
-impl<C> GroupLogStore<C> {
+impl<C: RaftTypeConfig> GroupLogStore<C> {
     /// The log of a group with other Raft types (the metadata group's).
     pub fn with_types(wal: Arc<Wal>, group: GroupId) -> GroupLogStore<C> {
-        GroupLogStore { wal, group, types: PhantomData }
+        GroupLogStore { wal, group, recent: Default::default(), types: PhantomData }
     }
 
     async fn append_durable(&self, ops: Vec<WalOp>) -> Result<(), WalError> {
@@ -67,9 +141,9 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageErro
 }
 
 /// The Raft type configurations whose logs the WAL keeps.
-pub trait WalLogTypes: RaftTypeConfig<NodeId = NodeId, Entry = Entry<Self>> {}
+pub trait WalLogTypes: RaftTypeConfig<NodeId = NodeId, Entry = Entry<Self>, D: Clone> {}
 
-impl<C: RaftTypeConfig<NodeId = NodeId, Entry = Entry<C>>> WalLogTypes for C {}
+impl<C: RaftTypeConfig<NodeId = NodeId, Entry = Entry<C>, D: Clone>> WalLogTypes for C {}
 
 impl<C: WalLogTypes> RaftLogReader<C> for GroupLogStore<C> {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
@@ -86,6 +160,9 @@ impl<C: WalLogTypes> RaftLogReader<C> for GroupLogStore<C> {
             Bound::Excluded(i) => *i,
             Bound::Unbounded => u64::MAX,
         };
+        if let Some(entries) = self.recent.lock().unwrap().get(start, end) {
+            return Ok(entries);
+        }
         let entries = self.wal.entries(self.group, start..end).map_err(|e| StorageIOError::read_logs(&e))?;
         entries.iter().map(|(_, _, payload)| decode(payload)).collect()
     }
@@ -143,21 +220,31 @@ impl<C: WalLogTypes> RaftLogStorage<C> for GroupLogStore<C> {
         I: IntoIterator<Item = Entry<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let mut recent = self.recent.lock().unwrap();
         let ops: Vec<WalOp> = entries
             .into_iter()
-            .map(|entry| WalOp::Entry { index: entry.log_id.index, term: entry.log_id.leader_id.term, payload: encode(&entry) })
+            .map(|entry| {
+                let payload = encode(&entry);
+                let op = WalOp::Entry { index: entry.log_id.index, term: entry.log_id.leader_id.term, payload };
+                let WalOp::Entry { payload, .. } = &op else { unreachable!() };
+                recent.push(entry, payload.len());
+                op
+            })
             .collect();
         // Readable at once (the WAL serves unflushed entries from memory); the callback runs
-        // on the WAL's flusher thread once they are durable.
+        // on the WAL's flusher thread once they are durable. (Appended under the lock of the
+        // recent entries, so a reader never sees them in one and not the other's order.)
         self.wal.append(
             self.group,
             &ops,
             Box::new(move |result| callback.log_io_completed(result.map_err(std::io::Error::other))),
         );
+        drop(recent);
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.recent.lock().unwrap().truncate(log_id.index);
         self.append_durable(vec![WalOp::Truncate { from_index: log_id.index }])
             .await
             .map_err(|e| StorageIOError::write_logs(&e).into())
@@ -165,6 +252,7 @@ impl<C: WalLogTypes> RaftLogStorage<C> for GroupLogStore<C> {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         let op = WalOp::Purge { upto_index: log_id.index, upto_term: log_id.leader_id.term };
+        self.recent.lock().unwrap().purge(log_id.index);
         self.append_durable(vec![op]).await.map_err(|e| StorageIOError::write_logs(&e).into())
     }
 }
