@@ -259,3 +259,41 @@ fn a_damaged_newest_segment_holding_records_is_refused_not_deleted() {
     }
     assert_eq!(std::fs::read(&newest).unwrap(), damaged, "the damaged segment is left as it was");
 }
+
+/// Segment files are preallocated to the segment size (a flush's fdatasync then writes data
+/// only), and a segment is left only once it holds that much, so a complete segment's file
+/// ends where its records end: only the newest can end in zeros, and reopening after a crash
+/// (the files copied as they are while the log is open) reads them as a clean end and finds
+/// every entry. Negative control: preallocating twice the segment size fails the length check.
+#[test]
+fn segments_are_preallocated_and_complete_ones_end_where_their_records_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = WalConfig { segment_bytes: 1 << 20, ..WalConfig::new(dir.path().join("wal")) };
+    let wal = Wal::open(config.clone()).unwrap();
+    for index in 1..=300u64 {
+        wal.append_blocking(3, &[WalOp::Entry { index, term: 1, payload: vec![index as u8; 10_000] }]).unwrap();
+    }
+    let files = segment_files(&config.dir);
+    assert!(files.len() >= 3, "{files:?}");
+    let (active, complete) = files.split_last().unwrap();
+    assert!(std::fs::metadata(active).unwrap().len() >= 1 << 20, "the active segment is not preallocated");
+    for file in complete {
+        let data = std::fs::read(file).unwrap();
+        assert!(data.len() % 512 == 0 && data.len() < (1 << 20) + 16_384, "{}: {} bytes", file.display(), data.len());
+        assert!(data[data.len() - 512..].iter().any(|&b| b != 0), "{} ends in a zero sector", file.display());
+    }
+
+    let crashed = dir.path().join("crashed");
+    std::fs::create_dir(&crashed).unwrap();
+    for file in &files {
+        std::fs::copy(file, crashed.join(file.file_name().unwrap())).unwrap();
+    }
+    drop(wal);
+    let reopened = Wal::open(WalConfig { dir: crashed, ..config }).unwrap();
+    let entries = reopened.entries(3, 0..u64::MAX).unwrap();
+    assert_eq!(entries.len(), 300);
+    for (index, _, payload) in entries {
+        let entry: Vec<u8> = payload;
+        assert_eq!(entry, vec![index as u8; 10_000], "entry {index}");
+    }
+}

@@ -48,6 +48,12 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
             match step {
                 Step::End => break,
                 Step::Padding => {}
+                // Zeros from here to the end of the file: the unwritten, preallocated rest of the
+                // segment (a clean end, nothing after it to lose).
+                Step::Invalid(_) if data[pos..].iter().all(|&b| b == 0) => {
+                    end = pos;
+                    break;
+                }
                 Step::Invalid(what) => {
                     end = pos;
                     torn = Some((path.clone(), pos as u64, what));
@@ -67,7 +73,8 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
             pos = next;
         }
         if end < data.len() {
-            // Cut the torn tail so that this segment reads cleanly once it is no longer the last.
+            // Cut the torn or preallocated tail so that this segment reads cleanly once it is
+            // no longer the last.
             let file = std::fs::OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
             file.set_len(end as u64).and_then(|()| file.sync_all()).map_err(io(&path))?;
         }
