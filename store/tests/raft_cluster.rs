@@ -300,6 +300,16 @@ async fn without_deduplication_a_retried_write_is_applied_twice() {
     }
 }
 
+/// Ends a waiting apply when the test ends, passed or failed (the runtime's blocking pool
+/// would otherwise wait for it forever).
+struct StopOnDrop(GroupStateMachine);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 /// A 16 KiB record for key `k`.
 fn put_big(k: i64) -> Command {
     Command { op: WriteOp::Put(vec![chunkstore::Bin::new("b", Value::Bytes(vec![k as u8; 16 * 1024]))]), ..add_one(k) }
@@ -309,7 +319,9 @@ fn put_big(k: i64) -> Command {
 /// replica reports stop-writes, but writes already in the log must be applied everywhere): its
 /// apply waits for room instead of failing, which would stop its copy of the group for good.
 /// The group goes on committing with the other two, the full replica still takes (and holds)
-/// the log, stops promptly when asked to, and after a restart waits again where it was.
+/// the log, stops promptly when asked to, and after a restart waits again where it was. (It is
+/// kept from campaigning, as a node keeps a replica whose apply waits: as leader it could not
+/// answer the writes it commits.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_device_fills_waits_for_room_and_the_group_goes_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -331,6 +343,8 @@ async fn a_replica_whose_device_fills_waits_for_room_and_the_group_goes_on() {
         ..engine_config(dir)
     };
     replicas.insert(3, start_with(3, &small_dir, &router, small(&small_dir)).await);
+    replicas[&3].raft.runtime_config().elect(false);
+    let _stop_first = StopOnDrop(replicas[&3].state_machine.clone());
     let leader = replicas[&leader_id].raft.clone();
 
     // 300 records (4.7 MiB): every write is committed and applied by the leader.
@@ -348,9 +362,17 @@ async fn a_replica_whose_device_fills_waits_for_room_and_the_group_goes_on() {
         assert!(applied < last, "replica 3 applied {applied} of {last} entries on a 2 MiB device");
         applied
     };
+    let waits_for_room = |replica: &Replica| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !replica.state_machine.is_waiting_for_room() {
+            assert!(std::time::Instant::now() < deadline, "replica 3 is not waiting for room");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
     // Replica 3 holds the whole log, and is waiting (still running) partway through applying it.
     let holds_log = replicas[&3].raft.wait(Some(Duration::from_secs(20))).metrics(|m| m.last_log_index >= Some(last), "log").await;
     assert!(holds_log.is_ok(), "replica 3 did not take the log: {:?}", replicas[&3].raft.metrics().borrow().clone());
+    waits_for_room(&replicas[&3]);
     let applied = stalled(&replicas[&3]);
     assert!(applied > 0, "replica 3 applied nothing");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -367,9 +389,11 @@ async fn a_replica_whose_device_fills_waits_for_room_and_the_group_goes_on() {
     tokio::time::timeout(Duration::from_secs(10), full.raft.shutdown()).await.expect("the waiting replica stops").unwrap();
     drop(full);
     let again = start_with(3, &small_dir, &router, small(&small_dir)).await;
+    again.raft.runtime_config().elect(false);
+    let _stop_again = StopOnDrop(again.state_machine.clone());
     let holds_log = again.raft.wait(Some(Duration::from_secs(20))).metrics(|m| m.last_log_index >= Some(last), "log").await;
     assert!(holds_log.is_ok(), "restarted replica 3 lost its log: {:?}", again.raft.metrics().borrow().clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    waits_for_room(&again);
     let reapplied = stalled(&again);
     assert!(reapplied + 16 >= applied, "replica 3 applied {reapplied} after a restart, {applied} before");
 

@@ -274,10 +274,12 @@ fn segments_are_preallocated_and_complete_ones_end_where_their_records_end() {
         wal.append_blocking(3, &[WalOp::Entry { index, term: 1, payload: vec![index as u8; 10_000] }]).unwrap();
     }
     let files = segment_files(&config.dir);
-    assert!(files.len() >= 3, "{files:?}");
-    let (active, complete) = files.split_last().unwrap();
-    assert!(std::fs::metadata(active).unwrap().len() >= 1 << 20, "the active segment is not preallocated");
-    for file in complete {
+    // The newest file may be a spare the flusher prepared, holding no records yet.
+    let holds_records = |file: &std::path::PathBuf| std::fs::read(file).unwrap()[512..].iter().any(|&b| b != 0);
+    let active = files.iter().rposition(holds_records).unwrap();
+    assert!(active >= 2, "{files:?}");
+    assert!(std::fs::metadata(&files[active]).unwrap().len() >= 1 << 20, "the active segment is not preallocated");
+    for file in &files[..active] {
         let data = std::fs::read(file).unwrap();
         assert!(data.len() % 512 == 0 && data.len() < (1 << 20) + 16_384, "{}: {} bytes", file.display(), data.len());
         assert!(data[data.len() - 512..].iter().any(|&b| b != 0), "{} ends in a zero sector", file.display());
@@ -296,4 +298,49 @@ fn segments_are_preallocated_and_complete_ones_end_where_their_records_end() {
         let entry: Vec<u8> = payload;
         assert_eq!(entry, vec![index as u8; 10_000], "entry {index}");
     }
+}
+
+/// The flusher creates the next segment once the active one is half full, and the rollover
+/// takes that file (the same inode) instead of creating one on the appending thread; a clean
+/// close deletes a spare that was never used.
+#[test]
+fn the_next_segment_is_prepared_ahead_and_taken_by_the_rollover() {
+    use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let config = WalConfig { segment_bytes: 1 << 20, ..WalConfig::new(dir.path()) };
+    let wal = Wal::open(config).unwrap();
+    let first = segment_files(dir.path()).len();
+    let mut index = 0;
+    let mut append = |bytes: usize| {
+        for _ in 0..bytes / 10_000 {
+            index += 1;
+            wal.append_blocking(3, &[WalOp::Entry { index, term: 1, payload: vec![7; 10_000] }]).unwrap();
+        }
+    };
+    append(600_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while segment_files(dir.path()).len() == first {
+        assert!(std::time::Instant::now() < deadline, "no segment was prepared ahead: {:?}", segment_files(dir.path()));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let spare = segment_files(dir.path()).pop().unwrap();
+    let spare_inode = std::fs::metadata(&spare).unwrap().ino();
+    append(600_000);
+    let files = segment_files(dir.path());
+    assert!(files.contains(&spare), "the prepared segment is gone: {files:?}");
+    assert_eq!(std::fs::metadata(&spare).unwrap().ino(), spare_inode, "the rollover made its own file");
+    assert!(std::fs::metadata(&spare).unwrap().len() >= 1 << 20, "the taken segment is not preallocated");
+    let entries = wal.entries(3, 0..u64::MAX).unwrap().len();
+    drop(append);
+    // Past half of the new segment, the next spare appears; a clean close deletes it unused.
+    let mut more = 0;
+    while segment_files(dir.path()).len() == files.len() {
+        assert!(more < 100, "no second spare: {:?}", segment_files(dir.path()));
+        more += 1;
+        wal.append_blocking(3, &[WalOp::Entry { index: entries as u64 + more, term: 1, payload: vec![7; 10_000] }]).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wal.close();
+    assert_eq!(segment_files(dir.path()).len(), files.len(), "the unused spare was left behind");
 }

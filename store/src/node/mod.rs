@@ -752,6 +752,15 @@ async fn report_health(node: std::sync::Weak<Node>) {
         if node.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
+        // A replica whose apply waits for device space would, as leader, commit writes it could
+        // not answer (and hold linearizable reads): it does not campaign while it waits.
+        // (openraft 0.9 cannot make a leader step down: one that fills while leading keeps
+        // leading, refusing writes with StopWrites, until room frees up.)
+        for hosted in node.namespaces().into_iter().flat_map(|n| n.values()) {
+            for group in hosted.local.values() {
+                group.raft.runtime_config().elect(!group.state_machine.is_waiting_for_room());
+            }
+        }
         let stop_writes = node.own_stop_writes();
         let due = match &sent {
             None => true,

@@ -95,6 +95,8 @@ struct Shared {
     /// Set when the node shuts down: an apply waiting for device space gives up (the entry
     /// stays in the log and is applied after the restart).
     stopping: AtomicBool,
+    /// An apply is waiting for device space (the node keeps this replica from campaigning).
+    waiting_for_room: AtomicBool,
     /// Where this group's snapshot files live (names start with `file_prefix`).
     snapshot_dir: PathBuf,
     file_prefix: String,
@@ -193,6 +195,7 @@ impl GroupStateMachine {
             marker_written: written,
             unsafe_skip_dedup: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            waiting_for_room: AtomicBool::new(false),
             snapshot_dir: snapshot_dir.to_owned(),
             file_prefix,
             receiving: Mutex::new(Vec::new()),
@@ -206,6 +209,11 @@ impl GroupStateMachine {
     /// can stop.
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether an apply is waiting for device space right now.
+    pub fn is_waiting_for_room(&self) -> bool {
+        self.shared.waiting_for_room.load(Ordering::SeqCst)
     }
 
     pub fn set_unsafe_skip_dedup(&self) {
@@ -530,12 +538,14 @@ fn apply_when_there_is_room(
                     tracing::warn!(group = shared.group, index = replicated.log_index, device = %path.display(),
                         "the device is full: applying waits for defragmentation to free room (the other replicas go on)");
                     waiting_since = Some(Instant::now());
+                    shared.waiting_for_room.store(true, Ordering::SeqCst);
                 }
                 shared.engine.wake_background();
                 std::thread::sleep(DEVICE_FULL_RETRY);
             }
             done => {
                 if let Some(since) = waiting_since {
+                    shared.waiting_for_room.store(false, Ordering::SeqCst);
                     tracing::info!(group = shared.group, index = replicated.log_index, waited_ms = since.elapsed().as_millis() as u64,
                         "applying goes on: the device has room again (or the node is stopping)");
                 }

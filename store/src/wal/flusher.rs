@@ -14,6 +14,7 @@ impl WalInner {
         loop {
             if st.poisoned.is_none() && st.appended_lsn > st.taken_lsn {
                 st = self.flush_once(st);
+                st = self.prepare_next_segment(st);
                 continue;
             }
             if st.shutting_down {
@@ -110,10 +111,49 @@ impl WalInner {
         self.state.lock().unwrap()
     }
 
-    /// Starts a new segment: header written and synced, then a checkpoint of every group.
+    /// Once the active segment is half full, creates the next one (header, preallocation,
+    /// syncs) without holding the lock, for the rollover to take.
+    fn prepare_next_segment<'a>(&'a self, mut st: MutexGuard<'a, WalState>) -> MutexGuard<'a, WalState> {
+        let active = st.segments.values().next_back().expect("an active segment");
+        let half_full = active.handed + active.pending.len() as u64 >= self.config.segment_bytes / 2;
+        if !half_full || st.spare.is_some() || st.preparing.is_some() || st.poisoned.is_some() || st.shutting_down {
+            return st;
+        }
+        let id = active.id + 1;
+        st.preparing = Some(id);
+        drop(st);
+        let made = create_segment(&self.config.dir, id, self.config.segment_bytes, self.config.unsafe_skip_fsync);
+        let mut st = self.state.lock().unwrap();
+        st.preparing = None;
+        match made {
+            Ok(segment) if st.segments.keys().next_back() == Some(&(id - 1)) => st.spare = Some(segment),
+            // A rollover could not wait and made its own (with a later id): this one, empty,
+            // is not needed.
+            Ok(segment) => remove_unused_segment(&segment.path),
+            Err(err) => tracing::warn!(%err, "could not prepare the next WAL segment (the rollover will create it)"),
+        }
+        st
+    }
+
+    /// Starts a new segment (the spare the flusher prepared, if it is ready): then a checkpoint
+    /// of every group.
     pub(crate) fn roll_over(&self, st: &mut WalState) -> WalResult<()> {
-        let id = st.segments.keys().next_back().map_or(1, |last| last + 1);
-        let segment = create_segment(&self.config.dir, id, self.config.segment_bytes, self.config.unsafe_skip_fsync)?;
+        let next = st.segments.keys().next_back().map_or(1, |last| last + 1);
+        let segment = match st.spare.take() {
+            Some(spare) if spare.id == next => spare,
+            stale => {
+                if let Some(stale) = stale {
+                    remove_unused_segment(&stale.path);
+                }
+                // The id being prepared (if any) is left to the flusher, which deletes its file.
+                let id = match st.preparing {
+                    Some(preparing) => next.max(preparing + 1),
+                    None => next,
+                };
+                create_segment(&self.config.dir, id, self.config.segment_bytes, self.config.unsafe_skip_fsync)?
+            }
+        };
+        let id = segment.id;
         st.segments.insert(id, segment);
         let mut groups: Vec<GroupId> = st.groups.keys().copied().collect();
         groups.sort_unstable();
@@ -139,6 +179,14 @@ impl WalInner {
             }
         }
         Ok(())
+    }
+}
+
+/// Deletes the file of a segment that never held a record (a failure is only logged: recovery
+/// reads such a segment as empty).
+pub(crate) fn remove_unused_segment(path: &std::path::Path) {
+    if let Err(err) = std::fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), %err, "could not delete an unused WAL segment");
     }
 }
 

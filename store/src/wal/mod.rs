@@ -152,6 +152,10 @@ pub(crate) struct WalState {
     poisoned: Option<String>,
     shutting_down: bool,
     stats: WalStats,
+    /// The next segment, created ahead by the flusher (`prepare_next_segment`), so that a
+    /// rollover does no file I/O on the appending thread; and the id being prepared.
+    spare: Option<Segment>,
+    preparing: Option<u64>,
 }
 
 /// Counters since the log was opened.
@@ -281,6 +285,9 @@ impl Wal {
         }
         if let Some(flusher) = self.flusher.lock().unwrap().take() {
             let _ = flusher.join();
+        }
+        if let Some(spare) = self.inner.state.lock().unwrap().spare.take() {
+            flusher::remove_unused_segment(&spare.path);
         }
         // Anything still waiting was never made durable (a poisoned log): say so.
         let left: Vec<Durable> = self.inner.state.lock().unwrap().waiting.drain(..).map(|(_, done)| done).collect();

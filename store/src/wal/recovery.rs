@@ -97,6 +97,8 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
             poisoned: None,
             shutting_down: false,
             stats: Default::default(),
+            spare: None,
+            preparing: None,
         }),
         flush_wakeup: Condvar::new(),
     };
