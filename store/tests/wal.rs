@@ -332,7 +332,6 @@ fn the_next_segment_is_prepared_ahead_and_taken_by_the_rollover() {
     assert_eq!(std::fs::metadata(&spare).unwrap().ino(), spare_inode, "the rollover made its own file");
     assert!(std::fs::metadata(&spare).unwrap().len() >= 1 << 20, "the taken segment is not preallocated");
     let entries = wal.entries(3, 0..u64::MAX).unwrap().len();
-    drop(append);
     // Past half of the new segment, the next spare appears; a clean close deletes it unused.
     let mut more = 0;
     while segment_files(dir.path()).len() == files.len() {
