@@ -741,9 +741,11 @@ async fn keep_metadata_log_short(raft: MetaRaft) {
     }
 }
 
-/// Tells the peers whether this node is in stop-writes, at once when that changes and once a
-/// second regardless (a peer that restarted learns it again). Group leaders refuse new writes
-/// while any replica of the group is in stop-writes. Ends when the node stops.
+/// The node's health loop, every `HEALTH_POLL`: keeps replicas whose apply waits for device
+/// space from campaigning, and tells the peers whether this node is in stop-writes, at once
+/// when that changes and once a second regardless (a peer that restarted learns it again).
+/// Group leaders refuse new writes while any replica of the group is in stop-writes. Ends when
+/// the node stops.
 async fn report_health(node: std::sync::Weak<Node>) {
     let mut sent: Option<(Vec<(String, String)>, std::time::Instant)> = None;
     loop {
