@@ -225,9 +225,9 @@ impl<C: WalLogTypes> RaftLogStorage<C> for GroupLogStore<C> {
             .into_iter()
             .map(|entry| {
                 let payload = encode(&entry);
+                let len = payload.len();
                 let op = WalOp::Entry { index: entry.log_id.index, term: entry.log_id.leader_id.term, payload };
-                let WalOp::Entry { payload, .. } = &op else { unreachable!() };
-                recent.push(entry, payload.len());
+                recent.push(entry, len);
                 op
             })
             .collect();
