@@ -163,8 +163,14 @@ impl<C: WalLogTypes> RaftLogReader<C> for GroupLogStore<C> {
         if let Some(entries) = self.recent.lock().unwrap().get(start, end) {
             return Ok(entries);
         }
-        let entries = self.wal.entries(self.group, start..end).map_err(|e| StorageIOError::read_logs(&e))?;
-        entries.iter().map(|(_, _, payload)| decode(payload)).collect()
+        // Older entries (a lagging follower, a restart) are read from the segment files: on the
+        // blocking pool, not on a runtime worker.
+        let (wal, group) = (self.wal.clone(), self.group);
+        let read = tokio::task::spawn_blocking(move || {
+            let entries = wal.entries(group, start..end).map_err(|e| StorageIOError::read_logs(&e))?;
+            entries.iter().map(|(_, _, payload)| decode(payload)).collect::<Result<Vec<Entry<C>>, StorageError<NodeId>>>()
+        });
+        read.await.map_err(|e| StorageIOError::read_logs(&e))?
     }
 }
 
