@@ -625,3 +625,89 @@ fn a_replica_in_stop_writes_stops_new_writes_to_its_groups_and_holds_every_ackno
         assert!(client.get("test", &key(k), None).unwrap().is_none(), "deleted record {k} is back");
     }
 }
+
+/// A replica whose data directory was wiped comes back empty. It must not help elect a leader
+/// that lacks acknowledged writes: writes are acknowledged by nodes 1 and 3 while node 2 is
+/// paused; then node 3 loses its disk and node 1 goes down. Nodes 2 and 3 are a majority of
+/// every group, but node 2 lacks the writes and node 3 has nothing: an empty node 3 that
+/// voted like a new one would make node 2 leader, and reads would miss acknowledged writes.
+/// Node 3 instead waits for enough of its peers (node 1) to answer, no read misses a write,
+/// and once node 1 is back node 3 catches up in every group and then serves with node 2
+/// alone. Negative control: without the rejoin check, a read with node 1 down misses writes.
+#[test]
+fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    chunkctl(dir, &["up", "--nodes", "3", "--device-size", "67108864"]);
+    let _down = Down(dir);
+    let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let client = Client::connect(ClientConfig::new(seeds.clone())).unwrap();
+    let signal = |node: u64, signal: i32| {
+        let pid = node_field(dir, node, "pid").as_u64().unwrap() as i32;
+        // SAFETY: plain syscalls on a process this test started.
+        unsafe { libc::kill(pid, signal) };
+        if signal == libc::SIGKILL {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
+                assert!(Instant::now() < deadline, "node {node} did not die");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let value = |record: Option<chunkstore::Record>| record.and_then(|r| r.bin("v").cloned());
+    const KEYS: i64 = 64;
+
+    signal(2, libc::SIGSTOP);
+    for k in 0..KEYS {
+        client.put("test", &Key::new("w", k), vec![Bin::new("v", Value::Int(k))], &WritePolicy::default()).unwrap();
+    }
+    signal(3, libc::SIGKILL);
+    std::fs::remove_dir_all(dir.join("node3/data")).unwrap();
+    signal(1, libc::SIGKILL);
+    signal(2, libc::SIGCONT);
+    // What node 3 logs from here on (its log file goes on from its first life).
+    let node3_log = || std::fs::read_to_string(dir.join("node3/chunkd.log")).unwrap();
+    let first_life = node3_log().len();
+    let node3 = start_node(dir, 3);
+
+    let impatient = Client::connect(ClientConfig {
+        timeout: Duration::from_millis(300),
+        retries_max: 1,
+        retry_window: Duration::from_millis(300),
+        ..ClientConfig::new(seeds.clone())
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < deadline {
+        for k in 0..KEYS {
+            if let Ok(record) = impatient.get_with("test", &Key::new("w", k), None, ReadPolicy::Linearizable) {
+                assert_eq!(value(record), Some(Value::Int(k)), "with node 1 down, a read missed acknowledged write {k}");
+            }
+        }
+    }
+    assert!(node3_log()[first_life..].contains("waiting for enough of the other replicas"), "node 3 did not wait for its peers");
+
+    let node1 = start_node(dir, 1);
+    for k in 0..KEYS {
+        let record = client.get_with("test", &Key::new("w", k), None, ReadPolicy::Linearizable).unwrap();
+        assert_eq!(value(record), Some(Value::Int(k)), "acknowledged write {k} lost");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let caught_up = node3_log()[first_life..].matches("caught up after this replica's copy was lost").count();
+        if caught_up == 16 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 3 caught up in {caught_up} of 16 groups");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(1, libc::SIGKILL);
+    for k in 0..KEYS {
+        let record = client.get_with("test", &Key::new("w", k), None, ReadPolicy::Linearizable).unwrap();
+        assert_eq!(value(record), Some(Value::Int(k)), "write {k} not on nodes 2 and 3 once node 3 caught up");
+    }
+    chunkctl(dir, &["down"]);
+    for mut child in [node1, node3] {
+        let _ = child.wait();
+    }
+}

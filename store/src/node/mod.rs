@@ -17,6 +17,7 @@
 pub mod config;
 pub mod placement;
 pub mod raft_network;
+mod rejoin;
 mod repair;
 pub mod transport;
 
@@ -82,6 +83,10 @@ pub struct NodeConfig {
 struct Group {
     raft: RaftInstance,
     state_machine: GroupStateMachine,
+    /// The group's log in the WAL.
+    wal_group: u32,
+    /// Set while this replica catches up after its copy was lost: it neither votes nor campaigns.
+    rejoin: rejoin::Rejoin,
 }
 
 struct HostedNamespace {
@@ -286,18 +291,23 @@ impl Node {
             let mut local = HashMap::new();
             for (&(group, replicas), state_machine) in hosted.iter().zip(state_machines) {
                 let wal_group = wal_group(group);
+                let fresh = self.wal.log_state(wal_group).last.is_none();
+                let rejoin = self.rejoin_state(&spec.engine.name, group, replicas, wal_group, fresh).await?;
                 let network = GroupNetwork::new(spec.engine.name.clone(), group, self.peers.clone());
                 let log_store = GroupLogStore::new(self.wal.clone(), wal_group);
                 let raft = RaftInstance::new(config.node_id, self.raft_config.clone(), network, log_store, state_machine.clone())
                     .await
                     .map_err(|e| NodeError::Raft(e.to_string()))?;
-                let fresh = self.wal.log_state(wal_group).last.is_none();
-                if fresh && replicas[0] == config.node_id {
+                if rejoin.is_active() {
+                    raft.runtime_config().elect(false);
+                }
+                let voted = self.wal.log_state(wal_group).vote.is_some();
+                if fresh && !voted && !rejoin.is_active() && replicas[0] == config.node_id {
                     let members: BTreeMap<NodeId, BasicNode> =
                         replicas.iter().map(|id| (*id, BasicNode::new(cluster.node(*id).map(|n| n.peer.clone()).unwrap_or_default()))).collect();
                     raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
                 }
-                local.insert(group, Group { raft, state_machine });
+                local.insert(group, Group { raft, state_machine, wal_group, rejoin });
             }
             namespaces.insert(spec.engine.name.clone(), HostedNamespace { engine, groups: info.groups, local });
         }
@@ -307,6 +317,74 @@ impl Node {
         }
         tokio::spawn(report_health(Arc::downgrade(self)));
         Ok(())
+    }
+
+    /// Whether this replica of `namespace`'s `group` must catch up before it votes (see
+    /// `rejoin`): it was catching up when it stopped (its marker is there), or its log is empty
+    /// while the group lived on at other replicas. With an empty log it waits (logging every
+    /// 5 s) until enough of the other replicas have answered that any entry the group committed,
+    /// and any term a leader was elected in, is known to one of them: ceil(n/2) of the n
+    /// replicas. A term it learns is recorded as its own vote first, so that it never votes
+    /// twice in a term it forgot, nor takes entries from a leader of an older term.
+    async fn rejoin_state(&self, namespace: &str, group: u32, replicas: &[NodeId], wal_group: u32, fresh: bool) -> Result<rejoin::Rejoin, NodeError> {
+        let marker = rejoin::marker_path(&self.config.data_dir, namespace, group);
+        let start = |reason: &str| {
+            tracing::warn!(namespace, group, reason, "this replica catches up before it votes again in this group");
+            rejoin::Rejoin::start(marker.clone()).map_err(|e| NodeError::Config(format!("cannot write {}: {e}", marker.display())))
+        };
+        if marker.exists() {
+            return start("it was catching up when the node stopped");
+        }
+        let me = self.config.node_id;
+        let others: Vec<NodeId> = replicas.iter().copied().filter(|id| *id != me).collect();
+        if !fresh || others.is_empty() {
+            return Ok(rejoin::Rejoin::none());
+        }
+        let needed = replicas.len().div_ceil(2);
+        let request = Request::GroupLog { namespace: namespace.to_owned(), group };
+        let started = tokio::time::Instant::now();
+        let mut next_report = started + Duration::from_secs(5);
+        let (lived_on, term) = loop {
+            let mut answers = Vec::new();
+            for id in &others {
+                let Some(peer) = self.peers.get(id) else { continue };
+                if let Ok(Response::GroupLog { last_index, vote_term }) = peer.call(&request, Duration::from_secs(2)).await {
+                    answers.push((*id, last_index, vote_term));
+                }
+            }
+            if answers.len() >= needed {
+                // Index 0 is the initial membership; a leader's first entry is index 1.
+                let lived_on = answers.iter().find(|(_, last, _)| last.is_some_and(|index| index >= 1)).map(|(id, last, _)| (*id, last.unwrap_or(0)));
+                break (lived_on, answers.iter().filter_map(|(_, _, term)| *term).max());
+            }
+            if tokio::time::Instant::now() >= next_report {
+                tracing::warn!(namespace, group, waited_s = started.elapsed().as_secs(), answered = answers.len(), needed,
+                    "this node's log of the group is empty: waiting for enough of the other replicas to say whether the group lived on without it");
+                next_report += Duration::from_secs(5);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        if let Some(term) = term {
+            let vote = openraft::Vote::new(term, me);
+            let op = crate::wal::WalOp::Vote(bincode::serialize(&vote).expect("votes serialize"));
+            crate::raft::log_store::append_durable(&self.wal, wal_group, vec![op]).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+        }
+        match lived_on {
+            Some((id, index)) => start(&format!("its log is empty and node {id}'s reaches index {index}")),
+            None => Ok(rejoin::Rejoin::none()),
+        }
+    }
+
+    /// How far this node's log of `namespace`'s `group` reaches (for a replica deciding whether
+    /// it must catch up before it votes).
+    fn group_log(&self, namespace: &str, group: u32) -> Response {
+        let wal_group = match namespace == META_NAMESPACE {
+            true => META_WAL_GROUP,
+            false => wal_prefix(namespace) << 12 | group,
+        };
+        let state = self.wal.log_state(wal_group);
+        let vote: Option<openraft::Vote<NodeId>> = state.vote.and_then(|bytes| bincode::deserialize(&bytes).ok());
+        Response::GroupLog { last_index: state.last.map(|(index, _)| index), vote_term: vote.map(|v| v.leader_id().term) }
     }
 
     /// The cluster metadata this node's configuration describes (checked for what start-up
@@ -477,6 +555,7 @@ impl Node {
             Request::ClusterMeta => self.handle_cluster_meta().await,
             Request::Raft { namespace, group, message } if namespace == META_NAMESPACE => self.handle_meta_raft(group, &message).await,
             Request::NodeHealth { node, stop_writes } => self.note_health(node, stop_writes),
+            Request::GroupLog { namespace, group } => self.group_log(&namespace, group),
             // Until it has joined, the node knows no groups: clients retry (NotLeader promises
             // that nothing was done).
             _ if !joined => Response::Error(ErrorReply::NotLeader { leader: None }),
@@ -720,7 +799,23 @@ impl Node {
         let Some(group) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.local.get(&group)) else {
             return Response::Error(ErrorReply::BadRequest(format!("this node does not replicate {namespace}/{group}")));
         };
-        serve_raft(&group.raft, message).await
+        if !group.rejoin.is_active() {
+            return serve_raft(&group.raft, message).await;
+        }
+        // Catching up: no vote is granted, and a leader's commit index is noted.
+        let rpc = match decode_rpc(message) {
+            Ok(rpc) => rpc,
+            Err(reply) => return reply,
+        };
+        match &rpc {
+            RaftRpc::Vote(_) => {
+                let current = group.raft.metrics().borrow().vote;
+                return encode_reply(&RaftReply::Vote(Ok(rejoin::Rejoin::refusal(&current))));
+            }
+            RaftRpc::AppendEntries(request) => group.rejoin.observe(request),
+            RaftRpc::InstallSnapshot(_) => {}
+        }
+        serve_rpc(&group.raft, rpc).await
     }
 }
 
@@ -758,9 +853,19 @@ async fn report_health(node: std::sync::Weak<Node>) {
         // not answer (and hold linearizable reads): it does not campaign while it waits.
         // (openraft 0.9 cannot make a leader step down: one that fills while leading keeps
         // leading, refusing writes with StopWrites, until room frees up.)
-        for hosted in node.namespaces().into_iter().flat_map(|n| n.values()) {
-            for group in hosted.local.values() {
-                group.raft.runtime_config().elect(!group.state_machine.is_waiting_for_room());
+        // A replica catching up after its copy was lost does not campaign either, and votes again
+        // once its log durably reaches the commit index a leader reported in its own term.
+        for (name, hosted) in node.namespaces().into_iter().flatten() {
+            for (id, group) in &hosted.local {
+                let rejoining = group.rejoin.is_active();
+                group.raft.runtime_config().elect(!group.state_machine.is_waiting_for_room() && !rejoining);
+                let Some(target) = group.rejoin.target().filter(|_| rejoining) else { continue };
+                if node.wal.log_state(group.wal_group).last.is_some_and(|(index, _)| index >= target)
+                    && crate::raft::log_store::append_durable(&node.wal, group.wal_group, Vec::new()).await.is_ok()
+                {
+                    group.rejoin.finish();
+                    tracing::warn!(namespace = %name, group = id, index = target, "caught up after this replica's copy was lost: it votes again");
+                }
             }
         }
         let stop_writes = node.own_stop_writes();
@@ -785,16 +890,27 @@ async fn report_health(node: std::sync::Weak<Node>) {
 
 /// Hands a Raft message from a peer to `raft` and encodes its reply.
 async fn serve_raft<C: raft_network::NetworkTypes>(raft: &openraft::Raft<C>, message: &[u8]) -> Response {
-    let rpc: RaftRpc<C> = match bincode::deserialize(message) {
-        Ok(rpc) => rpc,
-        Err(err) => return Response::Error(ErrorReply::BadRequest(format!("malformed raft message: {err}"))),
-    };
+    match decode_rpc(message) {
+        Ok(rpc) => serve_rpc(raft, rpc).await,
+        Err(reply) => reply,
+    }
+}
+
+fn decode_rpc<C: raft_network::NetworkTypes>(message: &[u8]) -> Result<RaftRpc<C>, Response> {
+    bincode::deserialize(message).map_err(|err| Response::Error(ErrorReply::BadRequest(format!("malformed raft message: {err}"))))
+}
+
+async fn serve_rpc<C: raft_network::NetworkTypes>(raft: &openraft::Raft<C>, rpc: RaftRpc<C>) -> Response {
     let reply = match rpc {
         RaftRpc::AppendEntries(request) => RaftReply::AppendEntries(raft.append_entries(request).await),
         RaftRpc::Vote(request) => RaftReply::Vote(raft.vote(request).await),
         RaftRpc::InstallSnapshot(request) => RaftReply::InstallSnapshot(raft.install_snapshot(request).await),
     };
-    Response::Raft { message: bincode::serialize(&reply).expect("raft replies serialize") }
+    encode_reply(&reply)
+}
+
+fn encode_reply(reply: &RaftReply) -> Response {
+    Response::Raft { message: bincode::serialize(reply).expect("raft replies serialize") }
 }
 
 impl transport::Handler for Node {

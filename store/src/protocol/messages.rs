@@ -60,6 +60,10 @@ pub enum Request {
     /// namespaces where the sender refuses new writes, with the reason (empty: none). Sent on
     /// every change and once a second; answered `Noted`.
     NodeHealth { node: u64, stop_writes: Vec<(String, String)> },
+    /// Between nodes: how far the answering node's log of a group reaches, from its WAL
+    /// (answered at any time, also before the node has joined). A node whose own log of the
+    /// group is empty asks before it votes in the group (see `node::rejoin`).
+    GroupLog { namespace: String, group: u32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,6 +91,10 @@ pub enum Response {
     },
     /// A `NodeHealth` report was taken into account.
     Noted,
+    /// The answer to `GroupLog`: the index of the last entry the log holds or has purged
+    /// (None: the log is empty), and the term of the node's vote in the group (None: it has
+    /// not voted).
+    GroupLog { last_index: Option<u64>, vote_term: Option<u64> },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

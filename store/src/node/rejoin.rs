@@ -1,0 +1,98 @@
+//! A replica that lost its copy of a group (its node's data directory wiped, or its WAL lost)
+//! while the group lived on at the other replicas.
+//!
+//! Raft's safety rests on each voter remembering its log and its vote. A replica that comes
+//! back empty and votes like a new one can elect a leader that lacks acknowledged writes: with
+//! replicas A, B, C, writes committed on A and C while B lagged, then C wiped and A down, an
+//! empty C would grant B its vote, and B's term would lose those writes.
+//!
+//! So a node that starts with an empty log for a group asks the group's other replicas first.
+//! If any of them holds entries past the initial membership, the group lived on without this
+//! copy: the replica **neither votes nor campaigns** (and does not initialize the group) until
+//! its log holds everything the group had committed. It learns how far that is from a leader:
+//! the first commit index a leader reports in its own term covers every entry committed before
+//! (in Raft, a leader's commit index passes an entry of its own term only after every earlier
+//! entry). Once its log reaches that index and is durable, it votes again.
+//!
+//! The state survives restarts: a marker file per group (`DATA_DIR/rejoin/NAMESPACE.GROUP`) is
+//! written before the group starts and removed once caught up, so a node that crashes while
+//! catching up (its log then no longer empty, but still short) keeps waiting.
+//!
+//! Not covered yet: the metadata group (its voters still vote after a wipe), and a group that
+//! lost a majority of its copies, which waits for them (it has no leader) rather than showing
+//! `dead`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use openraft::raft::{AppendEntriesRequest, VoteResponse};
+
+use crate::raft::{NodeId, TypeConfig};
+
+/// A group replica's catching-up state after its copy was lost.
+#[derive(Debug, Default)]
+pub(crate) struct Rejoin {
+    /// Still catching up: no votes, no campaigns.
+    active: AtomicBool,
+    /// The log index to reach: the first commit index a leader reported in its own term.
+    target: Mutex<Option<u64>>,
+    /// The marker file that keeps the state across restarts.
+    marker: Option<PathBuf>,
+}
+
+impl Rejoin {
+    /// Not catching up.
+    pub(crate) fn none() -> Rejoin {
+        Rejoin::default()
+    }
+
+    /// Catching up, with `marker` written (durably) first.
+    pub(crate) fn start(marker: PathBuf) -> std::io::Result<Rejoin> {
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::File::create(&marker)?;
+        file.sync_all()?;
+        crate::device::sync_parent_dir(&marker).map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Rejoin { active: AtomicBool::new(true), target: Mutex::new(None), marker: Some(marker) })
+    }
+
+    pub(crate) fn is_active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Notes what a leader's AppendEntries says about the group's commit index.
+    pub(crate) fn observe(&self, request: &AppendEntriesRequest<TypeConfig>) {
+        let Some(commit) = request.leader_commit else { return };
+        if request.vote.is_committed() && commit.leader_id.term == request.vote.leader_id().term {
+            self.target.lock().unwrap().get_or_insert(commit.index);
+        }
+    }
+
+    /// The index the log must reach, once a leader told it.
+    pub(crate) fn target(&self) -> Option<u64> {
+        *self.target.lock().unwrap()
+    }
+
+    /// Caught up (the log holds `target` durably): votes again, and the marker goes.
+    pub(crate) fn finish(&self) {
+        self.active.store(false, Ordering::SeqCst);
+        if let Some(marker) = &self.marker {
+            if let Err(err) = std::fs::remove_file(marker) {
+                // Left behind, it only makes the next start catch up once more.
+                tracing::warn!(path = %marker.display(), %err, "could not remove a rejoin marker");
+            }
+        }
+    }
+
+    /// The answer to a vote request while catching up: not granted.
+    pub(crate) fn refusal(current: &openraft::Vote<NodeId>) -> VoteResponse<NodeId> {
+        VoteResponse::new(current, None, false)
+    }
+}
+
+/// Where the marker of `namespace`'s `group` lives.
+pub(crate) fn marker_path(data_dir: &Path, namespace: &str, group: u32) -> PathBuf {
+    data_dir.join("rejoin").join(format!("{namespace}.{group}"))
+}
