@@ -53,8 +53,31 @@ pub fn is_live_process_named(pid: u32, name: &str) -> bool {
         && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Lowest port a local cluster listens on.
+const LISTEN_PORT_MIN: u16 = 10_000;
+
+/// A free port for a node to listen on, below the kernel's ephemeral range (where it picks
+/// the source ports of outgoing connections): a port taken from that range can be taken again
+/// by any connection before the node binds it, or while a stopped node is away, and the node
+/// then fails to start with "Address already in use" (seen in CI with clusters side by side).
+/// Random ports are tried until one binds; with no room below the ephemeral range, the kernel
+/// picks.
+pub fn free_port(host: &str) -> Result<u16> {
+    use rand::Rng;
+    let ephemeral_min = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next().and_then(|low| low.parse::<u16>().ok()))
+        .unwrap_or(32_768);
+    if ephemeral_min > LISTEN_PORT_MIN + 1_000 {
+        let mut rng = rand::thread_rng();
+        for _ in 0..1_000 {
+            let port = rng.gen_range(LISTEN_PORT_MIN..ephemeral_min);
+            if std::net::TcpListener::bind((host, port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    Ok(std::net::TcpListener::bind((host, 0)).with_context(|| format!("binding a port on {host}"))?.local_addr()?.port())
 }
 
 pub fn chunkd_binary() -> Result<PathBuf> {
@@ -143,7 +166,7 @@ pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result
             }
             let mut fresh = Vec::new();
             for id in 1..=nodes {
-                fresh.push(LocalNode { id, client: format!("127.0.0.1:{}", free_port()?), peer: format!("127.0.0.1:{}", free_port()?), pid: None });
+                fresh.push(LocalNode { id, client: format!("127.0.0.1:{}", free_port("127.0.0.1")?), peer: format!("127.0.0.1:{}", free_port("127.0.0.1")?), pid: None });
             }
             LocalCluster { nodes: fresh }
         }

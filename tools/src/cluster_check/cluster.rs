@@ -50,10 +50,6 @@ pub fn node_host(id: u64) -> String {
     format!("127.{}.{}.{}", 100 + pid % 100, (pid / 100) % 256, 10 + id)
 }
 
-fn free_port(host: &str) -> Result<u16> {
-    Ok(std::net::TcpListener::bind((host, 0)).with_context(|| format!("binding a port on {host}"))?.local_addr()?.port())
-}
-
 impl TestCluster {
     /// Writes the configs and starts every node; returns once every group has a leader. The
     /// cluster owns the fault `tools` from then on: the firewall (needed for `cut`), the packet
@@ -64,7 +60,7 @@ impl TestCluster {
         let mut listed = Vec::new();
         for id in 1..=nodes {
             let host = node_host(id);
-            listed.push(LocalNode { id, client: format!("{host}:{}", free_port(&host)?), peer: format!("{host}:{}", free_port(&host)?), pid: None });
+            listed.push(LocalNode { id, client: format!("{host}:{}", local_cluster::free_port(&host)?), peer: format!("{host}:{}", local_cluster::free_port(&host)?), pid: None });
         }
         let layout = LocalCluster { nodes: listed.clone() };
         let options = UpOptions { nodes, device_bytes: 128 << 20, groups, chunkd_options: chunkd_options.to_vec() };

@@ -334,6 +334,7 @@ fn kind_name(kind: NemesisKind) -> &'static str {
         NemesisKind::Clock => "clock",
         NemesisKind::Disk => "disk",
         NemesisKind::Packet => "packet",
+        NemesisKind::Wipe => "wipe",
     }
 }
 

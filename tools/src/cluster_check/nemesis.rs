@@ -36,6 +36,10 @@ pub enum NemesisKind {
     /// Packets of one node's links, or of every link, delayed, dropped or reordered (netem's
     /// faults, done through NFQUEUE: `packets.rs`; needs root).
     Packet,
+    /// One node loses its disk: killed, its whole data directory (WAL, snapshots, devices)
+    /// deleted, restarted empty. It must catch up from its peers without ever helping a replica
+    /// that lacks acknowledged writes to lead (store/src/node/rejoin.rs).
+    Wipe,
 }
 
 /// Which nodes a fault hits, resolved when it starts.
@@ -111,6 +115,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
             NemesisKind::Clock => *[Target::Jump, Target::Strobe, Target::Skew].choose(&mut rng).unwrap(),
             NemesisKind::Disk => *[Target::Corrupt, Target::PowerCut].choose(&mut rng).unwrap(),
             NemesisKind::Packet => *[Target::Delay, Target::Loss, Target::Reorder].choose(&mut rng).unwrap(),
+            NemesisKind::Wipe => Target::One,
         };
         let long = kind == NemesisKind::Pause && rng.gen_bool(0.25) && at + LONG_PAUSE + interval <= time_limit;
         let duration = if long { LONG_PAUSE } else { interval };
@@ -222,6 +227,13 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Tar
                 }
             }
         }
+        NemesisKind::Wipe => {
+            for &id in &hit.nodes {
+                cluster.kill(id);
+                let data = cluster.node_dir(id).join("data");
+                std::fs::remove_dir_all(&data).map_err(|e| anyhow::anyhow!("wiping {}: {e}", data.display()))?;
+            }
+        }
     }
     Ok(corrupted)
 }
@@ -263,7 +275,7 @@ pub struct Healed {
 pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved) -> anyhow::Result<Healed> {
     let mut cluster = cluster.lock().unwrap();
     match kind {
-        NemesisKind::Kill | NemesisKind::Disk => hit.nodes.iter().try_for_each(|&id| cluster.restart(id))?,
+        NemesisKind::Kill | NemesisKind::Disk | NemesisKind::Wipe => hit.nodes.iter().try_for_each(|&id| cluster.restart(id))?,
         NemesisKind::Pause => hit.nodes.iter().for_each(|&id| cluster.resume(id)),
         NemesisKind::Partition => return Ok(Healed { dropped_packets: Some(cluster.heal_network()?.0), packets: None }),
         NemesisKind::Packet => return Ok(Healed { dropped_packets: None, packets: cluster.heal_network()?.1 }),

@@ -63,6 +63,7 @@ fn fault_color(kind: &str) -> RGBColor {
         "clock" => RGBColor(188, 189, 34),
         "disk" => RGBColor(140, 86, 75),
         "packet" => RGBColor(23, 190, 207),
+        "wipe" => RGBColor(227, 119, 194),
         _ => RGBColor(127, 127, 127),
     }
 }
