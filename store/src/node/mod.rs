@@ -321,7 +321,7 @@ impl Node {
 
     /// Whether this replica of `namespace`'s `group` must catch up before it votes (see
     /// `rejoin`): it was catching up when it stopped (its marker is there), or its log is empty
-    /// while the group lived on at other replicas. With an empty log it waits (logging every
+    /// while the group lived on at other replicas. With an empty log it waits (logging at once and every
     /// 5 s) until enough of the other replicas have answered that any entry the group committed,
     /// and any term a leader was elected in, is known to one of them: ceil(n/2) of the n
     /// replicas. A term it learns is recorded as its own vote first, so that it never votes
@@ -343,7 +343,7 @@ impl Node {
         let needed = replicas.len().div_ceil(2);
         let request = Request::GroupLog { namespace: namespace.to_owned(), group };
         let started = tokio::time::Instant::now();
-        let mut next_report = started + Duration::from_secs(5);
+        let mut next_report = started;
         let (lived_on, term) = loop {
             let mut answers = Vec::new();
             for id in &others {
