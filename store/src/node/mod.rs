@@ -252,11 +252,10 @@ impl Node {
         let snapshot_dir = config.data_dir.join("snapshots");
         let mut namespaces = HashMap::new();
         for spec in &config.namespaces {
-            let prefix = wal_prefix(&spec.engine.name);
             let info = cluster.namespace(&spec.engine.name).expect("differences checked every namespace");
             let hosted: Vec<(u32, &Vec<NodeId>)> =
                 (0..info.groups).zip(&info.placement).filter(|(_, replicas)| replicas.contains(&config.node_id)).collect();
-            let wal_group = |group: u32| prefix << 12 | group;
+            let wal_group = |group: u32| namespace_wal_group(&spec.engine.name, group);
             // The engine's durable point as the groups' applied markers recorded it: the scan
             // then tells damage to acknowledged records from a torn tail.
             let durable_points = crate::raft::recorded_engine_points(&self.wal, hosted.iter().map(|(group, _)| wal_group(*group)))
@@ -380,7 +379,7 @@ impl Node {
     fn group_log(&self, namespace: &str, group: u32) -> Response {
         let wal_group = match namespace == META_NAMESPACE {
             true => META_WAL_GROUP,
-            false => wal_prefix(namespace) << 12 | group,
+            false => namespace_wal_group(namespace, group),
         };
         let state = self.wal.log_state(wal_group);
         let vote: Option<openraft::Vote<NodeId>> = state.vote.and_then(|bytes| bincode::deserialize(&bytes).ok());
@@ -934,6 +933,11 @@ fn power_loss_devices(engine: &NamespaceConfig) -> Result<Vec<Arc<dyn crate::dev
 /// refuses two namespaces with the same prefix).
 fn wal_prefix(namespace: &str) -> u32 {
     crc32fast::hash(namespace.as_bytes()) & 0xF_FFFF
+}
+
+/// The WAL group id of `namespace`'s Raft group `group`.
+fn namespace_wal_group(namespace: &str, group: u32) -> u32 {
+    wal_prefix(namespace) << 12 | group
 }
 
 fn failure_reply(failure: WriteFailure) -> ErrorReply {
