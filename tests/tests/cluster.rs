@@ -680,7 +680,12 @@ fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
     // At least 8 s (several election timeouts), and until node 3 says it waits for its peers.
     let (started, deadline) = (Instant::now(), Instant::now() + Duration::from_secs(60));
     while started.elapsed() < Duration::from_secs(8) || !node3_log()[first_life..].contains("waiting for enough of the other replicas") {
-        assert!(Instant::now() < deadline, "node 3 did not say it waits for its peers");
+        if Instant::now() >= deadline {
+            let log = node3_log();
+            let lines: Vec<&str> = log[first_life..].lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            panic!("node 3 did not say it waits for its peers; its log since the restart ends:\n{tail}");
+        }
         for k in 0..KEYS {
             if let Ok(record) = impatient.get_with("test", &Key::new("w", k), None, ReadPolicy::Linearizable) {
                 assert_eq!(value(record), Some(Value::Int(k)), "with node 1 down, a read missed acknowledged write {k}");
