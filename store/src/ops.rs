@@ -92,27 +92,65 @@ pub struct OpResult {
 }
 
 /// A write to one record, owned (what a replicated command carries).
+///
+/// The variants after `Operate` belong to lease sessions and locks (see `raft::fences`); new
+/// variants only ever go at the end, so that logs written before them still decode.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum WriteOp {
     Put(Vec<Bin>),
     Delete,
     Touch,
     Operate(Vec<Operation>),
+    /// `op` on behalf of lease session `session`: refused with `SessionExpired`, and not
+    /// applied, once the session is fenced in the record's group.
+    InSession { session: u64, op: Box<WriteOp> },
+    /// Takes the record as a lock for `session`: the record holds the holder's session id in
+    /// bin `LOCK_HOLDER_BIN`. Refused with `LockHeld` while another session holds it and that
+    /// session's locks have not been released; taking a lock the session holds again succeeds.
+    Lock { session: u64 },
+    /// Gives back a lock `session` holds (the record is deleted). Giving back a lock nobody
+    /// holds succeeds; one held by another session is refused with `LockNotHeld`.
+    Unlock { session: u64 },
+    /// Not a record write: fences lease session `session` in the key's group (its later writes
+    /// are refused), and with `release` also releases its locks there. The cluster fences a
+    /// session in every group before it releases it in any. Sessions numbered below
+    /// `finished_below` are all finished: the group stops remembering them one by one.
+    FenceSession { session: u64, release: bool, finished_below: u64 },
 }
 
+/// The bin a lock record keeps its holder's session id in.
+pub const LOCK_HOLDER_BIN: &str = "lock-holder";
+
 impl WriteOp {
-    pub(crate) fn as_mutation(&self) -> Mutation<'_> {
-        match self {
+    /// What the engine does for this write; `None` for operations that are not record writes
+    /// by themselves (sessions, locks: the group's state machine turns them into record writes).
+    pub(crate) fn as_mutation(&self) -> Option<Mutation<'_>> {
+        Some(match self {
             WriteOp::Put(bins) => Mutation::Put(bins),
             WriteOp::Delete => Mutation::Delete,
             WriteOp::Touch => Mutation::Touch,
             WriteOp::Operate(ops) => Mutation::Operate(ops),
-        }
+            WriteOp::InSession { op, .. } => return op.as_mutation(),
+            WriteOp::Lock { .. } | WriteOp::Unlock { .. } | WriteOp::FenceSession { .. } => return None,
+        })
     }
 
     /// Whether the write returns values it read (an operate with read steps).
     pub fn has_reads(&self) -> bool {
-        matches!(self, WriteOp::Operate(ops) if ops.iter().any(Operation::is_read))
+        match self {
+            WriteOp::Operate(ops) => ops.iter().any(Operation::is_read),
+            WriteOp::InSession { op, .. } => op.has_reads(),
+            _ => false,
+        }
+    }
+
+    /// Whether the write only removes data (it goes through even in stop-writes).
+    pub fn frees_room(&self) -> bool {
+        match self {
+            WriteOp::Delete | WriteOp::Unlock { .. } | WriteOp::FenceSession { .. } => true,
+            WriteOp::InSession { op, .. } => op.frees_room(),
+            _ => false,
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! One blocking connection: std TcpStream, whole frames, deadlines.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::CallError;
@@ -14,10 +14,20 @@ pub(crate) struct BlockingConnection {
 }
 
 impl BlockingConnection {
-    pub fn connect(addr: &str, timeout: Duration) -> std::io::Result<BlockingConnection> {
+    /// Connects to `addr`, from `source` when given (the kernel picks the port).
+    pub fn connect(addr: &str, timeout: Duration, source: Option<IpAddr>) -> std::io::Result<BlockingConnection> {
         let mut last = std::io::Error::other(format!("{addr} resolves to no address"));
         for socket in std::net::ToSocketAddrs::to_socket_addrs(addr)? {
-            match TcpStream::connect_timeout(&socket, timeout) {
+            let connected = match source {
+                None => TcpStream::connect_timeout(&socket, timeout),
+                Some(source) => (|| {
+                    let bound = socket2::Socket::new(socket2::Domain::for_address(socket), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+                    bound.bind(&SocketAddr::new(source, 0).into())?;
+                    bound.connect_timeout(&socket.into(), timeout)?;
+                    Ok(TcpStream::from(bound))
+                })(),
+            };
+            match connected {
                 Ok(stream) => {
                     stream.set_nodelay(true)?;
                     return Ok(BlockingConnection { stream, buf: Vec::new(), next_id: 1 });

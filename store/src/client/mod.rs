@@ -50,6 +50,8 @@ pub struct ClientConfig {
     /// Default 15 s.
     pub retry_window: Duration,
     pub read_policy: ReadPolicy,
+    /// The address connections leave from (None: the kernel picks). Default None.
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl ClientConfig {
@@ -60,6 +62,7 @@ impl ClientConfig {
             retries_max: 64,
             retry_window: Duration::from_secs(15),
             read_policy: ReadPolicy::Session,
+            source: None,
         }
     }
 }
@@ -198,6 +201,106 @@ impl Client {
                 Ok((meta, results))
             }
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Opens a lease session (see `meta::leases`) with a lease of `ttl`: keep it alive with
+    /// `keep_alive` well within the TTL (a third of it is a good period). When a lease runs
+    /// out, the cluster fences the session in every group (its writes are refused with
+    /// `SessionExpired`), then releases its locks.
+    pub fn open_session(&self, ttl: Duration) -> Result<u64, ClientError> {
+        match self.meta_routed(&Request::SessionOpen { ttl_ms: ttl.as_millis() as u64 })? {
+            Response::SessionOpened { session, .. } => Ok(session),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Renews the session's lease for another TTL; `SessionExpired` once it has ended.
+    pub fn keep_alive(&self, session: u64) -> Result<Duration, ClientError> {
+        match self.meta_routed(&Request::SessionKeepAlive { session })? {
+            Response::SessionAlive { ttl_ms } => Ok(Duration::from_millis(ttl_ms)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Ends the session: it is fenced everywhere, then its locks are released.
+    pub fn close_session(&self, session: u64) -> Result<(), ClientError> {
+        match self.meta_routed(&Request::SessionClose { session })? {
+            Response::Noted => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A write on behalf of a lease session: refused with `SessionExpired` (and not applied)
+    /// once the session has been fenced in the record's group.
+    pub fn write_in_session(
+        &self,
+        session: u64,
+        namespace: &str,
+        key: &Key,
+        op: WriteOp,
+        policy: &WritePolicy,
+    ) -> Result<(RecordMeta, Vec<OpResult>), ClientError> {
+        self.write(namespace, key, WriteOp::InSession { session, op: Box::new(op) }, policy)
+    }
+
+    /// Takes the record `key` as a lock for `session`, waiting up to `wait` while another
+    /// session holds it (`LockHeld` after that). Taking a lock the session holds succeeds.
+    pub fn lock(&self, session: u64, namespace: &str, key: &Key, wait: Duration) -> Result<(), ClientError> {
+        let give_up_at = Instant::now() + wait;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match self.write(namespace, key, WriteOp::Lock { session }, &WritePolicy::default()) {
+                Err(ClientError::Server(ErrorReply::LockHeld { .. })) if Instant::now() < give_up_at => {
+                    std::thread::sleep(pause.min(give_up_at.saturating_duration_since(Instant::now())));
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                other => return other.map(|_| ()),
+            }
+        }
+    }
+
+    /// Gives back a lock `session` holds.
+    pub fn unlock(&self, session: u64, namespace: &str, key: &Key) -> Result<(), ClientError> {
+        self.write(namespace, key, WriteOp::Unlock { session }, &WritePolicy::default()).map(|_| ())
+    }
+
+    /// Sends a lease-session request to the metadata leader (from the map, then the metadata
+    /// voters, following NotLeader hints), retrying within the retry window. Every such
+    /// request is safe to repeat (a repeated open leaves a session that expires unused).
+    fn meta_routed(&self, request: &Request) -> Result<Response, ClientError> {
+        let give_up_at = Instant::now() + self.config.retry_window;
+        let mut hint: Option<u64> = None;
+        let mut attempt = 0usize;
+        let mut tried = Vec::new();
+        loop {
+            let target = {
+                let map = self.map.lock().unwrap();
+                let voters = &map.metadata_voters;
+                let id = hint.take().or(map.metadata_leader.filter(|_| attempt == 0)).or_else(|| {
+                    (!voters.is_empty()).then(|| voters[attempt % voters.len()])
+                });
+                id.and_then(|id| map.nodes.iter().find(|(n, _)| *n == id).map(|(_, addr)| addr.clone()))
+            };
+            attempt += 1;
+            if let Some(addr) = target {
+                tried.push(addr.clone());
+                match self.call(&addr, request) {
+                    Ok(Response::Error(ErrorReply::NotLeader { leader })) => hint = leader,
+                    Ok(Response::Error(ErrorReply::Timeout { .. })) | Err(_) => {}
+                    Ok(Response::Error(reply)) => return Err(ClientError::Server(reply)),
+                    Ok(response) => return Ok(response),
+                }
+            }
+            if Instant::now() >= give_up_at {
+                return Err(ClientError::NoNodeReachable(tried));
+            }
+            if hint.is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+                if attempt % 4 == 0 {
+                    let _ = self.refresh_map();
+                }
+            }
         }
     }
 
@@ -377,7 +480,7 @@ impl Client {
     fn call(&self, addr: &str, request: &Request) -> Result<Response, CallError> {
         let mut connection = match self.take_connection(addr) {
             Some(connection) => connection,
-            None => BlockingConnection::connect(addr, self.config.timeout).map_err(|_| CallError::NotSent)?,
+            None => BlockingConnection::connect(addr, self.config.timeout, self.config.source).map_err(|_| CallError::NotSent)?,
         };
         let deadline = Instant::now() + self.config.timeout;
         match connection.call(request, deadline) {

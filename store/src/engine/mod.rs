@@ -566,7 +566,8 @@ impl Namespace {
         policy: &WritePolicy,
         replicated: Replicated,
     ) -> Result<Option<(RecordMeta, Vec<OpResult>)>> {
-        self.inner.write_version(key, policy, op.as_mutation(), Some(replicated))
+        let mutation = op.as_mutation().ok_or_else(|| Error::BadRequest(format!("{op:?} is not a record write")))?;
+        self.inner.write_version(key, policy, mutation, Some(replicated))
     }
 
     /// The seq, generation and void time of a record's current version (a tombstone included),

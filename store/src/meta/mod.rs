@@ -21,6 +21,7 @@
 //!   is what the group was created with.
 //! - **The metadata applied point is durable before openraft is told it is applied.**
 
+pub mod leases;
 mod state_machine;
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::node::placement;
 use crate::raft::NodeId;
 use crate::wal::GroupId;
+pub use leases::{EndReason, LeaseState, Leases};
 pub use state_machine::MetaStateMachine;
 
 /// The name under which the metadata group's Raft messages travel (not a valid namespace name).
@@ -156,6 +158,12 @@ pub fn voters(node_ids: &[NodeId]) -> Vec<NodeId> {
 pub enum MetaCommand {
     /// Sets the metadata of a fresh cluster; a no-op once it is set.
     Bootstrap(ClusterMeta),
+    /// Opens a lease session (see `leases`).
+    OpenSession { ttl_ms: u64 },
+    /// An open session ends: it is to be fenced and released everywhere.
+    EndSession { session: u64, reason: EndReason },
+    /// An ending session has been fenced and released everywhere.
+    SessionFinished { session: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -164,6 +172,11 @@ pub enum MetaResult {
     Bootstrapped,
     /// The metadata was set already (by an earlier Bootstrap); nothing changed.
     AlreadyBootstrapped,
+    SessionOpened { session: u64 },
+    /// `SESSIONS_MAX` sessions are open or ending already.
+    TooManySessions(usize),
+    /// `EndSession` ended the session, or found it not open.
+    SessionEnded { was_open: bool },
 }
 
 openraft::declare_raft_types!(

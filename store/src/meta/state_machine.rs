@@ -14,7 +14,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{ClusterMeta, MetaCommand, MetaResult, MetaTypeConfig, META_WAL_GROUP};
+use super::{ClusterMeta, Leases, MetaCommand, MetaResult, MetaTypeConfig, META_WAL_GROUP};
 use crate::raft::log_store::append_durable;
 use crate::raft::NodeId;
 use crate::wal::{Wal, WalOp};
@@ -28,6 +28,24 @@ struct MetaState {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
     cluster: Option<ClusterMeta>,
+    leases: Leases,
+}
+
+/// The state as written before lease sessions.
+#[derive(Deserialize)]
+struct MetaStateV1 {
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    cluster: Option<ClusterMeta>,
+}
+
+impl MetaState {
+    fn decode(bytes: &[u8]) -> Result<MetaState, bincode::Error> {
+        bincode::deserialize(bytes).or_else(|err| match bincode::deserialize::<MetaStateV1>(bytes) {
+            Ok(v1) => Ok(MetaState { last_applied: v1.last_applied, membership: v1.membership, cluster: v1.cluster, leases: Leases::default() }),
+            Err(_) => Err(err),
+        })
+    }
 }
 
 struct Shared {
@@ -57,7 +75,7 @@ impl MetaStateMachine {
     /// The state machine resuming from the marker in `wal` (empty for a fresh node).
     pub fn new(wal: Arc<Wal>) -> Result<MetaStateMachine, String> {
         let state = match wal.log_state(META_WAL_GROUP).applied {
-            Some(bytes) => bincode::deserialize(&bytes).map_err(|e| format!("the cluster metadata in the WAL does not decode: {e}"))?,
+            Some(bytes) => MetaState::decode(&bytes).map_err(|e| format!("the cluster metadata in the WAL does not decode: {e}"))?,
             None => MetaState::default(),
         };
         Ok(MetaStateMachine { shared: Arc::new(Shared { wal, state: Mutex::new(state), snapshot: Mutex::new(None) }) })
@@ -66,6 +84,19 @@ impl MetaStateMachine {
     /// The cluster metadata, once bootstrapped.
     pub fn cluster(&self) -> Option<ClusterMeta> {
         self.shared.state.lock().unwrap().cluster.clone()
+    }
+
+    /// The lease sessions table (as applied here).
+    pub fn leases(&self) -> Leases {
+        self.shared.state.lock().unwrap().leases.clone()
+    }
+
+    pub fn lease_state(&self, session: u64) -> super::LeaseState {
+        self.shared.state.lock().unwrap().leases.state(session)
+    }
+
+    pub fn leases_finished_below(&self) -> u64 {
+        self.shared.state.lock().unwrap().leases.finished_below()
     }
 
     /// Keeps `cluster` as learnt from the metadata group (a node that is not a voter), durably,
@@ -87,7 +118,7 @@ pub struct MetaSnapshotBuilder {
 impl RaftSnapshotBuilder<MetaTypeConfig> for MetaSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<MetaTypeConfig>, StorageError<NodeId>> {
         let state = self.shared.state.lock().unwrap().clone();
-        let bytes = bincode::serialize(&state.cluster).expect("metadata serializes");
+        let bytes = bincode::serialize(&(&state.cluster, &state.leases)).expect("metadata serializes");
         let index = state.last_applied.map_or(0, |l| l.index);
         let meta = Meta { last_log_id: state.last_applied, last_membership: state.membership, snapshot_id: format!("meta-index{index}") };
         *self.shared.snapshot.lock().unwrap() = Some((meta.clone(), bytes.clone()));
@@ -126,6 +157,21 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
                         MetaResult::Bootstrapped
                     }
                 }
+                EntryPayload::Normal(MetaCommand::OpenSession { ttl_ms }) => match next.leases.open(ttl_ms) {
+                    Ok(session) => MetaResult::SessionOpened { session },
+                    Err(count) => MetaResult::TooManySessions(count),
+                },
+                EntryPayload::Normal(MetaCommand::EndSession { session, reason }) => {
+                    let was_open = next.leases.end(session, reason);
+                    if was_open {
+                        tracing::info!(session, ?reason, "lease session ends: fencing it in every group");
+                    }
+                    MetaResult::SessionEnded { was_open }
+                }
+                EntryPayload::Normal(MetaCommand::SessionFinished { session }) => {
+                    next.leases.finish(session);
+                    MetaResult::Noop
+                }
             });
             next.last_applied = Some(entry.log_id);
         }
@@ -145,9 +191,11 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
 
     async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();
-        let cluster: Option<ClusterMeta> =
-            bincode::deserialize(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let next = MetaState { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), cluster };
+        // Snapshots written before lease sessions hold the cluster metadata alone.
+        let (cluster, leases): (Option<ClusterMeta>, Leases) = bincode::deserialize(&bytes)
+            .or_else(|err| bincode::deserialize::<Option<ClusterMeta>>(&bytes).map(|c| (c, Leases::default())).map_err(|_| err))
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let next = MetaState { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), cluster, leases };
         self.shared.persist(&next).await?;
         *self.shared.state.lock().unwrap() = next;
         *self.shared.snapshot.lock().unwrap() = Some((meta.clone(), bytes));

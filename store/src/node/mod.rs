@@ -17,6 +17,7 @@
 pub mod config;
 pub mod placement;
 pub mod raft_network;
+mod leases;
 mod rejoin;
 mod repair;
 pub mod transport;
@@ -123,6 +124,8 @@ pub struct Node {
     transfers: repair::Transfers,
     /// Each peer's last health report, and when it came (see `report_health`).
     peer_health: std::sync::Mutex<HashMap<NodeId, PeerHealth>>,
+    /// The lease deadlines, while this node leads the metadata group (see `leases`).
+    lease_clock: std::sync::Mutex<leases::LeaseClock>,
 }
 
 /// What a peer last said of itself.
@@ -230,6 +233,7 @@ impl Node {
             writes_in_flight: Default::default(),
             transfers: Default::default(),
             peer_health: Default::default(),
+            lease_clock: Default::default(),
         }))
     }
 
@@ -315,6 +319,7 @@ impl Node {
             return Err(NodeError::Config("join called twice".into()));
         }
         tokio::spawn(report_health(Arc::downgrade(self)));
+        tokio::spawn(leases::keep_leases(Arc::downgrade(self)));
         Ok(())
     }
 
@@ -563,12 +568,21 @@ impl Node {
             Request::SnapshotPart { namespace, group, min_applied, transfer, offset } => {
                 self.handle_snapshot_part(&namespace, group, min_applied, transfer, offset).await
             }
+            Request::SessionOpen { ttl_ms } => self.handle_session_open(ttl_ms).await,
+            Request::SessionKeepAlive { session } => self.handle_keep_alive(session).await,
+            Request::SessionClose { session } => self.handle_session_close(session).await,
+            Request::FenceSession { namespace, group, session, release, finished_below } => {
+                self.handle_fence(&namespace, group, session, release, finished_below).await
+            }
+            Request::Write { op: crate::WriteOp::FenceSession { .. }, .. } => {
+                Response::Error(ErrorReply::BadRequest("sessions are fenced by the metadata leader, not by a write".into()))
+            }
             Request::Write { namespace, key, op, policy, tag } => {
                 let (hosted, group) = match self.local_group(&namespace, &key) {
                     Ok(found) => found,
                     Err(reply) => return Response::Error(reply),
                 };
-                if !matches!(op, crate::WriteOp::Delete) {
+                if !op.frees_room() {
                     if let Some(reason) = self.stop_writes(&namespace, hosted, group) {
                         return Response::Error(ErrorReply::StopWrites(reason));
                     }
@@ -948,5 +962,8 @@ fn failure_reply(failure: WriteFailure) -> ErrorReply {
         WriteFailure::RecordTooBig { size_bytes, limit_bytes } => ErrorReply::RecordTooBig { size_bytes, limit_bytes },
         WriteFailure::IncompatibleBin { bin, reason } => ErrorReply::IncompatibleBin { bin, reason },
         WriteFailure::BadRequest(what) => ErrorReply::BadRequest(what),
+        WriteFailure::SessionExpired { session } => ErrorReply::SessionExpired { session },
+        WriteFailure::LockHeld { holder } => ErrorReply::LockHeld { holder },
+        WriteFailure::LockNotHeld { holder } => ErrorReply::LockNotHeld { holder },
     }
 }

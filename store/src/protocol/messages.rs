@@ -64,6 +64,18 @@ pub enum Request {
     /// (answered at any time, also before the node has joined). A node whose own log of the
     /// group is empty asks before it votes in the group (see `node::rejoin`).
     GroupLog { namespace: String, group: u32 },
+    /// Opens a lease session (see `meta::leases`); answered by the metadata leader
+    /// `SessionOpened`.
+    SessionOpen { ttl_ms: u64 },
+    /// Renews a lease session's lease for another TTL; answered by the metadata leader
+    /// `SessionAlive`, or `SessionExpired` once the session has ended.
+    SessionKeepAlive { session: u64 },
+    /// Ends a lease session: its locks are released once it is fenced everywhere. Answered
+    /// `Noted` by the metadata leader.
+    SessionClose { session: u64 },
+    /// Between nodes: commits `WriteOp::FenceSession` in a group, as its leader (sent by the
+    /// metadata leader). Answered `Noted` once committed.
+    FenceSession { namespace: String, group: u32, session: u64, release: bool, finished_below: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -95,6 +107,8 @@ pub enum Response {
     /// (None: the log is empty), and the term of the node's vote in the group (None: it has
     /// not voted).
     GroupLog { last_index: Option<u64>, vote_term: Option<u64> },
+    SessionOpened { session: u64, ttl_ms: u64 },
+    SessionAlive { ttl_ms: u64 },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +174,14 @@ pub enum ErrorReply {
     TooManyInFlight,
     #[error("server error: {0}")]
     Internal(String),
+    #[error("lease session {session} has expired (or was closed): the write was not applied")]
+    SessionExpired { session: u64 },
+    #[error("the lock is held by lease session {holder}")]
+    LockHeld { holder: u64 },
+    #[error("this session does not hold the lock (holder: {holder:?})")]
+    LockNotHeld { holder: Option<u64> },
+    #[error("too many lease sessions are open ({0}); close some first")]
+    TooManySessions(usize),
 }
 
 fn options(limit: usize) -> impl Options {

@@ -17,6 +17,7 @@
 // openraft's StorageError is large, and it is what openraft's traits return.
 #![allow(clippy::result_large_err)]
 
+pub mod fences;
 pub mod log_store;
 pub mod sessions;
 pub mod snapshot_file;

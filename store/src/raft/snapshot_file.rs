@@ -6,8 +6,9 @@
 //! | bytes | field |
 //! |---|---|
 //! | 8 | magic `CHKSNAP\0` |
-//! | 4 | format version, 1 |
+//! | 4 | format version, 2 (version 1 files, without the fences item, are still read) |
 //! | 4 + 4 + n | the exactly-once table: length n, CRC32 of the bytes, bincode bytes |
+//! | 4 + 4 + n | the fenced lease sessions (`fences::Fences`), the same way |
 //! | (4 + 4 + n)* | one item per record version: length n (1..=`ITEM_BYTES_MAX`), CRC32, bincode bytes |
 //! | 4 + 8 + 4 | end: a zero length, the number of record items, CRC32 of those 8 bytes |
 //!
@@ -20,10 +21,11 @@ use std::path::Path;
 
 use crate::engine::RecordVersion;
 
+use super::fences::Fences;
 use super::sessions::Sessions;
 
 const MAGIC: &[u8; 8] = b"CHKSNAP\0";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// The largest item: a record (at most 8 MiB of bins) with room to spare; the table.
 pub const ITEM_BYTES_MAX: usize = 64 << 20;
 
@@ -42,13 +44,14 @@ pub struct SnapshotWriter {
 }
 
 impl SnapshotWriter {
-    pub fn create(path: &Path, sessions: &Sessions) -> Result<SnapshotWriter, SnapshotFileError> {
+    pub fn create(path: &Path, sessions: &Sessions, fences: &Fences) -> Result<SnapshotWriter, SnapshotFileError> {
         let file = std::fs::OpenOptions::new().create_new(true).write(true).read(true).open(path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(MAGIC)?;
         out.write_all(&VERSION.to_le_bytes())?;
         let mut writer = SnapshotWriter { out, records: 0 };
         writer.item(&bincode::serialize(sessions).expect("sessions serialize"))?;
+        writer.item(&bincode::serialize(fences).expect("fences serialize"))?;
         Ok(writer)
     }
 
@@ -79,7 +82,7 @@ impl SnapshotWriter {
     }
 }
 
-/// Reads a snapshot file from its start: the table, then the records one at a time.
+/// Reads a snapshot file from its start: the tables, then the records one at a time.
 pub struct SnapshotReader<R> {
     input: BufReader<R>,
     records: u64,
@@ -87,7 +90,7 @@ pub struct SnapshotReader<R> {
 }
 
 impl<R: Read> SnapshotReader<R> {
-    pub fn open(input: R) -> Result<(Sessions, SnapshotReader<R>), SnapshotFileError> {
+    pub fn open(input: R) -> Result<(Sessions, Fences, SnapshotReader<R>), SnapshotFileError> {
         let mut input = BufReader::with_capacity(1 << 20, input);
         let mut head = [0u8; 12];
         input.read_exact(&mut head).map_err(|e| truncated("header", e))?;
@@ -95,13 +98,20 @@ impl<R: Read> SnapshotReader<R> {
             return Err(SnapshotFileError::Corrupt("not a chunkstore snapshot (bad magic)".into()));
         }
         let version = u32::from_le_bytes(head[8..12].try_into().unwrap());
-        if version != VERSION {
+        if version != VERSION && version != 1 {
             return Err(SnapshotFileError::Corrupt(format!("snapshot format version {version}, this build reads {VERSION}")));
         }
         let mut reader = SnapshotReader { input, records: 0, done: false };
         let bytes = reader.item()?.ok_or_else(|| SnapshotFileError::Corrupt("no session table".into()))?;
         let sessions = bincode::deserialize(&bytes).map_err(|e| SnapshotFileError::Corrupt(format!("session table: {e}")))?;
-        Ok((sessions, reader))
+        let fences = match version {
+            1 => Fences::default(),
+            _ => {
+                let bytes = reader.item()?.ok_or_else(|| SnapshotFileError::Corrupt("no fences table".into()))?;
+                bincode::deserialize(&bytes).map_err(|e| SnapshotFileError::Corrupt(format!("fences table: {e}")))?
+            }
+        };
+        Ok((sessions, fences, reader))
     }
 
     /// The next record, or `None` after the last (once the end item has been checked).
@@ -177,7 +187,9 @@ mod tests {
     }
 
     fn write(path: &Path, n: u8) {
-        let mut writer = SnapshotWriter::create(path, &Sessions::default()).unwrap();
+        let mut fences = Fences::default();
+        fences.fence(7, true, 3);
+        let mut writer = SnapshotWriter::create(path, &Sessions::default(), &fences).unwrap();
         for i in 0..n {
             writer.record(&version(i)).unwrap();
         }
@@ -185,7 +197,8 @@ mod tests {
     }
 
     fn read_all(bytes: &[u8]) -> Result<Vec<RecordVersion>, SnapshotFileError> {
-        let (_, mut reader) = SnapshotReader::open(bytes)?;
+        let (_, fences, mut reader) = SnapshotReader::open(bytes)?;
+        assert!(fences.is_released(7) && fences.is_fenced(2) && !fences.is_fenced(8));
         let mut out = Vec::new();
         while let Some(v) = reader.next_record()? {
             out.push(v);

@@ -16,11 +16,13 @@ use serde::{Deserialize, Serialize};
 
 use super::group_of;
 use super::log_store::append_durable;
+use super::fences::Fences;
 use super::sessions::{Admission, Outcome, Sessions};
 use super::snapshot_file::{SnapshotReader, SnapshotWriter};
 use super::types::{Command, CommandResult, NodeId, TypeConfig, WriteFailure};
 use crate::engine::{DurablePoint, Namespace, Replicated};
-use crate::value::RecordMeta;
+use crate::ops::{RecordExistsAction, Ttl, WriteOp, WritePolicy, LOCK_HOLDER_BIN};
+use crate::value::{Bin, RecordMeta, Value};
 use crate::wal::{GroupId, Wal, WalOp};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
@@ -37,6 +39,17 @@ struct AppliedMarker {
     /// Per engine device, the log position the engine was durable up to when this marker was
     /// written: start-up tells damage below it from a torn tail above it.
     engine_points: Vec<DurablePoint>,
+    /// The fenced lease sessions as of `last_applied`.
+    fences: Fences,
+}
+
+/// A marker as written before markers recorded fenced lease sessions.
+#[derive(Deserialize)]
+struct AppliedMarkerV2 {
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    sessions: Sessions,
+    engine_points: Vec<DurablePoint>,
 }
 
 /// A marker as written before markers recorded the engine's durable points.
@@ -50,10 +63,17 @@ struct AppliedMarkerV1 {
 impl AppliedMarker {
     fn read(wal: &Wal, wal_group: GroupId) -> Result<AppliedMarker, StorageError<NodeId>> {
         let Some(bytes) = wal.log_state(wal_group).applied else { return Ok(AppliedMarker::default()) };
-        bincode::deserialize(&bytes).or_else(|err| match bincode::deserialize::<AppliedMarkerV1>(&bytes) {
-            Ok(v1) => Ok(AppliedMarker { last_applied: v1.last_applied, membership: v1.membership, sessions: v1.sessions, engine_points: Vec::new() }),
-            Err(_) => Err(StorageIOError::read_state_machine(&err).into()),
-        })
+        if let Ok(marker) = bincode::deserialize(&bytes) {
+            return Ok(marker);
+        }
+        if let Ok(v2) = bincode::deserialize::<AppliedMarkerV2>(&bytes) {
+            let AppliedMarkerV2 { last_applied, membership, sessions, engine_points } = v2;
+            return Ok(AppliedMarker { last_applied, membership, sessions, engine_points, fences: Fences::default() });
+        }
+        match bincode::deserialize::<AppliedMarkerV1>(&bytes) {
+            Ok(v1) => Ok(AppliedMarker { last_applied: v1.last_applied, membership: v1.membership, sessions: v1.sessions, ..Default::default() }),
+            Err(err) => Err(StorageIOError::read_state_machine(&err).into()),
+        }
     }
 }
 
@@ -74,6 +94,7 @@ struct Progress {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
     sessions: Sessions,
+    fences: Fences,
     /// The last snapshot built or installed: its metadata and its file (snapshot_file.rs).
     snapshot: Option<(Meta, PathBuf)>,
 }
@@ -184,7 +205,7 @@ impl GroupStateMachine {
         }
         let written = tokio::sync::Mutex::new(marker.last_applied);
         let progress =
-            Progress { last_applied: marker.last_applied, membership: marker.membership, sessions: marker.sessions, snapshot: None };
+            Progress { last_applied: marker.last_applied, membership: marker.membership, sessions: marker.sessions, fences: marker.fences, snapshot: None };
         let shared = Shared {
             engine,
             wal,
@@ -269,9 +290,10 @@ impl GroupSnapshotBuilder {
         // what a record already holds.
         self.shared.make_durable(self.marker.clone()).await?;
         let path = self.shared.new_snapshot_path("snap");
-        let (engine, filter, sessions, file) = (self.shared.engine.clone(), self.shared.in_group(), self.marker.sessions.clone(), path.clone());
+        let (engine, filter, file) = (self.shared.engine.clone(), self.shared.in_group(), path.clone());
+        let (sessions, fences) = (self.marker.sessions.clone(), self.marker.fences.clone());
         let written = tokio::task::spawn_blocking(move || -> Result<u64, String> {
-            let mut writer = SnapshotWriter::create(&file, &sessions).map_err(|e| e.to_string())?;
+            let mut writer = SnapshotWriter::create(&file, &sessions, &fences).map_err(|e| e.to_string())?;
             let mut failed = None;
             engine
                 .export_each(filter, |version| {
@@ -363,6 +385,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             membership: progress.membership.clone(),
             sessions: progress.sessions.clone(),
             engine_points: Vec::new(),
+            fences: progress.fences.clone(),
         };
         GroupSnapshotBuilder { shared: self.shared.clone(), marker }
     }
@@ -390,19 +413,19 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         let delete_seq = meta.last_log_id.map_or(0, |l| l.index);
         // Records go into the engine one at a time; a damaged file fails the install (openraft
         // then stops this replica's group rather than run on half a snapshot).
-        let installed = tokio::task::spawn_blocking(move || -> Result<(Sessions, std::fs::File), String> {
-            let (sessions, mut reader) = SnapshotReader::open(&mut file).map_err(|e| e.to_string())?;
+        let installed = tokio::task::spawn_blocking(move || -> Result<(Sessions, Fences, std::fs::File), String> {
+            let (sessions, fences, mut reader) = SnapshotReader::open(&mut file).map_err(|e| e.to_string())?;
             let mut importer = engine.importer(filter);
             while let Some(version) = reader.next_record().map_err(|e| e.to_string())? {
                 importer.add(version).map_err(|e| e.to_string())?;
             }
             importer.finish(delete_seq).map_err(|e| e.to_string())?;
             drop(reader);
-            Ok((sessions, file))
+            Ok((sessions, fences, file))
         })
         .await
         .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        let (sessions, mut file) =
+        let (sessions, fences, mut file) =
             installed.map_err(|reason| StorageIOError::write_snapshot(Some(meta.signature()), &std::io::Error::other(reason)))?;
         let marker =
             AppliedMarker {
@@ -410,6 +433,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             membership: meta.last_membership.clone(),
             sessions: sessions.clone(),
             engine_points: Vec::new(),
+            fences: fences.clone(),
         };
         self.shared.make_durable(marker).await?;
         tracing::info!(group = self.shared.group, snapshot = %meta.snapshot_id, last_log = ?meta.last_log_id, "installed snapshot");
@@ -418,6 +442,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             progress.last_applied = meta.last_log_id;
             progress.membership = meta.last_membership.clone();
             progress.sessions = sessions;
+            progress.fences = fences;
         }
         // The received file becomes the current snapshot (renamed when it is one this state
         // machine created to receive into, copied otherwise); partial receptions are dropped.
@@ -491,12 +516,19 @@ fn apply_command(shared: &Shared, command: &Command, log_id: LogId<NodeId>, wait
             Admission::Refused(refusal) => return Ok(Some(CommandResult::Refused(refusal))),
         }
     }
+    if let WriteOp::FenceSession { session, release, finished_below } = command.op {
+        shared.progress.lock().unwrap().fences.fence(session, release, finished_below);
+        return Ok(Some(CommandResult::Noop));
+    }
     let replicated = Replicated { log_index: log_id.index, now_ms: command.now_ms };
-    let applied = match wait {
-        true => apply_when_there_is_room(shared, command, replicated),
-        false => match shared.engine.apply_replicated(&command.key, &command.op, &command.policy, replicated) {
-            Err(crate::Error::DeviceFull { .. }) => return Ok(None),
-            other => other,
+    let applied = match record_write(shared, command, log_id.index) {
+        Err(failure) => Err(failure),
+        Ok((op, policy)) => match wait {
+            true => apply_when_there_is_room(shared, &command.key, &op, &policy, replicated).map_err(engine_failure),
+            false => match shared.engine.apply_replicated(&command.key, &op, &policy, replicated) {
+                Err(crate::Error::DeviceFull { .. }) => return Ok(None),
+                other => other.map_err(engine_failure),
+            },
         },
     };
     let (result, outcome) = match applied {
@@ -505,15 +537,72 @@ fn apply_command(shared: &Shared, command: &Command, log_id: LogId<NodeId>, wait
             (CommandResult::Applied { meta, results }, outcome)
         }
         Ok(None) => (CommandResult::Replayed, replayed_outcome(shared, command, log_id.index)),
-        Err(err) => match WriteFailure::from_engine(&err) {
-            Some(failure) => (CommandResult::Failed(failure.clone()), Outcome::Failed(failure)),
-            None => return Err(StorageIOError::apply(log_id, &err).into()),
-        },
+        Err(Refused::Failure(failure)) => (CommandResult::Failed(failure.clone()), Outcome::Failed(failure)),
+        Err(Refused::Engine(err)) => return Err(StorageIOError::apply(log_id, &err).into()),
     };
     if let Some(tag) = &tag {
         shared.progress.lock().unwrap().sessions.complete(tag, outcome);
     }
     Ok(Some(result))
+}
+
+/// Why a command wrote nothing: a deterministic refusal (the same on every replica), or an
+/// engine error that stops the replica.
+enum Refused {
+    Failure(WriteFailure),
+    Engine(crate::Error),
+}
+
+fn engine_failure(err: crate::Error) -> Refused {
+    match WriteFailure::from_engine(&err) {
+        Some(failure) => Refused::Failure(failure),
+        None => Refused::Engine(err),
+    }
+}
+
+/// The record write a command makes, after the checks of lease sessions and locks
+/// (`fences`): a write in a fenced session is refused; a lock becomes a write of its holder
+/// (never expiring: TTLs go by each replica's clock) or a delete. A command the engine already
+/// reflects (replayed after a restart) skips the lock checks, which would see its own effect:
+/// the engine then reports it replayed.
+fn record_write(shared: &Shared, command: &Command, index: u64) -> Result<(WriteOp, WritePolicy), Refused> {
+    let refuse = |failure| Err(Refused::Failure(failure));
+    let session = match &command.op {
+        WriteOp::InSession { session, op } => match op.as_ref() {
+            WriteOp::Put(_) | WriteOp::Delete | WriteOp::Touch | WriteOp::Operate(_) => *session,
+            other => return refuse(WriteFailure::BadRequest(format!("{other:?} cannot be a write in a session"))),
+        },
+        WriteOp::Lock { session } | WriteOp::Unlock { session } => *session,
+        _ => return Ok((command.op.clone(), command.policy)),
+    };
+    if shared.progress.lock().unwrap().fences.is_fenced(session) {
+        return refuse(WriteFailure::SessionExpired { session });
+    }
+    let lock_policy = WritePolicy { exists: RecordExistsAction::Replace, ttl: Ttl::NeverExpire, ..command.policy };
+    let replayed = shared.engine.current_version(&command.key.digest).is_some_and(|(seq, _, _)| seq >= index);
+    let holder = || -> Result<Option<u64>, Refused> {
+        if replayed {
+            return Ok(Some(session));
+        }
+        let record = shared.engine.get(&command.key, Some(&[LOCK_HOLDER_BIN])).map_err(engine_failure)?;
+        Ok(record.and_then(|r| match r.bin(LOCK_HOLDER_BIN) {
+            Some(Value::Int(id)) => Some(*id as u64),
+            _ => None,
+        }))
+    };
+    match &command.op {
+        WriteOp::Lock { .. } => match holder()? {
+            Some(other) if other != session && !shared.progress.lock().unwrap().fences.is_released(other) => {
+                refuse(WriteFailure::LockHeld { holder: other })
+            }
+            _ => Ok((WriteOp::Put(vec![Bin::new(LOCK_HOLDER_BIN, Value::Int(session as i64))]), lock_policy)),
+        },
+        WriteOp::Unlock { .. } => match holder()? {
+            Some(holder) if holder == session => Ok((WriteOp::Delete, command.policy)),
+            holder => refuse(WriteFailure::LockNotHeld { holder }),
+        },
+        _ => Ok((command.op.clone(), command.policy)),
+    }
 }
 
 /// How often an apply that found its device full looks again.
@@ -527,12 +616,14 @@ const DEVICE_FULL_RETRY: Duration = Duration::from_millis(50);
 /// node shuts down (the entry stays in the log and is applied after the restart).
 fn apply_when_there_is_room(
     shared: &Shared,
-    command: &Command,
+    key: &crate::Key,
+    op: &WriteOp,
+    policy: &WritePolicy,
     replicated: Replicated,
 ) -> crate::Result<Option<(RecordMeta, Vec<crate::OpResult>)>> {
     let mut waiting_since: Option<Instant> = None;
     loop {
-        match shared.engine.apply_replicated(&command.key, &command.op, &command.policy, replicated) {
+        match shared.engine.apply_replicated(key, op, policy, replicated) {
             Err(crate::Error::DeviceFull { path }) if !shared.stopping.load(Ordering::SeqCst) => {
                 if waiting_since.is_none() {
                     tracing::warn!(group = shared.group, index = replicated.log_index, device = %path.display(),

@@ -49,6 +49,12 @@ pub enum WriteFailure {
     RecordTooBig { size_bytes: usize, limit_bytes: usize },
     IncompatibleBin { bin: String, reason: String },
     BadRequest(String),
+    /// A write of a lease session that is fenced in the group (`fences`): not applied.
+    SessionExpired { session: u64 },
+    /// A lock another session holds.
+    LockHeld { holder: u64 },
+    /// An unlock of a lock the session does not hold (`holder`: who does, if anyone).
+    LockNotHeld { holder: Option<u64> },
 }
 
 impl WriteFailure {

@@ -21,6 +21,9 @@ struct Cli {
     /// Addresses of some nodes, HOST:PORT[,...] (instead of --dir).
     #[arg(long, global = true, value_delimiter = ',')]
     seeds: Vec<String>,
+    /// The address this command's connections leave from (for drills that cut one client off).
+    #[arg(long, global = true)]
+    source: Option<std::net::IpAddr>,
     #[command(subcommand)]
     command: Commands,
 }
@@ -67,6 +70,25 @@ enum Commands {
         key: String,
         #[arg(required = true)]
         ops: Vec<String>,
+    },
+    /// Hold a lock as a lease session and write under it, for failover drills: opens a session
+    /// (renewed every third of --ttl-ms), takes the record NAMESPACE SET KEY as a lock (waiting
+    /// up to --wait-ms), then appends "SESSION:N;" to bin "log" of record KEY-data every
+    /// --write-every-ms, as writes of the session. Prints one JSON object per event on stdout
+    /// ({"event": "session"|"locked"|"write"|"lease", ...}); stops after --writes writes (0:
+    /// never), and exits 2 if the lock was not taken.
+    Lock {
+        namespace: String,
+        set: String,
+        key: String,
+        #[arg(long, default_value_t = 2000)]
+        ttl_ms: u64,
+        #[arg(long, default_value_t = 30_000)]
+        wait_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        write_every_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        writes: u64,
     },
     /// Benchmarks.
     #[command(subcommand)]
@@ -191,6 +213,10 @@ fn main() -> ExitCode {
             }
             Ok(())
         })(),
+        Commands::Lock { ref namespace, ref set, ref key, ttl_ms, wait_ms, write_every_ms, writes } => client(&cli).and_then(|client| {
+            let drill = LockDrill { namespace, set, key, ttl: Duration::from_millis(ttl_ms), wait: Duration::from_millis(wait_ms), write_every: Duration::from_millis(write_every_ms), writes };
+            hold_lock(&client, &drill)
+        }),
         Commands::Bench(BenchCommand::Kv { ref clients, seconds, read_policy, ref namespace, json }) => (|| {
             let (seeds, baseline_dir) = match (&cli.seeds, &cli.dir) {
                 (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data")),
@@ -239,6 +265,61 @@ fn main() -> ExitCode {
     }
 }
 
+struct LockDrill<'a> {
+    namespace: &'a str,
+    set: &'a str,
+    key: &'a str,
+    ttl: Duration,
+    wait: Duration,
+    write_every: Duration,
+    writes: u64,
+}
+
+/// `chunkctl lock`: see its help.
+fn hold_lock(client: &Client, drill: &LockDrill) -> Result<()> {
+    use chunkstore::protocol::ErrorReply;
+    use chunkstore::client::ClientError;
+    let event = |value: serde_json::Value| println!("{value}");
+    let session = client.open_session(drill.ttl)?;
+    event(serde_json::json!({"event": "session", "session": session, "ttl_ms": drill.ttl.as_millis() as u64}));
+    std::thread::scope(|scope| {
+        scope.spawn(|| loop {
+            std::thread::sleep(drill.ttl / 3);
+            match client.keep_alive(session) {
+                Ok(_) => {}
+                Err(err) => {
+                    let expired = matches!(err, ClientError::Server(ErrorReply::SessionExpired { .. }));
+                    event(serde_json::json!({"event": "lease", "error": err.to_string(), "session_expired": expired}));
+                    if expired {
+                        return;
+                    }
+                }
+            }
+        });
+        if let Err(err) = client.lock(session, drill.namespace, &user_key(drill.set, drill.key), drill.wait) {
+            event(serde_json::json!({"event": "lock-failed", "error": err.to_string()}));
+            std::process::exit(2);
+        }
+        event(serde_json::json!({"event": "locked", "session": session}));
+        let data = user_key(drill.set, &format!("{}-data", drill.key));
+        let mut n = 1;
+        while drill.writes == 0 || n <= drill.writes {
+            let append = Operation::Append { bin: "log".into(), value: Value::String(format!("{session}:{n};")) };
+            let op = chunkstore::WriteOp::Operate(vec![append]);
+            match client.write_in_session(session, drill.namespace, &data, op, &WritePolicy::default()) {
+                Ok(_) => event(serde_json::json!({"event": "write", "n": n, "ok": true})),
+                Err(err) => {
+                    let expired = matches!(err, ClientError::Server(ErrorReply::SessionExpired { .. }));
+                    event(serde_json::json!({"event": "write", "n": n, "ok": false, "error": err.to_string(), "session_expired": expired}));
+                }
+            }
+            n += 1;
+            std::thread::sleep(drill.write_every);
+        }
+        std::process::exit(0)
+    })
+}
+
 /// A client for --seeds, or for the cluster in --dir (default ./chunkstore-data).
 fn client(cli: &Cli) -> Result<Client> {
     let seeds = if !cli.seeds.is_empty() {
@@ -247,7 +328,7 @@ fn client(cli: &Cli) -> Result<Client> {
         let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
         LocalCluster::load(&dir)?.seeds()
     };
-    Client::connect(ClientConfig::new(seeds)).context("connecting to the cluster")
+    Client::connect(ClientConfig { source: cli.source, ..ClientConfig::new(seeds) }).context("connecting to the cluster")
 }
 
 fn user_key(set: &str, key: &str) -> Key {

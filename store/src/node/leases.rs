@@ -1,0 +1,236 @@
+//! Lease sessions at a node: the requests clients send (open, keep alive, close), the fences
+//! the metadata leader asks group leaders to commit, and the metadata leader's loop that ends
+//! sessions whose lease ran out and fences them everywhere. The replicated parts are
+//! `meta::leases` (the table) and `raft::fences` (each group's fenced sessions).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::time::Instant;
+
+use super::Node;
+use crate::engine::Clock;
+use crate::meta::leases::{TTL_MS_MAX, TTL_MS_MIN};
+use crate::meta::{EndReason, LeaseState, MetaCommand, MetaRaft, MetaResult};
+use crate::protocol::{ErrorReply, Request, Response};
+use crate::raft::{Command, CommandResult, NodeId};
+
+/// How often the metadata leader looks for leases that ran out.
+const LEASE_POLL: Duration = Duration::from_millis(50);
+
+/// The metadata leader's clock for the leases (not replicated; see `meta::leases`).
+#[derive(Default)]
+pub(super) struct LeaseClock {
+    /// The metadata term these deadlines were set in: a new term starts every lease afresh.
+    term: Option<u64>,
+    deadlines: HashMap<u64, Instant>,
+    /// Sessions whose fencing runs now.
+    fencing: HashSet<u64>,
+}
+
+impl Node {
+    /// This node's metadata group member, if it leads the group; NotLeader otherwise.
+    fn leading_meta(&self) -> Result<&MetaRaft, ErrorReply> {
+        let raft = self.meta_raft.as_ref().ok_or(ErrorReply::NotLeader { leader: None })?;
+        let leader = raft.metrics().borrow().current_leader;
+        match leader == Some(self.config.node_id) {
+            true => Ok(raft),
+            false => Err(ErrorReply::NotLeader { leader }),
+        }
+    }
+
+    /// Proposes a metadata command as its leader.
+    async fn propose_meta(&self, command: MetaCommand) -> Result<MetaResult, ErrorReply> {
+        let raft = self.leading_meta()?;
+        match tokio::time::timeout(self.config.request_timeout, raft.client_write(command)).await {
+            Err(_) => Err(ErrorReply::Timeout { in_doubt: true }),
+            Ok(Ok(written)) => Ok(written.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) | Ok(Err(RaftError::Fatal(_))) => {
+                Err(ErrorReply::Timeout { in_doubt: true })
+            }
+            Ok(Err(err)) => Err(ErrorReply::Internal(err.to_string())),
+        }
+    }
+
+    pub(super) async fn handle_session_open(&self, ttl_ms: u64) -> Response {
+        if !(TTL_MS_MIN..=TTL_MS_MAX).contains(&ttl_ms) {
+            return Response::Error(ErrorReply::BadRequest(format!("a lease TTL of {ttl_ms} ms: it must be {TTL_MS_MIN}..={TTL_MS_MAX} ms")));
+        }
+        match self.propose_meta(MetaCommand::OpenSession { ttl_ms }).await {
+            Ok(MetaResult::SessionOpened { session }) => {
+                self.lease_clock.lock().unwrap().deadlines.insert(session, Instant::now() + Duration::from_millis(ttl_ms));
+                Response::SessionOpened { session, ttl_ms }
+            }
+            Ok(MetaResult::TooManySessions(count)) => Response::Error(ErrorReply::TooManySessions(count)),
+            Ok(other) => Response::Error(ErrorReply::Internal(format!("unexpected metadata result {other:?}"))),
+            Err(reply) => Response::Error(reply),
+        }
+    }
+
+    /// Renews a lease. The leader first confirms it leads and has applied everything committed
+    /// (a new leader may not have applied a session opened under the old one yet).
+    pub(super) async fn handle_keep_alive(&self, session: u64) -> Response {
+        let raft = match self.leading_meta() {
+            Ok(raft) => raft,
+            Err(reply) => return Response::Error(reply),
+        };
+        match tokio::time::timeout(self.config.request_timeout, raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Response::Error(ErrorReply::NotLeader { leader: None }),
+            Err(_) => return Response::Error(ErrorReply::Timeout { in_doubt: false }),
+        }
+        match self.meta_state.lease_state(session) {
+            LeaseState::Open { ttl_ms } => {
+                self.lease_clock.lock().unwrap().deadlines.insert(session, Instant::now() + Duration::from_millis(ttl_ms));
+                Response::SessionAlive { ttl_ms }
+            }
+            LeaseState::Ending(_) | LeaseState::Gone => Response::Error(ErrorReply::SessionExpired { session }),
+        }
+    }
+
+    /// Ends a session at its client's request; its fencing follows (`keep_leases`).
+    pub(super) async fn handle_session_close(&self, session: u64) -> Response {
+        match self.propose_meta(MetaCommand::EndSession { session, reason: EndReason::Closed }).await {
+            Ok(_) => Response::Noted,
+            Err(reply) => Response::Error(reply),
+        }
+    }
+
+    /// Commits a `FenceSession` entry in one of this node's groups, as its leader.
+    pub(super) async fn handle_fence(&self, namespace: &str, group: u32, session: u64, release: bool, finished_below: u64) -> Response {
+        let Some(local) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.local.get(&group)) else {
+            return Response::Error(ErrorReply::NotLeader { leader: None });
+        };
+        let leader = local.raft.current_leader().await;
+        if leader != Some(self.config.node_id) {
+            return Response::Error(ErrorReply::NotLeader { leader });
+        }
+        let now_ms = crate::engine::SystemClock.now_ms();
+        let op = crate::WriteOp::FenceSession { session, release, finished_below };
+        let command = Command { key: crate::Key::new("", 0), op, policy: Default::default(), now_ms, tag: None };
+        match tokio::time::timeout(self.config.request_timeout, local.raft.client_write(command)).await {
+            Ok(Ok(written)) if written.data == CommandResult::Noop => Response::Noted,
+            Ok(Ok(written)) => Response::Error(ErrorReply::Internal(format!("unexpected fence result {:?}", written.data))),
+            Ok(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
+            Err(_) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
+        }
+    }
+
+    /// Sends a request for `namespace`'s `group` to its leader, trying replicas until one
+    /// answers `Noted`; false if none did this round.
+    async fn send_to_group_leader(&self, namespace: &str, group: u32, replicas: &[NodeId], request: &Request) -> bool {
+        let mut candidates: Vec<NodeId> = replicas.to_vec();
+        let mut tried = HashSet::new();
+        while let Some(id) = candidates.pop() {
+            if !tried.insert(id) {
+                continue;
+            }
+            let response = if id == self.config.node_id {
+                let Request::FenceSession { session, release, finished_below, .. } = *request else { return false };
+                self.handle_fence(namespace, group, session, release, finished_below).await
+            } else {
+                match self.peers.get(&id) {
+                    Some(peer) => peer.call(request, self.config.request_timeout).await.unwrap_or(Response::Error(ErrorReply::NotLeader { leader: None })),
+                    None => continue,
+                }
+            };
+            match response {
+                Response::Noted => return true,
+                Response::Error(ErrorReply::NotLeader { leader: Some(leader) }) => candidates.push(leader),
+                _ => {}
+            }
+        }
+        false
+    }
+
+    /// Fences `session` in every group of every namespace, then releases it in every group,
+    /// then records it finished. Retries each group until it is done (a group without a quorum
+    /// holds the session's locks until it has one again).
+    async fn fence_everywhere(&self, session: u64) {
+        let Some(cluster) = self.meta_state.cluster() else { return };
+        let finished_below = self.meta_state.leases_finished_below();
+        for release in [false, true] {
+            for ns in &cluster.namespaces {
+                for group in 0..ns.groups {
+                    let request = Request::FenceSession { namespace: ns.name.clone(), group, session, release, finished_below };
+                    let mut reported = false;
+                    while !self.send_to_group_leader(&ns.name, group, &ns.placement[group as usize], &request).await {
+                        if self.leading_meta().is_err() || self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                            return; // the next metadata leader takes over
+                        }
+                        if !reported {
+                            tracing::warn!(session, namespace = %ns.name, group, release, "cannot fence the session in this group yet: retrying");
+                            reported = true;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+        match self.propose_meta(MetaCommand::SessionFinished { session }).await {
+            Ok(_) => tracing::info!(session, "lease session fenced and released in every group"),
+            Err(err) => tracing::warn!(session, %err, "recording the session finished failed; the next round retries"),
+        }
+    }
+}
+
+/// The metadata leader's loop: ends sessions whose lease ran out, and fences ending sessions
+/// everywhere (one task per session). Runs on every metadata voter; acts only while leading.
+pub(super) async fn keep_leases(node: Weak<Node>) {
+    loop {
+        tokio::time::sleep(LEASE_POLL).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let Some(raft) = &node.meta_raft else { return };
+        let (leader, term) = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            (metrics.current_leader, metrics.current_term)
+        };
+        if leader != Some(node.config.node_id) || node.joined.get().is_none() {
+            let mut clock = node.lease_clock.lock().unwrap();
+            clock.term = None;
+            clock.deadlines.clear();
+            continue;
+        }
+        let leases = node.meta_state.leases();
+        let now = Instant::now();
+        let (expired, ending) = {
+            let mut clock = node.lease_clock.lock().unwrap();
+            if clock.term != Some(term) {
+                // A new term: every open lease starts afresh from now.
+                clock.term = Some(term);
+                clock.deadlines.clear();
+            }
+            let open: HashMap<u64, u64> = leases.open_sessions().collect();
+            clock.deadlines.retain(|id, _| open.contains_key(id));
+            let mut expired = Vec::new();
+            for (id, ttl_ms) in &open {
+                let deadline = *clock.deadlines.entry(*id).or_insert(now + Duration::from_millis(*ttl_ms));
+                if now > deadline {
+                    expired.push(*id);
+                }
+            }
+            let ending: Vec<u64> = leases.ending_sessions().filter(|id| !clock.fencing.contains(id)).collect();
+            clock.fencing.extend(ending.iter().copied());
+            (expired, ending)
+        };
+        for session in expired {
+            match node.propose_meta(MetaCommand::EndSession { session, reason: EndReason::Expired }).await {
+                Ok(_) => tracing::info!(session, "lease session expired: it was not renewed in time"),
+                Err(err) => tracing::warn!(session, %err, "ending an expired lease session failed; retrying"),
+            }
+        }
+        for session in ending {
+            let node = Arc::clone(&node);
+            tokio::spawn(async move {
+                node.fence_everywhere(session).await;
+                node.lease_clock.lock().unwrap().fencing.remove(&session);
+            });
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Lease sessions and locks with real processes: a lock holder (`chunkctl lock`, writing under
+//! its session) that is SIGSTOPped past its lease, or cut off from the cluster with iptables,
+//! loses the lock to a waiter, and none of its writes lands after the waiter took the lock:
+//! every write it tries afterwards is refused with SessionExpired (unique write ownership, as
+//! shared-storage failover of a JMS server needs).
+//!
+//! Negative controls: with the fence check in `raft::state_machine::record_write` disabled,
+//! both tests fail ("the old holder's write ... was accepted after the lock changed hands");
+//! with its `LockHeld` check disabled, "a lock held by a live session was taken".
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chunkstore::client::{Client, ClientConfig};
+use chunkstore::{Key, Value};
+use chunkstore_tests::{binary, run};
+use serde_json::Value as Json;
+
+fn chunkctl(dir: &Path, args: &[&str]) {
+    let mut all = vec!["--dir", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let output = run("chunkctl", &all);
+    assert!(output.status.success(), "chunkctl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Stops the cluster even if the test fails.
+struct Down<'a>(&'a Path);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = run("chunkctl", &["--dir", self.0.to_str().unwrap(), "down"]);
+    }
+}
+
+/// A `chunkctl lock` process and the JSON events it printed so far.
+struct Holder {
+    child: Child,
+    events: Arc<Mutex<Vec<Json>>>,
+}
+
+impl Holder {
+    fn start(dir: &Path, args: &[&str]) -> Holder {
+        let mut child = Command::new(binary("chunkctl"))
+            .args(["--dir", dir.to_str().unwrap()])
+            .args(["lock", "test", "locks", "L"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (stdout, sink) = (child.stdout.take().unwrap(), events.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if let Ok(event) = serde_json::from_str(&line) {
+                    sink.lock().unwrap().push(event);
+                }
+            }
+        });
+        Holder { child, events }
+    }
+
+    fn events(&self) -> Vec<Json> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for the events, or fails saying `what`.
+    fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&[Json]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.events()) {
+            assert!(Instant::now() < deadline, "{what}; events: {:?}", self.events());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn session(&self) -> u64 {
+        self.events().iter().find(|e| e["event"] == "session").and_then(|e| e["session"].as_u64()).expect("a session event")
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: a plain syscall on a process this test started.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn writes(events: &[Json]) -> Vec<&Json> {
+    events.iter().filter(|e| e["event"] == "write").collect()
+}
+
+fn ok_writes(events: &[Json]) -> usize {
+    writes(events).iter().filter(|e| e["ok"] == true).count()
+}
+
+/// The (session, n) entries of the data record's log, in the order they were applied.
+fn applied_log(dir: &Path) -> Vec<(u64, u64)> {
+    let cluster: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
+    let seeds = cluster["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let client = Client::connect(ClientConfig::new(seeds)).unwrap();
+    let record = client.get_with("test", &Key::new("locks", "L-data"), None, chunkstore::protocol::ReadPolicy::Linearizable).unwrap();
+    let Some(Value::String(log)) = record.and_then(|r| r.bin("log").cloned()) else { panic!("no log written") };
+    log.split_terminator(';')
+        .map(|entry| {
+            let (session, n) = entry.split_once(':').unwrap();
+            (session.parse().unwrap(), n.parse().unwrap())
+        })
+        .collect()
+}
+
+/// What both tests check once the old holder `a` was cut off (paused or partitioned) while a
+/// waiter `b` took the lock and wrote 10 times, and `a` then ran again:
+/// - `a`'s writes after it ran again are all refused with SessionExpired, and its keep-alive
+///   learnt that the session expired;
+/// - in the record, every write of `a` comes before every write of `b`, `b` wrote 1..=10, and
+///   every write `a` saw acknowledged is there (at most one more: the one in flight when it was
+///   cut off, applied before the fence, its answer lost).
+fn check_unique_ownership(dir: &Path, a: &Holder, b: &Holder, a_ok_before: usize, a_events_before: usize) {
+    a.wait_until("the old holder wrote 5 more times", Duration::from_secs(60), |events| writes(&events[a_events_before..]).len() >= 5);
+    let events = a.events();
+    let later = writes(&events[a_events_before..]);
+    // The first may be the write in flight when it was cut off (applied before the fence).
+    for event in &later[1..] {
+        assert_eq!(event["ok"], false, "the old holder's write {event} was accepted after the lock changed hands");
+        assert_eq!(event["session_expired"], true, "the old holder's write was refused for another reason: {event}");
+    }
+    a.wait_until("the old holder's keep-alive learnt that its session expired", Duration::from_secs(30), |events| {
+        events.iter().any(|e| e["event"] == "lease" && e["session_expired"] == true)
+    });
+    let (sa, sb) = (a.session(), b.session());
+    let log = applied_log(dir);
+    let last_a = log.iter().rposition(|(s, _)| *s == sa).expect("the old holder wrote before it was cut off");
+    let first_b = log.iter().position(|(s, _)| *s == sb).expect("the new holder wrote");
+    assert!(last_a < first_b, "a write of the old holder (session {sa}) landed after the new holder's (session {sb}): {log:?}");
+    let b_entries: Vec<u64> = log.iter().filter(|(s, _)| *s == sb).map(|(_, n)| *n).collect();
+    assert_eq!(b_entries, (1..=10).collect::<Vec<_>>(), "the new holder's writes");
+    let a_applied = log.iter().filter(|(s, _)| *s == sa).count();
+    let a_acknowledged = a_ok_before + later.iter().filter(|e| e["ok"] == true).count();
+    assert!(
+        a_applied >= a_acknowledged && a_applied <= a_acknowledged + 1,
+        "the old holder saw {a_acknowledged} writes acknowledged, the record has {a_applied}: {log:?}"
+    );
+}
+
+/// A lock holder SIGSTOPped past its lease loses the lock to a waiter, and after SIGCONT every
+/// write it tries is refused.
+#[test]
+fn a_paused_lock_holder_loses_its_lock_and_its_later_writes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    chunkctl(dir, &["up", "--nodes", "3", "--device-size", "67108864"]);
+    let _down = Down(dir);
+    let a = Holder::start(dir, &["--ttl-ms", "1000"]);
+    a.wait_until("the first holder took the lock and wrote", Duration::from_secs(30), |events| ok_writes(events) >= 3);
+    // While the holder's lease is kept alive, nobody else gets the lock.
+    let mut c = Holder::start(dir, &["--wait-ms", "1500", "--writes", "1"]);
+    let status = c.child.wait().unwrap();
+    let refused = c.events().iter().any(|e| e["event"] == "lock-failed" && e["error"].as_str().unwrap_or("").contains("held by lease session"));
+    assert!(status.code() == Some(2) && refused, "a lock held by a live session was taken: {status:?} {:?}", c.events());
+    a.signal(libc::SIGSTOP);
+    let a_before = a.events();
+    let mut b = Holder::start(dir, &["--ttl-ms", "5000", "--writes", "10"]);
+    let status = b.child.wait().unwrap();
+    assert!(status.success(), "the waiter did not take the lock: {:?}", b.events());
+    a.signal(libc::SIGCONT);
+    check_unique_ownership(dir, &a, &b, ok_writes(&a_before), a_before.len());
+}
+
+/// Removes the iptables rules that cut `SOURCE` off, even if the test fails.
+struct Cut(&'static str);
+
+impl Cut {
+    /// Packets from the address, and packets to it.
+    const RULES: [&'static str; 2] = ["-s", "-d"];
+
+    fn iptables(action: &str, flag: &str, address: &str) -> bool {
+        Command::new("iptables").args(["-w", "5", action, "OUTPUT", flag, address, "-j", "DROP"]).status().is_ok_and(|s| s.success())
+    }
+
+    fn apply(address: &'static str) -> Cut {
+        for flag in Cut::RULES {
+            assert!(Cut::iptables("-I", flag, address), "iptables failed (the test needs root and iptables)");
+        }
+        Cut(address)
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        for flag in Cut::RULES {
+            while Cut::iptables("-D", flag, self.0) {}
+        }
+    }
+}
+
+/// A lock holder whose host is cut off from the cluster (iptables drops every packet from and
+/// to its address) loses the lock to a waiter, and once the cut heals every write it tries is
+/// refused.
+#[test]
+fn a_partitioned_lock_holder_loses_its_lock_and_its_later_writes_are_refused() {
+    assert!(chunkstore_tests::is_root(), "this test cuts a client off with iptables: run it as root (CI does)");
+    const HOLDER_HOST: &str = "127.0.0.77";
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    chunkctl(dir, &["up", "--nodes", "3", "--device-size", "67108864"]);
+    let _down = Down(dir);
+    let a = Holder::start(dir, &["--source", HOLDER_HOST, "--ttl-ms", "1000"]);
+    a.wait_until("the first holder took the lock and wrote", Duration::from_secs(30), |events| ok_writes(events) >= 3);
+    let cut = Cut::apply(HOLDER_HOST);
+    let a_before = a.events();
+    let mut b = Holder::start(dir, &["--ttl-ms", "5000", "--writes", "10"]);
+    let status = b.child.wait().unwrap();
+    assert!(status.success(), "the waiter did not take the lock: {:?}", b.events());
+    // Whatever the cut-off holder wrote meanwhile was not acknowledged (nothing reached it).
+    drop(cut);
+    check_unique_ownership(dir, &a, &b, ok_writes(&a_before), a.events().len());
+}
