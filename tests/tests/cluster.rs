@@ -717,3 +717,83 @@ fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
         let _ = child.wait();
     }
 }
+
+/// Replica reads. `AllowReplica`: a follower answers a read only once it has applied what the
+/// client has seen of the group (a follower paused while a write committed, read right after
+/// it resumes, never returns the older value: it answers the new one or NotLeader), and the
+/// client reads its own writes whichever replica it picks. `AllowUnavailable`: with two of three
+/// nodes killed, a session read fails while an allow-unavailable read answers from the
+/// survivor with a committed value.
+#[test]
+fn replica_reads_never_go_back_for_the_client_and_allow_unavailable_reads_survive_a_lost_quorum() {
+    use chunkstore::protocol::{Request, Response};
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    chunkctl(dir, &["up", "--nodes", "3", "--device-size", "67108864"]);
+    let _down = Down(dir);
+    let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let client = Client::connect(ClientConfig::new(seeds.clone())).unwrap();
+    let key = Key::new("replica", 1);
+    let value = |record: Option<chunkstore::Record>| record.and_then(|r| r.bin("v").cloned());
+    for round in 0..200 {
+        client.put("test", &key, vec![Bin::new("v", Value::Int(round))], &WritePolicy::default()).unwrap();
+        let read = client.get_with("test", &key, None, ReadPolicy::AllowReplica).unwrap();
+        assert_eq!(value(read), Some(Value::Int(round)), "an allow-replica read missed this client's own write");
+    }
+
+    let leader = group_leader(dir, &key);
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    let follower_pid = node_field(dir, follower, "pid").as_u64().unwrap() as i32;
+    let follower_addr = node_field(dir, follower, "client").as_str().unwrap().to_owned();
+    let leader_addr = node_field(dir, leader, "client").as_str().unwrap().to_owned();
+    let mut stale_refused = 0;
+    for round in 0..5 {
+        // SAFETY: plain syscalls on a process this test started.
+        unsafe { libc::kill(follower_pid, libc::SIGSTOP) };
+        let response = send_put(&leader_addr, &client, &key, 1000 + round);
+        let index = written_index(&response);
+        unsafe { libc::kill(follower_pid, libc::SIGCONT) };
+        let request = Request::Get { namespace: "test".into(), key: key.clone(), bins: None, read: ReadPolicy::AllowReplica, min_index: index };
+        match client.call_node(&follower_addr, &request).unwrap() {
+            Response::Record { record, .. } => assert_eq!(value(record), Some(Value::Int(1000 + round)), "a follower behind the client answered"),
+            Response::Error(ErrorReply::NotLeader { .. }) => stale_refused += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    println!("a follower just resumed refused {stale_refused} of 5 reads as behind");
+
+    let last = Value::Int(1004);
+    std::thread::sleep(Duration::from_secs(1)); // every replica applies the last write
+    for node in (1..=3).filter(|n| *n != follower) {
+        let pid = node_field(dir, node, "pid").as_u64().unwrap() as i32;
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let impatient = Client::connect(ClientConfig {
+        timeout: Duration::from_millis(500),
+        retries_max: 2,
+        retry_window: Duration::from_secs(1),
+        ..ClientConfig::new(vec![follower_addr.clone()])
+    })
+    .unwrap();
+    assert!(impatient.get_with("test", &key, None, ReadPolicy::Session).is_err(), "a session read answered without a quorum");
+    let read = impatient.get_with("test", &key, None, ReadPolicy::AllowUnavailable).unwrap();
+    assert_eq!(value(read), Some(last), "an allow-unavailable read from the survivor");
+}
+
+/// One put sent straight to `leader_addr` (a fresh client id each time).
+fn send_put(leader_addr: &str, client: &Client, key: &Key, v: i64) -> chunkstore::protocol::Response {
+    use chunkstore::protocol::{Request, Response, WriteTag};
+    let client_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let tag = WriteTag { client_id, born_ms: client.cluster_map().now_ms, lane: 0, seq: 1 };
+    let request = Request::Write {
+        namespace: "test".into(),
+        key: key.clone(),
+        op: chunkstore::WriteOp::Put(vec![Bin::new("v", Value::Int(v))]),
+        policy: WritePolicy::default(),
+        tag,
+    };
+    match client.call_node(leader_addr, &request) {
+        Ok(response @ Response::Written { .. }) => response,
+        other => panic!("the leader did not take the write: {other:?}"),
+    }
+}

@@ -158,13 +158,77 @@ impl Client {
     pub fn get_with(&self, namespace: &str, key: &Key, bins: Option<Vec<String>>, read: ReadPolicy) -> Result<Option<Record>, ClientError> {
         let group = self.group(namespace, key)?;
         let min_index = self.seen.lock().unwrap().get(&(namespace.to_owned(), group)).copied().unwrap_or(0);
-        let request = Request::Get { namespace: namespace.into(), key: key.clone(), bins, read, min_index };
+        let mut request = Request::Get { namespace: namespace.into(), key: key.clone(), bins, read, min_index };
+        if read == ReadPolicy::AllowReplica {
+            // A random replica first; one that is behind this client answers NotLeader, and the
+            // leader (routed below) answers instead.
+            if let Some(addr) = self.any_replica_address(namespace, group) {
+                if let Ok(Response::Record { record, index }) = self.call(&addr, &request) {
+                    self.saw(namespace, group, index);
+                    return Ok(record);
+                }
+            }
+        }
+        if read == ReadPolicy::AllowUnavailable {
+            // The leader first, as a session read; only if that fails, whichever replica answers.
+            if let Request::Get { read, .. } = &mut request {
+                *read = ReadPolicy::Session;
+            }
+            let at_leader = self.routed_once(namespace, group, &request);
+            if let Ok(Response::Record { record, index }) = at_leader {
+                self.saw(namespace, group, index);
+                return Ok(record);
+            }
+            if let Request::Get { read, .. } = &mut request {
+                *read = ReadPolicy::AllowUnavailable;
+            }
+            for addr in self.replica_addresses(namespace, group) {
+                if let Ok(Response::Record { record, .. }) = self.call(&addr, &request) {
+                    return Ok(record);
+                }
+            }
+            return Err(match at_leader {
+                Err(err) => err,
+                Ok(other) => unexpected(other),
+            });
+        }
         match self.routed(namespace, group, &request, false)? {
             Response::Record { record, index } => {
                 self.saw(namespace, group, index);
                 Ok(record)
             }
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// The client addresses of a group's replicas (as the map has them).
+    fn replica_addresses(&self, namespace: &str, group: u32) -> Vec<String> {
+        let map = self.map.lock().unwrap();
+        let Some(replicas) = map.namespaces.iter().find(|n| n.name == namespace).and_then(|n| n.replicas.get(group as usize)) else {
+            return Vec::new();
+        };
+        replicas.iter().filter_map(|id| map.nodes.iter().find(|(n, _)| n == id).map(|(_, addr)| addr.clone())).collect()
+    }
+
+    fn any_replica_address(&self, namespace: &str, group: u32) -> Option<String> {
+        let addresses = self.replica_addresses(namespace, group);
+        (!addresses.is_empty()).then(|| addresses[rand::random::<usize>() % addresses.len()].clone())
+    }
+
+    /// One attempt at the group's leader, following one NotLeader hint: no retry window.
+    fn routed_once(&self, namespace: &str, group: u32, request: &Request) -> Result<Response, ClientError> {
+        let mut hinted = false;
+        loop {
+            let addr = self.leader_address(namespace, group).ok_or(ClientError::Server(ErrorReply::PartitionUnavailable))?;
+            match self.call(&addr, request) {
+                Ok(Response::Error(ErrorReply::NotLeader { leader: Some(leader) })) if !hinted => {
+                    self.set_leader(namespace, group, leader);
+                    hinted = true;
+                }
+                Ok(Response::Error(reply)) => return Err(ClientError::Server(reply)),
+                Ok(response) => return Ok(response),
+                Err(_) => return Err(ClientError::NoNodeReachable(vec![addr])),
+            }
         }
     }
 

@@ -647,7 +647,9 @@ impl Node {
                             Ok(Err(RaftError::Fatal(_))) => return Response::Error(ErrorReply::NotLeader { leader: None }),
                         }
                     }
-                    ReadPolicy::Session => {
+                    // Whatever this replica has applied: committed entries only.
+                    ReadPolicy::AllowUnavailable => {}
+                    ReadPolicy::Session | ReadPolicy::AllowReplica => {
                         // Any replica that has applied what this client has seen may answer.
                         let applied = group.state_machine.last_applied().map_or(0, |l| l.index);
                         if applied < min_index {
@@ -661,11 +663,16 @@ impl Node {
                 let engine = hosted.engine.clone();
                 let read = tokio::task::spawn_blocking(move || {
                     let names: Option<Vec<&str>> = bins.as_ref().map(|b| b.iter().map(String::as_str).collect());
-                    engine.get(&key, names.as_deref())
+                    let record = engine.get(&key, names.as_deref())?;
+                    // The index answered covers the version read: a restarted replica's engine
+                    // can hold versions past its applied point (flushed before the crash, to be
+                    // replayed), and a client that saw one must never be sent back before it.
+                    let version = engine.current_version(&key.digest).map_or(0, |(seq, _, _)| seq);
+                    Ok::<_, crate::Error>((record, index.max(version)))
                 })
                 .await;
                 match read {
-                    Ok(Ok(record)) => Response::Record { record, index },
+                    Ok(Ok((record, index))) => Response::Record { record, index },
                     Ok(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
                     Err(err) => Response::Error(ErrorReply::Internal(format!("read task failed: {err}"))),
                 }

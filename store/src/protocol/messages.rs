@@ -19,6 +19,13 @@ pub enum ReadPolicy {
     Session,
     /// Confirmed with a quorum before answering.
     Linearizable,
+    /// Like `Session` (never older than what this client has seen of the group), and any
+    /// replica that has applied that far may answer, not only the leader.
+    AllowReplica,
+    /// The leader answers when it can (as `Session`); when the group has no reachable leader,
+    /// any replica answers from what it has applied: possibly stale, never dirty (replicas
+    /// apply only committed entries), and not bound by what this client has seen.
+    AllowUnavailable,
 }
 
 /// Identifies a write for exactly-once retries (see `raft::sessions`).

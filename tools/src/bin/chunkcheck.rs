@@ -53,7 +53,8 @@ struct ClusterArgs {
     /// Directory for the report (default chunkcheck-runs/WORKLOAD-SEED).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Read policy of the workload's reads: linearizable or session.
+    /// Read policy of the workload's reads: linearizable, session or allow-replica (the
+    /// session checks cover the last two; the linearizability check only the first).
     #[arg(long, default_value = "linearizable")]
     read_policy: String,
     /// Extra line for every node's chunkd.toml (`KEY = VALUE`), e.g. an unsafe negative control.
@@ -212,7 +213,8 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
     let read_policy = match args.read_policy.as_str() {
         "linearizable" => ReadPolicy::Linearizable,
         "session" => ReadPolicy::Session,
-        other => return fail(format!("--read-policy {other}: use linearizable or session")),
+        "allow-replica" => ReadPolicy::AllowReplica,
+        other => return fail(format!("--read-policy {other}: use linearizable, session or allow-replica")),
     };
     let mut nemeses = Vec::new();
     for name in args.nemesis.iter().map(|n| n.trim()).filter(|n| !n.is_empty() && *n != "none") {

@@ -55,7 +55,16 @@ enum Commands {
         json: bool,
     },
     /// Read a record: NAMESPACE SET KEY (integer keys are integers).
-    Get { namespace: String, set: String, key: String },
+    Get {
+        namespace: String,
+        set: String,
+        key: String,
+        /// session: never older than this client saw; linearizable: confirmed with a quorum;
+        /// allow-replica: any replica that is up to date for this client; allow-unavailable:
+        /// any replica when the group has no leader (possibly stale, never dirty).
+        #[arg(long, value_enum, default_value = "session")]
+        read_policy: ReadPolicyArg,
+    },
     /// Write bins: NAMESPACE SET KEY BIN=VALUE... (integer values are integers).
     Put { namespace: String, set: String, key: String, bins: Vec<String> },
     /// Delete a record (durably): NAMESPACE SET KEY.
@@ -99,6 +108,20 @@ enum Commands {
 enum ReadPolicyArg {
     Session,
     Linearizable,
+    AllowReplica,
+    AllowUnavailable,
+}
+
+impl ReadPolicyArg {
+    fn policy(self) -> chunkstore::protocol::ReadPolicy {
+        use chunkstore::protocol::ReadPolicy;
+        match self {
+            ReadPolicyArg::Session => ReadPolicy::Session,
+            ReadPolicyArg::Linearizable => ReadPolicy::Linearizable,
+            ReadPolicyArg::AllowReplica => ReadPolicy::AllowReplica,
+            ReadPolicyArg::AllowUnavailable => ReadPolicy::AllowUnavailable,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -176,8 +199,8 @@ fn main() -> ExitCode {
             local_cluster::down(&dir, Duration::from_secs(30), &mut |line| eprintln!("{line}"))
         }
         Commands::Status { json } => client(&cli).and_then(|client| status(&client, json)),
-        Commands::Get { ref namespace, ref set, ref key } => client(&cli).and_then(|client| {
-            let record = client.get(namespace, &user_key(set, key), None)?;
+        Commands::Get { ref namespace, ref set, ref key, read_policy } => client(&cli).and_then(|client| {
+            let record = client.get_with(namespace, &user_key(set, key), None, read_policy.policy())?;
             match record {
                 Some(record) => {
                     println!("generation {}", record.meta.generation);
@@ -225,10 +248,7 @@ fn main() -> ExitCode {
                     (LocalCluster::load(&dir)?.seeds(), dir)
                 }
             };
-            let read_policy = match read_policy {
-                ReadPolicyArg::Session => chunkstore::protocol::ReadPolicy::Session,
-                ReadPolicyArg::Linearizable => chunkstore::protocol::ReadPolicy::Linearizable,
-            };
+            let read_policy = read_policy.policy();
             let options = chunkstore_tools::bench_kv::KvBenchOptions {
                 seeds,
                 namespace: namespace.clone(),
