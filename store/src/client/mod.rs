@@ -361,7 +361,7 @@ impl Client {
             }
             if hint.is_none() {
                 std::thread::sleep(Duration::from_millis(50));
-                if attempt % 4 == 0 {
+                if attempt.is_multiple_of(4) {
                     let _ = self.refresh_map();
                 }
             }
