@@ -722,8 +722,8 @@ fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
 /// client has seen of the group (a follower paused while a write committed, read right after
 /// it resumes, never returns the older value: it answers the new one or NotLeader), and the
 /// client reads its own writes whichever replica it picks. `AllowUnavailable`: with two of three
-/// nodes killed, a session read fails while an allow-unavailable read answers from the
-/// survivor with a committed value.
+/// nodes killed, a linearizable read fails while an allow-unavailable read answers from the
+/// survivor with the last committed value.
 #[test]
 fn replica_reads_never_go_back_for_the_client_and_allow_unavailable_reads_survive_a_lost_quorum() {
     use chunkstore::protocol::{Request, Response};
@@ -775,7 +775,7 @@ fn replica_reads_never_go_back_for_the_client_and_allow_unavailable_reads_surviv
         ..ClientConfig::new(vec![follower_addr.clone()])
     })
     .unwrap();
-    assert!(impatient.get_with("test", &key, None, ReadPolicy::Session).is_err(), "a session read answered without a quorum");
+    assert!(impatient.get_with("test", &key, None, ReadPolicy::Linearizable).is_err(), "a linearizable read answered without a quorum");
     let read = impatient.get_with("test", &key, None, ReadPolicy::AllowUnavailable).unwrap();
     assert_eq!(value(read), Some(last), "an allow-unavailable read from the survivor");
 }
