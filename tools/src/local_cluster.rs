@@ -62,8 +62,30 @@ const LISTEN_PORT_MIN: u16 = 10_000;
 /// then fails to start with "Address already in use" (seen in CI with clusters side by side).
 /// Random ports are tried until one binds; with no room below the ephemeral range, the kernel
 /// picks.
-pub fn free_port(host: &str) -> Result<u16> {
+///
+/// A port found free is also reserved for `owner` (the cluster's directory) by a file in
+/// `$TMPDIR/chunkstore-ports`, because a port that binds may still belong to a cluster whose
+/// node is down for a moment (killed by a test, to be restarted on the same port): another
+/// cluster started meanwhile must not take it (seen in CI). A reservation lapses when its
+/// owner's directory is gone, or after a day.
+pub fn free_port(host: &str, owner: &Path) -> Result<u16> {
     use rand::Rng;
+    let reservations = std::env::temp_dir().join("chunkstore-ports");
+    let _ = std::fs::create_dir_all(&reservations);
+    let owner = std::path::absolute(owner).unwrap_or_else(|_| owner.to_owned());
+    let reserve = |port: u16| -> bool {
+        let path = reservations.join(port.to_string());
+        let claim = || std::fs::OpenOptions::new().write(true).create_new(true).open(&path).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(owner.as_os_str().as_encoded_bytes())
+        });
+        if claim().is_ok() {
+            return true;
+        }
+        let lapsed = std::fs::read(&path).map(|holder| !Path::new(&String::from_utf8_lossy(&holder).into_owned()).exists()).unwrap_or(false)
+            || std::fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(86_400)));
+        lapsed && std::fs::remove_file(&path).is_ok() && claim().is_ok()
+    };
     let ephemeral_min = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next().and_then(|low| low.parse::<u16>().ok()))
@@ -72,7 +94,7 @@ pub fn free_port(host: &str) -> Result<u16> {
         let mut rng = rand::thread_rng();
         for _ in 0..1_000 {
             let port = rng.gen_range(LISTEN_PORT_MIN..ephemeral_min);
-            if std::net::TcpListener::bind((host, port)).is_ok() {
+            if std::net::TcpListener::bind((host, port)).is_ok() && reserve(port) {
                 return Ok(port);
             }
         }
@@ -164,9 +186,11 @@ pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result
             if nodes == 0 {
                 bail!("--nodes must be at least 1");
             }
+            // The directory first: it names the owner of the ports reserved below.
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             let mut fresh = Vec::new();
             for id in 1..=nodes {
-                fresh.push(LocalNode { id, client: format!("127.0.0.1:{}", free_port("127.0.0.1")?), peer: format!("127.0.0.1:{}", free_port("127.0.0.1")?), pid: None });
+                fresh.push(LocalNode { id, client: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?), peer: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?), pid: None });
             }
             LocalCluster { nodes: fresh }
         }

@@ -60,7 +60,7 @@ impl TestCluster {
         let mut listed = Vec::new();
         for id in 1..=nodes {
             let host = node_host(id);
-            listed.push(LocalNode { id, client: format!("{host}:{}", local_cluster::free_port(&host)?), peer: format!("{host}:{}", local_cluster::free_port(&host)?), pid: None });
+            listed.push(LocalNode { id, client: format!("{host}:{}", local_cluster::free_port(&host, dir)?), peer: format!("{host}:{}", local_cluster::free_port(&host, dir)?), pid: None });
         }
         let layout = LocalCluster { nodes: listed.clone() };
         let options = UpOptions { nodes, device_bytes: 128 << 20, groups, chunkd_options: chunkd_options.to_vec() };
