@@ -22,6 +22,11 @@ fn cluster_json(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap()
 }
 
+/// The nodes' client addresses.
+fn seeds(dir: &Path) -> Vec<String> {
+    cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect()
+}
+
 fn status(dir: &Path) -> serde_json::Value {
     let output = chunkctl(dir, &["status", "--json"]);
     serde_json::from_slice(&output.stdout).unwrap()
@@ -53,7 +58,7 @@ fn leader_killed_during_writes_loses_no_acknowledged_write() {
         assert_eq!(group["replicas"].as_array().unwrap().len(), 3);
         assert!(group["leader"].is_u64() && group["namespace"] == "test");
     }
-    let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let seeds: Vec<String> = seeds(dir);
     let client = Client::connect(ClientConfig::new(seeds)).unwrap();
 
     // The leader of group 0 is killed after 100 writes, in the middle of the stream.
@@ -148,7 +153,7 @@ fn rolling_restart_under_load_loses_nothing() {
     let dir = dir.path();
     chunkctl(dir, &["up", "--nodes", "3", "--device-size", "67108864"]);
     let _down = Down(dir);
-    let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let seeds: Vec<String> = seeds(dir);
     let client = Arc::new(Client::connect(ClientConfig::new(seeds)).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Mutex::new(Vec::new()));
@@ -267,7 +272,7 @@ fn retried_in_doubt_writes_are_applied_once() {
         }
         chunkctl(dir, &args);
         let _down = Down(dir);
-        let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+        let seeds: Vec<String> = seeds(dir);
         let client = Client::connect(ClientConfig::new(seeds)).unwrap();
         let key = Key::new("once", "counter");
         let tag = |lane: u32, seq: u64| WriteTag { client_id: 0x5eed, born_ms: client.cluster_map().now_ms, lane, seq };
@@ -357,7 +362,7 @@ fn a_restarted_node_catches_up_from_snapshots() {
     args.extend(options);
     chunkctl(dir, &args);
     let _down = Down(dir);
-    let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let seeds: Vec<String> = seeds(dir);
     let client = Client::connect(ClientConfig::new(seeds)).unwrap();
     let kill = |node: u64| {
         // SAFETY: plain syscall on a process this test started.
@@ -465,7 +470,7 @@ fn a_linearizable_read_after_a_whole_cluster_restart_sees_the_last_acknowledged_
     // past the first entry of the leader's term, the read index a resumed leader would use.
     chunkctl(dir, &["up", "--nodes", "3", "--device-size", "67108864", "--chunkd-option", "snapshot-after-entries=16"]);
     let _down = Down(dir);
-    let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let seeds: Vec<String> = seeds(dir);
     let mut stale = Vec::new();
     let mut started: Vec<std::process::Child> = Vec::new();
     for round in 0..3i64 {
@@ -568,7 +573,7 @@ fn a_replica_in_stop_writes_stops_new_writes_to_its_groups_and_holds_every_ackno
     std::fs::remove_file(dir.join("node3").join("data").join("test.dat")).unwrap();
     chunkctl(dir, &["up"]);
 
-    let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let seeds: Vec<String> = seeds(dir);
     let client = Client::connect(ClientConfig::new(seeds)).unwrap();
     let value = |k: i64| Value::Bytes(vec![k as u8; 4096]);
     let key = |k: i64| Key::new("full", k);
@@ -640,7 +645,7 @@ fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
     let dir = dir.path();
     chunkctl(dir, &["up", "--nodes", "3", "--device-size", "67108864"]);
     let _down = Down(dir);
-    let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let seeds: Vec<String> = seeds(dir);
     let client = Client::connect(ClientConfig::new(seeds.clone())).unwrap();
     let signal = |node: u64, signal: i32| {
         let pid = node_field(dir, node, "pid").as_u64().unwrap() as i32;
@@ -731,7 +736,7 @@ fn replica_reads_never_go_back_for_the_client_and_allow_unavailable_reads_surviv
     let dir = dir.path();
     chunkctl(dir, &["up", "--nodes", "3", "--device-size", "67108864"]);
     let _down = Down(dir);
-    let seeds: Vec<String> = cluster_json(dir)["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let seeds: Vec<String> = seeds(dir);
     let client = Client::connect(ClientConfig::new(seeds.clone())).unwrap();
     let key = Key::new("replica", 1);
     let value = |record: Option<chunkstore::Record>| record.and_then(|r| r.bin("v").cloned());
