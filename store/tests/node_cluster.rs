@@ -27,6 +27,7 @@ fn node_config(id: u64, nodes: &[(u64, String)], dir: &std::path::Path, groups: 
         node_id: id,
         nodes: nodes.to_vec(),
         client_addresses: nodes.to_vec(),
+        racks: Vec::new(),
         seeds: Vec::new(),
         data_dir,
         namespaces: vec![NamespaceSpec { engine, replication_factor: 3, groups }],

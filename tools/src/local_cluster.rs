@@ -288,3 +288,140 @@ pub fn down(dir: &Path, grace: Duration, log: &mut impl FnMut(&str)) -> Result<(
     }
     cluster.save(dir)
 }
+
+/// Starts one more chunkd for the local cluster in `dir` (the next node id, new loopback
+/// ports, the configuration of the cluster's first node otherwise), and waits until the
+/// cluster has taken it in. It owns no data until the roster names it.
+pub fn add_node(dir: &Path, rack: Option<&str>, log: &mut impl FnMut(&str)) -> Result<LocalNode> {
+    let dir = &dir.canonicalize().with_context(|| format!("no cluster in {}", dir.display()))?;
+    let mut cluster = LocalCluster::load(dir)?;
+    let template_node = cluster.nodes.first().context("the cluster has no nodes")?.id;
+    let template_path = dir.join(format!("node{template_node}")).join("chunkd.toml");
+    let template = std::fs::read_to_string(&template_path).with_context(|| format!("reading {}", template_path.display()))?;
+    let id = cluster.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+    let node = LocalNode {
+        id,
+        client: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?),
+        peer: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?),
+        pid: None,
+    };
+    let node_dir = dir.join(format!("node{id}"));
+    if node_dir.exists() {
+        bail!("{} exists already: a node of this id ran here before", node_dir.display());
+    }
+    std::fs::create_dir_all(&node_dir)?;
+    let rack_line = rack.map(|r| format!("rack = {r:?}\n")).unwrap_or_default();
+    let entry = format!("[[nodes]]\nid = {id}\nclient = \"{}\"\npeer = \"{}\"\n{rack_line}\n", node.client, node.peer);
+    let mut text = String::new();
+    let mut placed = false;
+    for line in template.lines() {
+        let line = match line.split_once(" = ").map(|(key, _)| key) {
+            Some("node-id") => format!("node-id = {id}"),
+            Some("client-listen") => format!("client-listen = \"{}\"", node.client),
+            Some("peer-listen") => format!("peer-listen = \"{}\"", node.peer),
+            Some("data-dir") => format!("data-dir = \"{}\"", node_dir.join("data").display()),
+            _ => line.to_owned(),
+        };
+        if line == "[[namespaces]]" && !placed {
+            text += &entry;
+            placed = true;
+        }
+        text += &line;
+        text += "\n";
+    }
+    if !placed {
+        bail!("{} has no [[namespaces]] section to place the new node before", template_path.display());
+    }
+    let config = node_dir.join("chunkd.toml");
+    std::fs::write(&config, text)?;
+    let mut child = spawn_chunkd(&chunkd_binary()?, &config, &node_dir.join("chunkd.log"), &[])?;
+    let mut added = node.clone();
+    added.pid = Some(child.id());
+    cluster.nodes.push(added.clone());
+    cluster.save(dir)?;
+    log(&format!("node {id} started at {} (log: {})", node.client, node_dir.join("chunkd.log").display()));
+    let client = Client::connect(ClientConfig::new(cluster.seeds())).context("connecting to the cluster")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log_text = std::fs::read_to_string(node_dir.join("chunkd.log")).unwrap_or_default();
+            let tail: Vec<&str> = log_text.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+            bail!("node {id} exited ({status}) while joining; the end of its log:\n{}", tail.join("\n"));
+        }
+        if client.cluster_meta().is_ok_and(|meta| meta.node(id).is_some()) {
+            return Ok(added);
+        }
+        if Instant::now() > deadline {
+            bail!("node {id} did not join the cluster within 60 s (see {})", node_dir.join("chunkd.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until every group of the cluster is where the roster puts it, saying how far it is
+/// every 5 s.
+pub fn wait_for_balance(client: &Client, timeout: Duration, log: &mut impl FnMut(&str)) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut next_report = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(meta) = client.cluster_meta() {
+            let balance = meta.balance();
+            if balance.iter().all(|(_, placed, groups)| placed == groups) {
+                return Ok(());
+            }
+            if Instant::now() >= next_report {
+                let parts: Vec<String> = balance.iter().map(|(ns, placed, groups)| format!("{ns}: {placed}/{groups} groups placed")).collect();
+                log(&format!("rebalancing: {}", parts.join(", ")));
+                next_report += Duration::from_secs(5);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the groups did not reach their places within {timeout:?} (chunkctl status shows which move waits, and why in the nodes' logs)");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Takes node `id` of the local cluster in `dir` off the roster, waits until no group has a
+/// replica on it, stops it, and removes it from the cluster.
+pub fn remove_node(dir: &Path, id: u64, timeout: Duration, log: &mut impl FnMut(&str)) -> Result<()> {
+    let dir = &dir.canonicalize().with_context(|| format!("no cluster in {}", dir.display()))?;
+    let mut cluster = LocalCluster::load(dir)?;
+    let index = cluster.nodes.iter().position(|n| n.id == id).with_context(|| format!("the cluster in {} has no node {id}", dir.display()))?;
+    let seeds: Vec<String> = cluster.nodes.iter().filter(|n| n.id != id).map(|n| n.client.clone()).collect();
+    let client = Client::connect(ClientConfig::new(seeds)).context("connecting to the cluster")?;
+    let meta = client.cluster_meta().context("reading the cluster metadata")?;
+    if meta.metadata_voters.contains(&id) {
+        bail!("node {id} is a voter of the metadata group ({:?}, fixed when the cluster was made): it cannot be removed", meta.metadata_voters);
+    }
+    if meta.roster.contains(&id) {
+        let roster: Vec<u64> = meta.roster.iter().copied().filter(|n| *n != id).collect();
+        client.set_roster(&roster).with_context(|| format!("taking node {id} off the roster"))?;
+        log(&format!("node {id} is off the roster (now {roster:?}): its groups move away"));
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let meta = client.cluster_meta().context("reading the cluster metadata")?;
+        let holds = meta.namespaces.iter().map(|ns| (0..ns.groups).filter(|g| meta.hosts(ns, *g, id)).count()).sum::<usize>();
+        if holds == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("node {id} still holds replicas of {holds} groups after {timeout:?}; it keeps running");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    if let Some(pid) = cluster.nodes[index].pid.filter(|pid| is_running(*pid)) {
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let stop_by = Instant::now() + Duration::from_secs(30);
+        while is_running(pid) && Instant::now() < stop_by {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    client.forget_node(id).with_context(|| format!("removing node {id} from the cluster's node list"))?;
+    cluster.nodes.remove(index);
+    cluster.save(dir)?;
+    log(&format!("node {id} holds no data, stopped and left the cluster (its directory {} can go)", dir.join(format!("node{id}")).display()));
+    Ok(())
+}

@@ -295,6 +295,33 @@ impl Client {
         }
     }
 
+    /// The cluster metadata (nodes, roster, each group's replicas and moves), as the metadata
+    /// leader confirms it.
+    pub fn cluster_meta(&self) -> Result<crate::meta::ClusterMeta, ClientError> {
+        match self.meta_routed(&Request::ClusterMeta)? {
+            Response::ClusterMeta(Some(cluster)) => Ok(cluster),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Makes `nodes` the roster (the nodes that own data); groups then move to where it puts
+    /// them. Refused (`BadRequest`, saying why) for unknown nodes or too few of them.
+    pub fn set_roster(&self, nodes: &[u64]) -> Result<(), ClientError> {
+        match self.meta_routed(&Request::SetRoster { nodes: nodes.to_vec() })? {
+            Response::Noted => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes a node from the cluster's node list: only a node off the roster that holds no
+    /// replica and is not a metadata voter.
+    pub fn forget_node(&self, node: u64) -> Result<(), ClientError> {
+        match self.meta_routed(&Request::ForgetNode { node })? {
+            Response::Noted => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// A write on behalf of a lease session: refused with `SessionExpired` (and not applied)
     /// once the session has been fenced in the record's group.
     pub fn write_in_session(

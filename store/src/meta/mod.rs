@@ -23,6 +23,9 @@
 
 pub mod leases;
 mod state_machine;
+mod v1;
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +51,9 @@ pub struct NodeInfo {
     pub client: String,
     /// Address other nodes connect to (Raft).
     pub peer: String,
+    /// The rack (or zone) the node declares: a group's replicas go to distinct racks where
+    /// there are enough. None: the node is a rack of its own.
+    pub rack: Option<String>,
 }
 
 /// A namespace as the cluster knows it (engine settings are each node's own).
@@ -56,18 +62,30 @@ pub struct NamespaceInfo {
     pub name: String,
     pub replication_factor: u32,
     pub groups: u32,
-    /// Replicas of each group, preferred leader first.
+    /// Voters of each group, preferred leader first: the group's membership once its last
+    /// move finished.
     pub placement: Vec<Vec<NodeId>>,
+    /// Groups being moved to new replicas (group → its replicas after the move, preferred
+    /// leader first). A node in a move's replicas hosts the group (as a learner until the
+    /// group's membership changes).
+    pub moves: BTreeMap<u32, Vec<NodeId>>,
 }
 
 /// The replicated cluster metadata.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterMeta {
-    /// Sorted by id.
+    /// Every node the cluster knows, sorted by id.
     pub nodes: Vec<NodeInfo>,
+    /// The nodes that own data, ascending (Aerospike's roster): groups are placed over these.
+    pub roster: Vec<NodeId>,
+    /// The metadata group's voters, fixed when the cluster was bootstrapped.
+    pub metadata_voters: Vec<NodeId>,
     /// Sorted by name.
     pub namespaces: Vec<NamespaceInfo>,
 }
+
+/// How many groups of the whole cluster move to new replicas at once.
+pub const MOVES_AT_ONCE: usize = 2;
 
 /// A namespace as a configuration file declares it: (name, replication factor, groups).
 pub type NamespaceDecl = (String, u32, u32);
@@ -78,17 +96,95 @@ impl ClusterMeta {
     pub fn from_config(mut nodes: Vec<NodeInfo>, namespaces: &[NamespaceDecl]) -> ClusterMeta {
         nodes.sort_by_key(|n| n.id);
         let ids: Vec<NodeId> = nodes.iter().map(|n| n.id).collect();
-        let mut namespaces: Vec<NamespaceInfo> = namespaces
+        let mut cluster =
+            ClusterMeta { metadata_voters: voters(&ids), roster: ids, nodes, namespaces: Vec::new() };
+        cluster.namespaces = namespaces
             .iter()
             .map(|(name, replication_factor, groups)| NamespaceInfo {
                 name: name.clone(),
                 replication_factor: *replication_factor,
                 groups: *groups,
-                placement: (0..*groups).map(|g| placement::replicas(name, g, &ids, *replication_factor as usize)).collect(),
+                placement: Vec::new(),
+                moves: BTreeMap::new(),
             })
             .collect();
-        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
-        ClusterMeta { nodes, namespaces }
+        cluster.namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+        for index in 0..cluster.namespaces.len() {
+            let ns = &cluster.namespaces[index];
+            let placement = (0..ns.groups).map(|g| cluster.target(ns, g)).collect();
+            cluster.namespaces[index].placement = placement;
+        }
+        cluster
+    }
+
+    /// Where `group` of `ns` belongs under the current roster (preferred leader first):
+    /// rendezvous hashing over the roster, replicas on distinct racks where there are enough.
+    pub fn target(&self, ns: &NamespaceInfo, group: u32) -> Vec<NodeId> {
+        let racked: Vec<(NodeId, Option<&str>)> =
+            self.roster.iter().map(|id| (*id, self.node(*id).and_then(|n| n.rack.as_deref()))).collect();
+        placement::replicas_on_racks(&ns.name, group, &racked, ns.replication_factor as usize)
+    }
+
+    /// Whether `node` hosts a replica of `group` of `ns`: it is a voter, or a move takes the
+    /// group to it.
+    pub fn hosts(&self, ns: &NamespaceInfo, group: u32, node: NodeId) -> bool {
+        ns.placement.get(group as usize).is_some_and(|r| r.contains(&node)) || ns.moves.get(&group).is_some_and(|r| r.contains(&node))
+    }
+
+    /// Why `roster` cannot be the roster, if it cannot: unknown nodes, or fewer nodes than a
+    /// namespace's replication factor.
+    pub fn check_roster(&self, roster: &[NodeId]) -> Result<(), String> {
+        if let Some(unknown) = roster.iter().find(|id| self.node(**id).is_none()) {
+            let known: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
+            return Err(format!("node {unknown} is not a node of the cluster (its nodes: {known:?})"));
+        }
+        let mut distinct = roster.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        for ns in &self.namespaces {
+            if distinct.len() < ns.replication_factor as usize {
+                return Err(format!(
+                    "namespace {:?} keeps {} replicas of each group: the roster needs at least {} nodes, not {}",
+                    ns.name,
+                    ns.replication_factor,
+                    ns.replication_factor,
+                    distinct.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Why `node` cannot leave the node list, if it cannot.
+    pub fn check_forget(&self, node: NodeId) -> Result<(), String> {
+        if self.node(node).is_none() {
+            return Err(format!("node {node} is not a node of the cluster"));
+        }
+        if self.roster.contains(&node) {
+            return Err(format!("node {node} is on the roster: take it off first (roster set)"));
+        }
+        if self.metadata_voters.contains(&node) {
+            return Err(format!("node {node} is a metadata voter (voters {:?} are fixed at bootstrap)", self.metadata_voters));
+        }
+        let holds = self.namespaces.iter().flat_map(|ns| (0..ns.groups).map(move |g| (ns, g))).filter(|(ns, g)| self.hosts(ns, *g, node)).count();
+        if holds > 0 {
+            return Err(format!("node {node} still holds replicas of {holds} groups: wait until they have moved"));
+        }
+        Ok(())
+    }
+
+    /// Groups whose voters differ from where the roster puts them, moves in progress included:
+    /// (groups placed, groups in all), per namespace.
+    pub fn balance(&self) -> Vec<(String, u32, u32)> {
+        self.namespaces
+            .iter()
+            .map(|ns| {
+                let placed = (0..ns.groups)
+                    .filter(|g| !ns.moves.contains_key(g) && same_set(&ns.placement[*g as usize], &self.target(ns, *g)))
+                    .count() as u32;
+                (ns.name.clone(), placed, ns.groups)
+            })
+            .collect()
     }
 
     pub fn node(&self, id: NodeId) -> Option<&NodeInfo> {
@@ -100,23 +196,20 @@ impl ClusterMeta {
     }
 
     /// How a node's configuration (`configured`, from `from_config`) disagrees with this
-    /// metadata, one line per difference; empty when it agrees. Placement is not compared (it
-    /// is derived, and the stored one wins).
-    pub fn differences(&self, configured: &ClusterMeta) -> Vec<String> {
+    /// metadata, one line per difference; empty when it agrees. Placement and roster are not
+    /// compared (the stored ones win), nor nodes the cluster gained after this node's
+    /// configuration was written; `me` may be new to the cluster (it joins).
+    pub fn differences(&self, configured: &ClusterMeta, me: NodeId) -> Vec<String> {
         let mut out = Vec::new();
         for node in &configured.nodes {
             match self.node(node.id) {
-                None => out.push(format!("[[nodes]] lists node {} but the cluster has no such node", node.id)),
+                None if node.id == me => {}
+                None => out.push(format!("[[nodes]] lists node {} but the cluster has no such node (a new node joins by starting it)", node.id)),
                 Some(known) if known != node => out.push(format!(
-                    "[[nodes]] gives node {} client {:?} peer {:?}, the cluster has client {:?} peer {:?}",
-                    node.id, node.client, node.peer, known.client, known.peer
+                    "[[nodes]] gives node {} client {:?} peer {:?} rack {:?}, the cluster has client {:?} peer {:?} rack {:?}",
+                    node.id, node.client, node.peer, node.rack, known.client, known.peer, known.rack
                 )),
                 Some(_) => {}
-            }
-        }
-        for node in &self.nodes {
-            if configured.node(node.id).is_none() {
-                out.push(format!("[[nodes]] leaves out node {} ({}), which the cluster has", node.id, node.peer));
             }
         }
         for ns in &configured.namespaces {
@@ -144,6 +237,13 @@ impl ClusterMeta {
     }
 }
 
+pub fn same_set(a: &[NodeId], b: &[NodeId]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort_unstable();
+    b.sort_unstable();
+    a == b
+}
+
 /// The metadata group's voters among `node_ids`: the lowest `META_VOTERS_MAX`, ascending.
 pub fn voters(node_ids: &[NodeId]) -> Vec<NodeId> {
     let mut ids = node_ids.to_vec();
@@ -164,6 +264,17 @@ pub enum MetaCommand {
     EndSession { session: u64, reason: EndReason },
     /// An ending session has been fenced and released everywhere.
     SessionFinished { session: u64 },
+    /// A node joins the cluster (it owns no data until the roster names it).
+    AddNode(NodeInfo),
+    /// The nodes that own data from now on (checked by `ClusterMeta::check_roster`).
+    SetRoster(Vec<NodeId>),
+    /// A node leaves the cluster's node list (refused while it is on the roster, holds a
+    /// replica or is a metadata voter).
+    ForgetNode(NodeId),
+    /// A group starts moving to `replicas` (unless it is moving already).
+    StartMove { namespace: String, group: u32, replicas: Vec<NodeId> },
+    /// A group's membership is `replicas` now: its move is over.
+    FinishMove { namespace: String, group: u32, replicas: Vec<NodeId> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -177,6 +288,8 @@ pub enum MetaResult {
     TooManySessions(usize),
     /// `EndSession` ended the session, or found it not open.
     SessionEnded { was_open: bool },
+    /// A roster or node change was refused: why.
+    Refused(String),
 }
 
 openraft::declare_raft_types!(
@@ -198,7 +311,7 @@ mod tests {
     use super::*;
 
     fn node(id: u64) -> NodeInfo {
-        NodeInfo { id, client: format!("127.0.0.1:{}", 7400 + id), peer: format!("127.0.0.1:{}", 7500 + id) }
+        NodeInfo { id, client: format!("127.0.0.1:{}", 7400 + id), peer: format!("127.0.0.1:{}", 7500 + id), rack: None }
     }
 
     #[test]
@@ -215,17 +328,18 @@ mod tests {
         let meta = ClusterMeta::from_config(vec![node(1), node(2), node(3)], &decl);
         let reordered = ClusterMeta::from_config(vec![node(3), node(1), node(2)], &[decl[1].clone(), decl[0].clone()]);
         assert_eq!(meta, reordered);
-        assert!(meta.differences(&reordered).is_empty());
+        assert!(meta.differences(&reordered, 1).is_empty());
         assert_eq!(meta.namespace("a").unwrap().placement.len(), 16);
 
         let mut moved = node(2);
         moved.peer = "127.0.0.1:9999".into();
         let other = ClusterMeta::from_config(vec![node(1), moved, node(4)], &[("a".to_string(), 2, 32), ("c".to_string(), 1, 4)]);
-        let diff = meta.differences(&other).join("\n");
+        let diff = meta.differences(&other, 1).join("\n");
+        assert!(meta.differences(&other, 4).join("\n").contains("node 2 client"));
+        assert!(!meta.differences(&other, 4).join("\n").contains("lists node 4"), "a new node joins");
         for expected in [
             "node 2 client",
             "lists node 4 but",
-            "leaves out node 3",
             "replication-factor 2 configured, the cluster has 3",
             "groups 32 configured, the cluster has 16",
             "namespace \"c\" is configured",

@@ -14,6 +14,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::v1::ClusterMetaV1;
 use super::{ClusterMeta, Leases, MetaCommand, MetaResult, MetaTypeConfig, META_WAL_GROUP};
 use crate::raft::log_store::append_durable;
 use crate::raft::NodeId;
@@ -31,20 +32,125 @@ struct MetaState {
     leases: Leases,
 }
 
-/// The state as written before lease sessions.
+/// The state as written before rosters (V2) and before lease sessions (V1): without a format
+/// tag, and with the cluster metadata of then.
+#[derive(Deserialize)]
+struct MetaStateV2 {
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    cluster: Option<ClusterMetaV1>,
+    leases: Leases,
+}
+
 #[derive(Deserialize)]
 struct MetaStateV1 {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
-    cluster: Option<ClusterMeta>,
+    cluster: Option<ClusterMetaV1>,
 }
 
+/// Leads the state and snapshots written since rosters (older ones begin with an option tag,
+/// 0 or 1, so the two never mix).
+const FORMAT_TAG: u32 = 0x4D45_5433;
+
 impl MetaState {
+    fn encode(&self) -> Vec<u8> {
+        bincode::serialize(&(FORMAT_TAG, self)).expect("metadata serializes")
+    }
+
     fn decode(bytes: &[u8]) -> Result<MetaState, bincode::Error> {
-        bincode::deserialize(bytes).or_else(|err| match bincode::deserialize::<MetaStateV1>(bytes) {
-            Ok(v1) => Ok(MetaState { last_applied: v1.last_applied, membership: v1.membership, cluster: v1.cluster, leases: Leases::default() }),
-            Err(_) => Err(err),
-        })
+        if let Ok((FORMAT_TAG, state)) = bincode::deserialize::<(u32, MetaState)>(bytes) {
+            return Ok(state);
+        }
+        bincode::deserialize::<MetaStateV2>(bytes)
+            .map(|v2| MetaState { last_applied: v2.last_applied, membership: v2.membership, cluster: v2.cluster.map(Into::into), leases: v2.leases })
+            .or_else(|err| match bincode::deserialize::<MetaStateV1>(bytes) {
+                Ok(v1) => Ok(MetaState {
+                    last_applied: v1.last_applied,
+                    membership: v1.membership,
+                    cluster: v1.cluster.map(Into::into),
+                    leases: Leases::default(),
+                }),
+                Err(_) => Err(err),
+            })
+    }
+}
+
+/// A snapshot's bytes: the cluster metadata and the lease sessions.
+fn encode_snapshot(cluster: &Option<ClusterMeta>, leases: &Leases) -> Vec<u8> {
+    bincode::serialize(&(FORMAT_TAG, cluster, leases)).expect("metadata serializes")
+}
+
+fn decode_snapshot(bytes: &[u8]) -> Result<(Option<ClusterMeta>, Leases), bincode::Error> {
+    if let Ok((FORMAT_TAG, cluster, leases)) = bincode::deserialize::<(u32, Option<ClusterMeta>, Leases)>(bytes) {
+        return Ok((cluster, leases));
+    }
+    // Before rosters: (cluster, leases); before lease sessions: the cluster alone.
+    bincode::deserialize::<(Option<ClusterMetaV1>, Leases)>(bytes)
+        .or_else(|err| bincode::deserialize::<Option<ClusterMetaV1>>(bytes).map(|c| (c, Leases::default())).map_err(|_| err))
+        .map(|(cluster, leases)| (cluster.map(Into::into), leases))
+}
+
+/// Applies a roster or placement command to `cluster`.
+fn apply_cluster_change(cluster: &mut ClusterMeta, command: MetaCommand) -> MetaResult {
+    match command {
+        MetaCommand::AddNode(node) => {
+            if let Some(known) = cluster.node(node.id) {
+                return match *known == node {
+                    true => MetaResult::Noop,
+                    false => MetaResult::Refused(format!("node {} is known already, with other addresses: {known:?}", node.id)),
+                };
+            }
+            if let Some(other) = cluster.nodes.iter().find(|n| n.peer == node.peer || n.client == node.client) {
+                return MetaResult::Refused(format!("node {} has the same address as node {}", node.id, other.id));
+            }
+            tracing::info!(node = node.id, peer = %node.peer, rack = ?node.rack, "a node joined the cluster (not on the roster yet)");
+            cluster.nodes.push(node);
+            cluster.nodes.sort_by_key(|n| n.id);
+            MetaResult::Noop
+        }
+        MetaCommand::SetRoster(mut roster) => {
+            roster.sort_unstable();
+            roster.dedup();
+            if let Err(why) = cluster.check_roster(&roster) {
+                return MetaResult::Refused(why);
+            }
+            tracing::info!(?roster, "roster set");
+            cluster.roster = roster;
+            MetaResult::Noop
+        }
+        MetaCommand::ForgetNode(node) => {
+            if let Err(why) = cluster.check_forget(node) {
+                return MetaResult::Refused(why);
+            }
+            tracing::info!(node, "a node left the cluster");
+            cluster.nodes.retain(|n| n.id != node);
+            MetaResult::Noop
+        }
+        MetaCommand::StartMove { namespace, group, replicas } => {
+            let Some(ns) = cluster.namespaces.iter_mut().find(|n| n.name == namespace) else {
+                return MetaResult::Refused(format!("no namespace {namespace:?}"));
+            };
+            if group >= ns.groups || ns.moves.contains_key(&group) {
+                return MetaResult::Refused(format!("{namespace}/{group} is moving already, or no such group"));
+            }
+            tracing::info!(namespace, group, from = ?ns.placement[group as usize], to = ?replicas, "group moves");
+            ns.moves.insert(group, replicas);
+            MetaResult::Noop
+        }
+        MetaCommand::FinishMove { namespace, group, replicas } => {
+            let Some(ns) = cluster.namespaces.iter_mut().find(|n| n.name == namespace) else {
+                return MetaResult::Refused(format!("no namespace {namespace:?}"));
+            };
+            if group >= ns.groups {
+                return MetaResult::Refused(format!("no group {group} in {namespace}"));
+            }
+            tracing::info!(namespace, group, replicas = ?replicas, "group moved");
+            ns.moves.remove(&group);
+            ns.placement[group as usize] = replicas;
+            MetaResult::Noop
+        }
+        other => MetaResult::Refused(format!("not a cluster change: {other:?}")),
     }
 }
 
@@ -58,7 +164,7 @@ struct Shared {
 impl Shared {
     /// Writes `state` to the WAL and waits until it is durable.
     async fn persist(&self, state: &MetaState) -> Result<(), StorageError<NodeId>> {
-        let bytes = bincode::serialize(state).expect("metadata serializes");
+        let bytes = state.encode();
         append_durable(&self.wal, META_WAL_GROUP, vec![WalOp::Applied(bytes)])
             .await
             .map_err(|e| StorageIOError::write_state_machine(&e).into())
@@ -118,7 +224,7 @@ pub struct MetaSnapshotBuilder {
 impl RaftSnapshotBuilder<MetaTypeConfig> for MetaSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<MetaTypeConfig>, StorageError<NodeId>> {
         let state = self.shared.state.lock().unwrap().clone();
-        let bytes = bincode::serialize(&(&state.cluster, &state.leases)).expect("metadata serializes");
+        let bytes = encode_snapshot(&state.cluster, &state.leases);
         let index = state.last_applied.map_or(0, |l| l.index);
         let meta = Meta { last_log_id: state.last_applied, last_membership: state.membership, snapshot_id: format!("meta-index{index}") };
         *self.shared.snapshot.lock().unwrap() = Some((meta.clone(), bytes.clone()));
@@ -172,6 +278,10 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
                     next.leases.finish(session);
                     MetaResult::Noop
                 }
+                EntryPayload::Normal(change) => match next.cluster.as_mut() {
+                    Some(cluster) => apply_cluster_change(cluster, change),
+                    None => MetaResult::Refused("the cluster is not bootstrapped yet".into()),
+                },
             });
             next.last_applied = Some(entry.log_id);
         }
@@ -191,9 +301,7 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
 
     async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();
-        // Snapshots written before lease sessions hold the cluster metadata alone.
-        let (cluster, leases): (Option<ClusterMeta>, Leases) = bincode::deserialize(&bytes)
-            .or_else(|err| bincode::deserialize::<Option<ClusterMeta>>(&bytes).map(|c| (c, Leases::default())).map_err(|_| err))
+        let (cluster, leases) = decode_snapshot(&bytes)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let next = MetaState { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), cluster, leases };
         self.shared.persist(&next).await?;

@@ -21,6 +21,7 @@
 //! id = 1                             # metadata on first start, and must agree with it after
 //! client = "127.0.0.1:7401"          # (the lowest 5 ids are the metadata group's voters)
 //! peer = "127.0.0.1:7501"
+//! rack = "a"                         # optional: replicas of a group go to distinct racks
 //!
 //! [[namespaces]]
 //! name = "test"
@@ -99,6 +100,10 @@ pub struct NodeAddress {
     pub id: u64,
     pub client: String,
     pub peer: String,
+    /// The node's rack (or zone): a group's replicas go to distinct racks where there are
+    /// enough. Default: none (the node is a rack of its own).
+    #[serde(default)]
+    pub rack: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +212,7 @@ impl ChunkdConfig {
             node_id: self.node_id,
             nodes: self.nodes.iter().map(|n| (n.id, n.peer.clone())).collect(),
             client_addresses: self.nodes.iter().map(|n| (n.id, n.client.clone())).collect(),
+            racks: self.nodes.iter().filter_map(|n| n.rack.clone().map(|rack| (n.id, rack))).collect(),
             seeds: self.seeds.clone(),
             data_dir: self.data_dir.clone(),
             namespaces,

@@ -32,7 +32,7 @@ pub(super) struct LeaseClock {
 
 impl Node {
     /// This node's metadata group member, if it leads the group; NotLeader otherwise.
-    fn leading_meta(&self) -> Result<&MetaRaft, ErrorReply> {
+    pub(super) fn leading_meta(&self) -> Result<&MetaRaft, ErrorReply> {
         let raft = self.meta_raft.as_ref().ok_or(ErrorReply::NotLeader { leader: None })?;
         let leader = raft.metrics().borrow().current_leader;
         match leader == Some(self.config.node_id) {
@@ -42,7 +42,7 @@ impl Node {
     }
 
     /// Proposes a metadata command as its leader.
-    async fn propose_meta(&self, command: MetaCommand) -> Result<MetaResult, ErrorReply> {
+    pub(super) async fn propose_meta(&self, command: MetaCommand) -> Result<MetaResult, ErrorReply> {
         let raft = self.leading_meta()?;
         match tokio::time::timeout(self.config.request_timeout, raft.client_write(command)).await {
             Err(_) => Err(ErrorReply::Timeout { in_doubt: true }),
@@ -100,7 +100,7 @@ impl Node {
 
     /// Commits a `FenceSession` entry in one of this node's groups, as its leader.
     pub(super) async fn handle_fence(&self, namespace: &str, group: u32, session: u64, release: bool, finished_below: u64) -> Response {
-        let Some(local) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.local.get(&group)) else {
+        let Some(local) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(group)) else {
             return Response::Error(ErrorReply::NotLeader { leader: None });
         };
         let leader = local.raft.current_leader().await;
@@ -120,29 +120,8 @@ impl Node {
 
     /// Sends a request for `namespace`'s `group` to its leader, trying replicas until one
     /// answers `Noted`; false if none did this round.
-    async fn send_to_group_leader(&self, namespace: &str, group: u32, replicas: &[NodeId], request: &Request) -> bool {
-        let mut candidates: Vec<NodeId> = replicas.to_vec();
-        let mut tried = HashSet::new();
-        while let Some(id) = candidates.pop() {
-            if !tried.insert(id) {
-                continue;
-            }
-            let response = if id == self.config.node_id {
-                let Request::FenceSession { session, release, finished_below, .. } = *request else { return false };
-                self.handle_fence(namespace, group, session, release, finished_below).await
-            } else {
-                match self.peers.get(&id) {
-                    Some(peer) => peer.call(request, self.config.request_timeout).await.unwrap_or(Response::Error(ErrorReply::NotLeader { leader: None })),
-                    None => continue,
-                }
-            };
-            match response {
-                Response::Noted => return true,
-                Response::Error(ErrorReply::NotLeader { leader: Some(leader) }) => candidates.push(leader),
-                _ => {}
-            }
-        }
-        false
+    async fn send_to_group_leader(&self, replicas: &[NodeId], request: &Request) -> bool {
+        matches!(self.route_to_group_leader(replicas, request).await, Some(Response::Noted))
     }
 
     /// Fences `session` in every group of every namespace, then releases it in every group,
@@ -156,7 +135,7 @@ impl Node {
                 for group in 0..ns.groups {
                     let request = Request::FenceSession { namespace: ns.name.clone(), group, session, release, finished_below };
                     let mut reported = false;
-                    while !self.send_to_group_leader(&ns.name, group, &ns.placement[group as usize], &request).await {
+                    while !self.send_to_group_leader(&ns.placement[group as usize], &request).await {
                         if self.leading_meta().is_err() || self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                             return; // the next metadata leader takes over
                         }

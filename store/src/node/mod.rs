@@ -20,6 +20,7 @@ pub mod raft_network;
 mod leases;
 mod rejoin;
 mod repair;
+mod roster;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -56,6 +57,8 @@ pub struct NodeConfig {
     pub nodes: Vec<(NodeId, String)>,
     /// Every node's client address (part of the cluster metadata too).
     pub client_addresses: Vec<(NodeId, String)>,
+    /// The racks nodes declare (nodes left out are racks of their own).
+    pub racks: Vec<(NodeId, String)>,
     /// Peer addresses a node that is not a metadata voter asks for the cluster metadata
     /// (empty: the voters' peer addresses from `nodes`).
     pub seeds: Vec<String>,
@@ -81,7 +84,7 @@ pub struct NodeConfig {
     pub test_power_loss_devices: bool,
 }
 
-struct Group {
+pub(crate) struct Group {
     raft: RaftInstance,
     state_machine: GroupStateMachine,
     /// The group's log in the WAL.
@@ -93,13 +96,27 @@ struct Group {
 struct HostedNamespace {
     engine: Arc<Namespace>,
     groups: u32,
-    /// The groups this node replicates.
-    local: HashMap<u32, Group>,
+    /// The groups this node replicates (they change as groups move: see `roster`).
+    local: std::sync::RwLock<HashMap<u32, Arc<Group>>>,
+}
+
+impl HostedNamespace {
+    fn group(&self, group: u32) -> Option<Arc<Group>> {
+        self.local.read().unwrap().get(&group).cloned()
+    }
+
+    /// The groups this node replicates, by id.
+    fn groups(&self) -> Vec<(u32, Arc<Group>)> {
+        let mut all: Vec<_> = self.local.read().unwrap().iter().map(|(g, group)| (*g, group.clone())).collect();
+        all.sort_unstable_by_key(|(g, _)| *g);
+        all
+    }
 }
 
 /// What a node knows once it has joined the cluster.
 struct Joined {
-    cluster: ClusterMeta,
+    /// The newest cluster metadata this node has seen (kept up by `roster::follow_cluster`).
+    cluster: std::sync::RwLock<ClusterMeta>,
     namespaces: HashMap<String, HostedNamespace>,
 }
 
@@ -126,6 +143,8 @@ pub struct Node {
     peer_health: std::sync::Mutex<HashMap<NodeId, PeerHealth>>,
     /// The lease deadlines, while this node leads the metadata group (see `leases`).
     lease_clock: std::sync::Mutex<leases::LeaseClock>,
+    /// The group moves this node drives as the metadata leader (see `roster`).
+    moves_driven: std::sync::Mutex<std::collections::HashSet<(String, u32)>>,
 }
 
 /// What a peer last said of itself.
@@ -195,10 +214,14 @@ impl Node {
         let meta_state = MetaStateMachine::new(wal.clone()).map_err(NodeError::Config)?;
         let node_ids: Vec<NodeId> = config.nodes.iter().map(|(id, _)| *id).collect();
         let voters = meta::voters(&node_ids);
-        let peers: raft_network::Peers =
-            Arc::new(config.nodes.iter().map(|(id, addr)| (*id, Arc::new(transport::SharedConnection::new(addr.clone()).from_source(config.peer_source)))).collect());
+        let peers: raft_network::Peers = Arc::new(raft_network::PeerSet::new(config.nodes.iter().cloned(), config.peer_source));
+        if let Some(cluster) = meta_state.cluster() {
+            for node in &cluster.nodes {
+                peers.connect(node.id, &node.peer);
+            }
+        }
         let addresses: HashMap<NodeId, String> = config.nodes.iter().cloned().collect();
-        let meta_raft = if voters.contains(&config.node_id) {
+        let meta_raft = if roster::is_metadata_voter(&config, &wal, &meta_state, &voters).await {
             // The metadata changes rarely: a snapshot after every entry keeps its log (and so the
             // WAL segments it pins) to a few entries.
             let meta_config = openraft::Config {
@@ -234,6 +257,7 @@ impl Node {
             transfers: Default::default(),
             peer_health: Default::default(),
             lease_clock: Default::default(),
+            moves_driven: Default::default(),
         }))
     }
 
@@ -244,25 +268,31 @@ impl Node {
     /// has no quorum (logging so).
     pub async fn join(self: &Arc<Self>) -> Result<(), NodeError> {
         let config = &self.config;
+        let me = config.node_id;
         let configured = self.configured_cluster()?;
-        let cluster = self.learn_cluster(&configured).await;
-        let differences = cluster.differences(&configured);
+        let mut cluster = self.learn_cluster(&configured).await;
+        let differences = cluster.differences(&configured, me);
         if !differences.is_empty() {
             return Err(NodeError::Config(format!(
                 "this node's configuration disagrees with the cluster metadata (fix the file; the cluster keeps what it was created with):\n  - {}",
                 differences.join("\n  - ")
             )));
         }
-        let snapshot_dir = config.data_dir.join("snapshots");
+        if cluster.node(me).is_none() {
+            let info = configured.node(me).cloned().expect("start checked that the node list has this node");
+            cluster = self.join_as_new_node(info).await;
+        }
+        for node in &cluster.nodes {
+            self.peers.connect(node.id, &node.peer);
+        }
         let mut namespaces = HashMap::new();
         for spec in &config.namespaces {
             let info = cluster.namespace(&spec.engine.name).expect("differences checked every namespace");
-            let hosted: Vec<(u32, &Vec<NodeId>)> =
-                (0..info.groups).zip(&info.placement).filter(|(_, replicas)| replicas.contains(&config.node_id)).collect();
+            let hosted: Vec<u32> = (0..info.groups).filter(|g| cluster.hosts(info, *g, me)).collect();
             let wal_group = |group: u32| namespace_wal_group(&spec.engine.name, group);
             // The engine's durable point as the groups' applied markers recorded it: the scan
             // then tells damage to acknowledged records from a torn tail.
-            let durable_points = crate::raft::recorded_engine_points(&self.wal, hosted.iter().map(|(group, _)| wal_group(*group)))
+            let durable_points = crate::raft::recorded_engine_points(&self.wal, hosted.iter().map(|group| wal_group(*group)))
                 .map_err(|e| NodeError::Raft(e.to_string()))?;
             let devices = match config.test_power_loss_devices {
                 true => Some(power_loss_devices(&spec.engine)?),
@@ -271,20 +301,16 @@ impl Node {
             let options = OpenOptions { replicated: true, durable_points, devices, ..OpenOptions::default() };
             let engine = Arc::new(Namespace::open(spec.engine.clone(), options)?);
             let mut state_machines = Vec::new();
-            for &(group, _) in &hosted {
-                let state_machine =
-                    GroupStateMachine::new(engine.clone(), self.wal.clone(), wal_group(group), group, info.groups, &snapshot_dir)
-                        .map_err(|e| NodeError::Raft(e.to_string()))?;
-                if config.unsafe_skip_dedup {
-                    state_machine.set_unsafe_skip_dedup();
-                }
-                state_machines.push(state_machine);
+            for &group in &hosted {
+                state_machines.push(self.group_state_machine(&engine, &spec.engine.name, group, info.groups)?);
             }
             if engine.lost_acknowledged_records() && !config.unsafe_serve_damaged {
                 tracing::warn!(namespace = %spec.engine.name, groups = hosted.len(),
                     "the engine lost acknowledged records: rebuilding every group this node replicates here from its peers before serving");
-                for (&(group, replicas), state_machine) in hosted.iter().zip(&state_machines) {
-                    self.rebuild_group(&spec.engine.name, group, replicas, state_machine).await;
+                for (&group, state_machine) in hosted.iter().zip(&state_machines) {
+                    let mut replicas = info.placement[group as usize].clone();
+                    replicas.extend(info.moves.get(&group).into_iter().flatten());
+                    self.rebuild_group(&spec.engine.name, group, &replicas, state_machine).await;
                 }
                 let retire = engine.clone();
                 tokio::task::spawn_blocking(move || retire.retire_damaged_blocks())
@@ -292,35 +318,72 @@ impl Node {
                     .map_err(|e| NodeError::Raft(e.to_string()))??;
             }
             let mut local = HashMap::new();
-            for (&(group, replicas), state_machine) in hosted.iter().zip(state_machines) {
-                let wal_group = wal_group(group);
-                let fresh = self.wal.log_state(wal_group).last.is_none();
-                let rejoin = self.rejoin_state(&spec.engine.name, group, replicas, wal_group, fresh).await?;
-                let network = GroupNetwork::new(spec.engine.name.clone(), group, self.peers.clone());
-                let log_store = GroupLogStore::new(self.wal.clone(), wal_group);
-                let raft = RaftInstance::new(config.node_id, self.raft_config.clone(), network, log_store, state_machine.clone())
-                    .await
-                    .map_err(|e| NodeError::Raft(e.to_string()))?;
-                if rejoin.is_active() {
-                    raft.runtime_config().elect(false);
-                }
-                let voted = self.wal.log_state(wal_group).vote.is_some();
-                if fresh && !voted && !rejoin.is_active() && replicas[0] == config.node_id {
-                    let members: BTreeMap<NodeId, BasicNode> =
-                        replicas.iter().map(|id| (*id, BasicNode::new(cluster.node(*id).map(|n| n.peer.clone()).unwrap_or_default()))).collect();
-                    raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
-                }
-                local.insert(group, Group { raft, state_machine, wal_group, rejoin });
+            for (&group, state_machine) in hosted.iter().zip(state_machines) {
+                let started = self.start_group(&cluster, info, group, state_machine, true).await?;
+                local.insert(group, Arc::new(started));
             }
+            let local = std::sync::RwLock::new(local);
             namespaces.insert(spec.engine.name.clone(), HostedNamespace { engine, groups: info.groups, local });
         }
-        tracing::info!(node = config.node_id, nodes = cluster.nodes.len(), namespaces = namespaces.len(), "joined the cluster");
-        if self.joined.set(Joined { cluster, namespaces }).is_err() {
+        tracing::info!(node = me, nodes = cluster.nodes.len(), namespaces = namespaces.len(), "joined the cluster");
+        if self.joined.set(Joined { cluster: std::sync::RwLock::new(cluster), namespaces }).is_err() {
             return Err(NodeError::Config("join called twice".into()));
         }
         tokio::spawn(report_health(Arc::downgrade(self)));
         tokio::spawn(leases::keep_leases(Arc::downgrade(self)));
+        tokio::spawn(roster::follow_cluster(Arc::downgrade(self)));
+        tokio::spawn(roster::keep_balance(Arc::downgrade(self)));
         Ok(())
+    }
+
+    /// The state machine of this node's replica of `namespace`'s `group`, over `engine`.
+    fn group_state_machine(&self, engine: &Arc<Namespace>, namespace: &str, group: u32, groups: u32) -> Result<GroupStateMachine, NodeError> {
+        let snapshot_dir = self.config.data_dir.join("snapshots");
+        let wal_group = namespace_wal_group(namespace, group);
+        let state_machine = GroupStateMachine::new(engine.clone(), self.wal.clone(), wal_group, group, groups, &snapshot_dir)
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        if self.config.unsafe_skip_dedup {
+            state_machine.set_unsafe_skip_dedup();
+        }
+        Ok(state_machine)
+    }
+
+    /// Starts this node's Raft instance of `info`'s `group`. A voter (in the group's placement)
+    /// whose log is empty while the group lived on catches up before it votes (`rejoin_state`);
+    /// at cluster creation (`at_start`, empty log, never voted), the group's preferred leader
+    /// initializes it. A replica a move brings here starts empty, as a learner the group's
+    /// leader adds.
+    async fn start_group(
+        &self,
+        cluster: &ClusterMeta,
+        info: &meta::NamespaceInfo,
+        group: u32,
+        state_machine: GroupStateMachine,
+        at_start: bool,
+    ) -> Result<Group, NodeError> {
+        let me = self.config.node_id;
+        let wal_group = namespace_wal_group(&info.name, group);
+        let replicas = &info.placement[group as usize];
+        let fresh = self.wal.log_state(wal_group).last.is_none();
+        let rejoin = match replicas.contains(&me) {
+            true => self.rejoin_state(&info.name, group, replicas, wal_group, fresh).await?,
+            false => rejoin::Rejoin::none(),
+        };
+        let network = GroupNetwork::new(info.name.clone(), group, self.peers.clone());
+        let log_store = GroupLogStore::new(self.wal.clone(), wal_group);
+        let raft = RaftInstance::new(me, self.raft_config.clone(), network, log_store, state_machine.clone())
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        if rejoin.is_active() {
+            raft.runtime_config().elect(false);
+        }
+        let voted = self.wal.log_state(wal_group).vote.is_some();
+        if at_start && fresh && !voted && !rejoin.is_active() && replicas.first() == Some(&me) {
+            let members: BTreeMap<NodeId, BasicNode> =
+                replicas.iter().map(|id| (*id, BasicNode::new(cluster.node(*id).map(|n| n.peer.clone()).unwrap_or_default()))).collect();
+            raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+        }
+        Ok(Group { raft, state_machine, wal_group, rejoin })
     }
 
     /// Whether this replica of `namespace`'s `group` must catch up before it votes (see
@@ -414,10 +477,16 @@ impl Node {
             declared.push((spec.engine.name.clone(), spec.replication_factor as u32, spec.groups));
         }
         let clients: HashMap<NodeId, String> = config.client_addresses.iter().cloned().collect();
+        let racks: HashMap<NodeId, String> = config.racks.iter().cloned().collect();
         let nodes = config
             .nodes
             .iter()
-            .map(|(id, peer)| NodeInfo { id: *id, client: clients.get(id).cloned().unwrap_or_default(), peer: peer.clone() })
+            .map(|(id, peer)| NodeInfo {
+                id: *id,
+                client: clients.get(id).cloned().unwrap_or_default(),
+                peer: peer.clone(),
+                rack: racks.get(id).cloned(),
+            })
             .collect();
         Ok(ClusterMeta::from_config(nodes, &declared))
     }
@@ -460,22 +529,15 @@ impl Node {
         }
     }
 
-    /// Asks the seeds (or the metadata voters) for the cluster metadata; None if none knew.
+    /// Asks the metadata voters this node knows of (else the seeds, else the voters its
+    /// configuration names) for the cluster metadata; None if none knew.
     async fn fetch_cluster(&self) -> Option<ClusterMeta> {
-        let node_ids: Vec<NodeId> = self.config.nodes.iter().map(|(id, _)| *id).collect();
-        let voters = meta::voters(&node_ids);
-        let addresses: Vec<String> = if self.config.seeds.is_empty() {
-            self.config.nodes.iter().filter(|(id, _)| voters.contains(id)).map(|(_, peer)| peer.clone()).collect()
-        } else {
-            self.config.seeds.clone()
+        let known = self.joined.get().map(|j| j.cluster.read().unwrap().clone()).or_else(|| self.meta_state.cluster());
+        let addresses = match known {
+            Some(cluster) => cluster.metadata_voters.iter().filter_map(|id| cluster.node(*id).map(|n| n.peer.clone())).collect(),
+            None => roster::seed_addresses(&self.config),
         };
-        for address in addresses {
-            let mut connection = transport::Connection::new(address).from_source(self.config.peer_source);
-            if let Ok(Response::ClusterMeta(Some(cluster))) = connection.call(&Request::ClusterMeta, Duration::from_secs(2)).await {
-                return Some(cluster);
-            }
-        }
-        None
+        roster::fetch_cluster_from(&addresses, self.config.peer_source, Duration::from_secs(2)).await
     }
 
     /// The metadata group's log in this node's WAL: (last purged index, last index). Its
@@ -493,9 +555,7 @@ impl Node {
     /// Leader of each group this node replicates, per namespace (None while electing).
     pub fn leaders(&self, namespace: &str) -> Vec<(u32, Option<NodeId>)> {
         let Some(hosted) = self.namespaces().and_then(|n| n.get(namespace)) else { return Vec::new() };
-        let mut out: Vec<_> = hosted.local.iter().map(|(g, group)| (*g, group.raft.metrics().borrow().current_leader)).collect();
-        out.sort_unstable();
-        out
+        hosted.groups().into_iter().map(|(g, group)| (g, group.raft.metrics().borrow().current_leader)).collect()
     }
 
     /// Stops the Raft groups and closes engines and WAL cleanly. Requests arriving from now on
@@ -521,7 +581,7 @@ impl Node {
         let empty = HashMap::new();
         let namespaces = self.namespaces().unwrap_or(&empty);
         for hosted in namespaces.values() {
-            for group in hosted.local.values() {
+            for (_, group) in hosted.groups() {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let _ = group.raft.wait(Some(left)).metrics(
                     |m| {
@@ -535,7 +595,7 @@ impl Node {
             }
         }
         for hosted in namespaces.values() {
-            for group in hosted.local.values() {
+            for (_, group) in hosted.groups() {
                 // An apply waiting for device space gives up, so the group can stop.
                 group.state_machine.stop();
                 let _ = group.raft.shutdown().await;
@@ -574,6 +634,10 @@ impl Node {
             Request::FenceSession { namespace, group, session, release, finished_below } => {
                 self.handle_fence(&namespace, group, session, release, finished_below).await
             }
+            Request::AddNode { node } => self.handle_add_node(node).await,
+            Request::SetRoster { nodes } => self.handle_set_roster(nodes).await,
+            Request::ForgetNode { node } => self.handle_forget_node(node).await,
+            Request::MoveGroup { namespace, group, replicas } => self.handle_move_group(&namespace, group, replicas).await,
             Request::Write { op: crate::WriteOp::FenceSession { .. }, .. } => {
                 Response::Error(ErrorReply::BadRequest("sessions are fenced by the metadata leader, not by a write".into()))
             }
@@ -583,7 +647,7 @@ impl Node {
                     Err(reply) => return Response::Error(reply),
                 };
                 if !op.frees_room() {
-                    if let Some(reason) = self.stop_writes(&namespace, hosted, group) {
+                    if let Some(reason) = self.stop_writes(&namespace, hosted, &group) {
                         return Response::Error(ErrorReply::StopWrites(reason));
                     }
                 }
@@ -592,7 +656,7 @@ impl Node {
                 if leader != Some(self.config.node_id) {
                     return Response::Error(ErrorReply::NotLeader { leader });
                 }
-                if self.out_of_touch(group) {
+                if self.out_of_touch(&group) {
                     return Response::Error(ErrorReply::NotLeader { leader: None });
                 }
                 let _in_flight = InFlight::new(&self.writes_in_flight);
@@ -632,7 +696,7 @@ impl Node {
                 };
                 match read {
                     ReadPolicy::Linearizable if self.config.unsafe_unchecked_reads => {}
-                    ReadPolicy::Linearizable if self.out_of_touch(group) => return Response::Error(ErrorReply::NotLeader { leader: None }),
+                    ReadPolicy::Linearizable if self.out_of_touch(&group) => return Response::Error(ErrorReply::NotLeader { leader: None }),
                     ReadPolicy::Linearizable => {
                         let confirmed = tokio::time::timeout(self.config.request_timeout, group.raft.ensure_linearizable()).await;
                         match confirmed {
@@ -682,17 +746,20 @@ impl Node {
 
     /// The namespace and this node's replica of the key's group; the error to answer if the
     /// namespace is unknown or the group lives elsewhere (NotLeader with its preferred leader).
-    fn local_group(&self, namespace: &str, key: &crate::Key) -> Result<(&HostedNamespace, &Group), ErrorReply> {
+    fn local_group(&self, namespace: &str, key: &crate::Key) -> Result<(&HostedNamespace, Arc<Group>), ErrorReply> {
         let joined = self.joined.get().ok_or(ErrorReply::NotLeader { leader: None })?;
         let hosted = joined.namespaces.get(namespace).ok_or_else(|| ErrorReply::UnknownNamespace(namespace.to_owned()))?;
         let group_id = group_of(&key.digest, hosted.groups);
-        match hosted.local.get(&group_id) {
+        match hosted.group(group_id) {
             Some(group) => Ok((hosted, group)),
-            None => {
-                let leader = joined.cluster.namespace(namespace).and_then(|ns| ns.placement[group_id as usize].first().copied());
-                Err(ErrorReply::NotLeader { leader })
-            }
+            None => Err(ErrorReply::NotLeader { leader: self.placement_hint(namespace, group_id) }),
         }
+    }
+
+    /// Where a group this node does not replicate may be led: its preferred leader.
+    fn placement_hint(&self, namespace: &str, group: u32) -> Option<NodeId> {
+        let cluster = self.joined.get()?.cluster.read().unwrap();
+        cluster.namespace(namespace).and_then(|ns| ns.placement.get(group as usize)).and_then(|r| r.first().copied())
     }
 
     /// Whether this node leads `group` but has not heard from a quorum of its replicas for
@@ -735,7 +802,7 @@ impl Node {
     }
 
     fn note_health(&self, node: NodeId, stop_writes: Vec<(String, String)>) -> Response {
-        if node == self.config.node_id || !self.config.nodes.iter().any(|(id, _)| *id == node) {
+        if node == self.config.node_id || self.peers.get(&node).is_none() {
             return Response::Error(ErrorReply::BadRequest(format!("health report from node {node}, which is not a peer of this node")));
         }
         let stop_writes: HashMap<String, String> = stop_writes.into_iter().collect();
@@ -767,15 +834,15 @@ impl Node {
 
     fn cluster_map(&self) -> ClusterMap {
         let Some(joined) = self.joined.get() else { return ClusterMap::default() };
-        let namespaces: Vec<NamespaceMap> = joined
-            .cluster
+        let cluster = joined.cluster.read().unwrap().clone();
+        let namespaces: Vec<NamespaceMap> = cluster
             .namespaces
             .iter()
             .filter_map(|info| {
                 let hosted = joined.namespaces.get(&info.name)?;
                 let leaders = (0..info.groups)
-                    .map(|g| match hosted.local.get(&g) {
-                        Some(group) if self.out_of_touch(group) => None,
+                    .map(|g| match hosted.group(g) {
+                        Some(group) if self.out_of_touch(&group) => None,
                         Some(group) => group.raft.metrics().borrow().current_leader,
                         None => info.placement[g as usize].first().copied(),
                     })
@@ -789,8 +856,8 @@ impl Node {
                 })
             })
             .collect();
-        let nodes = joined.cluster.nodes.iter().map(|n| (n.id, n.client.clone())).collect();
-        let metadata_voters = meta::voters(&joined.cluster.nodes.iter().map(|n| n.id).collect::<Vec<_>>());
+        let nodes = cluster.nodes.iter().map(|n| (n.id, n.client.clone())).collect();
+        let metadata_voters = cluster.metadata_voters.clone();
         let metadata_leader = self.meta_raft.as_ref().and_then(|raft| raft.metrics().borrow().current_leader);
         ClusterMap { nodes, now_ms: crate::engine::SystemClock.now_ms(), namespaces, metadata_voters, metadata_leader }
     }
@@ -816,7 +883,7 @@ impl Node {
     }
 
     async fn handle_raft(&self, namespace: &str, group: u32, message: &[u8]) -> Response {
-        let Some(group) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.local.get(&group)) else {
+        let Some(group) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(group)) else {
             return Response::Error(ErrorReply::BadRequest(format!("this node does not replicate {namespace}/{group}")));
         };
         if !group.rejoin.is_active() {
@@ -876,7 +943,7 @@ async fn report_health(node: std::sync::Weak<Node>) {
         // A replica catching up after its copy was lost does not campaign either, and votes again
         // once its log durably reaches the commit index a leader reported in its own term.
         for (name, hosted) in node.namespaces().into_iter().flatten() {
-            for (id, group) in &hosted.local {
+            for (id, group) in hosted.groups() {
                 let rejoining = group.rejoin.is_active();
                 group.raft.runtime_config().elect(!group.state_machine.is_waiting_for_room() && !rejoining);
                 let Some(target) = group.rejoin.target().filter(|_| rejoining) else { continue };
@@ -898,7 +965,7 @@ async fn report_health(node: std::sync::Weak<Node>) {
         }
         let me = node.config.node_id;
         let request = Request::NodeHealth { node: me, stop_writes: stop_writes.clone() };
-        for (_, peer) in node.peers.iter().filter(|(id, _)| **id != me) {
+        for (_, peer) in node.peers.all().into_iter().filter(|(id, _)| *id != me) {
             let (peer, request) = (peer.clone(), request.clone());
             tokio::spawn(async move {
                 let _ = peer.call(&request, HEALTH_REFRESH).await;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
@@ -39,8 +39,46 @@ pub(crate) enum RaftReply {
     InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
 }
 
-/// The node's connections to its peers, by node id: one each, shared by every group.
-pub type Peers = Arc<HashMap<NodeId, Arc<SharedConnection>>>;
+/// The node's connections to its peers, by node id: one each, shared by every group. Nodes
+/// that join the cluster are added as the node learns of them.
+#[derive(Default)]
+pub struct PeerSet {
+    source: Option<std::net::IpAddr>,
+    connections: RwLock<HashMap<NodeId, Arc<SharedConnection>>>,
+}
+
+pub type Peers = Arc<PeerSet>;
+
+impl PeerSet {
+    /// Connections to `nodes` (id, peer address), leaving from `source` when given.
+    pub fn new(nodes: impl IntoIterator<Item = (NodeId, String)>, source: Option<std::net::IpAddr>) -> PeerSet {
+        let set = PeerSet { source, connections: Default::default() };
+        for (id, address) in nodes {
+            set.connect(id, &address);
+        }
+        set
+    }
+
+    pub fn get(&self, id: &NodeId) -> Option<Arc<SharedConnection>> {
+        self.connections.read().unwrap().get(id).cloned()
+    }
+
+    /// The connection to node `id` at `address` (a new one if the node is new to this node).
+    pub fn connect(&self, id: NodeId, address: &str) -> Arc<SharedConnection> {
+        if let Some(known) = self.get(&id) {
+            return known;
+        }
+        let mut connections = self.connections.write().unwrap();
+        connections.entry(id).or_insert_with(|| Arc::new(SharedConnection::new(address.to_owned()).from_source(self.source))).clone()
+    }
+
+    /// Every peer, by id.
+    pub fn all(&self) -> Vec<(NodeId, Arc<SharedConnection>)> {
+        let mut all: Vec<_> = self.connections.read().unwrap().iter().map(|(id, c)| (*id, c.clone())).collect();
+        all.sort_unstable_by_key(|(id, _)| *id);
+        all
+    }
+}
 
 /// Creates connections to the other replicas of one group (the metadata group's namespace is
 /// `crate::meta::META_NAMESPACE`).
@@ -68,8 +106,9 @@ pub struct PeerConnection<C = TypeConfig> {
 impl<C: NetworkTypes> RaftNetworkFactory<C> for GroupNetwork<C> {
     type Network = PeerConnection<C>;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> PeerConnection<C> {
-        let connection = self.peers.get(&target).cloned();
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection<C> {
+        // A node the group's membership names by address, new to this node: connect to it.
+        let connection = self.peers.get(&target).or_else(|| (!node.addr.is_empty()).then(|| self.peers.connect(target, &node.addr)));
         PeerConnection { namespace: self.namespace.clone(), group: self.group, target, connection, types: PhantomData }
     }
 }

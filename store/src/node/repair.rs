@@ -92,13 +92,13 @@ impl Node {
         transfer: Option<u64>,
         offset: u64,
     ) -> Response {
-        let Some(state_machine) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.local.get(&group)).map(|g| &g.state_machine)
+        let Some(state_machine) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(group)).map(|g| g.state_machine.clone())
         else {
             return Response::Error(ErrorReply::BadRequest(format!("this node does not replicate {namespace}/{group}")));
         };
         let id = match transfer {
             Some(id) => id,
-            None => match self.start_transfer(state_machine, min_applied).await {
+            None => match self.start_transfer(&state_machine, min_applied).await {
                 Ok(id) => id,
                 Err(reply) => return Response::Error(reply),
             },

@@ -6,7 +6,7 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use crate::key::Key;
-use crate::meta::ClusterMeta;
+use crate::meta::{ClusterMeta, NodeInfo};
 use crate::ops::{OpResult, WriteOp, WritePolicy};
 use crate::value::{Record, RecordMeta};
 
@@ -83,6 +83,18 @@ pub enum Request {
     /// Between nodes: commits `WriteOp::FenceSession` in a group, as its leader (sent by the
     /// metadata leader). Answered `Noted` once committed.
     FenceSession { namespace: String, group: u32, session: u64, release: bool, finished_below: u64 },
+    /// Between nodes: a node new to the cluster asks the metadata leader to add it (it owns
+    /// no data until the roster names it). Answered `Noted`.
+    AddNode { node: NodeInfo },
+    /// Sets the roster: the nodes that own data (answered by the metadata leader, `Noted`, or
+    /// `BadRequest` saying why not). Groups then move to where the new roster puts them.
+    SetRoster { nodes: Vec<u64> },
+    /// Removes a node from the cluster's node list (one off the roster, holding no replica,
+    /// not a metadata voter); answered by the metadata leader `Noted` or `BadRequest`.
+    ForgetNode { node: u64 },
+    /// Between nodes: one step of moving a group to `replicas`, asked of the group's leader
+    /// by the metadata leader; answered `MoveProgress`.
+    MoveGroup { namespace: String, group: u32, replicas: Vec<u64> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -116,6 +128,9 @@ pub enum Response {
     GroupLog { last_index: Option<u64>, vote_term: Option<u64> },
     SessionOpened { session: u64, ttl_ms: u64 },
     SessionAlive { ttl_ms: u64 },
+    /// How far a group's move is: `done` once its voters are the new replicas; `stage` says
+    /// what it waits for.
+    MoveProgress { done: bool, stage: String },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -99,9 +99,55 @@ enum Commands {
         #[arg(long, default_value_t = 0)]
         writes: u64,
     },
+    /// The roster: the nodes that own data. Changing it moves groups to where it puts them,
+    /// a few at a time (progress in `status`).
+    #[command(subcommand)]
+    Roster(RosterCommand),
+    /// Add a node to, or remove one from, the local cluster in --dir.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum RosterCommand {
+    /// The roster, every node (with its rack), and how many groups are where it puts them.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make NODE... the roster (node ids; at least as many as the largest replication factor).
+    Set {
+        #[arg(required = true)]
+        nodes: Vec<u64>,
+        /// Wait until every group is where the new roster puts it.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Start one more chunkd for the local cluster in --dir and put it on the roster: groups
+    /// then move to it (on real machines: start a chunkd, then `roster set`).
+    Add {
+        /// The new node's rack (replicas of a group go to distinct racks where there are enough).
+        #[arg(long)]
+        rack: Option<String>,
+        /// Wait until every group is where the new roster puts it.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Take NODE off the roster, wait until its groups have moved away, then stop it and remove
+    /// it from the cluster (metadata voters, the lowest ids at creation, stay).
+    Remove {
+        node: u64,
+        /// Give up (leaving the node running) after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -240,6 +286,34 @@ fn main() -> ExitCode {
             let drill = LockDrill { namespace, set, key, ttl: Duration::from_millis(ttl_ms), wait: Duration::from_millis(wait_ms), write_every: Duration::from_millis(write_every_ms), writes };
             hold_lock(&client, &drill)
         }),
+        Commands::Roster(RosterCommand::Show { json }) => client(&cli).and_then(|client| roster_show(&client, json)),
+        Commands::Roster(RosterCommand::Set { ref nodes, wait }) => client(&cli).and_then(|client| {
+            client.set_roster(nodes)?;
+            println!("roster set to {nodes:?}: groups move to where it puts them (chunkctl status shows progress)");
+            if wait {
+                local_cluster::wait_for_balance(&client, Duration::from_secs(3600), &mut |line| eprintln!("{line}"))?;
+                println!("every group is where the roster puts it");
+            }
+            Ok(())
+        }),
+        Commands::Node(NodeCommand::Add { ref rack, wait }) => (|| {
+            let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
+            let node = local_cluster::add_node(&dir, rack.as_deref(), &mut |line| eprintln!("{line}"))?;
+            let client = client(&cli)?;
+            let mut roster = client.cluster_meta()?.roster;
+            roster.push(node.id);
+            client.set_roster(&roster)?;
+            println!("node {} joined at {} and is on the roster {roster:?}: groups move to it (chunkctl status shows progress)", node.id, node.client);
+            if wait {
+                local_cluster::wait_for_balance(&client, Duration::from_secs(3600), &mut |line| eprintln!("{line}"))?;
+                println!("every group is where the roster puts it");
+            }
+            Ok(())
+        })(),
+        Commands::Node(NodeCommand::Remove { node, timeout_s }) => {
+            let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
+            local_cluster::remove_node(&dir, node, Duration::from_secs(timeout_s), &mut |line| eprintln!("{line}"))
+        }
         Commands::Bench(BenchCommand::Kv { ref clients, seconds, read_policy, ref namespace, json }) => (|| {
             let (seeds, baseline_dir) = match (&cli.seeds, &cli.dir) {
                 (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data")),
@@ -424,9 +498,13 @@ fn status(client: &Client, json: bool) -> Result<()> {
             views.push((*id, view.cluster_map()));
         }
     }
+    // Moves and the roster come from the metadata leader (absent while it has no quorum).
+    let meta = client.cluster_meta().ok();
     for ns in &map.namespaces {
+        let moves = meta.as_ref().and_then(|m| m.namespace(&ns.name)).map(|n| n.moves.clone()).unwrap_or_default();
         for group in 0..ns.groups as usize {
             let replicas = &ns.replicas[group];
+            let moving_to = moves.get(&(group as u32));
             let leader = views
                 .iter()
                 .filter(|(id, _)| replicas.contains(id))
@@ -437,25 +515,80 @@ fn status(client: &Client, json: bool) -> Result<()> {
                 (Some(_), false) => "leader-down",
                 (None, _) => "no-leader",
             };
-            groups.push(serde_json::json!({ "namespace": ns.name, "group": group, "leader": leader, "replicas": replicas, "state": state }));
+            groups.push(serde_json::json!({ "namespace": ns.name, "group": group, "leader": leader, "replicas": replicas, "state": state, "moving_to": moving_to }));
         }
     }
     // The metadata group: its voters, and its leader as any voter that is up knows it.
     let voters = &map.metadata_voters;
     let meta_leader = views.iter().filter(|(id, _)| voters.contains(id)).find_map(|(_, view)| view.metadata_leader);
     let metadata = serde_json::json!({ "voters": voters, "leader": meta_leader, "state": if meta_leader.is_some() { "ok" } else { "no-leader" } });
+    let rebalance: Vec<serde_json::Value> = meta
+        .iter()
+        .flat_map(|m| m.balance())
+        .map(|(namespace, placed, total)| serde_json::json!({ "namespace": namespace, "placed": placed, "groups": total }))
+        .collect();
+    let roster = meta.as_ref().map(|m| m.roster.clone());
     if json {
-        println!("{}", serde_json::json!({ "nodes": nodes_up, "metadata": metadata, "groups": groups }));
+        println!("{}", serde_json::json!({ "nodes": nodes_up, "metadata": metadata, "roster": roster, "rebalance": rebalance, "groups": groups }));
         return Ok(());
     }
     for node in &nodes_up {
         println!("node {} at {}: {}", node["id"], node["address"].as_str().unwrap_or(""), if node["up"] == true { "up" } else { "DOWN" });
     }
     println!("metadata group: voters {} leader {} {}", metadata["voters"], metadata["leader"], metadata["state"].as_str().unwrap_or(""));
+    match &roster {
+        Some(roster) => println!("roster: {roster:?}"),
+        None => println!("roster: unknown (the metadata leader did not answer)"),
+    }
+    for b in &rebalance {
+        let (placed, total) = (b["placed"].as_u64().unwrap_or(0) as u32, b["groups"].as_u64().unwrap_or(0) as u32);
+        let word = if placed == total { "balanced" } else { "rebalancing" };
+        println!("{} {} {placed}/{total} groups placed: {word}", b["namespace"].as_str().unwrap_or(""), progress_bar(placed, total));
+    }
     for group in &groups {
-        println!("{}/{:<3} leader {:<4} replicas {} {}", group["namespace"].as_str().unwrap_or(""), group["group"], group["leader"], group["replicas"], group["state"].as_str().unwrap_or(""));
+        let moving = match &group["moving_to"] {
+            serde_json::Value::Null => String::new(),
+            to => format!(" moving to {to}"),
+        };
+        println!("{}/{:<3} leader {:<4} replicas {} {}{moving}", group["namespace"].as_str().unwrap_or(""), group["group"], group["leader"], group["replicas"], group["state"].as_str().unwrap_or(""));
     }
     Ok(())
+}
+
+/// `roster show`.
+fn roster_show(client: &Client, json: bool) -> Result<()> {
+    let meta = client.cluster_meta().context("reading the cluster metadata")?;
+    let balance: Vec<serde_json::Value> = meta
+        .balance()
+        .into_iter()
+        .map(|(namespace, placed, groups)| serde_json::json!({ "namespace": namespace, "placed": placed, "groups": groups }))
+        .collect();
+    let nodes: Vec<serde_json::Value> = meta
+        .nodes
+        .iter()
+        .map(|n| serde_json::json!({ "id": n.id, "client": n.client, "peer": n.peer, "rack": n.rack, "on_roster": meta.roster.contains(&n.id) }))
+        .collect();
+    if json {
+        println!("{}", serde_json::json!({ "roster": meta.roster, "nodes": nodes, "metadata_voters": meta.metadata_voters, "balance": balance }));
+        return Ok(());
+    }
+    println!("roster: {:?}", meta.roster);
+    for n in &meta.nodes {
+        let rack = n.rack.as_deref().map(|r| format!(" rack {r}")).unwrap_or_default();
+        let on = if meta.roster.contains(&n.id) { "on the roster" } else { "off the roster" };
+        println!("node {} at {}{rack}: {on}", n.id, n.client);
+    }
+    for b in &balance {
+        println!("{}: {}/{} groups where the roster puts them", b["namespace"].as_str().unwrap_or(""), b["placed"], b["groups"]);
+    }
+    Ok(())
+}
+
+/// A text progress bar: `done` of `total`.
+fn progress_bar(done: u32, total: u32) -> String {
+    const WIDTH: u32 = 20;
+    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH) as usize;
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(WIDTH as usize - filled))
 }
 
 fn parse_chunkd_option(option: &str) -> Result<String, String> {

@@ -1,0 +1,437 @@
+//! The roster at a node: joining a running cluster, following the cluster metadata (hosting
+//! the groups that move here, stopping those that moved away), and, at the metadata leader,
+//! rebalancing: moving groups whose replicas are not where the roster puts them, a few at a
+//! time (`meta::MOVES_AT_ONCE`).
+//!
+//! A move of a group to new replicas, step by step:
+//! 1. the metadata leader records it (`MetaCommand::StartMove`); nodes in the new replicas
+//!    start the group's Raft instance, empty;
+//! 2. it asks the group's leader to move the group (`Request::MoveGroup`, repeated until
+//!    done): the leader adds the new nodes as learners, waits until each has caught up (a
+//!    snapshot, then the log) to within `CATCH_UP_LAG` entries, then changes the group's voters
+//!    to the new replicas (openraft's joint consensus: a quorum of the old voters and of the new
+//!    ones commits every entry in between);
+//! 3. the metadata leader records the new membership (`MetaCommand::FinishMove`); nodes no
+//!    longer in the group stop their replica.
+//!
+//! Invariants:
+//! - **A group's voters change only by its own Raft log** (steps 2); the metadata only records
+//!   what the group decided, after it decided it.
+//! - **A node stops a replica only once the metadata says the group left it**, after the group
+//!   committed a membership without it.
+//! - **A replica that stopped keeps its vote**, and its log up to what it applied: should the
+//!   group come back, it comes back as a lagging former member, never as a node that forgot.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use openraft::{BasicNode, ChangeMembers};
+
+use super::{namespace_wal_group, Node, NodeConfig};
+use crate::meta::{self, ClusterMeta, MetaCommand, MetaResult, MetaStateMachine, NodeInfo, META_WAL_GROUP};
+use crate::protocol::{ErrorReply, Request, Response};
+use crate::raft::NodeId;
+use crate::wal::{Wal, WalOp};
+
+/// How often a node compares the groups it hosts with the cluster metadata.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// How often a node that is not a metadata voter asks a voter for the metadata.
+const FETCH_EVERY: Duration = Duration::from_secs(1);
+/// How often the metadata leader looks for groups to move.
+const BALANCE_POLL: Duration = Duration::from_millis(500);
+/// A learner within this many entries of the leader's log has caught up: the membership
+/// change that makes it a voter follows.
+const CATCH_UP_LAG: u64 = 64;
+
+/// Where a node asks for the cluster metadata before it knows it: `seeds`, else the peer
+/// addresses of the voters its `[[nodes]]` name.
+pub(super) fn seed_addresses(config: &NodeConfig) -> Vec<String> {
+    if !config.seeds.is_empty() {
+        return config.seeds.clone();
+    }
+    let ids: Vec<NodeId> = config.nodes.iter().map(|(id, _)| *id).collect();
+    let voters = meta::voters(&ids);
+    config.nodes.iter().filter(|(id, _)| voters.contains(id)).map(|(_, peer)| peer.clone()).collect()
+}
+
+/// The cluster metadata from the first of `addresses` that knows it (a metadata voter
+/// answers once its leader confirmed it with a quorum).
+pub(super) async fn fetch_cluster_from(addresses: &[String], source: Option<std::net::IpAddr>, timeout: Duration) -> Option<ClusterMeta> {
+    for address in addresses {
+        let mut connection = super::transport::Connection::new(address.clone()).from_source(source);
+        if let Ok(Response::ClusterMeta(Some(cluster))) = connection.call(&Request::ClusterMeta, timeout).await {
+            return Some(cluster);
+        }
+    }
+    None
+}
+
+/// Whether this node is a member of the metadata group. Once the node knows the cluster, the
+/// metadata says (its voters are fixed at bootstrap). Before, its configuration says (the
+/// lowest ids), unless the node is new and the cluster it joins exists already without it
+/// among the voters: a node added to a running cluster is never a metadata voter.
+pub(super) async fn is_metadata_voter(config: &NodeConfig, wal: &Wal, meta_state: &MetaStateMachine, voters: &[NodeId]) -> bool {
+    let me = config.node_id;
+    if let Some(cluster) = meta_state.cluster() {
+        return cluster.metadata_voters.contains(&me);
+    }
+    if !voters.contains(&me) {
+        return false;
+    }
+    if wal.log_state(META_WAL_GROUP).last.is_some() {
+        return true;
+    }
+    let own = config.nodes.iter().find(|(id, _)| *id == me).map(|(_, peer)| peer.clone());
+    let others: Vec<String> = seed_addresses(config).into_iter().filter(|a| Some(a) != own.as_ref()).collect();
+    match fetch_cluster_from(&others, config.peer_source, Duration::from_secs(1)).await {
+        Some(cluster) if !cluster.metadata_voters.contains(&me) => {
+            tracing::info!(voters = ?cluster.metadata_voters, "the cluster exists already: this node joins it, not as a metadata voter");
+            false
+        }
+        _ => true,
+    }
+}
+
+impl Node {
+    /// Asks the metadata leader to add this node (`info`) to the cluster, until the cluster
+    /// metadata has it; returns that metadata. Logs why while it is refused.
+    pub(super) async fn join_as_new_node(&self, info: NodeInfo) -> ClusterMeta {
+        let mut next_report = tokio::time::Instant::now();
+        loop {
+            if let Some(cluster) = self.fetch_cluster().await {
+                if cluster.node(info.id).is_some() {
+                    if self.meta_raft.is_none() {
+                        if let Err(err) = self.meta_state.remember(cluster.clone()).await {
+                            tracing::warn!(%err, "cannot record the cluster metadata");
+                        }
+                    }
+                    tracing::info!(node = info.id, "joined a running cluster: it owns data once the roster names it");
+                    return cluster;
+                }
+                let outcome = self.call_meta_leader(&cluster, &Request::AddNode { node: info.clone() }).await;
+                if tokio::time::Instant::now() >= next_report {
+                    match outcome {
+                        Ok(_) => tracing::info!("asked the metadata leader to add this node"),
+                        Err(err) => tracing::warn!(%err, "the cluster does not take this node yet"),
+                    }
+                    next_report += Duration::from_secs(5);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Sends `request` to the metadata leader among `cluster`'s metadata voters, following
+    /// NotLeader hints; its answer, or the last error.
+    async fn call_meta_leader(&self, cluster: &ClusterMeta, request: &Request) -> Result<Response, ErrorReply> {
+        let mut candidates: Vec<NodeId> = cluster.metadata_voters.clone();
+        let mut last = ErrorReply::NotLeader { leader: None };
+        for _ in 0..8 {
+            let Some(id) = candidates.pop() else { break };
+            let Some(node) = cluster.node(id) else { continue };
+            let peer = self.peers.connect(id, &node.peer);
+            match peer.call(request, self.config.request_timeout).await {
+                Ok(Response::Error(ErrorReply::NotLeader { leader: Some(leader) })) => candidates.push(leader),
+                Ok(Response::Error(reply)) => last = reply,
+                Ok(response) => return Ok(response),
+                Err(err) => last = ErrorReply::Internal(format!("node {id}: {err}")),
+            }
+        }
+        Err(last)
+    }
+
+    pub(super) async fn handle_add_node(&self, node: NodeInfo) -> Response {
+        meta_answer(self.propose_meta(MetaCommand::AddNode(node)).await)
+    }
+
+    pub(super) async fn handle_forget_node(&self, node: NodeId) -> Response {
+        meta_answer(self.propose_meta(MetaCommand::ForgetNode(node)).await)
+    }
+
+    pub(super) async fn handle_set_roster(&self, nodes: Vec<NodeId>) -> Response {
+        meta_answer(self.propose_meta(MetaCommand::SetRoster(nodes)).await)
+    }
+
+    /// One step of moving `namespace`'s `group` to `replicas`, as the group's leader (see the
+    /// module's steps). Answers how far the move is; repeated until it answers done.
+    pub(super) async fn handle_move_group(&self, namespace: &str, group: u32, replicas: Vec<NodeId>) -> Response {
+        let Some(local) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(group)) else {
+            return Response::Error(ErrorReply::NotLeader { leader: None });
+        };
+        let me = self.config.node_id;
+        let metrics = local.raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(me) {
+            return Response::Error(ErrorReply::NotLeader { leader: metrics.current_leader });
+        }
+        let progress = |done: bool, stage: String| Response::MoveProgress { done, stage };
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let target: BTreeSet<NodeId> = replicas.iter().copied().collect();
+        let timeout = self.config.request_timeout;
+        if voters == target {
+            let stray: BTreeSet<NodeId> = membership.learner_ids().filter(|id| !target.contains(id)).collect();
+            if stray.is_empty() {
+                return progress(true, "moved".into());
+            }
+            return match tokio::time::timeout(timeout, local.raft.change_membership(ChangeMembers::RemoveNodes(stray.clone()), false)).await {
+                Ok(Ok(_)) => progress(true, format!("moved; learners {stray:?} removed")),
+                Ok(Err(err)) => progress(false, format!("removing learners {stray:?}: {err}")),
+                Err(_) => progress(false, format!("removing learners {stray:?}")),
+            };
+        }
+        let cluster = self.joined.get().map(|j| j.cluster.read().unwrap().clone());
+        for id in target.iter().filter(|id| membership.get_node(id).is_none()) {
+            let Some(info) = cluster.as_ref().and_then(|c| c.node(*id).cloned()) else {
+                return progress(false, format!("node {id} is not known here yet"));
+            };
+            match tokio::time::timeout(timeout, local.raft.add_learner(*id, BasicNode::new(info.peer), false)).await {
+                Ok(Ok(_)) => tracing::info!(namespace, group, learner = id, "added a learner: it catches up before it votes"),
+                Ok(Err(err)) => return progress(false, format!("adding node {id} as a learner: {err}")),
+                Err(_) => return progress(false, format!("adding node {id} as a learner")),
+            }
+        }
+        let metrics = local.raft.metrics().borrow().clone();
+        let last = metrics.last_log_index.unwrap_or(0);
+        for id in target.iter().filter(|id| !voters.contains(id)) {
+            // None: the learner has not acknowledged any entry yet (it may not even run the
+            // group yet): however short the log, it has not caught up.
+            let matched = metrics.replication.as_ref().and_then(|r| r.get(id).copied()).flatten().map(|l| l.index);
+            match matched {
+                Some(matched) if last.saturating_sub(matched) <= CATCH_UP_LAG => {}
+                Some(matched) => return progress(false, format!("node {id} catching up: at {matched} of {last}")),
+                None => return progress(false, format!("node {id} has not acknowledged any entry yet")),
+            }
+        }
+        match tokio::time::timeout(timeout, local.raft.change_membership(target.clone(), false)).await {
+            Ok(Ok(_)) => {
+                tracing::info!(namespace, group, from = ?voters, to = ?target, "the group's voters changed");
+                progress(true, "voters changed".into())
+            }
+            Ok(Err(err)) => progress(false, format!("changing voters: {err}")),
+            Err(_) => progress(false, "changing voters".into()),
+        }
+    }
+
+    /// The first answer to `request` from `replicas` (or the leaders they name) that is not
+    /// NotLeader; None if none answered so this round.
+    pub(super) async fn route_to_group_leader(&self, replicas: &[NodeId], request: &Request) -> Option<Response> {
+        let mut candidates: Vec<NodeId> = replicas.iter().rev().copied().collect();
+        let mut tried = BTreeSet::new();
+        while let Some(id) = candidates.pop() {
+            if !tried.insert(id) {
+                continue;
+            }
+            let response = if id == self.config.node_id {
+                Box::pin(self.handle(request.clone())).await
+            } else {
+                match self.peers.get(&id) {
+                    Some(peer) => match peer.call(request, self.config.request_timeout).await {
+                        Ok(response) => response,
+                        Err(_) => continue,
+                    },
+                    None => continue,
+                }
+            };
+            match response {
+                Response::Error(ErrorReply::NotLeader { leader }) => candidates.extend(leader),
+                other => return Some(other),
+            }
+        }
+        None
+    }
+
+    /// Takes on `latest` if it differs from the metadata this node holds (connecting to nodes
+    /// new to it).
+    fn adopt_cluster(&self, latest: ClusterMeta) {
+        let Some(joined) = self.joined.get() else { return };
+        if *joined.cluster.read().unwrap() == latest {
+            return;
+        }
+        for node in &latest.nodes {
+            self.peers.connect(node.id, &node.peer);
+        }
+        *joined.cluster.write().unwrap() = latest;
+    }
+
+    /// Starts the replicas the metadata gives this node and it does not run yet, and stops
+    /// those the metadata took from it.
+    async fn host_what_the_cluster_says(&self) {
+        let Some(joined) = self.joined.get() else { return };
+        let me = self.config.node_id;
+        let cluster = joined.cluster.read().unwrap().clone();
+        for (name, hosted) in &joined.namespaces {
+            let Some(info) = cluster.namespace(name) else { continue };
+            for group in 0..info.groups {
+                let wanted = cluster.hosts(info, group, me);
+                let running = hosted.group(group).is_some();
+                if wanted && !running {
+                    let started = match self.group_state_machine(&hosted.engine, name, group, info.groups) {
+                        Ok(state_machine) => self.start_group(&cluster, info, group, state_machine, false).await,
+                        Err(err) => Err(err),
+                    };
+                    match started {
+                        Ok(started) => {
+                            tracing::info!(namespace = %name, group, "a move brings the group here: its replica starts");
+                            hosted.local.write().unwrap().insert(group, Arc::new(started));
+                        }
+                        Err(err) => tracing::warn!(namespace = %name, group, %err, "cannot start the replica a move brings here; retrying"),
+                    }
+                } else if !wanted && running {
+                    let Some(stopped) = hosted.local.write().unwrap().remove(&group) else { continue };
+                    stopped.state_machine.stop();
+                    let _ = stopped.raft.shutdown().await;
+                    self.trim_stopped_log(name, group, &stopped).await;
+                    tracing::info!(namespace = %name, group, "the group moved away: its replica here stopped");
+                }
+            }
+        }
+    }
+
+    /// Drops what a stopped replica's log holds past and up to what it durably applied, so
+    /// that it pins no WAL segment; the vote stays.
+    async fn trim_stopped_log(&self, namespace: &str, group: u32, stopped: &super::Group) {
+        let wal_group = namespace_wal_group(namespace, group);
+        let Some(applied) = stopped.state_machine.durable_applied().await else { return };
+        let state = self.wal.log_state(wal_group);
+        let mut ops = Vec::new();
+        if state.last.is_some_and(|(index, _)| index > applied.index) {
+            ops.push(WalOp::Truncate { from_index: applied.index + 1 });
+        }
+        if state.purged.is_none_or(|(index, _)| index < applied.index) {
+            ops.push(WalOp::Purge { upto_index: applied.index, upto_term: applied.leader_id.term });
+        }
+        if let Err(err) = crate::raft::log_store::append_durable(&self.wal, wal_group, ops).await {
+            tracing::warn!(namespace, group, %err, "cannot trim the log of a replica that moved away");
+        }
+    }
+}
+
+fn meta_answer(result: Result<MetaResult, ErrorReply>) -> Response {
+    match result {
+        Ok(MetaResult::Refused(why)) => Response::Error(ErrorReply::BadRequest(why)),
+        Ok(_) => Response::Noted,
+        Err(reply) => Response::Error(reply),
+    }
+}
+
+/// Every node's loop: follows the cluster metadata (a voter from its own state machine, other
+/// nodes by asking a voter once a second) and hosts the groups it says. Ends when the node stops.
+pub(super) async fn follow_cluster(node: Weak<Node>) {
+    let mut fetched_at: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::time::sleep(FOLLOW_POLL).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let latest = match &node.meta_raft {
+            Some(_) => node.meta_state.cluster(),
+            None if fetched_at.is_none_or(|at| at.elapsed() >= FETCH_EVERY) => {
+                fetched_at = Some(tokio::time::Instant::now());
+                let latest = node.fetch_cluster().await;
+                if let Some(cluster) = latest.as_ref().filter(|c| node.meta_state.cluster().as_ref() != Some(*c)) {
+                    if let Err(err) = node.meta_state.remember(cluster.clone()).await {
+                        tracing::warn!(%err, "cannot record the cluster metadata");
+                    }
+                }
+                latest
+            }
+            None => None,
+        };
+        if let Some(latest) = latest {
+            node.adopt_cluster(latest);
+        }
+        node.host_what_the_cluster_says().await;
+    }
+}
+
+/// The metadata leader's loop: starts moves for groups that are not where the roster puts
+/// them (at most `MOVES_AT_ONCE` at a time) and drives each to its end (one task per move).
+/// Runs on every metadata voter; acts only while leading. Ends when the node stops.
+pub(super) async fn keep_balance(node: Weak<Node>) {
+    loop {
+        tokio::time::sleep(BALANCE_POLL).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.stopping.load(std::sync::atomic::Ordering::SeqCst) || node.meta_raft.is_none() {
+            return;
+        }
+        if node.leading_meta().is_err() {
+            continue;
+        }
+        let Some(cluster) = node.meta_state.cluster() else { continue };
+        let mut moving = 0;
+        for ns in &cluster.namespaces {
+            for (&group, replicas) in &ns.moves {
+                moving += 1;
+                if node.moves_driven.lock().unwrap().insert((ns.name.clone(), group)) {
+                    let (node, namespace, replicas) = (Arc::clone(&node), ns.name.clone(), replicas.clone());
+                    tokio::spawn(async move {
+                        node.drive_move(&namespace, group, replicas).await;
+                        node.moves_driven.lock().unwrap().remove(&(namespace, group));
+                    });
+                }
+            }
+        }
+        for ns in &cluster.namespaces {
+            for group in (0..ns.groups).filter(|g| !ns.moves.contains_key(g)) {
+                let current = &ns.placement[group as usize];
+                let target = cluster.target(ns, group);
+                if *current == target {
+                    continue;
+                }
+                let command = match meta::same_set(current, &target) {
+                    // Only the preferred leader changes: nothing moves.
+                    true => MetaCommand::FinishMove { namespace: ns.name.clone(), group, replicas: target },
+                    false if moving < meta::MOVES_AT_ONCE => {
+                        moving += 1;
+                        MetaCommand::StartMove { namespace: ns.name.clone(), group, replicas: target }
+                    }
+                    false => continue,
+                };
+                if let Err(err) = node.propose_meta(command).await {
+                    tracing::warn!(namespace = %ns.name, group, %err, "cannot record a group move; retrying");
+                }
+            }
+        }
+    }
+}
+
+impl Node {
+    /// Asks `namespace`'s `group`'s leader to move the group to `replicas` until it has, then
+    /// records the move finished. Gives up when this node stops leading the metadata group or
+    /// the move is no longer the recorded one (the next leader takes over).
+    async fn drive_move(&self, namespace: &str, group: u32, replicas: Vec<NodeId>) {
+        let request = Request::MoveGroup { namespace: namespace.to_owned(), group, replicas: replicas.clone() };
+        let mut stages: HashSet<String> = HashSet::new();
+        loop {
+            if self.leading_meta().is_err() || self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let Some(cluster) = self.meta_state.cluster() else { return };
+            let Some(ns) = cluster.namespace(namespace) else { return };
+            if ns.moves.get(&group) != Some(&replicas) {
+                return;
+            }
+            let mut candidates = ns.placement[group as usize].clone();
+            candidates.extend(replicas.iter().copied());
+            match self.route_to_group_leader(&candidates, &request).await {
+                Some(Response::MoveProgress { done: true, .. }) => {
+                    let finish = MetaCommand::FinishMove { namespace: namespace.to_owned(), group, replicas: replicas.clone() };
+                    match self.propose_meta(finish).await {
+                        Ok(_) => return,
+                        Err(err) => tracing::warn!(namespace, group, %err, "cannot record the move finished; retrying"),
+                    }
+                }
+                Some(Response::MoveProgress { done: false, stage }) => {
+                    if stages.insert(stage.clone()) {
+                        tracing::info!(namespace, group, %stage, "moving the group");
+                    }
+                }
+                Some(other) => tracing::debug!(namespace, group, ?other, "moving the group: unexpected answer"),
+                None => tracing::debug!(namespace, group, "moving the group: no leader answered"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
