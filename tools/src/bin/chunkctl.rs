@@ -501,9 +501,11 @@ fn status(client: &Client, json: bool) -> Result<()> {
     // Moves and the roster come from the metadata leader (absent while it has no quorum).
     let meta = client.cluster_meta().ok();
     for ns in &map.namespaces {
-        let moves = meta.as_ref().and_then(|m| m.namespace(&ns.name)).map(|n| n.moves.clone()).unwrap_or_default();
+        let known = meta.as_ref().and_then(|m| m.namespace(&ns.name));
+        let moves = known.map(|n| n.moves.clone()).unwrap_or_default();
         for group in 0..ns.groups as usize {
-            let replicas = &ns.replicas[group];
+            // The metadata leader's placement when it answered, else the answering node's.
+            let replicas = known.and_then(|n| n.placement.get(group)).unwrap_or(&ns.replicas[group]);
             let moving_to = moves.get(&(group as u32));
             let leader = views
                 .iter()

@@ -1,0 +1,223 @@
+//! The roster with real processes: `chunkctl node add` starts a fourth chunkd and groups move to
+//! it, `chunkctl node remove` moves them away again and stops it, while writers keep writing
+//! and reading: every write is acknowledged, every acknowledged record reads back, and no
+//! request fails throughout. Bad rosters are refused with the reason.
+//!
+//! The new node is checked to hold real copies: it answers reads of the groups placed on it
+//! from its own state.
+//!
+//! Negative control: with the metadata leader recording each move finished without asking the
+//! group to change its voters (`roster::drive_move`), node 4 is placed in groups it never
+//! received, and the test fails ("node 4 has no copy of acknowledged ...").
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chunkstore::client::{Client, ClientConfig};
+use chunkstore::protocol::{ReadPolicy, Request, Response};
+use chunkstore::{Bin, Key, Value, WritePolicy};
+use chunkstore_tests::run;
+use serde_json::Value as Json;
+
+fn chunkctl(dir: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--dir", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run("chunkctl", &all)
+}
+
+fn chunkctl_ok(dir: &Path, args: &[&str]) -> String {
+    let output = chunkctl(dir, args);
+    assert!(output.status.success(), "chunkctl {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn status(dir: &Path) -> Json {
+    serde_json::from_str(&chunkctl_ok(dir, &["status", "--json"])).unwrap()
+}
+
+fn seeds(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("cluster.json")).unwrap();
+    let cluster: Json = serde_json::from_str(&text).unwrap();
+    cluster["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect()
+}
+
+/// Stops the cluster even if the test fails.
+struct Down<'a>(&'a Path);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = run("chunkctl", &["--dir", self.0.to_str().unwrap(), "down"]);
+    }
+}
+
+/// What the writers did: acknowledged writes (key, value) and failures (with the phase).
+#[derive(Default)]
+struct Log {
+    acked: Vec<(String, i64)>,
+    failures: Vec<String>,
+    phase: &'static str,
+    writes_per_phase: std::collections::BTreeMap<&'static str, usize>,
+}
+
+/// Writers that put fresh keys and read back earlier ones (session reads), until stopped.
+fn start_writers(seeds: Vec<String>, log: Arc<Mutex<Log>>, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
+    (0..2)
+        .map(|writer| {
+            let (seeds, log, stop) = (seeds.clone(), log.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let client = Client::connect(ClientConfig::new(seeds)).unwrap();
+                let mut n = 0i64;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let name = format!("w{writer}-{n}");
+                    let key = Key::new("moves", name.as_str());
+                    match client.put("test", &key, vec![Bin::new("v", Value::Int(n))], &WritePolicy::default()) {
+                        Ok(_) => {
+                            let mut log = log.lock().unwrap();
+                            log.acked.push((name, n));
+                            let phase = log.phase;
+                            *log.writes_per_phase.entry(phase).or_default() += 1;
+                        }
+                        Err(err) => {
+                            let mut log = log.lock().unwrap();
+                            let phase = log.phase;
+                            log.failures.push(format!("{phase}: put {name}: {err}"));
+                        }
+                    }
+                    // Read back an earlier write of this writer.
+                    let back = (n / 2).max(1);
+                    let key = Key::new("moves", format!("w{writer}-{back}").as_str());
+                    match client.get_with("test", &key, None, ReadPolicy::Session) {
+                        Ok(Some(record)) if record.bins.first().map(|b| &b.value) == Some(&Value::Int(back)) => {}
+                        Ok(other) => {
+                            // Only a write that failed may be missing.
+                            let failed = log.lock().unwrap().failures.iter().any(|f| f.contains(&format!("put w{writer}-{back}:")));
+                            if !failed {
+                                log.lock().unwrap().failures.push(format!("read w{writer}-{back}: {other:?}"));
+                            }
+                        }
+                        Err(err) => log.lock().unwrap().failures.push(format!("read w{writer}-{back}: {err}")),
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect()
+}
+
+fn set_phase(log: &Mutex<Log>, phase: &'static str) {
+    log.lock().unwrap().phase = phase;
+}
+
+/// Groups of namespace test with `node` among their replicas, and groups moving, per status.
+fn placement_of(dir: &Path, node: u64) -> (usize, usize) {
+    let status = status(dir);
+    let groups = status["groups"].as_array().unwrap();
+    let holding = groups.iter().filter(|g| g["replicas"].as_array().unwrap().iter().any(|r| r.as_u64() == Some(node))).count();
+    let moving = groups.iter().filter(|g| !g["moving_to"].is_null()).count();
+    (holding, moving)
+}
+
+/// Checks that node `node` answers, from its own copy (a read no other node serves), every
+/// record of `acked` whose group `status` places on it (waiting up to 10 s for it to apply
+/// the newest); returns how many it checked.
+fn copies_on_node(dir: &Path, node: u64, acked: &[(String, i64)]) -> usize {
+    let status = status(dir);
+    let address = status["nodes"].as_array().unwrap().iter().find(|n| n["id"].as_u64() == Some(node)).unwrap()["address"].as_str().unwrap().to_owned();
+    let groups = status["groups"].as_array().unwrap();
+    let placed: Vec<u32> = groups
+        .iter()
+        .filter(|g| g["replicas"].as_array().unwrap().iter().any(|r| r.as_u64() == Some(node)))
+        .map(|g| g["group"].as_u64().unwrap() as u32)
+        .collect();
+    let client = Client::connect(ClientConfig::new(vec![address.clone()])).unwrap();
+    let mut checked = 0;
+    for (name, value) in acked {
+        let key = Key::new("moves", name.as_str());
+        if !placed.contains(&chunkstore::raft::group_of(&key.digest, groups.len() as u32)) {
+            continue;
+        }
+        let request = Request::Get { namespace: "test".into(), key, bins: None, read: ReadPolicy::AllowUnavailable, min_index: 0 };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = client.call_node(&address, &request);
+            if let Ok(Response::Record { record: Some(record), .. }) = &answer {
+                if record.bins.first().map(|b| &b.value) == Some(&Value::Int(*value)) {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "node {node} has no copy of acknowledged {name} in a group placed on it: {answer:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        checked += 1;
+    }
+    checked
+}
+
+#[test]
+fn adding_and_removing_a_node_moves_groups_while_every_record_stays_readable_and_writable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let dir = dir.as_path();
+    chunkctl_ok(dir, &["up", "--nodes", "3", "--groups", "8"]);
+    let _down = Down(dir);
+
+    // Bad rosters are refused, saying why; the roster stays.
+    let too_small = chunkctl(dir, &["roster", "set", "1", "2"]);
+    assert!(!too_small.status.success());
+    assert!(String::from_utf8_lossy(&too_small.stderr).contains("needs at least 3 nodes"), "{}", String::from_utf8_lossy(&too_small.stderr));
+    let unknown = chunkctl(dir, &["roster", "set", "1", "2", "3", "9"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("node 9 is not a node of the cluster"), "{}", String::from_utf8_lossy(&unknown.stderr));
+    let shown: Json = serde_json::from_str(&chunkctl_ok(dir, &["roster", "show", "--json"])).unwrap();
+    assert_eq!(shown["roster"], serde_json::json!([1, 2, 3]));
+
+    let log = Arc::new(Mutex::new(Log { phase: "before", ..Log::default() }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(seeds(dir), log.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+
+    set_phase(&log, "adding");
+    let added = chunkctl_ok(dir, &["node", "add", "--wait"]);
+    assert!(added.contains("node 4 joined"), "{added}");
+    let (on_new, moving) = placement_of(dir, 4);
+    // RF 3 over 4 nodes: node 4 holds about 3/4 of the 8 groups.
+    assert!(on_new >= 3, "after adding node 4 only {on_new} of 8 groups have a replica on it");
+    assert_eq!(moving, 0);
+    let shown: Json = serde_json::from_str(&chunkctl_ok(dir, &["roster", "show", "--json"])).unwrap();
+    assert_eq!(shown["roster"], serde_json::json!([1, 2, 3, 4]));
+    assert!(shown["balance"].as_array().unwrap().iter().all(|b| b["placed"] == b["groups"]), "{shown}");
+    // The new node really holds the groups placed on it: it answers from its own copy.
+    let acked = log.lock().unwrap().acked.clone();
+    let held = copies_on_node(dir, 4, &acked);
+    assert!(held > 0, "no acknowledged record was in a group placed on node 4");
+
+    set_phase(&log, "added");
+    std::thread::sleep(Duration::from_millis(500));
+    set_phase(&log, "removing");
+    chunkctl_ok(dir, &["node", "remove", "4"]);
+    let (on_removed, _) = placement_of(dir, 4);
+    assert_eq!(on_removed, 0, "a group kept a replica on the removed node");
+    set_phase(&log, "removed");
+    std::thread::sleep(Duration::from_millis(500));
+
+    stop.store(true, Ordering::SeqCst);
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let log = log.lock().unwrap();
+    assert!(log.failures.is_empty(), "{} requests failed, the first: {:?}", log.failures.len(), &log.failures[..log.failures.len().min(5)]);
+    for phase in ["adding", "removing"] {
+        assert!(log.writes_per_phase.get(phase).copied().unwrap_or(0) > 10, "few writes while {phase}: {:?}", log.writes_per_phase);
+    }
+    // Every acknowledged write reads back, confirmed by each group's leader with a quorum.
+    let client = Client::connect(ClientConfig::new(seeds(dir))).unwrap();
+    for (name, value) in &log.acked {
+        let record = client.get_with("test", &Key::new("moves", name.as_str()), None, ReadPolicy::Linearizable).unwrap();
+        assert_eq!(record.and_then(|r| r.bins.first().map(|b| b.value.clone())), Some(Value::Int(*value)), "acknowledged {name} lost");
+    }
+    let nodes: Vec<u64> = status(dir)["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();
+    assert_eq!(nodes, vec![1, 2, 3], "the removed node left the cluster");
+    eprintln!("writes per phase: {:?}", log.writes_per_phase);
+}
