@@ -14,6 +14,9 @@ pub struct LocalNode {
     pub id: u64,
     pub client: String,
     pub peer: String,
+    /// Where the node serves Prometheus metrics (`GET /metrics`).
+    #[serde(default)]
+    pub metrics: Option<String>,
     pub pid: Option<u32>,
 }
 
@@ -145,12 +148,16 @@ pub fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replic
     let node_dir = dir.join(format!("node{}", node.id));
     std::fs::create_dir_all(&node_dir)?;
     let mut text = format!(
-        "node-id = {}\nclient-listen = \"{}\"\npeer-listen = \"{}\"\ndata-dir = \"{}\"\n\n",
+        "node-id = {}\nclient-listen = \"{}\"\npeer-listen = \"{}\"\ndata-dir = \"{}\"\n",
         node.id,
         node.client,
         node.peer,
         node_dir.join("data").display()
     );
+    if let Some(metrics) = &node.metrics {
+        text += &format!("metrics-listen = \"{metrics}\"\n");
+    }
+    text += "\n";
     for line in &options.chunkd_options {
         text += line;
         text += "\n";
@@ -190,7 +197,13 @@ pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             let mut fresh = Vec::new();
             for id in 1..=nodes {
-                fresh.push(LocalNode { id, client: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?), peer: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?), pid: None });
+                fresh.push(LocalNode {
+                    id,
+                    client: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?),
+                    peer: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?),
+                    metrics: Some(format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?)),
+                    pid: None,
+                });
             }
             LocalCluster { nodes: fresh }
         }
@@ -303,6 +316,7 @@ pub fn add_node(dir: &Path, rack: Option<&str>, log: &mut impl FnMut(&str)) -> R
         id,
         client: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?),
         peer: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?),
+        metrics: Some(format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?)),
         pid: None,
     };
     let node_dir = dir.join(format!("node{id}"));
@@ -320,6 +334,7 @@ pub fn add_node(dir: &Path, rack: Option<&str>, log: &mut impl FnMut(&str)) -> R
             Some("client-listen") => format!("client-listen = \"{}\"", node.client),
             Some("peer-listen") => format!("peer-listen = \"{}\"", node.peer),
             Some("data-dir") => format!("data-dir = \"{}\"", node_dir.join("data").display()),
+            Some("metrics-listen") => format!("metrics-listen = \"{}\"", node.metrics.as_deref().unwrap_or_default()),
             _ => line.to_owned(),
         };
         if line == "[[namespaces]]" && !placed {

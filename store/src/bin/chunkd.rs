@@ -55,6 +55,10 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
     std::fs::create_dir_all(&config.data_dir).map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
     let client = TcpListener::bind(&config.client_listen).await.map_err(|e| format!("cannot listen on {} (client-listen): {e}", config.client_listen))?;
     let peer = TcpListener::bind(&config.peer_listen).await.map_err(|e| format!("cannot listen on {} (peer-listen): {e}", config.peer_listen))?;
+    let metrics = match &config.metrics_listen {
+        Some(address) => Some(TcpListener::bind(address).await.map_err(|e| format!("cannot listen on {address} (metrics-listen): {e}"))?),
+        None => None,
+    };
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     if config.unsafe_unchecked_reads {
@@ -72,6 +76,9 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
     let node = Node::start(node_config).await.map_err(|e| e.to_string())?;
     tokio::spawn(serve(client, node.clone()));
     tokio::spawn(serve(peer, node.clone()));
+    if let Some(listener) = metrics {
+        tokio::spawn(chunkstore::node::metrics::serve_metrics(listener, std::sync::Arc::downgrade(&node)));
+    }
     let stop = async {
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),

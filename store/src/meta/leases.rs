@@ -111,6 +111,15 @@ impl Leases {
         lowest_open.min(lowest_ending)
     }
 
+    /// Sessions open or ending.
+    pub fn len(&self) -> usize {
+        self.open.len() + self.ending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn open_sessions(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.open.iter().map(|(id, ttl)| (*id, *ttl))
     }

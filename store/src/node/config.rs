@@ -7,6 +7,7 @@
 //! peer-listen = "127.0.0.1:7501"     # other nodes connect here (Raft); when it names an
 //!                                    # address (not 0.0.0.0 or ::), this node's connections
 //!                                    # to its peers leave from that address too
+//! metrics-listen = "127.0.0.1:9401"  # optional: Prometheus metrics on HTTP GET /metrics
 //! data-dir = "/var/lib/chunkstore"   # WAL, snapshots and, by default, namespace devices
 //! heartbeat-ms = 100                 # Raft heartbeat; default 100
 //! election-timeout-ms = [800, 1600]  # Raft election timeout range; default [800, 1600]
@@ -49,6 +50,9 @@ pub struct ChunkdConfig {
     pub node_id: u64,
     pub client_listen: String,
     pub peer_listen: String,
+    /// Where Prometheus scrapes this node's metrics (HTTP `GET /metrics`). Default: none.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     pub data_dir: PathBuf,
     pub nodes: Vec<NodeAddress>,
     /// Peer addresses asked for the cluster metadata by a node that is not one of the

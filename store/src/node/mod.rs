@@ -18,6 +18,7 @@ pub mod config;
 pub mod placement;
 pub mod raft_network;
 mod leases;
+pub mod metrics;
 mod rejoin;
 mod repair;
 mod roster;
@@ -143,6 +144,7 @@ pub struct Node {
     peer_health: std::sync::Mutex<HashMap<NodeId, PeerHealth>>,
     /// The lease deadlines, while this node leads the metadata group (see `leases`).
     lease_clock: std::sync::Mutex<leases::LeaseClock>,
+    metrics: metrics::NodeMetrics,
     /// The group moves this node drives as the metadata leader (see `roster`).
     moves_driven: std::sync::Mutex<std::collections::HashSet<(String, u32)>>,
 }
@@ -258,6 +260,7 @@ impl Node {
             peer_health: Default::default(),
             lease_clock: Default::default(),
             moves_driven: Default::default(),
+            metrics: Default::default(),
         }))
     }
 
@@ -610,7 +613,16 @@ impl Node {
         self.wal.close();
     }
 
+    /// Answers one request (counted in the metrics).
     pub async fn handle(&self, request: Request) -> Response {
+        let kind = metrics::NodeMetrics::kind(&request);
+        let started = std::time::Instant::now();
+        let response = self.answer(request).await;
+        self.metrics.observe(kind, &response, started.elapsed());
+        response
+    }
+
+    async fn answer(&self, request: Request) -> Response {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) && !matches!(request, Request::Raft { .. }) {
             return Response::Error(ErrorReply::NotLeader { leader: None });
         }

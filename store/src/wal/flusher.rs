@@ -58,6 +58,7 @@ impl WalInner {
 
         let mut st = self.state.lock().unwrap();
         st.stats.flushes += 1;
+        st.stats.bytes += batch.iter().map(|(.., bytes)| bytes.len() as u64).sum::<u64>();
         if !self.config.unsafe_skip_fsync {
             st.stats.fsyncs += batch.len() as u64;
         }

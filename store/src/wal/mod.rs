@@ -165,6 +165,8 @@ pub struct WalStats {
     pub appends: u64,
     pub flushes: u64,
     pub fsyncs: u64,
+    /// Bytes written to segments.
+    pub bytes: u64,
 }
 
 pub(crate) struct WalInner {

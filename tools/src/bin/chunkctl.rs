@@ -523,7 +523,16 @@ fn status(client: &Client, json: bool) -> Result<()> {
     // The metadata group: its voters, and its leader as any voter that is up knows it.
     let voters = &map.metadata_voters;
     let meta_leader = views.iter().filter(|(id, _)| voters.contains(id)).find_map(|(_, view)| view.metadata_leader);
-    let metadata = serde_json::json!({ "voters": voters, "leader": meta_leader, "state": if meta_leader.is_some() { "ok" } else { "no-leader" } });
+    // "ok" only when the metadata leader confirmed itself with a quorum (it answered the
+    // metadata); a leader that some voter still believes in may have lost its quorum.
+    let meta_state = match (&meta, meta_leader) {
+        (Some(_), _) => "ok",
+        (None, Some(_)) => "unconfirmed",
+        (None, None) => "no-leader",
+    };
+    let metadata = serde_json::json!({ "voters": voters, "leader": meta_leader, "state": meta_state });
+    let down: Vec<u64> = nodes_up.iter().filter(|n| n["up"] != true).filter_map(|n| n["id"].as_u64()).collect();
+    let problems = health_problems(&down, &metadata, &groups);
     let rebalance: Vec<serde_json::Value> = meta
         .iter()
         .flat_map(|m| m.balance())
@@ -531,8 +540,18 @@ fn status(client: &Client, json: bool) -> Result<()> {
         .collect();
     let roster = meta.as_ref().map(|m| m.roster.clone());
     if json {
-        println!("{}", serde_json::json!({ "nodes": nodes_up, "metadata": metadata, "roster": roster, "rebalance": rebalance, "groups": groups }));
+        let health = serde_json::json!({ "ok": problems.is_empty(), "problems": problems });
+        println!("{}", serde_json::json!({ "health": health, "nodes": nodes_up, "metadata": metadata, "roster": roster, "rebalance": rebalance, "groups": groups }));
         return Ok(());
+    }
+    match problems.len() {
+        0 => println!("health: ok: every node is up and every group has a leader"),
+        n => {
+            println!("health: {n} problem{}:", if n == 1 { "" } else { "s" });
+            for problem in &problems {
+                println!("  - {problem}");
+            }
+        }
     }
     for node in &nodes_up {
         println!("node {} at {}: {}", node["id"], node["address"].as_str().unwrap_or(""), if node["up"] == true { "up" } else { "DOWN" });
@@ -584,6 +603,50 @@ fn roster_show(client: &Client, json: bool) -> Result<()> {
         println!("{}: {}/{} groups where the roster puts them", b["namespace"].as_str().unwrap_or(""), b["placed"], b["groups"]);
     }
     Ok(())
+}
+
+/// "node 2", "nodes 2 and 3", "nodes 1, 2 and 3".
+fn nodes_in_words(ids: &[u64]) -> String {
+    match ids {
+        [] => "no node".into(),
+        [one] => format!("node {one}"),
+        [init @ .., last] => format!("nodes {} and {last}", init.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// What is wrong with the cluster, in words: nodes down, and each group (or the metadata
+/// group) without a reachable leader, saying whether it lacks a quorum and which replicas are
+/// unreachable.
+fn health_problems(down: &[u64], metadata: &serde_json::Value, groups: &[serde_json::Value]) -> Vec<String> {
+    let ids = |value: &serde_json::Value| -> Vec<u64> { value.as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect()).unwrap_or_default() };
+    let mut problems = Vec::new();
+    if !down.is_empty() {
+        problems.push(format!("{} unreachable", nodes_in_words(down)));
+    }
+    let mut describe = |name: String, replicas: Vec<u64>, state: &str, leader: Option<u64>| {
+        let mut unreachable: Vec<u64> = replicas.iter().copied().filter(|r| down.contains(r)).collect();
+        unreachable.sort_unstable();
+        let quorum = replicas.len() / 2 + 1;
+        let reachable = replicas.len() - unreachable.len();
+        let why = if reachable < quorum {
+            format!("has no quorum: {} unreachable ({reachable} of {} replicas up, {quorum} needed)", nodes_in_words(&unreachable), replicas.len())
+        } else {
+            match (state, leader) {
+                ("leader-down", Some(leader)) => format!("lost its leader, node {leader}: the other replicas elect a new one"),
+                _ if unreachable.is_empty() => "has no leader yet: electing".to_owned(),
+                _ => format!("has no leader yet ({} unreachable): electing", nodes_in_words(&unreachable)),
+            }
+        };
+        problems.push(format!("{name} {why}"));
+    };
+    if metadata["state"] != "ok" {
+        describe("the metadata group".into(), ids(&metadata["voters"]), "no-leader", None);
+    }
+    for group in groups.iter().filter(|g| g["state"] != "ok") {
+        let name = format!("group {}/{}", group["namespace"].as_str().unwrap_or(""), group["group"]);
+        describe(name, ids(&group["replicas"]), group["state"].as_str().unwrap_or(""), group["leader"].as_u64());
+    }
+    problems
 }
 
 /// A text progress bar: `done` of `total`.

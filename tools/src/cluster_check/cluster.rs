@@ -60,7 +60,7 @@ impl TestCluster {
         let mut listed = Vec::new();
         for id in 1..=nodes {
             let host = node_host(id);
-            listed.push(LocalNode { id, client: format!("{host}:{}", local_cluster::free_port(&host, dir)?), peer: format!("{host}:{}", local_cluster::free_port(&host, dir)?), pid: None });
+            listed.push(LocalNode { id, client: format!("{host}:{}", local_cluster::free_port(&host, dir)?), peer: format!("{host}:{}", local_cluster::free_port(&host, dir)?), metrics: None, pid: None });
         }
         let layout = LocalCluster { nodes: listed.clone() };
         let options = UpOptions { nodes, device_bytes: 128 << 20, groups, chunkd_options: chunkd_options.to_vec() };
@@ -235,7 +235,7 @@ impl TestCluster {
     pub fn wait_until_ready(&mut self, timeout: Duration) -> Result<Duration> {
         let started = Instant::now();
         let layout = LocalCluster {
-            nodes: self.nodes.iter().map(|n| LocalNode { id: n.id, client: n.client.clone(), peer: n.peer.clone(), pid: None }).collect(),
+            nodes: self.nodes.iter().map(|n| LocalNode { id: n.id, client: n.client.clone(), peer: n.peer.clone(), metrics: None, pid: None }).collect(),
         };
         let mut children: Vec<(u64, Child)> = self.nodes.iter_mut().filter_map(|n| n.child.take().map(|c| (n.id, c))).collect();
         let result = local_cluster::wait_for_leaders(&self.dir, &layout, timeout, &mut children);
