@@ -41,7 +41,7 @@ struct ClusterArgs {
     /// Register and set: operations on one key before it is replaced by a fresh key.
     #[arg(long, default_value_t = 200)]
     ops_per_key: u32,
-    /// Faults, comma-separated (kill, pause, partition, clock, disk, packet, wipe); `none` for none.
+    /// Faults, comma-separated (kill, pause, partition, clock, disk, packet, wipe, roster); `none` for none.
     #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
     nemesis: Vec<String>,
     /// Seconds between faults (and the length of most faults).
@@ -226,7 +226,8 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
             "disk" => nemeses.push(NemesisKind::Disk),
             "packet" => nemeses.push(NemesisKind::Packet),
             "wipe" => nemeses.push(NemesisKind::Wipe),
-            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause, partition, clock, disk, packet, wipe)")),
+            "roster" => nemeses.push(NemesisKind::Roster),
+            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause, partition, clock, disk, packet, wipe, roster)")),
         }
     }
     if args.nodes == 0 || args.replication_factor == 0 || args.replication_factor as u64 > args.nodes {

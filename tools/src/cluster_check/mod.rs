@@ -124,6 +124,14 @@ pub fn run(options: &RunOptions, progress: &mut impl FnMut(&str)) -> serde_json:
 
 fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<serde_json::Value> {
     std::fs::create_dir_all(&options.out).with_context(|| format!("creating {}", options.out.display()))?;
+    let shrunk = options.nodes - (options.nodes - 1) / 2;
+    if options.nemeses.contains(&NemesisKind::Roster) && (options.nodes < 3 || (shrunk as usize) < options.replication_factor) {
+        anyhow::bail!(
+            "--nemesis roster takes a minority of the {} nodes off the roster, leaving {shrunk}: fewer than the replication factor {} (use more nodes)",
+            options.nodes,
+            options.replication_factor
+        );
+    }
     let plan = nemesis::plan(options.seed, &options.nemeses, options.nemesis_interval, options.time_limit);
     let mut nemesis_log = String::new();
     nemesis_log += &format!("seed {} plan ({} faults, interval {:?}):\n", options.seed, plan.len(), options.nemesis_interval);
@@ -333,6 +341,7 @@ fn kind_name(kind: NemesisKind) -> &'static str {
         NemesisKind::Partition => "partition",
         NemesisKind::Clock => "clock",
         NemesisKind::Disk => "disk",
+        NemesisKind::Roster => "roster",
         NemesisKind::Packet => "packet",
         NemesisKind::Wipe => "wipe",
     }

@@ -40,6 +40,10 @@ pub enum NemesisKind {
     /// deleted, restarted empty. It must catch up from its peers without ever helping a replica
     /// that lacks acknowledged writes to lead (store/src/node/rejoin.rs).
     Wipe,
+    /// The roster shrinks: a minority of the nodes taken off it (leaving at least the
+    /// replication factor), so that their groups move away under the workload; healing puts
+    /// them back, and groups move back.
+    Roster,
 }
 
 /// Which nodes a fault hits, resolved when it starts.
@@ -78,6 +82,8 @@ pub enum Target {
     Loss,
     /// Packets: a share of packets held, the rest passing them.
     Reorder,
+    /// Roster: the nodes taken off the roster.
+    Shrink,
 }
 
 /// How often a strobed clock flips.
@@ -116,6 +122,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
             NemesisKind::Disk => *[Target::Corrupt, Target::PowerCut].choose(&mut rng).unwrap(),
             NemesisKind::Packet => *[Target::Delay, Target::Loss, Target::Reorder].choose(&mut rng).unwrap(),
             NemesisKind::Wipe => Target::One,
+            NemesisKind::Roster => Target::Shrink,
         };
         let long = kind == NemesisKind::Pause && rng.gen_bool(0.25) && at + LONG_PAUSE + interval <= time_limit;
         let duration = if long { LONG_PAUSE } else { interval };
@@ -153,7 +160,7 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>, groups:
     };
     let hit = match fault.target {
         Target::One | Target::OneWay | Target::Jump | Target::Strobe | Target::Corrupt => picked(1),
-        Target::Minority | Target::Halves => picked((nodes.len() - 1) / 2),
+        Target::Minority | Target::Halves | Target::Shrink => picked((nodes.len() - 1) / 2),
         Target::Majority => picked(nodes.len() / 2 + 1),
         Target::All | Target::Ring | Target::Skew | Target::PowerCut => picked(nodes.len()),
         Target::Leader => vec![leader],
@@ -234,6 +241,10 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Tar
                 std::fs::remove_dir_all(&data).map_err(|e| anyhow::anyhow!("wiping {}: {e}", data.display()))?;
             }
         }
+        NemesisKind::Roster => {
+            let roster: Vec<u64> = cluster.nodes.iter().map(|n| n.id).filter(|id| !hit.nodes.contains(id)).collect();
+            set_roster(&cluster, &roster)?;
+        }
     }
     Ok(corrupted)
 }
@@ -280,8 +291,19 @@ pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved
         NemesisKind::Partition => return Ok(Healed { dropped_packets: Some(cluster.heal_network()?.0), packets: None }),
         NemesisKind::Packet => return Ok(Healed { dropped_packets: None, packets: cluster.heal_network()?.1 }),
         NemesisKind::Clock => hit.clock_offsets.iter().try_for_each(|&(id, _)| cluster.set_clock(id, 0))?,
+        NemesisKind::Roster => {
+            let roster: Vec<u64> = cluster.nodes.iter().map(|n| n.id).collect();
+            set_roster(&cluster, &roster)?;
+        }
     }
     Ok(Healed::default())
+}
+
+/// Sets the roster through the metadata leader (retrying within the client's window).
+fn set_roster(cluster: &TestCluster, roster: &[u64]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let client = chunkstore::client::Client::connect(chunkstore::client::ClientConfig::new(cluster.seeds())).context("connecting to set the roster")?;
+    client.set_roster(roster).with_context(|| format!("setting the roster to {roster:?}"))
 }
 
 #[cfg(test)]
@@ -290,7 +312,7 @@ mod tests {
 
     #[test]
     fn the_same_seed_plans_the_same_faults() {
-        let kinds = [NemesisKind::Kill, NemesisKind::Pause, NemesisKind::Partition, NemesisKind::Clock, NemesisKind::Disk, NemesisKind::Packet];
+        let kinds = [NemesisKind::Kill, NemesisKind::Pause, NemesisKind::Partition, NemesisKind::Clock, NemesisKind::Disk, NemesisKind::Packet, NemesisKind::Roster];
         let a = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         let b = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
@@ -301,7 +323,7 @@ mod tests {
             let hit = resolve(fault, &nodes, Some(3), &[]);
             let expected = match fault.target {
                 Target::One | Target::Leader | Target::OneWay | Target::Jump | Target::Strobe | Target::Corrupt => 1,
-                Target::Minority | Target::Halves => 2,
+                Target::Minority | Target::Halves | Target::Shrink => 2,
                 Target::Majority | Target::Rolling => 3,
                 Target::All | Target::Ring | Target::Skew | Target::PowerCut => 5,
                 Target::Delay | Target::Loss | Target::Reorder => hit.nodes.len(),
@@ -340,5 +362,6 @@ mod tests {
         assert!(a.iter().any(|f| f.kind == NemesisKind::Partition), "a 300 s run has a partition");
         assert!(a.iter().any(|f| f.kind == NemesisKind::Disk), "a 300 s run has a disk fault");
         assert!(a.iter().any(|f| f.kind == NemesisKind::Packet), "a 300 s run has a packet fault");
+        assert!(a.iter().any(|f| f.kind == NemesisKind::Roster), "a 300 s run has a roster change");
     }
 }

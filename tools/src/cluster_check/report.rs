@@ -64,6 +64,7 @@ fn fault_color(kind: &str) -> RGBColor {
         "disk" => RGBColor(140, 86, 75),
         "packet" => RGBColor(23, 190, 207),
         "wipe" => RGBColor(227, 119, 194),
+        "roster" => RGBColor(255, 127, 14),
         _ => RGBColor(127, 127, 127),
     }
 }
