@@ -15,9 +15,13 @@ fn chunkcheck(workload: &str, seed: &str, nemesis: &str, interval: &str, extra: 
 fn chunkcheck_keeping_output(workload: &str, seed: &str, nemesis: &str, interval: &str, extra: &[&str]) -> (i32, serde_json::Value, tempfile::TempDir) {
     let out = tempfile::tempdir().unwrap();
     let seconds = env_or("CHUNKCHECK_SECONDS", 50).to_string();
-    let mut args = vec![
-        workload, "--nodes", "3", "--time-limit", &seconds, "--nemesis", nemesis, "--nemesis-interval", interval, "--seed", seed, "--json", "--out",
-    ];
+    // Three nodes unless `extra` says otherwise.
+    let nodes: &[&str] = if extra.contains(&"--nodes") { &[] } else { &["--nodes", "3"] };
+    let mut args = vec![workload];
+    args.extend_from_slice(nodes);
+    args.extend_from_slice(&[
+        "--time-limit", &seconds, "--nemesis", nemesis, "--nemesis-interval", interval, "--seed", seed, "--json", "--out",
+    ]);
     let out_dir = out.path().join("run");
     args.push(out_dir.to_str().unwrap());
     args.extend_from_slice(extra);
@@ -168,4 +172,22 @@ fn register_through_delayed_dropped_and_reordered_packets_is_linearizable() {
         targets.insert(target.to_owned());
     }
     assert_eq!(targets.len(), 3, "delay, loss and reordering all happened: {result}");
+}
+
+/// Registers stay linearizable while groups move: nodes leave the roster and come back (their
+/// groups moving away and back under the workload), with kills in between.
+#[test]
+fn register_while_groups_move_between_nodes_is_linearizable() {
+    let (code, result, out) = chunkcheck_keeping_output("register", "23", "roster,kill", "4", &["--nodes", "4"]);
+    assert_contract_fields(&result);
+    assert_eq!((code, &result["valid"]), (0, &serde_json::json!(true)), "{result}");
+    assert!(result["ok"].as_u64().unwrap() > 1000, "the workload made progress: {result}");
+    assert!(fault_kinds(&result).contains("roster"), "a roster change happened: {result}");
+    // Groups really moved: some group changed its voters.
+    let mut voter_changes = 0;
+    for node in 1..=4 {
+        let log = std::fs::read_to_string(out.path().join(format!("run/cluster/node{node}/chunkd.log"))).unwrap_or_default();
+        voter_changes += log.matches("the group's voters changed").count();
+    }
+    assert!(voter_changes > 0, "no group changed its voters: {result}");
 }
