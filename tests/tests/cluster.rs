@@ -439,24 +439,53 @@ fn a_node_whose_configuration_disagrees_with_the_cluster_does_not_start() {
 
 /// Starts chunkd for node `id` of the cluster in `dir` on its existing config and data, and
 /// records its pid in cluster.json (so that `chunkctl down` stops it).
+///
+/// Twice in CI a restarted node found its port taken ("Address already in use") although
+/// the port is reserved for its cluster and its old process had exited; it never happened
+/// here. Such a start is retried (up to 10 times, 1 s apart), printing who holds the port.
 fn start_node(dir: &Path, id: u64) -> std::process::Child {
     let node_dir = dir.join(format!("node{id}"));
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(node_dir.join("chunkd.log")).unwrap();
-    let child = std::process::Command::new(chunkstore_tests::binary("chunkd"))
-        .arg("--config")
-        .arg(node_dir.join("chunkd.toml"))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut cluster = cluster_json(dir);
-    for node in cluster["nodes"].as_array_mut().unwrap() {
-        if node["id"] == id {
-            node["pid"] = serde_json::json!(child.id());
+    for attempt in 1.. {
+        let log_path = node_dir.join("chunkd.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        let before = std::fs::metadata(&log_path).map(|m| m.len() as usize).unwrap_or(0);
+        let mut child = std::process::Command::new(chunkstore_tests::binary("chunkd"))
+            .arg("--config")
+            .arg(node_dir.join("chunkd.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        // A port taken shows within a moment: chunkd binds before anything else.
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        let mut port_taken = false;
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                port_taken = text.get(before..).is_some_and(|t| t.contains("Address already in use"));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
+        if port_taken && attempt < 10 {
+            let sockets = std::process::Command::new("ss").args(["-tanp"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            let config = std::fs::read_to_string(node_dir.join("chunkd.toml")).unwrap();
+            let ports: Vec<&str> = config.lines().filter(|l| l.contains("-listen")).filter_map(|l| l.rsplit(':').next()).map(|p| p.trim_matches('"')).collect();
+            let holders: Vec<String> = sockets.unwrap_or_default().lines().filter(|l| ports.iter().any(|p| l.contains(&format!(":{p} ")))).map(str::to_owned).collect();
+            eprintln!("node {id}: its port was taken (attempt {attempt}); sockets on its ports {ports:?}:\n{}", holders.join("\n"));
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        }
+        let mut cluster = cluster_json(dir);
+        for node in cluster["nodes"].as_array_mut().unwrap() {
+            if node["id"] == id {
+                node["pid"] = serde_json::json!(child.id());
+            }
+        }
+        std::fs::write(dir.join("cluster.json"), serde_json::to_string_pretty(&cluster).unwrap()).unwrap();
+        return child;
     }
-    std::fs::write(dir.join("cluster.json"), serde_json::to_string_pretty(&cluster).unwrap()).unwrap();
-    child
+    unreachable!("the loop returns")
 }
 
 /// A linearizable read right after every node was SIGKILLed and restarted returns each key's
