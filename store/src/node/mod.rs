@@ -223,7 +223,8 @@ impl Node {
             }
         }
         let addresses: HashMap<NodeId, String> = config.nodes.iter().cloned().collect();
-        let meta_raft = if roster::is_metadata_voter(&config, &wal, &meta_state, &voters).await {
+        let (is_voter, cluster_exists) = roster::is_metadata_voter(&config, &wal, &meta_state, &voters).await;
+        let meta_raft = if is_voter {
             // The metadata changes rarely: a snapshot after every entry keeps its log (and so the
             // WAL segments it pins) to a few entries.
             let meta_config = openraft::Config {
@@ -237,7 +238,9 @@ impl Node {
             let raft = MetaRaft::new(config.node_id, meta_config, network, log_store, meta_state.clone())
                 .await
                 .map_err(|e| NodeError::Raft(e.to_string()))?;
-            if wal.log_state(META_WAL_GROUP).last.is_none() && voters[0] == config.node_id {
+            // Only a fresh cluster is initialized: a first voter that lost its data rejoins the
+            // metadata group its peers still run.
+            if wal.log_state(META_WAL_GROUP).last.is_none() && voters[0] == config.node_id && !cluster_exists {
                 let members: BTreeMap<NodeId, BasicNode> = voters.iter().map(|id| (*id, BasicNode::new(addresses[id].clone()))).collect();
                 raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
             }
@@ -725,6 +728,12 @@ impl Node {
                     }
                     // Whatever this replica has applied: committed entries only.
                     ReadPolicy::AllowUnavailable => {}
+                    // A replica that lost its copy and catches up holds an old prefix of the
+                    // group: it sends even a client that has seen nothing to the leader.
+                    ReadPolicy::Session | ReadPolicy::AllowReplica if group.rejoin.is_active() => {
+                        let leader = group.raft.metrics().borrow().current_leader.filter(|l| *l != self.config.node_id);
+                        return Response::Error(ErrorReply::NotLeader { leader });
+                    }
                     ReadPolicy::Session | ReadPolicy::AllowReplica => {
                         // Any replica that has applied what this client has seen may answer.
                         let applied = group.state_machine.last_applied().map_or(0, |l| l.index);

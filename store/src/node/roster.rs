@@ -67,30 +67,53 @@ pub(super) async fn fetch_cluster_from(addresses: &[String], source: Option<std:
     None
 }
 
-/// Whether this node is a member of the metadata group. Once the node knows the cluster, the
-/// metadata says (its voters are fixed at bootstrap). Before, its configuration says (the
-/// lowest ids), unless the node is new and the cluster it joins exists already without it
-/// among the voters: a node added to a running cluster is never a metadata voter.
-pub(super) async fn is_metadata_voter(config: &NodeConfig, wal: &Wal, meta_state: &MetaStateMachine, voters: &[NodeId]) -> bool {
+/// Whether this node is a member of the metadata group, and whether the cluster exists
+/// already (a node must not initialize a metadata group then). Once the node knows the
+/// cluster, the metadata says (its voters are fixed at bootstrap). Before, its configuration
+/// says (the lowest ids), unless the cluster it joins exists already without it among the
+/// voters: a node added to a running cluster is never a metadata voter.
+pub(super) async fn is_metadata_voter(config: &NodeConfig, wal: &Wal, meta_state: &MetaStateMachine, voters: &[NodeId]) -> (bool, bool) {
     let me = config.node_id;
     if let Some(cluster) = meta_state.cluster() {
-        return cluster.metadata_voters.contains(&me);
+        return (cluster.metadata_voters.contains(&me), true);
     }
     if !voters.contains(&me) {
-        return false;
+        return (false, false);
     }
     if wal.log_state(META_WAL_GROUP).last.is_some() {
-        return true;
+        return (true, true);
     }
     let own = config.nodes.iter().find(|(id, _)| *id == me).map(|(_, peer)| peer.clone());
     let others: Vec<String> = seed_addresses(config).into_iter().filter(|a| Some(a) != own.as_ref()).collect();
-    match fetch_cluster_from(&others, config.peer_source, Duration::from_secs(1)).await {
-        Some(cluster) if !cluster.metadata_voters.contains(&me) => {
-            tracing::info!(voters = ?cluster.metadata_voters, "the cluster exists already: this node joins it, not as a metadata voter");
-            false
+    // Peers answer from their WAL whether they hold a metadata log, also while the metadata
+    // group elects a leader (when no voter would answer the metadata itself).
+    let request = Request::GroupLog { namespace: meta::META_NAMESPACE.to_owned(), group: 0 };
+    let mut exists = false;
+    for address in &others {
+        let mut connection = super::transport::Connection::new(address.clone()).from_source(config.peer_source);
+        if let Ok(Response::GroupLog { last_index: Some(_), .. }) = connection.call(&request, Duration::from_secs(1)).await {
+            exists = true;
+            break;
         }
-        _ => true,
     }
+    if !exists {
+        return (true, false);
+    }
+    // The cluster exists: its metadata says whether this node is one of its voters.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(cluster) = fetch_cluster_from(&others, config.peer_source, Duration::from_secs(1)).await {
+            if cluster.metadata_voters.contains(&me) {
+                tracing::warn!("this metadata voter has no metadata log but the cluster exists: it lost its data, and rejoins the metadata group");
+                return (true, true);
+            }
+            tracing::info!(voters = ?cluster.metadata_voters, "the cluster exists already: this node joins it, not as a metadata voter");
+            return (false, true);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tracing::warn!("the cluster exists but no metadata voter answered within 60 s: taking part in the metadata group as its configuration says");
+    (true, true)
 }
 
 impl Node {
