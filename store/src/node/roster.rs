@@ -85,13 +85,19 @@ pub(super) async fn is_metadata_voter(config: &NodeConfig, wal: &Wal, meta_state
     }
     let own = config.nodes.iter().find(|(id, _)| *id == me).map(|(_, peer)| peer.clone());
     let others: Vec<String> = seed_addresses(config).into_iter().filter(|a| Some(a) != own.as_ref()).collect();
-    // Peers answer from their WAL whether they hold a metadata log, also while the metadata
-    // group elects a leader (when no voter would answer the metadata itself).
+    // Peers answer from their WAL how far their metadata log reaches, also while the metadata
+    // group elects a leader (when no voter would answer the metadata itself). An entry past
+    // the initial membership means a leader was elected without this node: the cluster exists
+    // (and its metadata voters can bootstrap it without this node, so waiting for its
+    // metadata below cannot hold up a cluster being created).
     let request = Request::GroupLog { namespace: meta::META_NAMESPACE.to_owned(), group: 0 };
     let mut exists = false;
     for address in &others {
         let mut connection = super::transport::Connection::new(address.clone()).from_source(config.peer_source);
-        if let Ok(Response::GroupLog { last_index: Some(_), .. }) = connection.call(&request, Duration::from_secs(1)).await {
+        if let Ok(Response::GroupLog { last_index: Some(index), .. }) = connection.call(&request, Duration::from_millis(500)).await {
+            if index < 1 {
+                continue;
+            }
             exists = true;
             break;
         }
@@ -99,16 +105,25 @@ pub(super) async fn is_metadata_voter(config: &NodeConfig, wal: &Wal, meta_state
     if !exists {
         return (true, false);
     }
-    // The cluster exists: its metadata says whether this node is one of its voters.
+    // The cluster exists: its metadata says whether this node is one of its voters. A
+    // metadata leader that answers "not bootstrapped yet" leads a cluster being created, by
+    // this node's configuration among others: the node is a voter.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::time::Instant::now() < deadline {
-        if let Some(cluster) = fetch_cluster_from(&others, config.peer_source, Duration::from_secs(1)).await {
-            if cluster.metadata_voters.contains(&me) {
-                tracing::warn!("this metadata voter has no metadata log but the cluster exists: it lost its data, and rejoins the metadata group");
-                return (true, true);
+        for address in &others {
+            let mut connection = super::transport::Connection::new(address.clone()).from_source(config.peer_source);
+            match connection.call(&Request::ClusterMeta, Duration::from_secs(1)).await {
+                Ok(Response::ClusterMeta(None)) => return (true, true),
+                Ok(Response::ClusterMeta(Some(cluster))) if cluster.metadata_voters.contains(&me) => {
+                    tracing::warn!("this metadata voter has no metadata log but the cluster exists: it lost its data, and rejoins the metadata group");
+                    return (true, true);
+                }
+                Ok(Response::ClusterMeta(Some(cluster))) => {
+                    tracing::info!(voters = ?cluster.metadata_voters, "the cluster exists already: this node joins it, not as a metadata voter");
+                    return (false, true);
+                }
+                _ => {}
             }
-            tracing::info!(voters = ?cluster.metadata_voters, "the cluster exists already: this node joins it, not as a metadata voter");
-            return (false, true);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
