@@ -187,6 +187,55 @@ impl ClusterMeta {
             .collect()
     }
 
+    /// Each group's preferred leader, per namespace: one of its voters, chosen so that every
+    /// node is preferred for about as many groups as every other (across all namespaces).
+    /// First, group by group, the voter preferred for the fewest groups so far (ties to the
+    /// placement's order); then groups move from a node preferred for two more than another of
+    /// their voters, until none does. Every node computes the same from the same metadata.
+    pub fn preferred_leaders(&self) -> BTreeMap<String, Vec<NodeId>> {
+        let mut count: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let load = |count: &BTreeMap<NodeId, usize>, id: &NodeId| count.get(id).copied().unwrap_or(0);
+        let mut chosen: Vec<Vec<Option<NodeId>>> = Vec::with_capacity(self.namespaces.len());
+        for ns in &self.namespaces {
+            let leaders = ns
+                .placement
+                .iter()
+                .map(|voters| {
+                    let leader = voters.iter().copied().min_by_key(|id| load(&count, id));
+                    if let Some(id) = leader {
+                        *count.entry(id).or_default() += 1;
+                    }
+                    leader
+                })
+                .collect();
+            chosen.push(leaders);
+        }
+        // Each move lowers the sum of squared counts, so this ends; the bound is a backstop.
+        for _ in 0..64 {
+            let mut moved = false;
+            for (ns, leaders) in self.namespaces.iter().zip(chosen.iter_mut()) {
+                for (voters, leader) in ns.placement.iter().zip(leaders.iter_mut()) {
+                    let Some(current) = *leader else { continue };
+                    let Some(lightest) = voters.iter().copied().min_by_key(|id| load(&count, id)) else { continue };
+                    if load(&count, &current) > load(&count, &lightest) + 1 {
+                        *count.entry(current).or_default() -= 1;
+                        *count.entry(lightest).or_default() += 1;
+                        *leader = Some(lightest);
+                        moved = true;
+                    }
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        self.namespaces
+            .iter()
+            .zip(chosen)
+            .map(|(ns, leaders)| (ns.name.clone(), leaders.into_iter().map(|l| l.unwrap_or(0)).collect()))
+            .collect()
+    }
+
     pub fn node(&self, id: NodeId) -> Option<&NodeInfo> {
         self.nodes.iter().find(|n| n.id == id)
     }
@@ -347,5 +396,34 @@ mod tests {
         ] {
             assert!(diff.contains(expected), "{expected:?} missing from:\n{diff}");
         }
+    }
+
+    /// Preferred leaders are voters of their group, spread within one group of each other
+    /// over the nodes, across namespaces; plain first-in-placement is not (the control).
+    #[test]
+    fn preferred_leaders_are_spread_evenly() {
+        let nodes: Vec<NodeInfo> = (1..=5).map(node).collect();
+        let meta = ClusterMeta::from_config(nodes, &[("a".to_string(), 3, 64), ("b".to_string(), 2, 16)]);
+        let preferred = meta.preferred_leaders();
+        let mut count: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for ns in &meta.namespaces {
+            let leaders = &preferred[&ns.name];
+            assert_eq!(leaders.len(), ns.groups as usize);
+            for (g, leader) in leaders.iter().enumerate() {
+                assert!(ns.placement[g].contains(leader), "{}/{g}: {leader} is not a voter", ns.name);
+                *count.entry(*leader).or_default() += 1;
+            }
+        }
+        let (low, high) = (count.values().min().unwrap(), count.values().max().unwrap());
+        assert!(high - low <= 1, "uneven: {count:?}");
+        assert_eq!(count.values().sum::<usize>(), 80);
+
+        let mut first: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for ns in &meta.namespaces {
+            for voters in &ns.placement {
+                *first.entry(voters[0]).or_default() += 1;
+            }
+        }
+        assert!(first.values().max().unwrap() - first.values().min().unwrap() > 1, "the control should be uneven: {first:?}");
     }
 }

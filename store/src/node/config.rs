@@ -14,6 +14,7 @@
 //! request-timeout-ms = 5000          # a request not done by then is answered Timeout; default 5000
 //! snapshot-after-entries = 5000      # log entries between a group's snapshots; default 5000
 //! entries-kept-after-snapshot = 1000 # log kept behind a snapshot; default 1000
+//! balance-leaders = true             # hand groups to their preferred leaders; default true
 //!
 //! seeds = ["10.0.0.1:7501"]          # peers asked for the cluster metadata; default: the
 //!                                    # metadata voters' peer addresses from [[nodes]]
@@ -96,6 +97,10 @@ pub struct ChunkdConfig {
     /// and speed. Default false.
     #[serde(default)]
     pub test_power_loss_devices: bool,
+    /// Hand each group to its preferred leader (spread evenly over the nodes) once that replica
+    /// is up and caught up, so leadership comes back to a node after it restarts. Default true.
+    #[serde(default = "default_true")]
+    pub balance_leaders: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -127,6 +132,9 @@ pub struct NamespaceToml {
     pub storage: Option<toml::Value>,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_heartbeat_ms() -> u64 {
     100
 }
@@ -230,6 +238,7 @@ impl ChunkdConfig {
             unsafe_unchecked_reads: self.unsafe_unchecked_reads,
             unsafe_serve_damaged: self.unsafe_serve_damaged,
             test_power_loss_devices: self.test_power_loss_devices,
+            balance_leaders: self.balance_leaders,
         })
     }
 }

@@ -103,6 +103,7 @@ impl Node {
         let Some(local) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(group)) else {
             return Response::Error(ErrorReply::NotLeader { leader: None });
         };
+        let _gate = local.write_gate.read().await;
         let leader = local.raft.current_leader().await;
         if leader != Some(self.config.node_id) {
             return Response::Error(ErrorReply::NotLeader { leader });

@@ -19,6 +19,7 @@ pub mod placement;
 pub mod raft_network;
 mod leases;
 pub mod metrics;
+mod leadership;
 mod rejoin;
 mod repair;
 mod roster;
@@ -83,6 +84,8 @@ pub struct NodeConfig {
     pub unsafe_serve_damaged: bool,
     /// Test hook: engine devices drop unsynced writes when the process dies (power cut).
     pub test_power_loss_devices: bool,
+    /// Hand groups to their preferred leaders (see `leadership`).
+    pub balance_leaders: bool,
 }
 
 pub(crate) struct Group {
@@ -92,6 +95,9 @@ pub(crate) struct Group {
     wal_group: u32,
     /// Set while this replica catches up after its copy was lost: it neither votes nor campaigns.
     rejoin: rejoin::Rejoin,
+    /// Writes (and fences) hold it shared from their leadership check until answered; a
+    /// leadership hand-over holds it exclusively (see `leadership`).
+    write_gate: tokio::sync::RwLock<()>,
 }
 
 struct HostedNamespace {
@@ -339,6 +345,7 @@ impl Node {
         tokio::spawn(leases::keep_leases(Arc::downgrade(self)));
         tokio::spawn(roster::follow_cluster(Arc::downgrade(self)));
         tokio::spawn(roster::keep_balance(Arc::downgrade(self)));
+        tokio::spawn(leadership::balance_leadership(Arc::downgrade(self)));
         Ok(())
     }
 
@@ -389,7 +396,7 @@ impl Node {
                 replicas.iter().map(|id| (*id, BasicNode::new(cluster.node(*id).map(|n| n.peer.clone()).unwrap_or_default()))).collect();
             raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
         }
-        Ok(Group { raft, state_machine, wal_group, rejoin })
+        Ok(Group { raft, state_machine, wal_group, rejoin, write_gate: Default::default() })
     }
 
     /// Whether this replica of `namespace`'s `group` must catch up before it votes (see
@@ -653,6 +660,7 @@ impl Node {
             Request::SetRoster { nodes } => self.handle_set_roster(nodes).await,
             Request::ForgetNode { node } => self.handle_forget_node(node).await,
             Request::MoveGroup { namespace, group, replicas } => self.handle_move_group(&namespace, group, replicas).await,
+            Request::Campaign { namespace, group, last_index } => self.handle_campaign(&namespace, group, last_index).await,
             Request::Write { op: crate::WriteOp::FenceSession { .. }, .. } => {
                 Response::Error(ErrorReply::BadRequest("sessions are fenced by the metadata leader, not by a write".into()))
             }
@@ -667,6 +675,7 @@ impl Node {
                     }
                 }
                 // NotLeader is a promise that nothing was proposed: give it only before proposing.
+                let _gate = group.write_gate.read().await;
                 let leader = group.raft.current_leader().await;
                 if leader != Some(self.config.node_id) {
                     return Response::Error(ErrorReply::NotLeader { leader });
@@ -780,7 +789,7 @@ impl Node {
     /// Where a group this node does not replicate may be led: its preferred leader.
     fn placement_hint(&self, namespace: &str, group: u32) -> Option<NodeId> {
         let cluster = self.joined.get()?.cluster.read().unwrap();
-        cluster.namespace(namespace).and_then(|ns| ns.placement.get(group as usize)).and_then(|r| r.first().copied())
+        cluster.preferred_leaders().get(namespace).and_then(|leaders| leaders.get(group as usize).copied())
     }
 
     /// Whether this node leads `group` but has not heard from a quorum of its replicas for
@@ -856,6 +865,7 @@ impl Node {
     fn cluster_map(&self) -> ClusterMap {
         let Some(joined) = self.joined.get() else { return ClusterMap::default() };
         let cluster = joined.cluster.read().unwrap().clone();
+        let preferred = cluster.preferred_leaders();
         let namespaces: Vec<NamespaceMap> = cluster
             .namespaces
             .iter()
@@ -865,7 +875,7 @@ impl Node {
                     .map(|g| match hosted.group(g) {
                         Some(group) if self.out_of_touch(&group) => None,
                         Some(group) => group.raft.metrics().borrow().current_leader,
-                        None => info.placement[g as usize].first().copied(),
+                        None => preferred.get(&info.name).and_then(|p| p.get(g as usize)).copied(),
                     })
                     .collect();
                 Some(NamespaceMap {

@@ -95,6 +95,10 @@ pub enum Request {
     /// Between nodes: one step of moving a group to `replicas`, asked of the group's leader
     /// by the metadata leader; answered `MoveProgress`.
     MoveGroup { namespace: String, group: u32, replicas: Vec<u64> },
+    /// Between nodes: a group's leader hands the group over and asks this replica to start an
+    /// election at once; its log must reach `last_index`, the leader's last entry. Answered
+    /// `Noted` once the election started, or `BadRequest` saying why not.
+    Campaign { namespace: String, group: u32, last_index: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -500,8 +500,10 @@ fn status(client: &Client, json: bool) -> Result<()> {
     }
     // Moves and the roster come from the metadata leader (absent while it has no quorum).
     let meta = client.cluster_meta().ok();
+    let preferred = meta.as_ref().map(|m| m.preferred_leaders()).unwrap_or_default();
     for ns in &map.namespaces {
         let known = meta.as_ref().and_then(|m| m.namespace(&ns.name));
+        let preferred = preferred.get(&ns.name);
         let moves = known.map(|n| n.moves.clone()).unwrap_or_default();
         for group in 0..ns.groups as usize {
             // The metadata leader's placement when it answered, else the answering node's.
@@ -517,7 +519,11 @@ fn status(client: &Client, json: bool) -> Result<()> {
                 (Some(_), false) => "leader-down",
                 (None, _) => "no-leader",
             };
-            groups.push(serde_json::json!({ "namespace": ns.name, "group": group, "leader": leader, "replicas": replicas, "state": state, "moving_to": moving_to }));
+            let preferred_leader = preferred.and_then(|p| p.get(group));
+            groups.push(serde_json::json!({
+                "namespace": ns.name, "group": group, "leader": leader, "preferred_leader": preferred_leader,
+                "replicas": replicas, "state": state, "moving_to": moving_to,
+            }));
         }
     }
     // The metadata group: its voters, and its leader as any voter that is up knows it.
@@ -539,9 +545,16 @@ fn status(client: &Client, json: bool) -> Result<()> {
         .map(|(namespace, placed, total)| serde_json::json!({ "namespace": namespace, "placed": placed, "groups": total }))
         .collect();
     let roster = meta.as_ref().map(|m| m.roster.clone());
+    let leaders = leadership_counts(&map.nodes, &groups);
     if json {
         let health = serde_json::json!({ "ok": problems.is_empty(), "problems": problems });
-        println!("{}", serde_json::json!({ "health": health, "nodes": nodes_up, "metadata": metadata, "roster": roster, "rebalance": rebalance, "groups": groups }));
+        println!(
+            "{}",
+            serde_json::json!({
+                "health": health, "nodes": nodes_up, "metadata": metadata, "roster": roster,
+                "rebalance": rebalance, "leaders": leaders, "groups": groups,
+            })
+        );
         return Ok(());
     }
     match problems.len() {
@@ -566,6 +579,8 @@ fn status(client: &Client, json: bool) -> Result<()> {
         let word = if placed == total { "balanced" } else { "rebalancing" };
         println!("{} {} {placed}/{total} groups placed: {word}", b["namespace"].as_str().unwrap_or(""), progress_bar(placed, total));
     }
+    let words: Vec<String> = leaders.iter().map(|l| format!("node {} {}/{}", l["node"], l["leads"], l["preferred"])).collect();
+    println!("groups led/preferred: {}", words.join(", "));
     for group in &groups {
         let moving = match &group["moving_to"] {
             serde_json::Value::Null => String::new(),
@@ -574,6 +589,19 @@ fn status(client: &Client, json: bool) -> Result<()> {
         println!("{}/{:<3} leader {:<4} replicas {} {}{moving}", group["namespace"].as_str().unwrap_or(""), group["group"], group["leader"], group["replicas"], group["state"].as_str().unwrap_or(""));
     }
     Ok(())
+}
+
+/// Per node: how many groups it leads, and for how many it is the preferred leader (the
+/// leaders hand groups over until the two agree).
+fn leadership_counts(nodes: &[(u64, String)], groups: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    nodes
+        .iter()
+        .map(|(id, _)| {
+            let leads = groups.iter().filter(|g| g["leader"].as_u64() == Some(*id)).count();
+            let preferred = groups.iter().filter(|g| g["preferred_leader"].as_u64() == Some(*id)).count();
+            serde_json::json!({ "node": id, "leads": leads, "preferred": preferred })
+        })
+        .collect()
 }
 
 /// `roster show`.
