@@ -256,7 +256,8 @@ pub fn wait_for_leaders(dir: &Path, cluster: &LocalCluster, timeout: Duration, s
                     }
                     for ns in &map.namespaces {
                         for (group, replicas) in ns.replicas.iter().enumerate() {
-                            if replicas.contains(&node.id) && ns.leaders[group].is_none() {
+                            // A dead group waits for `chunkctl revive`, not for an election.
+                            if replicas.contains(&node.id) && ns.leaders[group].is_none() && !ns.dead.contains(&(group as u32)) {
                                 ready = false;
                             }
                         }

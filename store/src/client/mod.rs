@@ -38,6 +38,15 @@ use crate::protocol::{ClusterMap, ErrorReply, ReadPolicy, Request, Response, Wri
 use crate::raft::group_of;
 use crate::value::{Bin, Record, RecordMeta};
 
+/// What `Client::revive` did (see `Response::Revived`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Revived {
+    pub survivor: u64,
+    pub last_term: u64,
+    pub last_index: u64,
+    pub report: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     /// Addresses of some nodes (HOST:PORT); the rest is learned from the cluster map.
@@ -322,6 +331,17 @@ impl Client {
         }
     }
 
+    /// Rebuilds a dead group (a majority of its replicas lost their copy) from its best
+    /// surviving replica: answers the survivor, how far its log reaches (writes acknowledged
+    /// with a higher index in this group are lost) and a report in words. Refused, saying why,
+    /// for a group that is not dead. Takes up to about 15 s: give the client a long timeout.
+    pub fn revive(&self, namespace: &str, group: u32) -> Result<Revived, ClientError> {
+        match self.meta_routed(&Request::Revive { namespace: namespace.to_owned(), group })? {
+            Response::Revived { survivor, last_term, last_index, report } => Ok(Revived { survivor, last_term, last_index, report }),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// A write on behalf of a lease session: refused with `SessionExpired` (and not applied)
     /// once the session has been fenced in the record's group.
     pub fn write_in_session(
@@ -462,6 +482,13 @@ impl Client {
         Ok(group_of(&key.digest, groups))
     }
 
+    /// The newest log index of `namespace`'s `group` this client has seen, its own writes'
+    /// included (0: none). After `revive`, writes acknowledged above the survivor's last
+    /// index are the ones lost.
+    pub fn seen_index(&self, namespace: &str, group: u32) -> u64 {
+        self.seen.lock().unwrap().get(&(namespace.to_owned(), group)).copied().unwrap_or(0)
+    }
+
     fn saw(&self, namespace: &str, group: u32, index: u64) {
         let mut seen = self.seen.lock().unwrap();
         let entry = seen.entry((namespace.to_owned(), group)).or_default();
@@ -526,6 +553,11 @@ impl Client {
                     return Err(unavailable(maybe_applied));
                 }
                 let _ = self.refresh_map();
+                if self.leader_address(namespace, group).is_none() {
+                    // No leader known: ask a replica, which names the leader once one is
+                    // elected, or answers that the group is dead.
+                    self.forget_leader(namespace, group);
+                }
                 continue;
             };
             match self.call(&addr, request) {
@@ -545,6 +577,8 @@ impl Client {
                     }
                     let _ = self.refresh_map();
                 }
+                // A group found dead after an attempt that may have reached it.
+                Ok(Response::Error(ErrorReply::PartitionDead { .. })) if maybe_applied => return Err(in_doubt(true)),
                 // An expired client's retry: an earlier attempt may have been applied.
                 Ok(Response::Error(ErrorReply::ClientExpired)) if maybe_applied => return Err(in_doubt(true)),
                 Ok(Response::Error(reply)) => return Err(ClientError::Server(reply)),

@@ -21,6 +21,7 @@ mod leases;
 pub mod metrics;
 mod leadership;
 mod rejoin;
+mod revive;
 mod repair;
 mod roster;
 pub mod transport;
@@ -159,6 +160,8 @@ pub struct Node {
 struct PeerHealth {
     /// Namespace → why the peer refuses new writes there.
     stop_writes: HashMap<String, String>,
+    /// Groups whose replica on the peer lost its copy and catches up.
+    lost: std::collections::HashSet<(String, u32)>,
     received: std::time::Instant,
 }
 
@@ -640,7 +643,7 @@ impl Node {
         match request {
             Request::ClusterMeta => self.handle_cluster_meta().await,
             Request::Raft { namespace, group, message } if namespace == META_NAMESPACE => self.handle_meta_raft(group, &message).await,
-            Request::NodeHealth { node, stop_writes } => self.note_health(node, stop_writes),
+            Request::NodeHealth { node, stop_writes, lost } => self.note_health(node, stop_writes, lost),
             Request::GroupLog { namespace, group } => self.group_log(&namespace, group),
             // Until it has joined, the node knows no groups: clients retry (NotLeader promises
             // that nothing was done).
@@ -661,6 +664,11 @@ impl Node {
             Request::ForgetNode { node } => self.handle_forget_node(node).await,
             Request::MoveGroup { namespace, group, replicas } => self.handle_move_group(&namespace, group, replicas).await,
             Request::Campaign { namespace, group, last_index } => self.handle_campaign(&namespace, group, last_index).await,
+            Request::GroupState { namespace, group } => self.handle_group_state(&namespace, group),
+            Request::Revive { namespace, group } => self.handle_revive(&namespace, group).await,
+            Request::ReviveReplica { namespace, group, survivor, last_index } => {
+                self.handle_revive_replica(&namespace, group, survivor, last_index)
+            }
             Request::Write { op: crate::WriteOp::FenceSession { .. }, .. } => {
                 Response::Error(ErrorReply::BadRequest("sessions are fenced by the metadata leader, not by a write".into()))
             }
@@ -669,6 +677,10 @@ impl Node {
                     Ok(found) => found,
                     Err(reply) => return Response::Error(reply),
                 };
+                let group_id = group_of(&key.digest, hosted.groups);
+                if self.is_dead(&namespace, group_id, &group) {
+                    return Response::Error(ErrorReply::PartitionDead { group: group_id, namespace });
+                }
                 if !op.frees_room() {
                     if let Some(reason) = self.stop_writes(&namespace, hosted, &group) {
                         return Response::Error(ErrorReply::StopWrites(reason));
@@ -718,6 +730,10 @@ impl Node {
                     Ok(found) => found,
                     Err(reply) => return Response::Error(reply),
                 };
+                let group_id = group_of(&key.digest, hosted.groups);
+                if read != ReadPolicy::AllowUnavailable && self.is_dead(&namespace, group_id, &group) {
+                    return Response::Error(ErrorReply::PartitionDead { group: group_id, namespace });
+                }
                 match read {
                     ReadPolicy::Linearizable if self.config.unsafe_unchecked_reads => {}
                     ReadPolicy::Linearizable if self.out_of_touch(&group) => return Response::Error(ErrorReply::NotLeader { leader: None }),
@@ -831,7 +847,42 @@ impl Node {
             .map(|(id, reason)| format!("replica node {id} of this group: {reason}"))
     }
 
-    fn note_health(&self, node: NodeId, stop_writes: Vec<(String, String)>) -> Response {
+    /// Whether `group` is dead: it has no leader, and so many of its voters lost their copy
+    /// (this replica as it knows, the others as their last health reports say) that the rest
+    /// cannot make a quorum. The replicas that lost their copy do not vote until they caught up
+    /// from a leader (see `rejoin`), and no leader can be elected without them: only
+    /// `chunkctl revive` brings such a group back (see `revive`).
+    fn is_dead(&self, namespace: &str, id: u32, group: &Group) -> bool {
+        let metrics = group.raft.metrics();
+        let metrics = metrics.borrow();
+        if metrics.current_leader.is_some() {
+            return false;
+        }
+        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let me = self.config.node_id;
+        let health = self.peer_health.lock().unwrap();
+        let key = (namespace.to_owned(), id);
+        let lost = voters
+            .iter()
+            .filter(|voter| match **voter == me {
+                true => group.rejoin.is_active(),
+                false => health.get(voter).is_some_and(|h| h.received.elapsed() < HEALTH_FORGET && h.lost.contains(&key)),
+            })
+            .count();
+        voters.len() - lost < voters.len() / 2 + 1
+    }
+
+    /// The groups whose replica here lost its copy and catches up.
+    fn lost_copies(&self) -> Vec<(String, u32)> {
+        let mut lost = Vec::new();
+        for (name, hosted) in self.namespaces().into_iter().flatten() {
+            lost.extend(hosted.groups().into_iter().filter(|(_, group)| group.rejoin.is_active()).map(|(g, _)| (name.clone(), g)));
+        }
+        lost.sort_unstable();
+        lost
+    }
+
+    fn note_health(&self, node: NodeId, stop_writes: Vec<(String, String)>, lost: Vec<(String, u32)>) -> Response {
         if node == self.config.node_id || self.peers.get(&node).is_none() {
             return Response::Error(ErrorReply::BadRequest(format!("health report from node {node}, which is not a peer of this node")));
         }
@@ -846,7 +897,8 @@ impl Node {
         for namespace in was_stopped.iter().filter(|ns| !stop_writes.contains_key(*ns)) {
             tracing::info!(peer = node, namespace, "a peer left stop-writes");
         }
-        health.insert(node, PeerHealth { stop_writes, received: std::time::Instant::now() });
+        let lost = lost.into_iter().collect();
+        health.insert(node, PeerHealth { stop_writes, lost, received: std::time::Instant::now() });
         Response::Noted
     }
 
@@ -878,12 +930,17 @@ impl Node {
                         None => preferred.get(&info.name).and_then(|p| p.get(g as usize)).copied(),
                     })
                     .collect();
+                let local = hosted.groups();
+                let lost = local.iter().filter(|(_, group)| group.rejoin.is_active()).map(|(g, _)| *g).collect();
+                let dead = local.iter().filter(|(g, group)| self.is_dead(&info.name, *g, group)).map(|(g, _)| *g).collect();
                 Some(NamespaceMap {
                     name: info.name.clone(),
                     groups: info.groups,
                     replication_factor: info.replication_factor,
                     leaders,
                     replicas: info.placement.clone(),
+                    lost,
+                    dead,
                 })
             })
             .collect();
@@ -926,10 +983,12 @@ impl Node {
             Err(reply) => return reply,
         };
         match &rpc {
-            RaftRpc::Vote(_) => {
+            RaftRpc::Vote(request) if !group.rejoin.allows(request) => {
                 let current = group.raft.metrics().borrow().vote;
                 return encode_reply(&RaftReply::Vote(Ok(rejoin::Rejoin::refusal(&current))));
             }
+            // The survivor of a revived group campaigning (see `revive`).
+            RaftRpc::Vote(_) => {}
             RaftRpc::AppendEntries(request) => group.rejoin.observe(request),
             RaftRpc::InstallSnapshot(_) => {}
         }
@@ -960,7 +1019,8 @@ async fn keep_metadata_log_short(raft: MetaRaft) {
 /// Group leaders refuse new writes while any replica of the group is in stop-writes. Ends when
 /// the node stops.
 async fn report_health(node: std::sync::Weak<Node>) {
-    let mut sent: Option<(Vec<(String, String)>, std::time::Instant)> = None;
+    #[allow(clippy::type_complexity)]
+    let mut sent: Option<(Vec<(String, String)>, Vec<(String, u32)>, std::time::Instant)> = None;
     loop {
         tokio::time::sleep(HEALTH_POLL).await;
         let Some(node) = node.upgrade() else { return };
@@ -987,22 +1047,23 @@ async fn report_health(node: std::sync::Weak<Node>) {
             }
         }
         let stop_writes = node.own_stop_writes();
+        let lost = node.lost_copies();
         let due = match &sent {
             None => true,
-            Some((last, at)) => *last != stop_writes || at.elapsed() >= HEALTH_REFRESH,
+            Some((last, last_lost, at)) => *last != stop_writes || *last_lost != lost || at.elapsed() >= HEALTH_REFRESH,
         };
         if !due {
             continue;
         }
         let me = node.config.node_id;
-        let request = Request::NodeHealth { node: me, stop_writes: stop_writes.clone() };
+        let request = Request::NodeHealth { node: me, stop_writes: stop_writes.clone(), lost: lost.clone() };
         for (_, peer) in node.peers.all().into_iter().filter(|(id, _)| *id != me) {
             let (peer, request) = (peer.clone(), request.clone());
             tokio::spawn(async move {
                 let _ = peer.call(&request, HEALTH_REFRESH).await;
             });
         }
-        sent = Some((stop_writes, std::time::Instant::now()));
+        sent = Some((stop_writes, lost, std::time::Instant::now()));
     }
 }
 

@@ -18,15 +18,16 @@
 //! written before the group starts and removed once caught up, so a node that crashes while
 //! catching up (its log then no longer empty, but still short) keeps waiting.
 //!
-//! Not covered yet: the metadata group (its voters still vote after a wipe), and a group that
-//! lost a majority of its copies, which waits for them (it has no leader) rather than showing
-//! `dead`.
+//! A group that lost a majority of its copies can elect no leader this way: it is dead
+//! (`Node::is_dead`, from the replicas' health reports) until `chunkctl revive` rebuilds it
+//! from the best surviving replica (see `revive`). Not covered yet: the metadata group (its
+//! voters still vote after a wipe).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use openraft::raft::{AppendEntriesRequest, VoteResponse};
+use openraft::raft::{AppendEntriesRequest, VoteRequest, VoteResponse};
 
 use crate::raft::{NodeId, TypeConfig};
 
@@ -39,6 +40,9 @@ pub(crate) struct Rejoin {
     target: Mutex<Option<u64>>,
     /// The marker file that keeps the state across restarts.
     marker: Option<PathBuf>,
+    /// Set by `chunkctl revive` when the group is dead: the survivor it is rebuilt from, and
+    /// how far the survivor's log reaches. That candidate gets this replica's vote.
+    revived_for: Mutex<Option<(NodeId, u64)>>,
 }
 
 impl Rejoin {
@@ -55,7 +59,7 @@ impl Rejoin {
         let file = std::fs::File::create(&marker)?;
         file.sync_all()?;
         crate::device::sync_parent_dir(&marker).map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(Rejoin { active: AtomicBool::new(true), target: Mutex::new(None), marker: Some(marker) })
+        Ok(Rejoin { active: AtomicBool::new(true), target: Mutex::new(None), marker: Some(marker), revived_for: Mutex::new(None) })
     }
 
     pub(crate) fn is_active(&self) -> bool {
@@ -84,6 +88,20 @@ impl Rejoin {
                 tracing::warn!(path = %marker.display(), %err, "could not remove a rejoin marker");
             }
         }
+    }
+
+    /// The group is dead and revived from `survivor`: its vote request, with a log reaching
+    /// `last_index`, goes to Raft (which grants it as usual); every other one is still refused.
+    pub(crate) fn allow_vote_for(&self, survivor: NodeId, last_index: u64) {
+        *self.revived_for.lock().unwrap() = Some((survivor, last_index));
+    }
+
+    /// Whether `request` is the revived group's survivor campaigning.
+    pub(crate) fn allows(&self, request: &VoteRequest<NodeId>) -> bool {
+        let allowed = *self.revived_for.lock().unwrap();
+        allowed.is_some_and(|(survivor, last_index)| {
+            request.vote.leader_id().voted_for() == Some(survivor) && request.last_log_id.is_some_and(|l| l.index >= last_index)
+        })
     }
 
     /// The answer to a vote request while catching up: not granted.

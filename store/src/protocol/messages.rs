@@ -66,7 +66,9 @@ pub enum Request {
     /// Between nodes: the sender's health as its group leaders need it. `stop_writes` lists the
     /// namespaces where the sender refuses new writes, with the reason (empty: none). Sent on
     /// every change and once a second; answered `Noted`.
-    NodeHealth { node: u64, stop_writes: Vec<(String, String)> },
+    /// `lost` lists the groups whose replica on the sender lost its copy and catches up (see
+    /// `node::rejoin`): a group where too many have is dead.
+    NodeHealth { node: u64, stop_writes: Vec<(String, String)>, lost: Vec<(String, u32)> },
     /// Between nodes: how far the answering node's log of a group reaches, from its WAL
     /// (answered at any time, also before the node has joined). A node whose own log of the
     /// group is empty asks before it votes in the group (see `node::rejoin`).
@@ -99,6 +101,17 @@ pub enum Request {
     /// election at once; its log must reach `last_index`, the leader's last entry. Answered
     /// `Noted` once the election started, or `BadRequest` saying why not.
     Campaign { namespace: String, group: u32, last_index: u64 },
+    /// Between nodes: this node's replica of a group: its log, whether it lost its copy and
+    /// catches up, and the leader it knows. Answered `GroupState`.
+    GroupState { namespace: String, group: u32 },
+    /// Rebuilds a dead group from its best surviving replica (any node orchestrates it; see
+    /// `node::revive`). Answered `Revived`, or an error saying why not (the group is not
+    /// dead, or no replica that answered holds any of its entries).
+    Revive { namespace: String, group: u32 },
+    /// Between nodes, part of `Revive`: this replica, which lost its copy, may grant its vote to
+    /// `survivor` (whose log reaches `last_index`); a survivor that lost its copy once and
+    /// caught up part of the way stops catching up. Answered `Noted`.
+    ReviveReplica { namespace: String, group: u32, survivor: u64, last_index: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -135,6 +148,14 @@ pub enum Response {
     /// How far a group's move is: `done` once its voters are the new replicas; `stage` says
     /// what it waits for.
     MoveProgress { done: bool, stage: String },
+    /// The answer to `GroupState`: the last entry of the log as (term, index) (None: empty),
+    /// the term of the replica's vote, whether it lost its copy and catches up, and the leader
+    /// it knows.
+    GroupState { last_log: Option<(u64, u64)>, vote_term: u64, lost_copy: bool, leader: Option<u64> },
+    /// A dead group was revived from `survivor`, whose log reached `last_index` (of term
+    /// `last_term`): entries after it, if the group had committed any, are lost. `report` says
+    /// so in words.
+    Revived { survivor: u64, last_term: u64, last_index: u64, report: String },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +182,10 @@ pub struct NamespaceMap {
     pub leaders: Vec<Option<u64>>,
     /// The replicas of each group.
     pub replicas: Vec<Vec<u64>>,
+    /// Groups whose replica on the answering node lost its copy and catches up.
+    pub lost: Vec<u32>,
+    /// Groups the answering node takes for dead (see `ErrorReply::PartitionDead`).
+    pub dead: Vec<u32>,
 }
 
 /// Every error a client can get, saying which of them happened.
@@ -208,6 +233,8 @@ pub enum ErrorReply {
     LockNotHeld { holder: Option<u64> },
     #[error("too many lease sessions are open ({0}); close some first")]
     TooManySessions(usize),
+    #[error("group {namespace}/{group} is dead: a majority of its replicas lost their copy; `chunkctl revive {namespace} {group}` rebuilds it from the best surviving replica")]
+    PartitionDead { namespace: String, group: u32 },
 }
 
 fn options(limit: usize) -> impl Options {

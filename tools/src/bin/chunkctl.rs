@@ -106,6 +106,16 @@ enum Commands {
     /// Add a node to, or remove one from, the local cluster in --dir.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Rebuild a dead group (status says `dead`: a majority of its replicas lost their copy)
+    /// from its best surviving replica, and say what may have been lost: writes acknowledged
+    /// with a log index above the survivor's last entry. Refused for a group that is not dead.
+    Revive {
+        namespace: String,
+        group: u32,
+        /// Print one JSON object: survivor, last_term, last_index, report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -286,6 +296,14 @@ fn main() -> ExitCode {
             let drill = LockDrill { namespace, set, key, ttl: Duration::from_millis(ttl_ms), wait: Duration::from_millis(wait_ms), write_every: Duration::from_millis(write_every_ms), writes };
             hold_lock(&client, &drill)
         }),
+        Commands::Revive { ref namespace, group, json } => client_with_timeout(&cli, Duration::from_secs(30)).and_then(|client| {
+            let revived = client.revive(namespace, group)?;
+            match json {
+                true => println!("{}", serde_json::to_string(&revived)?),
+                false => println!("{}", revived.report),
+            }
+            Ok(())
+        }),
         Commands::Roster(RosterCommand::Show { json }) => client(&cli).and_then(|client| roster_show(&client, json)),
         Commands::Roster(RosterCommand::Set { ref nodes, wait }) => client(&cli).and_then(|client| {
             client.set_roster(nodes)?;
@@ -416,13 +434,18 @@ fn hold_lock(client: &Client, drill: &LockDrill) -> Result<()> {
 
 /// A client for --seeds, or for the cluster in --dir (default ./chunkstore-data).
 fn client(cli: &Cli) -> Result<Client> {
+    client_with_timeout(cli, ClientConfig::new(Vec::new()).timeout)
+}
+
+/// A client whose requests may each take up to `timeout`.
+fn client_with_timeout(cli: &Cli, timeout: Duration) -> Result<Client> {
     let seeds = if !cli.seeds.is_empty() {
         cli.seeds.clone()
     } else {
         let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
         LocalCluster::load(&dir)?.seeds()
     };
-    Client::connect(ClientConfig { source: cli.source, ..ClientConfig::new(seeds) }).context("connecting to the cluster")
+    Client::connect(ClientConfig { source: cli.source, timeout, ..ClientConfig::new(seeds) }).context("connecting to the cluster")
 }
 
 fn user_key(set: &str, key: &str) -> Key {
@@ -514,15 +537,29 @@ fn status(client: &Client, json: bool) -> Result<()> {
                 .filter(|(id, _)| replicas.contains(id))
                 .find_map(|(_, view)| view.namespaces.iter().find(|n| n.name == ns.name).and_then(|n| n.leaders[group]));
             let leader_up = leader.is_some_and(|l| views.iter().any(|(id, _)| *id == l));
+            // Each node reports its own replica: whether it lost its copy, and whether it takes
+            // the group for dead (too many replicas lost theirs for a quorum).
+            let reported = |pick: fn(&chunkstore::protocol::NamespaceMap) -> &Vec<u32>| -> Vec<u64> {
+                views
+                    .iter()
+                    .filter(|(id, view)| replicas.contains(id) && view.namespaces.iter().any(|n| n.name == ns.name && pick(n).contains(&(group as u32))))
+                    .map(|(id, _)| *id)
+                    .collect()
+            };
+            let lost_copy = reported(|n| &n.lost);
+            let dead = !reported(|n| &n.dead).is_empty();
+            let reachable = replicas.iter().filter(|r| views.iter().any(|(id, _)| id == *r)).count();
             let state = match (leader, leader_up) {
                 (Some(_), true) => "ok",
+                _ if dead => "dead",
+                _ if reachable < replicas.len() / 2 + 1 => "unavailable",
                 (Some(_), false) => "leader-down",
                 (None, _) => "no-leader",
             };
             let preferred_leader = preferred.and_then(|p| p.get(group));
             groups.push(serde_json::json!({
                 "namespace": ns.name, "group": group, "leader": leader, "preferred_leader": preferred_leader,
-                "replicas": replicas, "state": state, "moving_to": moving_to,
+                "replicas": replicas, "state": state, "moving_to": moving_to, "lost_copy": lost_copy,
             }));
         }
     }
@@ -651,7 +688,7 @@ fn health_problems(down: &[u64], metadata: &serde_json::Value, groups: &[serde_j
     if !down.is_empty() {
         problems.push(format!("{} unreachable", nodes_in_words(down)));
     }
-    let mut describe = |name: String, replicas: Vec<u64>, state: &str, leader: Option<u64>| {
+    let describe = |name: String, replicas: Vec<u64>, state: &str, leader: Option<u64>| -> String {
         let mut unreachable: Vec<u64> = replicas.iter().copied().filter(|r| down.contains(r)).collect();
         unreachable.sort_unstable();
         let quorum = replicas.len() / 2 + 1;
@@ -665,14 +702,24 @@ fn health_problems(down: &[u64], metadata: &serde_json::Value, groups: &[serde_j
                 _ => format!("has no leader yet ({} unreachable): electing", nodes_in_words(&unreachable)),
             }
         };
-        problems.push(format!("{name} {why}"));
+        format!("{name} {why}")
     };
     if metadata["state"] != "ok" {
-        describe("the metadata group".into(), ids(&metadata["voters"]), "no-leader", None);
+        problems.push(describe("the metadata group".into(), ids(&metadata["voters"]), "no-leader", None));
     }
     for group in groups.iter().filter(|g| g["state"] != "ok") {
-        let name = format!("group {}/{}", group["namespace"].as_str().unwrap_or(""), group["group"]);
-        describe(name, ids(&group["replicas"]), group["state"].as_str().unwrap_or(""), group["leader"].as_u64());
+        let (namespace, id) = (group["namespace"].as_str().unwrap_or(""), &group["group"]);
+        let name = format!("group {namespace}/{id}");
+        if group["state"] == "dead" {
+            let lost = ids(&group["lost_copy"]);
+            problems.push(format!(
+                "{name} is dead: {} lost {} copy, too many for a quorum; `chunkctl revive {namespace} {id}` rebuilds it from the best surviving replica (writes only the lost copies held are lost)",
+                nodes_in_words(&lost),
+                if lost.len() == 1 { "its" } else { "their" }
+            ));
+            continue;
+        }
+        problems.push(describe(name, ids(&group["replicas"]), group["state"].as_str().unwrap_or(""), group["leader"].as_u64()));
     }
     problems
 }
