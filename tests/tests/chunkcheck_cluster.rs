@@ -1,4 +1,4 @@
-//! `chunkcheck register|counter` against real chunkd processes under kill, pause and partition
+//! `chunkcheck register|counter|set|lock` against real chunkd processes under kill, pause and partition
 //! faults (bounded runs; longer ones are in VALIDATION.md), and their negative controls: runs
 //! against chunkd with an unsafe flag must report anomalies. Partitions need root and iptables
 //! (`./dev test` installs iptables; CI runs as root).
@@ -190,4 +190,28 @@ fn register_while_groups_move_between_nodes_is_linearizable() {
         voter_changes += log.matches("the group's voters changed").count();
     }
     assert!(voter_changes > 0, "no group changed its voters: {result}");
+}
+
+/// Unique write ownership under node pauses and partitions, with clients that pause past their
+/// lease: no session writes to a lock's log after another session took the lock over, and no
+/// acknowledged append is lost.
+#[test]
+fn lock_workload_under_pauses_and_partitions_keeps_unique_write_ownership() {
+    let (code, result) = chunkcheck("lock", "31", "pause,partition", "4", &["--keys", "2"]);
+    assert_eq!((code, &result["valid"]), (0, &serde_json::json!(true)), "{result}");
+    let lock = &result["checks"]["lock"];
+    assert!(lock["takeovers"].as_u64().unwrap() > 10, "too little contention to show anything: {lock}");
+    assert!(lock["appends_after_pause"].as_u64().unwrap() > 0, "no holder paused past its lease: {lock}");
+    assert!(lock["refused_after_pause"].as_u64().unwrap() > 0, "no write after a pause was refused: {lock}");
+    assert_eq!(fault_kinds(&result), ["partition", "pause"].iter().map(|s| s.to_string()).collect());
+}
+
+/// Negative control: chunkd applying the writes of sessions it has fenced lets paused holders
+/// write after their successors, and the lock check reports it.
+#[test]
+fn lock_catches_writes_of_fenced_sessions_from_an_unsafe_build() {
+    let (code, result) = chunkcheck("lock", "32", "pause", "4", &["--keys", "2", "--chunkd-option", "unsafe-skip-fencing = true"]);
+    assert_eq!((code, &result["valid"]), (1, &serde_json::json!(false)), "{result}");
+    let anomalies = result["checks"]["lock"]["anomalies"].to_string();
+    assert!(anomalies.contains("wrote again after session"), "{anomalies}");
 }

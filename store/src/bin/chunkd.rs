@@ -70,6 +70,9 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
     if config.unsafe_serve_damaged {
         tracing::warn!("UNSAFE test option unsafe-serve-damaged is set: a damaged replica serves what is left of its data");
     }
+    if config.unsafe_skip_fencing {
+        tracing::warn!("UNSAFE test option unsafe-skip-fencing is set: writes of expired lease sessions are applied");
+    }
     if config.unsafe_skip_dedup {
         tracing::warn!("UNSAFE test option unsafe-skip-dedup is set: retried writes may be applied twice");
     }

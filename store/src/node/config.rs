@@ -83,6 +83,10 @@ pub struct ChunkdConfig {
     /// of being answered from the exactly-once table. Default false.
     #[serde(default)]
     pub unsafe_skip_dedup: bool,
+    /// UNSAFE (negative controls only): writes in a lease session are applied even after the
+    /// session was fenced (its lease ran out). Default false.
+    #[serde(default)]
+    pub unsafe_skip_fencing: bool,
     /// UNSAFE (negative controls only): linearizable reads are answered from whichever replica
     /// gets them, with no check that it still leads. Default false.
     #[serde(default)]
@@ -235,6 +239,7 @@ impl ChunkdConfig {
             entries_kept_after_snapshot: self.entries_kept_after_snapshot,
             peer_source: peer_source(&self.peer_listen),
             unsafe_skip_dedup: self.unsafe_skip_dedup,
+            unsafe_skip_fencing: self.unsafe_skip_fencing,
             unsafe_unchecked_reads: self.unsafe_unchecked_reads,
             unsafe_serve_damaged: self.unsafe_serve_damaged,
             test_power_loss_devices: self.test_power_loss_devices,

@@ -79,6 +79,8 @@ pub struct NodeConfig {
     pub peer_source: Option<std::net::IpAddr>,
     /// UNSAFE (negative controls only): no exactly-once deduplication of retried writes.
     pub unsafe_skip_dedup: bool,
+    /// UNSAFE (negative controls only): writes of expired lease sessions are applied.
+    pub unsafe_skip_fencing: bool,
     /// UNSAFE (negative controls only): linearizable reads served by any replica, unchecked.
     pub unsafe_unchecked_reads: bool,
     /// UNSAFE (negative controls only): a damaged engine is served without rebuilding it.
@@ -360,6 +362,9 @@ impl Node {
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         if self.config.unsafe_skip_dedup {
             state_machine.set_unsafe_skip_dedup();
+        }
+        if self.config.unsafe_skip_fencing {
+            state_machine.set_unsafe_skip_fencing();
         }
         Ok(state_machine)
     }

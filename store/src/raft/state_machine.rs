@@ -113,6 +113,8 @@ struct Shared {
     marker_written: tokio::sync::Mutex<Option<LogId<NodeId>>>,
     /// Test flag for negative controls: every tagged write is applied as if new.
     unsafe_skip_dedup: AtomicBool,
+    /// UNSAFE (negative control): writes of fenced sessions are applied.
+    unsafe_skip_fencing: AtomicBool,
     /// Set when the node shuts down: an apply waiting for device space gives up (the entry
     /// stays in the log and is applied after the restart).
     stopping: AtomicBool,
@@ -215,6 +217,7 @@ impl GroupStateMachine {
             progress: Mutex::new(progress),
             marker_written: written,
             unsafe_skip_dedup: AtomicBool::new(false),
+            unsafe_skip_fencing: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             waiting_for_room: AtomicBool::new(false),
             snapshot_dir: snapshot_dir.to_owned(),
@@ -239,6 +242,10 @@ impl GroupStateMachine {
 
     pub fn set_unsafe_skip_dedup(&self) {
         self.shared.unsafe_skip_dedup.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_unsafe_skip_fencing(&self) {
+        self.shared.unsafe_skip_fencing.store(true, Ordering::Relaxed);
     }
 
     /// Clients in the exactly-once table (for tests and status).
@@ -575,7 +582,7 @@ fn record_write(shared: &Shared, command: &Command, index: u64) -> Result<(Write
         WriteOp::Lock { session } | WriteOp::Unlock { session } => *session,
         _ => return Ok((command.op.clone(), command.policy)),
     };
-    if shared.progress.lock().unwrap().fences.is_fenced(session) {
+    if !shared.unsafe_skip_fencing.load(Ordering::Relaxed) && shared.progress.lock().unwrap().fences.is_fenced(session) {
         return refuse(WriteFailure::SessionExpired { session });
     }
     let lock_policy = WritePolicy { exists: RecordExistsAction::Replace, ttl: Ttl::NeverExpire, ..command.policy };

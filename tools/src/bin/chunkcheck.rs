@@ -77,6 +77,11 @@ enum Commands {
     Counter(ClusterArgs),
     /// Unique adds to sets: no acknowledged add lost, no element from nowhere.
     Set(ClusterArgs),
+    /// Unique write ownership: lease sessions take locks and append to each lock's log under
+    /// them; holders now and then pause past their lease, then write again. No session may
+    /// write to a log after another session wrote to it, and no acknowledged append is lost
+    /// (use --keys 2 or 3 for contention).
+    Lock(ClusterArgs),
     /// SIGKILL a writing process at random moments and check every acknowledged write.
     /// Exit code: 0 valid, 1 anomalies found, 2 the run could not complete.
     Engine {
@@ -187,6 +192,7 @@ fn main() -> ExitCode {
         Commands::Register(args) => cluster_run(Workload::Register, args),
         Commands::Counter(args) => cluster_run(Workload::Counter, args),
         Commands::Set(args) => cluster_run(Workload::Set, args),
+        Commands::Lock(args) => cluster_run(Workload::Lock, args),
         Commands::History { file, model, time_limit, json } => {
             ExitCode::from(chunkstore_tools::check::history_command(&file, model, std::time::Duration::from_secs(time_limit), json))
         }

@@ -2,6 +2,7 @@
 
 pub mod counter;
 pub mod linearizable;
+pub mod lock;
 pub mod models;
 pub mod session;
 pub mod set;

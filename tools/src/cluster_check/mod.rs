@@ -449,6 +449,11 @@ pub fn check_history(options: &RunOptions, events: &[Event]) -> Result<serde_jso
             let report = counter::check(&ops, linearizable_reads, session_of, is_final);
             (report.anomalies.len(), false, json!({ "counter": report }))
         }
+        Workload::Lock => {
+            let report = crate::check::lock::check(&ops);
+            let unknown = !report.keys_never_read.is_empty();
+            (report.anomalies.len(), unknown, json!({ "lock": report }))
+        }
         Workload::Set => {
             let report = set::check(&ops, linearizable_reads, session_of);
             let unknown = !report.keys_never_read.is_empty();

@@ -171,7 +171,7 @@ fn anomaly_anchors(result: &serde_json::Value, ops: &[crate::history::Operation]
             anchors.push((name, op.call + 1, "not linearizable: no order of the operations before it explains this one".to_owned()));
         }
     }
-    let listed = [&checks["session"], &checks["counter"]["anomalies"]];
+    let listed = [&checks["session"], &checks["counter"]["anomalies"], &checks["lock"]["anomalies"]];
     for anomaly in listed.into_iter().filter_map(|a| a.as_array()).flatten() {
         if let (Some(key), Some(line)) = (anomaly["key"].as_str(), anomaly["line"].as_u64()) {
             let what = anomaly.get("detail").and_then(|d| d.as_str()).map_or_else(|| anomaly.to_string(), str::to_owned);

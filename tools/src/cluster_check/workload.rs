@@ -32,7 +32,14 @@ pub enum Workload {
     Counter,
     /// Each client adds unique elements; reads return the whole set.
     Set,
+    /// Lease sessions take locks (one per key) and append to the key's log as writes of the
+    /// session; now and then a holder stops renewing its lease past the TTL (a pause), then
+    /// writes again (see `check::lock`).
+    Lock,
 }
+
+/// The lease TTL of the lock workload's sessions.
+pub const LOCK_TTL: Duration = Duration::from_millis(1500);
 
 /// Every event of the run, in real-time order, also written line by line to history.edn.
 pub struct Recorder {
@@ -137,7 +144,7 @@ impl Shared {
     pub fn keys_used(&self) -> u64 {
         match self.workload {
             Workload::Register | Workload::Set => self.key_pool.lock().unwrap().next_key,
-            Workload::Counter => self.keys,
+            Workload::Counter | Workload::Lock => self.keys,
         }
     }
 
@@ -145,7 +152,7 @@ impl Shared {
     /// linearizability searches; sets that stay small, so reads stay cheap). Counters keep
     /// their keys for the whole run.
     fn pick_key(&self, rng: &mut SmallRng) -> u64 {
-        if self.workload == Workload::Counter {
+        if matches!(self.workload, Workload::Counter | Workload::Lock) {
             return rng.gen_range(0..self.keys);
         }
         let mut pool = self.key_pool.lock().unwrap();
@@ -177,8 +184,15 @@ pub fn record_key(workload: Workload, key: u64) -> Key {
         Workload::Register => "register",
         Workload::Counter => "counter",
         Workload::Set => "set",
+        // The log of appends; the lock itself is `lock_key`.
+        Workload::Lock => "lock-log",
     };
     Key::new(set, key as i64)
+}
+
+/// The record the lock workload takes as the lock of `key`'s log.
+fn lock_key(key: u64) -> Key {
+    Key::new("lock", key as i64)
 }
 
 /// An operation about to be invoked.
@@ -279,6 +293,42 @@ fn execute(client: &Client, shared: &Shared, op: &Invocation, read: ReadPolicy) 
             },
             Err(err) => Completion::failed(false, Edn::Nil, &err),
         },
+        (Workload::Lock, "read") => match client.get_with(NAMESPACE, &key, None, read) {
+            Ok(record) => match record.as_ref().and_then(|r| r.bin("log")) {
+                None => Completion::ok(Edn::Vector(Vec::new())),
+                Some(Value::String(text)) => Completion::ok(parse_lock_log(text).unwrap_or_else(|| Edn::Str(format!("unparsable log {text:?}")))),
+                Some(other) => Completion::ok(Edn::Str(format!("unexpected bin {other:?}"))),
+            },
+            Err(err) => Completion::failed(false, Edn::Nil, &err),
+        },
+        (Workload::Lock, "append" | "append-after-pause") => {
+            let Edn::Vector(items) = &op.value else { unreachable!("lock appends are [session holding value]") };
+            let [Edn::Int(session), Edn::Int(holding), Edn::Int(value)] = items.as_slice() else { unreachable!("lock appends are integers") };
+            let append = StoreOp::Append { bin: "log".into(), value: Value::String(format!("{session}.{holding}:{value} ")) };
+            let write = chunkstore::WriteOp::Operate(vec![append]);
+            match client.write_in_session(*session as u64, NAMESPACE, &key, write, &policy(RecordExistsAction::CreateOrUpdate, GenerationPolicy::None)) {
+                Ok(_) => Completion::ok(op.value.clone()),
+                // Refused, and never applied (the session is fenced for good).
+                Err(ClientError::Server(ErrorReply::SessionExpired { .. })) => {
+                    Completion { kind: EventType::Fail, value: op.value.clone(), error: Some(Edn::keyword("session-expired")), extra: Vec::new() }
+                }
+                Err(err) => Completion::failed(true, op.value.clone(), &err),
+            }
+        }
+        (Workload::Lock, "acquire" | "release") => {
+            let Edn::Int(session) = op.value else { unreachable!("lock operations name their session") };
+            let done = match op.f {
+                "acquire" => client.lock(session as u64, NAMESPACE, &lock_key(op.key), Duration::from_secs(2)),
+                _ => client.unlock(session as u64, NAMESPACE, &lock_key(op.key)),
+            };
+            match done {
+                Ok(()) => Completion::ok(op.value.clone()),
+                Err(ClientError::Server(reply @ (ErrorReply::LockHeld { .. } | ErrorReply::SessionExpired { .. } | ErrorReply::LockNotHeld { .. }))) => {
+                    Completion { kind: EventType::Fail, value: op.value.clone(), error: Some(Edn::Str(reply.to_string())), extra: Vec::new() }
+                }
+                Err(err) => Completion::failed(true, op.value.clone(), &err),
+            }
+        }
         (workload, f) => unreachable!("{workload:?} has no operation {f}"),
     }
 }
@@ -305,6 +355,16 @@ fn compare_and_set(client: &Client, key: &Key, value: &Edn) -> Completion {
     }
 }
 
+/// A lock log's entries, `SESSION.HOLDING:VALUE ` each, as `[[session holding value] ...]`.
+fn parse_lock_log(text: &str) -> Option<Edn> {
+    let entries = text.split_whitespace().map(|entry| {
+        let (holder, value) = entry.split_once(':')?;
+        let (session, holding) = holder.split_once('.')?;
+        Some(Edn::Vector(vec![Edn::Int(session.parse().ok()?), Edn::Int(holding.parse().ok()?), Edn::Int(value.parse().ok()?)]))
+    });
+    entries.collect::<Option<Vec<Edn>>>().map(Edn::Vector)
+}
+
 /// Chooses the next operation of a thread.
 fn generate(shared: &Shared, rng: &mut SmallRng, seen: &HashMap<u64, i64>) -> Invocation {
     let key = shared.pick_key(rng);
@@ -326,6 +386,7 @@ fn generate(shared: &Shared, rng: &mut SmallRng, seen: &HashMap<u64, i64>) -> In
             true => Invocation { f: "add", key, value: Edn::Int(unique()) },
             false => Invocation { f: "read", key, value: Edn::Nil },
         },
+        Workload::Lock => unreachable!("lock workers choose their own operations (run_lock_worker)"),
     }
 }
 
@@ -350,6 +411,9 @@ pub fn perform_with_policy(client: &Client, shared: &Shared, process: i64, op: &
 /// One client thread, until `shared.stop`.
 pub fn run_worker(shared: &Shared, thread: usize) {
     let Some(client) = connect(&shared.seeds, shared.read_policy, &shared.stop) else { return };
+    if shared.workload == Workload::Lock {
+        return run_lock_worker(shared, &client, thread);
+    }
     let mut rng = SmallRng::seed_from_u64(shared.seed.wrapping_mul(1_000_003).wrapping_add(thread as u64));
     let mut process = thread as i64;
     // The last value this thread saw or wrote per register key: what its next cas expects.
@@ -369,5 +433,89 @@ pub fn run_worker(shared: &Shared, thread: usize) {
             (EventType::Info, ..) => process += shared.concurrency as i64,
             _ => {}
         }
+    }
+}
+
+/// One lock-workload thread, until `shared.stop`: opens a lease session (renewed every third
+/// of the TTL by a second thread), takes a random key's lock, appends to its log a few times,
+/// and releases it; one holding in five ends in a pause instead: renewals stop, the thread
+/// sleeps past the TTL (another session can take the lock meanwhile), then appends once more
+/// (`append-after-pause`) and gives the session up. An append of unknown outcome (it may still
+/// be applied later) ends the session rather than the holding: closing a session fences it
+/// everywhere before its locks are released, while a plain release would let the lost append
+/// land after the next holder's writes.
+fn run_lock_worker(shared: &Shared, client: &Client, thread: usize) {
+    let mut rng = SmallRng::seed_from_u64(shared.seed.wrapping_mul(1_000_003).wrapping_add(thread as u64));
+    let mut process = thread as i64;
+    let stopped = || shared.stop.load(Ordering::Relaxed);
+    while !stopped() {
+        let session = match client.open_session(LOCK_TTL) {
+            Ok(session) => session as i64,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        let renewing = AtomicBool::new(true);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut last = Instant::now();
+                while renewing.load(Ordering::Relaxed) && !stopped() {
+                    std::thread::sleep(Duration::from_millis(20));
+                    if last.elapsed() >= LOCK_TTL / 3 && renewing.load(Ordering::Relaxed) {
+                        last = Instant::now();
+                        if let Err(ClientError::Server(ErrorReply::SessionExpired { .. })) = client.keep_alive(session as u64) {
+                            return;
+                        }
+                    }
+                }
+            });
+            let run = |f: &'static str, key: u64, value: Edn, process: &mut i64| {
+                let done = perform(client, shared, *process, &Invocation { f, key, value });
+                if done.kind == EventType::Info {
+                    *process += shared.concurrency as i64;
+                }
+                done
+            };
+            let mut holding = 0;
+            while !stopped() {
+                let key = rng.gen_range(0..shared.keys);
+                let acquired = run("acquire", key, Edn::Int(session), &mut process);
+                if acquired.kind != EventType::Ok {
+                    if acquired.error.as_ref().is_some_and(|e| e.to_string().contains("expired")) {
+                        break;
+                    }
+                    continue;
+                }
+                holding += 1;
+                let mut ended = false;
+                for _ in 0..rng.gen_range(2..6) {
+                    let value = Edn::Vector(vec![Edn::Int(session), Edn::Int(holding), Edn::Int(shared.next_value.fetch_add(1, Ordering::Relaxed))]);
+                    if run("append", key, value, &mut process).kind != EventType::Ok {
+                        ended = true;
+                        break;
+                    }
+                }
+                if ended {
+                    break;
+                }
+                if rng.gen_bool(0.2) {
+                    renewing.store(false, Ordering::Relaxed);
+                    let until = Instant::now() + LOCK_TTL * 2 + Duration::from_millis(500);
+                    while Instant::now() < until && !stopped() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let value = Edn::Vector(vec![Edn::Int(session), Edn::Int(holding), Edn::Int(shared.next_value.fetch_add(1, Ordering::Relaxed))]);
+                    run("append-after-pause", key, value, &mut process);
+                    break;
+                }
+                run("release", key, Edn::Int(session), &mut process);
+                if rng.gen_bool(0.3) {
+                    break;
+                }
+            }
+            renewing.store(false, Ordering::Relaxed);
+        });
+        let _ = client.close_session(session as u64);
     }
 }
