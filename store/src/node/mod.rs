@@ -863,7 +863,12 @@ impl Node {
         if metrics.current_leader.is_some() {
             return false;
         }
-        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let mut voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        if voters.is_empty() {
+            // A replica that lost its copy knows no membership yet: the metadata's placement.
+            let placed = self.joined.get().and_then(|j| j.cluster.read().unwrap().namespace(namespace).and_then(|ns| ns.placement.get(id as usize).cloned()));
+            voters = placed.unwrap_or_default();
+        }
         let me = self.config.node_id;
         let health = self.peer_health.lock().unwrap();
         let key = (namespace.to_owned(), id);
@@ -874,7 +879,8 @@ impl Node {
                 false => health.get(voter).is_some_and(|h| h.received.elapsed() < HEALTH_FORGET && h.lost.contains(&key)),
             })
             .count();
-        voters.len() - lost < voters.len() / 2 + 1
+        // A group not initialized yet has no voters: not dead.
+        lost > 0 && voters.len() - lost < voters.len() / 2 + 1
     }
 
     /// The groups whose replica here lost its copy and catches up.
