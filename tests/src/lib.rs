@@ -38,3 +38,44 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Helpers for tests that drive a local cluster started by `chunkctl up --dir DIR`.
+pub mod local {
+    use std::path::Path;
+    use std::process::Output;
+
+    /// `chunkctl --dir DIR ARGS...`.
+    pub fn chunkctl(dir: &Path, args: &[&str]) -> Output {
+        let mut all = vec!["--dir", dir.to_str().unwrap()];
+        all.extend_from_slice(args);
+        super::run("chunkctl", &all)
+    }
+
+    /// `chunkctl`, which must succeed; its stdout.
+    pub fn chunkctl_ok(dir: &Path, args: &[&str]) -> String {
+        let output = chunkctl(dir, args);
+        assert!(output.status.success(), "chunkctl {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `chunkctl status --json`.
+    pub fn status(dir: &Path) -> serde_json::Value {
+        serde_json::from_str(&chunkctl_ok(dir, &["status", "--json"])).unwrap()
+    }
+
+    /// The client addresses of the cluster's nodes, from DIR/cluster.json.
+    pub fn seeds(dir: &Path) -> Vec<String> {
+        let text = std::fs::read_to_string(dir.join("cluster.json")).unwrap();
+        let cluster: serde_json::Value = serde_json::from_str(&text).unwrap();
+        cluster["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect()
+    }
+
+    /// Stops the cluster in the directory when dropped, even if the test fails.
+    pub struct Down<'a>(pub &'a Path);
+
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = super::run("chunkctl", &["--dir", self.0.to_str().unwrap(), "down"]);
+        }
+    }
+}

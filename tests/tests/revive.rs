@@ -14,24 +14,8 @@ use std::time::{Duration, Instant};
 use chunkstore::client::{Client, ClientConfig, ClientError};
 use chunkstore::protocol::{ErrorReply, ReadPolicy};
 use chunkstore::{Bin, Key, Value, WritePolicy};
-use chunkstore_tests::run;
+use chunkstore_tests::local::{chunkctl, chunkctl_ok, seeds, status, Down};
 use serde_json::Value as Json;
-
-fn chunkctl(dir: &Path, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["--dir", dir.to_str().unwrap()];
-    all.extend_from_slice(args);
-    run("chunkctl", &all)
-}
-
-fn chunkctl_ok(dir: &Path, args: &[&str]) -> String {
-    let output = chunkctl(dir, args);
-    assert!(output.status.success(), "chunkctl {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn status(dir: &Path) -> Json {
-    serde_json::from_str(&chunkctl_ok(dir, &["status", "--json"])).unwrap()
-}
 
 fn group_state(dir: &Path, group: u64) -> String {
     status(dir)["groups"][group as usize]["state"].as_str().unwrap().to_owned()
@@ -50,26 +34,11 @@ fn wait_for_state(dir: &Path, group: u64, state: &str, seconds: u64) {
     }
 }
 
-fn seeds(dir: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(dir.join("cluster.json")).unwrap();
-    let cluster: Json = serde_json::from_str(&text).unwrap();
-    cluster["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect()
-}
-
 fn kill_node(dir: &Path, node: u64) {
     let config = dir.join(format!("node{node}")).join("chunkd.toml");
     let killed = std::process::Command::new("pkill").args(["-KILL", "-f", config.to_str().unwrap()]).status().unwrap();
     assert!(killed.success(), "no chunkd of node {node} to kill");
     std::thread::sleep(Duration::from_millis(300));
-}
-
-/// Stops the cluster even if the test fails.
-struct Down<'a>(&'a Path);
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = run("chunkctl", &["--dir", self.0.to_str().unwrap(), "down"]);
-    }
 }
 
 /// `count` keys of group `group` (of 16), named `prefix`N.

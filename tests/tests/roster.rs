@@ -18,39 +18,8 @@ use std::time::{Duration, Instant};
 use chunkstore::client::{Client, ClientConfig};
 use chunkstore::protocol::{ReadPolicy, Request, Response};
 use chunkstore::{Bin, Key, Value, WritePolicy};
-use chunkstore_tests::run;
+use chunkstore_tests::local::{chunkctl, chunkctl_ok, seeds, status, Down};
 use serde_json::Value as Json;
-
-fn chunkctl(dir: &Path, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["--dir", dir.to_str().unwrap()];
-    all.extend_from_slice(args);
-    run("chunkctl", &all)
-}
-
-fn chunkctl_ok(dir: &Path, args: &[&str]) -> String {
-    let output = chunkctl(dir, args);
-    assert!(output.status.success(), "chunkctl {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn status(dir: &Path) -> Json {
-    serde_json::from_str(&chunkctl_ok(dir, &["status", "--json"])).unwrap()
-}
-
-fn seeds(dir: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(dir.join("cluster.json")).unwrap();
-    let cluster: Json = serde_json::from_str(&text).unwrap();
-    cluster["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect()
-}
-
-/// Stops the cluster even if the test fails.
-struct Down<'a>(&'a Path);
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = run("chunkctl", &["--dir", self.0.to_str().unwrap(), "down"]);
-    }
-}
 
 /// What the writers did: acknowledged writes (key, value) and failures (with the phase).
 #[derive(Default)]
