@@ -70,12 +70,42 @@ pub mod local {
         cluster["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect()
     }
 
-    /// Stops the cluster in the directory when dropped, even if the test fails.
+    /// The config file of node `node` of the local cluster in `dir`.
+    pub fn node_config(dir: &Path, node: u64) -> std::path::PathBuf {
+        dir.join(format!("node{node}")).join("chunkd.toml")
+    }
+
+    /// SIGKILLs node `node`'s chunkd (which must be running).
+    pub fn kill_node(dir: &Path, node: u64) {
+        let config = node_config(dir, node);
+        let killed = std::process::Command::new("pkill").args(["-KILL", "-f", config.to_str().unwrap()]).status().unwrap();
+        assert!(killed.success(), "no chunkd of node {node} to kill");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+
+    /// Starts node `node`'s chunkd alone (without `chunkctl up`, which waits for every group to
+    /// elect), logging to its chunkd.log. `Down` stops it too.
+    pub fn start_node(dir: &Path, node: u64) -> std::process::Child {
+        let log_path = dir.join(format!("node{node}")).join("chunkd.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        std::process::Command::new(super::binary("chunkd"))
+            .arg("--config")
+            .arg(node_config(dir, node))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Stops the cluster in the directory when dropped, even if the test fails (and kills any
+    /// chunkd of it that `chunkctl down` does not know of, such as those `start_node` started).
     pub struct Down<'a>(pub &'a Path);
 
     impl Drop for Down<'_> {
         fn drop(&mut self) {
             let _ = super::run("chunkctl", &["--dir", self.0.to_str().unwrap(), "down"]);
+            let _ = std::process::Command::new("pkill").args(["-KILL", "-f", self.0.join("node").to_str().unwrap()]).status();
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use chunkstore::client::{Client, ClientConfig, ClientError};
 use chunkstore::protocol::{ErrorReply, ReadPolicy};
 use chunkstore::{Bin, Key, Value, WritePolicy};
-use chunkstore_tests::local::{chunkctl, chunkctl_ok, seeds, status, Down};
+use chunkstore_tests::local::{chunkctl, chunkctl_ok, kill_node, seeds, status, Down};
 use serde_json::Value as Json;
 
 fn group_state(dir: &Path, group: u64) -> String {
@@ -32,13 +32,6 @@ fn wait_for_state(dir: &Path, group: u64, state: &str, seconds: u64) {
         assert!(Instant::now() < deadline, "group {group} never showed {state} within {seconds} s (last: {seen}): {}", status(dir));
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-fn kill_node(dir: &Path, node: u64) {
-    let config = dir.join(format!("node{node}")).join("chunkd.toml");
-    let killed = std::process::Command::new("pkill").args(["-KILL", "-f", config.to_str().unwrap()]).status().unwrap();
-    assert!(killed.success(), "no chunkd of node {node} to kill");
-    std::thread::sleep(Duration::from_millis(300));
 }
 
 /// `count` keys of group `group` (of 16), named `prefix`N.

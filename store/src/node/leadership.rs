@@ -178,13 +178,14 @@ impl Node {
     /// unless this node is a voter of the group with a log reaching `last_index`, and not
     /// catching up after losing its copy.
     pub(super) async fn handle_campaign(&self, namespace: &str, g: u32, last_index: u64) -> Response {
-        let Some(group) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(g)) else {
-            return Response::Error(ErrorReply::BadRequest(format!("group {namespace}/{g} is not replicated here")));
+        let replica = match self.replica(namespace, g) {
+            Ok(replica) => replica,
+            Err(reply) => return reply,
         };
-        if group.rejoin.is_active() {
+        if replica.rejoin().is_active() {
             return Response::Error(ErrorReply::BadRequest("this replica is catching up after losing its copy".into()));
         }
-        let metrics = group.raft.metrics().borrow().clone();
+        let metrics = replica.metrics();
         let me = self.config.node_id;
         if !metrics.membership_config.membership().voter_ids().any(|id| id == me) {
             return Response::Error(ErrorReply::BadRequest(format!("node {me} is not a voter of {namespace}/{g}")));
@@ -193,9 +194,9 @@ impl Node {
         if have < last_index {
             return Response::Error(ErrorReply::BadRequest(format!("this log reaches {have}, not {last_index}")));
         }
-        match group.raft.trigger().elect().await {
+        match replica.elect().await {
             Ok(()) => Response::Noted,
-            Err(err) => Response::Error(ErrorReply::Internal(err.to_string())),
+            Err(err) => Response::Error(ErrorReply::Internal(err)),
         }
     }
 }

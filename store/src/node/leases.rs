@@ -33,7 +33,7 @@ pub(super) struct LeaseClock {
 impl Node {
     /// This node's metadata group member, if it leads the group; NotLeader otherwise.
     pub(super) fn leading_meta(&self) -> Result<&MetaRaft, ErrorReply> {
-        let raft = self.meta_raft.as_ref().ok_or(ErrorReply::NotLeader { leader: None })?;
+        let raft = self.meta_raft().ok_or(ErrorReply::NotLeader { leader: None })?;
         let leader = raft.metrics().borrow().current_leader;
         match leader == Some(self.config.node_id) {
             true => Ok(raft),
@@ -165,7 +165,7 @@ pub(super) async fn keep_leases(node: Weak<Node>) {
         if node.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let Some(raft) = &node.meta_raft else { return };
+        let Some(raft) = node.meta_raft() else { return };
         let (leader, term) = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow();

@@ -2,9 +2,10 @@
 //! namespace, one Raft instance per group this node replicates, and the request handler behind
 //! the server. `chunkd` is a thin binary around it.
 //!
-//! Life cycle: `Node::start` opens the WAL and starts the metadata group; the caller then serves
-//! the node's listeners and calls `Node::join`, which learns the cluster metadata (bootstrapping
-//! it on a fresh cluster), checks the configuration against it, and starts the partition groups.
+//! Life cycle: `Node::start` opens the WAL; the caller then serves the node's listeners and calls
+//! `Node::join`, which starts the metadata group on its voters (asking the peers first whether
+//! the cluster exists, see `metadata`), learns the cluster metadata (bootstrapping it on a fresh
+//! cluster), checks the configuration against it, and starts the partition groups.
 //! Until then, client requests are answered NotLeader (retry elsewhere or later).
 //!
 //! Invariants:
@@ -20,6 +21,7 @@ pub mod raft_network;
 mod leases;
 pub mod metrics;
 mod leadership;
+mod metadata;
 mod rejoin;
 mod revive;
 mod repair;
@@ -35,7 +37,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::BasicNode;
 
 use crate::engine::{Clock, Namespace, OpenOptions};
-use crate::meta::{self, ClusterMeta, MetaCommand, MetaRaft, MetaStateMachine, MetaTypeConfig, NodeInfo, META_NAMESPACE, META_WAL_GROUP};
+use crate::meta::{self, ClusterMeta, MetaCommand, MetaRaft, MetaStateMachine, NodeInfo, META_NAMESPACE, META_WAL_GROUP};
 use crate::protocol::{ClusterMap, ErrorReply, NamespaceMap, ReadPolicy, Request, Response};
 use crate::raft::{group_of, Outcome, Refusal, Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, RaftInstance, WriteFailure};
 use crate::wal::{Wal, WalConfig};
@@ -139,8 +141,8 @@ pub struct Node {
     /// The cluster metadata this node knows (applied by the metadata group on its voters,
     /// remembered from a voter on other nodes).
     meta_state: MetaStateMachine,
-    /// This node's member of the metadata group, when it is one of the voters.
-    meta_raft: Option<MetaRaft>,
+    /// This node's member of the metadata group, when it is one of the voters (set by `join`).
+    meta: OnceLock<metadata::MetaGroup>,
     /// Set once by `join`.
     joined: OnceLock<Joined>,
     /// Set when shutdown begins: new requests are turned away (safely retryable elsewhere).
@@ -204,9 +206,7 @@ pub enum NodeError {
 }
 
 impl Node {
-    /// Opens the WAL and starts this node's member of the metadata group (if it is one of the
-    /// voters: the lowest `META_VOTERS_MAX` ids; the lowest initializes a fresh group). Serve the
-    /// node, then call `join`.
+    /// Opens the WAL and the metadata this node remembers. Serve the node, then call `join`.
     pub async fn start(config: NodeConfig) -> Result<Arc<Node>, NodeError> {
         if !config.nodes.iter().any(|(id, _)| *id == config.node_id) {
             return Err(NodeError::Config(format!("node {} is not in the node list", config.node_id)));
@@ -225,48 +225,19 @@ impl Node {
             .map_err(|e| NodeError::Config(e.to_string()))?,
         );
         let meta_state = MetaStateMachine::new(wal.clone()).map_err(NodeError::Config)?;
-        let node_ids: Vec<NodeId> = config.nodes.iter().map(|(id, _)| *id).collect();
-        let voters = meta::voters(&node_ids);
         let peers: raft_network::Peers = Arc::new(raft_network::PeerSet::new(config.nodes.iter().cloned(), config.peer_source));
         if let Some(cluster) = meta_state.cluster() {
             for node in &cluster.nodes {
                 peers.connect(node.id, &node.peer);
             }
         }
-        let addresses: HashMap<NodeId, String> = config.nodes.iter().cloned().collect();
-        let (is_voter, cluster_exists) = roster::is_metadata_voter(&config, &wal, &meta_state, &voters).await;
-        let meta_raft = if is_voter {
-            // The metadata changes rarely: a snapshot after every entry keeps its log (and so the
-            // WAL segments it pins) to a few entries.
-            let meta_config = openraft::Config {
-                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1),
-                max_in_snapshot_log_to_keep: 0,
-                ..(*raft_config).clone()
-            };
-            let meta_config = Arc::new(meta_config.validate().map_err(|e| NodeError::Config(e.to_string()))?);
-            let network = GroupNetwork::<MetaTypeConfig>::new(META_NAMESPACE.to_owned(), 0, peers.clone());
-            let log_store = GroupLogStore::<MetaTypeConfig>::with_types(wal.clone(), META_WAL_GROUP);
-            let raft = MetaRaft::new(config.node_id, meta_config, network, log_store, meta_state.clone())
-                .await
-                .map_err(|e| NodeError::Raft(e.to_string()))?;
-            // Only a fresh cluster is initialized: a first voter that lost its data rejoins the
-            // metadata group its peers still run.
-            if wal.log_state(META_WAL_GROUP).last.is_none() && voters[0] == config.node_id && !cluster_exists {
-                let members: BTreeMap<NodeId, BasicNode> = voters.iter().map(|id| (*id, BasicNode::new(addresses[id].clone()))).collect();
-                raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
-            }
-            tokio::spawn(keep_metadata_log_short(raft.clone()));
-            Some(raft)
-        } else {
-            None
-        };
         Ok(Arc::new(Node {
             config,
             wal,
             raft_config,
             peers,
             meta_state,
-            meta_raft,
+            meta: OnceLock::new(),
             joined: OnceLock::new(),
             stopping: Default::default(),
             writes_in_flight: Default::default(),
@@ -284,6 +255,8 @@ impl Node {
     /// its preferred leader (the first of its placement). Waits as long as the metadata group
     /// has no quorum (logging so).
     pub async fn join(self: &Arc<Self>) -> Result<(), NodeError> {
+        self.start_metadata().await?;
+        tokio::spawn(report_health(Arc::downgrade(self)));
         let config = &self.config;
         let me = config.node_id;
         let configured = self.configured_cluster()?;
@@ -346,7 +319,6 @@ impl Node {
         if self.joined.set(Joined { cluster: std::sync::RwLock::new(cluster), namespaces }).is_err() {
             return Err(NodeError::Config("join called twice".into()));
         }
-        tokio::spawn(report_health(Arc::downgrade(self)));
         tokio::spawn(leases::keep_leases(Arc::downgrade(self)));
         tokio::spawn(roster::follow_cluster(Arc::downgrade(self)));
         tokio::spawn(roster::keep_balance(Arc::downgrade(self)));
@@ -522,7 +494,7 @@ impl Node {
             if let Some(cluster) = self.meta_state.cluster() {
                 return cluster;
             }
-            match &self.meta_raft {
+            match self.meta_raft() {
                 Some(raft) => {
                     if raft.current_leader().await == Some(me) {
                         let bootstrap = raft.client_write(MetaCommand::Bootstrap(configured.clone()));
@@ -623,7 +595,7 @@ impl Node {
             }
             let _ = hosted.engine.flush();
         }
-        if let Some(raft) = &self.meta_raft {
+        if let Some(raft) = self.meta_raft() {
             let _ = raft.shutdown().await;
         }
         let stats = self.wal.stats();
@@ -650,9 +622,12 @@ impl Node {
             Request::Raft { namespace, group, message } if namespace == META_NAMESPACE => self.handle_meta_raft(group, &message).await,
             Request::NodeHealth { node, stop_writes, lost } => self.note_health(node, stop_writes, lost),
             Request::GroupLog { namespace, group } => self.group_log(&namespace, group),
+            Request::MetadataVoters => self.handle_metadata_voters(),
             // Until it has joined, the node knows no groups: clients retry (NotLeader promises
             // that nothing was done).
-            _ if !joined => Response::Error(ErrorReply::NotLeader { leader: None }),
+            // Reviving the metadata group is answered before joining too: its members that lost
+            // their copy cannot join before it has a leader again.
+            _ if !joined && !revives_metadata(&request) => Response::Error(ErrorReply::NotLeader { leader: None }),
             Request::ClusterMap => Response::ClusterMap(self.cluster_map()),
             Request::Raft { namespace, group, message } => self.handle_raft(&namespace, group, &message).await,
             Request::SnapshotPart { namespace, group, min_applied, transfer, offset } => {
@@ -869,18 +844,23 @@ impl Node {
             let placed = self.joined.get().and_then(|j| j.cluster.read().unwrap().namespace(namespace).and_then(|ns| ns.placement.get(id as usize).cloned()));
             voters = placed.unwrap_or_default();
         }
+        let lost = self.lost_among(&voters, &(namespace.to_owned(), id), group.rejoin.is_active());
+        lost_quorum(voters.len(), lost.len())
+    }
+
+    /// Those of `voters` that lost their copy of group `key`: this node if `me_lost`, the
+    /// others as their last health reports say.
+    fn lost_among(&self, voters: &[NodeId], key: &(String, u32), me_lost: bool) -> Vec<NodeId> {
         let me = self.config.node_id;
         let health = self.peer_health.lock().unwrap();
-        let key = (namespace.to_owned(), id);
-        let lost = voters
+        voters
             .iter()
-            .filter(|voter| match **voter == me {
-                true => group.rejoin.is_active(),
-                false => health.get(voter).is_some_and(|h| h.received.elapsed() < HEALTH_FORGET && h.lost.contains(&key)),
+            .copied()
+            .filter(|voter| match *voter == me {
+                true => me_lost,
+                false => health.get(voter).is_some_and(|h| h.received.elapsed() < HEALTH_FORGET && h.lost.contains(key)),
             })
-            .count();
-        // A group not initialized yet has no voters: not dead.
-        lost > 0 && voters.len() - lost < voters.len() / 2 + 1
+            .collect()
     }
 
     /// The groups whose replica here lost its copy and catches up.
@@ -888,6 +868,9 @@ impl Node {
         let mut lost = Vec::new();
         for (name, hosted) in self.namespaces().into_iter().flatten() {
             lost.extend(hosted.groups().into_iter().filter(|(_, group)| group.rejoin.is_active()).map(|(g, _)| (name.clone(), g)));
+        }
+        if self.meta.get().is_some_and(|m| m.rejoin.is_active()) {
+            lost.push((META_NAMESPACE.to_owned(), 0));
         }
         lost.sort_unstable();
         lost
@@ -957,14 +940,15 @@ impl Node {
             .collect();
         let nodes = cluster.nodes.iter().map(|n| (n.id, n.client.clone())).collect();
         let metadata_voters = cluster.metadata_voters.clone();
-        let metadata_leader = self.meta_raft.as_ref().and_then(|raft| raft.metrics().borrow().current_leader);
-        ClusterMap { nodes, now_ms: crate::engine::SystemClock.now_ms(), namespaces, metadata_voters, metadata_leader }
+        let metadata_leader = self.meta_raft().and_then(|raft| raft.metrics().borrow().current_leader);
+        let (metadata_lost, metadata_dead) = self.metadata_lost();
+        ClusterMap { nodes, now_ms: crate::engine::SystemClock.now_ms(), namespaces, metadata_voters, metadata_leader, metadata_lost, metadata_dead }
     }
 
     /// The cluster metadata, confirmed by the metadata group's leader with a quorum (so a node
     /// that learns it never gets a stale copy); others answer NotLeader.
     async fn handle_cluster_meta(&self) -> Response {
-        let Some(raft) = &self.meta_raft else { return Response::Error(ErrorReply::NotLeader { leader: None }) };
+        let Some(raft) = self.meta_raft() else { return Response::Error(ErrorReply::NotLeader { leader: None }) };
         match tokio::time::timeout(self.config.request_timeout, raft.ensure_linearizable()).await {
             Ok(Ok(_)) => Response::ClusterMeta(self.meta_state.cluster()),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
@@ -975,8 +959,8 @@ impl Node {
     }
 
     async fn handle_meta_raft(&self, group: u32, message: &[u8]) -> Response {
-        match &self.meta_raft {
-            Some(raft) if group == 0 => serve_raft(raft, message).await,
+        match self.meta.get() {
+            Some(meta) if group == 0 => serve_replica(&meta.raft, &meta.rejoin, message).await,
             _ => Response::Error(ErrorReply::BadRequest("this node is not a voter of the metadata group".into())),
         }
     }
@@ -985,26 +969,31 @@ impl Node {
         let Some(group) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(group)) else {
             return Response::Error(ErrorReply::BadRequest(format!("this node does not replicate {namespace}/{group}")));
         };
-        if !group.rejoin.is_active() {
-            return serve_raft(&group.raft, message).await;
-        }
-        // Catching up: no vote is granted, and a leader's commit index is noted.
-        let rpc = match decode_rpc(message) {
-            Ok(rpc) => rpc,
-            Err(reply) => return reply,
-        };
-        match &rpc {
-            RaftRpc::Vote(request) if !group.rejoin.allows(request) => {
-                let current = group.raft.metrics().borrow().vote;
-                return encode_reply(&RaftReply::Vote(Ok(rejoin::Rejoin::refusal(&current))));
-            }
-            // The survivor of a revived group campaigning (see `revive`).
-            RaftRpc::Vote(_) => {}
-            RaftRpc::AppendEntries(request) => group.rejoin.observe(request),
-            RaftRpc::InstallSnapshot(_) => {}
-        }
-        serve_rpc(&group.raft, rpc).await
+        serve_replica(&group.raft, &group.rejoin, message).await
     }
+}
+
+/// Hands a Raft message from a peer to this node's replica, `raft`. While the replica catches
+/// up after losing its copy (`rejoin`), no vote is granted (but the revived survivor's, see
+/// `revive`), and a leader's commit index is noted.
+async fn serve_replica<C: raft_network::NetworkTypes>(raft: &openraft::Raft<C>, rejoin: &rejoin::Rejoin, message: &[u8]) -> Response {
+    if !rejoin.is_active() {
+        return serve_raft(raft, message).await;
+    }
+    let rpc = match decode_rpc(message) {
+        Ok(rpc) => rpc,
+        Err(reply) => return reply,
+    };
+    match &rpc {
+        RaftRpc::Vote(request) if !rejoin.allows(request) => {
+            let current = raft.metrics().borrow().vote;
+            return encode_reply(&RaftReply::Vote(Ok(rejoin::Rejoin::refusal(&current))));
+        }
+        RaftRpc::Vote(_) => {}
+        RaftRpc::AppendEntries(request) => rejoin.observe(request),
+        RaftRpc::InstallSnapshot(_) => {}
+    }
+    serve_rpc(raft, rpc).await
 }
 
 /// openraft checks its snapshot policy only when entries are applied, and skips the check while
@@ -1046,16 +1035,13 @@ async fn report_health(node: std::sync::Weak<Node>) {
         // once its log durably reaches the commit index a leader reported in its own term.
         for (name, hosted) in node.namespaces().into_iter().flatten() {
             for (id, group) in hosted.groups() {
-                let rejoining = group.rejoin.is_active();
-                group.raft.runtime_config().elect(!group.state_machine.is_waiting_for_room() && !rejoining);
-                let Some(target) = group.rejoin.target().filter(|_| rejoining) else { continue };
-                if node.wal.log_state(group.wal_group).last.is_some_and(|(index, _)| index >= target)
-                    && crate::raft::log_store::append_durable(&node.wal, group.wal_group, Vec::new()).await.is_ok()
-                {
-                    group.rejoin.finish();
-                    tracing::warn!(namespace = %name, group = id, index = target, "caught up after this replica's copy was lost: it votes again");
-                }
+                group.raft.runtime_config().elect(!group.state_machine.is_waiting_for_room() && !group.rejoin.is_active());
+                node.finish_rejoin_once_caught_up(name, id, group.wal_group, &group.rejoin).await;
             }
+        }
+        if let Some(meta) = node.meta.get() {
+            meta.raft.runtime_config().elect(!meta.rejoin.is_active());
+            node.finish_rejoin_once_caught_up(META_NAMESPACE, 0, META_WAL_GROUP, &meta.rejoin).await;
         }
         let stop_writes = node.own_stop_writes();
         let lost = node.lost_copies();
@@ -1076,6 +1062,36 @@ async fn report_health(node: std::sync::Weak<Node>) {
         }
         sent = Some((stop_writes, lost, std::time::Instant::now()));
     }
+}
+
+impl Node {
+    /// Ends `rejoin` (the replica votes again) once its log durably reaches the commit index a
+    /// leader reported in its own term.
+    async fn finish_rejoin_once_caught_up(&self, namespace: &str, group: u32, wal_group: u32, rejoin: &rejoin::Rejoin) {
+        let Some(target) = rejoin.target().filter(|_| rejoin.is_active()) else { return };
+        if self.wal.log_state(wal_group).last.is_some_and(|(index, _)| index >= target)
+            && crate::raft::log_store::append_durable(&self.wal, wal_group, Vec::new()).await.is_ok()
+        {
+            rejoin.finish();
+            tracing::warn!(namespace, group, index = target, "caught up after this replica's copy was lost: it votes again");
+        }
+    }
+}
+
+/// Whether `request` is a step of reviving the metadata group (see `revive`).
+fn revives_metadata(request: &Request) -> bool {
+    match request {
+        Request::Campaign { namespace, .. } | Request::GroupState { namespace, .. } | Request::Revive { namespace, .. } | Request::ReviveReplica { namespace, .. } => {
+            namespace == META_NAMESPACE
+        }
+        _ => false,
+    }
+}
+
+/// Whether a group of `voters` replicas, `lost` of which lost their copy (and do not vote), is
+/// dead: the others cannot make a quorum. A group with no voters (not initialized) is not.
+fn lost_quorum(voters: usize, lost: usize) -> bool {
+    lost > 0 && voters - lost < voters / 2 + 1
 }
 
 /// Hands a Raft message from a peer to `raft` and encodes its reply.

@@ -20,8 +20,8 @@
 //!
 //! A group that lost a majority of its copies can elect no leader this way: it is dead
 //! (`Node::is_dead`, from the replicas' health reports) until `chunkctl revive` rebuilds it
-//! from the best surviving replica (see `revive`). Not covered yet: the metadata group (its
-//! voters still vote after a wipe).
+//! from the best surviving replica (see `revive`). The metadata group follows the same rules
+//! (see `metadata`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +29,7 @@ use std::sync::Mutex;
 
 use openraft::raft::{AppendEntriesRequest, VoteRequest, VoteResponse};
 
-use crate::raft::{NodeId, TypeConfig};
+use crate::raft::NodeId;
 
 /// A group replica's catching-up state after its copy was lost.
 #[derive(Debug, Default)]
@@ -67,7 +67,7 @@ impl Rejoin {
     }
 
     /// Notes what a leader's AppendEntries says about the group's commit index.
-    pub(crate) fn observe(&self, request: &AppendEntriesRequest<TypeConfig>) {
+    pub(crate) fn observe<C: openraft::RaftTypeConfig<NodeId = NodeId>>(&self, request: &AppendEntriesRequest<C>) {
         let Some(commit) = request.leader_commit else { return };
         if request.vote.is_committed() && commit.leader_id.term == request.vote.leader_id().term {
             self.target.lock().unwrap().get_or_insert(commit.index);

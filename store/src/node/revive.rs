@@ -18,10 +18,18 @@
 //!
 //! A replica whose disk is intact is never asked to give anything up: an intact replica with
 //! a longer log would have been chosen as the survivor.
+//!
+//! The metadata group is revived the same way (`chunkctl revive '$meta' 0`), its replicas being
+//! the metadata voters; its steps are answered before a node joined (see `metadata`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::Node;
+use openraft::{BasicNode, RaftMetrics};
+
+use super::metadata::MetaGroup;
+use super::{rejoin::Rejoin, Group, Node};
+use crate::meta::{META_NAMESPACE, META_WAL_GROUP};
 use crate::protocol::{ErrorReply, Request, Response};
 use crate::raft::NodeId;
 
@@ -40,46 +48,100 @@ struct ReplicaState {
     leader: Option<NodeId>,
 }
 
+/// This node's replica of a group, of a namespace or of the metadata, for the steps that treat
+/// both alike (reviving, handing leadership over).
+pub(super) enum Replica<'a> {
+    Partition(Arc<Group>),
+    Metadata(&'a MetaGroup),
+}
+
+impl Replica<'_> {
+    pub(super) fn metrics(&self) -> RaftMetrics<NodeId, BasicNode> {
+        match self {
+            Replica::Partition(group) => group.raft.metrics().borrow().clone(),
+            Replica::Metadata(meta) => meta.raft.metrics().borrow().clone(),
+        }
+    }
+
+    pub(super) fn rejoin(&self) -> &Rejoin {
+        match self {
+            Replica::Partition(group) => &group.rejoin,
+            Replica::Metadata(meta) => &meta.rejoin,
+        }
+    }
+
+    fn wal_group(&self) -> u32 {
+        match self {
+            Replica::Partition(group) => group.wal_group,
+            Replica::Metadata(_) => META_WAL_GROUP,
+        }
+    }
+
+    /// Starts an election at once.
+    pub(super) async fn elect(&self) -> Result<(), String> {
+        let started = match self {
+            Replica::Partition(group) => group.raft.trigger().elect().await,
+            Replica::Metadata(meta) => meta.raft.trigger().elect().await,
+        };
+        started.map_err(|err| err.to_string())
+    }
+}
+
 impl Node {
+    /// This node's replica of `namespace`'s group `g` (`$meta` 0: the metadata group), or the
+    /// error saying it has none.
+    pub(super) fn replica(&self, namespace: &str, g: u32) -> Result<Replica<'_>, Response> {
+        let found = match namespace == META_NAMESPACE {
+            true => self.meta.get().filter(|_| g == 0).map(Replica::Metadata),
+            false => self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(g)).map(Replica::Partition),
+        };
+        found.ok_or_else(|| Response::Error(ErrorReply::BadRequest(format!("group {namespace}/{g} is not replicated here"))))
+    }
+
     /// This node's replica of `namespace`'s group `g`, for `GroupState`.
     pub(super) fn handle_group_state(&self, namespace: &str, g: u32) -> Response {
-        let Some(group) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(g)) else {
-            return Response::Error(ErrorReply::BadRequest(format!("group {namespace}/{g} is not replicated here")));
+        let replica = match self.replica(namespace, g) {
+            Ok(replica) => replica,
+            Err(reply) => return reply,
         };
-        let metrics = group.raft.metrics().borrow().clone();
-        let last_log = self.wal.log_state(group.wal_group).last.map(|(index, term)| (term, index));
-        Response::GroupState { last_log, vote_term: metrics.vote.leader_id().term, lost_copy: group.rejoin.is_active(), leader: metrics.current_leader }
+        let metrics = replica.metrics();
+        let last_log = self.wal.log_state(replica.wal_group()).last.map(|(index, term)| (term, index));
+        Response::GroupState { last_log, vote_term: metrics.vote.leader_id().term, lost_copy: replica.rejoin().is_active(), leader: metrics.current_leader }
     }
 
     /// Step 2 at a replica: grant the survivor's vote (see the module's comment).
     pub(super) fn handle_revive_replica(&self, namespace: &str, g: u32, survivor: NodeId, last_index: u64) -> Response {
-        let Some(group) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(g)) else {
-            return Response::Error(ErrorReply::BadRequest(format!("group {namespace}/{g} is not replicated here")));
+        let replica = match self.replica(namespace, g) {
+            Ok(replica) => replica,
+            Err(reply) => return reply,
         };
-        if !group.rejoin.is_active() {
+        let rejoin = replica.rejoin();
+        if !rejoin.is_active() {
             return Response::Noted;
         }
         if survivor == self.config.node_id {
             tracing::warn!(namespace, group = g, "revived from this replica, which had lost its copy and caught up part of the way");
-            group.rejoin.finish();
+            rejoin.finish();
         } else {
             tracing::warn!(namespace, group = g, survivor, last_index, "the group is revived: this replica votes for the survivor");
-            group.rejoin.allow_vote_for(survivor, last_index);
+            rejoin.allow_vote_for(survivor, last_index);
         }
         Response::Noted
     }
 
     /// Revives `namespace`'s dead group `g` (steps 1 to 3 of the module's comment).
     pub(super) async fn handle_revive(&self, namespace: &str, g: u32) -> Response {
-        let Some(joined) = self.joined.get() else { return Response::Error(ErrorReply::NotLeader { leader: None }) };
-        let replicas = {
-            let cluster = joined.cluster.read().unwrap();
-            let Some(ns) = cluster.namespace(namespace) else { return Response::Error(ErrorReply::UnknownNamespace(namespace.to_owned())) };
-            match ns.placement.get(g as usize) {
-                Some(replicas) => replicas.clone(),
-                None => return Response::Error(ErrorReply::BadRequest(format!("namespace {namespace} has {} groups, not {g}", ns.groups))),
-            }
+        let replicas = match namespace == META_NAMESPACE {
+            true if g == 0 => self.metadata_voters(),
+            true => return Response::Error(ErrorReply::BadRequest(format!("the metadata group is {META_NAMESPACE} 0, not {g}"))),
+            false => match self.placement_of(namespace, g) {
+                Ok(replicas) => replicas,
+                Err(reply) => return Response::Error(reply),
+            },
         };
+        if replicas.is_empty() {
+            return Response::Error(ErrorReply::NotLeader { leader: None });
+        }
         let states = self.replica_states(namespace, g, &replicas).await;
         let survivor = match choose_survivor(&replicas, &states) {
             Ok(survivor) => survivor,
@@ -123,6 +185,14 @@ impl Node {
             report.push_str(&format!(" Node {} had voted in term {}: leaders of terms after {last_term} may have committed entries it never received.", survivor.id, survivor.vote_term));
         }
         Response::Revived { survivor: survivor.id, last_term, last_index, report }
+    }
+
+    /// The replicas the cluster metadata places `namespace`'s group `g` on.
+    fn placement_of(&self, namespace: &str, g: u32) -> Result<Vec<NodeId>, ErrorReply> {
+        let joined = self.joined.get().ok_or(ErrorReply::NotLeader { leader: None })?;
+        let cluster = joined.cluster.read().unwrap();
+        let ns = cluster.namespace(namespace).ok_or_else(|| ErrorReply::UnknownNamespace(namespace.to_owned()))?;
+        ns.placement.get(g as usize).cloned().ok_or_else(|| ErrorReply::BadRequest(format!("namespace {namespace} has {} groups, not {g}", ns.groups)))
     }
 
     /// Every replica's `GroupState` that answered (this node's own included).

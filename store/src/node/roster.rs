@@ -29,10 +29,10 @@ use std::time::Duration;
 use openraft::{BasicNode, ChangeMembers};
 
 use super::{namespace_wal_group, Node, NodeConfig};
-use crate::meta::{self, ClusterMeta, MetaCommand, MetaResult, MetaStateMachine, NodeInfo, META_WAL_GROUP};
+use crate::meta::{self, ClusterMeta, MetaCommand, MetaResult, NodeInfo};
 use crate::protocol::{ErrorReply, Request, Response};
 use crate::raft::NodeId;
-use crate::wal::{Wal, WalOp};
+use crate::wal::WalOp;
 
 /// How often a node compares the groups it hosts with the cluster metadata.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -67,70 +67,6 @@ pub(super) async fn fetch_cluster_from(addresses: &[String], source: Option<std:
     None
 }
 
-/// Whether this node is a member of the metadata group, and whether the cluster exists
-/// already (a node must not initialize a metadata group then). Once the node knows the
-/// cluster, the metadata says (its voters are fixed at bootstrap). Before, its configuration
-/// says (the lowest ids), unless the cluster it joins exists already without it among the
-/// voters: a node added to a running cluster is never a metadata voter.
-pub(super) async fn is_metadata_voter(config: &NodeConfig, wal: &Wal, meta_state: &MetaStateMachine, voters: &[NodeId]) -> (bool, bool) {
-    let me = config.node_id;
-    if let Some(cluster) = meta_state.cluster() {
-        return (cluster.metadata_voters.contains(&me), true);
-    }
-    if !voters.contains(&me) {
-        return (false, false);
-    }
-    if wal.log_state(META_WAL_GROUP).last.is_some() {
-        return (true, true);
-    }
-    let own = config.nodes.iter().find(|(id, _)| *id == me).map(|(_, peer)| peer.clone());
-    let others: Vec<String> = seed_addresses(config).into_iter().filter(|a| Some(a) != own.as_ref()).collect();
-    // Peers answer from their WAL how far their metadata log reaches, also while the metadata
-    // group elects a leader (when no voter would answer the metadata itself). An entry past
-    // the initial membership means a leader was elected without this node: the cluster exists
-    // (and its metadata voters can bootstrap it without this node, so waiting for its
-    // metadata below cannot hold up a cluster being created).
-    let request = Request::GroupLog { namespace: meta::META_NAMESPACE.to_owned(), group: 0 };
-    let mut exists = false;
-    for address in &others {
-        let mut connection = super::transport::Connection::new(address.clone()).from_source(config.peer_source);
-        if let Ok(Response::GroupLog { last_index: Some(index), .. }) = connection.call(&request, Duration::from_millis(500)).await {
-            if index < 1 {
-                continue;
-            }
-            exists = true;
-            break;
-        }
-    }
-    if !exists {
-        return (true, false);
-    }
-    // The cluster exists: its metadata says whether this node is one of its voters. A
-    // metadata leader that answers "not bootstrapped yet" leads a cluster being created, by
-    // this node's configuration among others: the node is a voter.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while tokio::time::Instant::now() < deadline {
-        for address in &others {
-            let mut connection = super::transport::Connection::new(address.clone()).from_source(config.peer_source);
-            match connection.call(&Request::ClusterMeta, Duration::from_secs(1)).await {
-                Ok(Response::ClusterMeta(None)) => return (true, true),
-                Ok(Response::ClusterMeta(Some(cluster))) if cluster.metadata_voters.contains(&me) => {
-                    tracing::warn!("this metadata voter has no metadata log but the cluster exists: it lost its data, and rejoins the metadata group");
-                    return (true, true);
-                }
-                Ok(Response::ClusterMeta(Some(cluster))) => {
-                    tracing::info!(voters = ?cluster.metadata_voters, "the cluster exists already: this node joins it, not as a metadata voter");
-                    return (false, true);
-                }
-                _ => {}
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    tracing::warn!("the cluster exists but no metadata voter answered within 60 s: taking part in the metadata group as its configuration says");
-    (true, true)
-}
-
 impl Node {
     /// Asks the metadata leader to add this node (`info`) to the cluster, until the cluster
     /// metadata has it; returns that metadata. Logs why while it is refused.
@@ -139,7 +75,7 @@ impl Node {
         loop {
             if let Some(cluster) = self.fetch_cluster().await {
                 if cluster.node(info.id).is_some() {
-                    if self.meta_raft.is_none() {
+                    if self.meta_raft().is_none() {
                         if let Err(err) = self.meta_state.remember(cluster.clone()).await {
                             tracing::warn!(%err, "cannot record the cluster metadata");
                         }
@@ -363,7 +299,7 @@ pub(super) async fn follow_cluster(node: Weak<Node>) {
         if node.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let latest = match &node.meta_raft {
+        let latest = match node.meta_raft() {
             Some(_) => node.meta_state.cluster(),
             None if fetched_at.is_none_or(|at| at.elapsed() >= FETCH_EVERY) => {
                 fetched_at = Some(tokio::time::Instant::now());
@@ -391,7 +327,7 @@ pub(super) async fn keep_balance(node: Weak<Node>) {
     loop {
         tokio::time::sleep(BALANCE_POLL).await;
         let Some(node) = node.upgrade() else { return };
-        if node.stopping.load(std::sync::atomic::Ordering::SeqCst) || node.meta_raft.is_none() {
+        if node.stopping.load(std::sync::atomic::Ordering::SeqCst) || node.meta_raft().is_none() {
             return;
         }
         if node.leading_meta().is_err() {

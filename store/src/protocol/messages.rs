@@ -112,6 +112,10 @@ pub enum Request {
     /// `survivor` (whose log reaches `last_index`); a survivor that lost its copy once and
     /// caught up part of the way stops catching up. Answered `Noted`.
     ReviveReplica { namespace: String, group: u32, survivor: u64, last_index: u64 },
+    /// Between nodes: the metadata group's voters as this node last knew the cluster metadata
+    /// (fixed at bootstrap, so any copy is right). A metadata voter whose log is empty asks it
+    /// to learn whether it lost its copy. Answered `MetadataVoters`, also before joining.
+    MetadataVoters,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -156,6 +160,8 @@ pub enum Response {
     /// `last_term`): entries after it, if the group had committed any, are lost. `report` says
     /// so in words.
     Revived { survivor: u64, last_term: u64, last_index: u64, report: String },
+    /// The answer to `MetadataVoters` (None: this node does not know the cluster metadata).
+    MetadataVoters(Option<Vec<u64>>),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +175,10 @@ pub struct ClusterMap {
     /// has none or the node is not a voter).
     pub metadata_voters: Vec<u64>,
     pub metadata_leader: Option<u64>,
+    /// The metadata voters the answering node (a voter) knows lost their copy, and whether
+    /// that leaves the metadata group dead (`chunkctl revive '$meta' 0` rebuilds it).
+    pub metadata_lost: Vec<u64>,
+    pub metadata_dead: bool,
 }
 
 /// One namespace's groups as the answering node sees them.

@@ -109,6 +109,7 @@ enum Commands {
     /// Rebuild a dead group (status says `dead`: a majority of its replicas lost their copy)
     /// from its best surviving replica, and say what may have been lost: writes acknowledged
     /// with a log index above the survivor's last entry. Refused for a group that is not dead.
+    /// The metadata group is `$meta 0` (quote it in a shell: '$meta').
     Revive {
         namespace: String,
         group: u32,
@@ -568,12 +569,21 @@ fn status(client: &Client, json: bool) -> Result<()> {
     let meta_leader = views.iter().filter(|(id, _)| voters.contains(id)).find_map(|(_, view)| view.metadata_leader);
     // "ok" only when the metadata leader confirmed itself with a quorum (it answered the
     // metadata); a leader that some voter still believes in may have lost its quorum.
+    // Voters that lost their copy, as the voters that are up know them (each its own, the
+    // others' from their health reports), and whether that leaves the group dead.
+    let mut meta_lost: Vec<u64> = views.iter().filter(|(id, _)| voters.contains(id)).flat_map(|(_, view)| view.metadata_lost.clone()).collect();
+    meta_lost.sort_unstable();
+    meta_lost.dedup();
+    let meta_dead = views.iter().any(|(id, view)| voters.contains(id) && view.metadata_dead);
+    let meta_reachable = voters.iter().filter(|v| views.iter().any(|(id, _)| id == *v)).count();
     let meta_state = match (&meta, meta_leader) {
         (Some(_), _) => "ok",
+        _ if meta_dead => "dead",
+        _ if meta_reachable < voters.len() / 2 + 1 => "unavailable",
         (None, Some(_)) => "unconfirmed",
         (None, None) => "no-leader",
     };
-    let metadata = serde_json::json!({ "voters": voters, "leader": meta_leader, "state": meta_state });
+    let metadata = serde_json::json!({ "voters": voters, "leader": meta_leader, "state": meta_state, "lost_copy": meta_lost });
     let down: Vec<u64> = nodes_up.iter().filter(|n| n["up"] != true).filter_map(|n| n["id"].as_u64()).collect();
     let problems = health_problems(&down, &metadata, &groups);
     let rebalance: Vec<serde_json::Value> = meta
@@ -704,7 +714,14 @@ fn health_problems(down: &[u64], metadata: &serde_json::Value, groups: &[serde_j
         };
         format!("{name} {why}")
     };
-    if metadata["state"] != "ok" {
+    if metadata["state"] == "dead" {
+        let lost = ids(&metadata["lost_copy"]);
+        problems.push(format!(
+            "the metadata group is dead: {} lost {} copy, too many for a quorum; `chunkctl revive '$meta' 0` rebuilds it from the voter whose log reaches furthest (then revive the dead groups)",
+            nodes_in_words(&lost),
+            if lost.len() == 1 { "its" } else { "their" }
+        ));
+    } else if metadata["state"] != "ok" {
         problems.push(describe("the metadata group".into(), ids(&metadata["voters"]), "no-leader", None));
     }
     for group in groups.iter().filter(|g| g["state"] != "ok") {
