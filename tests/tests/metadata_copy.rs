@@ -11,9 +11,10 @@
 //!    nodes then join, and the partition groups, dead too, are revived one by one, with every
 //!    record the survivor held.
 //!
-//! Negative control: a metadata voter that never takes itself for one that lost its copy
-//! (`metadata_role` answering `lost_copy: false`) votes at once; node 3 is elected in step 1
-//! and hands out session ids already given, and the test fails.
+//! Negative control: a metadata voter that neither waits for enough voters to answer nor
+//! takes itself for one that lost its copy (as before this check existed) votes at once; node
+//! 3 is elected in step 1 and opens session 1 again, an id already handed out, and the test
+//! fails. (Without the waiting alone, node 2 still waits for node 1: each layer holds.)
 
 use std::path::Path;
 use std::time::{Duration, Instant};
