@@ -125,27 +125,46 @@ impl Node {
         matches!(self.route_to_group_leader(replicas, request).await, Some(Response::Noted))
     }
 
+    /// Sends one `FenceSession` to the leader of the group on `replicas` until it is done
+    /// (true), or this node no longer leads the metadata group or stops (false).
+    async fn fence_in_group(&self, replicas: &[NodeId], request: &Request) -> bool {
+        let mut reported = false;
+        while !self.send_to_group_leader(replicas, request).await {
+            if self.leading_meta().is_err() || self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return false;
+            }
+            if !reported {
+                if let Request::FenceSession { namespace, group, session, release, .. } = request {
+                    tracing::warn!(session, namespace, group, release, "cannot fence the session in this group yet: retrying");
+                }
+                reported = true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
+    }
+
     /// Fences `session` in every group of every namespace, then releases it in every group,
-    /// then records it finished. Retries each group until it is done (a group without a quorum
-    /// holds the session's locks until it has one again).
-    async fn fence_everywhere(&self, session: u64) {
+    /// then records it finished. The groups are fenced at once, each retried until done (a
+    /// group without a quorum holds the session's locks until it has one again, but no other
+    /// group waits behind it).
+    async fn fence_everywhere(self: &Arc<Self>, session: u64) {
         let Some(cluster) = self.meta_state.cluster() else { return };
         let finished_below = self.meta_state.leases_finished_below();
         for release in [false, true] {
+            let mut fences = tokio::task::JoinSet::new();
             for ns in &cluster.namespaces {
                 for group in 0..ns.groups {
                     let request = Request::FenceSession { namespace: ns.name.clone(), group, session, release, finished_below };
-                    let mut reported = false;
-                    while !self.send_to_group_leader(&ns.placement[group as usize], &request).await {
-                        if self.leading_meta().is_err() || self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-                            return; // the next metadata leader takes over
-                        }
-                        if !reported {
-                            tracing::warn!(session, namespace = %ns.name, group, release, "cannot fence the session in this group yet: retrying");
-                            reported = true;
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+                    let replicas = ns.placement[group as usize].clone();
+                    let node = Arc::clone(self);
+                    fences.spawn(async move { node.fence_in_group(&replicas, &request).await });
+                }
+            }
+            // Every group must be fenced before any is released.
+            while let Some(done) = fences.join_next().await {
+                if !matches!(done, Ok(true)) {
+                    return; // the next metadata leader takes over
                 }
             }
         }

@@ -863,6 +863,12 @@ impl Node {
             .collect()
     }
 
+    /// Whether node `id` is this node or sent its health report lately (they come once a
+    /// second): a node not heard from for longer is likely paused, down or cut off.
+    fn heard_from_lately(&self, id: NodeId) -> bool {
+        id == self.config.node_id || self.peer_health.lock().unwrap().get(&id).is_some_and(|h| h.received.elapsed() < 2 * HEALTH_REFRESH)
+    }
+
     /// The groups whose replica here lost its copy and catches up.
     fn lost_copies(&self) -> Vec<(String, u32)> {
         let mut lost = Vec::new();

@@ -190,7 +190,11 @@ impl Node {
     /// The first answer to `request` from `replicas` (or the leaders they name) that is not
     /// NotLeader; None if none answered so this round.
     pub(super) async fn route_to_group_leader(&self, replicas: &[NodeId], request: &Request) -> Option<Response> {
-        let mut candidates: Vec<NodeId> = replicas.iter().rev().copied().collect();
+        // Replicas heard from lately first: one that is paused or cut off would hold each
+        // request for the whole timeout before the next replica is tried.
+        let mut ordered = replicas.to_vec();
+        ordered.sort_by_key(|id| !self.heard_from_lately(*id));
+        let mut candidates: Vec<NodeId> = ordered.into_iter().rev().collect();
         let mut tried = BTreeSet::new();
         while let Some(id) = candidates.pop() {
             if !tried.insert(id) {
@@ -208,6 +212,9 @@ impl Node {
                 }
             };
             match response {
+                // A leader not heard from lately is tried last (its followers may not have
+                // noticed yet that it is gone).
+                Response::Error(ErrorReply::NotLeader { leader: Some(leader) }) if !self.heard_from_lately(leader) => candidates.insert(0, leader),
                 Response::Error(ErrorReply::NotLeader { leader }) => candidates.extend(leader),
                 other => return Some(other),
             }
