@@ -180,7 +180,7 @@ impl Node {
     pub(super) async fn handle_campaign(&self, namespace: &str, g: u32, last_index: u64) -> Response {
         let replica = match self.replica(namespace, g) {
             Ok(replica) => replica,
-            Err(reply) => return reply,
+            Err(reply) => return Response::Error(reply),
         };
         if replica.rejoin().is_active() {
             return Response::Error(ErrorReply::BadRequest("this replica is catching up after losing its copy".into()));

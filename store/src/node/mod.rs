@@ -988,7 +988,7 @@ async fn serve_replica<C: raft_network::NetworkTypes>(raft: &openraft::Raft<C>, 
     }
     let rpc = match decode_rpc(message) {
         Ok(rpc) => rpc,
-        Err(reply) => return reply,
+        Err(reply) => return Response::Error(reply),
     };
     match &rpc {
         RaftRpc::Vote(request) if !rejoin.allows(request) => {
@@ -1104,12 +1104,12 @@ fn lost_quorum(voters: usize, lost: usize) -> bool {
 async fn serve_raft<C: raft_network::NetworkTypes>(raft: &openraft::Raft<C>, message: &[u8]) -> Response {
     match decode_rpc(message) {
         Ok(rpc) => serve_rpc(raft, rpc).await,
-        Err(reply) => reply,
+        Err(reply) => Response::Error(reply),
     }
 }
 
-fn decode_rpc<C: raft_network::NetworkTypes>(message: &[u8]) -> Result<RaftRpc<C>, Response> {
-    bincode::deserialize(message).map_err(|err| Response::Error(ErrorReply::BadRequest(format!("malformed raft message: {err}"))))
+fn decode_rpc<C: raft_network::NetworkTypes>(message: &[u8]) -> Result<RaftRpc<C>, ErrorReply> {
+    bincode::deserialize(message).map_err(|err| ErrorReply::BadRequest(format!("malformed raft message: {err}")))
 }
 
 async fn serve_rpc<C: raft_network::NetworkTypes>(raft: &openraft::Raft<C>, rpc: RaftRpc<C>) -> Response {

@@ -90,19 +90,19 @@ impl Replica<'_> {
 impl Node {
     /// This node's replica of `namespace`'s group `g` (`$meta` 0: the metadata group), or the
     /// error saying it has none.
-    pub(super) fn replica(&self, namespace: &str, g: u32) -> Result<Replica<'_>, Response> {
+    pub(super) fn replica(&self, namespace: &str, g: u32) -> Result<Replica<'_>, ErrorReply> {
         let found = match namespace == META_NAMESPACE {
             true => self.meta.get().filter(|_| g == 0).map(Replica::Metadata),
             false => self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(g)).map(Replica::Partition),
         };
-        found.ok_or_else(|| Response::Error(ErrorReply::BadRequest(format!("group {namespace}/{g} is not replicated here"))))
+        found.ok_or_else(|| ErrorReply::BadRequest(format!("group {namespace}/{g} is not replicated here")))
     }
 
     /// This node's replica of `namespace`'s group `g`, for `GroupState`.
     pub(super) fn handle_group_state(&self, namespace: &str, g: u32) -> Response {
         let replica = match self.replica(namespace, g) {
             Ok(replica) => replica,
-            Err(reply) => return reply,
+            Err(reply) => return Response::Error(reply),
         };
         let metrics = replica.metrics();
         let last_log = self.wal.log_state(replica.wal_group()).last.map(|(index, term)| (term, index));
@@ -113,7 +113,7 @@ impl Node {
     pub(super) fn handle_revive_replica(&self, namespace: &str, g: u32, survivor: NodeId, last_index: u64) -> Response {
         let replica = match self.replica(namespace, g) {
             Ok(replica) => replica,
-            Err(reply) => return reply,
+            Err(reply) => return Response::Error(reply),
         };
         let rejoin = replica.rejoin();
         if !rejoin.is_active() {
