@@ -714,13 +714,14 @@ fn health_problems(down: &[u64], metadata: &serde_json::Value, groups: &[serde_j
         };
         format!("{name} {why}")
     };
+    // A dead group: who lost their copy, and the revive command that rebuilds it.
+    let dead = |name: &str, lost: Vec<u64>, revive: &str, rest: &str| -> String {
+        let whose = if lost.len() == 1 { "its" } else { "their" };
+        format!("{name} is dead: {} lost {whose} copy, too many for a quorum; `chunkctl revive {revive}` rebuilds it {rest}", nodes_in_words(&lost))
+    };
     if metadata["state"] == "dead" {
-        let lost = ids(&metadata["lost_copy"]);
-        problems.push(format!(
-            "the metadata group is dead: {} lost {} copy, too many for a quorum; `chunkctl revive '$meta' 0` rebuilds it from the voter whose log reaches furthest (then revive the dead groups)",
-            nodes_in_words(&lost),
-            if lost.len() == 1 { "its" } else { "their" }
-        ));
+        let rest = "from the voter whose log reaches furthest (then revive the dead groups)";
+        problems.push(dead("the metadata group", ids(&metadata["lost_copy"]), "'$meta' 0", rest));
     } else if metadata["state"] != "ok" {
         problems.push(describe("the metadata group".into(), ids(&metadata["voters"]), "no-leader", None));
     }
@@ -728,12 +729,8 @@ fn health_problems(down: &[u64], metadata: &serde_json::Value, groups: &[serde_j
         let (namespace, id) = (group["namespace"].as_str().unwrap_or(""), &group["group"]);
         let name = format!("group {namespace}/{id}");
         if group["state"] == "dead" {
-            let lost = ids(&group["lost_copy"]);
-            problems.push(format!(
-                "{name} is dead: {} lost {} copy, too many for a quorum; `chunkctl revive {namespace} {id}` rebuilds it from the best surviving replica (writes only the lost copies held are lost)",
-                nodes_in_words(&lost),
-                if lost.len() == 1 { "its" } else { "their" }
-            ));
+            let rest = "from the best surviving replica (writes only the lost copies held are lost)";
+            problems.push(dead(&name, ids(&group["lost_copy"]), &format!("{namespace} {id}"), rest));
             continue;
         }
         problems.push(describe(name, ids(&group["replicas"]), group["state"].as_str().unwrap_or(""), group["leader"].as_u64()));
