@@ -141,6 +141,39 @@ pub struct UpOptions {
     pub groups: u32,
     /// Extra top-level lines for every chunkd.toml (`KEY = VALUE`, TOML).
     pub chunkd_options: Vec<String>,
+    /// Each node on its own loopback address (`own_loopback_host`) rather than 127.0.0.1.
+    pub address_per_node: bool,
+}
+
+/// The loopback address of node `id` of a new cluster whose nodes have one each:
+/// 127.A.B.(10+id), A.B from this process's id, so that clusters started at the same time
+/// (by chunkctl or chunkcheck) do not share addresses. Its peer
+/// connections leave from it too (chunkd binds them to its `peer-listen` address), so an
+/// iptables rule on the address cuts that node's traffic and nothing else.
+pub fn own_loopback_host(id: u64) -> String {
+    let pid = std::process::id();
+    format!("127.{}.{}.{}", 1 + pid % 99, (pid / 99) % 256, 10 + id)
+}
+
+/// A new node's host: on its own loopback address if the cluster's nodes have one each (the
+/// same 127.A.B. as `existing`, a node of the cluster), else 127.0.0.1.
+fn host_like(existing: &LocalNode, id: u64) -> String {
+    let host = existing.client.rsplit_once(':').map_or("127.0.0.1", |(host, _)| host);
+    match host.rsplit_once('.') {
+        Some((prefix, _)) if host != "127.0.0.1" => format!("{prefix}.{}", 10 + id),
+        _ => "127.0.0.1".into(),
+    }
+}
+
+/// Client, peer and metrics addresses on `host`, on free ports.
+fn node_on(host: &str, id: u64, dir: &Path) -> Result<LocalNode> {
+    Ok(LocalNode {
+        id,
+        client: format!("{host}:{}", free_port(host, dir)?),
+        peer: format!("{host}:{}", free_port(host, dir)?),
+        metrics: Some(format!("{host}:{}", free_port(host, dir)?)),
+        pid: None,
+    })
 }
 
 pub fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replication_factor: usize, options: &UpOptions) -> Result<PathBuf> {
@@ -197,13 +230,8 @@ pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             let mut fresh = Vec::new();
             for id in 1..=nodes {
-                fresh.push(LocalNode {
-                    id,
-                    client: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?),
-                    peer: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?),
-                    metrics: Some(format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?)),
-                    pid: None,
-                });
+                let host = if options.address_per_node { own_loopback_host(id) } else { "127.0.0.1".into() };
+                fresh.push(node_on(&host, id, dir)?);
             }
             LocalCluster { nodes: fresh }
         }
@@ -313,13 +341,7 @@ pub fn add_node(dir: &Path, rack: Option<&str>, log: &mut impl FnMut(&str)) -> R
     let template_path = dir.join(format!("node{template_node}")).join("chunkd.toml");
     let template = std::fs::read_to_string(&template_path).with_context(|| format!("reading {}", template_path.display()))?;
     let id = cluster.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
-    let node = LocalNode {
-        id,
-        client: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?),
-        peer: format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?),
-        metrics: Some(format!("127.0.0.1:{}", free_port("127.0.0.1", dir)?)),
-        pid: None,
-    };
+    let node = node_on(&host_like(&cluster.nodes[0], id), id, dir)?;
     let node_dir = dir.join(format!("node{id}"));
     if node_dir.exists() {
         bail!("{} exists already: a node of this id ran here before", node_dir.display());

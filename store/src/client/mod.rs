@@ -4,7 +4,10 @@
 //!
 //! Routing: a record's group comes from its digest; requests go to the group's leader from the
 //! cluster map; NotLeader answers update the map (or refresh it) and the request is retried,
-//! up to `retries_max` times.
+//! up to `retries_max` times. A node that did not answer in time is asked last for the next
+//! `UNRESPONSIVE_FOR` (map refreshes, metadata requests), and a leader that did not answer, or
+//! turned a request away without naming another, is passed over for another replica when
+//! the refreshed map still names it (the group may not have elected anew yet).
 //!
 //! Exactly-once writes: every write carries a tag (client id, birth, lane, sequence number;
 //! see `raft::sessions`). A write whose fate is unknown (connection lost after sending, or an
@@ -97,7 +100,13 @@ pub struct Client {
     seen: Mutex<HashMap<(String, u32), u64>>,
     /// Map refreshes so far (each starts at the next seed).
     refreshes: AtomicU64,
+    /// Nodes that did not answer in time lately (paused, down or cut off), by address, and
+    /// when: they are asked last while other nodes can answer instead.
+    unresponsive: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a node that did not answer in time is asked last.
+const UNRESPONSIVE_FOR: Duration = Duration::from_secs(10);
 
 /// Idle connections kept per node.
 const POOL_PER_NODE_MAX: usize = 16;
@@ -128,6 +137,7 @@ impl Client {
             pool: Mutex::new((std::process::id(), HashMap::new())),
             seen: Mutex::new(HashMap::new()),
             refreshes: AtomicU64::new(0),
+            unresponsive: Mutex::new(HashMap::new()),
             config,
         };
         let map = client.refresh_map()?;
@@ -149,8 +159,11 @@ impl Client {
             let first = self.refreshes.fetch_add(1, Ordering::Relaxed) as usize % seeds.len();
             seeds.rotate_left(first);
         }
+        let mut candidates: Vec<&String> = seeds.iter().chain(known.iter()).collect();
+        // Stable: the rotation still decides among the nodes that answered lately.
+        candidates.sort_by_key(|addr| !self.answered_lately(addr));
         let mut tried = Vec::new();
-        for addr in seeds.iter().chain(known.iter()) {
+        for addr in candidates {
             tried.push(addr.clone());
             if let Ok(Response::ClusterMap(map)) = self.call(addr, &Request::ClusterMap) {
                 *self.map.lock().unwrap() = map.clone();
@@ -387,11 +400,14 @@ impl Client {
         loop {
             let target = {
                 let map = self.map.lock().unwrap();
-                let voters = &map.metadata_voters;
+                let address = |id: u64| map.nodes.iter().find(|(n, _)| *n == id).map(|(_, addr)| addr.clone());
+                // The voters in turn, those that answered lately first.
+                let mut voters: Vec<(u64, Option<String>)> = map.metadata_voters.iter().map(|&v| (v, address(v))).collect();
+                voters.sort_by_key(|(_, addr)| addr.as_deref().is_some_and(|a| !self.answered_lately(a)));
                 let id = hint.take().or(map.metadata_leader.filter(|_| attempt == 0)).or_else(|| {
-                    (!voters.is_empty()).then(|| voters[attempt % voters.len()])
+                    (!voters.is_empty()).then(|| voters[attempt % voters.len()].0)
                 });
-                id.and_then(|id| map.nodes.iter().find(|(n, _)| *n == id).map(|(_, addr)| addr.clone()))
+                id.and_then(address)
             };
             attempt += 1;
             if let Some(addr) = target {
@@ -514,6 +530,21 @@ impl Client {
         }
     }
 
+    /// After `asked`, taken for the group's leader, answered that it does not lead (naming no
+    /// leader) or did not answer: refreshes the map, and if the map still names `asked` (the
+    /// other nodes may not have elected a new leader yet), tries another replica next.
+    fn look_for_leader(&self, namespace: &str, group: u32, asked: &str) {
+        let _ = self.refresh_map();
+        if self.leader_address(namespace, group).as_deref() == Some(asked) {
+            self.forget_leader(namespace, group);
+        }
+    }
+
+    /// Whether `addr` answered its last request in time (or was never asked).
+    fn answered_lately(&self, addr: &str) -> bool {
+        self.unresponsive.lock().unwrap().get(addr).is_none_or(|since| since.elapsed() >= UNRESPONSIVE_FOR)
+    }
+
     fn set_leader(&self, namespace: &str, group: u32, leader: u64) {
         let mut map = self.map.lock().unwrap();
         if let Some(ns) = map.namespaces.iter_mut().find(|n| n.name == namespace) {
@@ -567,7 +598,7 @@ impl Client {
                     }
                     match leader {
                         Some(leader) => self.set_leader(namespace, group, leader),
-                        None => drop(self.refresh_map()),
+                        None => self.look_for_leader(namespace, group, &addr),
                     }
                 }
                 Ok(Response::Error(ErrorReply::Timeout { in_doubt: true })) if is_write => {
@@ -596,13 +627,23 @@ impl Client {
                     if !retry(&mut attempt) {
                         return Err(in_doubt(is_write));
                     }
-                    let _ = self.refresh_map();
+                    self.look_for_leader(namespace, group, &addr);
                 }
             }
         }
     }
 
     fn call(&self, addr: &str, request: &Request) -> Result<Response, CallError> {
+        let answered = self.call_once(addr, request);
+        let mut unresponsive = self.unresponsive.lock().unwrap();
+        match answered {
+            Ok(_) => drop(unresponsive.remove(addr)),
+            Err(_) => drop(unresponsive.insert(addr.to_owned(), Instant::now())),
+        }
+        answered
+    }
+
+    fn call_once(&self, addr: &str, request: &Request) -> Result<Response, CallError> {
         let mut connection = match self.take_connection(addr) {
             Some(connection) => connection,
             None => BlockingConnection::connect(addr, self.config.timeout, self.config.source).map_err(|_| CallError::NotSent)?,

@@ -34,23 +34,25 @@ impl Node {
     /// This node's metadata group member, if it leads the group; NotLeader otherwise.
     pub(super) fn leading_meta(&self) -> Result<&MetaRaft, ErrorReply> {
         let raft = self.meta_raft().ok_or(ErrorReply::NotLeader { leader: None })?;
-        let leader = raft.metrics().borrow().current_leader;
-        match leader == Some(self.config.node_id) {
-            true => Ok(raft),
-            false => Err(ErrorReply::NotLeader { leader }),
+        let metrics = raft.metrics().borrow().clone();
+        match metrics.current_leader {
+            Some(leader) if leader != self.config.node_id => Err(ErrorReply::NotLeader { leader: Some(leader) }),
+            None => Err(ErrorReply::NotLeader { leader: None }),
+            Some(_) if self.leads_out_of_touch(&metrics) => Err(ErrorReply::NotLeader { leader: None }),
+            Some(_) => Ok(raft),
         }
     }
 
     /// Proposes a metadata command as its leader.
     pub(super) async fn propose_meta(&self, command: MetaCommand) -> Result<MetaResult, ErrorReply> {
         let raft = self.leading_meta()?;
-        match tokio::time::timeout(self.config.request_timeout, raft.client_write(command)).await {
-            Err(_) => Err(ErrorReply::Timeout { in_doubt: true }),
-            Ok(Ok(written)) => Ok(written.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) | Ok(Err(RaftError::Fatal(_))) => {
+        match self.while_in_touch(raft.metrics(), raft.client_write(command)).await {
+            None => Err(ErrorReply::Timeout { in_doubt: true }),
+            Some(Ok(written)) => Ok(written.data),
+            Some(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) | Some(Err(RaftError::Fatal(_))) => {
                 Err(ErrorReply::Timeout { in_doubt: true })
             }
-            Ok(Err(err)) => Err(ErrorReply::Internal(err.to_string())),
+            Some(Err(err)) => Err(ErrorReply::Internal(err.to_string())),
         }
     }
 
@@ -76,10 +78,10 @@ impl Node {
             Ok(raft) => raft,
             Err(reply) => return Response::Error(reply),
         };
-        match tokio::time::timeout(self.config.request_timeout, raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return Response::Error(ErrorReply::NotLeader { leader: None }),
-            Err(_) => return Response::Error(ErrorReply::Timeout { in_doubt: false }),
+        match self.while_in_touch(raft.metrics(), raft.ensure_linearizable()).await {
+            Some(Ok(_)) => {}
+            Some(Err(_)) => return Response::Error(ErrorReply::NotLeader { leader: None }),
+            None => return Response::Error(ErrorReply::Timeout { in_doubt: false }),
         }
         match self.meta_state.lease_state(session) {
             LeaseState::Open { ttl_ms } => {
@@ -108,14 +110,17 @@ impl Node {
         if leader != Some(self.config.node_id) {
             return Response::Error(ErrorReply::NotLeader { leader });
         }
+        if self.out_of_touch(&local) {
+            return Response::Error(ErrorReply::NotLeader { leader: None });
+        }
         let now_ms = crate::engine::SystemClock.now_ms();
         let op = crate::WriteOp::FenceSession { session, release, finished_below };
         let command = Command { key: crate::Key::new("", 0), op, policy: Default::default(), now_ms, tag: None };
-        match tokio::time::timeout(self.config.request_timeout, local.raft.client_write(command)).await {
-            Ok(Ok(written)) if written.data == CommandResult::Noop => Response::Noted,
-            Ok(Ok(written)) => Response::Error(ErrorReply::Internal(format!("unexpected fence result {:?}", written.data))),
-            Ok(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
-            Err(_) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
+        match self.while_in_touch(local.raft.metrics(), local.raft.client_write(command)).await {
+            Some(Ok(written)) if written.data == CommandResult::Noop => Response::Noted,
+            Some(Ok(written)) => Response::Error(ErrorReply::Internal(format!("unexpected fence result {:?}", written.data))),
+            Some(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
+            None => Response::Error(ErrorReply::Timeout { in_doubt: true }),
         }
     }
 

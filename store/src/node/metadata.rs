@@ -132,15 +132,14 @@ impl Node {
         others.dedup();
         others.retain(|a| Some(a) != own.as_ref());
         let needed = configured.len().div_ceil(2).min(others.len());
-        let answers = self.ask_until_enough(&others, needed).await;
-        if let Some(term) = answers.iter().filter_map(|(_, _, term)| *term).max() {
-            // Never vote twice in a term it forgot, nor take entries from an older leader.
-            let vote = openraft::Vote::new(term, me);
-            let op = crate::wal::WalOp::Vote(bincode::serialize(&vote).expect("votes serialize"));
-            crate::raft::log_store::append_durable(&self.wal, META_WAL_GROUP, vec![op]).await.map_err(|e| NodeError::Raft(e.to_string()))?;
-        }
-        // Index 0 is the initial membership; a leader's first entry is index 1.
-        let lived_on: Vec<String> = answers.into_iter().filter(|(_, last, _)| last.is_some_and(|i| i >= 1)).map(|(a, _, _)| a).collect();
+        let request = Request::GroupLog { namespace: META_NAMESPACE.to_owned(), group: 0 };
+        let ask = |address: &String| -> rejoin::AskLog<'_> {
+            let mut connection = Connection::new(address.clone()).from_source(self.config.peer_source);
+            let request = &request;
+            Box::pin(async move { connection.call(request, Duration::from_millis(500)).await.ok() })
+        };
+        let answers = self.survey_logs((META_NAMESPACE, 0, META_WAL_GROUP), &others, needed, ask).await?;
+        let lived_on: Vec<String> = answers.into_iter().filter(|a| a.lived_on()).map(|a| a.from).collect();
         if lived_on.is_empty() {
             return Ok(Role { voter: true, cluster_exists: false, lost_copy: false, voters: configured });
         }
@@ -174,32 +173,6 @@ impl Node {
                 next_report += Duration::from_secs(5);
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    }
-
-    /// Asks `addresses` how far their metadata log reaches until `needed` of them answered
-    /// (logging every 5 s while fewer do): (address, last index, vote term) of those that did.
-    async fn ask_until_enough(&self, addresses: &[String], needed: usize) -> Vec<(String, Option<u64>, Option<u64>)> {
-        let request = Request::GroupLog { namespace: META_NAMESPACE.to_owned(), group: 0 };
-        let started = tokio::time::Instant::now();
-        let mut next_report = started;
-        loop {
-            let mut answers = Vec::new();
-            for address in addresses {
-                let mut connection = Connection::new(address.clone()).from_source(self.config.peer_source);
-                if let Ok(Response::GroupLog { last_index, vote_term }) = connection.call(&request, Duration::from_millis(500)).await {
-                    answers.push((address.clone(), last_index, vote_term));
-                }
-            }
-            if answers.len() >= needed {
-                return answers;
-            }
-            if tokio::time::Instant::now() >= next_report {
-                tracing::warn!(waited_s = started.elapsed().as_secs(), answered = answers.len(), needed,
-                    "this node's metadata log is empty: waiting for enough of the other metadata voters to say whether the cluster exists");
-                next_report += Duration::from_secs(5);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

@@ -26,6 +26,7 @@ mod rejoin;
 mod revive;
 mod repair;
 mod roster;
+mod touch;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -402,33 +403,13 @@ impl Node {
         }
         let needed = replicas.len().div_ceil(2);
         let request = Request::GroupLog { namespace: namespace.to_owned(), group };
-        let started = tokio::time::Instant::now();
-        let mut next_report = started;
-        let (lived_on, term) = loop {
-            let mut answers = Vec::new();
-            for id in &others {
-                let Some(peer) = self.peers.get(id) else { continue };
-                if let Ok(Response::GroupLog { last_index, vote_term }) = peer.call(&request, Duration::from_secs(2)).await {
-                    answers.push((*id, last_index, vote_term));
-                }
-            }
-            if answers.len() >= needed {
-                // Index 0 is the initial membership; a leader's first entry is index 1.
-                let lived_on = answers.iter().find(|(_, last, _)| last.is_some_and(|index| index >= 1)).map(|(id, last, _)| (*id, last.unwrap_or(0)));
-                break (lived_on, answers.iter().filter_map(|(_, _, term)| *term).max());
-            }
-            if tokio::time::Instant::now() >= next_report {
-                tracing::warn!(namespace, group, waited_s = started.elapsed().as_secs(), answered = answers.len(), needed,
-                    "this node's log of the group is empty: waiting for enough of the other replicas to say whether the group lived on without it");
-                next_report += Duration::from_secs(5);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let ask = |id: &NodeId| -> rejoin::AskLog<'_> {
+            let peer = self.peers.get(id);
+            let request = &request;
+            Box::pin(async move { peer?.call(request, Duration::from_secs(2)).await.ok() })
         };
-        if let Some(term) = term {
-            let vote = openraft::Vote::new(term, me);
-            let op = crate::wal::WalOp::Vote(bincode::serialize(&vote).expect("votes serialize"));
-            crate::raft::log_store::append_durable(&self.wal, wal_group, vec![op]).await.map_err(|e| NodeError::Raft(e.to_string()))?;
-        }
+        let answers = self.survey_logs((namespace, group, wal_group), &others, needed, ask).await?;
+        let lived_on = answers.iter().find(|a| a.lived_on()).map(|a| (a.from, a.last_index.unwrap_or(0)));
         match lived_on {
             Some((id, index)) => start(&format!("its log is empty and node {id}'s reaches index {index}")),
             None => Ok(rejoin::Rejoin::none()),
@@ -677,10 +658,10 @@ impl Node {
                 }
                 let _in_flight = InFlight::new(&self.writes_in_flight);
                 let command = Command { key, op, policy, now_ms: crate::engine::SystemClock.now_ms(), tag: Some(tag) };
-                let proposed = tokio::time::timeout(self.config.request_timeout, group.raft.client_write(command)).await;
+                let proposed = self.while_in_touch(group.raft.metrics(), group.raft.client_write(command)).await;
                 match proposed {
-                    Err(_) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
-                    Ok(Ok(written)) => match written.data {
+                    None => Response::Error(ErrorReply::Timeout { in_doubt: true }),
+                    Some(Ok(written)) => match written.data {
                         CommandResult::Applied { meta, results } => Response::Written { meta, results, index: written.log_id.index },
                         CommandResult::Failed(failure) => Response::Error(failure_reply(failure)),
                         CommandResult::Duplicate(Outcome::Written { meta, results }) => {
@@ -697,12 +678,12 @@ impl Node {
                     },
                     // Leadership was lost after proposing: the entry may still commit under a new
                     // leader (openraft answers ForwardToLeader then too), so the fate is unknown.
-                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                    Some(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
                         Response::Error(ErrorReply::Timeout { in_doubt: true })
                     }
                     // The group stopped (shutdown) or failed with the entry maybe in its log.
-                    Ok(Err(RaftError::Fatal(_))) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
-                    Ok(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
+                    Some(Err(RaftError::Fatal(_))) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
+                    Some(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
                 }
             }
             Request::Get { namespace, key, bins, read, min_index } => {
@@ -718,17 +699,17 @@ impl Node {
                     ReadPolicy::Linearizable if self.config.unsafe_unchecked_reads => {}
                     ReadPolicy::Linearizable if self.out_of_touch(&group) => return Response::Error(ErrorReply::NotLeader { leader: None }),
                     ReadPolicy::Linearizable => {
-                        let confirmed = tokio::time::timeout(self.config.request_timeout, group.raft.ensure_linearizable()).await;
+                        let confirmed = self.while_in_touch(group.raft.metrics(), group.raft.ensure_linearizable()).await;
                         match confirmed {
-                            Err(_) => return Response::Error(ErrorReply::Timeout { in_doubt: false }),
-                            Ok(Ok(_)) => {}
-                            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
+                            None => return Response::Error(ErrorReply::Timeout { in_doubt: false }),
+                            Some(Ok(_)) => {}
+                            Some(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
                                 return Response::Error(ErrorReply::NotLeader { leader: forward.leader_id })
                             }
-                            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
+                            Some(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
                                 return Response::Error(ErrorReply::PartitionUnavailable)
                             }
-                            Ok(Err(RaftError::Fatal(_))) => return Response::Error(ErrorReply::NotLeader { leader: None }),
+                            Some(Err(RaftError::Fatal(_))) => return Response::Error(ErrorReply::NotLeader { leader: None }),
                         }
                     }
                     // Whatever this replica has applied: committed entries only.
@@ -786,19 +767,6 @@ impl Node {
     fn placement_hint(&self, namespace: &str, group: u32) -> Option<NodeId> {
         let cluster = self.joined.get()?.cluster.read().unwrap();
         cluster.preferred_leaders().get(namespace).and_then(|leaders| leaders.get(group as usize).copied())
-    }
-
-    /// Whether this node leads `group` but has not heard from a quorum of its replicas for
-    /// longer than an election timeout: it is most likely cut off, and another replica may lead
-    /// by now. Requests it would only hold until they time out are turned away at once instead
-    /// (NotLeader, nothing proposed), and the cluster map it hands out names no leader for the
-    /// group, so clients look elsewhere. Safety does not rest on this (a deposed leader cannot
-    /// commit, and linearizable reads still confirm leadership); availability does.
-    fn out_of_touch(&self, group: &Group) -> bool {
-        let metrics = group.raft.metrics();
-        let metrics = metrics.borrow();
-        metrics.current_leader == Some(self.config.node_id)
-            && metrics.millis_since_quorum_ack.is_some_and(|ms| ms > self.config.election_timeout_ms.1)
     }
 
     /// Why a new write to `group` must be refused, if it must: this node's engine is in
@@ -946,7 +914,10 @@ impl Node {
             .collect();
         let nodes = cluster.nodes.iter().map(|n| (n.id, n.client.clone())).collect();
         let metadata_voters = cluster.metadata_voters.clone();
-        let metadata_leader = self.meta_raft().and_then(|raft| raft.metrics().borrow().current_leader);
+        let metadata_leader = self.meta_raft().and_then(|raft| {
+            let metrics = raft.metrics().borrow().clone();
+            metrics.current_leader.filter(|_| !self.leads_out_of_touch(&metrics))
+        });
         let (metadata_lost, metadata_dead) = self.metadata_lost();
         ClusterMap { nodes, now_ms: crate::engine::SystemClock.now_ms(), namespaces, metadata_voters, metadata_leader, metadata_lost, metadata_dead }
     }
@@ -955,12 +926,12 @@ impl Node {
     /// that learns it never gets a stale copy); others answer NotLeader.
     async fn handle_cluster_meta(&self) -> Response {
         let Some(raft) = self.meta_raft() else { return Response::Error(ErrorReply::NotLeader { leader: None }) };
-        match tokio::time::timeout(self.config.request_timeout, raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => Response::ClusterMeta(self.meta_state.cluster()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
+        match self.while_in_touch(raft.metrics(), raft.ensure_linearizable()).await {
+            Some(Ok(_)) => Response::ClusterMeta(self.meta_state.cluster()),
+            Some(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
                 Response::Error(ErrorReply::NotLeader { leader: forward.leader_id })
             }
-            Ok(Err(_)) | Err(_) => Response::Error(ErrorReply::PartitionUnavailable),
+            Some(Err(_)) | None => Response::Error(ErrorReply::PartitionUnavailable),
         }
     }
 

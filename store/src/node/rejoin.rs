@@ -23,12 +23,17 @@
 //! from the best surviving replica (see `revive`). The metadata group follows the same rules
 //! (see `metadata`).
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use openraft::raft::{AppendEntriesRequest, VoteRequest, VoteResponse};
 
+use super::NodeError;
+use crate::protocol::Response;
 use crate::raft::NodeId;
 
 /// A group replica's catching-up state after its copy was lost.
@@ -113,4 +118,63 @@ impl Rejoin {
 /// Where the marker of `namespace`'s `group` lives.
 pub(crate) fn marker_path(data_dir: &Path, namespace: &str, group: u32) -> PathBuf {
     data_dir.join("rejoin").join(format!("{namespace}.{group}"))
+}
+
+/// What one of a group's other replicas said of its log (`Request::GroupLog`).
+pub(super) struct LogAnswer<K> {
+    pub from: K,
+    pub last_index: Option<u64>,
+    pub vote_term: Option<u64>,
+}
+
+impl<K> LogAnswer<K> {
+    /// Whether the replica's log holds entries past the initial membership (index 0; a
+    /// leader's first entry is index 1): the group lived on.
+    pub fn lived_on(&self) -> bool {
+        self.last_index.is_some_and(|index| index >= 1)
+    }
+}
+
+/// One `GroupLog` question to one of the other replicas; None if it did not answer.
+pub(super) type AskLog<'a> = Pin<Box<dyn Future<Output = Option<Response>> + Send + 'a>>;
+
+impl super::Node {
+    /// For a replica whose log of `namespace`'s `group` is empty: asks `others` (through `ask`)
+    /// how far their logs reach, round after round, until `needed` of them answered (logging at
+    /// once and every 5 s while fewer do). Then records the highest vote term they reported as
+    /// this replica's own vote in `wal_group`, so that it never votes twice in a term it forgot,
+    /// nor takes entries from a leader of an older term. Returns the answers.
+    pub(super) async fn survey_logs<'a, K: Clone>(
+        &self,
+        (namespace, group, wal_group): (&str, u32, u32),
+        others: &'a [K],
+        needed: usize,
+        ask: impl Fn(&'a K) -> AskLog<'a>,
+    ) -> Result<Vec<LogAnswer<K>>, NodeError> {
+        let started = tokio::time::Instant::now();
+        let mut next_report = started;
+        let answers = loop {
+            let mut answers = Vec::new();
+            for other in others {
+                if let Some(Response::GroupLog { last_index, vote_term }) = ask(other).await {
+                    answers.push(LogAnswer { from: other.clone(), last_index, vote_term });
+                }
+            }
+            if answers.len() >= needed {
+                break answers;
+            }
+            if tokio::time::Instant::now() >= next_report {
+                tracing::warn!(namespace, group, waited_s = started.elapsed().as_secs(), answered = answers.len(), needed,
+                    "this node's log of the group is empty: waiting for enough of the other replicas to say whether the group lived on without it");
+                next_report += Duration::from_secs(5);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        if let Some(term) = answers.iter().filter_map(|a| a.vote_term).max() {
+            let vote = openraft::Vote::new(term, self.config.node_id);
+            let op = crate::wal::WalOp::Vote(bincode::serialize(&vote).expect("votes serialize"));
+            crate::raft::log_store::append_durable(&self.wal, wal_group, vec![op]).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+        }
+        Ok(answers)
+    }
 }

@@ -43,6 +43,8 @@ const BALANCE_POLL: Duration = Duration::from_millis(500);
 /// A learner within this many entries of the leader's log has caught up: the membership
 /// change that makes it a voter follows.
 const CATCH_UP_LAG: u64 = 64;
+/// How long `route_to_group_leader` waits for a replica that sent no health report lately.
+const SILENT_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Where a node asks for the cluster metadata before it knows it: `seeds`, else the peer
 /// addresses of the voters its `[[nodes]]` name.
@@ -203,8 +205,15 @@ impl Node {
             let response = if id == self.config.node_id {
                 Box::pin(self.handle(request.clone())).await
             } else {
+                // A replica not heard from lately gets a short wait: it is most likely paused
+                // or cut off, and the round should end soon so that it is retried once the
+                // group's other replicas have elected a leader.
+                let timeout = match self.heard_from_lately(id) {
+                    true => self.config.request_timeout,
+                    false => self.config.request_timeout.min(SILENT_REPLICA_TIMEOUT),
+                };
                 match self.peers.get(&id) {
-                    Some(peer) => match peer.call(request, self.config.request_timeout).await {
+                    Some(peer) => match peer.call(request, timeout).await {
                         Ok(response) => response,
                         Err(_) => continue,
                     },

@@ -46,6 +46,10 @@ enum Commands {
         /// (repeatable; for example request-timeout-ms=2000, or the unsafe-* test options).
         #[arg(long = "chunkd-option", value_name = "KEY=VALUE", value_parser = parse_chunkd_option)]
         chunkd_options: Vec<String>,
+        /// Put each node on its own loopback address (127.A.B.(10+id)) instead of 127.0.0.1,
+        /// so that one node's traffic can be cut with iptables (as chunkcheck's partitions do).
+        #[arg(long)]
+        address_per_node: bool,
     },
     /// Stop the local cluster in --dir cleanly (SIGTERM, then SIGKILL after 30 s).
     Down,
@@ -232,13 +236,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     chunkstore_tools::logging::init("warn");
     let result = match cli.command {
-        Commands::Up { nodes, device_size, groups, chunkd_options } => {
+        Commands::Up { nodes, device_size, groups, chunkd_options, address_per_node } => {
             let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
             let options = local_cluster::UpOptions {
                 nodes,
                 device_bytes: device_size,
                 groups,
                 chunkd_options: chunkd_options.iter().map(|o| o.replacen('=', " = ", 1)).collect(),
+                address_per_node,
             };
             local_cluster::up(&dir, &options, &mut |line| eprintln!("{line}")).map(|cluster| {
                 let seeds = cluster.seeds().join(",");

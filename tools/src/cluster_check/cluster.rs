@@ -42,12 +42,11 @@ pub struct FaultTools {
     pub fake_clock: Option<PathBuf>,
 }
 
-/// The loopback address of node `id` (Linux routes all of 127.0.0.0/8 to lo). The middle
-/// two bytes come from this process's id, so that runs going on at the same time (the test
-/// suite's) use different addresses and one run's cuts cannot touch another's nodes.
+/// The loopback address of node `id` (Linux routes all of 127.0.0.0/8 to lo; see
+/// `local_cluster::own_loopback_host`: runs going on at the same time, such as the test
+/// suite's, use different addresses, and one run's cuts cannot touch another's nodes).
 pub fn node_host(id: u64) -> String {
-    let pid = std::process::id();
-    format!("127.{}.{}.{}", 100 + pid % 100, (pid / 100) % 256, 10 + id)
+    local_cluster::own_loopback_host(id)
 }
 
 impl TestCluster {
@@ -63,7 +62,7 @@ impl TestCluster {
             listed.push(LocalNode { id, client: format!("{host}:{}", local_cluster::free_port(&host, dir)?), peer: format!("{host}:{}", local_cluster::free_port(&host, dir)?), metrics: None, pid: None });
         }
         let layout = LocalCluster { nodes: listed.clone() };
-        let options = UpOptions { nodes, device_bytes: 128 << 20, groups, chunkd_options: chunkd_options.to_vec() };
+        let options = UpOptions { nodes, device_bytes: 128 << 20, groups, chunkd_options: chunkd_options.to_vec(), address_per_node: true };
         for node in &listed {
             local_cluster::write_config(dir, &layout, node, replication_factor, &options)?;
         }

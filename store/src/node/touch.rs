@@ -1,0 +1,64 @@
+//! Leaders out of touch. openraft 0.9 has no leader step-down: a leader cut off from its
+//! followers, or paused and resumed, goes on believing it leads until a message from a newer
+//! term reaches it. Requests sent to it meanwhile (by clients, or by the metadata leader
+//! fencing a session) would wait the whole request timeout and then end in doubt, while the
+//! rest of its group elected another leader long before.
+//!
+//! So a leader that has not heard from a quorum of its group for longer than an election
+//! timeout (`millis_since_quorum_ack`, which openraft refreshes at every tick) counts as out
+//! of touch: it turns new requests away at once (NotLeader with no leader named: nothing was
+//! proposed), names no leader for the group in the cluster map it hands out, and gives up on
+//! requests it was already serving as soon as it falls out of touch (`while_in_touch`).
+//!
+//! Safety does not rest on any of this: a deposed leader cannot commit, and linearizable reads
+//! still confirm leadership with a quorum. Only how soon clients find the new leader does.
+
+use std::future::Future;
+use std::time::Duration;
+
+use openraft::{BasicNode, RaftMetrics};
+use tokio::sync::watch;
+
+use super::{Group, Node};
+use crate::raft::NodeId;
+
+type Metrics = RaftMetrics<NodeId, BasicNode>;
+
+/// How often a request in flight looks whether its leader is still in touch (polled, not woken
+/// by every metrics change: those come with every turn of the group's Raft loop).
+const TOUCH_POLL: Duration = Duration::from_millis(100);
+
+impl Node {
+    /// Whether this node leads the group whose metrics these are, but has not heard from a
+    /// quorum of it for longer than the election timeout's upper end.
+    pub(super) fn leads_out_of_touch(&self, metrics: &Metrics) -> bool {
+        metrics.current_leader == Some(self.config.node_id)
+            && metrics.millis_since_quorum_ack.is_some_and(|ms| ms > self.config.election_timeout_ms.1)
+    }
+
+    /// `leads_out_of_touch` for a data group.
+    pub(super) fn out_of_touch(&self, group: &Group) -> bool {
+        self.leads_out_of_touch(&group.raft.metrics().borrow())
+    }
+
+    /// Awaits `work`, which this node serves as the leader of the group `metrics` watches, for
+    /// at most the request timeout, and no longer than this node stays in touch with a quorum
+    /// of the group. None when it gave up: the caller answers as it would after a timeout.
+    pub(super) async fn while_in_touch<T>(&self, metrics: watch::Receiver<Metrics>, work: impl Future<Output = T>) -> Option<T> {
+        let lost_touch = async {
+            let mut poll = tokio::time::interval(TOUCH_POLL);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                poll.tick().await;
+                if self.leads_out_of_touch(&metrics.borrow()) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            done = work => Some(done),
+            () = tokio::time::sleep(self.config.request_timeout) => None,
+            () = lost_touch => None,
+        }
+    }
+}
