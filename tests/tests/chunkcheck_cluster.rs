@@ -98,6 +98,25 @@ fn register_catches_unchecked_reads_from_an_unsafe_build() {
     assert_eq!(result["checks"]["linearizable"]["verdict"], "not-linearizable", "{result}");
 }
 
+/// Allow-unavailable reads: when a group's leader is gone, any replica answers from what it
+/// has applied, so a client may read older values than it has seen (counted as
+/// `stale_reads`), but never a value that was not committed; the final reads (linearizable)
+/// still show every acknowledged write. The dirty-read checks' own negative controls are
+/// synthetic histories (`check::session` tests): no build of chunkd applies entries before
+/// they commit.
+#[test]
+fn register_with_allow_unavailable_reads_is_stale_at_worst_and_never_dirty() {
+    let (code, result) = chunkcheck("register", "63", "kill", "5", &["--read-policy", "allow-unavailable"]);
+    assert_contract_fields(&result);
+    assert_eq!((code, &result["valid"]), (0, &serde_json::json!(true)), "{result}");
+    assert_eq!(result["read_policy"], "allow-unavailable");
+    assert!(result["checks"].get("linearizable").is_none(), "stale reads are not held to linearizability: {result}");
+    // Replicas answered: the same reads held to session guarantees would be anomalies.
+    assert!(result["checks"]["stale_reads"].as_u64().unwrap() > 0, "no read was answered by a replica behind its client: {result}");
+    let targets: Vec<&str> = result["faults"].as_array().unwrap().iter().filter_map(|f| f["target"].as_str()).collect();
+    assert!(targets.contains(&"majority") && targets.contains(&"leader"), "the seed's plan kills a majority and a leader: {targets:?}");
+}
+
 /// The partitions of a run are cut with iptables rules in a chain of the run's own; they
 /// drop the nodes' packets, and nothing is left behind once the run ends.
 #[test]

@@ -70,7 +70,7 @@ pub fn run(options: &KvBenchOptions, mut log: impl FnMut(&str)) -> Result<KvRepo
     let one_client_put = results.iter().find(|r| r.clients == 1 && r.op == "put").map(|r| r.p50_us as f64 / baseline_p50_us.max(1) as f64);
     Ok(KvReport {
         results,
-        read_policy: format!("{:?}", options.read_policy).to_lowercase(),
+        read_policy: options.read_policy.name().to_owned(),
         baseline_ops_per_sec,
         baseline_p50_us,
         one_client_put_p50_vs_baseline: one_client_put,

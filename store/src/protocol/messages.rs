@@ -28,6 +28,18 @@ pub enum ReadPolicy {
     AllowUnavailable,
 }
 
+impl ReadPolicy {
+    /// The name tools take and print (`--read-policy allow-replica`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadPolicy::Session => "session",
+            ReadPolicy::Linearizable => "linearizable",
+            ReadPolicy::AllowReplica => "allow-replica",
+            ReadPolicy::AllowUnavailable => "allow-unavailable",
+        }
+    }
+}
+
 /// Identifies a write for exactly-once retries (see `raft::sessions`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteTag {

@@ -53,8 +53,10 @@ struct ClusterArgs {
     /// Directory for the report (default chunkcheck-runs/WORKLOAD-SEED).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Read policy of the workload's reads: linearizable, session or allow-replica (the
-    /// session checks cover the last two; the linearizability check only the first).
+    /// Read policy of the workload's reads: linearizable, session, allow-replica or
+    /// allow-unavailable. The linearizability check covers the first; the session checks the
+    /// next two; allow-unavailable reads may be stale (counted as `stale_reads`) but never
+    /// dirty. Final reads are always linearizable.
     #[arg(long, default_value = "linearizable")]
     read_policy: String,
     /// Extra line for every node's chunkd.toml (`KEY = VALUE`), e.g. an unsafe negative control.
@@ -220,7 +222,8 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
         "linearizable" => ReadPolicy::Linearizable,
         "session" => ReadPolicy::Session,
         "allow-replica" => ReadPolicy::AllowReplica,
-        other => return fail(format!("--read-policy {other}: use linearizable, session or allow-replica")),
+        "allow-unavailable" => ReadPolicy::AllowUnavailable,
+        other => return fail(format!("--read-policy {other}: use linearizable, session, allow-replica or allow-unavailable")),
     };
     let mut nemeses = Vec::new();
     for name in args.nemesis.iter().map(|n| n.trim()).filter(|n| !n.is_empty() && *n != "none") {

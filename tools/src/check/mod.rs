@@ -16,6 +16,31 @@ use models::Model;
 
 use crate::history::{operations, read_history, Edn, Operation};
 
+/// What a workload's reads promise, and so what the checkers hold them to. Final reads are
+/// always linearizable, whatever the workload's reads were.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reads {
+    /// A read sees every write acknowledged before it began.
+    Linearizable,
+    /// Session and allow-replica reads: a read sees its own client's acknowledged writes and
+    /// never goes back in time for that client.
+    Session,
+    /// Allow-unavailable reads: any committed value, however old; never one that was not
+    /// committed (no dirty read).
+    Committed,
+}
+
+impl Reads {
+    pub fn of(policy: chunkstore::protocol::ReadPolicy) -> Reads {
+        use chunkstore::protocol::ReadPolicy;
+        match policy {
+            ReadPolicy::Linearizable => Reads::Linearizable,
+            ReadPolicy::Session | ReadPolicy::AllowReplica => Reads::Session,
+            ReadPolicy::AllowUnavailable => Reads::Committed,
+        }
+    }
+}
+
 /// Operations grouped by their key (printed as EDN; no key is the empty string).
 pub fn by_key(ops: &[Operation]) -> BTreeMap<String, Vec<&Operation>> {
     let mut grouped: BTreeMap<String, Vec<&Operation>> = BTreeMap::new();

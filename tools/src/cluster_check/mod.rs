@@ -24,7 +24,7 @@ use serde_json::json;
 
 use crate::check::linearizable::{self, Limits, Verdict};
 use crate::check::models::Model;
-use crate::check::{counter, session, set};
+use crate::check::{counter, session, set, Reads};
 use crate::history::{operations, Edn, Event, EventType};
 use cluster::TestCluster;
 use nemesis::{NemesisKind, PlannedFault};
@@ -227,6 +227,10 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     result["faults"] = json!(faults);
     result["recovery_ms"] = json!(recovery_ms);
     result["availability"] = availability(&events, &faults);
+    for (shown, (ok, ok_reads)) in result["faults"].as_array_mut().into_iter().flatten().zip(ok_during_each(&events, &faults)) {
+        shown["ok_ops"] = json!(ok);
+        shown["ok_reads"] = json!(ok_reads);
+    }
     progress("writing the report");
     if let Err(err) = report::write(&options.out, options, &result, &events, &faults) {
         result["report_error"] = json!(format!("{err:#}"));
@@ -421,22 +425,22 @@ pub fn check_history(options: &RunOptions, events: &[Event]) -> Result<serde_jso
     let concurrency = options.concurrency.max(1) as i64;
     let session_of = |process: i64| if process >= FINAL_PROCESS { -1 } else { process % concurrency };
     let is_final = |process: i64| process >= FINAL_PROCESS;
-    let linearizable_reads = options.read_policy == ReadPolicy::Linearizable;
+    let reads = Reads::of(options.read_policy);
     let mut result = json!({
         "ops": ops.len(),
         "ok": count(EventType::Ok),
         "fail": count(EventType::Fail),
         // Completed :info plus invocations that never completed.
         "info": ops.iter().filter(|op| op.outcome == crate::history::Outcome::Unknown).count(),
-        "read_policy": format!("{:?}", options.read_policy).to_lowercase(),
+        "read_policy": options.read_policy.name().to_owned(),
     });
     let (anomalies, unknown, details) = match options.workload {
         Workload::Register => {
-            let sessions = session::check(&ops, session_of, is_final);
-            let mut anomalies = sessions.len();
+            let sessions = session::check(&ops, reads, session_of, is_final);
+            let mut anomalies = sessions.anomalies.len();
             let mut unknown = false;
-            let mut details = json!({ "session": sessions });
-            if linearizable_reads {
+            let mut details = json!({ "session": sessions.anomalies, "stale_reads": sessions.stale_reads });
+            if reads == Reads::Linearizable {
                 let report = linearizable::check(Model::CasRegister, &ops, Limits::within(options.check_time_limit)).map_err(anyhow::Error::msg)?;
                 anomalies += report.keys.iter().filter(|k| k.verdict == Verdict::NotLinearizable).count();
                 unknown = report.verdict == Verdict::Unknown;
@@ -446,7 +450,7 @@ pub fn check_history(options: &RunOptions, events: &[Event]) -> Result<serde_jso
             (anomalies, unknown, details)
         }
         Workload::Counter => {
-            let report = counter::check(&ops, linearizable_reads, session_of, is_final);
+            let report = counter::check(&ops, reads, session_of, is_final);
             (report.anomalies.len(), false, json!({ "counter": report }))
         }
         Workload::Lock => {
@@ -455,7 +459,7 @@ pub fn check_history(options: &RunOptions, events: &[Event]) -> Result<serde_jso
             (report.anomalies.len(), unknown, json!({ "lock": report }))
         }
         Workload::Set => {
-            let report = set::check(&ops, linearizable_reads, session_of);
+            let report = set::check(&ops, reads, session_of);
             let unknown = !report.keys_never_read.is_empty();
             (report.anomalies(), unknown, json!({ "set": report }))
         }
@@ -468,6 +472,21 @@ pub fn check_history(options: &RunOptions, events: &[Event]) -> Result<serde_jso
     };
     result["checks"] = details;
     Ok(result)
+}
+
+/// For each fault, the workload's operations and reads that completed successfully while it
+/// was active.
+fn ok_during_each(events: &[Event], faults: &[FaultRecord]) -> Vec<(u64, u64)> {
+    faults
+        .iter()
+        .map(|fault| {
+            let ok = events.iter().filter(|e| {
+                let ms = e.time_ns.unwrap_or(0) / 1_000_000;
+                e.process.is_some_and(|p| p < FINAL_PROCESS) && e.kind == EventType::Ok && ms >= fault.start_ms && ms < fault.end_ms
+            });
+            ok.fold((0, 0), |(all, reads), e| (all + 1, reads + u64::from(e.f == "read")))
+        })
+        .collect()
 }
 
 /// Successful operations per second while a fault was active and while none was.

@@ -210,7 +210,7 @@ pub fn write(out: &Path, options: &RunOptions, result: &serde_json::Value, event
         ("nodes / replication factor / groups", format!("{} / {} / {}", options.nodes, options.replication_factor, options.groups)),
         ("time limit", format!("{} s", options.time_limit.as_secs())),
         ("clients / keys", format!("{} / {}", options.concurrency, options.keys)),
-        ("read policy", format!("{:?}", options.read_policy).to_lowercase()),
+        ("read policy", options.read_policy.name().to_owned()),
         ("nemesis", format!("{} every {} s", if nemeses.is_empty() { "none".into() } else { nemeses.join(", ") }, options.nemesis_interval.as_secs())),
         ("chunkd options", if options.chunkd_options.is_empty() { "none".into() } else { options.chunkd_options.join("; ") }),
         ("operations", format!("{} ({} ok, {} fail, {} info)", result["ops"], result["ok"], result["fail"], result["info"])),
