@@ -39,6 +39,67 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// iptables DROP rules in the OUTPUT chain (loopback traffic passes it once), removed when
+/// dropped, even if the test fails. Needs root and iptables.
+pub struct Cut(Vec<Vec<String>>);
+
+impl Cut {
+    fn iptables(action: &str, matches: &[String]) -> bool {
+        Command::new("iptables")
+            .args(["-w", "5", action, "OUTPUT"])
+            .args(matches)
+            .args(["-j", "DROP"])
+            // Removal runs until no rule is left: its last "Bad rule" is expected.
+            .stderr(if action == "-D" { std::process::Stdio::null() } else { std::process::Stdio::inherit() })
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn apply(rules: Vec<Vec<String>>) -> Cut {
+        for rule in &rules {
+            assert!(Cut::iptables("-I", rule), "iptables failed (the test needs root and iptables)");
+        }
+        Cut(rules)
+    }
+
+    /// Every packet from `address` and every packet to it.
+    pub fn address(address: &str) -> Cut {
+        Cut::apply(vec![vec!["-s".into(), address.into()], vec!["-d".into(), address.into()]])
+    }
+
+    /// Every packet between `node` and each of `others`, both ways; other traffic (clients on
+    /// other addresses) still flows.
+    pub fn isolate(node: &str, others: &[String]) -> Cut {
+        let pair = |from: &str, to: &str| vec!["-s".into(), from.into(), "-d".into(), to.into()];
+        Cut::apply(others.iter().flat_map(|other| [pair(node, other), pair(other, node)]).collect())
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        for rule in &self.0 {
+            while Cut::iptables("-D", rule) {}
+        }
+    }
+}
+
+/// The body of `GET /metrics` at `address` (a node's `metrics` address).
+pub fn scrape_metrics(address: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap_or_else(|e| panic!("connecting to metrics at {address}: {e}"));
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: chunkd\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// The value of the sample named exactly `name` (with its labels) in metrics `text`; 0 if absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
 /// Helpers for tests that drive a local cluster started by `chunkctl up --dir DIR`.
 pub mod local {
     use std::path::Path;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chunkstore::client::{Client, ClientConfig, ClientError};
 use chunkstore::protocol::{ErrorReply, ReadPolicy};
 use chunkstore::{Bin, Key, Value, WritePolicy};
-use chunkstore_tests::run;
+use chunkstore_tests::{metric, run, scrape_metrics};
 
 fn chunkctl(dir: &Path, args: &[&str]) -> std::process::Output {
     let mut all = vec!["--dir", dir.to_str().unwrap()];
@@ -818,7 +818,7 @@ fn replica_reads_never_go_back_for_the_client_and_allow_unavailable_reads_surviv
     assert_eq!(value(read), Some(last), "an allow-unavailable read from the survivor");
 
     // The survivor's metrics count the read it just answered; status says what is wrong.
-    let metrics = scrape(node_field(dir, follower, "metrics").as_str().unwrap());
+    let metrics = scrape_metrics(node_field(dir, follower, "metrics").as_str().unwrap());
     let gets_ok = metric(&metrics, "chunkstore_requests_total{kind=\"get\",outcome=\"ok\"}");
     assert!(gets_ok >= 1.0, "no get counted:\n{metrics}");
     assert!(metric(&metrics, "chunkstore_wal_fsyncs_total") > 0.0);
@@ -829,22 +829,6 @@ fn replica_reads_never_go_back_for_the_client_and_allow_unavailable_reads_surviv
     let killed: Vec<u64> = (1..=3).filter(|n| *n != follower).collect();
     let unreachable = format!("nodes {} and {} unreachable", killed[0], killed[1]);
     assert!(problems.iter().any(|p| p.contains("has no quorum") && p.contains(&unreachable)), "{problems:?}");
-}
-
-/// The body of `GET /metrics` at `address`.
-fn scrape(address: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: chunkd\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response.split_once("\r\n\r\n").unwrap().1.to_owned()
-}
-
-/// The value of the sample named exactly `name` (with its labels) in metrics `text`; 0 if absent.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines().find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
 }
 
 /// One put sent straight to `leader_addr` (a fresh client id each time).

@@ -1,9 +1,11 @@
-//! Leaders cut off from their group, with real processes: each node of a 3-node cluster has its
+//! Nodes cut off from their groups, with real processes: each node of a 3-node cluster has its
 //! own loopback address (`chunkctl up --address-per-node`), and iptables drops every packet
 //! between one node and the other two while clients still reach every node (as in chunkcheck's
-//! partitions). openraft 0.9 leaders do not step down, so the cut-off node goes on believing it
-//! leads; the other two elect a new leader. Checked, first for a data group's leader, then
-//! for the metadata group's (opening and renewing lease sessions):
+//! partitions).
+//!
+//! Leaders cut off: openraft 0.9 leaders do not step down, so the cut-off node goes on
+//! believing it leads; the other two elect a new leader. Checked, first for a data group's
+//! leader, then for the metadata group's (opening and renewing lease sessions):
 //! - a request the cut-off leader was already serving is given up, answered like a timeout,
 //!   once the leader falls out of touch, not held for the whole request timeout (60 s here,
 //!   longer than the test's client waits for one answer);
@@ -14,45 +16,26 @@
 //!
 //! Negative control: with `Node::leads_out_of_touch` always false, the request in flight is
 //! held until the client gives up ("no answer within 30 s") and the test fails.
+//!
+//! Followers cut off: openraft 0.9 has no pre-vote, so a replica that hears no leader would
+//! campaign in ever higher terms, and once the cut healed its term would depose the leaders of
+//! the groups it follows. A replica cut off from most of its group does not campaign
+//! (`Node::may_campaign`). Checked with each replica's term in the nodes' metrics: no term of
+//! a group the cut-off node followed moves, during the cut or after it heals.
+//!
+//! Negative control: with `Node::hears_a_quorum_of` always true, the cut-off node's terms rise
+//! during the cut and the test fails ("the cut-off node campaigned for group ...").
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chunkstore::client::{Client, ClientConfig, ClientError};
 use chunkstore::protocol::{ErrorReply, Request, Response, WriteTag};
 use chunkstore::{Bin, Key, Value, WriteOp, WritePolicy};
 use chunkstore_tests::local::{chunkctl_ok, status, Down};
+use chunkstore_tests::{metric, scrape_metrics, Cut};
 use serde_json::Value as Json;
-
-/// Drops every packet between `node` and each of `others` (both ways) while it lives.
-struct Cut(Vec<(String, String)>);
-
-impl Cut {
-    fn rule(action: &str, from: &str, to: &str) -> bool {
-        Command::new("iptables").args(["-w", "5", action, "OUTPUT", "-s", from, "-d", to, "-j", "DROP"]).status().is_ok_and(|s| s.success())
-    }
-
-    fn isolate(node: &str, others: &[String]) -> Cut {
-        let mut pairs = Vec::new();
-        for other in others {
-            pairs.push((node.to_owned(), other.clone()));
-            pairs.push((other.clone(), node.to_owned()));
-        }
-        for (from, to) in &pairs {
-            assert!(Cut::rule("-I", from, to), "iptables failed (the test needs root and iptables)");
-        }
-        Cut(pairs)
-    }
-}
-
-impl Drop for Cut {
-    fn drop(&mut self) {
-        for (from, to) in &self.0 {
-            while Cut::rule("-D", from, to) {}
-        }
-    }
-}
 
 fn host(address: &str) -> String {
     address.rsplit_once(':').unwrap().0.to_owned()
@@ -159,4 +142,88 @@ fn a_leader_cut_off_from_its_group_turns_requests_away_and_clients_find_the_new_
     }
     fresh.open_session(Duration::from_secs(5)).expect("a new session opens at the new metadata leader");
     drop(cut);
+}
+
+/// Each data group's term as each node's metrics show it: node -> group -> term.
+fn terms(nodes: &[(u64, String)]) -> BTreeMap<u64, BTreeMap<u64, f64>> {
+    nodes.iter().map(|(id, metrics)| (*id, group_gauges(&scrape_metrics(metrics), "chunkstore_group_term"))).collect()
+}
+
+/// A per-group gauge of the "test" namespace: group -> value.
+fn group_gauges(text: &str, name: &str) -> BTreeMap<u64, f64> {
+    (0..4).map(|group| (group, metric(text, &format!("{name}{{namespace=\"test\",group=\"{group}\"}}")))).collect()
+}
+
+/// Group -> leader, from `chunkctl status`.
+fn leaders(status: &Json) -> BTreeMap<u64, Option<u64>> {
+    status["groups"].as_array().unwrap().iter().map(|g| (g["group"].as_u64().unwrap(), g["leader"].as_u64())).collect()
+}
+
+#[test]
+fn a_follower_cut_off_from_its_groups_does_not_campaign_nor_depose_their_leaders_when_the_cut_heals() {
+    assert!(chunkstore_tests::is_root(), "this test cuts nodes off with iptables: run it as root (CI does)");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
+    let _down = Down(dir);
+    chunkctl_ok(dir, &["up", "--nodes", "3", "--groups", "4", "--address-per-node"]);
+    // Every node leads the groups it is the preferred leader of, so that no hand-over is due.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let settled = loop {
+        let now = status(dir);
+        let balanced = now["leaders"].as_array().unwrap().iter().all(|n| n["leads"] == n["preferred"]);
+        if balanced && leaders(&now).values().all(Option::is_some) {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "leadership did not settle within 30 s: {now}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let nodes = addresses(&settled);
+    let cluster: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
+    let metrics: Vec<(u64, String)> = cluster["nodes"].as_array().unwrap().iter().map(|n| (n["id"].as_u64().unwrap(), n["metrics"].as_str().unwrap().to_owned())).collect();
+    let cut_off = 3;
+    let followed: Vec<u64> = leaders(&settled).into_iter().filter(|(_, leader)| *leader != Some(cut_off)).map(|(group, _)| group).collect();
+    assert!(!followed.is_empty(), "node {cut_off} follows some group: {settled}");
+    let before = terms(&metrics);
+    let others: Vec<String> = nodes.iter().filter(|(n, _)| *n != cut_off).map(|(_, a)| host(a)).collect();
+    let own_address = host(&nodes.iter().find(|(n, _)| *n == cut_off).unwrap().1);
+    let own_metrics = metrics.iter().find(|(n, _)| *n == cut_off).unwrap().1.clone();
+
+    let cut = Cut::isolate(&own_address, &others);
+    // Campaigns would start 2.4 to 3.2 s after the last word from the leader (openraft 0.9's
+    // leader lease, then an election timeout), and again every timeout after: 8 s give each
+    // followed group at least two.
+    let cut_at = Instant::now();
+    let mut held_back = false;
+    while cut_at.elapsed() < Duration::from_secs(8) {
+        std::thread::sleep(Duration::from_millis(500));
+        let text = scrape_metrics(&own_metrics);
+        let now = group_gauges(&text, "chunkstore_group_term");
+        for group in &followed {
+            assert_eq!(now[group], before[&cut_off][group], "the cut-off node campaigned for group {group} {:?} after the cut", cut_at.elapsed());
+        }
+        held_back |= group_gauges(&text, "chunkstore_group_may_campaign").values().all(|v| *v == 0.0);
+    }
+    assert!(held_back, "the cut-off node never showed that it held its campaigns back (chunkstore_group_may_campaign)");
+    drop(cut);
+
+    // After the heal: the cut-off node may campaign again, hears its groups' leaders, and no
+    // followed group elected again or changed its leader.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let campaigns = group_gauges(&scrape_metrics(&own_metrics), "chunkstore_group_may_campaign");
+        if campaigns.values().all(|v| *v == 1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cut-off node did not take up campaigning within 30 s of the heal: {campaigns:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let after = terms(&metrics);
+    let now = leaders(&status(dir));
+    for group in &followed {
+        for (node, seen) in &after {
+            assert_eq!(seen[group], before[&1][group], "group {group}'s term on node {node} moved after the cut healed: before {before:?}, after {after:?}");
+        }
+        assert_eq!(now[group], leaders(&settled)[group], "group {group} changed its leader");
+    }
 }

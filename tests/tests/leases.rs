@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use chunkstore::client::{Client, ClientConfig};
 use chunkstore::{Key, Value};
-use chunkstore_tests::{binary, run};
+use chunkstore_tests::{binary, run, Cut};
 use serde_json::Value as Json;
 
 fn chunkctl(dir: &Path, args: &[&str]) {
@@ -176,33 +176,6 @@ fn a_paused_lock_holder_loses_its_lock_and_its_later_writes_are_refused() {
     check_unique_ownership(dir, &a, &b, ok_writes(&a_before), a_before.len());
 }
 
-/// Removes the iptables rules that cut `SOURCE` off, even if the test fails.
-struct Cut(&'static str);
-
-impl Cut {
-    /// Packets from the address, and packets to it.
-    const RULES: [&'static str; 2] = ["-s", "-d"];
-
-    fn iptables(action: &str, flag: &str, address: &str) -> bool {
-        Command::new("iptables").args(["-w", "5", action, "OUTPUT", flag, address, "-j", "DROP"]).status().is_ok_and(|s| s.success())
-    }
-
-    fn apply(address: &'static str) -> Cut {
-        for flag in Cut::RULES {
-            assert!(Cut::iptables("-I", flag, address), "iptables failed (the test needs root and iptables)");
-        }
-        Cut(address)
-    }
-}
-
-impl Drop for Cut {
-    fn drop(&mut self) {
-        for flag in Cut::RULES {
-            while Cut::iptables("-D", flag, self.0) {}
-        }
-    }
-}
-
 /// A lock holder whose host is cut off from the cluster (iptables drops every packet from and
 /// to its address) loses the lock to a waiter, and once the cut heals every write it tries is
 /// refused.
@@ -216,7 +189,7 @@ fn a_partitioned_lock_holder_loses_its_lock_and_its_later_writes_are_refused() {
     let _down = Down(dir);
     let a = Holder::start(dir, &["--source", HOLDER_HOST, "--ttl-ms", "1000"]);
     a.wait_until("the first holder took the lock and wrote", Duration::from_secs(30), |events| ok_writes(events) >= 3);
-    let cut = Cut::apply(HOLDER_HOST);
+    let cut = Cut::address(HOLDER_HOST);
     let a_before = a.events();
     let mut b = Holder::start(dir, &["--ttl-ms", "5000", "--writes", "10"]);
     let status = b.child.wait().unwrap();

@@ -1,6 +1,6 @@
 //! A node's Prometheus metrics (OpenMetrics text on HTTP `GET /metrics`, at chunkd's
 //! `metrics-listen` address): requests and their latency by kind, and, read when scraped, the
-//! groups this node leads, each group's commit and apply lag, the WAL's fsyncs and bytes, each
+//! groups this node leads, each group's commit and apply lag, term and whether it may campaign, the WAL's fsyncs and bytes, each
 //! namespace's device use and stop-writes state, and lease sessions.
 //!
 //! The HTTP side is a few lines on tokio, bounded (a request head of at most 8 KiB, read within
@@ -50,6 +50,8 @@ pub(crate) struct NodeMetrics {
     leaders: Family<NamespaceLabels, Gauge>,
     commit_lag: Family<GroupLabels, Gauge>,
     apply_lag: Family<GroupLabels, Gauge>,
+    term: Family<GroupLabels, Gauge>,
+    may_campaign: Family<GroupLabels, Gauge>,
     wal_fsyncs: Counter,
     wal_bytes: Counter,
     device_used: Family<NamespaceLabels, Gauge>,
@@ -72,6 +74,8 @@ impl Default for NodeMetrics {
             leaders: Default::default(),
             commit_lag: Default::default(),
             apply_lag: Default::default(),
+            term: Default::default(),
+            may_campaign: Default::default(),
             wal_fsyncs: Default::default(),
             wal_bytes: Default::default(),
             device_used: Default::default(),
@@ -91,6 +95,12 @@ impl Default for NodeMetrics {
                 metrics.commit_lag.clone(),
             );
             registry.register("group_apply_lag_entries", "Committed entries this replica has not applied yet", metrics.apply_lag.clone());
+            registry.register("group_term", "The Raft term this replica is in (every election raises it)", metrics.term.clone());
+            registry.register(
+                "group_may_campaign",
+                "1 if this replica starts an election when it hears no leader; 0 while it is cut off from most of the group, catches up, or waits for device space",
+                metrics.may_campaign.clone(),
+            );
             registry.register("wal_fsyncs", "fdatasync calls of the write-ahead log", metrics.wal_fsyncs.clone());
             registry.register("wal_written_bytes", "Bytes written to the write-ahead log", metrics.wal_bytes.clone());
             registry.register("device_used_bytes", "Bytes of the namespace's devices in use", metrics.device_used.clone());
@@ -150,6 +160,8 @@ impl Node {
         metrics.leaders.clear();
         metrics.commit_lag.clear();
         metrics.apply_lag.clear();
+        metrics.term.clear();
+        metrics.may_campaign.clear();
         for (name, hosted) in self.namespaces().into_iter().flatten() {
             let mut led = 0;
             for (group, local) in hosted.groups() {
@@ -165,6 +177,8 @@ impl Node {
                     metrics.commit_lag.get_or_create(&labels).set(last.saturating_sub(applied) as i64);
                 }
                 metrics.apply_lag.get_or_create(&labels).set(last.saturating_sub(applied).min(i64::MAX as u64) as i64);
+                metrics.term.get_or_create(&labels).set(m.current_term.min(i64::MAX as u64) as i64);
+                metrics.may_campaign.get_or_create(&labels).set(i64::from(self.may_campaign(&local)));
             }
             metrics.leaders.get_or_create(&NamespaceLabels { namespace: name.clone() }).set(led);
             let stats = hosted.engine.stats();

@@ -990,35 +990,48 @@ async fn keep_metadata_log_short(raft: MetaRaft) {
     }
 }
 
-/// The node's health loop, every `HEALTH_POLL`: keeps replicas whose apply waits for device
-/// space from campaigning, and tells the peers whether this node is in stop-writes, at once
+/// The node's health loop, every `HEALTH_POLL`: lets only the replicas that `may_campaign`
+/// start elections, and tells the peers whether this node is in stop-writes, at once
 /// when that changes and once a second regardless (a peer that restarted learns it again).
 /// Group leaders refuse new writes while any replica of the group is in stop-writes. Ends when
 /// the node stops.
 async fn report_health(node: std::sync::Weak<Node>) {
     #[allow(clippy::type_complexity)]
     let mut sent: Option<(Vec<(String, String)>, Vec<(String, u32)>, std::time::Instant)> = None;
+    let mut not_campaigning: Vec<(String, u32)> = Vec::new();
     loop {
         tokio::time::sleep(HEALTH_POLL).await;
         let Some(node) = node.upgrade() else { return };
         if node.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        // A replica whose apply waits for device space would, as leader, commit writes it could
-        // not answer (and hold linearizable reads): it does not campaign while it waits.
-        // (openraft 0.9 cannot make a leader step down: one that fills while leading keeps
-        // leading, refusing writes with StopWrites, until room frees up.)
-        // A replica catching up after its copy was lost does not campaign either, and votes again
-        // once its log durably reaches the commit index a leader reported in its own term.
+        // Which replicas may campaign (`may_campaign`). (openraft 0.9 cannot make a leader
+        // step down: one that fills while leading keeps leading, refusing writes with
+        // StopWrites, until room frees up.) A replica catching up after its copy was lost votes
+        // again once its log durably reaches the commit index a leader reported in its own term.
+        let mut held_back = Vec::new();
         for (name, hosted) in node.namespaces().into_iter().flatten() {
             for (id, group) in hosted.groups() {
-                group.raft.runtime_config().elect(!group.state_machine.is_waiting_for_room() && !group.rejoin.is_active());
+                let campaign = node.may_campaign(&group);
+                group.raft.runtime_config().elect(campaign);
+                if !campaign {
+                    held_back.push((name.clone(), id));
+                }
                 node.finish_rejoin_once_caught_up(name, id, group.wal_group, &group.rejoin).await;
             }
         }
         if let Some(meta) = node.meta.get() {
-            meta.raft.runtime_config().elect(!meta.rejoin.is_active());
+            let campaign = node.may_campaign_for_metadata(meta);
+            meta.raft.runtime_config().elect(campaign);
+            if !campaign {
+                held_back.push((META_NAMESPACE.to_owned(), 0));
+            }
             node.finish_rejoin_once_caught_up(META_NAMESPACE, 0, META_WAL_GROUP, &meta.rejoin).await;
+        }
+        if held_back != not_campaigning {
+            let heard: Vec<NodeId> = node.peers.all().into_iter().map(|(id, _)| id).filter(|id| node.heard_from_lately(*id)).collect();
+            tracing::info!(groups = ?held_back, heard_from = ?heard, "replicas that do not campaign changed");
+            not_campaigning = held_back;
         }
         let stop_writes = node.own_stop_writes();
         let lost = node.lost_copies();

@@ -10,15 +10,27 @@
 //! proposed), names no leader for the group in the cluster map it hands out, and gives up on
 //! requests it was already serving as soon as it falls out of touch (`while_in_touch`).
 //!
+//! Followers cut off. openraft 0.9 has no pre-vote either: a replica that hears no leader
+//! campaigns again and again, each time in a higher term, even when it can reach no one. When
+//! its links come back, that term reaches the group's leader, which steps down, and the whole
+//! group goes without a leader for another election; on the way, lease sessions wait to be
+//! fenced and their locks stay held. So a replica campaigns only while it has heard lately
+//! from enough of its group's voters that, with its own vote, they are a majority
+//! (`may_campaign`; the health reports every node sends each second are what it hears). It
+//! still votes, and an election asked for on purpose (a leadership hand-over) still runs.
+//!
 //! Safety does not rest on any of this: a deposed leader cannot commit, and linearizable reads
-//! still confirm leadership with a quorum. Only how soon clients find the new leader does.
+//! still confirm leadership with a quorum; a replica that does not campaign only leaves the
+//! election to the others. Only how soon clients find the new leader does.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 
 use openraft::{BasicNode, RaftMetrics};
 use tokio::sync::watch;
 
+use super::metadata::MetaGroup;
 use super::{Group, Node};
 use crate::raft::NodeId;
 
@@ -60,5 +72,27 @@ impl Node {
             () = tokio::time::sleep(self.config.request_timeout) => None,
             () = lost_touch => None,
         }
+    }
+
+    /// Whether this node heard lately from enough of `voters` that they and itself make a
+    /// majority of them: otherwise it could not win an election.
+    fn hears_a_quorum_of(&self, voters: &BTreeSet<NodeId>) -> bool {
+        let heard = voters.iter().filter(|id| self.heard_from_lately(**id)).count();
+        heard * 2 > voters.len()
+    }
+
+    /// Whether this replica may start an election when it hears no leader: not while its
+    /// apply waits for device space (as leader it would commit writes it could not answer),
+    /// not while it catches up after losing its copy, and not while it is cut off from most of
+    /// the group (its campaigns would only raise the term and depose the leader later).
+    pub(super) fn may_campaign(&self, group: &Group) -> bool {
+        let voters: BTreeSet<NodeId> = group.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        !group.state_machine.is_waiting_for_room() && !group.rejoin.is_active() && self.hears_a_quorum_of(&voters)
+    }
+
+    /// `may_campaign` for the metadata group.
+    pub(super) fn may_campaign_for_metadata(&self, meta: &MetaGroup) -> bool {
+        let voters: BTreeSet<NodeId> = meta.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        !meta.rejoin.is_active() && self.hears_a_quorum_of(&voters)
     }
 }
