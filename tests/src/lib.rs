@@ -70,8 +70,16 @@ impl Cut {
     /// Every packet between `node` and each of `others`, both ways; other traffic (clients on
     /// other addresses) still flows.
     pub fn isolate(node: &str, others: &[String]) -> Cut {
-        let pair = |from: &str, to: &str| vec!["-s".into(), from.into(), "-d".into(), to.into()];
-        Cut::apply(others.iter().flat_map(|other| [pair(node, other), pair(other, node)]).collect())
+        Cut::apply(others.iter().flat_map(|other| [Cut::pair(node, other), Cut::pair(other, node)]).collect())
+    }
+
+    /// Every packet from each of `from` to each of `to`; the other way still flows.
+    pub fn one_way(from: &[String], to: &[String]) -> Cut {
+        Cut::apply(from.iter().flat_map(|f| to.iter().map(move |t| Cut::pair(f, t))).collect())
+    }
+
+    fn pair(from: &str, to: &str) -> Vec<String> {
+        vec!["-s".into(), from.into(), "-d".into(), to.into()]
     }
 }
 

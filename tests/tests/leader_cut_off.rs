@@ -23,8 +23,16 @@
 //! (`Node::may_campaign`). Checked with each replica's term in the nodes' metrics: no term of
 //! a group the cut-off node followed moves, during the cut or after it heals.
 //!
-//! Negative control: with `Node::hears_a_quorum_of` always true, the cut-off node's terms rise
-//! during the cut and the test fails ("the cut-off node campaigned for group ...").
+//! The cut is made both ways, then in each direction alone.
+//!
+//! Negative controls (each fails the test):
+//! - `Node::hears_a_quorum_of` always true: the node campaigns 3 s into the first cut ("cut
+//!   off (both ways), the node campaigned for group 0 3.0s after the cut");
+//! - no hold before a peer counts again (`ANSWERING_HOLD` zero): the node campaigns as soon as
+//!   the cut heals, before its leader reached it ("group 1's term on node 1 moved after the cut
+//!   (its packets to the others) healed");
+//! - peers counted when their health reports arrive, not when they answer this node's: the
+//!   same, after the first cut.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -159,6 +167,21 @@ fn leaders(status: &Json) -> BTreeMap<u64, Option<u64>> {
     status["groups"].as_array().unwrap().iter().map(|g| (g["group"].as_u64().unwrap(), g["leader"].as_u64())).collect()
 }
 
+/// Waits until every node leads the groups it is the preferred leader of (so that no
+/// hand-over is due) and every group has a leader; the status then.
+fn settled(dir: &Path) -> Json {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = status(dir);
+        let balanced = now["leaders"].as_array().unwrap().iter().all(|n| n["leads"] == n["preferred"]);
+        if balanced && leaders(&now).values().all(Option::is_some) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "leadership did not settle within 30 s: {now}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn a_follower_cut_off_from_its_groups_does_not_campaign_nor_depose_their_leaders_when_the_cut_heals() {
     assert!(chunkstore_tests::is_root(), "this test cuts nodes off with iptables: run it as root (CI does)");
@@ -166,64 +189,63 @@ fn a_follower_cut_off_from_its_groups_does_not_campaign_nor_depose_their_leaders
     let dir = scratch.path();
     let _down = Down(dir);
     chunkctl_ok(dir, &["up", "--nodes", "3", "--groups", "4", "--address-per-node"]);
-    // Every node leads the groups it is the preferred leader of, so that no hand-over is due.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let settled = loop {
-        let now = status(dir);
-        let balanced = now["leaders"].as_array().unwrap().iter().all(|n| n["leads"] == n["preferred"]);
-        if balanced && leaders(&now).values().all(Option::is_some) {
-            break now;
-        }
-        assert!(Instant::now() < deadline, "leadership did not settle within 30 s: {now}");
-        std::thread::sleep(Duration::from_millis(300));
-    };
-    let nodes = addresses(&settled);
+    let nodes = addresses(&status(dir));
     let cluster: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
     let metrics: Vec<(u64, String)> = cluster["nodes"].as_array().unwrap().iter().map(|n| (n["id"].as_u64().unwrap(), n["metrics"].as_str().unwrap().to_owned())).collect();
     let cut_off = 3;
-    let followed: Vec<u64> = leaders(&settled).into_iter().filter(|(_, leader)| *leader != Some(cut_off)).map(|(group, _)| group).collect();
-    assert!(!followed.is_empty(), "node {cut_off} follows some group: {settled}");
-    let before = terms(&metrics);
     let others: Vec<String> = nodes.iter().filter(|(n, _)| *n != cut_off).map(|(_, a)| host(a)).collect();
-    let own_address = host(&nodes.iter().find(|(n, _)| *n == cut_off).unwrap().1);
+    let own = vec![host(&nodes.iter().find(|(n, _)| *n == cut_off).unwrap().1)];
     let own_metrics = metrics.iter().find(|(n, _)| *n == cut_off).unwrap().1.clone();
 
-    let cut = Cut::isolate(&own_address, &others);
-    // Campaigns would start 2.4 to 3.2 s after the last word from the leader (openraft 0.9's
-    // leader lease, then an election timeout), and again every timeout after: 8 s give each
-    // followed group at least two.
-    let cut_at = Instant::now();
-    let mut held_back = false;
-    while cut_at.elapsed() < Duration::from_secs(8) {
-        std::thread::sleep(Duration::from_millis(500));
-        let text = scrape_metrics(&own_metrics);
-        let now = group_gauges(&text, "chunkstore_group_term");
-        for group in &followed {
-            assert_eq!(now[group], before[&cut_off][group], "the cut-off node campaigned for group {group} {:?} after the cut", cut_at.elapsed());
+    // Both ways; then only the node's own packets (it still hears the others' health reports,
+    // but gets no answers: hearing alone would let it campaign); then only packets to it.
+    let cuts: [(&str, &dyn Fn() -> Cut); 3] = [
+        ("both ways", &|| Cut::isolate(&own[0], &others)),
+        ("its packets to the others", &|| Cut::one_way(&own, &others)),
+        ("the others' packets to it", &|| Cut::one_way(&others, &own)),
+    ];
+    for (what, cut) in cuts {
+        let settled = settled(dir);
+        let followed: Vec<u64> = leaders(&settled).into_iter().filter(|(_, leader)| *leader != Some(cut_off)).map(|(group, _)| group).collect();
+        assert!(!followed.is_empty(), "node {cut_off} follows some group: {settled}");
+        let before = terms(&metrics);
+        let cut = cut();
+        // Campaigns would start 2.4 to 3.2 s after the last word from the leader (openraft
+        // 0.9's leader lease, then an election timeout), and again every timeout after: 8 s
+        // give each followed group at least two.
+        let cut_at = Instant::now();
+        let mut held_back = false;
+        while cut_at.elapsed() < Duration::from_secs(8) {
+            std::thread::sleep(Duration::from_millis(500));
+            let text = scrape_metrics(&own_metrics);
+            let now = group_gauges(&text, "chunkstore_group_term");
+            for group in &followed {
+                assert_eq!(now[group], before[&cut_off][group], "cut off ({what}), the node campaigned for group {group} {:?} after the cut", cut_at.elapsed());
+            }
+            held_back |= group_gauges(&text, "chunkstore_group_may_campaign").values().all(|v| *v == 0.0);
         }
-        held_back |= group_gauges(&text, "chunkstore_group_may_campaign").values().all(|v| *v == 0.0);
-    }
-    assert!(held_back, "the cut-off node never showed that it held its campaigns back (chunkstore_group_may_campaign)");
-    drop(cut);
+        assert!(held_back, "cut off ({what}), the node never showed that it held its campaigns back (chunkstore_group_may_campaign)");
+        drop(cut);
 
-    // After the heal: the cut-off node may campaign again, hears its groups' leaders, and no
-    // followed group elected again or changed its leader.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let campaigns = group_gauges(&scrape_metrics(&own_metrics), "chunkstore_group_may_campaign");
-        if campaigns.values().all(|v| *v == 1.0) {
-            break;
+        // After the heal: the node may campaign again, and no followed group elected again or
+        // changed its leader.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let campaigns = group_gauges(&scrape_metrics(&own_metrics), "chunkstore_group_may_campaign");
+            if campaigns.values().all(|v| *v == 1.0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the node did not take up campaigning within 30 s of the heal ({what}): {campaigns:?}");
+            std::thread::sleep(Duration::from_millis(300));
         }
-        assert!(Instant::now() < deadline, "the cut-off node did not take up campaigning within 30 s of the heal: {campaigns:?}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    std::thread::sleep(Duration::from_secs(3));
-    let after = terms(&metrics);
-    let now = leaders(&status(dir));
-    for group in &followed {
-        for (node, seen) in &after {
-            assert_eq!(seen[group], before[&1][group], "group {group}'s term on node {node} moved after the cut healed: before {before:?}, after {after:?}");
+        std::thread::sleep(Duration::from_secs(3));
+        let after = terms(&metrics);
+        let now = leaders(&status(dir));
+        for group in &followed {
+            for (node, seen) in &after {
+                assert_eq!(seen[group], before[&1][group], "group {group}'s term on node {node} moved after the cut ({what}) healed: before {before:?}, after {after:?}");
+            }
+            assert_eq!(now[group], leaders(&settled)[group], "group {group} changed its leader after the cut ({what})");
         }
-        assert_eq!(now[group], leaders(&settled)[group], "group {group} changed its leader");
     }
 }

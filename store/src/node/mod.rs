@@ -154,11 +154,22 @@ pub struct Node {
     transfers: repair::Transfers,
     /// Each peer's last health report, and when it came (see `report_health`).
     peer_health: std::sync::Mutex<HashMap<NodeId, PeerHealth>>,
+    /// How each peer answers this node's own health reports: round trips, so they show that
+    /// both directions work (a one-way cut lets reports in and loses the answers).
+    peer_answered: std::sync::Mutex<HashMap<NodeId, Answering>>,
     /// The lease deadlines, while this node leads the metadata group (see `leases`).
     lease_clock: std::sync::Mutex<leases::LeaseClock>,
     metrics: metrics::NodeMetrics,
     /// The group moves this node drives as the metadata leader (see `roster`).
     moves_driven: std::sync::Mutex<std::collections::HashSet<(String, u32)>>,
+}
+
+/// A peer's answers to this node's health reports.
+#[derive(Clone, Copy)]
+struct Answering {
+    /// The first answer after a gap of `2 * HEALTH_REFRESH` or more.
+    since: std::time::Instant,
+    last: std::time::Instant,
 }
 
 /// What a peer last said of itself.
@@ -244,6 +255,7 @@ impl Node {
             writes_in_flight: Default::default(),
             transfers: Default::default(),
             peer_health: Default::default(),
+            peer_answered: Default::default(),
             lease_clock: Default::default(),
             moves_driven: Default::default(),
             metrics: Default::default(),
@@ -831,10 +843,20 @@ impl Node {
             .collect()
     }
 
-    /// Whether node `id` is this node or sent its health report lately (they come once a
-    /// second): a node not heard from for longer is likely paused, down or cut off.
-    fn heard_from_lately(&self, id: NodeId) -> bool {
-        id == self.config.node_id || self.peer_health.lock().unwrap().get(&id).is_some_and(|h| h.received.elapsed() < 2 * HEALTH_REFRESH)
+    /// Whether node `id` is this node or lately answered this node's health report (sent once
+    /// a second): a node that did not is likely paused, down or cut off, in either direction.
+    fn answered_lately(&self, id: NodeId) -> bool {
+        self.answering_for(id).is_some()
+    }
+
+    /// How long node `id` has been answering this node's health reports without a gap (None
+    /// if it has not answered lately; the longest time for this node itself).
+    fn answering_for(&self, id: NodeId) -> Option<Duration> {
+        if id == self.config.node_id {
+            return Some(Duration::MAX);
+        }
+        let answering = *self.peer_answered.lock().unwrap().get(&id)?;
+        (answering.last.elapsed() < 2 * HEALTH_REFRESH).then(|| answering.since.elapsed())
     }
 
     /// The groups whose replica here lost its copy and catches up.
@@ -1029,8 +1051,8 @@ async fn report_health(node: std::sync::Weak<Node>) {
             node.finish_rejoin_once_caught_up(META_NAMESPACE, 0, META_WAL_GROUP, &meta.rejoin).await;
         }
         if held_back != not_campaigning {
-            let heard: Vec<NodeId> = node.peers.all().into_iter().map(|(id, _)| id).filter(|id| node.heard_from_lately(*id)).collect();
-            tracing::info!(groups = ?held_back, heard_from = ?heard, "replicas that do not campaign changed");
+            let heard: Vec<NodeId> = node.peers.all().into_iter().map(|(id, _)| id).filter(|id| node.answered_lately(*id)).collect();
+            tracing::info!(groups = ?held_back, answered = ?heard, "replicas that do not campaign changed");
             not_campaigning = held_back;
         }
         let stop_writes = node.own_stop_writes();
@@ -1044,10 +1066,22 @@ async fn report_health(node: std::sync::Weak<Node>) {
         }
         let me = node.config.node_id;
         let request = Request::NodeHealth { node: me, stop_writes: stop_writes.clone(), lost: lost.clone() };
-        for (_, peer) in node.peers.all().into_iter().filter(|(id, _)| *id != me) {
-            let (peer, request) = (peer.clone(), request.clone());
+        for (id, peer) in node.peers.all().into_iter().filter(|(id, _)| *id != me) {
+            let (peer, request, weak) = (peer.clone(), request.clone(), Arc::downgrade(&node));
             tokio::spawn(async move {
-                let _ = peer.call(&request, HEALTH_REFRESH).await;
+                // Any answer (even a refusal from a peer that does not know this node yet)
+                // was a round trip.
+                if peer.call(&request, HEALTH_REFRESH).await.is_ok() {
+                    if let Some(node) = weak.upgrade() {
+                        let now = std::time::Instant::now();
+                        let mut answered = node.peer_answered.lock().unwrap();
+                        let answering = answered.entry(id).or_insert(Answering { since: now, last: now });
+                        if answering.last.elapsed() >= 2 * HEALTH_REFRESH {
+                            answering.since = now;
+                        }
+                        answering.last = now;
+                    }
+                }
             });
         }
         sent = Some((stop_writes, lost, std::time::Instant::now()));

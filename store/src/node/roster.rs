@@ -192,10 +192,10 @@ impl Node {
     /// The first answer to `request` from `replicas` (or the leaders they name) that is not
     /// NotLeader; None if none answered so this round.
     pub(super) async fn route_to_group_leader(&self, replicas: &[NodeId], request: &Request) -> Option<Response> {
-        // Replicas heard from lately first: one that is paused or cut off would hold each
+        // Replicas that answered lately first: one that is paused or cut off would hold each
         // request for the whole timeout before the next replica is tried.
         let mut ordered = replicas.to_vec();
-        ordered.sort_by_key(|id| !self.heard_from_lately(*id));
+        ordered.sort_by_key(|id| !self.answered_lately(*id));
         let mut candidates: Vec<NodeId> = ordered.into_iter().rev().collect();
         let mut tried = BTreeSet::new();
         while let Some(id) = candidates.pop() {
@@ -205,10 +205,10 @@ impl Node {
             let response = if id == self.config.node_id {
                 Box::pin(self.handle(request.clone())).await
             } else {
-                // A replica not heard from lately gets a short wait: it is most likely paused
+                // A replica that did not answer lately gets a short wait: it is most likely paused
                 // or cut off, and the round should end soon so that it is retried once the
                 // group's other replicas have elected a leader.
-                let timeout = match self.heard_from_lately(id) {
+                let timeout = match self.answered_lately(id) {
                     true => self.config.request_timeout,
                     false => self.config.request_timeout.min(SILENT_REPLICA_TIMEOUT),
                 };
@@ -221,9 +221,9 @@ impl Node {
                 }
             };
             match response {
-                // A leader not heard from lately is tried last (its followers may not have
+                // A leader that did not answer lately is tried last (its followers may not have
                 // noticed yet that it is gone).
-                Response::Error(ErrorReply::NotLeader { leader: Some(leader) }) if !self.heard_from_lately(leader) => candidates.insert(0, leader),
+                Response::Error(ErrorReply::NotLeader { leader: Some(leader) }) if !self.answered_lately(leader) => candidates.insert(0, leader),
                 Response::Error(ErrorReply::NotLeader { leader }) => candidates.extend(leader),
                 other => return Some(other),
             }

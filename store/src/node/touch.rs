@@ -14,10 +14,11 @@
 //! campaigns again and again, each time in a higher term, even when it can reach no one. When
 //! its links come back, that term reaches the group's leader, which steps down, and the whole
 //! group goes without a leader for another election; on the way, lease sessions wait to be
-//! fenced and their locks stay held. So a replica campaigns only while it has heard lately
-//! from enough of its group's voters that, with its own vote, they are a majority
-//! (`may_campaign`; the health reports every node sends each second are what it hears). It
-//! still votes, and an election asked for on purpose (a leadership hand-over) still runs.
+//! fenced and their locks stay held. So a replica campaigns only while enough of its group's
+//! voters answered it lately that, with its own vote, they are a majority (`may_campaign`;
+//! what counts is the answer to the health report every node sends each peer each second, a
+//! round trip, so a cut in either direction counts). It still votes, and an election asked
+//! for on purpose (a leadership hand-over) still runs.
 //!
 //! Safety does not rest on any of this: a deposed leader cannot commit, and linearizable reads
 //! still confirm leadership with a quorum; a replica that does not campaign only leaves the
@@ -39,6 +40,11 @@ type Metrics = RaftMetrics<NodeId, BasicNode>;
 /// How often a request in flight looks whether its leader is still in touch (polled, not woken
 /// by every metrics change: those come with every turn of the group's Raft loop).
 const TOUCH_POLL: Duration = Duration::from_millis(100);
+
+/// How long a peer must have answered without a gap before it counts toward a quorum this node
+/// could win an election with: many heartbeat intervals (`heartbeat-ms`), so that a leader
+/// reaches a node whose cut healed before the node may campaign.
+const ANSWERING_HOLD: Duration = Duration::from_secs(2);
 
 impl Node {
     /// Whether this node leads the group whose metrics these are, but has not heard from a
@@ -74,10 +80,12 @@ impl Node {
         }
     }
 
-    /// Whether this node heard lately from enough of `voters` that they and itself make a
-    /// majority of them: otherwise it could not win an election.
+    /// Whether enough of `voters` have answered this node steadily for `ANSWERING_HOLD` that
+    /// they and itself make a majority of them: otherwise it could not win an election. (The
+    /// hold lets a leader reach a node whose cut just healed before the node, which has heard no
+    /// leader for the whole cut, may campaign: else it would, at once, in a higher term.)
     fn hears_a_quorum_of(&self, voters: &BTreeSet<NodeId>) -> bool {
-        let heard = voters.iter().filter(|id| self.heard_from_lately(**id)).count();
+        let heard = voters.iter().filter(|id| self.answering_for(**id).is_some_and(|d| d >= ANSWERING_HOLD)).count();
         heard * 2 > voters.len()
     }
 
