@@ -80,11 +80,13 @@ impl Node {
         }
     }
 
-    /// Whether enough of `voters` have answered this node steadily for `ANSWERING_HOLD` that
-    /// they and itself make a majority of them: otherwise it could not win an election. (The
+    /// Whether enough of the group's voters (as `metrics` show them) have answered this node
+    /// steadily for `ANSWERING_HOLD` that they and itself make a majority of them: otherwise
+    /// it could not win an election. (The
     /// hold lets a leader reach a node whose cut just healed before the node, which has heard no
     /// leader for the whole cut, may campaign: else it would, at once, in a higher term.)
-    fn hears_a_quorum_of(&self, voters: &BTreeSet<NodeId>) -> bool {
+    fn hears_a_quorum_of(&self, metrics: &Metrics) -> bool {
+        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
         let heard = voters.iter().filter(|id| self.answering_for(**id).is_some_and(|d| d >= ANSWERING_HOLD)).count();
         heard * 2 > voters.len()
     }
@@ -94,13 +96,11 @@ impl Node {
     /// not while it catches up after losing its copy, and not while it is cut off from most of
     /// the group (its campaigns would only raise the term and depose the leader later).
     pub(super) fn may_campaign(&self, group: &Group) -> bool {
-        let voters: BTreeSet<NodeId> = group.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
-        !group.state_machine.is_waiting_for_room() && !group.rejoin.is_active() && self.hears_a_quorum_of(&voters)
+        !group.state_machine.is_waiting_for_room() && !group.rejoin.is_active() && self.hears_a_quorum_of(&group.raft.metrics().borrow())
     }
 
     /// `may_campaign` for the metadata group.
     pub(super) fn may_campaign_for_metadata(&self, meta: &MetaGroup) -> bool {
-        let voters: BTreeSet<NodeId> = meta.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
-        !meta.rejoin.is_active() && self.hears_a_quorum_of(&voters)
+        !meta.rejoin.is_active() && self.hears_a_quorum_of(&meta.raft.metrics().borrow())
     }
 }
