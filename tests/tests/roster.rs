@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use chunkstore::client::{Client, ClientConfig};
 use chunkstore::protocol::{ReadPolicy, Request, Response};
 use chunkstore::{Bin, Key, Value, WritePolicy};
-use chunkstore_tests::local::{chunkctl, chunkctl_ok, seeds, status, Down};
+use chunkstore_tests::local::{chunkctl, chunkctl_ok, kill_node, seeds, start_node, status, Down};
 use serde_json::Value as Json;
 
 /// What the writers did: acknowledged writes (key, value) and failures (with the phase).
@@ -188,6 +188,106 @@ fn adding_and_removing_a_node_moves_groups_while_every_record_stays_readable_and
     }
     let nodes: Vec<u64> = status(dir)["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();
     assert_eq!(nodes, vec![1, 2, 3], "the removed node left the cluster");
+    eprintln!("writes per phase: {:?}", log.writes_per_phase);
+}
+
+/// Node 1 is one of the three metadata voters a 3-node cluster starts with. It cannot leave
+/// while no other roster node can take its place (the error says to add one); once node 4
+/// runs, `node remove 1` hands node 1's place among the metadata voters to node 4 by the
+/// metadata group's own membership change, moves its groups away, stops it and drops it from
+/// the other nodes' configuration files, with writers writing and reading throughout.
+///
+/// Node 4 is then a real voter: with node 1 gone and node 2 killed, only nodes 3 and 4 can make
+/// a metadata quorum, and a lease session (a metadata write) still opens. Node 2 restarts with
+/// its rewritten configuration and serves again.
+///
+/// Negative controls: with `place_metadata_voters` not changing the group's membership, `node
+/// remove 1` times out ("still a metadata voter"); with the metadata leader changing the
+/// membership but the state machine not recording the voters it applies, the same; with the
+/// configuration files left as they were, "node 2's configuration still lists node 1" (and,
+/// with only node 1's entry dropped, node 2 refused to restart: "replication-factor 3 must be
+/// 1..=2 (the number of nodes)").
+#[test]
+fn an_original_node_hands_its_metadata_vote_to_a_new_node_when_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let dir = dir.as_path();
+    chunkctl_ok(dir, &["up", "--nodes", "3", "--groups", "8"]);
+    let _down = Down(dir);
+
+    let refused = chunkctl(dir, &["node", "remove", "1"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("add a node first"), "{why}");
+    let shown: Json = serde_json::from_str(&chunkctl_ok(dir, &["roster", "show", "--json"])).unwrap();
+    assert_eq!(shown["roster"], serde_json::json!([1, 2, 3]), "a refused removal changes nothing");
+    assert_eq!(shown["metadata_voters"], serde_json::json!([1, 2, 3]));
+
+    let log = Arc::new(Mutex::new(Log { phase: "before", ..Log::default() }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(seeds(dir), log.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    set_phase(&log, "adding");
+    chunkctl_ok(dir, &["node", "add", "--wait"]);
+    set_phase(&log, "removing");
+    let removed = chunkctl(dir, &["node", "remove", "1", "--timeout-s", "60"]);
+    let said = String::from_utf8_lossy(&removed.stderr);
+    assert!(removed.status.success(), "node remove 1 failed: {said}");
+    assert!(said.contains("the metadata voters are now [2, 3, 4]"), "{said}");
+    set_phase(&log, "removed");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let log = log.lock().unwrap();
+    assert!(log.failures.is_empty(), "{} requests failed, the first: {:?}", log.failures.len(), &log.failures[..log.failures.len().min(5)]);
+    assert!(log.writes_per_phase.get("removing").copied().unwrap_or(0) > 10, "few writes while removing: {:?}", log.writes_per_phase);
+
+    let shown: Json = serde_json::from_str(&chunkctl_ok(dir, &["roster", "show", "--json"])).unwrap();
+    assert_eq!(shown["metadata_voters"], serde_json::json!([2, 3, 4]), "{shown}");
+    assert_eq!(shown["roster"], serde_json::json!([2, 3, 4]));
+    let nodes: Vec<u64> = status(dir)["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();
+    assert_eq!(nodes, vec![2, 3, 4], "node 1 left the cluster");
+    for node in [2, 3, 4] {
+        let config = std::fs::read_to_string(chunkstore_tests::local::node_config(dir, node)).unwrap();
+        assert!(!config.lines().any(|l| l.trim() == "id = 1"), "node {node}'s configuration still lists node 1:\n{config}");
+    }
+
+    // Only nodes 3 and 4 are left of the metadata voters: a metadata write needs node 4's vote.
+    kill_node(dir, 2);
+    let client = Client::connect(ClientConfig::new(seeds(dir))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let session = loop {
+        match client.open_session(Duration::from_secs(10)) {
+            Ok(session) => break session,
+            Err(err) => assert!(Instant::now() < deadline, "no lease session opens with metadata voters 3 and 4: {err}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("session {session} opened with node 2 down");
+    for (name, value) in &log.acked {
+        let record = client.get_with("test", &Key::new("moves", name.as_str()), None, ReadPolicy::Linearizable).unwrap();
+        assert_eq!(record.and_then(|r| r.bins.first().map(|b| b.value.clone())), Some(Value::Int(*value)), "acknowledged {name} lost");
+    }
+
+    // Node 2 restarts from its rewritten configuration and serves its groups again.
+    let mut restarted = start_node(dir, 2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(exit) = restarted.try_wait().unwrap() {
+            let log = std::fs::read_to_string(dir.join("node2").join("chunkd.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            panic!("node 2 exited ({exit}) on restart: {tail:?}");
+        }
+        let up = status(dir)["nodes"].as_array().unwrap().iter().any(|n| n["id"] == 2 && n["up"] == true);
+        let led = status(dir)["groups"].as_array().unwrap().iter().all(|g| !g["leader"].is_null());
+        if up && led {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 2 did not come back within 60 s");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     eprintln!("writes per phase: {:?}", log.writes_per_phase);
 }
 

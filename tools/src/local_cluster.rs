@@ -421,7 +421,10 @@ pub fn wait_for_balance(client: &Client, timeout: Duration, log: &mut impl FnMut
 }
 
 /// Takes node `id` of the local cluster in `dir` off the roster, waits until no group has a
-/// replica on it, stops it, and removes it from the cluster.
+/// replica on it and (for a metadata voter) another node took its place among the metadata
+/// voters, stops it, removes it from the cluster, and rewrites the `[[nodes]]` of the other
+/// nodes' configuration files to the cluster's nodes (a node refuses to start with one that
+/// names a node the cluster does not have, or fewer nodes than a replication factor).
 pub fn remove_node(dir: &Path, id: u64, timeout: Duration, log: &mut impl FnMut(&str)) -> Result<()> {
     let dir = &dir.canonicalize().with_context(|| format!("no cluster in {}", dir.display()))?;
     let mut cluster = LocalCluster::load(dir)?;
@@ -429,23 +432,36 @@ pub fn remove_node(dir: &Path, id: u64, timeout: Duration, log: &mut impl FnMut(
     let seeds: Vec<String> = cluster.nodes.iter().filter(|n| n.id != id).map(|n| n.client.clone()).collect();
     let client = Client::connect(ClientConfig::new(seeds)).context("connecting to the cluster")?;
     let meta = client.cluster_meta().context("reading the cluster metadata")?;
-    if meta.metadata_voters.contains(&id) {
-        bail!("node {id} is a voter of the metadata group ({:?}, fixed when the cluster was made): it cannot be removed", meta.metadata_voters);
+    let voter = meta.metadata_voters.contains(&id);
+    if voter && meta.roster.iter().all(|n| *n == id || meta.metadata_voters.contains(n)) {
+        bail!(
+            "node {id} is a voter of the metadata group ({:?}) and every other node on the roster is one too: \
+             add a node first (chunkctl node add); it takes node {id}'s place",
+            meta.metadata_voters
+        );
     }
     if meta.roster.contains(&id) {
         let roster: Vec<u64> = meta.roster.iter().copied().filter(|n| *n != id).collect();
         client.set_roster(&roster).with_context(|| format!("taking node {id} off the roster"))?;
         log(&format!("node {id} is off the roster (now {roster:?}): its groups move away"));
     }
+    if voter {
+        log(&format!("node {id} is a metadata voter: the metadata leader hands its place to another node on the roster"));
+    }
     let deadline = Instant::now() + timeout;
     loop {
         let meta = client.cluster_meta().context("reading the cluster metadata")?;
         let holds = meta.namespaces.iter().map(|ns| (0..ns.groups).filter(|g| meta.hosts(ns, *g, id)).count()).sum::<usize>();
-        if holds == 0 {
+        let votes = meta.metadata_voters.contains(&id);
+        if holds == 0 && !votes {
+            if voter {
+                log(&format!("the metadata voters are now {:?}", meta.metadata_voters));
+            }
             break;
         }
         if Instant::now() > deadline {
-            bail!("node {id} still holds replicas of {holds} groups after {timeout:?}; it keeps running");
+            let voting = if votes { format!(" and is still a metadata voter ({:?})", meta.metadata_voters) } else { String::new() };
+            bail!("node {id} still holds replicas of {holds} groups{voting} after {timeout:?}; it keeps running");
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -460,6 +476,79 @@ pub fn remove_node(dir: &Path, id: u64, timeout: Duration, log: &mut impl FnMut(
     client.forget_node(id).with_context(|| format!("removing node {id} from the cluster's node list"))?;
     cluster.nodes.remove(index);
     cluster.save(dir)?;
+    // Each node's configuration lists the cluster's nodes as they are now: each from its own
+    // configuration (which has its rack).
+    let paths: Vec<PathBuf> = cluster.nodes.iter().map(|n| dir.join(format!("node{}", n.id)).join("chunkd.toml")).collect();
+    let mut texts = Vec::new();
+    for path in &paths {
+        texts.push(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?);
+    }
+    let mut tables = Vec::new();
+    for ((node, text), path) in cluster.nodes.iter().zip(&texts).zip(&paths) {
+        tables.push(node_table(text, node.id).with_context(|| format!("{} has no [[nodes]] entry for its own node", path.display()))?);
+    }
+    for (text, path) in texts.iter().zip(&paths) {
+        let listed = with_node_tables(text, &tables);
+        if listed != *text {
+            std::fs::write(path, listed).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
     log(&format!("node {id} holds no data, stopped and left the cluster (its directory {} can go)", dir.join(format!("node{id}")).display()));
     Ok(())
+}
+
+/// The tables of `text` (a chunkd.toml), each with its lines up to the next table header
+/// (comments included); the lines before the first header come first, as a table of their own.
+fn toml_tables(text: &str) -> Vec<Vec<&str>> {
+    let mut tables: Vec<Vec<&str>> = vec![Vec::new()];
+    for line in text.lines() {
+        if line.trim_start().starts_with('[') {
+            tables.push(Vec::new());
+        }
+        tables.last_mut().expect("one table at least").push(line);
+    }
+    tables
+}
+
+/// Whether `table` is the `[[nodes]]` table of a node (of node `id`, if given).
+fn is_node_table(table: &[&str], id: Option<u64>) -> bool {
+    table.first().is_some_and(|l| l.trim() == "[[nodes]]") && id.is_none_or(|id| table.iter().any(|l| l.trim() == format!("id = {id}")))
+}
+
+/// Node `id`'s `[[nodes]]` table in `text` (its own configuration has it, with its rack).
+fn node_table(text: &str, id: u64) -> Option<String> {
+    toml_tables(text).into_iter().find(|t| is_node_table(t, Some(id))).map(|t| t.iter().map(|l| format!("{l}\n")).collect())
+}
+
+/// `text` with its `[[nodes]]` tables replaced by `tables` (placed where the first was).
+fn with_node_tables(text: &str, tables: &[String]) -> String {
+    let mut out = String::new();
+    let mut placed = false;
+    for table in toml_tables(text) {
+        if !is_node_table(&table, None) {
+            table.iter().for_each(|l| out += &format!("{l}\n"));
+        } else if !placed {
+            tables.iter().for_each(|t| out += t);
+            placed = true;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{node_table, with_node_tables};
+
+    #[test]
+    fn the_node_list_of_a_configuration_is_replaced_whole() {
+        let two = "node-id = 2\n\n[[nodes]]\nid = 1\npeer = \"a\"\n\n[[nodes]]\nid = 2\npeer = \"b\"\n\n[[namespaces]]\nname = \"test\"\n";
+        let four = "node-id = 4\n[[nodes]]\nid = 4\npeer = \"d\"\nrack = \"r\"\n[[namespaces]]\n";
+        assert_eq!(node_table(two, 2).as_deref(), Some("[[nodes]]\nid = 2\npeer = \"b\"\n\n"));
+        assert_eq!(node_table(two, 12), None);
+        let tables = [node_table(two, 2).unwrap(), node_table(four, 4).unwrap()];
+        assert_eq!(
+            with_node_tables(two, &tables),
+            "node-id = 2\n\n[[nodes]]\nid = 2\npeer = \"b\"\n\n[[nodes]]\nid = 4\npeer = \"d\"\nrack = \"r\"\n[[namespaces]]\nname = \"test\"\n"
+        );
+    }
 }

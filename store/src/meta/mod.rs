@@ -25,7 +25,7 @@ pub mod leases;
 mod state_machine;
 mod v1;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -78,7 +78,9 @@ pub struct ClusterMeta {
     pub nodes: Vec<NodeInfo>,
     /// The nodes that own data, ascending (Aerospike's roster): groups are placed over these.
     pub roster: Vec<NodeId>,
-    /// The metadata group's voters, fixed when the cluster was bootstrapped.
+    /// The metadata group's voters: the lowest ids when the cluster was bootstrapped, then as
+    /// the group's own membership changes (the state machine copies each membership it
+    /// applies here; see `metadata_voters_target`).
     pub metadata_voters: Vec<NodeId>,
     /// Sorted by name.
     pub namespaces: Vec<NamespaceInfo>,
@@ -125,6 +127,27 @@ impl ClusterMeta {
         placement::replicas_on_racks(&ns.name, group, &racked, ns.replication_factor as usize)
     }
 
+    /// The metadata voters the cluster should have, given the `current` ones (the group's
+    /// membership) and which nodes are `live`: the group keeps its size, and each voter off the
+    /// roster hands its place to a live roster node that is not a voter, on a rack the voters
+    /// do not cover yet where there is one, else the lowest id. A voter nobody can replace
+    /// stays (the group never shrinks: fewer voters would survive fewer failures).
+    pub fn metadata_voters_target(&self, current: &[NodeId], live: impl Fn(NodeId) -> bool) -> Vec<NodeId> {
+        let rack = |id: NodeId| self.node(id).and_then(|n| n.rack.clone());
+        let mut kept: Vec<NodeId> = current.iter().copied().filter(|id| self.roster.contains(id)).collect();
+        let mut spare: Vec<NodeId> = self.roster.iter().copied().filter(|id| !current.contains(id) && live(*id)).collect();
+        for leaving in current.iter().copied().filter(|id| !self.roster.contains(id)) {
+            let covered: BTreeSet<Option<String>> = kept.iter().map(|id| rack(*id)).collect();
+            let pick = spare.iter().position(|id| rack(*id).is_some_and(|r| !covered.contains(&Some(r)))).or((!spare.is_empty()).then_some(0));
+            match pick {
+                Some(index) => kept.push(spare.remove(index)),
+                None => kept.push(leaving),
+            }
+        }
+        kept.sort_unstable();
+        kept
+    }
+
     /// Whether `node` hosts a replica of `group` of `ns`: it is a voter, or a move takes the
     /// group to it.
     pub fn hosts(&self, ns: &NamespaceInfo, group: u32, node: NodeId) -> bool {
@@ -164,7 +187,10 @@ impl ClusterMeta {
             return Err(format!("node {node} is on the roster: take it off first (roster set)"));
         }
         if self.metadata_voters.contains(&node) {
-            return Err(format!("node {node} is a metadata voter (voters {:?} are fixed at bootstrap)", self.metadata_voters));
+            return Err(format!(
+                "node {node} is a metadata voter (voters {:?}): wait until the metadata leader has handed its place to a node on the roster",
+                self.metadata_voters
+            ));
         }
         let holds = self.namespaces.iter().flat_map(|ns| (0..ns.groups).map(move |g| (ns, g))).filter(|(ns, g)| self.hosts(ns, *g, node)).count();
         if holds > 0 {
@@ -361,6 +387,28 @@ mod tests {
 
     fn node(id: u64) -> NodeInfo {
         NodeInfo { id, client: format!("127.0.0.1:{}", 7400 + id), peer: format!("127.0.0.1:{}", 7500 + id), rack: None }
+    }
+
+    /// Voters off the roster hand their place to live roster nodes, preferring a rack the
+    /// voters lack; with nobody to take it, a voter stays; the group never shrinks or grows.
+    #[test]
+    fn metadata_voters_off_the_roster_are_replaced_by_live_roster_nodes() {
+        let mut cluster = ClusterMeta::from_config((1..=5).map(node).collect(), &[]);
+        assert_eq!(cluster.metadata_voters, vec![1, 2, 3, 4, 5]);
+        let all = |_| true;
+        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], all), vec![1, 2, 3], "all on the roster: nothing changes");
+        cluster.roster = vec![2, 3, 4, 5];
+        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], all), vec![2, 3, 4]);
+        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], |id| id != 4), vec![2, 3, 5], "node 4 is down");
+        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], |id| id < 4), vec![1, 2, 3], "nobody live to take node 1's place");
+        cluster.roster = vec![4, 5];
+        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], all), vec![3, 4, 5], "nodes 1 and 2 give way to 4 and 5; node 3, with nobody left to replace it, stays");
+        // Racks: node 2 and 3 are on rack a; node 4 too, node 5 on rack b.
+        for n in &mut cluster.nodes {
+            n.rack = Some(if n.id == 5 { "b" } else { "a" }.into());
+        }
+        cluster.roster = vec![2, 3, 4, 5];
+        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], all), vec![2, 3, 5], "rack b is not covered yet");
     }
 
     #[test]

@@ -206,10 +206,15 @@ impl MetaStateMachine {
     }
 
     /// Keeps `cluster` as learnt from the metadata group (a node that is not a voter), durably,
-    /// so that the node restarts without asking again.
+    /// so that the node restarts without asking again. A state machine that applied entries of
+    /// the group (a member, or a former one) keeps its own: what it holds goes with the log
+    /// index it applied, and a fetched copy must not replace it under that index.
     pub async fn remember(&self, cluster: ClusterMeta) -> Result<(), String> {
         let state = {
             let mut state = self.shared.state.lock().unwrap();
+            if state.last_applied.is_some() {
+                return Ok(());
+            }
             state.cluster = Some(cluster);
             state.clone()
         };
@@ -246,11 +251,25 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut next = self.shared.state.lock().unwrap().clone();
+        if next.last_applied.is_none() {
+            // A node that joins the group as a learner may have remembered a fetched copy
+            // (`remember`): the group's state starts from its first entry, not from that.
+            next.cluster = None;
+        }
         let mut results = Vec::new();
         for entry in entries {
             results.push(match entry.payload {
                 EntryPayload::Blank => MetaResult::Noop,
                 EntryPayload::Membership(membership) => {
+                    // The metadata records the group's voters as its own log changed them (in a
+                    // joint configuration: the old and the new together).
+                    if let Some(cluster) = next.cluster.as_mut() {
+                        let voters: Vec<NodeId> = membership.voter_ids().collect();
+                        if cluster.metadata_voters != voters {
+                            tracing::info!(from = ?cluster.metadata_voters, to = ?voters, "the metadata group's voters changed");
+                            cluster.metadata_voters = voters;
+                        }
+                    }
                     next.membership = StoredMembership::new(Some(entry.log_id), membership);
                     MetaResult::Noop
                 }

@@ -181,7 +181,7 @@ impl Node {
 }
 
 /// The metadata leader's loop: ends sessions whose lease ran out, and fences ending sessions
-/// everywhere (one task per session). Runs on every metadata voter; acts only while leading.
+/// everywhere (one task per session). Runs on every node; acts only while leading.
 pub(super) async fn keep_leases(node: Weak<Node>) {
     loop {
         tokio::time::sleep(LEASE_POLL).await;
@@ -189,7 +189,7 @@ pub(super) async fn keep_leases(node: Weak<Node>) {
         if node.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let Some(raft) = node.meta_raft() else { return };
+        let Some(raft) = node.meta_raft() else { continue };
         let (leader, term) = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow();

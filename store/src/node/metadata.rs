@@ -1,5 +1,16 @@
 //! The metadata group at a node: whether this node is one of its voters, starting its member,
-//! and catching up after the node lost its copy (its data directory wiped).
+//! catching up after the node lost its copy (its data directory wiped), and, at its leader,
+//! changing its voters.
+//!
+//! The voters are the lowest node ids when the cluster is created (at most five). Later the
+//! metadata leader hands the place of each voter taken off the roster to a live roster node
+//! that is not a voter (`place_metadata_voters`, one step every half second): it asks that node
+//! to start its member (`JoinMetadata`), adds it as a learner, waits until it caught up, then
+//! changes the voters (joint consensus), as a partition group's move does. The state machine
+//! copies each membership it applies into the metadata's `metadata_voters`, so the metadata
+//! says who the voters are at each index of the log. A voter removed before it received the
+//! change that removed it hears no leader; it asks a voter, learns that it was removed, and
+//! stops campaigning (`Membership::Unsure`).
 //!
 //! The metadata group is a Raft group like the partition groups, and a voter that comes back
 //! empty and votes like a new one endangers it the same way (see `rejoin`): with voters A, B,
@@ -21,15 +32,16 @@
 //! - **Only a fresh cluster is initialized**: by its first voter, once enough voters answered
 //!   that none holds an entry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use openraft::BasicNode;
 
 use super::transport::Connection;
 use super::{keep_metadata_log_short, rejoin, roster, Node, NodeError};
-use crate::meta::{self, MetaRaft, MetaTypeConfig, META_NAMESPACE, META_WAL_GROUP};
-use crate::protocol::{Request, Response};
+use crate::meta::{self, ClusterMeta, MetaRaft, MetaTypeConfig, META_NAMESPACE, META_WAL_GROUP};
+use crate::protocol::{ErrorReply, Request, Response};
 use crate::raft::{GroupLogStore, NodeId};
 use super::raft_network::GroupNetwork;
 
@@ -41,6 +53,31 @@ pub(crate) struct MetaGroup {
     /// The group's voters as this node learned them (the cluster metadata's, else its
     /// configuration's), for a replica that knows no membership yet.
     pub(crate) voters: Vec<NodeId>,
+}
+
+/// The rest of this node's state as a member of the metadata group.
+#[derive(Default)]
+pub(crate) struct MemberState {
+    /// Held while the member starts (at `join`, or asked to by `JoinMetadata`).
+    starting: tokio::sync::Mutex<()>,
+    /// A metadata voter confirmed that this node is no longer one of the voters, although its
+    /// own log still counts it (the group removed it before it received that change): it no
+    /// longer campaigns, and follows the metadata by asking a voter.
+    removed: AtomicBool,
+    /// The stage of changing the metadata voters this node last logged, as their leader.
+    stage: std::sync::Mutex<String>,
+}
+
+/// How this node follows the cluster metadata, by what its metadata group member knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Membership {
+    /// A member that hears a leader, or a voter: its own state machine is the metadata.
+    Follows,
+    /// A voter by its own log that hears no leader: perhaps removed without knowing. It
+    /// asks a voter, and what that says decides (`note_metadata_voters`).
+    Unsure,
+    /// No member, or one the group does not count (any more): it asks a voter.
+    Outside,
 }
 
 /// What this node is in the metadata group.
@@ -62,11 +99,50 @@ impl Node {
         if !role.voter {
             return Ok(());
         }
+        let _starting = self.meta_member.starting.lock().await;
         let me = self.config.node_id;
-        let rejoin = match role.lost_copy {
+        if role.lost_copy {
+            tracing::warn!("this metadata voter lost its copy of the metadata group: it catches up before it votes again");
+        }
+        let raft = self.start_metadata_member(role.lost_copy, role.voters.clone()).await?;
+        let log = self.wal.log_state(META_WAL_GROUP);
+        if !role.cluster_exists && log.last.is_none() && log.vote.is_none() && role.voters.first() == Some(&me) {
+            let addresses: BTreeMap<NodeId, String> = self.config.nodes.iter().cloned().collect();
+            let members: BTreeMap<NodeId, BasicNode> =
+                role.voters.iter().map(|id| (*id, BasicNode::new(addresses.get(id).cloned().unwrap_or_default()))).collect();
+            raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// `JoinMetadata`: the metadata leader makes this node a member. Starts the member unless
+    /// it runs; one whose log is empty may be a voter that lost its copy (no one here can
+    /// tell), so it catches up before it votes, like any replica that lost its copy.
+    pub(super) async fn handle_join_metadata(&self) -> Response {
+        let _starting = self.meta_member.starting.lock().await;
+        if self.meta.get().is_some() {
+            return Response::Noted;
+        }
+        let empty = self.wal.log_state(META_WAL_GROUP).last.is_none();
+        if empty {
+            tracing::info!("this node joins the metadata group with an empty log: it catches up before it votes");
+        }
+        match self.start_metadata_member(empty, self.metadata_voters()).await {
+            Ok(_) => {
+                tracing::info!("the metadata leader makes this node a member of the metadata group: its member started");
+                Response::Noted
+            }
+            Err(err) => Response::Error(ErrorReply::Internal(format!("cannot start this node's member of the metadata group: {err}"))),
+        }
+    }
+
+    /// Starts this node's member of the metadata group (once; the caller holds `starting`),
+    /// catching up before it votes if `lost_copy`.
+    async fn start_metadata_member(&self, lost_copy: bool, voters: Vec<NodeId>) -> Result<MetaRaft, NodeError> {
+        let me = self.config.node_id;
+        let rejoin = match lost_copy {
             true => {
                 let marker = rejoin::marker_path(&self.config.data_dir, META_NAMESPACE, 0);
-                tracing::warn!("this metadata voter lost its copy of the metadata group: it catches up before it votes again");
                 rejoin::Rejoin::start(marker.clone()).map_err(|e| NodeError::Config(format!("cannot write {}: {e}", marker.display())))?
             }
             false => rejoin::Rejoin::none(),
@@ -85,25 +161,19 @@ impl Node {
         if rejoin.is_active() {
             raft.runtime_config().elect(false);
         }
-        let log = self.wal.log_state(META_WAL_GROUP);
-        if !role.cluster_exists && log.last.is_none() && log.vote.is_none() && role.voters.first() == Some(&me) {
-            let addresses: BTreeMap<NodeId, String> = self.config.nodes.iter().cloned().collect();
-            let members: BTreeMap<NodeId, BasicNode> =
-                role.voters.iter().map(|id| (*id, BasicNode::new(addresses.get(id).cloned().unwrap_or_default()))).collect();
-            raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
-        }
         tokio::spawn(keep_metadata_log_short(raft.clone()));
-        if self.meta.set(MetaGroup { raft, rejoin, voters: role.voters }).is_err() {
+        if self.meta.set(MetaGroup { raft: raft.clone(), rejoin, voters }).is_err() {
             return Err(NodeError::Config("the metadata group was started twice".into()));
         }
-        Ok(())
+        Ok(raft)
     }
 
     /// Whether this node is a metadata voter, whether the cluster exists, and whether this
-    /// voter lost its copy. Once the node knows the cluster, the metadata says (its voters are
-    /// fixed at bootstrap). Before, its configuration says (the lowest ids), unless the peers
-    /// say the cluster exists without it among the voters: a node added to a running cluster
-    /// is never a metadata voter.
+    /// voter lost its copy. Once the node knows the cluster, the metadata says (as this node
+    /// applied it: a voter it has since lost is one the metadata leader asks to start again,
+    /// `JoinMetadata`). Before, its configuration says (the lowest ids), unless the peers say
+    /// the cluster exists without it among the voters: a node added to a running cluster
+    /// becomes a metadata voter only when the metadata leader makes it one.
     async fn metadata_role(&self) -> Result<Role, NodeError> {
         let me = self.config.node_id;
         let marker = rejoin::marker_path(&self.config.data_dir, META_NAMESPACE, 0);
@@ -210,5 +280,81 @@ impl Node {
         let lost = self.lost_among(&voters, &(META_NAMESPACE.to_owned(), 0), meta.rejoin.is_active());
         let dead = metrics.current_leader.is_none() && super::lost_quorum(voters.len(), lost.len());
         (lost, dead)
+    }
+
+    /// How this node follows the cluster metadata (see `Membership`).
+    pub(super) fn metadata_membership(&self) -> Membership {
+        let Some(meta) = self.meta.get() else { return Membership::Outside };
+        let me = self.config.node_id;
+        let metrics = meta.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voter = membership.voter_ids().any(|id| id == me);
+        let learner = membership.learner_ids().any(|id| id == me);
+        let hears_leader = metrics.current_leader.is_some();
+        if voter && hears_leader {
+            // A leader that counts this node a voter is in touch: whatever was said before.
+            self.meta_member.removed.store(false, Ordering::SeqCst);
+        }
+        if self.meta_member.removed.load(Ordering::SeqCst) {
+            return Membership::Outside;
+        }
+        match (voter, hears_leader, learner) {
+            (true, true, _) | (false, true, true) => Membership::Follows,
+            (true, false, _) => Membership::Unsure,
+            (false, _, _) => Membership::Outside,
+        }
+    }
+
+    /// Takes note of the metadata voters a voter confirmed (`cluster`, fetched while this node
+    /// followed as `member`): a node `Unsure` whether it is still a voter and not among them
+    /// was removed, and stops campaigning.
+    pub(super) fn note_metadata_voters(&self, member: Membership, cluster: &ClusterMeta) {
+        let me = self.config.node_id;
+        if cluster.metadata_voters.contains(&me) {
+            self.meta_member.removed.store(false, Ordering::SeqCst);
+        } else if member == Membership::Unsure && !self.meta_member.removed.swap(true, Ordering::SeqCst) {
+            tracing::warn!(voters = ?cluster.metadata_voters, "the metadata group removed this node from its voters: its member no longer campaigns");
+        }
+    }
+
+    /// Whether a voter confirmed that the metadata group removed this node (see `MemberState`).
+    pub(super) fn removed_from_metadata(&self) -> bool {
+        self.meta_member.removed.load(Ordering::SeqCst)
+    }
+
+    /// One step, as the metadata leader, of handing the places of metadata voters off the
+    /// roster to live roster nodes (`ClusterMeta::metadata_voters_target`), by the group's own
+    /// membership changes (`roster::change_voters_step`); the state machine then records the
+    /// new voters in the metadata. A node about to become a member is asked to start its
+    /// member first (`JoinMetadata`). Logs each stage it reaches once.
+    pub(super) async fn place_metadata_voters(&self, cluster: &ClusterMeta) {
+        let Some(meta) = self.meta.get() else { return };
+        let membership = meta.raft.metrics().borrow().membership_config.membership().clone();
+        // In a joint configuration, the voters it moves to.
+        let current: Vec<NodeId> = membership.get_joint_config().last().map(|c| c.iter().copied().collect()).unwrap_or_default();
+        if current.is_empty() {
+            return;
+        }
+        let target: BTreeSet<NodeId> = cluster.metadata_voters_target(&current, |id| self.answered_lately(id)).into_iter().collect();
+        let settled = membership.get_joint_config().len() == 1
+            && current.iter().copied().collect::<BTreeSet<_>>() == target
+            && membership.learner_ids().all(|id| target.contains(&id));
+        if settled {
+            return;
+        }
+        for id in target.iter().copied().filter(|id| !current.contains(id)) {
+            if let Some(peer) = self.peers.get(&id) {
+                if let Err(err) = peer.call(&Request::JoinMetadata, self.config.request_timeout).await {
+                    tracing::debug!(node = id, %err, "asking a node to start its metadata member");
+                }
+            }
+        }
+        let peer = |id: NodeId| cluster.node(id).map(|n| n.peer.clone());
+        let (done, stage) = roster::change_voters_step(&meta.raft, &target, peer, self.config.request_timeout, "$meta/0").await;
+        let mut last = self.meta_member.stage.lock().unwrap();
+        if *last != stage {
+            tracing::info!(from = ?current, to = ?target, done, %stage, "handing metadata voters' places to roster nodes");
+            *last = stage;
+        }
     }
 }

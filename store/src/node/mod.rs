@@ -142,8 +142,12 @@ pub struct Node {
     /// The cluster metadata this node knows (applied by the metadata group on its voters,
     /// remembered from a voter on other nodes).
     meta_state: MetaStateMachine,
-    /// This node's member of the metadata group, when it is one of the voters (set by `join`).
+    /// This node's member of the metadata group: set by `join` on a voter, or when the metadata
+    /// leader makes this node a member (`JoinMetadata`). It stays once set, also after the
+    /// group removed this node (then it neither campaigns nor is asked).
     meta: OnceLock<metadata::MetaGroup>,
+    /// The metadata group's state at this node as a member (see `metadata`).
+    meta_member: metadata::MemberState,
     /// Set once by `join`.
     joined: OnceLock<Joined>,
     /// Set when shutdown begins: new requests are turned away (safely retryable elsewhere).
@@ -250,6 +254,7 @@ impl Node {
             peers,
             meta_state,
             meta: OnceLock::new(),
+            meta_member: Default::default(),
             joined: OnceLock::new(),
             stopping: Default::default(),
             writes_in_flight: Default::default(),
@@ -516,11 +521,17 @@ impl Node {
     }
 
     /// Asks the metadata voters this node knows of (else the seeds, else the voters its
-    /// configuration names) for the cluster metadata; None if none knew.
+    /// configuration names) for the cluster metadata; None if none knew. The other nodes it
+    /// knows are asked last: the voters may all have changed since it learned them.
     async fn fetch_cluster(&self) -> Option<ClusterMeta> {
         let known = self.joined.get().map(|j| j.cluster.read().unwrap().clone()).or_else(|| self.meta_state.cluster());
-        let addresses = match known {
-            Some(cluster) => cluster.metadata_voters.iter().filter_map(|id| cluster.node(*id).map(|n| n.peer.clone())).collect(),
+        let me = self.config.node_id;
+        let addresses: Vec<String> = match known {
+            Some(cluster) => {
+                let (voters, others): (Vec<&NodeInfo>, Vec<&NodeInfo>) =
+                    cluster.nodes.iter().filter(|n| n.id != me).partition(|n| cluster.metadata_voters.contains(&n.id));
+                voters.into_iter().chain(others).map(|n| n.peer.clone()).collect()
+            }
             None => roster::seed_addresses(&self.config),
         };
         roster::fetch_cluster_from(&addresses, self.config.peer_source, Duration::from_secs(2)).await
@@ -635,6 +646,7 @@ impl Node {
             Request::AddNode { node } => self.handle_add_node(node).await,
             Request::SetRoster { nodes } => self.handle_set_roster(nodes).await,
             Request::ForgetNode { node } => self.handle_forget_node(node).await,
+            Request::JoinMetadata => self.handle_join_metadata().await,
             Request::MoveGroup { namespace, group, replicas } => self.handle_move_group(&namespace, group, replicas).await,
             Request::Campaign { namespace, group, last_index } => self.handle_campaign(&namespace, group, last_index).await,
             Request::GroupState { namespace, group } => self.handle_group_state(&namespace, group),

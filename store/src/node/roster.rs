@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use openraft::{BasicNode, ChangeMembers};
 
-use super::{namespace_wal_group, Node, NodeConfig};
+use super::raft_network::NetworkTypes;
+use super::{metadata, namespace_wal_group, Node, NodeConfig};
 use crate::meta::{self, ClusterMeta, MetaCommand, MetaResult, NodeInfo};
 use crate::protocol::{ErrorReply, Request, Response};
 use crate::raft::NodeId;
@@ -136,57 +137,15 @@ impl Node {
             return Response::Error(ErrorReply::NotLeader { leader: None });
         };
         let me = self.config.node_id;
-        let metrics = local.raft.metrics().borrow().clone();
-        if metrics.current_leader != Some(me) {
-            return Response::Error(ErrorReply::NotLeader { leader: metrics.current_leader });
+        let leader = local.raft.metrics().borrow().current_leader;
+        if leader != Some(me) {
+            return Response::Error(ErrorReply::NotLeader { leader });
         }
-        let progress = |done: bool, stage: String| Response::MoveProgress { done, stage };
-        let membership = metrics.membership_config.membership().clone();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let target: BTreeSet<NodeId> = replicas.iter().copied().collect();
-        let timeout = self.config.request_timeout;
-        if voters == target {
-            let stray: BTreeSet<NodeId> = membership.learner_ids().filter(|id| !target.contains(id)).collect();
-            if stray.is_empty() {
-                return progress(true, "moved".into());
-            }
-            return match tokio::time::timeout(timeout, local.raft.change_membership(ChangeMembers::RemoveNodes(stray.clone()), false)).await {
-                Ok(Ok(_)) => progress(true, format!("moved; learners {stray:?} removed")),
-                Ok(Err(err)) => progress(false, format!("removing learners {stray:?}: {err}")),
-                Err(_) => progress(false, format!("removing learners {stray:?}")),
-            };
-        }
         let cluster = self.joined.get().map(|j| j.cluster.read().unwrap().clone());
-        for id in target.iter().filter(|id| membership.get_node(id).is_none()) {
-            let Some(info) = cluster.as_ref().and_then(|c| c.node(*id).cloned()) else {
-                return progress(false, format!("node {id} is not known here yet"));
-            };
-            match tokio::time::timeout(timeout, local.raft.add_learner(*id, BasicNode::new(info.peer), false)).await {
-                Ok(Ok(_)) => tracing::info!(namespace, group, learner = id, "added a learner: it catches up before it votes"),
-                Ok(Err(err)) => return progress(false, format!("adding node {id} as a learner: {err}")),
-                Err(_) => return progress(false, format!("adding node {id} as a learner")),
-            }
-        }
-        let metrics = local.raft.metrics().borrow().clone();
-        let last = metrics.last_log_index.unwrap_or(0);
-        for id in target.iter().filter(|id| !voters.contains(id)) {
-            // None: the learner has not acknowledged any entry yet (it may not even run the
-            // group yet): however short the log, it has not caught up.
-            let matched = metrics.replication.as_ref().and_then(|r| r.get(id).copied()).flatten().map(|l| l.index);
-            match matched {
-                Some(matched) if last.saturating_sub(matched) <= CATCH_UP_LAG => {}
-                Some(matched) => return progress(false, format!("node {id} catching up: at {matched} of {last}")),
-                None => return progress(false, format!("node {id} has not acknowledged any entry yet")),
-            }
-        }
-        match tokio::time::timeout(timeout, local.raft.change_membership(target.clone(), false)).await {
-            Ok(Ok(_)) => {
-                tracing::info!(namespace, group, from = ?voters, to = ?target, "the group's voters changed");
-                progress(true, "voters changed".into())
-            }
-            Ok(Err(err)) => progress(false, format!("changing voters: {err}")),
-            Err(_) => progress(false, "changing voters".into()),
-        }
+        let peer = |id: NodeId| cluster.as_ref().and_then(|c| c.node(id)).map(|n| n.peer.clone());
+        let (done, stage) = change_voters_step(&local.raft, &target, peer, self.config.request_timeout, &format!("{namespace}/{group}")).await;
+        Response::MoveProgress { done, stage }
     }
 
     /// The first answer to `request` from `replicas` (or the leaders they name) that is not
@@ -297,6 +256,66 @@ impl Node {
     }
 }
 
+/// One step of changing the voters of the Raft group `raft` leads (`what` names it in the log)
+/// to `target`; repeated until it answers done, with the stage it reached. It adds the nodes
+/// new to the group as learners (`peer` gives their addresses), waits until each has caught up
+/// (a snapshot, then the log) to within `CATCH_UP_LAG` entries, then changes the voters
+/// (openraft's joint consensus: a quorum of the old voters and of the new ones commits every
+/// entry in between), and last removes learners a change left behind. Each call waits at most
+/// `timeout` per Raft change.
+pub(super) async fn change_voters_step<C: NetworkTypes<Responder = openraft::impls::OneshotResponder<C>>>(
+    raft: &openraft::Raft<C>,
+    target: &BTreeSet<NodeId>,
+    peer: impl Fn(NodeId) -> Option<String>,
+    timeout: Duration,
+    what: &str,
+) -> (bool, String) {
+    let metrics = raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership().clone();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    if voters == *target {
+        let stray: BTreeSet<NodeId> = membership.learner_ids().filter(|id| !target.contains(id)).collect();
+        if stray.is_empty() {
+            return (true, "moved".into());
+        }
+        return match tokio::time::timeout(timeout, raft.change_membership(ChangeMembers::RemoveNodes(stray.clone()), false)).await {
+            Ok(Ok(_)) => (true, format!("moved; learners {stray:?} removed")),
+            Ok(Err(err)) => (false, format!("removing learners {stray:?}: {err}")),
+            Err(_) => (false, format!("removing learners {stray:?}")),
+        };
+    }
+    for id in target.iter().copied().filter(|id| membership.get_node(id).is_none()) {
+        let Some(address) = peer(id) else {
+            return (false, format!("node {id} is not known here yet"));
+        };
+        match tokio::time::timeout(timeout, raft.add_learner(id, BasicNode::new(address), false)).await {
+            Ok(Ok(_)) => tracing::info!(group = what, learner = id, "added a learner: it catches up before it votes"),
+            Ok(Err(err)) => return (false, format!("adding node {id} as a learner: {err}")),
+            Err(_) => return (false, format!("adding node {id} as a learner")),
+        }
+    }
+    let metrics = raft.metrics().borrow().clone();
+    let last = metrics.last_log_index.unwrap_or(0);
+    for id in target.iter().filter(|id| !voters.contains(id)) {
+        // None: the learner has not acknowledged any entry yet (it may not even run the
+        // group yet): however short the log, it has not caught up.
+        let matched = metrics.replication.as_ref().and_then(|r| r.get(id).copied()).flatten().map(|l| l.index);
+        match matched {
+            Some(matched) if last.saturating_sub(matched) <= CATCH_UP_LAG => {}
+            Some(matched) => return (false, format!("node {id} catching up: at {matched} of {last}")),
+            None => return (false, format!("node {id} has not acknowledged any entry yet")),
+        }
+    }
+    match tokio::time::timeout(timeout, raft.change_membership(target.clone(), false)).await {
+        Ok(Ok(_)) => {
+            tracing::info!(group = what, from = ?voters, to = ?target, "the group's voters changed");
+            (true, "voters changed".into())
+        }
+        Ok(Err(err)) => (false, format!("changing voters: {err}")),
+        Err(_) => (false, "changing voters".into()),
+    }
+}
+
 fn meta_answer(result: Result<MetaResult, ErrorReply>) -> Response {
     match result {
         Ok(MetaResult::Refused(why)) => Response::Error(ErrorReply::BadRequest(why)),
@@ -305,8 +324,9 @@ fn meta_answer(result: Result<MetaResult, ErrorReply>) -> Response {
     }
 }
 
-/// Every node's loop: follows the cluster metadata (a voter from its own state machine, other
-/// nodes by asking a voter once a second) and hosts the groups it says. Ends when the node stops.
+/// Every node's loop: follows the cluster metadata (a member of the metadata group from its
+/// own state machine, other nodes by asking a voter once a second) and hosts the groups it
+/// says. Ends when the node stops.
 pub(super) async fn follow_cluster(node: Weak<Node>) {
     let mut fetched_at: Option<tokio::time::Instant> = None;
     loop {
@@ -315,9 +335,10 @@ pub(super) async fn follow_cluster(node: Weak<Node>) {
         if node.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let latest = match node.meta_raft() {
-            Some(_) => node.meta_state.cluster(),
-            None if fetched_at.is_none_or(|at| at.elapsed() >= FETCH_EVERY) => {
+        let member = node.metadata_membership();
+        let latest = match member {
+            metadata::Membership::Follows => node.meta_state.cluster(),
+            _ if fetched_at.is_none_or(|at| at.elapsed() >= FETCH_EVERY) => {
                 fetched_at = Some(tokio::time::Instant::now());
                 let latest = node.fetch_cluster().await;
                 if let Some(cluster) = latest.as_ref().filter(|c| node.meta_state.cluster().as_ref() != Some(*c)) {
@@ -325,9 +346,12 @@ pub(super) async fn follow_cluster(node: Weak<Node>) {
                         tracing::warn!(%err, "cannot record the cluster metadata");
                     }
                 }
+                if let Some(cluster) = &latest {
+                    node.note_metadata_voters(member, cluster);
+                }
                 latest
             }
-            None => None,
+            _ => None,
         };
         if let Some(latest) = latest {
             node.adopt_cluster(latest);
@@ -337,19 +361,21 @@ pub(super) async fn follow_cluster(node: Weak<Node>) {
 }
 
 /// The metadata leader's loop: starts moves for groups that are not where the roster puts
-/// them (at most `MOVES_AT_ONCE` at a time) and drives each to its end (one task per move).
-/// Runs on every metadata voter; acts only while leading. Ends when the node stops.
+/// them (at most `MOVES_AT_ONCE` at a time) and drives each to its end (one task per move),
+/// and hands the places of metadata voters off the roster to roster nodes (`metadata`). Runs
+/// on every node; acts only while leading the metadata group. Ends when the node stops.
 pub(super) async fn keep_balance(node: Weak<Node>) {
     loop {
         tokio::time::sleep(BALANCE_POLL).await;
         let Some(node) = node.upgrade() else { return };
-        if node.stopping.load(std::sync::atomic::Ordering::SeqCst) || node.meta_raft().is_none() {
+        if node.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         if node.leading_meta().is_err() {
             continue;
         }
         let Some(cluster) = node.meta_state.cluster() else { continue };
+        node.place_metadata_voters(&cluster).await;
         let mut moving = 0;
         for ns in &cluster.namespaces {
             for (&group, replicas) in &ns.moves {

@@ -99,8 +99,8 @@ impl Node {
         !group.state_machine.is_waiting_for_room() && !group.rejoin.is_active() && self.hears_a_quorum_of(&group.raft.metrics().borrow())
     }
 
-    /// `may_campaign` for the metadata group.
+    /// `may_campaign` for the metadata group; also not once the group removed this node.
     pub(super) fn may_campaign_for_metadata(&self, meta: &MetaGroup) -> bool {
-        !meta.rejoin.is_active() && self.hears_a_quorum_of(&meta.raft.metrics().borrow())
+        !meta.rejoin.is_active() && !self.removed_from_metadata() && self.hears_a_quorum_of(&meta.raft.metrics().borrow())
     }
 }

@@ -124,10 +124,14 @@ pub enum Request {
     /// `survivor` (whose log reaches `last_index`); a survivor that lost its copy once and
     /// caught up part of the way stops catching up. Answered `Noted`.
     ReviveReplica { namespace: String, group: u32, survivor: u64, last_index: u64 },
-    /// Between nodes: the metadata group's voters as this node last knew the cluster metadata
-    /// (fixed at bootstrap, so any copy is right). A metadata voter whose log is empty asks it
-    /// to learn whether it lost its copy. Answered `MetadataVoters`, also before joining.
+    /// Between nodes: the metadata group's voters as this node last knew the cluster metadata.
+    /// A metadata voter whose log is empty asks it to learn whether it lost its copy. Answered
+    /// `MetadataVoters`, also before joining.
     MetadataVoters,
+    /// Between nodes: the metadata leader is about to make this node a member of the metadata
+    /// group (a learner first): it starts its member if it runs none (one that starts with an
+    /// empty log catches up before it votes). Answered `Noted`.
+    JoinMetadata,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

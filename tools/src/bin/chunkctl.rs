@@ -155,8 +155,9 @@ enum NodeCommand {
         #[arg(long)]
         wait: bool,
     },
-    /// Take NODE off the roster, wait until its groups have moved away, then stop it and remove
-    /// it from the cluster (metadata voters, the lowest ids at creation, stay).
+    /// Take NODE off the roster, wait until its groups have moved away (and, for a metadata
+    /// voter, another roster node took its place), then stop it and remove it from the cluster
+    /// (on real machines: `roster set` without it, wait, stop it, and drop its [[nodes]] entry).
     Remove {
         node: u64,
         /// Give up (leaving the node running) after this many seconds.
