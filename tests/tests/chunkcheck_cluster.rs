@@ -194,21 +194,25 @@ fn register_through_delayed_dropped_and_reordered_packets_is_linearizable() {
 }
 
 /// Registers stay linearizable while groups move: nodes leave the roster and come back (their
-/// groups moving away and back under the workload), with kills in between.
+/// groups moving away and back under the workload), with kills in between. Six nodes: five are
+/// the metadata voters at first, so a metadata voter taken off the roster hands its place to a
+/// roster node that is not one, and the metadata group's voters change under the workload too.
 #[test]
 fn register_while_groups_move_between_nodes_is_linearizable() {
-    let (code, result, out) = chunkcheck_keeping_output("register", "23", "roster,kill", "4", &["--nodes", "4"]);
+    let (code, result, out) = chunkcheck_keeping_output("register", "23", "roster,kill", "4", &["--nodes", "6"]);
     assert_contract_fields(&result);
     assert_eq!((code, &result["valid"]), (0, &serde_json::json!(true)), "{result}");
     assert!(result["ok"].as_u64().unwrap() > 1000, "the workload made progress: {result}");
     assert!(fault_kinds(&result).contains("roster"), "a roster change happened: {result}");
     // Groups really moved: some group changed its voters.
-    let mut voter_changes = 0;
-    for node in 1..=4 {
+    let (mut voter_changes, mut metadata_voter_changes) = (0, 0);
+    for node in 1..=6 {
         let log = std::fs::read_to_string(out.path().join(format!("run/cluster/node{node}/chunkd.log"))).unwrap_or_default();
         voter_changes += log.matches("the group's voters changed").count();
+        metadata_voter_changes += log.matches("the metadata group's voters changed").count();
     }
     assert!(voter_changes > 0, "no group changed its voters: {result}");
+    assert!(metadata_voter_changes > 0, "the metadata group's voters never changed: {result}");
 }
 
 /// Unique write ownership under node pauses and partitions, with clients that pause past their
