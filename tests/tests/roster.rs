@@ -80,6 +80,29 @@ fn set_phase(log: &Mutex<Log>, phase: &'static str) {
     log.lock().unwrap().phase = phase;
 }
 
+/// Stops the writers and checks what they did: no request failed, and more than 10 writes
+/// landed in each of the `busy` phases. Their log.
+fn stop_writers<'a>(stop: &AtomicBool, writers: Vec<std::thread::JoinHandle<()>>, log: &'a Mutex<Log>, busy: &[&str]) -> std::sync::MutexGuard<'a, Log> {
+    stop.store(true, Ordering::SeqCst);
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let log = log.lock().unwrap();
+    assert!(log.failures.is_empty(), "{} requests failed, the first: {:?}", log.failures.len(), &log.failures[..log.failures.len().min(5)]);
+    for phase in busy {
+        assert!(log.writes_per_phase.get(phase).copied().unwrap_or(0) > 10, "few writes while {phase}: {:?}", log.writes_per_phase);
+    }
+    log
+}
+
+/// Every acknowledged write of `acked` reads back, confirmed by its group's leader with a quorum.
+fn assert_acked_read_back(client: &Client, acked: &[(String, i64)]) {
+    for (name, value) in acked {
+        let record = client.get_with("test", &Key::new("moves", name.as_str()), None, ReadPolicy::Linearizable).unwrap();
+        assert_eq!(record.and_then(|r| r.bins.first().map(|b| b.value.clone())), Some(Value::Int(*value)), "acknowledged {name} lost");
+    }
+}
+
 /// Groups of namespace test with `node` among their replicas, and groups moving, per status.
 fn placement_of(dir: &Path, node: u64) -> (usize, usize) {
     let status = status(dir);
@@ -171,21 +194,10 @@ fn adding_and_removing_a_node_moves_groups_while_every_record_stays_readable_and
     set_phase(&log, "removed");
     std::thread::sleep(Duration::from_millis(500));
 
-    stop.store(true, Ordering::SeqCst);
-    for writer in writers {
-        writer.join().unwrap();
-    }
-    let log = log.lock().unwrap();
-    assert!(log.failures.is_empty(), "{} requests failed, the first: {:?}", log.failures.len(), &log.failures[..log.failures.len().min(5)]);
-    for phase in ["adding", "removing"] {
-        assert!(log.writes_per_phase.get(phase).copied().unwrap_or(0) > 10, "few writes while {phase}: {:?}", log.writes_per_phase);
-    }
+    let log = stop_writers(&stop, writers, &log, &["adding", "removing"]);
     // Every acknowledged write reads back, confirmed by each group's leader with a quorum.
     let client = Client::connect(ClientConfig::new(seeds(dir))).unwrap();
-    for (name, value) in &log.acked {
-        let record = client.get_with("test", &Key::new("moves", name.as_str()), None, ReadPolicy::Linearizable).unwrap();
-        assert_eq!(record.and_then(|r| r.bins.first().map(|b| b.value.clone())), Some(Value::Int(*value)), "acknowledged {name} lost");
-    }
+    assert_acked_read_back(&client, &log.acked);
     let nodes: Vec<u64> = status(dir)["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();
     assert_eq!(nodes, vec![1, 2, 3], "the removed node left the cluster");
     eprintln!("writes per phase: {:?}", log.writes_per_phase);
@@ -236,13 +248,7 @@ fn an_original_node_hands_its_metadata_vote_to_a_new_node_when_removed() {
     assert!(said.contains("the metadata voters are now [2, 3, 4]"), "{said}");
     set_phase(&log, "removed");
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    for writer in writers {
-        writer.join().unwrap();
-    }
-    let log = log.lock().unwrap();
-    assert!(log.failures.is_empty(), "{} requests failed, the first: {:?}", log.failures.len(), &log.failures[..log.failures.len().min(5)]);
-    assert!(log.writes_per_phase.get("removing").copied().unwrap_or(0) > 10, "few writes while removing: {:?}", log.writes_per_phase);
+    let log = stop_writers(&stop, writers, &log, &["removing"]);
 
     let shown: Json = serde_json::from_str(&chunkctl_ok(dir, &["roster", "show", "--json"])).unwrap();
     assert_eq!(shown["metadata_voters"], serde_json::json!([2, 3, 4]), "{shown}");
@@ -266,10 +272,7 @@ fn an_original_node_hands_its_metadata_vote_to_a_new_node_when_removed() {
         std::thread::sleep(Duration::from_millis(200));
     };
     eprintln!("session {session} opened with node 2 down");
-    for (name, value) in &log.acked {
-        let record = client.get_with("test", &Key::new("moves", name.as_str()), None, ReadPolicy::Linearizable).unwrap();
-        assert_eq!(record.and_then(|r| r.bins.first().map(|b| b.value.clone())), Some(Value::Int(*value)), "acknowledged {name} lost");
-    }
+    assert_acked_read_back(&client, &log.acked);
 
     // Node 2 restarts from its rewritten configuration and serves its groups again.
     let mut restarted = start_node(dir, 2);
