@@ -35,3 +35,33 @@ impl StoreBuilder<TypeConfig, GroupLogStore, GroupStateMachine, tempfile::TempDi
 fn openraft_storage_suite_passes() {
     Suite::test_all(Builder).unwrap();
 }
+
+/// A replica that moved away keeps its log only up to what it applied, and may have saved a
+/// committed id past that; openraft re-applies up to the committed id it reads at start, so
+/// the store never hands back one past the newest entry it holds (else the replica cannot
+/// start when the group moves back: "Failed to get log entries").
+#[test]
+fn the_committed_id_read_back_never_lies_past_the_log() {
+    use chunkstore::wal::WalOp;
+    use openraft::storage::RaftLogStorage;
+    use openraft::{CommittedLeaderId, LogId};
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Arc::new(Wal::open(WalConfig::new(dir.path().join("wal"))).unwrap());
+        let mut store = GroupLogStore::new(wal.clone(), 7);
+        let committed = LogId::new(CommittedLeaderId::new(3, 0), 120);
+        store.save_committed(Some(committed)).await.unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), None, "no entry is held: nothing is committed here");
+
+        // Trimmed to its applied point (as `trim_stopped_log` does): entries up to 100 purged.
+        wal.append_blocking(7, &[WalOp::Purge { upto_index: 100, upto_term: 3 }]).unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), Some(LogId::new(CommittedLeaderId::new(3, 0), 100)));
+
+        // Within the log, the saved id stands.
+        let inside = LogId::new(CommittedLeaderId::new(3, 0), 90);
+        store.save_committed(Some(inside)).await.unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), Some(inside));
+    });
+}

@@ -209,14 +209,18 @@ fn adding_and_removing_a_node_moves_groups_while_every_record_stays_readable_and
 /// metadata group's own membership change, moves its groups away, stops it and drops it from
 /// the other nodes' configuration files, with writers writing and reading throughout.
 ///
+/// Node 1 leads groups when it leaves them; it hands each to a replica that stays before the
+/// group's voters change, rather than leaving the group to an election.
+///
 /// Node 4 is then a real voter: with node 1 gone and node 2 killed, only nodes 3 and 4 can make
 /// a metadata quorum, and a lease session (a metadata write) still opens. Node 2 restarts with
 /// its rewritten configuration and serves again.
 ///
 /// Negative controls: with `place_metadata_voters` not changing the group's membership, `node
 /// remove 1` times out ("still a metadata voter"); with the metadata leader changing the
-/// membership but the state machine not recording the voters it applies, the same; with the
-/// configuration files left as they were, "node 2's configuration still lists node 1" (and,
+/// membership but the state machine not recording the voters it applies, the same; with
+/// `leadership::hand_over_before_leaving` doing nothing, "node 1 led groups out of themselves";
+/// with the configuration files left as they were, "node 2's configuration still lists node 1" (and,
 /// with only node 1's entry dropped, node 2 refused to restart: "replication-factor 3 must be
 /// 1..=2 (the number of nodes)").
 #[test]
@@ -241,6 +245,8 @@ fn an_original_node_hands_its_metadata_vote_to_a_new_node_when_removed() {
     std::thread::sleep(Duration::from_millis(500));
     set_phase(&log, "adding");
     chunkctl_ok(dir, &["node", "add", "--wait"]);
+    // Node 1 leads groups when it leaves them: each must be handed to a replica that stays.
+    wait_for_leadership(dir, 30, "node 1 leads a group", |seen| seen.get(&1).is_some_and(|(leads, _)| *leads > 0));
     set_phase(&log, "removing");
     let removed = chunkctl(dir, &["node", "remove", "1", "--timeout-s", "60"]);
     let said = String::from_utf8_lossy(&removed.stderr);
@@ -249,6 +255,15 @@ fn an_original_node_hands_its_metadata_vote_to_a_new_node_when_removed() {
     set_phase(&log, "removed");
     std::thread::sleep(Duration::from_millis(500));
     let log = stop_writers(&stop, writers, &log, &["removing"]);
+
+    // Node 1 committed no change that left it out (the leader that commits a change logs it),
+    // so no group it led was left to an election: it handed
+    // each group it led to a replica that stays first, so no group was left without a leader.
+    let node1_log = std::fs::read_to_string(dir.join("node1").join("chunkd.log")).unwrap();
+    let leaves_1 = |line: &str| line.split("to={").nth(1).and_then(|to| to.split('}').next()).is_some_and(|to| !to.split(", ").any(|id| id == "1"));
+    let changed: Vec<&str> = node1_log.lines().filter(|l| l.contains("the group's voters changed") && l.contains("group=\"test/") && leaves_1(l)).collect();
+    assert!(changed.is_empty(), "node 1 led groups out of themselves, leaving them to an election: {changed:?}");
+    assert!(node1_log.contains("handed leadership to a replica that stays before the move"), "node 1 handed no group over before leaving it");
 
     let shown: Json = serde_json::from_str(&chunkctl_ok(dir, &["roster", "show", "--json"])).unwrap();
     assert_eq!(shown["metadata_voters"], serde_json::json!([2, 3, 4]), "{shown}");

@@ -32,12 +32,18 @@ pub(super) struct LeaseClock {
 
 impl Node {
     /// This node's metadata group member, if it leads the group; NotLeader otherwise.
+    ///
+    /// A leader that committed its own removal from the voters is not one, though openraft's
+    /// metrics still name it (its vote stays until a newer leader reaches it, and none does):
+    /// acting on, it would drive moves from metadata that no longer changes.
     pub(super) fn leading_meta(&self) -> Result<&MetaRaft, ErrorReply> {
         let raft = self.meta_raft().ok_or(ErrorReply::NotLeader { leader: None })?;
         let metrics = raft.metrics().borrow().clone();
+        let me = self.config.node_id;
         match metrics.current_leader {
-            Some(leader) if leader != self.config.node_id => Err(ErrorReply::NotLeader { leader: Some(leader) }),
+            Some(leader) if leader != me => Err(ErrorReply::NotLeader { leader: Some(leader) }),
             None => Err(ErrorReply::NotLeader { leader: None }),
+            Some(_) if !metrics.membership_config.membership().voter_ids().any(|id| id == me) => Err(ErrorReply::NotLeader { leader: None }),
             Some(_) if self.leads_out_of_touch(&metrics) => Err(ErrorReply::NotLeader { leader: None }),
             Some(_) => Ok(raft),
         }

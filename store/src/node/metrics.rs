@@ -195,7 +195,7 @@ impl Node {
             metrics.wal_bytes.inc_by(wal.bytes.saturating_sub(seen.1));
             *seen = (wal.fsyncs.max(seen.0), wal.bytes.max(seen.1));
         }
-        let leading = self.meta_raft().is_some_and(|raft| raft.metrics().borrow().current_leader == Some(me));
+        let leading = self.leading_meta().is_ok();
         let sessions = if leading { self.meta_state.leases().len() } else { 0 };
         metrics.lease_sessions.set(sessions as i64);
         let mut text = String::new();

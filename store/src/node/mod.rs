@@ -164,6 +164,8 @@ pub struct Node {
     /// The lease deadlines, while this node leads the metadata group (see `leases`).
     lease_clock: std::sync::Mutex<leases::LeaseClock>,
     metrics: metrics::NodeMetrics,
+    /// The groups this node leads, since when (see `leadership`).
+    leading: leadership::Leading,
     /// The group moves this node drives as the metadata leader (see `roster`).
     moves_driven: std::sync::Mutex<std::collections::HashSet<(String, u32)>>,
 }
@@ -262,6 +264,7 @@ impl Node {
             peer_health: Default::default(),
             peer_answered: Default::default(),
             lease_clock: Default::default(),
+            leading: Default::default(),
             moves_driven: Default::default(),
             metrics: Default::default(),
         }))

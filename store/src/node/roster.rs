@@ -7,7 +7,8 @@
 //! 1. the metadata leader records it (`MetaCommand::StartMove`); nodes in the new replicas
 //!    start the group's Raft instance, empty;
 //! 2. it asks the group's leader to move the group (`Request::MoveGroup`, repeated until
-//!    done): the leader adds the new nodes as learners, waits until each has caught up (a
+//!    done): a leader the move leaves out first hands the group to a voter that stays
+//!    (`leadership`), so the group is never without a leader; the leader adds the new nodes as learners, waits until each has caught up (a
 //!    snapshot, then the log) to within `CATCH_UP_LAG` entries, then changes the group's voters
 //!    to the new replicas (openraft's joint consensus: a quorum of the old voters and of the new
 //!    ones commits every entry in between);
@@ -141,8 +142,17 @@ impl Node {
         if leader != Some(me) {
             return Response::Error(ErrorReply::NotLeader { leader });
         }
-        let target: BTreeSet<NodeId> = replicas.iter().copied().collect();
+        // Only the move the metadata records: a driver acting on stale metadata (a metadata
+        // leader that lost its place) would otherwise change the voters back and forth.
         let cluster = self.joined.get().map(|j| j.cluster.read().unwrap().clone());
+        if cluster.as_ref().and_then(|c| c.namespace(namespace)).and_then(|ns| ns.moves.get(&group)) != Some(&replicas) {
+            let stage = format!("the metadata at node {me} does not record a move of {namespace}/{group} to {replicas:?}");
+            return Response::MoveProgress { done: false, stage };
+        }
+        if let Some(answer) = self.hand_over_before_leaving(namespace, group, &local, &replicas).await {
+            return answer;
+        }
+        let target: BTreeSet<NodeId> = replicas.iter().copied().collect();
         let peer = |id: NodeId| cluster.as_ref().and_then(|c| c.node(id)).map(|n| n.peer.clone());
         let (done, stage) = change_voters_step(&local.raft, &target, peer, self.config.request_timeout, &format!("{namespace}/{group}")).await;
         Response::MoveProgress { done, stage }

@@ -20,6 +20,14 @@
 //! round trip, so a cut in either direction counts). It still votes, and an election asked
 //! for on purpose (a leadership hand-over) still runs.
 //!
+//! Replicas on their way out. A membership change that leaves a replica out reaches it as the
+//! joint configuration; the leader stops sending to it once the new one is appended, so it
+//! hears no leader from then on, and would campaign (in vain: the new voters hold the
+//! leader's lease) in ever higher terms until the metadata tells its node to stop it. That
+//! term stays with its stored vote; should the group ever move back to it, the first message
+//! it answers deposes the group's leader (seen: a 3 s stall when a roster change undid an
+//! earlier one). So a replica left out of the change under way never campaigns (`leaving`).
+//!
 //! Safety does not rest on any of this: a deposed leader cannot commit, and linearizable reads
 //! still confirm leadership with a quorum; a replica that does not campaign only leaves the
 //! election to the others. Only how soon clients find the new leader does.
@@ -95,12 +103,21 @@ impl Node {
     /// apply waits for device space (as leader it would commit writes it could not answer),
     /// not while it catches up after losing its copy, and not while it is cut off from most of
     /// the group (its campaigns would only raise the term and depose the leader later).
+    /// And not while a membership change under way leaves it out (`leaving`).
     pub(super) fn may_campaign(&self, group: &Group) -> bool {
-        !group.state_machine.is_waiting_for_room() && !group.rejoin.is_active() && self.hears_a_quorum_of(&group.raft.metrics().borrow())
+        let metrics = group.raft.metrics().borrow().clone();
+        !group.state_machine.is_waiting_for_room() && !group.rejoin.is_active() && !self.leaving(&metrics) && self.hears_a_quorum_of(&metrics)
     }
 
     /// `may_campaign` for the metadata group; also not once the group removed this node.
     pub(super) fn may_campaign_for_metadata(&self, meta: &MetaGroup) -> bool {
-        !meta.rejoin.is_active() && !self.removed_from_metadata() && self.hears_a_quorum_of(&meta.raft.metrics().borrow())
+        let metrics = meta.raft.metrics().borrow().clone();
+        !meta.rejoin.is_active() && !self.removed_from_metadata() && !self.leaving(&metrics) && self.hears_a_quorum_of(&metrics)
+    }
+
+    /// Whether the membership change under way (a joint configuration) leaves this node out.
+    fn leaving(&self, metrics: &Metrics) -> bool {
+        let joint = metrics.membership_config.membership().get_joint_config();
+        joint.len() > 1 && joint.last().is_some_and(|new| !new.contains(&self.config.node_id))
     }
 }

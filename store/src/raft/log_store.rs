@@ -214,11 +214,21 @@ impl<C: WalLogTypes> RaftLogStorage<C> for GroupLogStore<C> {
         Ok(())
     }
 
+    /// Never past the newest entry this log holds: openraft re-applies up to the committed id
+    /// at start and fails on entries it cannot read. A replica that moved away keeps its log
+    /// only up to what it applied (`roster::trim_stopped_log`), while the committed id it saved
+    /// may lie further on; when the group moves back, that replica must still start.
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        match self.wal.log_state(self.group).committed {
-            Some(bytes) => decode(&bytes),
-            None => Ok(None),
-        }
+        let state = self.wal.log_state(self.group);
+        let committed: Option<LogId<NodeId>> = match &state.committed {
+            Some(bytes) => decode(bytes)?,
+            None => None,
+        };
+        Ok(match (committed, state.last.max(state.purged)) {
+            (Some(committed), Some((index, term))) if committed.index > index => Some(log_id(term, index)),
+            (Some(_), None) => None,
+            (committed, _) => committed,
+        })
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageError<NodeId>>
