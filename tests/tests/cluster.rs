@@ -746,7 +746,7 @@ fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
     loop {
         // The partition groups' (the metadata group's line says namespace="$meta").
         let log = node3_log();
-        let caught_up = log[first_life..].lines().filter(|l| l.contains("caught up after this replica's copy was lost") && l.contains("namespace=\"test\"")).count();
+        let caught_up = log[first_life..].lines().filter(|l| l.contains("caught up from the group's leader: this replica votes again") && l.contains("namespace=\"test\"")).count();
         if caught_up == 16 {
             break;
         }

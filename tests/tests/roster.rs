@@ -6,9 +6,13 @@
 //! The new node is checked to hold real copies: it answers reads of the groups placed on it
 //! from its own state.
 //!
+//! A replica a move brings to a node votes only once the group's leader has caught it up.
+//!
 //! Negative control: with the metadata leader recording each move finished without asking the
 //! group to change its voters (`roster::drive_move`), node 4 is placed in groups it never
-//! received, and the test fails ("node 4 has no copy of acknowledged ...").
+//! received, and the test fails ("node 4 has no copy of acknowledged ..."); with arriving
+//! replicas voting at once (`Node::start_group`), "replicas that arrived on node 4 without
+//! waiting to vote".
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,6 +188,14 @@ fn adding_and_removing_a_node_moves_groups_while_every_record_stays_readable_and
     let acked = log.lock().unwrap().acked.clone();
     let held = copies_on_node(dir, 4, &acked);
     assert!(held > 0, "no acknowledged record was in a group placed on node 4");
+    // Each replica a move brought to node 4 voted only once the group's leader had caught it
+    // up (a replica arriving with an old log must not help elect a leader of an old membership).
+    let node4_log = std::fs::read_to_string(dir.join("node4").join("chunkd.log")).unwrap();
+    let test_lines = |what: &str| node4_log.lines().filter(|l| l.contains(what) && (l.contains("namespace=test ") || l.contains("namespace=\"test\""))).count();
+    let arrived = test_lines("a move brings the group here: its replica catches up before it votes");
+    let caught_up = test_lines("caught up from the group's leader: this replica votes again");
+    assert_eq!(arrived, on_new, "replicas that arrived on node 4 without waiting to vote");
+    assert_eq!(caught_up, on_new, "replicas on node 4 that never voted again");
 
     set_phase(&log, "added");
     std::thread::sleep(Duration::from_millis(500));

@@ -116,18 +116,19 @@ impl Node {
     }
 
     /// `JoinMetadata`: the metadata leader makes this node a member. Starts the member unless
-    /// it runs; one whose log is empty may be a voter that lost its copy (no one here can
-    /// tell), so it catches up before it votes, like any replica that lost its copy.
+    /// it runs; it catches up before it votes, like any replica that lost its copy: an empty
+    /// log may be a voter's that lost its copy (no one here can tell), and a log from an
+    /// earlier membership holds a voter set the group has since changed.
     pub(super) async fn handle_join_metadata(&self) -> Response {
         let _starting = self.meta_member.starting.lock().await;
         if self.meta.get().is_some() {
             return Response::Noted;
         }
-        let empty = self.wal.log_state(META_WAL_GROUP).last.is_none();
-        if empty {
-            tracing::info!("this node joins the metadata group with an empty log: it catches up before it votes");
+        match self.wal.log_state(META_WAL_GROUP).last {
+            None => tracing::info!("this node joins the metadata group with an empty log: it catches up before it votes"),
+            Some((index, _)) => tracing::info!(index, "this node joins the metadata group again with an old log: it catches up before it votes"),
         }
-        match self.start_metadata_member(empty, self.metadata_voters()).await {
+        match self.start_metadata_member(true, self.metadata_voters()).await {
             Ok(_) => {
                 tracing::info!("the metadata leader makes this node a member of the metadata group: its member started");
                 Response::Noted

@@ -381,7 +381,17 @@ impl Node {
         let fresh = self.wal.log_state(wal_group).last.is_none();
         let rejoin = match replicas.contains(&me) {
             true => self.rejoin_state(&info.name, group, replicas, wal_group, fresh).await?,
-            false => rejoin::Rejoin::none(),
+            // A move brings the group here. What this replica holds is from before the group
+            // last left this node, cut back to what it had applied (`roster::trim_stopped_log`),
+            // with a membership the group has long changed; voting on it, replicas like it
+            // could elect a second leader in a term the group already has one (seen in a
+            // roster run: "two incomparable leaders"). So it catches up from the group's
+            // leader before it votes, like a replica that lost its copy.
+            false => {
+                let marker = rejoin::marker_path(&self.config.data_dir, &info.name, group);
+                tracing::info!(namespace = %info.name, group, "a move brings the group here: its replica catches up before it votes");
+                rejoin::Rejoin::start(marker.clone()).map_err(|e| NodeError::Config(format!("cannot write {}: {e}", marker.display())))?
+            }
         };
         let network = GroupNetwork::new(info.name.clone(), group, self.peers.clone());
         let log_store = GroupLogStore::new(self.wal.clone(), wal_group);
@@ -1112,7 +1122,7 @@ impl Node {
             && crate::raft::log_store::append_durable(&self.wal, wal_group, Vec::new()).await.is_ok()
         {
             rejoin.finish();
-            tracing::warn!(namespace, group, index = target, "caught up after this replica's copy was lost: it votes again");
+            tracing::warn!(namespace, group, index = target, "caught up from the group's leader: this replica votes again");
         }
     }
 }

@@ -196,6 +196,15 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     };
     let recovery_ms = recovery.as_ref().ok().map(|d| d.as_millis() as u64);
     let mut run_error = recovery.err().map(|e| format!("the cluster did not recover: {e:#}"));
+    // Roster changes must come to an end: every group where the full roster puts it.
+    let mut roster_settled_ms = None;
+    if run_error.is_none() && options.nemeses.contains(&NemesisKind::Roster) {
+        let seeds = cluster.lock().unwrap().seeds();
+        match wait_for_roster_to_settle(seeds, ROSTER_SETTLE_LIMIT) {
+            Ok(took) => roster_settled_ms = Some(took.as_millis() as u64),
+            Err(err) => run_error = Some(format!("{err:#}")),
+        }
+    }
     if run_error.is_none() && !INTERRUPTED.load(Ordering::SeqCst) {
         if let Err(err) = final_reads(&shared) {
             run_error = Some(format!("final reads: {err:#}"));
@@ -226,6 +235,9 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     result["nemesis_events"] = json!(faults.len());
     result["faults"] = json!(faults);
     result["recovery_ms"] = json!(recovery_ms);
+    if options.nemeses.contains(&NemesisKind::Roster) {
+        result["roster_settled_ms"] = json!(roster_settled_ms);
+    }
     result["availability"] = availability(&events, &faults);
     for (shown, (ok, ok_reads)) in result["faults"].as_array_mut().into_iter().flatten().zip(ok_during_each(&events, &faults)) {
         shown["ok_ops"] = json!(ok);
@@ -509,4 +521,31 @@ fn availability(events: &[Event], faults: &[FaultRecord]) -> serde_json::Value {
         "ok_per_sec_outside_faults": rate(outside, last_ms.saturating_sub(fault_ms)),
         "fault_ms": fault_ms,
     })
+}
+
+/// How long, after recovery, the groups may take to reach the places the full roster gives them.
+const ROSTER_SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// Waits until no group moves and every group is where the roster puts it; how long that took,
+/// or what was still unsettled at `limit` (a move that never ends is a failed run, though no
+/// operation saw it).
+fn wait_for_roster_to_settle(seeds: Vec<String>, limit: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let client = Client::connect(ClientConfig::new(seeds))?;
+    let mut last = String::from("no cluster metadata read yet");
+    while started.elapsed() < limit {
+        match client.cluster_meta() {
+            Ok(meta) => {
+                let moving: Vec<String> = meta.namespaces.iter().flat_map(|ns| ns.moves.iter().map(move |(g, to)| format!("{}/{g} to {to:?}", ns.name))).collect();
+                let unplaced: Vec<String> = meta.balance().into_iter().filter(|(_, placed, total)| placed != total).map(|(ns, placed, total)| format!("{ns}: {placed}/{total} placed")).collect();
+                if moving.is_empty() && unplaced.is_empty() {
+                    return Ok(started.elapsed());
+                }
+                last = format!("moving: {moving:?}; {unplaced:?}");
+            }
+            Err(err) => last = format!("reading the cluster metadata: {err}"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    anyhow::bail!("the roster did not settle within {} s after recovery: {last}", limit.as_secs())
 }

@@ -217,6 +217,7 @@ pub fn write(out: &Path, options: &RunOptions, result: &serde_json::Value, event
         ("anomalies", result["anomalies"].to_string()),
         ("faults", result["nemesis_events"].to_string()),
         ("recovery after healing", format!("{} ms", result["recovery_ms"])),
+        ("roster settled after recovery", result.get("roster_settled_ms").map_or("no roster changes".into(), |ms| format!("{ms} ms"))),
         (
             "ok ops/s during / outside faults",
             format!("{} / {}", result["availability"]["ok_per_sec_during_faults"], result["availability"]["ok_per_sec_outside_faults"]),
