@@ -18,6 +18,11 @@
 //! written before the group starts and removed once caught up, so a node that crashes while
 //! catching up (its log then no longer empty, but still short) keeps waiting.
 //!
+//! A replica that a move brings to a node is held the same way (`Node::start_group`): its log,
+//! if it has one, is an old copy from before the group last left the node, cut back to what it
+//! had applied, with a membership the group has since changed. Voting on it, two such copies
+//! once elected a second leader in a term the group already had one.
+//!
 //! A group that lost a majority of its copies can elect no leader this way: it is dead
 //! (`Node::is_dead`, from the replicas' health reports) until `chunkctl revive` rebuilds it
 //! from the best surviving replica (see `revive`). The metadata group follows the same rules
