@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use chunkstore::raft::{GroupLogStore, TypeConfig};
-use chunkstore::wal::{Wal, WalConfig};
+use chunkstore::wal::{Wal, WalConfig, WalOp};
 use openraft::storage::RaftLogStorage;
 use openraft::{CommittedLeaderId, LeaderId, LogId, Vote};
 
@@ -16,6 +16,8 @@ fn vote_and_committed_survive_a_reopen_and_the_vote_comes_back_uncommitted() {
     runtime.block_on(async {
         let wal = Arc::new(Wal::open(WalConfig::new(dir.path())).unwrap());
         let mut store = GroupLogStore::new(wal.clone(), 7 << 12 | 3);
+        // The log reaches index 20 (the committed id is never read back past the log's end).
+        wal.append_blocking(7 << 12 | 3, &[WalOp::Purge { upto_index: 20, upto_term: 4 }]).unwrap();
         let vote = Vote { leader_id: LeaderId::new(4, 2), committed: true };
         store.save_vote(&vote).await.unwrap();
         let committed = LogId::new(CommittedLeaderId::new(4, 0), 17);

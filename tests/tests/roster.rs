@@ -321,6 +321,49 @@ fn an_original_node_hands_its_metadata_vote_to_a_new_node_when_removed() {
     eprintln!("writes per phase: {:?}", log.writes_per_phase);
 }
 
+/// A cluster started on one node keeps its metadata on that node's disk alone. As nodes join
+/// the roster, the metadata group grows to the largest odd size they allow (never two): one
+/// voter with two nodes, three once there are three. Then node 1, where the cluster began, is
+/// killed and a lease session (a metadata write, which needs a quorum of the voters) still
+/// opens: the metadata survives the loss of the machine it started on.
+///
+/// Negative control: with `ClusterMeta::metadata_voters_target` never growing the group, the
+/// test fails ("the metadata voters did not grow to three").
+#[test]
+fn the_metadata_group_grows_as_nodes_join_a_one_node_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let dir = dir.as_path();
+    chunkctl_ok(dir, &["up", "--nodes", "1", "--groups", "4"]);
+    let _down = Down(dir);
+    let voters = || -> Json {
+        let shown: Json = serde_json::from_str(&chunkctl_ok(dir, &["roster", "show", "--json"])).unwrap();
+        shown["metadata_voters"].clone()
+    };
+    assert_eq!(voters(), serde_json::json!([1]));
+    chunkctl_ok(dir, &["node", "add", "--wait"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(voters(), serde_json::json!([1]), "two nodes: a second voter would survive no more failures");
+    chunkctl_ok(dir, &["node", "add", "--wait"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while voters() != serde_json::json!([1, 2, 3]) {
+        assert!(Instant::now() < deadline, "the metadata voters did not grow to three: {}", voters());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    kill_node(dir, 1);
+    let client = Client::connect(ClientConfig::new(seeds(dir))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let session = loop {
+        match client.open_session(Duration::from_secs(10)) {
+            Ok(session) => break session,
+            Err(err) => assert!(Instant::now() < deadline, "no lease session opens with node 1 down: {err}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("session {session} opened with node 1, where the cluster began, down");
+}
+
 /// Per node id: (groups it leads, groups it is the preferred leader of), per status.
 fn leadership(dir: &Path) -> std::collections::BTreeMap<u64, (u64, u64)> {
     status(dir)["leaders"]

@@ -128,21 +128,33 @@ impl ClusterMeta {
     }
 
     /// The metadata voters the cluster should have, given the `current` ones (the group's
-    /// membership) and which nodes are `live`: the group keeps its size, and each voter off the
-    /// roster hands its place to a live roster node that is not a voter, on a rack the voters
-    /// do not cover yet where there is one, else the lowest id. A voter nobody can replace
-    /// stays (the group never shrinks: fewer voters would survive fewer failures).
+    /// membership) and which nodes are `live`. Each voter off the roster hands its place to a
+    /// live roster node that is not a voter, on a rack the voters do not cover yet where there
+    /// is one, else the lowest id; a voter nobody can replace stays (the group never shrinks:
+    /// fewer voters would survive fewer failures). Then the group grows, with live roster nodes
+    /// picked the same way, to the largest odd size (at most `META_VOTERS_MAX`) that the roster
+    /// and the live spare nodes allow: a cluster started on one node gets three voters once it
+    /// has three, so the metadata no longer lives on one disk. Never to an even size: four
+    /// voters survive no more failures than three.
     pub fn metadata_voters_target(&self, current: &[NodeId], live: impl Fn(NodeId) -> bool) -> Vec<NodeId> {
         let rack = |id: NodeId| self.node(id).and_then(|n| n.rack.clone());
         let mut kept: Vec<NodeId> = current.iter().copied().filter(|id| self.roster.contains(id)).collect();
         let mut spare: Vec<NodeId> = self.roster.iter().copied().filter(|id| !current.contains(id) && live(*id)).collect();
-        for leaving in current.iter().copied().filter(|id| !self.roster.contains(id)) {
+        // The spare node to add next, if any: a rack the voters lack first.
+        let pick = |kept: &[NodeId], spare: &mut Vec<NodeId>| -> Option<NodeId> {
             let covered: BTreeSet<Option<String>> = kept.iter().map(|id| rack(*id)).collect();
-            let pick = spare.iter().position(|id| rack(*id).is_some_and(|r| !covered.contains(&Some(r)))).or((!spare.is_empty()).then_some(0));
-            match pick {
-                Some(index) => kept.push(spare.remove(index)),
-                None => kept.push(leaving),
-            }
+            let index = spare.iter().position(|id| rack(*id).is_some_and(|r| !covered.contains(&Some(r)))).or((!spare.is_empty()).then_some(0))?;
+            Some(spare.remove(index))
+        };
+        for leaving in current.iter().copied().filter(|id| !self.roster.contains(id)) {
+            let next = pick(&kept, &mut spare).unwrap_or(leaving);
+            kept.push(next);
+        }
+        let reachable = META_VOTERS_MAX.min(self.roster.len()).min(kept.len() + spare.len());
+        let size = if reachable % 2 == 1 { reachable } else { reachable.saturating_sub(1) };
+        while kept.len() < size {
+            let Some(next) = pick(&kept, &mut spare) else { break };
+            kept.push(next);
         }
         kept.sort_unstable();
         kept
@@ -390,13 +402,13 @@ mod tests {
     }
 
     /// Voters off the roster hand their place to live roster nodes, preferring a rack the
-    /// voters lack; with nobody to take it, a voter stays; the group never shrinks or grows.
+    /// voters lack; with nobody to take it, a voter stays; the group never shrinks.
     #[test]
     fn metadata_voters_off_the_roster_are_replaced_by_live_roster_nodes() {
         let mut cluster = ClusterMeta::from_config((1..=5).map(node).collect(), &[]);
         assert_eq!(cluster.metadata_voters, vec![1, 2, 3, 4, 5]);
         let all = |_| true;
-        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], all), vec![1, 2, 3], "all on the roster: nothing changes");
+        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3, 4, 5], all), vec![1, 2, 3, 4, 5], "all on the roster: nothing changes");
         cluster.roster = vec![2, 3, 4, 5];
         assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], all), vec![2, 3, 4]);
         assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], |id| id != 4), vec![2, 3, 5], "node 4 is down");
@@ -409,6 +421,32 @@ mod tests {
         }
         cluster.roster = vec![2, 3, 4, 5];
         assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], all), vec![2, 3, 5], "rack b is not covered yet");
+    }
+
+    /// The group grows to the largest odd size the roster and the live spare nodes allow, up
+    /// to five; never to an even size, never past five, never shrinking.
+    #[test]
+    fn metadata_voters_grow_to_an_odd_size_as_the_roster_grows() {
+        let mut cluster = ClusterMeta::from_config((1..=7).map(node).collect(), &[]);
+        let all = |_| true;
+        cluster.roster = vec![1, 2];
+        assert_eq!(cluster.metadata_voters_target(&[1], all), vec![1], "two nodes: two voters survive no more than one");
+        cluster.roster = vec![1, 2, 3];
+        assert_eq!(cluster.metadata_voters_target(&[1], all), vec![1, 2, 3]);
+        assert_eq!(cluster.metadata_voters_target(&[1], |id| id != 3), vec![1], "only one live spare: not to two");
+        cluster.roster = vec![1, 2, 3, 4];
+        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], all), vec![1, 2, 3], "four nodes: stays at three");
+        assert_eq!(cluster.metadata_voters_target(&[1, 2], all), vec![1, 2, 3], "an even group grows to odd");
+        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3, 4], all), vec![1, 2, 3, 4], "never shrinks");
+        cluster.roster = (1..=7).collect();
+        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], all), vec![1, 2, 3, 4, 5]);
+        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3, 4, 5], all), vec![1, 2, 3, 4, 5], "five at most");
+        // Growth prefers racks the voters lack: node 4 on rack b, node 6 on c, the others on a.
+        for n in &mut cluster.nodes {
+            n.rack = Some(match n.id { 4 => "b", 6 => "c", _ => "a" }.into());
+        }
+        cluster.roster = vec![1, 2, 4, 6];
+        assert_eq!(cluster.metadata_voters_target(&[1], all), vec![1, 4, 6], "node 2 shares node 1's rack");
     }
 
     #[test]
