@@ -107,6 +107,19 @@ fn assert_acked_read_back(client: &Client, acked: &[(String, i64)]) {
     }
 }
 
+/// Opens a lease session (a metadata write: it needs a quorum of the metadata voters), retrying
+/// for up to 30 s while the metadata group elects; panics saying `when` if none opens.
+fn open_session_within_30s(client: &Client, when: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.open_session(Duration::from_secs(10)) {
+            Ok(session) => return session,
+            Err(err) => assert!(Instant::now() < deadline, "no lease session opens {when}: {err}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Groups of namespace test with `node` among their replicas, and groups moving, per status.
 fn placement_of(dir: &Path, node: u64) -> (usize, usize) {
     let status = status(dir);
@@ -290,14 +303,7 @@ fn an_original_node_hands_its_metadata_vote_to_a_new_node_when_removed() {
     // Only nodes 3 and 4 are left of the metadata voters: a metadata write needs node 4's vote.
     kill_node(dir, 2);
     let client = Client::connect(ClientConfig::new(seeds(dir))).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let session = loop {
-        match client.open_session(Duration::from_secs(10)) {
-            Ok(session) => break session,
-            Err(err) => assert!(Instant::now() < deadline, "no lease session opens with metadata voters 3 and 4: {err}"),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let session = open_session_within_30s(&client, "with metadata voters 3 and 4");
     eprintln!("session {session} opened with node 2 down");
     assert_acked_read_back(&client, &log.acked);
 
@@ -353,14 +359,7 @@ fn the_metadata_group_grows_as_nodes_join_a_one_node_cluster() {
 
     kill_node(dir, 1);
     let client = Client::connect(ClientConfig::new(seeds(dir))).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let session = loop {
-        match client.open_session(Duration::from_secs(10)) {
-            Ok(session) => break session,
-            Err(err) => assert!(Instant::now() < deadline, "no lease session opens with node 1 down: {err}"),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let session = open_session_within_30s(&client, "with node 1 down");
     eprintln!("session {session} opened with node 1, where the cluster began, down");
 }
 
