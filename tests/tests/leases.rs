@@ -4,6 +4,12 @@
 //! every write it tries afterwards is refused with SessionExpired (unique write ownership, as
 //! shared-storage failover of a JMS server needs).
 //!
+//! A third test cuts the metadata leader off from the leader of a data group (a link of a ring
+//! partition): the expired session is fenced in that group through the third node, which relays
+//! the fence (`FenceSession`'s `relay`), so the waiter takes the lock while the cut lasts.
+//! Negative control: with the relay disabled (`relay` never set), the waiter does not get the
+//! lock ("the waiter did not take the lock while the cut lasted").
+//!
 //! Negative controls: with the fence check in `raft::state_machine::record_write` disabled,
 //! both tests fail ("the old holder's write ... was accepted after the lock changed hands");
 //! with its `LockHeld` check disabled, "a lock held by a live session was taken".
@@ -16,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use chunkstore::client::{Client, ClientConfig};
 use chunkstore::{Key, Value};
+use chunkstore_tests::local::status;
 use chunkstore_tests::{binary, run, Cut};
 use serde_json::Value as Json;
 
@@ -197,4 +204,49 @@ fn a_partitioned_lock_holder_loses_its_lock_and_its_later_writes_are_refused() {
     // Whatever the cut-off holder wrote meanwhile was not acknowledged (nothing reached it).
     drop(cut);
     check_unique_ownership(dir, &a, &b, ok_writes(&a_before), a.events().len());
+}
+
+/// The metadata leader of a 3-node cluster (each node on its own address) is cut off, both
+/// ways, from a node that leads some data group, as in a ring partition; the third node reaches
+/// both. A holder paused past its lease must still be fenced in that group, which only the
+/// third node can pass on, so the waiter takes the lock before the cut heals.
+#[test]
+fn a_lock_changes_hands_while_the_metadata_leader_is_cut_off_from_a_group_leader() {
+    assert!(chunkstore_tests::is_root(), "this test cuts two nodes apart with iptables: run it as root (CI does)");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    chunkctl(dir, &["up", "--nodes", "3", "--address-per-node", "--device-size", "67108864"]);
+    let _down = Down(dir);
+    let a = Holder::start(dir, &["--ttl-ms", "1000"]);
+    a.wait_until("the first holder took the lock and wrote", Duration::from_secs(30), |events| ok_writes(events) >= 3);
+    // The metadata leader, and a node that leads some data group.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (meta_leader, group_leader, now) = loop {
+        let now = status(dir);
+        let meta = now["metadata"]["leader"].as_u64();
+        let other = now["groups"].as_array().unwrap().iter().filter_map(|g| g["leader"].as_u64()).find(|l| Some(*l) != meta);
+        if let (Some(meta), Some(other)) = (meta, other) {
+            break (meta, other, now);
+        }
+        assert!(Instant::now() < deadline, "no node other than the metadata leader leads a group: {now}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let host_of = |id: u64| {
+        let node = now["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap();
+        node["address"].as_str().unwrap().rsplit_once(':').unwrap().0.to_owned()
+    };
+    let relay = [1, 2, 3].into_iter().find(|n| *n != meta_leader && *n != group_leader).unwrap();
+    let cut = Cut::isolate(&host_of(meta_leader), &[host_of(group_leader)]);
+    a.signal(libc::SIGSTOP);
+    let a_before = a.events();
+    let mut b = Holder::start(dir, &["--ttl-ms", "5000", "--writes", "10", "--wait-ms", "20000"]);
+    let status = b.child.wait().unwrap();
+    assert!(status.success(), "the waiter did not take the lock while the cut lasted: {:?}", b.events());
+    let log = std::fs::read_to_string(dir.join(format!("node{relay}/chunkd.log"))).unwrap();
+    let led: Vec<String> = now["groups"].as_array().unwrap().iter().filter(|g| g["leader"] == group_leader).map(|g| format!("group={} ", g["group"])).collect();
+    let relayed = |line: &str| line.contains("relayed a fence to the group's leader") && led.iter().any(|g| format!("{line} ").contains(g.as_str()));
+    assert!(log.lines().any(relayed), "node {relay} relayed no fence from node {meta_leader} to node {group_leader} (groups {led:?})");
+    drop(cut);
+    a.signal(libc::SIGCONT);
+    check_unique_ownership(dir, &a, &b, ok_writes(&a_before), a_before.len());
 }

@@ -1,5 +1,6 @@
 //! Lease sessions at a node: the requests clients send (open, keep alive, close), the fences
-//! the metadata leader asks group leaders to commit, and the metadata leader's loop that ends
+//! the metadata leader asks group leaders to commit (directly, or relayed by a node that
+//! reaches the leader), and the metadata leader's loop that ends
 //! sessions whose lease ran out and fences them everywhere. The replicated parts are
 //! `meta::leases` (the table) and `raft::fences` (each group's fenced sessions).
 
@@ -106,10 +107,21 @@ impl Node {
         }
     }
 
-    /// Commits a `FenceSession` entry in one of this node's groups, as its leader.
-    pub(super) async fn handle_fence(&self, namespace: &str, group: u32, session: u64, release: bool, finished_below: u64) -> Response {
-        let Some(local) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(group)) else {
-            return Response::Error(ErrorReply::NotLeader { leader: None });
+    /// Commits a `FenceSession` entry in one of this node's groups, as its leader. A node that
+    /// does not lead the group passes the fence on (`relay`) to the group's leader.
+    pub(super) async fn handle_fence(&self, namespace: &str, group: u32, session: u64, release: bool, finished_below: u64, relay: bool) -> Response {
+        let local = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(group));
+        let leader = match &local {
+            Some(local) => local.raft.current_leader().await,
+            None => None,
+        };
+        let local = match local {
+            Some(local) if leader == Some(self.config.node_id) => local,
+            _ if relay => {
+                let request = Request::FenceSession { namespace: namespace.to_owned(), group, session, release, finished_below, relay: false };
+                return self.relay_fence(namespace, group, &request, leader).await;
+            }
+            _ => return Response::Error(ErrorReply::NotLeader { leader }),
         };
         let _gate = local.write_gate.read().await;
         let leader = local.raft.current_leader().await;
@@ -130,17 +142,48 @@ impl Node {
         }
     }
 
-    /// Sends a request for `namespace`'s `group` to its leader, trying replicas until one
-    /// answers `Noted`; false if none did this round.
-    async fn send_to_group_leader(&self, replicas: &[NodeId], request: &Request) -> bool {
-        matches!(self.route_to_group_leader(replicas, request).await, Some(Response::Noted))
+    /// Passes a fence (`relay` false: it goes no further) to the leader of the group, found
+    /// among its replicas as this node sees them. Anything but `Noted` is answered as NotLeader
+    /// naming the leader this node knows (`hint`), so that the metadata leader goes on trying
+    /// its other routes; a fence is idempotent, so one that was committed after all does no
+    /// harm when committed again. Bounded by half the request timeout, so that the metadata
+    /// leader, which waits a whole one for this node, hears the answer.
+    async fn relay_fence(&self, namespace: &str, group: u32, request: &Request, hint: Option<NodeId>) -> Response {
+        let not_leader = Response::Error(ErrorReply::NotLeader { leader: hint });
+        let replicas = self.joined.get().and_then(|joined| {
+            let cluster = joined.cluster.read().unwrap();
+            cluster.namespace(namespace).and_then(|ns| ns.placement.get(group as usize).cloned())
+        });
+        let Some(mut replicas) = replicas else { return not_leader };
+        if let Some(hint) = hint.filter(|h| !replicas.contains(h)) {
+            replicas.insert(0, hint);
+        }
+        match tokio::time::timeout(self.config.request_timeout / 2, self.route_to_group_leader(&replicas, request)).await {
+            Ok(Some(Response::Noted)) => {
+                tracing::info!(namespace, group, "relayed a fence to the group's leader");
+                Response::Noted
+            }
+            Ok(other) => {
+                tracing::debug!(namespace, group, ?other, "a relayed fence did not reach the group's leader");
+                not_leader
+            }
+            Err(_) => not_leader,
+        }
     }
 
-    /// Sends one `FenceSession` to the leader of the group on `replicas` until it is done
-    /// (true), or this node no longer leads the metadata group or stops (false).
-    async fn fence_in_group(&self, replicas: &[NodeId], request: &Request) -> bool {
+    /// Sends one `FenceSession` to the leader of a group until it is done (true), or this node
+    /// no longer leads the metadata group or stops (false). Each round tries `route` (the
+    /// group's preferred leader, then its replicas), then, as relays, the `others` nodes that
+    /// answered lately: in a ring partition no replica may be reachable from here while some
+    /// other node reaches the group's leader.
+    async fn fence_in_group(&self, route: &[NodeId], others: &[NodeId], request: &Request) -> bool {
         let mut reported = false;
-        while !self.send_to_group_leader(replicas, request).await {
+        loop {
+            let mut candidates = route.to_vec();
+            candidates.extend(others.iter().filter(|id| self.answered_lately(**id)));
+            if matches!(self.route_to_group_leader(&candidates, request).await, Some(Response::Noted)) {
+                return true;
+            }
             if self.leading_meta().is_err() || self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return false;
             }
@@ -152,7 +195,6 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        true
     }
 
     /// Fences `session` in every group of every namespace, then releases it in every group,
@@ -162,14 +204,18 @@ impl Node {
     async fn fence_everywhere(self: &Arc<Self>, session: u64) {
         let Some(cluster) = self.meta_state.cluster() else { return };
         let finished_below = self.meta_state.leases_finished_below();
+        let preferred = cluster.preferred_leaders();
         for release in [false, true] {
             let mut fences = tokio::task::JoinSet::new();
             for ns in &cluster.namespaces {
                 for group in 0..ns.groups {
-                    let request = Request::FenceSession { namespace: ns.name.clone(), group, session, release, finished_below };
-                    let replicas = ns.placement[group as usize].clone();
+                    let request = Request::FenceSession { namespace: ns.name.clone(), group, session, release, finished_below, relay: true };
+                    let first = preferred.get(&ns.name).and_then(|p| p.get(group as usize)).copied();
+                    let rest = ns.placement[group as usize].iter().copied().filter(|id| Some(*id) != first);
+                    let route: Vec<NodeId> = first.into_iter().chain(rest).collect();
+                    let others: Vec<NodeId> = cluster.nodes.iter().map(|n| n.id).filter(|id| !route.contains(id)).collect();
                     let node = Arc::clone(self);
-                    fences.spawn(async move { node.fence_in_group(&replicas, &request).await });
+                    fences.spawn(async move { node.fence_in_group(&route, &others, &request).await });
                 }
             }
             // Every group must be fenced before any is released.

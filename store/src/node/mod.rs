@@ -653,8 +653,8 @@ impl Node {
             Request::SessionOpen { ttl_ms } => self.handle_session_open(ttl_ms).await,
             Request::SessionKeepAlive { session } => self.handle_keep_alive(session).await,
             Request::SessionClose { session } => self.handle_session_close(session).await,
-            Request::FenceSession { namespace, group, session, release, finished_below } => {
-                self.handle_fence(&namespace, group, session, release, finished_below).await
+            Request::FenceSession { namespace, group, session, release, finished_below, relay } => {
+                self.handle_fence(&namespace, group, session, release, finished_below, relay).await
             }
             Request::AddNode { node } => self.handle_add_node(node).await,
             Request::SetRoster { nodes } => self.handle_set_roster(nodes).await,

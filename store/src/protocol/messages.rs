@@ -95,8 +95,11 @@ pub enum Request {
     /// `Noted` by the metadata leader.
     SessionClose { session: u64 },
     /// Between nodes: commits `WriteOp::FenceSession` in a group, as its leader (sent by the
-    /// metadata leader). Answered `Noted` once committed.
-    FenceSession { namespace: String, group: u32, session: u64, release: bool, finished_below: u64 },
+    /// metadata leader). Answered `Noted` once committed. With `relay`, a node that does not
+    /// lead the group (or hosts none of it) passes the fence on, once (`relay` false), to the
+    /// group's leader as it finds it, and answers `Noted` if that leader did: so a fence reaches
+    /// a leader the metadata leader cannot reach itself (a ring partition).
+    FenceSession { namespace: String, group: u32, session: u64, release: bool, finished_below: u64, relay: bool },
     /// Between nodes: a node new to the cluster asks the metadata leader to add it (it owns
     /// no data until the roster names it). Answered `Noted`.
     AddNode { node: NodeInfo },
