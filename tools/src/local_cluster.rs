@@ -143,6 +143,13 @@ pub struct UpOptions {
     pub chunkd_options: Vec<String>,
     /// Each node on its own loopback address (`own_loopback_host`) rather than 127.0.0.1.
     pub address_per_node: bool,
+    /// Racks to spread the nodes over (node N on rack `rack-((N - 1) % racks + 1)`); 0: none.
+    pub racks: u32,
+}
+
+/// The rack `UpOptions::racks` gives node `id`, if any.
+pub fn rack_of(id: u64, racks: u32) -> Option<String> {
+    (racks > 0).then(|| format!("rack-{}", (id - 1) % u64::from(racks) + 1))
 }
 
 /// The loopback address of node `id` of a new cluster whose nodes have one each:
@@ -196,7 +203,8 @@ pub fn write_config(dir: &Path, cluster: &LocalCluster, node: &LocalNode, replic
         text += "\n";
     }
     for other in &cluster.nodes {
-        text += &format!("[[nodes]]\nid = {}\nclient = \"{}\"\npeer = \"{}\"\n\n", other.id, other.client, other.peer);
+        let rack = rack_of(other.id, options.racks).map(|r| format!("rack = {r:?}\n")).unwrap_or_default();
+        text += &format!("[[nodes]]\nid = {}\nclient = \"{}\"\npeer = \"{}\"\n{rack}\n", other.id, other.client, other.peer);
     }
     text += &format!("[[namespaces]]\nname = \"test\"\nreplication-factor = {replication_factor}\ngroups = {}\ndevice-size = {device_bytes}\n", options.groups);
     let path = node_dir.join("chunkd.toml");

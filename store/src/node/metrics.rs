@@ -91,7 +91,7 @@ impl Default for NodeMetrics {
             registry.register("groups_led", "Groups this node leads, by namespace", metrics.leaders.clone());
             registry.register(
                 "group_commit_lag_entries",
-                "Log entries this replica holds past the group's commit index (on the leader: entries its slowest replica lacks)",
+                "Log entries this replica holds past the commit index it knows (on the leader: entries its slowest replica lacks)",
                 metrics.commit_lag.clone(),
             );
             registry.register("group_apply_lag_entries", "Committed entries this replica has not applied yet", metrics.apply_lag.clone());
@@ -168,15 +168,20 @@ impl Node {
                 let m = local.raft.metrics().borrow().clone();
                 let last = m.last_log_index.unwrap_or(0);
                 let applied = m.last_applied.map_or(0, |l| l.index);
+                // What this replica saved as committed (openraft saves it as it learns it); a
+                // replica that has saved none yet counts its whole log as not committed.
+                let wal_group = super::namespace_wal_group(name, group);
+                let committed = crate::raft::log_store::saved_committed(&self.wal, wal_group).ok().flatten().map_or(applied, |c| c.index.max(applied));
                 let labels = GroupLabels { namespace: name.clone(), group };
-                if m.current_leader == Some(me) {
+                let commit_lag = if m.current_leader == Some(me) {
                     led += 1;
                     let slowest = m.replication.as_ref().and_then(|r| r.values().map(|l| l.map_or(0, |l| l.index)).min()).unwrap_or(last);
-                    metrics.commit_lag.get_or_create(&labels).set(last.saturating_sub(slowest) as i64);
+                    last.saturating_sub(slowest)
                 } else {
-                    metrics.commit_lag.get_or_create(&labels).set(last.saturating_sub(applied) as i64);
-                }
-                metrics.apply_lag.get_or_create(&labels).set(last.saturating_sub(applied).min(i64::MAX as u64) as i64);
+                    last.saturating_sub(committed)
+                };
+                metrics.commit_lag.get_or_create(&labels).set(commit_lag.min(i64::MAX as u64) as i64);
+                metrics.apply_lag.get_or_create(&labels).set(committed.saturating_sub(applied).min(i64::MAX as u64) as i64);
                 metrics.term.get_or_create(&labels).set(m.current_term.min(i64::MAX as u64) as i64);
                 metrics.may_campaign.get_or_create(&labels).set(i64::from(self.may_campaign(&local)));
             }

@@ -140,6 +140,22 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageErro
     bincode::deserialize(bytes).map_err(|e| StorageIOError::read_logs(&e).into())
 }
 
+/// The committed log id this replica of `group` saved, never past its log's newest entry (a
+/// stopped replica's log is trimmed to what it applied, its saved id is not); None if its log
+/// is empty.
+pub(crate) fn saved_committed(wal: &Wal, group: GroupId) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+    let state = wal.log_state(group);
+    let committed: Option<LogId<NodeId>> = match &state.committed {
+        Some(bytes) => decode(bytes)?,
+        None => None,
+    };
+    Ok(match (committed, state.last.max(state.purged)) {
+        (Some(committed), Some((index, term))) if committed.index > index => Some(log_id(term, index)),
+        (Some(_), None) => None,
+        (committed, _) => committed,
+    })
+}
+
 /// The Raft type configurations whose logs the WAL keeps.
 pub trait WalLogTypes: RaftTypeConfig<NodeId = NodeId, Entry = Entry<Self>, D: Clone> {}
 
@@ -219,16 +235,7 @@ impl<C: WalLogTypes> RaftLogStorage<C> for GroupLogStore<C> {
     /// only up to what it applied (`roster::trim_stopped_log`), while the committed id it saved
     /// may lie further on; when the group moves back, that replica must still start.
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        let state = self.wal.log_state(self.group);
-        let committed: Option<LogId<NodeId>> = match &state.committed {
-            Some(bytes) => decode(bytes)?,
-            None => None,
-        };
-        Ok(match (committed, state.last.max(state.purged)) {
-            (Some(committed), Some((index, term))) if committed.index > index => Some(log_id(term, index)),
-            (Some(_), None) => None,
-            (committed, _) => committed,
-        })
+        saved_committed(&self.wal, self.group)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageError<NodeId>>

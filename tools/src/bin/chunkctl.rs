@@ -50,6 +50,10 @@ enum Commands {
         /// so that one node's traffic can be cut with iptables (as chunkcheck's partitions do).
         #[arg(long)]
         address_per_node: bool,
+        /// Spread the nodes over this many racks (node N on rack-((N - 1) % RACKS + 1)); a
+        /// group's replicas then go to distinct racks where there are enough. 0: no racks.
+        #[arg(long, default_value_t = 0)]
+        racks: u32,
     },
     /// Stop the local cluster in --dir cleanly (SIGTERM, then SIGKILL after 30 s).
     Down,
@@ -237,7 +241,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     chunkstore_tools::logging::init("warn");
     let result = match cli.command {
-        Commands::Up { nodes, device_size, groups, chunkd_options, address_per_node } => {
+        Commands::Up { nodes, device_size, groups, chunkd_options, address_per_node, racks } => {
             let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
             let options = local_cluster::UpOptions {
                 nodes,
@@ -245,6 +249,7 @@ fn main() -> ExitCode {
                 groups,
                 chunkd_options: chunkd_options.iter().map(|o| o.replacen('=', " = ", 1)).collect(),
                 address_per_node,
+                racks,
             };
             local_cluster::up(&dir, &options, &mut |line| eprintln!("{line}")).map(|cluster| {
                 let seeds = cluster.seeds().join(",");

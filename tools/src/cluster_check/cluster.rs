@@ -62,7 +62,7 @@ impl TestCluster {
             listed.push(LocalNode { id, client: format!("{host}:{}", local_cluster::free_port(&host, dir)?), peer: format!("{host}:{}", local_cluster::free_port(&host, dir)?), metrics: None, pid: None });
         }
         let layout = LocalCluster { nodes: listed.clone() };
-        let options = UpOptions { nodes, device_bytes: 128 << 20, groups, chunkd_options: chunkd_options.to_vec(), address_per_node: true };
+        let options = UpOptions { nodes, device_bytes: 128 << 20, groups, chunkd_options: chunkd_options.to_vec(), address_per_node: true, racks: 0 };
         for node in &listed {
             local_cluster::write_config(dir, &layout, node, replication_factor, &options)?;
         }
