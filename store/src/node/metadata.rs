@@ -64,6 +64,11 @@ pub(crate) struct MemberState {
     /// own log still counts it (the group removed it before it received that change): it no
     /// longer campaigns, and follows the metadata by asking a voter.
     removed: AtomicBool,
+    /// When a leader's message (entries or a snapshot) last reached this member. openraft 0.9
+    /// keeps naming a follower's last leader until an election, and a replica that may not
+    /// campaign holds none: without this, a voter the group removed before it received that
+    /// change would take its frozen copy for the metadata for good.
+    leader_heard: std::sync::Mutex<Option<std::time::Instant>>,
     /// The stage of changing the metadata voters this node last logged, as their leader.
     stage: std::sync::Mutex<String>,
 }
@@ -291,7 +296,13 @@ impl Node {
         let membership = metrics.membership_config.membership().clone();
         let voter = membership.voter_ids().any(|id| id == me);
         let learner = membership.learner_ids().any(|id| id == me);
-        let hears_leader = metrics.current_leader.is_some();
+        // A leader it names counts only while its messages arrive (a few election timeouts).
+        let silence_max = Duration::from_millis(2 * self.config.election_timeout_ms.1);
+        let hears_leader = match metrics.current_leader {
+            Some(leader) if leader == me => true,
+            Some(_) => self.meta_member.leader_heard.lock().unwrap().is_some_and(|at| at.elapsed() < silence_max),
+            None => false,
+        };
         if voter && hears_leader {
             // A leader that counts this node a voter is in touch: whatever was said before.
             self.meta_member.removed.store(false, Ordering::SeqCst);
@@ -316,6 +327,11 @@ impl Node {
         } else if member == Membership::Unsure && !self.meta_member.removed.swap(true, Ordering::SeqCst) {
             tracing::warn!(voters = ?cluster.metadata_voters, "the metadata group removed this node from its voters: its member no longer campaigns");
         }
+    }
+
+    /// A leader's message reached this node's member (see `MemberState::leader_heard`).
+    pub(super) fn note_metadata_leader_message(&self) {
+        *self.meta_member.leader_heard.lock().unwrap() = Some(std::time::Instant::now());
     }
 
     /// Whether a voter confirmed that the metadata group removed this node (see `MemberState`).

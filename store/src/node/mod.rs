@@ -539,15 +539,21 @@ impl Node {
     async fn fetch_cluster(&self) -> Option<ClusterMeta> {
         let known = self.joined.get().map(|j| j.cluster.read().unwrap().clone()).or_else(|| self.meta_state.cluster());
         let me = self.config.node_id;
-        let addresses: Vec<String> = match known {
+        let (addresses, peers): (Vec<String>, Vec<(NodeId, String)>) = match known {
             Some(cluster) => {
                 let (voters, others): (Vec<&NodeInfo>, Vec<&NodeInfo>) =
                     cluster.nodes.iter().filter(|n| n.id != me).partition(|n| cluster.metadata_voters.contains(&n.id));
-                voters.into_iter().chain(others).map(|n| n.peer.clone()).collect()
+                let addresses = voters.into_iter().chain(others).map(|n| n.peer.clone()).collect();
+                (addresses, cluster.nodes.iter().map(|n| (n.id, n.peer.clone())).collect())
             }
-            None => roster::seed_addresses(&self.config),
+            // The configured voters first, then every other configured node.
+            None => {
+                let mut addresses = roster::seed_addresses(&self.config);
+                addresses.extend(self.config.nodes.iter().filter(|(id, _)| *id != me).map(|(_, peer)| peer.clone()));
+                (addresses, self.config.nodes.clone())
+            }
         };
-        roster::fetch_cluster_from(&addresses, self.config.peer_source, Duration::from_secs(2)).await
+        roster::fetch_cluster_from(&addresses, &peers, self.config.peer_source, Duration::from_secs(2)).await
     }
 
     /// The metadata group's log in this node's WAL: (last purged index, last index). Its
@@ -984,7 +990,13 @@ impl Node {
 
     async fn handle_meta_raft(&self, group: u32, message: &[u8]) -> Response {
         match self.meta.get() {
-            Some(meta) if group == 0 => serve_replica(&meta.raft, &meta.rejoin, message).await,
+            Some(meta) if group == 0 => {
+                // The metadata group's messages are few: decoding one twice costs nothing.
+                if let Ok(RaftRpc::AppendEntries(_) | RaftRpc::InstallSnapshot(_)) = decode_rpc::<crate::meta::MetaTypeConfig>(message) {
+                    self.note_metadata_leader_message();
+                }
+                serve_replica(&meta.raft, &meta.rejoin, message).await
+            }
             _ => Response::Error(ErrorReply::BadRequest("this node is not a voter of the metadata group".into())),
         }
     }

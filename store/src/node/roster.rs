@@ -59,13 +59,27 @@ pub(super) fn seed_addresses(config: &NodeConfig) -> Vec<String> {
     config.nodes.iter().filter(|(id, _)| voters.contains(id)).map(|(_, peer)| peer.clone()).collect()
 }
 
-/// The cluster metadata from the first of `addresses` that knows it (a metadata voter
-/// answers once its leader confirmed it with a quorum).
-pub(super) async fn fetch_cluster_from(addresses: &[String], source: Option<std::net::IpAddr>, timeout: Duration) -> Option<ClusterMeta> {
-    for address in addresses {
-        let mut connection = super::transport::Connection::new(address.clone()).from_source(source);
-        if let Ok(Response::ClusterMeta(Some(cluster))) = connection.call(&Request::ClusterMeta, timeout).await {
-            return Some(cluster);
+/// The cluster metadata from the first of `addresses` that knows it (only the metadata leader
+/// answers it, once a quorum confirmed its leadership). A node that names the leader sends the
+/// question there next, if `peers` (id, peer address) has its address: a new node's
+/// configuration may not list the metadata voters of today among its first addresses.
+pub(super) async fn fetch_cluster_from(addresses: &[String], peers: &[(NodeId, String)], source: Option<std::net::IpAddr>, timeout: Duration) -> Option<ClusterMeta> {
+    let mut queue: std::collections::VecDeque<String> = addresses.iter().cloned().collect();
+    let mut asked: Vec<String> = Vec::new();
+    while let Some(address) = queue.pop_front() {
+        if asked.contains(&address) {
+            continue;
+        }
+        asked.push(address.clone());
+        let mut connection = super::transport::Connection::new(address).from_source(source);
+        match connection.call(&Request::ClusterMeta, timeout).await {
+            Ok(Response::ClusterMeta(Some(cluster))) => return Some(cluster),
+            Ok(Response::Error(ErrorReply::NotLeader { leader: Some(leader) })) => {
+                if let Some((_, peer)) = peers.iter().find(|(id, _)| *id == leader) {
+                    queue.push_front(peer.clone());
+                }
+            }
+            _ => {}
         }
     }
     None
@@ -459,5 +473,42 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::transport;
+
+    /// Answers every request the same way.
+    struct Answer(Response);
+
+    impl transport::Handler for Answer {
+        async fn handle(&self, _request: Request) -> Response {
+            self.0.clone()
+        }
+    }
+
+    async fn answering(response: Response) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(transport::serve(listener, Arc::new(Answer(response))));
+        address
+    }
+
+    /// A new node whose configuration lists the metadata leader, but not among the addresses
+    /// it asks first, still learns the cluster: the node it asks names the leader.
+    #[tokio::test]
+    async fn the_cluster_metadata_is_fetched_from_the_leader_a_follower_names() {
+        let node = |id: u64| NodeInfo { id, client: format!("127.0.0.1:{}", 7400 + id), peer: format!("127.0.0.1:{}", 7500 + id), rack: None };
+        let cluster = ClusterMeta::from_config(vec![node(1), node(2), node(3)], &[("test".to_string(), 3, 4)]);
+        let leader = answering(Response::ClusterMeta(Some(cluster.clone()))).await;
+        let follower = answering(Response::Error(ErrorReply::NotLeader { leader: Some(7) })).await;
+        let peers = vec![(7, leader.clone()), (8, follower.clone())];
+        let fetched = fetch_cluster_from(std::slice::from_ref(&follower), &peers, None, Duration::from_secs(2)).await;
+        assert_eq!(fetched, Some(cluster));
+        // A leader this node has no address for: nothing to follow.
+        assert_eq!(fetch_cluster_from(&[follower], &peers[1..], None, Duration::from_secs(2)).await, None);
     }
 }

@@ -42,6 +42,8 @@ struct ClusterArgs {
     #[arg(long, default_value_t = 200)]
     ops_per_key: u32,
     /// Faults, comma-separated (kill, pause, partition, clock, disk, packet, wipe, roster); `none` for none.
+    /// `roster` takes nodes off the roster and back, or replaces a node: a fresh chunkd joins in
+    /// its place and the replaced one, once its groups have moved, is stopped and forgotten.
     #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
     nemesis: Vec<String>,
     /// Seconds between faults (and the length of most faults).

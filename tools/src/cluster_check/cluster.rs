@@ -8,6 +8,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use chunkstore::client::{Client, ClientConfig};
 
 use super::clock;
 use super::net::{Cut, Firewall};
@@ -22,6 +23,9 @@ pub struct TestNode {
     pub peer: String,
     child: Option<Child>,
     paused: bool,
+    /// Taken off the roster for good (the roster nemesis's replace): stopped and forgotten
+    /// once its groups have moved away (`retire_finished`).
+    pub leaving: bool,
 }
 
 pub struct TestCluster {
@@ -29,6 +33,11 @@ pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     chunkd: PathBuf,
     tools: FaultTools,
+    replication_factor: usize,
+    /// How the configs were written (rewritten as nodes join and leave).
+    options: UpOptions,
+    /// The id the next fresh node gets: ids are never reused.
+    next_id: u64,
 }
 
 /// What some faults need set up before the nodes start.
@@ -70,10 +79,13 @@ impl TestCluster {
             dir: dir.to_owned(),
             nodes: listed
                 .into_iter()
-                .map(|n| TestNode { id: n.id, host: node_host(n.id), client: n.client, peer: n.peer, child: None, paused: false })
+                .map(|n| TestNode { id: n.id, host: node_host(n.id), client: n.client, peer: n.peer, child: None, paused: false, leaving: false })
                 .collect(),
             chunkd: local_cluster::chunkd_binary()?,
             tools,
+            replication_factor,
+            options,
+            next_id: nodes + 1,
         };
         if cluster.tools.fake_clock.is_some() {
             for id in 1..=nodes {
@@ -89,6 +101,98 @@ impl TestCluster {
 
     pub fn seeds(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.client.clone()).collect()
+    }
+
+    /// Every node of the cluster, leaving ones included.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// The nodes that belong on the roster: every node but the leaving ones.
+    pub fn roster(&self) -> Vec<u64> {
+        self.nodes.iter().filter(|n| !n.leaving).map(|n| n.id).collect()
+    }
+
+    pub fn client_address(&self, id: u64) -> Option<&str> {
+        self.nodes.iter().find(|n| n.id == id).map(|n| n.client.as_str())
+    }
+
+    fn layout(&self) -> LocalCluster {
+        LocalCluster { nodes: self.nodes.iter().map(|n| LocalNode { id: n.id, client: n.client.clone(), peer: n.peer.clone(), metrics: None, pid: None }).collect() }
+    }
+
+    /// Starts a fresh node: a new id, its own loopback address, an empty data directory, a
+    /// config listing the cluster's nodes. It joins the cluster by itself (AddNode through the
+    /// metadata leader); returns its id once the cluster metadata has it, holding nothing (the
+    /// roster decides that).
+    pub fn add_fresh_node(&mut self) -> Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let host = node_host(id);
+        let client = format!("{host}:{}", local_cluster::free_port(&host, &self.dir)?);
+        let peer = format!("{host}:{}", local_cluster::free_port(&host, &self.dir)?);
+        self.nodes.push(TestNode { id, host, client, peer, child: None, paused: false, leaving: false });
+        let layout = self.layout();
+        let node = layout.nodes.last().expect("just pushed");
+        local_cluster::write_config(&self.dir, &layout, node, self.replication_factor, &self.options)?;
+        if self.tools.fake_clock.is_some() {
+            self.set_clock(id, 0)?;
+        }
+        self.restart(id)?;
+        let seeds: Vec<String> = self.nodes.iter().filter(|n| n.id != id).map(|n| n.client.clone()).collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((_, status)) = self.exited().into_iter().find(|(gone, _)| *gone == id) {
+                anyhow::bail!("the fresh node {id} exited ({status}) while joining (see {})", self.node_dir(id).join("chunkd.log").display());
+            }
+            let config = ClientConfig { timeout: Duration::from_secs(2), retries_max: 0, ..ClientConfig::new(seeds.clone()) };
+            if Client::connect(config).and_then(|c| c.cluster_meta()).is_ok_and(|meta| meta.node(id).is_some()) {
+                return Ok(id);
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("the fresh node {id} did not join within 60 s (see {})", self.node_dir(id).join("chunkd.log").display());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Marks a node as leaving: `roster` no longer has it.
+    pub fn set_leaving(&mut self, id: u64) {
+        self.node_mut(id).leaving = true;
+    }
+
+    /// Stops and forgets (ForgetNode) every leaving node that holds no replica and no metadata
+    /// vote any more, and rewrites the others' configs without it (a restarted chunkd checks its
+    /// `[[nodes]]` against the cluster's). Returns the nodes that left; a leaving node whose
+    /// groups are still moving stays for a later call.
+    pub fn retire_finished(&mut self) -> Result<Vec<u64>> {
+        let leaving: Vec<u64> = self.nodes.iter().filter(|n| n.leaving).map(|n| n.id).collect();
+        if leaving.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seeds: Vec<String> = self.nodes.iter().filter(|n| !n.leaving).map(|n| n.client.clone()).collect();
+        let config = ClientConfig { timeout: Duration::from_secs(2), retries_max: 0, ..ClientConfig::new(seeds) };
+        let client = Client::connect(config).context("connecting to retire leaving nodes")?;
+        let meta = client.cluster_meta().context("reading the cluster metadata")?;
+        let mut retired = Vec::new();
+        for id in leaving {
+            let holds = meta.namespaces.iter().any(|ns| (0..ns.groups).any(|g| meta.hosts(ns, g, id)));
+            if holds || meta.metadata_voters.contains(&id) || meta.roster.contains(&id) {
+                continue;
+            }
+            self.resume(id);
+            self.kill(id);
+            client.forget_node(id).with_context(|| format!("forgetting node {id}"))?;
+            self.nodes.retain(|n| n.id != id);
+            retired.push(id);
+        }
+        if !retired.is_empty() {
+            let layout = self.layout();
+            for node in &layout.nodes {
+                local_cluster::write_config(&self.dir, &layout, node, self.replication_factor, &self.options)?;
+            }
+        }
+        Ok(retired)
     }
 
     fn node_mut(&mut self, id: u64) -> &mut TestNode {
@@ -233,9 +337,7 @@ impl TestCluster {
     /// Waits until every node is up and every group has a leader known to all its replicas.
     pub fn wait_until_ready(&mut self, timeout: Duration) -> Result<Duration> {
         let started = Instant::now();
-        let layout = LocalCluster {
-            nodes: self.nodes.iter().map(|n| LocalNode { id: n.id, client: n.client.clone(), peer: n.peer.clone(), metrics: None, pid: None }).collect(),
-        };
+        let layout = self.layout();
         let mut children: Vec<(u64, Child)> = self.nodes.iter_mut().filter_map(|n| n.child.take().map(|c| (n.id, c))).collect();
         let result = local_cluster::wait_for_leaders(&self.dir, &layout, timeout, &mut children);
         for (id, child) in children {

@@ -103,6 +103,9 @@ pub struct FaultRecord {
     /// Disk faults: the regions of the node's devices overwritten while it was down.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub corrupted: Vec<disk::Corruption>,
+    /// Roster replace: the fresh node that joined in the replaced node's place.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub joined: Vec<u64>,
     pub start_ms: u64,
     pub end_ms: u64,
 }
@@ -171,16 +174,18 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     let recorder = workload::Recorder::create(&options.out.join("history.edn"))?;
     let seeds = cluster.lock().unwrap().seeds();
     let shared = Shared::new(options.workload, seeds.clone(), options.read_policy, options.concurrency, options.keys, options.ops_per_key_max, options.seed, recorder);
-    let node_ids: Vec<u64> = (1..=options.nodes).collect();
 
     let mut faults: Vec<FaultRecord> = Vec::new();
     let mut crashed: Vec<String> = Vec::new();
+    // (node, when it left: ms since the run started; after the time limit if only after the run)
+    let mut left: Vec<(u64, u64)> = Vec::new();
     std::thread::scope(|scope| {
         for thread in 0..options.concurrency {
             let shared = &shared;
             scope.spawn(move || workload::run_worker(shared, thread));
         }
-        drive_faults(options, &plan, &cluster, &shared, &node_ids, &mut faults, &mut crashed, &mut nemesis_log, progress);
+        let record = Record { faults: &mut faults, crashed: &mut crashed, left: &mut left, log: &mut nemesis_log };
+        drive_faults(options, &plan, &cluster, &shared, record, progress);
         shared.stop.store(true, Ordering::SeqCst);
     });
 
@@ -205,8 +210,21 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
             Err(err) => run_error = Some(format!("{err:#}")),
         }
     }
+    // Replaced nodes leave once their groups have moved: the final reads then come from the
+    // nodes that stay.
+    if run_error.is_none() && options.nemeses.contains(&NemesisKind::Roster) {
+        match retire_leaving_nodes(&cluster, ROSTER_SETTLE_LIMIT) {
+            Ok(retired) => {
+                nemesis_log += &retired.iter().map(|id| format!("after the run: node {id} left the cluster\n")).collect::<String>();
+                let at = shared.recorder.elapsed().as_millis() as u64;
+                left.extend(retired.into_iter().map(|id| (id, at)));
+            }
+            Err(err) => run_error = Some(format!("{err:#}")),
+        }
+    }
     if run_error.is_none() && !INTERRUPTED.load(Ordering::SeqCst) {
-        if let Err(err) = final_reads(&shared) {
+        let seeds = cluster.lock().unwrap().seeds();
+        if let Err(err) = final_reads(&shared, seeds) {
             run_error = Some(format!("final reads: {err:#}"));
         }
     }
@@ -237,6 +255,8 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     result["recovery_ms"] = json!(recovery_ms);
     if options.nemeses.contains(&NemesisKind::Roster) {
         result["roster_settled_ms"] = json!(roster_settled_ms);
+        result["nodes_joined"] = json!(faults.iter().flat_map(|f| f.joined.iter()).collect::<Vec<_>>());
+        result["nodes_left"] = json!(left.iter().map(|(node, at_ms)| json!({ "node": node, "at_ms": at_ms })).collect::<Vec<_>>());
     }
     result["availability"] = availability(&events, &faults);
     for (shown, (ok, ok_reads)) in result["faults"].as_array_mut().into_iter().flatten().zip(ok_during_each(&events, &faults)) {
@@ -250,19 +270,21 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     Ok(result)
 }
 
+/// What the nemesis thread records as the run goes.
+struct Record<'a> {
+    faults: &'a mut Vec<FaultRecord>,
+    /// Nodes that exited on their own, and faults that could not be started or healed.
+    crashed: &'a mut Vec<String>,
+    /// Replaced nodes that left the cluster.
+    left: &'a mut Vec<(u64, u64)>,
+    /// nemesis.log
+    log: &'a mut String,
+}
+
 /// Carries out the fault plan until the time limit (or an interrupt), printing progress.
-#[allow(clippy::too_many_arguments)]
-fn drive_faults(
-    options: &RunOptions,
-    plan: &[PlannedFault],
-    cluster: &Arc<Mutex<TestCluster>>,
-    shared: &Shared,
-    node_ids: &[u64],
-    faults: &mut Vec<FaultRecord>,
-    crashed: &mut Vec<String>,
-    log: &mut String,
-    progress: &mut impl FnMut(&str),
-) {
+/// Between faults, replaced nodes whose groups have moved away leave the cluster.
+fn drive_faults(options: &RunOptions, plan: &[PlannedFault], cluster: &Arc<Mutex<TestCluster>>, shared: &Shared, record: Record, progress: &mut impl FnMut(&str)) {
+    let Record { faults, crashed, left, log } = record;
     let recorder = &shared.recorder;
     let mut next = 0;
     let mut next_start = options.nemesis_interval;
@@ -292,12 +314,17 @@ fn drive_faults(
                 let planned = &plan[next];
                 next += 1;
                 let (leader, groups) = cluster_view(&mut nemesis_client, &shared.seeds);
-                let hit = nemesis::resolve(planned, node_ids, leader, &groups);
-                let corrupted = match nemesis::inflict(cluster, planned.kind, planned.target, &hit) {
-                    Ok(corrupted) => corrupted,
+                // Roster changes pick among the roster's nodes; other faults hit leaving nodes too.
+                let node_ids = match planned.kind {
+                    NemesisKind::Roster => cluster.lock().unwrap().roster(),
+                    _ => cluster.lock().unwrap().ids(),
+                };
+                let hit = nemesis::resolve(planned, &node_ids, leader, &groups);
+                let nemesis::Inflicted { corrupted, joined } = match nemesis::inflict(cluster, planned.kind, planned.target, &hit) {
+                    Ok(inflicted) => inflicted,
                     Err(err) => {
                         crashed.push(format!("could not start {:?}: {err:#}", planned.kind));
-                        Vec::new()
+                        nemesis::Inflicted::default()
                     }
                 };
                 let cuts = match hit.cuts.is_empty() {
@@ -306,18 +333,22 @@ fn drive_faults(
                 };
                 let cuts = cuts + &hit.clock_offsets.iter().map(|(n, ms)| format!(" clock of {n} {ms:+} ms")).collect::<String>();
                 let cuts = cuts
-                    + &corrupted.iter().map(|c| format!(" overwrote {} bytes at {} of {}", c.len, c.offset, c.file.display())).collect::<String>();
+                    + &corrupted.iter().map(|c| format!(" overwrote {} bytes at {} of {}", c.len, c.offset, c.file.display())).collect::<String>()
+                    + &joined.iter().map(|id| format!(" node {id} joined in its place")).collect::<String>();
                 let observed_clock_offsets = match planned.target {
                     // A strobe's phase is whatever it is when observed.
                     nemesis::Target::Jump | nemesis::Target::Skew => {
-                        let addresses = cluster.lock().unwrap().seeds();
-                        hit.clock_offsets.iter().map(|&(id, _)| (id, observed_clock_offset(&addresses[id as usize - 1]))).collect()
+                        let addresses: Vec<(u64, Option<String>)> = {
+                            let cluster = cluster.lock().unwrap();
+                            hit.clock_offsets.iter().map(|&(id, _)| (id, cluster.client_address(id).map(str::to_owned))).collect()
+                        };
+                        addresses.into_iter().map(|(id, address)| (id, address.and_then(|a| observed_clock_offset(&a)))).collect()
                     }
                     _ => Vec::new(),
                 };
                 *log += &format!("{:>8} ms {:?} {:?} {:?} for {} ms{cuts}\n", now.as_millis(), planned.kind, planned.target, hit.nodes, planned.duration_ms);
                 recorder.record(nemesis_event(&format!("start-{}", kind_name(planned.kind)), &hit.nodes));
-                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes: hit.nodes, cuts: hit.cuts, dropped_packets: None, shape: hit.shape, packets: None, clock_offsets: hit.clock_offsets, observed_clock_offsets, corrupted, start_ms: now.as_millis() as u64, end_ms: 0 };
+                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes: hit.nodes, cuts: hit.cuts, dropped_packets: None, shape: hit.shape, packets: None, clock_offsets: hit.clock_offsets, observed_clock_offsets, corrupted, joined, start_ms: now.as_millis() as u64, end_ms: 0 };
                 active = Some((record, now + Duration::from_millis(planned.duration_ms)));
             }
             Some((fault, ends)) => {
@@ -330,6 +361,16 @@ fn drive_faults(
             _ => {}
         }
         if now >= last_progress + Duration::from_secs(1) {
+            if active.is_none() {
+                match cluster.lock().unwrap().retire_finished() {
+                    Ok(retired) => {
+                        *log += &retired.iter().map(|id| format!("{:>8} ms node {id} left the cluster\n", now.as_millis())).collect::<String>();
+                        left.extend(retired.into_iter().map(|id| (id, now.as_millis() as u64)));
+                    }
+                    // The metadata leader may be down or electing: tried again a second later.
+                    Err(err) => tracing::debug!("retiring leaving nodes: {err:#}"),
+                }
+            }
             last_progress = now;
             let fault = active.as_ref().map_or("none".to_string(), |(f, ends)| {
                 format!("{} {:?} {:?} ({} s left)", kind_name(f.kind), f.target, f.nodes, ends.saturating_sub(now).as_secs())
@@ -410,9 +451,10 @@ fn observed_clock_offset(address: &str) -> Option<i64> {
     Some(map.now_ms as i64 - (before + after) / 2)
 }
 
-/// After healing: one linearizable read of every key, retried until it succeeds.
-fn final_reads(shared: &Shared) -> Result<()> {
-    let client = Client::connect(ClientConfig { read_policy: ReadPolicy::Linearizable, ..ClientConfig::new(shared.seeds.clone()) }).context("connecting for the final reads")?;
+/// After healing: one linearizable read of every key, retried until it succeeds (`seeds`: the
+/// nodes of the cluster as it is now).
+fn final_reads(shared: &Shared, seeds: Vec<String>) -> Result<()> {
+    let client = Client::connect(ClientConfig { read_policy: ReadPolicy::Linearizable, ..ClientConfig::new(seeds) }).context("connecting for the final reads")?;
     for key in 0..shared.keys_used() {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -533,6 +575,28 @@ fn availability(events: &[Event], faults: &[FaultRecord]) -> serde_json::Value {
 
 /// How long, after recovery, the groups may take to reach the places the full roster gives them.
 const ROSTER_SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// After the roster settled: waits until every replaced node has left (`retire_finished`);
+/// the nodes that left.
+fn retire_leaving_nodes(cluster: &Mutex<TestCluster>, limit: Duration) -> anyhow::Result<Vec<u64>> {
+    let started = Instant::now();
+    let mut retired = Vec::new();
+    let mut last = String::new();
+    loop {
+        match cluster.lock().unwrap().retire_finished() {
+            Ok(done) => retired.extend(done),
+            Err(err) => last = format!(": {err:#}"),
+        }
+        let leaving: Vec<u64> = cluster.lock().unwrap().nodes.iter().filter(|n| n.leaving).map(|n| n.id).collect();
+        if leaving.is_empty() {
+            return Ok(retired);
+        }
+        if started.elapsed() > limit {
+            anyhow::bail!("nodes {leaving:?} were replaced but did not leave within {} s{last}", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
 
 /// Waits until no group moves and every group is where the roster puts it; how long that took,
 /// or what was still unsettled at `limit` (a move that never ends is a failed run, though no

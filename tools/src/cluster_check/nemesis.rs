@@ -40,9 +40,11 @@ pub enum NemesisKind {
     /// deleted, restarted empty. It must catch up from its peers without ever helping a replica
     /// that lacks acknowledged writes to lead (store/src/node/rejoin.rs).
     Wipe,
-    /// The roster shrinks: a minority of the nodes taken off it (leaving at least the
-    /// replication factor), so that their groups move away under the workload; healing puts
-    /// them back, and groups move back.
+    /// Roster changes under the workload. Shrink: a minority of the nodes taken off the roster
+    /// (leaving at least the replication factor), so that their groups move away; healing puts
+    /// them back, and groups move back. Replace: a fresh chunkd (new id, empty disk) joins the
+    /// cluster and takes one node's place on the roster; the replaced node's groups move to
+    /// it, and once it holds nothing the node is stopped and forgotten (ForgetNode).
     Roster,
 }
 
@@ -84,6 +86,8 @@ pub enum Target {
     Reorder,
     /// Roster: the nodes taken off the roster.
     Shrink,
+    /// Roster: the node a fresh node replaces (it leaves the cluster for good).
+    Replace,
 }
 
 /// How often a strobed clock flips.
@@ -122,7 +126,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
             NemesisKind::Disk => *[Target::Corrupt, Target::PowerCut].choose(&mut rng).unwrap(),
             NemesisKind::Packet => *[Target::Delay, Target::Loss, Target::Reorder].choose(&mut rng).unwrap(),
             NemesisKind::Wipe => Target::One,
-            NemesisKind::Roster => Target::Shrink,
+            NemesisKind::Roster => *[Target::Shrink, Target::Replace].choose(&mut rng).unwrap(),
         };
         let long = kind == NemesisKind::Pause && rng.gen_bool(0.25) && at + LONG_PAUSE + interval <= time_limit;
         let duration = if long { LONG_PAUSE } else { interval };
@@ -159,7 +163,7 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>, groups:
         picked
     };
     let hit = match fault.target {
-        Target::One | Target::OneWay | Target::Jump | Target::Strobe | Target::Corrupt => picked(1),
+        Target::One | Target::OneWay | Target::Jump | Target::Strobe | Target::Corrupt | Target::Replace => picked(1),
         Target::Minority | Target::Halves | Target::Shrink => picked((nodes.len() - 1) / 2),
         Target::Majority => picked(nodes.len() / 2 + 1),
         Target::All | Target::Ring | Target::Skew | Target::PowerCut => picked(nodes.len()),
@@ -211,10 +215,19 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>, groups:
     Resolved { nodes: hit, cuts, clock_offsets, seed: rng.gen(), shape }
 }
 
-/// Starts a fault. Returns what a disk fault overwrote.
-pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Target, hit: &Resolved) -> anyhow::Result<Vec<Corruption>> {
+/// What starting a fault did beyond what `Resolved` says.
+#[derive(Debug, Default)]
+pub struct Inflicted {
+    /// Disk faults: the regions overwritten.
+    pub corrupted: Vec<Corruption>,
+    /// Roster replace: the fresh node that joined.
+    pub joined: Vec<u64>,
+}
+
+/// Starts a fault. The roster's nodes (`hit.nodes`) must be nodes on the roster.
+pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Target, hit: &Resolved) -> anyhow::Result<Inflicted> {
     let mut cluster = cluster.lock().unwrap();
-    let mut corrupted = Vec::new();
+    let mut done = Inflicted::default();
     match kind {
         // A rolling kill starts with its first replica (`tick` goes on).
         NemesisKind::Kill if target == Target::Rolling => hit.nodes.iter().take(1).for_each(|&id| cluster.kill(id)),
@@ -230,7 +243,7 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Tar
             for &id in &hit.nodes {
                 cluster.kill(id);
                 if target == Target::Corrupt {
-                    corrupted.extend(disk::corrupt_devices(id, &cluster.node_dir(id).join("data"), hit.seed)?);
+                    done.corrupted.extend(disk::corrupt_devices(id, &cluster.node_dir(id).join("data"), hit.seed)?);
                 }
             }
         }
@@ -241,12 +254,18 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Tar
                 std::fs::remove_dir_all(&data).map_err(|e| anyhow::anyhow!("wiping {}: {e}", data.display()))?;
             }
         }
+        NemesisKind::Roster if target == Target::Replace => {
+            let joined = cluster.add_fresh_node()?;
+            done.joined.push(joined);
+            hit.nodes.iter().for_each(|&id| cluster.set_leaving(id));
+            set_roster(&cluster, &cluster.roster())?;
+        }
         NemesisKind::Roster => {
-            let roster: Vec<u64> = cluster.nodes.iter().map(|n| n.id).filter(|id| !hit.nodes.contains(id)).collect();
+            let roster: Vec<u64> = cluster.roster().into_iter().filter(|id| !hit.nodes.contains(id)).collect();
             set_roster(&cluster, &roster)?;
         }
     }
-    Ok(corrupted)
+    Ok(done)
 }
 
 /// Keeps a fault of `duration` going (`since` is the time since it started): a strobed clock
@@ -291,10 +310,9 @@ pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved
         NemesisKind::Partition => return Ok(Healed { dropped_packets: Some(cluster.heal_network()?.0), packets: None }),
         NemesisKind::Packet => return Ok(Healed { dropped_packets: None, packets: cluster.heal_network()?.1 }),
         NemesisKind::Clock => hit.clock_offsets.iter().try_for_each(|&(id, _)| cluster.set_clock(id, 0))?,
-        NemesisKind::Roster => {
-            let roster: Vec<u64> = cluster.nodes.iter().map(|n| n.id).collect();
-            set_roster(&cluster, &roster)?;
-        }
+        // Shrink: the nodes come back. Replace: the roster stays as it is (the same call); the
+        // replaced node leaves when its groups have moved (`TestCluster::retire_finished`).
+        NemesisKind::Roster => set_roster(&cluster, &cluster.roster())?,
     }
     Ok(Healed::default())
 }
@@ -322,7 +340,7 @@ mod tests {
         for fault in &a {
             let hit = resolve(fault, &nodes, Some(3), &[]);
             let expected = match fault.target {
-                Target::One | Target::Leader | Target::OneWay | Target::Jump | Target::Strobe | Target::Corrupt => 1,
+                Target::One | Target::Leader | Target::OneWay | Target::Jump | Target::Strobe | Target::Corrupt | Target::Replace => 1,
                 Target::Minority | Target::Halves | Target::Shrink => 2,
                 Target::Majority | Target::Rolling => 3,
                 Target::All | Target::Ring | Target::Skew | Target::PowerCut => 5,
@@ -362,6 +380,7 @@ mod tests {
         assert!(a.iter().any(|f| f.kind == NemesisKind::Partition), "a 300 s run has a partition");
         assert!(a.iter().any(|f| f.kind == NemesisKind::Disk), "a 300 s run has a disk fault");
         assert!(a.iter().any(|f| f.kind == NemesisKind::Packet), "a 300 s run has a packet fault");
-        assert!(a.iter().any(|f| f.kind == NemesisKind::Roster), "a 300 s run has a roster change");
+        assert!(a.iter().any(|f| f.target == Target::Shrink), "a 300 s run shrinks the roster");
+        assert!(a.iter().any(|f| f.target == Target::Replace), "a 300 s run replaces a node");
     }
 }
