@@ -991,8 +991,15 @@ impl Node {
     async fn handle_meta_raft(&self, group: u32, message: &[u8]) -> Response {
         match self.meta.get() {
             Some(meta) if group == 0 => {
-                // The metadata group's messages are few: decoding one twice costs nothing.
-                if let Ok(RaftRpc::AppendEntries(_) | RaftRpc::InstallSnapshot(_)) = decode_rpc::<crate::meta::MetaTypeConfig>(message) {
+                // The metadata group's messages are few: decoding one twice costs nothing. A
+                // leader's message counts if its term is not behind this member's (a deposed
+                // leader's is refused).
+                let vote = match decode_rpc::<crate::meta::MetaTypeConfig>(message) {
+                    Ok(RaftRpc::AppendEntries(request)) => Some(request.vote),
+                    Ok(RaftRpc::InstallSnapshot(request)) => Some(request.vote),
+                    _ => None,
+                };
+                if vote.is_some_and(|vote| vote >= meta.raft.metrics().borrow().vote) {
                     self.note_metadata_leader_message();
                 }
                 serve_replica(&meta.raft, &meta.rejoin, message).await

@@ -124,7 +124,9 @@ impl TestCluster {
     /// Starts a fresh node: a new id, its own loopback address, an empty data directory, a
     /// config listing the cluster's nodes. It joins the cluster by itself (AddNode through the
     /// metadata leader); returns its id once the cluster metadata has it, holding nothing (the
-    /// roster decides that).
+    /// roster decides that). Every node's config then lists it (a node that restarts with no
+    /// metadata, wiped, finds the metadata leader among the nodes its config lists). A node
+    /// that does not join within 60 s is stopped and dropped again.
     pub fn add_fresh_node(&mut self) -> Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
@@ -132,71 +134,118 @@ impl TestCluster {
         let client = format!("{host}:{}", local_cluster::free_port(&host, &self.dir)?);
         let peer = format!("{host}:{}", local_cluster::free_port(&host, &self.dir)?);
         self.nodes.push(TestNode { id, host, client, peer, child: None, paused: false, leaving: false });
+        match self.start_fresh_node(id) {
+            Ok(()) => {
+                self.write_configs()?;
+                Ok(id)
+            }
+            Err(err) => {
+                self.kill(id);
+                self.nodes.retain(|n| n.id != id);
+                Err(err)
+            }
+        }
+    }
+
+    fn start_fresh_node(&mut self, id: u64) -> Result<()> {
         let layout = self.layout();
-        let node = layout.nodes.last().expect("just pushed");
+        let node = layout.nodes.iter().find(|n| n.id == id).expect("just added");
         local_cluster::write_config(&self.dir, &layout, node, self.replication_factor, &self.options)?;
         if self.tools.fake_clock.is_some() {
             self.set_clock(id, 0)?;
         }
         self.restart(id)?;
         let seeds: Vec<String> = self.nodes.iter().filter(|n| n.id != id).map(|n| n.client.clone()).collect();
+        let log = self.node_dir(id).join("chunkd.log");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some((_, status)) = self.exited().into_iter().find(|(gone, _)| *gone == id) {
-                anyhow::bail!("the fresh node {id} exited ({status}) while joining (see {})", self.node_dir(id).join("chunkd.log").display());
+            let exited = self.node_mut(id).and_then(|n| n.child.as_mut()).and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                anyhow::bail!("the fresh node {id} exited ({status}) while joining (see {})", log.display());
             }
-            let config = ClientConfig { timeout: Duration::from_secs(2), retries_max: 0, ..ClientConfig::new(seeds.clone()) };
-            if Client::connect(config).and_then(|c| c.cluster_meta()).is_ok_and(|meta| meta.node(id).is_some()) {
-                return Ok(id);
+            if Self::quick_client(seeds.clone()).and_then(|c| Ok(c.cluster_meta()?)).is_ok_and(|meta| meta.node(id).is_some()) {
+                return Ok(());
             }
             if Instant::now() > deadline {
-                anyhow::bail!("the fresh node {id} did not join within 60 s (see {})", self.node_dir(id).join("chunkd.log").display());
+                anyhow::bail!("the fresh node {id} did not join within 60 s (see {})", log.display());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
+    /// Writes the config of every node but the leaving ones for the cluster's nodes as they
+    /// are now. A leaving node keeps its config: it was a metadata voter that the group removed,
+    /// its own copy of the metadata stopped there, and chunkd refuses to start with a config
+    /// listing a node its copy does not know (one that joined since).
+    fn write_configs(&self) -> Result<()> {
+        let layout = self.layout();
+        for node in &layout.nodes {
+            if self.nodes.iter().any(|n| n.id == node.id && !n.leaving) {
+                local_cluster::write_config(&self.dir, &layout, node, self.replication_factor, &self.options)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Marks a node as leaving: `roster` no longer has it.
     pub fn set_leaving(&mut self, id: u64) {
-        self.node_mut(id).leaving = true;
+        if let Some(node) = self.node_mut(id) {
+            node.leaving = true;
+        }
     }
 
     /// Stops and forgets (ForgetNode) every leaving node that holds no replica and no metadata
     /// vote any more, and rewrites the others' configs without it (a restarted chunkd checks its
     /// `[[nodes]]` against the cluster's). Returns the nodes that left; a leaving node whose
-    /// groups are still moving stays for a later call.
+    /// groups are still moving stays for a later call, and so does one whose ForgetNode failed
+    /// (it is forgotten when the metadata no longer lists it, whatever answered).
     pub fn retire_finished(&mut self) -> Result<Vec<u64>> {
         let leaving: Vec<u64> = self.nodes.iter().filter(|n| n.leaving).map(|n| n.id).collect();
         if leaving.is_empty() {
             return Ok(Vec::new());
         }
         let seeds: Vec<String> = self.nodes.iter().filter(|n| !n.leaving).map(|n| n.client.clone()).collect();
-        let config = ClientConfig { timeout: Duration::from_secs(2), retries_max: 0, ..ClientConfig::new(seeds) };
-        let client = Client::connect(config).context("connecting to retire leaving nodes")?;
+        let client = Self::quick_client(seeds).context("connecting to retire leaving nodes")?;
         let meta = client.cluster_meta().context("reading the cluster metadata")?;
         let mut retired = Vec::new();
+        let mut failed = None;
         for id in leaving {
             let holds = meta.namespaces.iter().any(|ns| (0..ns.groups).any(|g| meta.hosts(ns, g, id)));
-            if holds || meta.metadata_voters.contains(&id) || meta.roster.contains(&id) {
+            if meta.node(id).is_some() && (holds || meta.metadata_voters.contains(&id) || meta.roster.contains(&id)) {
                 continue;
             }
             self.resume(id);
             self.kill(id);
-            client.forget_node(id).with_context(|| format!("forgetting node {id}"))?;
+            if meta.node(id).is_some() {
+                if let Err(err) = client.forget_node(id) {
+                    // Its answer may be what was lost: the next call reads the metadata again.
+                    failed = Some(anyhow::anyhow!("forgetting node {id}: {err}"));
+                    continue;
+                }
+            }
             self.nodes.retain(|n| n.id != id);
             retired.push(id);
         }
         if !retired.is_empty() {
-            let layout = self.layout();
-            for node in &layout.nodes {
-                local_cluster::write_config(&self.dir, &layout, node, self.replication_factor, &self.options)?;
-            }
+            self.write_configs()?;
         }
-        Ok(retired)
+        match (retired.is_empty(), failed) {
+            (true, Some(err)) => Err(err),
+            _ => Ok(retired),
+        }
     }
 
-    fn node_mut(&mut self, id: u64) -> &mut TestNode {
-        self.nodes.iter_mut().find(|n| n.id == id).expect("a node of this cluster")
+    /// The node, if it is (still) one of the cluster's: a node that left is not, and faults
+    /// aimed at it (from a stale view of the cluster) do nothing.
+    fn node_mut(&mut self, id: u64) -> Option<&mut TestNode> {
+        self.nodes.iter_mut().find(|n| n.id == id)
+    }
+
+    /// A client for the nemesis's own requests: short waits, so that a fault is never held
+    /// up long by a node that does not answer.
+    fn quick_client(seeds: Vec<String>) -> Result<Client> {
+        let config = ClientConfig { timeout: Duration::from_secs(2), retries_max: 3, retry_window: Duration::from_secs(3), ..ClientConfig::new(seeds) };
+        Ok(Client::connect(config)?)
     }
 
     pub fn node_dir(&self, id: u64) -> PathBuf {
@@ -213,7 +262,7 @@ impl TestCluster {
 
     /// SIGKILL (a paused node is killed too).
     pub fn kill(&mut self, id: u64) {
-        let node = self.node_mut(id);
+        let Some(node) = self.node_mut(id) else { return };
         if let Some(mut child) = node.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -230,7 +279,7 @@ impl TestCluster {
             Some(library) => clock::environment(library, &clock::offset_file(&self.node_dir(id))),
             None => Vec::new(),
         };
-        let node = self.node_mut(id);
+        let Some(node) = self.node_mut(id) else { return Ok(()) };
         if node.child.is_some() {
             return Ok(());
         }
@@ -241,7 +290,7 @@ impl TestCluster {
     }
 
     pub fn pause(&mut self, id: u64) {
-        let node = self.node_mut(id);
+        let Some(node) = self.node_mut(id) else { return };
         if let Some(child) = &node.child {
             // SAFETY: plain syscall on our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
@@ -250,7 +299,7 @@ impl TestCluster {
     }
 
     pub fn resume(&mut self, id: u64) {
-        let node = self.node_mut(id);
+        let Some(node) = self.node_mut(id) else { return };
         if let Some(child) = &node.child {
             // SAFETY: plain syscall on our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
@@ -341,7 +390,9 @@ impl TestCluster {
         let mut children: Vec<(u64, Child)> = self.nodes.iter_mut().filter_map(|n| n.child.take().map(|c| (n.id, c))).collect();
         let result = local_cluster::wait_for_leaders(&self.dir, &layout, timeout, &mut children);
         for (id, child) in children {
-            self.node_mut(id).child = Some(child);
+            if let Some(node) = self.node_mut(id) {
+                node.child = Some(child);
+            }
         }
         result.map(|()| started.elapsed())
     }

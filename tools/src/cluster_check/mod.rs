@@ -203,7 +203,7 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     let mut run_error = recovery.err().map(|e| format!("the cluster did not recover: {e:#}"));
     // Roster changes must come to an end: every group where the full roster puts it.
     let mut roster_settled_ms = None;
-    if run_error.is_none() && options.nemeses.contains(&NemesisKind::Roster) {
+    if run_error.is_none() && options.nemeses.contains(&NemesisKind::Roster) && !INTERRUPTED.load(Ordering::SeqCst) {
         let seeds = cluster.lock().unwrap().seeds();
         match wait_for_roster_to_settle(seeds, ROSTER_SETTLE_LIMIT) {
             Ok(took) => roster_settled_ms = Some(took.as_millis() as u64),
@@ -212,7 +212,7 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     }
     // Replaced nodes leave once their groups have moved: the final reads then come from the
     // nodes that stay.
-    if run_error.is_none() && options.nemeses.contains(&NemesisKind::Roster) {
+    if run_error.is_none() && options.nemeses.contains(&NemesisKind::Roster) && !INTERRUPTED.load(Ordering::SeqCst) {
         match retire_leaving_nodes(&cluster, ROSTER_SETTLE_LIMIT) {
             Ok(retired) => {
                 nemesis_log += &retired.iter().map(|id| format!("after the run: node {id} left the cluster\n")).collect::<String>();
@@ -313,7 +313,8 @@ fn drive_faults(options: &RunOptions, plan: &[PlannedFault], cluster: &Arc<Mutex
             None if next < plan.len() && now >= next_start => {
                 let planned = &plan[next];
                 next += 1;
-                let (leader, groups) = cluster_view(&mut nemesis_client, &shared.seeds);
+                let seeds = cluster.lock().unwrap().seeds();
+                let (leader, groups) = cluster_view(&mut nemesis_client, &seeds);
                 // Roster changes pick among the roster's nodes; other faults hit leaving nodes too.
                 let node_ids = match planned.kind {
                     NemesisKind::Roster => cluster.lock().unwrap().roster(),

@@ -156,7 +156,8 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>, groups:
     let mut rng = SmallRng::seed_from_u64(fault.pick);
     let mut shuffled = nodes.to_vec();
     shuffled.shuffle(&mut rng);
-    let leader = leader.unwrap_or(shuffled[0]);
+    // The view of the cluster may be stale (a node that left since): only nodes of the cluster.
+    let leader = leader.filter(|l| nodes.contains(l)).unwrap_or(shuffled[0]);
     let picked = |count: usize| {
         let mut picked = shuffled[..count.clamp(1, nodes.len())].to_vec();
         picked.sort_unstable();
@@ -170,7 +171,7 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>, groups:
         Target::Leader => vec![leader],
         // In the order they are killed.
         Target::Rolling => match groups.choose(&mut rng) {
-            Some(replicas) if !replicas.is_empty() => replicas.clone(),
+            Some(replicas) if !replicas.is_empty() && replicas.iter().all(|r| nodes.contains(r)) => replicas.clone(),
             _ => shuffled[..3.min(nodes.len())].to_vec(),
         },
         // One node's links, or every link.
