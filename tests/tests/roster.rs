@@ -335,6 +335,52 @@ fn an_original_node_hands_its_metadata_vote_to_a_new_node_when_removed() {
 ///
 /// Negative control: with `ClusterMeta::metadata_voters_target` never growing the group, the
 /// test fails ("the metadata voters did not grow to three").
+/// A node that was down while another joined starts with a configuration that lists the new
+/// node (an operator updated its file): its own copy of the metadata does not know node 4 yet,
+/// so it asks the metadata leader's copy before it finds its file wrong, and it starts.
+///
+/// Negative control: with `Node::differences_from_current` returning this node's own
+/// differences, node 3 exits ("[[nodes]] lists node 4 but the cluster has no such node").
+#[test]
+fn a_node_that_was_down_while_another_joined_starts_with_a_file_listing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    chunkctl_ok(dir, &["up", "--nodes", "3", "--groups", "4"]);
+    let _down = Down(dir);
+    kill_node(dir, 3);
+    chunkctl_ok(dir, &["node", "add", "--wait"]);
+    // Node 4's own entry, as its file has it, appended to node 3's file.
+    let node4 = std::fs::read_to_string(chunkstore_tests::local::node_config(dir, 4)).unwrap();
+    let entry_start = node4.find("[[nodes]]\nid = 4\n").expect("node 4's file lists itself");
+    let entry_end = node4[entry_start..].find("\n\n").map_or(node4.len(), |end| entry_start + end + 1);
+    let path = chunkstore_tests::local::node_config(dir, 3);
+    let mut node3 = std::fs::read_to_string(&path).unwrap();
+    node3 += "\n";
+    node3 += &node4[entry_start..entry_end];
+    std::fs::write(&path, node3).unwrap();
+
+    let mut node3 = start_node(dir, 3);
+    let address = status(dir)["nodes"].as_array().unwrap().iter().find(|n| n["id"] == 3).unwrap()["address"].as_str().unwrap().to_owned();
+    let client = Client::connect(ClientConfig::new(seeds(dir))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(exit) = node3.try_wait().unwrap() {
+            let log = std::fs::read_to_string(dir.join("node3").join("chunkd.log")).unwrap();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            panic!("node 3 exited ({exit}): {tail:?}");
+        }
+        if let Ok(Response::ClusterMap(map)) = client.call_node(&address, &Request::ClusterMap) {
+            if map.nodes.iter().any(|(id, _)| *id == 4) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "node 3 did not serve within 40 s");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let _ = node3.kill();
+    let _ = node3.wait();
+}
+
 #[test]
 fn the_metadata_group_grows_as_nodes_join_a_one_node_cluster() {
     let tmp = tempfile::tempdir().unwrap();

@@ -195,6 +195,11 @@ const HEALTH_REFRESH: Duration = Duration::from_secs(1);
 /// treated as down (it holds no write back), and reports afresh once it can reach us again.
 const HEALTH_FORGET: Duration = Duration::from_secs(5);
 
+/// How long a starting node whose configuration disagrees with its own copy of the cluster
+/// metadata waits for the metadata leader's copy before its own decides
+/// (`Node::differences_from_current`).
+const CURRENT_METADATA_WAIT: Duration = Duration::from_secs(15);
+
 /// Counts a write in flight for as long as it lives.
 struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -282,7 +287,10 @@ impl Node {
         let me = config.node_id;
         let configured = self.configured_cluster()?;
         let mut cluster = self.learn_cluster(&configured).await;
-        let differences = cluster.differences(&configured, me);
+        let mut differences = cluster.differences(&configured, me);
+        if !differences.is_empty() {
+            differences = self.differences_from_current(&configured, differences).await;
+        }
         if !differences.is_empty() {
             return Err(NodeError::Config(format!(
                 "this node's configuration disagrees with the cluster metadata (fix the file; the cluster keeps what it was created with):\n  - {}",
@@ -533,6 +541,29 @@ impl Node {
         }
     }
 
+    /// How this node's configuration (`configured`) differs from the metadata leader's copy of
+    /// the cluster metadata, given that it differs from this node's own copy as `differences`
+    /// say. Its own copy may be behind: nodes may have joined while it was down (and its file
+    /// was updated to list them), or the metadata group removed this voter before it received
+    /// that change. So a node asks the cluster before refusing to start; if no copy comes within
+    /// `CURRENT_METADATA_WAIT`, its own copy decides.
+    async fn differences_from_current(&self, configured: &ClusterMeta, differences: Vec<String>) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + CURRENT_METADATA_WAIT;
+        loop {
+            if let Some(current) = self.fetch_cluster().await {
+                let now = current.differences(configured, self.config.node_id);
+                if now.is_empty() {
+                    tracing::info!("this node's copy of the cluster metadata is behind its configuration; the metadata leader's copy agrees with it");
+                }
+                return now;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return differences;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Asks the metadata voters this node knows of (else the seeds, else the voters its
     /// configuration names) for the cluster metadata; None if none knew. The other nodes it
     /// knows are asked last: the voters may all have changed since it learned them.
@@ -540,11 +571,15 @@ impl Node {
         let known = self.joined.get().map(|j| j.cluster.read().unwrap().clone()).or_else(|| self.meta_state.cluster());
         let me = self.config.node_id;
         let (addresses, peers): (Vec<String>, Vec<(NodeId, String)>) = match known {
+            // Then the nodes its configuration lists (its copy may be behind them).
             Some(cluster) => {
                 let (voters, others): (Vec<&NodeInfo>, Vec<&NodeInfo>) =
                     cluster.nodes.iter().filter(|n| n.id != me).partition(|n| cluster.metadata_voters.contains(&n.id));
-                let addresses = voters.into_iter().chain(others).map(|n| n.peer.clone()).collect();
-                (addresses, cluster.nodes.iter().map(|n| (n.id, n.peer.clone())).collect())
+                let mut addresses: Vec<String> = voters.into_iter().chain(others).map(|n| n.peer.clone()).collect();
+                addresses.extend(self.config.nodes.iter().filter(|(id, _)| *id != me).map(|(_, peer)| peer.clone()));
+                let mut peers: Vec<(NodeId, String)> = cluster.nodes.iter().map(|n| (n.id, n.peer.clone())).collect();
+                peers.extend(self.config.nodes.iter().cloned());
+                (addresses, peers)
             }
             // The configured voters first, then every other configured node.
             None => {
