@@ -327,14 +327,6 @@ fn an_original_node_hands_its_metadata_vote_to_a_new_node_when_removed() {
     eprintln!("writes per phase: {:?}", log.writes_per_phase);
 }
 
-/// A cluster started on one node keeps its metadata on that node's disk alone. As nodes join
-/// the roster, the metadata group grows to the largest odd size they allow (never two): one
-/// voter with two nodes, three once there are three. Then node 1, where the cluster began, is
-/// killed and a lease session (a metadata write, which needs a quorum of the voters) still
-/// opens: the metadata survives the loss of the machine it started on.
-///
-/// Negative control: with `ClusterMeta::metadata_voters_target` never growing the group, the
-/// test fails ("the metadata voters did not grow to three").
 /// A node that was down while another joined starts with a configuration that lists the new
 /// node (an operator updated its file): its own copy of the metadata does not know node 4 yet,
 /// so it asks the metadata leader's copy before it finds its file wrong, and it starts.
@@ -381,6 +373,14 @@ fn a_node_that_was_down_while_another_joined_starts_with_a_file_listing_it() {
     let _ = node3.wait();
 }
 
+/// A cluster started on one node keeps its metadata on that node's disk alone. As nodes join
+/// the roster, the metadata group grows to the largest odd size they allow (never two): one
+/// voter with two nodes, three once there are three. Then node 1, where the cluster began, is
+/// killed and a lease session (a metadata write, which needs a quorum of the voters) still
+/// opens: the metadata survives the loss of the machine it started on.
+///
+/// Negative control: with `ClusterMeta::metadata_voters_target` never growing the group, the
+/// test fails ("the metadata voters did not grow to three").
 #[test]
 fn the_metadata_group_grows_as_nodes_join_a_one_node_cluster() {
     let tmp = tempfile::tempdir().unwrap();

@@ -195,10 +195,9 @@ const HEALTH_REFRESH: Duration = Duration::from_secs(1);
 /// treated as down (it holds no write back), and reports afresh once it can reach us again.
 const HEALTH_FORGET: Duration = Duration::from_secs(5);
 
-/// How long a starting node whose configuration disagrees with its own copy of the cluster
-/// metadata waits for the metadata leader's copy before its own decides
-/// (`Node::differences_from_current`).
-const CURRENT_METADATA_WAIT: Duration = Duration::from_secs(15);
+/// The longest one round of asking for the metadata leader's copy takes, at a starting node
+/// whose configuration disagrees with its own copy (`Node::differences_from_current`).
+const CURRENT_METADATA_ROUND: Duration = Duration::from_secs(5);
 
 /// Counts a write in flight for as long as it lives.
 struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
@@ -545,20 +544,24 @@ impl Node {
     /// the cluster metadata, given that it differs from this node's own copy as `differences`
     /// say. Its own copy may be behind: nodes may have joined while it was down (and its file
     /// was updated to list them), or the metadata group removed this voter before it received
-    /// that change. So a node asks the cluster before refusing to start; if no copy comes within
-    /// `CURRENT_METADATA_WAIT`, its own copy decides.
+    /// that change. So a node asks the metadata leader before refusing to start, and, like
+    /// `learn_cluster`, waits as long as no leader answers (logging so every 5 s).
     async fn differences_from_current(&self, configured: &ClusterMeta, differences: Vec<String>) -> Vec<String> {
-        let deadline = tokio::time::Instant::now() + CURRENT_METADATA_WAIT;
+        let started = tokio::time::Instant::now();
+        let mut next_report = started + Duration::from_secs(5);
         loop {
-            if let Some(current) = self.fetch_cluster().await {
+            // One round of asking, however many of the addresses are silent.
+            if let Ok(Some(current)) = tokio::time::timeout(CURRENT_METADATA_ROUND, self.fetch_cluster()).await {
                 let now = current.differences(configured, self.config.node_id);
                 if now.is_empty() {
                     tracing::info!("this node's copy of the cluster metadata is behind its configuration; the metadata leader's copy agrees with it");
                 }
                 return now;
             }
-            if tokio::time::Instant::now() >= deadline {
-                return differences;
+            if tokio::time::Instant::now() >= next_report {
+                tracing::info!(waited_s = started.elapsed().as_secs(), ?differences,
+                    "this node's configuration disagrees with its copy of the cluster metadata: waiting for the metadata leader's copy to decide");
+                next_report += Duration::from_secs(5);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
