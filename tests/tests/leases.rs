@@ -4,14 +4,16 @@
 //! every write it tries afterwards is refused with SessionExpired (unique write ownership, as
 //! shared-storage failover of a JMS server needs).
 //!
-//! A third test cuts the metadata leader off from the leader of a data group (a link of a ring
+//! Another cuts the holder off together with the node it runs beside, the metadata leader.
+//!
+//! A fourth test cuts the metadata leader off from the leader of a data group (a link of a ring
 //! partition): the expired session is fenced in that group through the third node, which relays
 //! the fence (`FenceSession`'s `relay`), so the waiter takes the lock while the cut lasts.
 //! Negative control: with the relay disabled (`relay` never set), the waiter does not get the
 //! lock ("the waiter did not take the lock while the cut lasted").
 //!
 //! Negative controls: with the fence check in `raft::state_machine::record_write` disabled,
-//! both tests fail ("the old holder's write ... was accepted after the lock changed hands");
+//! the tests with a paused or cut-off holder fail ("the old holder's write ... was accepted after the lock changed hands");
 //! with its `LockHeld` check disabled, "a lock held by a live session was taken".
 
 use std::io::BufRead;
@@ -204,6 +206,48 @@ fn a_partitioned_lock_holder_loses_its_lock_and_its_later_writes_are_refused() {
     // Whatever the cut-off holder wrote meanwhile was not acknowledged (nothing reached it).
     drop(cut);
     check_unique_ownership(dir, &a, &b, ok_writes(&a_before), a.events().len());
+}
+
+/// A lock holder that runs beside a node (its client on the node's address, as an application
+/// on that node's machine) is cut off together with that node from the rest of the cluster and
+/// from the waiter. The node is the metadata leader, the one the holder's keep-alives reach
+/// while the cut lasts: what it says on its side of the cut must not keep the session alive.
+/// The other two nodes elect a metadata leader, which ends the session; the waiter takes the
+/// lock; once the cut heals every write of the old holder is refused.
+#[test]
+fn a_lock_holder_cut_off_with_its_node_loses_its_lock_and_its_later_writes_are_refused() {
+    assert!(chunkstore_tests::is_root(), "this test cuts a node off with iptables: run it as root (CI does)");
+    const WAITER_HOST: &str = "127.0.0.1";
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    chunkctl(dir, &["up", "--nodes", "3", "--address-per-node", "--device-size", "67108864"]);
+    let _down = Down(dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (meta_leader, now) = loop {
+        let now = status(dir);
+        if let Some(leader) = now["metadata"]["leader"].as_u64() {
+            break (leader, now);
+        }
+        assert!(Instant::now() < deadline, "no metadata leader: {now}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let host_of = |id: u64| {
+        let node = now["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap();
+        node["address"].as_str().unwrap().rsplit_once(':').unwrap().0.to_owned()
+    };
+    let holder_host = host_of(meta_leader);
+    let a = Holder::start(dir, &["--source", &holder_host, "--ttl-ms", "1000"]);
+    a.wait_until("the first holder took the lock and wrote", Duration::from_secs(30), |events| ok_writes(events) >= 3);
+    let mut others: Vec<String> = [1, 2, 3].into_iter().filter(|n| *n != meta_leader).map(host_of).collect();
+    others.push(WAITER_HOST.to_owned());
+    let cut = Cut::isolate(&holder_host, &others);
+    let mut b = Holder::start(dir, &["--source", WAITER_HOST, "--ttl-ms", "5000", "--writes", "10"]);
+    let status = b.child.wait().unwrap();
+    assert!(status.success(), "the waiter did not take the lock while the holder and its node were cut off: {:?}", b.events());
+    // The holder still reached its node during the cut; what it saw acknowledged then counts.
+    let a_at_heal = a.events();
+    drop(cut);
+    check_unique_ownership(dir, &a, &b, ok_writes(&a_at_heal), a_at_heal.len());
 }
 
 /// The metadata leader of a 3-node cluster (each node on its own address) is cut off, both

@@ -101,7 +101,7 @@ fn a_group_that_lost_a_majority_of_its_copies_is_dead_until_revived_and_says_wha
     wait_for_state(dir, group, "dead", 30);
     wait_for_state(dir, single, "ok", 30);
     let words = chunkctl_ok(dir, &["status"]);
-    assert!(words.contains(&format!("group test/{group} is dead")) && words.contains(&format!("chunkctl revive test {group}")), "{words}");
+    assert!(words.contains(&format!("namespace test: group {group} is dead")) && words.contains(&format!("chunkctl revive test {group}")), "{words}");
 
     // It refuses service, saying so.
     let client = Client::connect(ClientConfig::new(seeds(dir))).unwrap();

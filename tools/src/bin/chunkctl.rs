@@ -738,7 +738,8 @@ fn health_problems(down: &[u64], metadata: &serde_json::Value, groups: &[serde_j
     }
     for group in groups.iter().filter(|g| g["state"] != "ok") {
         let (namespace, id) = (group["namespace"].as_str().unwrap_or(""), &group["group"]);
-        let name = format!("group {namespace}/{id}");
+        // The words ("group 7 has no quorum: ..."), after the namespace it belongs to.
+        let name = format!("namespace {namespace}: group {id}");
         if group["state"] == "dead" {
             let rest = "from the best surviving replica (writes only the lost copies held are lost)";
             problems.push(dead(&name, ids(&group["lost_copy"]), &format!("{namespace} {id}"), rest));
