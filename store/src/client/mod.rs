@@ -321,7 +321,7 @@ impl Client {
     /// leader confirms it.
     pub fn cluster_meta(&self) -> Result<crate::meta::ClusterMeta, ClientError> {
         match self.meta_routed(&Request::ClusterMeta)? {
-            Response::ClusterMeta(Some(cluster)) => Ok(cluster),
+            Response::ClusterMeta { cluster: Some(cluster), .. } => Ok(cluster),
             other => Err(unexpected(other)),
         }
     }

@@ -192,6 +192,13 @@ impl MetaStateMachine {
         self.shared.state.lock().unwrap().cluster.clone()
     }
 
+    /// The cluster metadata and the metadata group's log index this state machine applied it
+    /// up to (0 for a copy `remember`ed from a voter).
+    pub fn cluster_applied(&self) -> (Option<ClusterMeta>, u64) {
+        let state = self.shared.state.lock().unwrap();
+        (state.cluster.clone(), state.last_applied.map_or(0, |l| l.index))
+    }
+
     /// The lease sessions table (as applied here).
     pub fn leases(&self) -> Leases {
         self.shared.state.lock().unwrap().leases.clone()

@@ -130,6 +130,9 @@ impl HostedNamespace {
 struct Joined {
     /// The newest cluster metadata this node has seen (kept up by `roster::follow_cluster`).
     cluster: std::sync::RwLock<ClusterMeta>,
+    /// The metadata group's log index `cluster` was applied up to (0: not known), so that the
+    /// node never goes back to an older copy (`roster::adopt_cluster`).
+    cluster_applied: std::sync::atomic::AtomicU64,
     namespaces: HashMap<String, HostedNamespace>,
 }
 
@@ -344,7 +347,8 @@ impl Node {
             namespaces.insert(spec.engine.name.clone(), HostedNamespace { engine, groups: info.groups, local });
         }
         tracing::info!(node = me, nodes = cluster.nodes.len(), namespaces = namespaces.len(), "joined the cluster");
-        if self.joined.set(Joined { cluster: std::sync::RwLock::new(cluster), namespaces }).is_err() {
+        let cluster_applied = std::sync::atomic::AtomicU64::new(0);
+        if self.joined.set(Joined { cluster: std::sync::RwLock::new(cluster), cluster_applied, namespaces }).is_err() {
             return Err(NodeError::Config("join called twice".into()));
         }
         tokio::spawn(leases::keep_leases(Arc::downgrade(self)));
@@ -524,7 +528,7 @@ impl Node {
                     }
                 }
                 None => {
-                    if let Some(cluster) = self.fetch_cluster().await {
+                    if let Some((cluster, _)) = self.fetch_cluster().await {
                         match self.meta_state.remember(cluster).await {
                             Ok(()) => continue,
                             Err(err) => tracing::warn!(%err, "cannot record the cluster metadata; retrying"),
@@ -551,7 +555,7 @@ impl Node {
         let mut next_report = started + Duration::from_secs(5);
         loop {
             // One round of asking, however many of the addresses are silent.
-            if let Ok(Some(current)) = tokio::time::timeout(CURRENT_METADATA_ROUND, self.fetch_cluster()).await {
+            if let Ok(Some((current, _))) = tokio::time::timeout(CURRENT_METADATA_ROUND, self.fetch_cluster()).await {
                 let now = current.differences(configured, self.config.node_id);
                 if now.is_empty() {
                     tracing::info!("this node's copy of the cluster metadata is behind its configuration; the metadata leader's copy agrees with it");
@@ -570,7 +574,7 @@ impl Node {
     /// Asks the metadata voters this node knows of (else the seeds, else the voters its
     /// configuration names) for the cluster metadata; None if none knew. The other nodes it
     /// knows are asked last: the voters may all have changed since it learned them.
-    async fn fetch_cluster(&self) -> Option<ClusterMeta> {
+    async fn fetch_cluster(&self) -> Option<(ClusterMeta, u64)> {
         let known = self.joined.get().map(|j| j.cluster.read().unwrap().clone()).or_else(|| self.meta_state.cluster());
         let me = self.config.node_id;
         let (addresses, peers): (Vec<String>, Vec<(NodeId, String)>) = match known {
@@ -1018,7 +1022,10 @@ impl Node {
     async fn handle_cluster_meta(&self) -> Response {
         let Some(raft) = self.meta_raft() else { return Response::Error(ErrorReply::NotLeader { leader: None }) };
         match self.while_in_touch(raft.metrics(), raft.ensure_linearizable()).await {
-            Some(Ok(_)) => Response::ClusterMeta(self.meta_state.cluster()),
+            Some(Ok(_)) => {
+                let (cluster, applied) = self.meta_state.cluster_applied();
+                Response::ClusterMeta { cluster, applied }
+            }
             Some(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
                 Response::Error(ErrorReply::NotLeader { leader: forward.leader_id })
             }

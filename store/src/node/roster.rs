@@ -63,7 +63,8 @@ pub(super) fn seed_addresses(config: &NodeConfig) -> Vec<String> {
 /// answers it, once a quorum confirmed its leadership). A node that names the leader sends the
 /// question there next, if `peers` (id, peer address) has its address: a new node's
 /// configuration may not list the metadata voters of today among its first addresses.
-pub(super) async fn fetch_cluster_from(addresses: &[String], peers: &[(NodeId, String)], source: Option<std::net::IpAddr>, timeout: Duration) -> Option<ClusterMeta> {
+/// With it, the metadata group's log index it was applied up to.
+pub(super) async fn fetch_cluster_from(addresses: &[String], peers: &[(NodeId, String)], source: Option<std::net::IpAddr>, timeout: Duration) -> Option<(ClusterMeta, u64)> {
     let mut queue: std::collections::VecDeque<String> = addresses.iter().cloned().collect();
     let mut asked: Vec<String> = Vec::new();
     while let Some(address) = queue.pop_front() {
@@ -73,7 +74,7 @@ pub(super) async fn fetch_cluster_from(addresses: &[String], peers: &[(NodeId, S
         asked.push(address.clone());
         let mut connection = super::transport::Connection::new(address).from_source(source);
         match connection.call(&Request::ClusterMeta, timeout).await {
-            Ok(Response::ClusterMeta(Some(cluster))) => return Some(cluster),
+            Ok(Response::ClusterMeta { cluster: Some(cluster), applied }) => return Some((cluster, applied)),
             Ok(Response::Error(ErrorReply::NotLeader { leader: Some(leader) })) => {
                 if let Some((_, peer)) = peers.iter().find(|(id, _)| *id == leader) {
                     queue.push_front(peer.clone());
@@ -91,7 +92,7 @@ impl Node {
     pub(super) async fn join_as_new_node(&self, info: NodeInfo) -> ClusterMeta {
         let mut next_report = tokio::time::Instant::now();
         loop {
-            if let Some(cluster) = self.fetch_cluster().await {
+            if let Some((cluster, _)) = self.fetch_cluster().await {
                 if cluster.node(info.id).is_some() {
                     if self.meta_raft().is_none() {
                         if let Err(err) = self.meta_state.remember(cluster.clone()).await {
@@ -214,17 +215,32 @@ impl Node {
         None
     }
 
-    /// Takes on `latest` if it differs from the metadata this node holds (connecting to nodes
-    /// new to it).
-    fn adopt_cluster(&self, latest: ClusterMeta) {
+    /// Takes on `latest`, the cluster metadata as applied up to the metadata group's log index
+    /// `applied`, if it differs from what this node holds (connecting to nodes new to it).
+    /// `follow_cluster` offers its own state machine's copy only when it is not behind the one
+    /// held; a confirmed leader's copy is never behind a committed one, except after the
+    /// metadata group was revived without some entries: it is taken all the same, with a
+    /// warning.
+    fn adopt_cluster(&self, latest: ClusterMeta, applied: u64, source: CopySource) {
         let Some(joined) = self.joined.get() else { return };
-        if *joined.cluster.read().unwrap() == latest {
+        let mut cluster = joined.cluster.write().unwrap();
+        let adopted = joined.cluster_applied.load(std::sync::atomic::Ordering::SeqCst);
+        if source == CopySource::Leader && applied < adopted {
+            tracing::warn!(applied, adopted, "the metadata leader's copy of the cluster metadata is behind the one this node held: taking it (the metadata group was revived from a replica that lacked the newer entries)");
+        }
+        joined.cluster_applied.store(applied, std::sync::atomic::Ordering::SeqCst);
+        if *cluster == latest {
             return;
         }
         for node in &latest.nodes {
             self.peers.connect(node.id, &node.peer);
         }
-        *joined.cluster.write().unwrap() = latest;
+        *cluster = latest;
+    }
+
+    /// The log index of the cluster metadata this node holds (see `adopt_cluster`).
+    fn cluster_applied(&self) -> u64 {
+        self.joined.get().map_or(0, |j| j.cluster_applied.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// Starts the replicas the metadata gives this node and it does not run yet, and stops
@@ -340,6 +356,15 @@ pub(super) async fn change_voters_step<C: NetworkTypes<Responder = openraft::imp
     }
 }
 
+/// Where a node's copy of the cluster metadata comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CopySource {
+    /// Its own member of the metadata group.
+    Own,
+    /// The metadata leader, confirmed by a quorum (`Request::ClusterMeta`).
+    Leader,
+}
+
 fn meta_answer(result: Result<MetaResult, ErrorReply>) -> Response {
     match result {
         Ok(MetaResult::Refused(why)) => Response::Error(ErrorReply::BadRequest(why)),
@@ -360,25 +385,32 @@ pub(super) async fn follow_cluster(node: Weak<Node>) {
             return;
         }
         let member = node.metadata_membership();
-        let latest = match member {
-            metadata::Membership::Follows => node.meta_state.cluster(),
+        let (own, own_applied) = match member {
+            metadata::Membership::Follows => node.meta_state.cluster_applied(),
+            _ => (None, 0),
+        };
+        let latest = match own {
+            // Its own copy unless it is behind the one held: a member whose state machine lags
+            // (it took the leader's copy while it was unsure of its place) must not go back to
+            // older metadata, which could stop a replica that a newer move brought here.
+            Some(cluster) if own_applied >= node.cluster_applied() => Some((cluster, own_applied, CopySource::Own)),
             _ if fetched_at.is_none_or(|at| at.elapsed() >= FETCH_EVERY) => {
                 fetched_at = Some(tokio::time::Instant::now());
                 let latest = node.fetch_cluster().await;
-                if let Some(cluster) = latest.as_ref().filter(|c| node.meta_state.cluster().as_ref() != Some(*c)) {
+                if let Some((cluster, _)) = latest.as_ref().filter(|(c, _)| node.meta_state.cluster().as_ref() != Some(c)) {
                     if let Err(err) = node.meta_state.remember(cluster.clone()).await {
                         tracing::warn!(%err, "cannot record the cluster metadata");
                     }
                 }
-                if let Some(cluster) = &latest {
+                if let Some((cluster, _)) = &latest {
                     node.note_metadata_voters(member, cluster);
                 }
-                latest
+                latest.map(|(cluster, applied)| (cluster, applied, CopySource::Leader))
             }
             _ => None,
         };
-        if let Some(latest) = latest {
-            node.adopt_cluster(latest);
+        if let Some((latest, applied, source)) = latest {
+            node.adopt_cluster(latest, applied, source);
         }
         node.host_what_the_cluster_says().await;
     }
@@ -503,11 +535,11 @@ mod tests {
     async fn the_cluster_metadata_is_fetched_from_the_leader_a_follower_names() {
         let node = |id: u64| NodeInfo { id, client: format!("127.0.0.1:{}", 7400 + id), peer: format!("127.0.0.1:{}", 7500 + id), rack: None };
         let cluster = ClusterMeta::from_config(vec![node(1), node(2), node(3)], &[("test".to_string(), 3, 4)]);
-        let leader = answering(Response::ClusterMeta(Some(cluster.clone()))).await;
+        let leader = answering(Response::ClusterMeta { cluster: Some(cluster.clone()), applied: 12 }).await;
         let follower = answering(Response::Error(ErrorReply::NotLeader { leader: Some(7) })).await;
         let peers = vec![(7, leader.clone()), (8, follower.clone())];
         let fetched = fetch_cluster_from(std::slice::from_ref(&follower), &peers, None, Duration::from_secs(2)).await;
-        assert_eq!(fetched, Some(cluster));
+        assert_eq!(fetched, Some((cluster, 12)));
         // A leader this node has no address for: nothing to follow.
         assert_eq!(fetch_cluster_from(&[follower], &peers[1..], None, Duration::from_secs(2)).await, None);
     }

@@ -148,8 +148,9 @@ pub enum Response {
         message: Vec<u8>,
     },
     Error(ErrorReply),
-    /// None while the metadata group has not been bootstrapped yet.
-    ClusterMeta(Option<ClusterMeta>),
+    /// The metadata leader's copy (None while the metadata group has not been bootstrapped
+    /// yet), as applied up to the metadata group's log index `applied`.
+    ClusterMeta { cluster: Option<ClusterMeta>, applied: u64 },
     /// `data` are the snapshot's bytes from the offset asked for; `meta` is its Raft metadata
     /// (bincode), `total_len` its size.
     SnapshotPart {
