@@ -142,6 +142,8 @@ fn check_unique_ownership(dir: &Path, a: &Holder, b: &Holder, a_ok_before: usize
     for event in &later[1..] {
         assert_eq!(event["ok"], false, "the old holder's write {event} was accepted after the lock changed hands");
         assert_eq!(event["session_expired"], true, "the old holder's write was refused for another reason: {event}");
+        // Its own view agrees: no renewal it sent within a TTL was confirmed (`KeptSession::held`).
+        assert_eq!(event["lease_held"], false, "the old holder believed it still held its lease: {event}");
     }
     a.wait_until("the old holder's keep-alive learnt that its session expired", Duration::from_secs(30), |events| {
         events.iter().any(|e| e["event"] == "lease" && e["session_expired"] == true)
@@ -159,6 +161,46 @@ fn check_unique_ownership(dir: &Path, a: &Holder, b: &Holder, a_ok_before: usize
         a_applied >= a_acknowledged && a_applied <= a_acknowledged + 1,
         "the old holder saw {a_acknowledged} writes acknowledged, the record has {a_applied}: {log:?}"
     );
+}
+
+/// A `KeptSession` renews its lease by itself: past several TTLs its writes are still taken
+/// and it still knows its lease held; dropped, it closes the session, whose writes are then
+/// refused.
+#[test]
+fn a_kept_session_renews_its_lease_by_itself_and_closes_when_dropped() {
+    use chunkstore::client::KeptSession;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    chunkctl(dir, &["up", "--nodes", "3", "--device-size", "67108864"]);
+    let _down = Down(dir);
+    let cluster: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
+    let seeds = cluster["nodes"].as_array().unwrap().iter().map(|n| n["client"].as_str().unwrap().to_owned()).collect();
+    let client = Arc::new(Client::connect(ClientConfig::new(seeds)).unwrap());
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let heard = failures.clone();
+    let kept = KeptSession::open(client.clone(), Duration::from_millis(1000), move |err| heard.lock().unwrap().push(err.to_string())).unwrap();
+    let session = kept.id();
+    let key = Key::new("locks", "kept");
+    let write = |n: i64| client.write_in_session(session, "test", &key, chunkstore::WriteOp::Put(vec![chunkstore::Bin::new("n", Value::Int(n))]), &chunkstore::WritePolicy::default());
+    for n in 0..7 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(kept.held(), "the lease was not known held {} ms in (TTL 1000 ms); failures: {:?}", 500 * (n + 1), failures.lock().unwrap());
+        write(n).unwrap_or_else(|err| panic!("a write of the kept session was refused {} ms in: {err}", 500 * (n + 1)));
+    }
+    assert!(failures.lock().unwrap().is_empty(), "renewals failed: {:?}", failures.lock().unwrap());
+    drop(kept);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match write(100) {
+            Err(err) if err.to_string().contains("expired") => break,
+            outcome => assert!(Instant::now() < deadline, "a write of the dropped session was not refused: {outcome:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Closed, not left to expire: the metadata voters applied its end as a close.
+    let closed = |line: &str| line.contains("lease session ends") && line.contains(&format!("session={session} ")) && line.contains("reason=Closed");
+    let logs: Vec<String> = (1..=3).map(|n| std::fs::read_to_string(dir.join(format!("node{n}/chunkd.log"))).unwrap()).collect();
+    assert!(logs.iter().any(|log| log.lines().any(closed)), "no metadata voter applied a close of session {session}");
 }
 
 /// A lock holder SIGSTOPped past its lease loses the lock to a waiter, and after SIGCONT every

@@ -7,7 +7,9 @@
 //! up to `retries_max` times. A node that did not answer in time is asked last for the next
 //! `UNRESPONSIVE_FOR` (map refreshes, metadata requests), and a leader that did not answer, or
 //! turned a request away without naming another, is passed over for another replica when
-//! the refreshed map still names it (the group may not have elected anew yet).
+//! the refreshed map still names it (the group may not have elected anew yet). A leader that
+//! did not answer is passed over for `SILENT_LEADER_PASSED_OVER` even when the other replicas
+//! still name it: they answer at once, and name the new leader once the group elected one.
 //!
 //! Exactly-once writes: every write carries a tag (client id, birth, lane, sequence number;
 //! see `raft::sessions`). A write whose fate is unknown (connection lost after sending, or an
@@ -25,8 +27,10 @@
 
 mod async_client;
 mod connection;
+mod kept_session;
 
 pub use async_client::AsyncClient;
+pub use kept_session::KeptSession;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,6 +111,10 @@ pub struct Client {
 
 /// How long a node that did not answer in time is asked last.
 const UNRESPONSIVE_FOR: Duration = Duration::from_secs(10);
+
+/// How long a group leader that did not answer in time is passed over for another replica
+/// (`leader_address`): about as long as its group takes to elect anew.
+const SILENT_LEADER_PASSED_OVER: Duration = Duration::from_secs(3);
 
 /// Idle connections kept per node.
 const POOL_PER_NODE_MAX: usize = 16;
@@ -291,7 +299,8 @@ impl Client {
     }
 
     /// Opens a lease session (see `meta::leases`) with a lease of `ttl`: keep it alive with
-    /// `keep_alive` well within the TTL (a third of it is a good period). When a lease runs
+    /// `keep_alive` well within the TTL (a third of it is a good period), or open it as a
+    /// `KeptSession`, which does that on a thread of its own. When a lease runs
     /// out, the cluster fences the session in every group (its writes are refused with
     /// `SessionExpired`), then releases its locks.
     pub fn open_session(&self, ttl: Duration) -> Result<u64, ClientError> {
@@ -511,10 +520,36 @@ impl Client {
         *entry = (*entry).max(index);
     }
 
+    /// Where to send the group's next request: its leader as the map names it, unless that node
+    /// failed to answer within the last `SILENT_LEADER_PASSED_OVER`; then another replica that
+    /// did not, picked at random. Until the group elects anew, its other replicas keep naming
+    /// the silent leader (a paused or cut-off node), and each request sent there would wait a
+    /// whole timeout; a replica answers at once, naming the new leader once there is one.
     fn leader_address(&self, namespace: &str, group: u32) -> Option<String> {
         let map = self.map.lock().unwrap();
-        let leader = map.namespaces.iter().find(|n| n.name == namespace)?.leaders.get(group as usize).copied().flatten()?;
-        map.nodes.iter().find(|(id, _)| *id == leader).map(|(_, addr)| addr.clone())
+        let ns = map.namespaces.iter().find(|n| n.name == namespace)?;
+        let leader = ns.leaders.get(group as usize).copied().flatten()?;
+        let address_of = |id: u64| map.nodes.iter().find(|(node, _)| *node == id).map(|(_, addr)| addr.clone());
+        let address = address_of(leader)?;
+        if !self.failed_within(&address, SILENT_LEADER_PASSED_OVER) {
+            return Some(address);
+        }
+        let replicas = ns.replicas.get(group as usize).map(Vec::as_slice).unwrap_or_default();
+        let others: Vec<String> = replicas
+            .iter()
+            .filter(|id| **id != leader)
+            .filter_map(|id| address_of(*id))
+            .filter(|addr| !self.failed_within(addr, SILENT_LEADER_PASSED_OVER))
+            .collect();
+        match others.is_empty() {
+            true => Some(address),
+            false => Some(others[rand::random::<usize>() % others.len()].clone()),
+        }
+    }
+
+    /// Whether `addr` failed to answer a request within the last `window`.
+    fn failed_within(&self, addr: &str, window: Duration) -> bool {
+        self.unresponsive.lock().unwrap().get(addr).is_some_and(|since| since.elapsed() < window)
     }
 
     /// After the leader could not be reached: try the group's other replicas (they answer
@@ -692,4 +727,62 @@ pub(crate) enum CallError {
 
 fn unexpected(response: Response) -> ClientError {
     ClientError::Server(ErrorReply::Internal(format!("unexpected response {response:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::transport;
+    use crate::protocol::NamespaceMap;
+    use std::sync::Arc;
+
+    /// Answers every request with the same cluster map.
+    struct MapServer(ClusterMap);
+
+    impl transport::Handler for MapServer {
+        async fn handle(&self, _request: Request) -> Response {
+            Response::ClusterMap(self.0.clone())
+        }
+    }
+
+    /// A leader that did not answer is passed over for another replica for a few seconds,
+    /// though the map still names it (its group has not elected anew yet); replicas that did
+    /// not answer either are not picked; once the window passed, the leader is asked again.
+    #[test]
+    fn a_leader_that_did_not_answer_is_passed_over_while_the_replicas_still_name_it() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let server = listener.local_addr().unwrap().to_string();
+        let nodes: Vec<(u64, String)> = vec![(1, server.clone()), (2, "127.0.0.1:9".into()), (3, "127.0.0.1:11".into())];
+        let namespace = NamespaceMap {
+            name: "test".into(),
+            groups: 1,
+            replication_factor: 3,
+            leaders: vec![Some(2)],
+            replicas: vec![vec![1, 2, 3]],
+            ..NamespaceMap::default()
+        };
+        let map = ClusterMap { nodes: nodes.clone(), namespaces: vec![namespace], ..ClusterMap::default() };
+        runtime.spawn(transport::serve(listener, Arc::new(MapServer(map))));
+        let client = Client::connect(ClientConfig::new(vec![server.clone()])).unwrap();
+        let address = |id: u64| nodes[id as usize - 1].1.clone();
+        assert_eq!(client.leader_address("test", 0), Some(address(2)), "a leader that answers is asked");
+
+        let failed = |id: u64, ago: Duration| {
+            client.unresponsive.lock().unwrap().insert(address(id), Instant::now() - ago);
+        };
+        failed(2, Duration::ZERO);
+        for _ in 0..20 {
+            let picked = client.leader_address("test", 0).unwrap();
+            assert!(picked == address(1) || picked == address(3), "the silent leader was asked: {picked}");
+        }
+        failed(3, Duration::ZERO);
+        for _ in 0..20 {
+            assert_eq!(client.leader_address("test", 0), Some(address(1)), "a replica that did not answer either was picked");
+        }
+        failed(1, Duration::ZERO);
+        assert_eq!(client.leader_address("test", 0), Some(address(2)), "with no replica left to ask, the leader is asked");
+        failed(2, SILENT_LEADER_PASSED_OVER);
+        assert_eq!(client.leader_address("test", 0), Some(address(2)), "the leader is asked again once the window passed");
+    }
 }

@@ -92,7 +92,8 @@ enum Commands {
     /// (renewed every third of --ttl-ms), takes the record NAMESPACE SET KEY as a lock (waiting
     /// up to --wait-ms), then appends "SESSION:N;" to bin "log" of record KEY-data every
     /// --write-every-ms, as writes of the session. Prints one JSON object per event on stdout
-    /// ({"event": "session"|"locked"|"write"|"lease", ...}); stops after --writes writes (0:
+    /// ({"event": "session"|"locked"|"write"|"lease", ...}; a write's "lease_held" says whether
+    /// a renewal sent less than a TTL before it was confirmed); stops after --writes writes (0:
     /// never), and exits 2 if the lock was not taken.
     Lock {
         namespace: String,
@@ -306,7 +307,7 @@ fn main() -> ExitCode {
         })(),
         Commands::Lock { ref namespace, ref set, ref key, ttl_ms, wait_ms, write_every_ms, writes } => client(&cli).and_then(|client| {
             let drill = LockDrill { namespace, set, key, ttl: Duration::from_millis(ttl_ms), wait: Duration::from_millis(wait_ms), write_every: Duration::from_millis(write_every_ms), writes };
-            hold_lock(&client, &drill)
+            hold_lock(std::sync::Arc::new(client), &drill)
         }),
         Commands::Revive { ref namespace, group, json } => client_with_timeout(&cli, Duration::from_secs(30)).and_then(|client| {
             let revived = client.revive(namespace, group)?;
@@ -400,48 +401,40 @@ struct LockDrill<'a> {
 }
 
 /// `chunkctl lock`: see its help.
-fn hold_lock(client: &Client, drill: &LockDrill) -> Result<()> {
+fn hold_lock(client: std::sync::Arc<Client>, drill: &LockDrill) -> Result<()> {
     use chunkstore::protocol::ErrorReply;
-    use chunkstore::client::ClientError;
+    use chunkstore::client::{ClientError, KeptSession};
     let event = |value: serde_json::Value| println!("{value}");
-    let session = client.open_session(drill.ttl)?;
+    // Renewed every third of the TTL by the session's own thread, which reports failures.
+    let kept = KeptSession::open(client.clone(), drill.ttl, |err| {
+        let expired = matches!(err, ClientError::Server(ErrorReply::SessionExpired { .. }));
+        println!("{}", serde_json::json!({"event": "lease", "error": err.to_string(), "session_expired": expired}));
+    })?;
+    let session = kept.id();
     event(serde_json::json!({"event": "session", "session": session, "ttl_ms": drill.ttl.as_millis() as u64}));
-    std::thread::scope(|scope| {
-        scope.spawn(|| loop {
-            std::thread::sleep(drill.ttl / 3);
-            match client.keep_alive(session) {
-                Ok(_) => {}
-                Err(err) => {
-                    let expired = matches!(err, ClientError::Server(ErrorReply::SessionExpired { .. }));
-                    event(serde_json::json!({"event": "lease", "error": err.to_string(), "session_expired": expired}));
-                    if expired {
-                        return;
-                    }
-                }
+    if let Err(err) = client.lock(session, drill.namespace, &user_key(drill.set, drill.key), drill.wait) {
+        event(serde_json::json!({"event": "lock-failed", "error": err.to_string()}));
+        std::process::exit(2);
+    }
+    event(serde_json::json!({"event": "locked", "session": session}));
+    let data = user_key(drill.set, &format!("{}-data", drill.key));
+    let mut n = 1;
+    while drill.writes == 0 || n <= drill.writes {
+        let append = Operation::Append { bin: "log".into(), value: Value::String(format!("{session}:{n};")) };
+        let op = chunkstore::WriteOp::Operate(vec![append]);
+        // Whether the holder, by its own renewals, still knew its lease held when it wrote.
+        let held = kept.held();
+        match client.write_in_session(session, drill.namespace, &data, op, &WritePolicy::default()) {
+            Ok(_) => event(serde_json::json!({"event": "write", "n": n, "ok": true, "lease_held": held})),
+            Err(err) => {
+                let expired = matches!(err, ClientError::Server(ErrorReply::SessionExpired { .. }));
+                event(serde_json::json!({"event": "write", "n": n, "ok": false, "error": err.to_string(), "session_expired": expired, "lease_held": held}));
             }
-        });
-        if let Err(err) = client.lock(session, drill.namespace, &user_key(drill.set, drill.key), drill.wait) {
-            event(serde_json::json!({"event": "lock-failed", "error": err.to_string()}));
-            std::process::exit(2);
         }
-        event(serde_json::json!({"event": "locked", "session": session}));
-        let data = user_key(drill.set, &format!("{}-data", drill.key));
-        let mut n = 1;
-        while drill.writes == 0 || n <= drill.writes {
-            let append = Operation::Append { bin: "log".into(), value: Value::String(format!("{session}:{n};")) };
-            let op = chunkstore::WriteOp::Operate(vec![append]);
-            match client.write_in_session(session, drill.namespace, &data, op, &WritePolicy::default()) {
-                Ok(_) => event(serde_json::json!({"event": "write", "n": n, "ok": true})),
-                Err(err) => {
-                    let expired = matches!(err, ClientError::Server(ErrorReply::SessionExpired { .. }));
-                    event(serde_json::json!({"event": "write", "n": n, "ok": false, "error": err.to_string(), "session_expired": expired}));
-                }
-            }
-            n += 1;
-            std::thread::sleep(drill.write_every);
-        }
-        std::process::exit(0)
-    })
+        n += 1;
+        std::thread::sleep(drill.write_every);
+    }
+    std::process::exit(0)
 }
 
 /// A client for --seeds, or for the cluster in --dir (default ./chunkstore-data).
