@@ -9,7 +9,8 @@
 //! turned a request away without naming another, is passed over for another replica when
 //! the refreshed map still names it (the group may not have elected anew yet). A leader that
 //! did not answer is passed over for `SILENT_LEADER_PASSED_OVER` even when the other replicas
-//! still name it: they answer at once, and name the new leader once the group elected one.
+//! still name it, unless it answers a short probe: the replicas answer at once, and name the
+//! new leader once the group elected one.
 //!
 //! Exactly-once writes: every write carries a tag (client id, birth, lane, sequence number;
 //! see `raft::sessions`). A write whose fate is unknown (connection lost after sending, or an
@@ -107,6 +108,8 @@ pub struct Client {
     /// Nodes that did not answer in time lately (paused, down or cut off), by address, and
     /// when: they are asked last while other nodes can answer instead.
     unresponsive: Mutex<HashMap<String, Instant>>,
+    /// When each node that had failed was last probed (`answers_probe`).
+    probed: Mutex<HashMap<String, Instant>>,
 }
 
 /// How long a node that did not answer in time is asked last.
@@ -115,6 +118,11 @@ const UNRESPONSIVE_FOR: Duration = Duration::from_secs(10);
 /// How long a group leader that did not answer in time is passed over for another replica
 /// (`leader_address`): about as long as its group takes to elect anew.
 const SILENT_LEADER_PASSED_OVER: Duration = Duration::from_secs(3);
+
+/// How long such a leader has to answer a probe (a cluster-map request) to be asked again at
+/// once, and how often it is probed.
+const SILENT_LEADER_PROBE: Duration = Duration::from_millis(200);
+const SILENT_LEADER_PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Idle connections kept per node.
 const POOL_PER_NODE_MAX: usize = 16;
@@ -146,6 +154,7 @@ impl Client {
             seen: Mutex::new(HashMap::new()),
             refreshes: AtomicU64::new(0),
             unresponsive: Mutex::new(HashMap::new()),
+            probed: Mutex::new(HashMap::new()),
             config,
         };
         let map = client.refresh_map()?;
@@ -521,30 +530,55 @@ impl Client {
     }
 
     /// Where to send the group's next request: its leader as the map names it, unless that node
-    /// failed to answer within the last `SILENT_LEADER_PASSED_OVER`; then another replica that
-    /// did not, picked at random. Until the group elects anew, its other replicas keep naming
-    /// the silent leader (a paused or cut-off node), and each request sent there would wait a
-    /// whole timeout; a replica answers at once, naming the new leader once there is one.
+    /// failed to answer within the last `SILENT_LEADER_PASSED_OVER` and does not answer a probe
+    /// within `SILENT_LEADER_PROBE` either; then another replica that did not fail, picked at
+    /// random. Until the group elects anew, its other replicas keep naming the silent leader (a
+    /// paused or cut-off node), and each request sent there would wait a whole timeout; a
+    /// replica answers at once, naming the new leader once there is one. The probe keeps a
+    /// leader that failed once (a slow moment, a connection its restart closed) in use.
     fn leader_address(&self, namespace: &str, group: u32) -> Option<String> {
-        let map = self.map.lock().unwrap();
-        let ns = map.namespaces.iter().find(|n| n.name == namespace)?;
-        let leader = ns.leaders.get(group as usize).copied().flatten()?;
-        let address_of = |id: u64| map.nodes.iter().find(|(node, _)| *node == id).map(|(_, addr)| addr.clone());
-        let address = address_of(leader)?;
-        if !self.failed_within(&address, SILENT_LEADER_PASSED_OVER) {
+        let (address, others) = {
+            let map = self.map.lock().unwrap();
+            let ns = map.namespaces.iter().find(|n| n.name == namespace)?;
+            let leader = ns.leaders.get(group as usize).copied().flatten()?;
+            let address_of = |id: u64| map.nodes.iter().find(|(node, _)| *node == id).map(|(_, addr)| addr.clone());
+            let replicas = ns.replicas.get(group as usize).map(Vec::as_slice).unwrap_or_default();
+            let others: Vec<String> = replicas.iter().filter(|id| **id != leader).filter_map(|id| address_of(*id)).collect();
+            (address_of(leader)?, others)
+        };
+        if !self.failed_within(&address, SILENT_LEADER_PASSED_OVER) || self.answers_probe(&address) {
             return Some(address);
         }
-        let replicas = ns.replicas.get(group as usize).map(Vec::as_slice).unwrap_or_default();
-        let others: Vec<String> = replicas
-            .iter()
-            .filter(|id| **id != leader)
-            .filter_map(|id| address_of(*id))
-            .filter(|addr| !self.failed_within(addr, SILENT_LEADER_PASSED_OVER))
-            .collect();
+        let others: Vec<String> = others.into_iter().filter(|addr| !self.failed_within(addr, SILENT_LEADER_PASSED_OVER)).collect();
         match others.is_empty() {
             true => Some(address),
             false => Some(others[rand::random::<usize>() % others.len()].clone()),
         }
+    }
+
+    /// Whether `addr` answers a cluster-map request within `SILENT_LEADER_PROBE` (then it no
+    /// longer counts as having failed, and the connection joins the pool). One thread probes a
+    /// node at most once per `SILENT_LEADER_PROBE_EVERY`; meanwhile the others take it for
+    /// silent. A probe that fails counts as a failure (a paused node accepts connections, so
+    /// each probe of it costs the whole probe timeout).
+    fn answers_probe(&self, addr: &str) -> bool {
+        {
+            let mut probed = self.probed.lock().unwrap();
+            if probed.get(addr).is_some_and(|at| at.elapsed() < SILENT_LEADER_PROBE_EVERY) {
+                return false;
+            }
+            probed.insert(addr.to_owned(), Instant::now());
+        }
+        let answered = BlockingConnection::connect(addr, SILENT_LEADER_PROBE, self.config.source)
+            .ok()
+            .and_then(|mut connection| connection.call(&Request::ClusterMap, Instant::now() + SILENT_LEADER_PROBE).ok().map(|_| connection));
+        let Some(connection) = answered else {
+            self.unresponsive.lock().unwrap().insert(addr.to_owned(), Instant::now());
+            return false;
+        };
+        self.unresponsive.lock().unwrap().remove(addr);
+        self.return_connection(addr, connection);
+        true
     }
 
     /// Whether `addr` failed to answer a request within the last `window`.
@@ -745,9 +779,10 @@ mod tests {
         }
     }
 
-    /// A leader that did not answer is passed over for another replica for a few seconds,
-    /// though the map still names it (its group has not elected anew yet); replicas that did
-    /// not answer either are not picked; once the window passed, the leader is asked again.
+    /// A leader that did not answer (nor a probe: nothing listens at nodes 2 and 3) is passed
+    /// over for another replica for a few seconds, though the map still names it (its group has
+    /// not elected anew yet); replicas that did not answer either are not picked; once the
+    /// window passed, the leader is asked again; a leader that answers the probe stays in use.
     #[test]
     fn a_leader_that_did_not_answer_is_passed_over_while_the_replicas_still_name_it() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -784,5 +819,11 @@ mod tests {
         assert_eq!(client.leader_address("test", 0), Some(address(2)), "with no replica left to ask, the leader is asked");
         failed(2, SILENT_LEADER_PASSED_OVER);
         assert_eq!(client.leader_address("test", 0), Some(address(2)), "the leader is asked again once the window passed");
+        // A leader that failed once but answers the probe (node 1, the map server) stays in use.
+        client.set_leader("test", 0, 1);
+        client.unresponsive.lock().unwrap().clear();
+        failed(1, Duration::ZERO);
+        assert_eq!(client.leader_address("test", 0), Some(address(1)), "a leader that answers the probe was passed over");
+        assert!(!client.failed_within(&address(1), SILENT_LEADER_PASSED_OVER), "the probe's answer did not clear the failure");
     }
 }

@@ -79,7 +79,8 @@ impl Node {
     }
 
     /// Renews a lease. The leader first confirms it leads and has applied everything committed
-    /// (a new leader may not have applied a session opened under the old one yet).
+    /// (a new leader may not have applied a session opened under the old one yet). A lease
+    /// whose deadline passed in this term is not renewed: it is answered SessionExpired.
     pub(super) async fn handle_keep_alive(&self, session: u64) -> Response {
         let raft = match self.leading_meta() {
             Ok(raft) => raft,
@@ -90,9 +91,17 @@ impl Node {
             Some(Err(_)) => return Response::Error(ErrorReply::NotLeader { leader: None }),
             None => return Response::Error(ErrorReply::Timeout { in_doubt: false }),
         }
+        let term = raft.metrics().borrow().current_term;
         match self.meta_state.lease_state(session) {
             LeaseState::Open { ttl_ms } => {
-                self.lease_clock.lock().unwrap().deadlines.insert(session, Instant::now() + Duration::from_millis(ttl_ms));
+                let mut clock = self.lease_clock.lock().unwrap();
+                let now = Instant::now();
+                // A lease that ran out in this term stays out: `keep_leases` is recording its end,
+                // and a renewal answered now would tell the holder it holds a lease that ends.
+                if clock.term == Some(term) && clock.deadlines.get(&session).is_some_and(|deadline| now > *deadline) {
+                    return Response::Error(ErrorReply::SessionExpired { session });
+                }
+                clock.deadlines.insert(session, now + Duration::from_millis(ttl_ms));
                 Response::SessionAlive { ttl_ms }
             }
             LeaseState::Ending(_) | LeaseState::Gone => Response::Error(ErrorReply::SessionExpired { session }),

@@ -347,7 +347,9 @@ impl Node {
             namespaces.insert(spec.engine.name.clone(), HostedNamespace { engine, groups: info.groups, local });
         }
         tracing::info!(node = me, nodes = cluster.nodes.len(), namespaces = namespaces.len(), "joined the cluster");
-        let cluster_applied = std::sync::atomic::AtomicU64::new(0);
+        // The index of the copy it starts from, when that is its own state machine's.
+        let (own, own_applied) = self.meta_state.cluster_applied();
+        let cluster_applied = std::sync::atomic::AtomicU64::new(if own.as_ref() == Some(&cluster) { own_applied } else { 0 });
         if self.joined.set(Joined { cluster: std::sync::RwLock::new(cluster), cluster_applied, namespaces }).is_err() {
             return Err(NodeError::Config("join called twice".into()));
         }

@@ -94,7 +94,7 @@ enum Commands {
     /// --write-every-ms, as writes of the session. Prints one JSON object per event on stdout
     /// ({"event": "session"|"locked"|"write"|"lease", ...}; a write's "lease_held" says whether
     /// a renewal sent less than a TTL before it was confirmed); stops after --writes writes (0:
-    /// never), and exits 2 if the lock was not taken.
+    /// never; after them the session is closed), and exits 2 if the lock was not taken.
     Lock {
         namespace: String,
         set: String,
@@ -414,6 +414,7 @@ fn hold_lock(client: std::sync::Arc<Client>, drill: &LockDrill) -> Result<()> {
     event(serde_json::json!({"event": "session", "session": session, "ttl_ms": drill.ttl.as_millis() as u64}));
     if let Err(err) = client.lock(session, drill.namespace, &user_key(drill.set, drill.key), drill.wait) {
         event(serde_json::json!({"event": "lock-failed", "error": err.to_string()}));
+        drop(kept);
         std::process::exit(2);
     }
     event(serde_json::json!({"event": "locked", "session": session}));
@@ -434,6 +435,8 @@ fn hold_lock(client: std::sync::Arc<Client>, drill: &LockDrill) -> Result<()> {
         n += 1;
         std::thread::sleep(drill.write_every);
     }
+    // Closes the session: the cluster fences it, then releases the lock.
+    drop(kept);
     std::process::exit(0)
 }
 
