@@ -127,7 +127,13 @@ fn applied_log(dir: &Path) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// What both tests check once the old holder `a` was cut off (paused or partitioned) while a
+/// The host (IP address) of node `id` in a `chunkctl status --json` answer.
+fn node_host(status: &Json, id: u64) -> String {
+    let node = status["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap();
+    node["address"].as_str().unwrap().rsplit_once(':').unwrap().0.to_owned()
+}
+
+/// What the tests check once the old holder `a` was cut off (paused or partitioned) while a
 /// waiter `b` took the lock and wrote 10 times, and `a` then ran again:
 /// - `a`'s writes after it ran again are all refused with SessionExpired, and its keep-alive
 ///   learnt that the session expired;
@@ -273,10 +279,7 @@ fn a_lock_holder_cut_off_with_its_node_loses_its_lock_and_its_later_writes_are_r
         assert!(Instant::now() < deadline, "no metadata leader: {now}");
         std::thread::sleep(Duration::from_millis(300));
     };
-    let host_of = |id: u64| {
-        let node = now["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap();
-        node["address"].as_str().unwrap().rsplit_once(':').unwrap().0.to_owned()
-    };
+    let host_of = |id: u64| node_host(&now, id);
     let holder_host = host_of(meta_leader);
     let a = Holder::start(dir, &["--source", &holder_host, "--ttl-ms", "1000"]);
     a.wait_until("the first holder took the lock and wrote", Duration::from_secs(30), |events| ok_writes(events) >= 3);
@@ -317,10 +320,7 @@ fn a_lock_changes_hands_while_the_metadata_leader_is_cut_off_from_a_group_leader
         assert!(Instant::now() < deadline, "no node other than the metadata leader leads a group: {now}");
         std::thread::sleep(Duration::from_millis(300));
     };
-    let host_of = |id: u64| {
-        let node = now["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap();
-        node["address"].as_str().unwrap().rsplit_once(':').unwrap().0.to_owned()
-    };
+    let host_of = |id: u64| node_host(&now, id);
     let relay = [1, 2, 3].into_iter().find(|n| *n != meta_leader && *n != group_leader).unwrap();
     let cut = Cut::isolate(&host_of(meta_leader), &[host_of(group_leader)]);
     a.signal(libc::SIGSTOP);
