@@ -20,7 +20,7 @@ pub mod value;
 pub mod wal;
 
 pub use config::{DeviceConfig, NamespaceConfig};
-pub use engine::{Clock, DurablePoint, EngineEvent, Namespace, OpenOptions, Replicated, ScanReport, Stats, SystemClock};
+pub use engine::{Clock, DurablePoint, EngineEvent, Namespace, OpenOptions, Replicated, ScanReport, Stats, SystemClock, VoidPoints};
 pub use error::{Error, Result};
 pub use key::{Digest, Key, UserKey};
 pub use ops::{GenerationPolicy, OpResult, Operation, RecordExistsAction, Ttl, WriteOp, WritePolicy};

@@ -813,3 +813,66 @@ fn replicated_tombstones_survive_until_the_floor_and_travel_in_snapshots() {
         ns.stats().tombstones_dropped > 0
     });
 }
+
+/// A replicated group whose replica left the node is forgotten: its records leave the index,
+/// defragmentation frees their space, and after a restart with the void points they stay gone,
+/// while the other group's records, and the group's records written after it came back, stay.
+#[test]
+fn a_forgotten_group_is_reclaimed_and_stays_forgotten_after_a_restart() {
+    use chunkstore::{DurablePoint, Replicated, VoidPoints, WriteOp};
+    let mut config = small_config(2, 24);
+    config.defrag_lwm_pct = 60;
+    let mem: Vec<Arc<MemDevice>> = (0..2).map(|d| Arc::new(MemDevice::new(&format!("dev{d}"), 24 * 64 * 1024))).collect();
+    let open = |void_points: Option<VoidPoints>| {
+        let devices: Vec<Arc<dyn Device>> = mem.iter().map(|m| m.clone() as Arc<dyn Device>).collect();
+        Namespace::open(config.clone(), OpenOptions { devices: Some(devices), replicated: true, void_points, ..Default::default() }).unwrap()
+    };
+    let group_of = |key: &Key| chunkstore::raft::group_of(&key.digest, 2);
+    let at = |log_index| Replicated { log_index, now_ms: 1_700_000_000_000 };
+    let p = WritePolicy::default();
+    let ns = open(None);
+    let keys: Vec<Key> = (0..120i64).map(|k| Key::new("s", k)).collect();
+    for (i, key) in keys.iter().enumerate() {
+        ns.apply_replicated(key, &WriteOp::Put(bytes_bin(5000, 1)), &p, at(i as u64 + 1)).unwrap().unwrap();
+    }
+    // A tombstone of the group goes too.
+    let deleted = keys.iter().find(|k| group_of(k) == 1).unwrap();
+    ns.apply_replicated(deleted, &WriteOp::Delete, &p, at(1000)).unwrap().unwrap();
+    let in_group_1 = keys.iter().filter(|k| group_of(k) == 1).count() as u64;
+    assert!(in_group_1 > 30 && in_group_1 < 90, "{in_group_1} of 120 keys in group 1");
+    let free_before = ns.stats().free_blocks;
+
+    let mut recorded: Vec<DurablePoint> = Vec::new();
+    let forgotten = ns.forget_group(1, 2, |points| {
+        recorded = points.to_vec();
+        Ok(())
+    });
+    assert_eq!(forgotten.unwrap(), in_group_1, "records and tombstones of group 1 that left the index");
+    assert_eq!(recorded.len(), 2, "one void point per device");
+    assert_eq!(ns.stats().records, 120 - in_group_1);
+    assert_eq!(ns.stats().tombstones, 0);
+    for key in &keys {
+        let found = ns.get(key, None).unwrap();
+        assert_eq!(found.is_some(), group_of(key) == 0, "key {:02x?} of group {}", &key.digest[..4], group_of(key));
+    }
+    wait_until("defragmentation to free the forgotten records' blocks", || ns.stats().free_blocks >= free_before + 4);
+
+    // The group comes back (its log starts over): what it writes now is kept.
+    let back: Vec<&Key> = keys.iter().filter(|k| group_of(k) == 1).take(5).collect();
+    for (i, key) in back.iter().enumerate() {
+        ns.apply_replicated(key, &WriteOp::Put(bytes_bin(100, 9)), &p, at(i as u64 + 1)).unwrap().expect("applied, not taken for a replay");
+    }
+    ns.close().unwrap();
+
+    let ns = open(Some(VoidPoints { groups: 2, points: vec![(1, recorded.clone())] }));
+    for key in &keys {
+        let found = ns.get(key, None).unwrap().map(|r| r.bin("b").cloned());
+        let expected = match (group_of(key), back.contains(&key)) {
+            (0, _) => Some(Some(Value::Bytes(vec![1; 5000]))),
+            (_, true) => Some(Some(Value::Bytes(vec![9; 100]))),
+            _ => None,
+        };
+        assert_eq!(found, expected, "key {:02x?} of group {} after the restart", &key.digest[..4], group_of(key));
+    }
+    assert_eq!(ns.stats().records, 120 - in_group_1 + back.len() as u64);
+}

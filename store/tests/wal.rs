@@ -14,6 +14,7 @@ struct ModelGroup {
     entries: BTreeMap<u64, (u64, Vec<u8>)>,
     purged: Option<(u64, u64)>,
     vote: Option<Vec<u8>>,
+    void: Option<Vec<u8>>,
 }
 
 fn config(dir: &std::path::Path) -> WalConfig {
@@ -26,7 +27,7 @@ fn check(wal: &Wal, model: &BTreeMap<GroupId, ModelGroup>, context: &str) {
         let last = expected.entries.iter().next_back().map(|(i, (t, _))| (*i, *t)).or(expected.purged);
         assert_eq!(
             state,
-            GroupLogState { purged: expected.purged, last, vote: expected.vote.clone(), committed: None, applied: None },
+            GroupLogState { purged: expected.purged, last, vote: expected.vote.clone(), committed: None, applied: None, void: expected.void.clone() },
             "{context}: group {group}"
         );
         let entries = wal.entries(*group, 0..u64::MAX).unwrap();
@@ -63,6 +64,13 @@ fn run_seed(seed: u64) {
                 m.purged = Some((upto, term));
                 WalOp::Purge { upto_index: upto, upto_term: term }
             }
+            // The replica leaves the node: its log starts over from index 1 if it comes back,
+            // so an entry the forget voided coming back would show.
+            19 if rng.gen_ratio(1, 8) => {
+                let void = vec![7, step as u8, (step >> 8) as u8];
+                *m = ModelGroup { vote: m.vote.take(), void: Some(void.clone()), ..ModelGroup::default() };
+                WalOp::Forget(void)
+            }
             _ => {
                 let vote = vec![rng.gen(), step as u8];
                 m.vote = Some(vote.clone());
@@ -87,7 +95,7 @@ fn run_seed(seed: u64) {
 }
 
 #[test]
-fn wal_matches_model_through_rollover_purge_and_reopen() {
+fn wal_matches_model_through_rollover_purge_forget_and_reopen() {
     let base: u64 = rand::random::<u16>() as u64;
     for seed in base..base + 6 {
         if let Err(panic) = std::panic::catch_unwind(|| run_seed(seed)) {
@@ -191,6 +199,49 @@ fn an_idle_purged_group_does_not_pin_old_segments() {
     }
     assert!(wal.segment_count() < 20, "old segments were kept: {}", wal.segment_count());
     assert_eq!(wal.log_state(2).last, Some((5, 1)));
+}
+
+/// A group forgotten while an older segment holding its records is pinned by another group:
+/// the segment with the `Forget` must outlive that older one, or a reopen would bring back the
+/// forgotten group's applied point and purge point (the checkpoints that follow cut its
+/// entries, not those).
+#[test]
+fn a_forgotten_group_stays_forgotten_while_older_segments_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(config(dir.path())).unwrap();
+    // Group 1 writes once and never purges: the first segment is kept.
+    wal.append_blocking(1, &[WalOp::Entry { index: 1, term: 1, payload: vec![1; 100] }]).unwrap();
+    // Group 2 lives in the first segment too, then is forgotten in a later one.
+    for index in 1..=5 {
+        wal.append_blocking(2, &[WalOp::Entry { index, term: 1, payload: vec![2; 100] }]).unwrap();
+    }
+    wal.append_blocking(2, &[WalOp::Vote(vec![2, 2]), WalOp::Applied(vec![9; 8]), WalOp::Purge { upto_index: 3, upto_term: 1 }]).unwrap();
+    let busy = |from: u64| {
+        for index in from..from + 300 {
+            wal.append_blocking(3, &[WalOp::Entry { index, term: 1, payload: vec![3; 200] }]).unwrap();
+            if index % 20 == 0 {
+                wal.append_blocking(3, &[WalOp::Purge { upto_index: index, upto_term: 1 }]).unwrap();
+            }
+        }
+    };
+    busy(1);
+    wal.append_blocking(2, &[WalOp::Forget(vec![4, 2])]).unwrap();
+    // Group 3 goes on: the segment holding the Forget is purged of everything but the Forget.
+    busy(301);
+    let forgotten = GroupLogState { vote: Some(vec![2, 2]), void: Some(vec![4, 2]), ..GroupLogState::default() };
+    assert_eq!(wal.log_state(2), forgotten);
+    assert!(wal.segment_count() < 40, "segments were not deleted at all: {}", wal.segment_count());
+    drop(wal);
+    let wal = Wal::open(config(dir.path())).unwrap();
+    assert_eq!(wal.log_state(2), forgotten, "after a reopen");
+    assert_eq!(wal.entries(2, 0..u64::MAX).unwrap(), vec![]);
+    assert_eq!(wal.log_state(1).last, Some((1, 1)));
+    // The group comes back: its new log is kept, and so is its void.
+    wal.append_blocking(2, &[WalOp::Entry { index: 1, term: 2, payload: vec![5; 10] }]).unwrap();
+    drop(wal);
+    let wal = Wal::open(config(dir.path())).unwrap();
+    let state = wal.log_state(2);
+    assert_eq!((state.last, state.void, state.applied), (Some((1, 2)), Some(vec![4, 2]), None));
 }
 
 /// A flush whose first sectors were lost (they read back as zeros) while later sectors of the

@@ -2,7 +2,7 @@
 //! writes and reads and holds a lease session; each family the cluster-operations issue lists
 //! is checked against what the test did (operations and latency histograms by kind, leaders
 //! held, commit and apply lag per group, WAL fsyncs and bytes, device use and free space,
-//! stop-writes, sessions). The lag gauges are checked to move: a follower SIGSTOPped while its
+//! stop-writes, sessions, and the records each node holds). The lag gauges are checked to move: a follower SIGSTOPped while its
 //! groups take writes shows up in its leaders' commit lag, and the lag is gone once it runs
 //! again.
 //!
@@ -101,6 +101,8 @@ fn every_node_serves_the_metrics_operators_need_and_they_follow_what_the_cluster
         let free = metric(text, "chunkstore_device_free_bytes{namespace=\"test\"}");
         assert!(used > 0.0 && free > 0.0 && used + free <= 67108864.0, "node {node}: device used {used}, free {free}");
         assert_eq!(metric(text, "chunkstore_stop_writes{namespace=\"test\"}"), 0.0, "node {node}: stop-writes");
+        // Every node replicates every group (3 nodes, 3 replicas each).
+        assert_eq!(metric(text, "chunkstore_records{namespace=\"test\"}"), WRITES as f64, "node {node}: records held");
     }
     assert_eq!(sum(&texts, "chunkstore_groups_led{namespace=\"test\"}") as u64, GROUPS, "every group has one leader");
     // Sessions: counted by the metadata leader, which holds the lease table.

@@ -228,6 +228,89 @@ fn adding_and_removing_a_node_moves_groups_while_every_record_stays_readable_and
     eprintln!("writes per phase: {:?}", log.writes_per_phase);
 }
 
+/// The records metric of every node of the cluster in `dir` that answers: node id -> records
+/// of namespace test its engine holds.
+fn records_per_node(dir: &Path) -> std::collections::BTreeMap<u64, u64> {
+    let cluster: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
+    let mut held = std::collections::BTreeMap::new();
+    for node in cluster["nodes"].as_array().unwrap() {
+        let address = node["metrics"].as_str().unwrap();
+        if std::net::TcpStream::connect(address).is_ok() {
+            let text = chunkstore_tests::scrape_metrics(address);
+            held.insert(node["id"].as_u64().unwrap(), chunkstore_tests::metric(&text, "chunkstore_records{namespace=\"test\"}") as u64);
+        }
+    }
+    held
+}
+
+/// Per node, how many of `keys` fall in groups that `status` places on it.
+fn keys_placed(dir: &Path, keys: &[Key]) -> std::collections::BTreeMap<u64, u64> {
+    let status = status(dir);
+    let groups = status["groups"].as_array().unwrap();
+    let mut placed = std::collections::BTreeMap::new();
+    for key in keys {
+        let group = &groups[chunkstore::raft::group_of(&key.digest, groups.len() as u32) as usize];
+        for replica in group["replicas"].as_array().unwrap() {
+            *placed.entry(replica.as_u64().unwrap()).or_default() += 1;
+        }
+    }
+    placed
+}
+
+fn wait_for_records(dir: &Path, expected: &std::collections::BTreeMap<u64, u64>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = records_per_node(dir);
+        if held == *expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: the nodes hold {held:?} records, the placement puts {expected:?} on them");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A node that groups move away from reclaims their records: once `node add` has moved some
+/// of each original node's groups to node 4, every node's engine holds exactly the records of
+/// the groups placed on it, and a restart (which scans the devices, where the forgotten records
+/// still lie until their blocks are reused) brings none of them back. Every record stays
+/// readable.
+///
+/// Negative controls: with the forgetting left out (`leave_group` stopping the replica only),
+/// the original nodes keep holding every record; with the scan ignoring the void points, node 1
+/// holds the forgotten records again after its restart.
+#[test]
+fn a_node_that_groups_moved_away_from_holds_none_of_their_records_even_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let dir = dir.as_path();
+    chunkctl_ok(dir, &["up", "--nodes", "3", "--groups", "8"]);
+    let _down = Down(dir);
+    let client = Client::connect(ClientConfig::new(seeds(dir))).unwrap();
+    let keys: Vec<Key> = (0..400i64).map(|n| Key::new("reclaim", n)).collect();
+    for (n, key) in keys.iter().enumerate() {
+        client.put("test", key, vec![Bin::new("v", Value::Int(n as i64))], &WritePolicy::default()).unwrap();
+    }
+    wait_for_records(dir, &keys_placed(dir, &keys), "before the move");
+
+    chunkctl_ok(dir, &["node", "add", "--wait"]);
+    let placed = keys_placed(dir, &keys);
+    for node in 1..=3 {
+        assert!(placed[&node] < keys.len() as u64, "no group moved away from node {node}: {placed:?}");
+    }
+    assert!(placed[&4] > 0, "{placed:?}");
+    wait_for_records(dir, &placed, "after node 4 joined");
+    let node1_log = std::fs::read_to_string(dir.join("node1").join("chunkd.log")).unwrap();
+    assert!(node1_log.contains("the replica of a group that moved away is forgotten"), "node 1 logged no forgotten replica");
+
+    kill_node(dir, 1);
+    let _restarted = start_node(dir, 1);
+    wait_for_records(dir, &placed, "after node 1 restarted");
+    for (n, key) in keys.iter().enumerate() {
+        let record = client.get_with("test", key, None, ReadPolicy::Linearizable).unwrap();
+        assert_eq!(record.and_then(|r| r.bins.first().map(|b| b.value.clone())), Some(Value::Int(n as i64)), "key {n}");
+    }
+}
+
 /// Node 1 is one of the three metadata voters a 3-node cluster starts with. It cannot leave
 /// while no other roster node can take its place (the error says to add one); once node 4
 /// runs, `node remove 1` hands node 1's place among the metadata voters to node 4 by the

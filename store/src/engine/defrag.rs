@@ -79,6 +79,7 @@ impl Inner {
 
     /// Empties one block and frees it. On error the block stays in use (nothing is lost).
     pub(crate) fn defrag_block(&self, device: u16, block: u32) -> Result<()> {
+        let _forgets_wait = self.defrag_lock.lock().unwrap();
         let block_size = self.config.write_block_size as usize;
         let (epoch, min_dirty_seq) = {
             let mut st = self.state.lock().unwrap();

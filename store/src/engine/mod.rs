@@ -77,6 +77,32 @@ pub struct OpenOptions {
     /// point): start-up then tells damage to acknowledged data from a torn tail, and a device
     /// that was replaced from one that was not. `None`: only sealed blocks can be checked.
     pub durable_points: Option<Vec<DurablePoint>>,
+    /// Groups of a replicated namespace whose replica left this node (`Namespace::forget_group`):
+    /// their records written before these points are void, and the scan leaves them out.
+    pub void_points: Option<VoidPoints>,
+}
+
+/// Per group (of `groups`, a record's group being its partition modulo `groups`), the device
+/// positions below which the group's records are void.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VoidPoints {
+    pub groups: u32,
+    pub points: Vec<(u32, Vec<DurablePoint>)>,
+}
+
+impl VoidPoints {
+    /// Per group, the void position on device `device` whose id is `device_id` (0: none). A
+    /// point recorded on another device (since replaced) voids nothing here.
+    fn for_device(&self, device: u16, device_id: u64) -> Vec<u64> {
+        let mut lsns = vec![0; self.groups as usize];
+        for (group, points) in &self.points {
+            let matching = points.iter().filter(|p| p.device == device && p.device_id == device_id);
+            if let (Some(lsn), Some(slot)) = (matching.map(|p| p.lsn).max(), lsns.get_mut(*group as usize)) {
+                *slot = lsn;
+            }
+        }
+        lsns
+    }
 }
 
 /// A device was durable up to `lsn` (its log position): every block and record written before
@@ -173,6 +199,10 @@ pub(crate) struct Inner {
     /// In a replicated namespace: (groups, durable applied log index per group). A tombstone may
     /// be dropped only at or below its group's point: the log is never replayed from earlier.
     pub tombstone_floors: Mutex<Option<(u32, Vec<u64>)>>,
+    /// Held by defragmentation while it empties a block, and by `forget_group` from the moment
+    /// it takes its void points until the group's records left the index: no record of the
+    /// group is copied past its void point meanwhile.
+    pub defrag_lock: Mutex<()>,
 }
 
 /// One version of a record, as `Inner::commit` writes it.
@@ -622,6 +652,41 @@ impl Namespace {
         if *known_groups == groups && (group as usize) < values.len() {
             values[group as usize] = values[group as usize].max(applied_index);
         }
+    }
+
+    /// Forgets replicated group `group` (of `groups`), whose replica left this node: every
+    /// record of the group written so far becomes void. The device positions it was written
+    /// below are handed to `persist`, which must record them durably (a restart passes them in
+    /// `OpenOptions::void_points`); only then do the records leave the index, so defragmentation
+    /// frees their space. The group must not be written meanwhile. Returns how many records
+    /// (tombstones included) left the index. If `persist` fails, nothing changes.
+    pub fn forget_group(&self, group: u32, groups: u32, persist: impl FnOnce(&[DurablePoint]) -> Result<()>) -> Result<u64> {
+        let inner = &self.inner;
+        let _no_defrag = inner.defrag_lock.lock().unwrap();
+        let points: Vec<DurablePoint> = {
+            let st = inner.state.lock().unwrap();
+            st.devices
+                .iter()
+                .enumerate()
+                .map(|(d, dev)| DurablePoint { device: d as u16, device_id: inner.device_ids[d], lsn: dev.appended_lsn })
+                .collect()
+        };
+        persist(&points)?;
+        let in_group = |digest: &Digest| crate::key::partition_id(digest) as u32 % groups == group;
+        let mut st = inner.state.lock().unwrap();
+        let gone: Vec<Digest> = st.index.keys().filter(|digest| in_group(digest)).copied().collect();
+        for digest in &gone {
+            st.remove(digest);
+        }
+        drop(st);
+        // The group's log starts over should it come back: no tombstone floor from before.
+        if let Some((known_groups, floors)) = &mut *inner.tombstone_floors.lock().unwrap() {
+            if *known_groups == groups && (group as usize) < floors.len() {
+                floors[group as usize] = 0;
+            }
+        }
+        self.wake_background();
+        Ok(gone.len() as u64)
     }
 
     /// Why writes are refused right now (stop-writes), if they are.

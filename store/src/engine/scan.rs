@@ -60,10 +60,13 @@ pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inne
             tracing::warn!(device = %device.path().display(), "the device is not the one the durable points were recorded on: what it held is lost here");
             report.replaced_devices.push(index as u16);
         }
-        let next_lsn = scan_device(&config, index as u16, device_id, device.as_ref(), durable_lsn, &mut state, &mut report)?;
+        let void = options.void_points.as_ref().filter(|v| v.groups > 0).map(|v| (v.groups, v.for_device(index as u16, device_id)));
+        let next_lsn = scan_device(&config, index as u16, device_id, device.as_ref(), durable_lsn, void.as_ref(), &mut state, &mut report)?;
         // New blocks continue the device's log positions past everything seen, and past the
-        // durable point even when the blocks that reached it were freed since.
-        let next_lsn = next_lsn.max(durable_lsn.unwrap_or(0));
+        // durable point and the void points even when the blocks that reached them were freed
+        // since (a record written later must never fall below a void point).
+        let highest_void = void.as_ref().and_then(|(_, lsns)| lsns.iter().max().copied()).unwrap_or(0);
+        let next_lsn = next_lsn.max(durable_lsn.unwrap_or(0)).max(highest_void);
         let dev = &mut state.devices[index];
         (dev.appended_lsn, dev.handed_lsn, dev.durable_lsn, dev.requested_lsn) = (next_lsn, next_lsn, next_lsn, next_lsn);
         device_ids.push(device_id);
@@ -105,6 +108,7 @@ pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inne
         scan_report: report,
         replicated: options.replicated,
         tombstone_floors: Mutex::new(None),
+        defrag_lock: Mutex::new(()),
     })
 }
 
@@ -194,13 +198,17 @@ fn refuse_unless_blank(device: &dyn Device, block_size: u32) -> Result<()> {
 /// Scans one device into the index. `durable_lsn`, when known, is a log position everything
 /// before which was durable when the process stopped: a fault there is damage to data that was
 /// acknowledged, not a torn tail, and the block goes to `report.damaged_blocks`.
-/// Returns the log position after the last block found.
+/// `void` is (groups, per group the position below which its records are void on this
+/// device): such records are not indexed (their space is reclaimed like a superseded
+/// version's). Returns the log position after the last block found.
+#[allow(clippy::too_many_arguments)]
 fn scan_device(
     config: &NamespaceConfig,
     device_index: u16,
     device_id: u64,
     device: &dyn Device,
     durable_lsn: Option<u64>,
+    void: Option<&(u32, Vec<u64>)>,
     st: &mut State,
     report: &mut ScanReport,
 ) -> Result<u64> {
@@ -274,6 +282,12 @@ fn scan_device(
                         info.used_bytes += bytes.len() as u32;
                         info.min_seq = info.min_seq.min(record.seq);
                         st.next_seq = st.next_seq.max(record.seq.saturating_add(1));
+                        if let Some((groups, lsns)) = void {
+                            let group = crate::key::partition_id(&record.digest) as u32 % groups;
+                            if header.lsn_base + (offset as u64) < lsns[group as usize] {
+                                continue;
+                            }
+                        }
                         let candidate = IndexEntry {
                             seq: record.seq,
                             block,

@@ -57,6 +57,7 @@ pub(crate) struct NodeMetrics {
     device_used: Family<NamespaceLabels, Gauge>,
     device_free: Family<NamespaceLabels, Gauge>,
     stop_writes: Family<NamespaceLabels, Gauge>,
+    records: Family<NamespaceLabels, Gauge>,
     lease_sessions: Gauge,
     /// The WAL totals at the last scrape (counters advance by the difference).
     wal_seen: Mutex<(u64, u64)>,
@@ -81,6 +82,7 @@ impl Default for NodeMetrics {
             device_used: Default::default(),
             device_free: Default::default(),
             stop_writes: Default::default(),
+            records: Default::default(),
             lease_sessions: Default::default(),
             wal_seen: Default::default(),
         };
@@ -106,6 +108,11 @@ impl Default for NodeMetrics {
             registry.register("device_used_bytes", "Bytes of the namespace's devices in use", metrics.device_used.clone());
             registry.register("device_free_bytes", "Bytes of the namespace's devices free for writes", metrics.device_free.clone());
             registry.register("stop_writes", "1 while the namespace refuses new writes on this node (stop-writes), else 0", metrics.stop_writes.clone());
+            registry.register(
+                "records",
+                "Records this node's engine holds, by namespace (of the groups it replicates: a replica that moved away is forgotten)",
+                metrics.records.clone(),
+            );
             registry.register("lease_sessions", "Lease sessions open or ending (on the metadata leader; 0 elsewhere)", metrics.lease_sessions.clone());
         }
         metrics
@@ -192,6 +199,7 @@ impl Node {
             metrics.device_used.get_or_create(&labels).set((stats.total_blocks.saturating_sub(stats.free_blocks) * block) as i64);
             metrics.device_free.get_or_create(&labels).set((stats.free_blocks * block) as i64);
             metrics.stop_writes.get_or_create(&labels).set(stats.stop_writes.is_some() as i64);
+            metrics.records.get_or_create(&labels).set(stats.records.min(i64::MAX as u64) as i64);
         }
         let wal = self.wal.stats();
         {

@@ -22,6 +22,7 @@ mod leases;
 pub mod metrics;
 mod leadership;
 mod metadata;
+mod reclaim;
 mod rejoin;
 mod revive;
 mod repair;
@@ -319,8 +320,12 @@ impl Node {
                 true => Some(power_loss_devices(&spec.engine)?),
                 false => None,
             };
-            let options = OpenOptions { replicated: true, durable_points, devices, ..OpenOptions::default() };
+            // Records of replicas that moved away and were forgotten stay out of the index.
+            let void_points = crate::raft::forget::recorded_void_points(&self.wal, info.groups, (0..info.groups).map(|g| (g, wal_group(g))))
+                .map_err(|e| NodeError::Raft(e.to_string()))?;
+            let options = OpenOptions { replicated: true, durable_points, void_points, devices, ..OpenOptions::default() };
             let engine = Arc::new(Namespace::open(spec.engine.clone(), options)?);
+            self.finish_interrupted(&spec.engine.name, info.groups, &hosted, &engine).await;
             let mut state_machines = Vec::new();
             for &group in &hosted {
                 state_machines.push(self.group_state_machine(&engine, &spec.engine.name, group, info.groups)?);
@@ -394,9 +399,10 @@ impl Node {
         let fresh = self.wal.log_state(wal_group).last.is_none();
         let rejoin = match replicas.contains(&me) {
             true => self.rejoin_state(&info.name, group, replicas, wal_group, fresh).await?,
-            // A move brings the group here. What this replica holds is from before the group
-            // last left this node, cut back to what it had applied (`roster::trim_stopped_log`),
-            // with a membership the group has long changed; voting on it, replicas like it
+            // A move brings the group here. If this replica holds anything, it is from before
+            // the group last left this node (a replica that left is forgotten, `reclaim`, but
+            // one whose forgetting failed keeps its log), with a membership the group has long
+            // changed; voting on it, replicas like it
             // could elect a second leader in a term the group already has one (seen in a
             // roster run: "two incomparable leaders"). So it catches up from the group's
             // leader before it votes, like a replica that lost its copy.
@@ -819,6 +825,7 @@ impl Node {
                 let index = group.state_machine.last_applied().map_or(0, |l| l.index);
                 // A read may go to the device: keep it off the runtime's worker threads.
                 let engine = hosted.engine.clone();
+                let stopped = group.state_machine.clone();
                 let read = tokio::task::spawn_blocking(move || {
                     let names: Option<Vec<&str>> = bins.as_ref().map(|b| b.iter().map(String::as_str).collect());
                     let record = engine.get(&key, names.as_deref())?;
@@ -830,6 +837,10 @@ impl Node {
                 })
                 .await;
                 match read {
+                    // The group moved away meanwhile: its replica may have been forgotten.
+                    Ok(Ok(_)) if stopped.is_stopped() => {
+                        Response::Error(ErrorReply::NotLeader { leader: self.placement_hint(&namespace, group_id) })
+                    }
                     Ok(Ok((record, index))) => Response::Record { record, index },
                     Ok(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
                     Err(err) => Response::Error(ErrorReply::Internal(format!("read task failed: {err}"))),

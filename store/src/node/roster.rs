@@ -20,8 +20,9 @@
 //!   what the group decided, after it decided it.
 //! - **A node stops a replica only once the metadata says the group left it**, after the group
 //!   committed a membership without it.
-//! - **A replica that stopped keeps its vote**, and its log up to what it applied: should the
-//!   group come back, it comes back as a lagging former member, never as a node that forgot.
+//! - **A replica that stopped is forgotten, all but its vote** (`reclaim`): its records' space is
+//!   reclaimed, and should the group come back, it comes back empty, and catches up from the
+//!   group's leader before it votes (`rejoin`).
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Weak};
@@ -30,11 +31,10 @@ use std::time::Duration;
 use openraft::{BasicNode, ChangeMembers};
 
 use super::raft_network::NetworkTypes;
-use super::{metadata, namespace_wal_group, Node, NodeConfig};
+use super::{metadata, Node, NodeConfig};
 use crate::meta::{self, ClusterMeta, MetaCommand, MetaResult, NodeInfo};
 use crate::protocol::{ErrorReply, Request, Response};
 use crate::raft::NodeId;
-use crate::wal::WalOp;
 
 /// How often a node compares the groups it hosts with the cluster metadata.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -255,6 +255,7 @@ impl Node {
                 let wanted = cluster.hosts(info, group, me);
                 let running = hosted.group(group).is_some();
                 if wanted && !running {
+                    self.keep_group(name, group);
                     let started = match self.group_state_machine(&hosted.engine, name, group, info.groups) {
                         Ok(state_machine) => self.start_group(&cluster, info, group, state_machine, false).await,
                         Err(err) => Err(err),
@@ -268,30 +269,9 @@ impl Node {
                     }
                 } else if !wanted && running {
                     let Some(stopped) = hosted.local.write().unwrap().remove(&group) else { continue };
-                    stopped.state_machine.stop();
-                    let _ = stopped.raft.shutdown().await;
-                    self.trim_stopped_log(name, group, &stopped).await;
-                    tracing::info!(namespace = %name, group, "the group moved away: its replica here stopped");
+                    self.leave_group(name, group, info.groups, &hosted.engine, stopped).await;
                 }
             }
-        }
-    }
-
-    /// Drops what a stopped replica's log holds past and up to what it durably applied, so
-    /// that it pins no WAL segment; the vote stays.
-    async fn trim_stopped_log(&self, namespace: &str, group: u32, stopped: &super::Group) {
-        let wal_group = namespace_wal_group(namespace, group);
-        let Some(applied) = stopped.state_machine.durable_applied().await else { return };
-        let state = self.wal.log_state(wal_group);
-        let mut ops = Vec::new();
-        if state.last.is_some_and(|(index, _)| index > applied.index) {
-            ops.push(WalOp::Truncate { from_index: applied.index + 1 });
-        }
-        if state.purged.is_none_or(|(index, _)| index < applied.index) {
-            ops.push(WalOp::Purge { upto_index: applied.index, upto_term: applied.leader_id.term });
-        }
-        if let Err(err) = crate::raft::log_store::append_durable(&self.wal, wal_group, ops).await {
-            tracing::warn!(namespace, group, %err, "cannot trim the log of a replica that moved away");
         }
     }
 }

@@ -231,9 +231,9 @@ impl<C: WalLogTypes> RaftLogStorage<C> for GroupLogStore<C> {
     }
 
     /// Never past the newest entry this log holds: openraft re-applies up to the committed id
-    /// at start and fails on entries it cannot read. A replica that moved away keeps its log
-    /// only up to what it applied (`roster::trim_stopped_log`), while the committed id it saved
-    /// may lie further on; when the group moves back, that replica must still start.
+    /// at start and fails on entries it cannot read. A replica that moved away in earlier
+    /// versions kept its log only up to what it applied, while the committed id it saved may
+    /// lie further on; when the group moves back, that replica must still start.
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
         saved_committed(&self.wal, self.group)
     }

@@ -18,6 +18,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod fences;
+pub mod forget;
 pub mod log_store;
 pub mod sessions;
 pub mod snapshot_file;

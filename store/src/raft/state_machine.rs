@@ -90,6 +90,11 @@ pub fn recorded_engine_points(wal: &Wal, wal_groups: impl IntoIterator<Item = Gr
     Ok(points)
 }
 
+/// How the names of a group's snapshot files start.
+pub(crate) fn snapshot_file_prefix(wal_group: GroupId) -> String {
+    format!("group-{wal_group:08x}-")
+}
+
 struct Progress {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
@@ -193,7 +198,7 @@ impl GroupStateMachine {
         groups: u32,
         snapshot_dir: &Path,
     ) -> Result<GroupStateMachine, StorageError<NodeId>> {
-        let file_prefix = format!("group-{wal_group:08x}-");
+        let file_prefix = snapshot_file_prefix(wal_group);
         std::fs::create_dir_all(snapshot_dir).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         for entry in std::fs::read_dir(snapshot_dir).map_err(|e| StorageIOError::read_snapshot(None, &e))? {
             let entry = entry.map_err(|e| StorageIOError::read_snapshot(None, &e))?;
@@ -233,6 +238,12 @@ impl GroupStateMachine {
     /// can stop.
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether `stop` was called. A replica is forgotten only after it stopped, so a read of the
+    /// engine that finds this false afterwards did not see the replica forgotten.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
     }
 
     /// Whether an apply is waiting for device space right now.
@@ -315,6 +326,11 @@ impl GroupSnapshotBuilder {
         })
         .await
         .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        // A replica stops before it is forgotten: a snapshot written since may lack records.
+        let written = match self.shared.stopping.load(Ordering::SeqCst) {
+            true => written.and(Err("the replica stopped while its snapshot was written".to_owned())),
+            false => written,
+        };
         let records = match written {
             Ok(records) => records,
             Err(reason) => {

@@ -76,13 +76,18 @@ impl WalInner {
                     done.push((st.waiting.pop_front().unwrap().1, Ok(())));
                 }
                 let purged: std::collections::HashMap<GroupId, u64> = purged.into_iter().collect();
-                let deletable: Vec<u64> = st
-                    .segments
-                    .values()
-                    .filter(|s| s.id < active_id)
-                    .filter(|s| s.max_index.iter().all(|(g, max)| purged.get(g).is_some_and(|p| p >= max)))
-                    .map(|s| s.id)
-                    .collect();
+                // A segment holding a Forget goes only once every older one goes: an older
+                // segment left alone would bring back the entries it voided.
+                let mut deletable: Vec<u64> = Vec::new();
+                let mut every_older_goes = true;
+                for segment in st.segments.values().filter(|s| s.id < active_id) {
+                    let unneeded = segment.max_index.iter().all(|(g, max)| purged.get(g).is_some_and(|p| p >= max));
+                    if unneeded && (every_older_goes || !segment.holds_forget) {
+                        deletable.push(segment.id);
+                    } else {
+                        every_older_goes = false;
+                    }
+                }
                 for id in deletable {
                     deleted.push(st.segments.remove(&id).expect("listed above").path);
                 }
@@ -161,6 +166,9 @@ impl WalInner {
         for group in groups {
             let log = st.groups[&group].clone();
             let mut checkpoint = Vec::new();
+            if let Some(void) = log.void {
+                checkpoint.push(WalOp::Void(void));
+            }
             if let Some(vote) = log.vote {
                 checkpoint.push(WalOp::Vote(vote));
             }
@@ -213,5 +221,5 @@ pub(crate) fn create_segment(dir: &std::path::Path, id: u64, bytes: u64, skip_fs
         crate::device::sync_parent_dir(&path).map_err(|e| WalError::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
     }
     let handed = super::format::SEGMENT_HEADER_BYTES as u64;
-    Ok(Segment { id, path, file: Arc::new(file), handed, pending: Vec::new(), in_flight: None, max_index: Default::default() })
+    Ok(Segment { id, path, file: Arc::new(file), handed, pending: Vec::new(), in_flight: None, max_index: Default::default(), holds_forget: false })
 }

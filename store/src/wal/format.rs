@@ -3,7 +3,9 @@
 use super::{GroupId, WalOp};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"CHUNKWAL";
-pub const WAL_FORMAT_VERSION: u32 = 1;
+pub const WAL_FORMAT_VERSION: u32 = 2;
+/// Segments of this version on are read (version 1 has no forget and void records).
+pub const WAL_FORMAT_VERSION_OLDEST: u32 = 1;
 /// The segment header fills the first sector; records start after it.
 pub const SEGMENT_HEADER_BYTES: usize = 512;
 pub const SECTOR_BYTES: usize = 512;
@@ -19,6 +21,8 @@ const TYPE_PURGE: u8 = 3;
 const TYPE_VOTE: u8 = 4;
 const TYPE_COMMITTED: u8 = 5;
 const TYPE_APPLIED: u8 = 6;
+const TYPE_FORGET: u8 = 7;
+const TYPE_VOID: u8 = 8;
 
 pub fn encode_segment_header(segment_id: u64) -> Vec<u8> {
     let mut out = vec![0u8; SEGMENT_HEADER_BYTES];
@@ -42,8 +46,8 @@ pub fn decode_segment_header(buf: &[u8]) -> Result<u64, String> {
         return Err("segment header checksum mismatch".into());
     }
     let version = u32::from_le_bytes(buf[8..12].try_into().unwrap());
-    if version != WAL_FORMAT_VERSION {
-        return Err(format!("format version {version}; this build reads version {WAL_FORMAT_VERSION}"));
+    if !(WAL_FORMAT_VERSION_OLDEST..=WAL_FORMAT_VERSION).contains(&version) {
+        return Err(format!("format version {version}; this build reads versions {WAL_FORMAT_VERSION_OLDEST} to {WAL_FORMAT_VERSION}"));
     }
     Ok(u64::from_le_bytes(buf[12..20].try_into().unwrap()))
 }
@@ -71,11 +75,13 @@ pub fn encode_record(out: &mut Vec<u8>, group: GroupId, op: &WalOp) {
             out.extend_from_slice(&upto_index.to_le_bytes());
             out.extend_from_slice(&upto_term.to_le_bytes());
         }
-        WalOp::Vote(bytes) | WalOp::Committed(bytes) | WalOp::Applied(bytes) => {
+        WalOp::Vote(bytes) | WalOp::Committed(bytes) | WalOp::Applied(bytes) | WalOp::Forget(bytes) | WalOp::Void(bytes) => {
             out.push(match op {
                 WalOp::Vote(_) => TYPE_VOTE,
                 WalOp::Committed(_) => TYPE_COMMITTED,
-                _ => TYPE_APPLIED,
+                WalOp::Applied(_) => TYPE_APPLIED,
+                WalOp::Forget(_) => TYPE_FORGET,
+                _ => TYPE_VOID,
             });
             out.extend_from_slice(&group.to_le_bytes());
             out.extend_from_slice(bytes);
@@ -97,6 +103,8 @@ pub enum Decoded<'a> {
     Vote { group: GroupId, bytes: &'a [u8] },
     Committed { group: GroupId, bytes: &'a [u8] },
     Applied { group: GroupId, bytes: &'a [u8] },
+    Forget { group: GroupId, bytes: &'a [u8] },
+    Void { group: GroupId, bytes: &'a [u8] },
 }
 
 /// One step of reading a segment.
@@ -165,6 +173,8 @@ pub fn decode_at(buf: &[u8], pos: usize, record_bytes_max: usize) -> (Step<'_>, 
         TYPE_VOTE => Decoded::Vote { group, bytes: body },
         TYPE_COMMITTED => Decoded::Committed { group, bytes: body },
         TYPE_APPLIED => Decoded::Applied { group, bytes: body },
+        TYPE_FORGET => Decoded::Forget { group, bytes: body },
+        TYPE_VOID => Decoded::Void { group, bytes: body },
         other => return (Step::Invalid(format!("unknown record type {other}")), pos),
     };
     (Step::Record(decoded), end.next_multiple_of(RECORD_ALIGN_BYTES))

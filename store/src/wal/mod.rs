@@ -13,6 +13,8 @@
 //! - **Every segment after the first starts with a checkpoint** (each group's vote, committed,
 //!   purge point and log end), so a segment can be deleted once every group has durably purged
 //!   the entries in it, without losing a vote or reviving a truncated entry.
+//! - **A forgotten log never comes back**: a segment holding a `Forget` is deleted only with
+//!   every older segment, so no entry it voided can be replayed without it.
 
 mod flusher;
 pub mod format;
@@ -43,6 +45,12 @@ pub enum WalOp {
     Committed(Vec<u8>),
     /// The group state machine's durable applied point (and what it needs with it), opaque.
     Applied(Vec<u8>),
+    /// The group's replica left this node: its entries, purge point, committed id and applied
+    /// point are void; its vote stays. The bytes (opaque: where the engine's records of the
+    /// group became void) are kept as the group's `void` until a later `Forget`.
+    Forget(Vec<u8>),
+    /// Sets the group's `void` bytes only (how checkpoints carry them).
+    Void(Vec<u8>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +122,14 @@ pub(crate) struct GroupLog {
     vote: Option<Vec<u8>>,
     committed: Option<Vec<u8>>,
     applied: Option<Vec<u8>>,
+    void: Option<Vec<u8>>,
+}
+
+impl GroupLog {
+    /// What a `Forget` leaves of the group: its vote, and `void`.
+    fn forget(&mut self, void: Vec<u8>) {
+        *self = GroupLog { vote: self.vote.take(), void: Some(void), ..GroupLog::default() };
+    }
 }
 
 /// A group's log as openraft asks for it.
@@ -126,6 +142,8 @@ pub struct GroupLogState {
     pub vote: Option<Vec<u8>>,
     pub committed: Option<Vec<u8>>,
     pub applied: Option<Vec<u8>>,
+    /// The bytes of the group's last `Forget`, if it was ever forgotten here.
+    pub void: Option<Vec<u8>>,
 }
 
 pub(crate) struct Segment {
@@ -138,8 +156,10 @@ pub(crate) struct Segment {
     pending: Vec<u8>,
     /// Handed bytes whose write may not have completed: (file offset, bytes).
     in_flight: Option<(u64, Arc<Vec<u8>>)>,
-    /// Highest entry index per group in this segment.
+    /// Highest entry index per group in this segment (a group forgotten since is left out).
     max_index: HashMap<GroupId, u64>,
+    /// Holds a `Forget`: deleted only together with every older segment.
+    holds_forget: bool,
 }
 
 pub(crate) struct WalState {
@@ -242,6 +262,7 @@ impl Wal {
             vote: log.vote.clone(),
             committed: log.committed.clone(),
             applied: log.applied.clone(),
+            void: log.void.clone(),
         }
     }
 
@@ -319,7 +340,9 @@ impl WalInner {
         for op in ops {
             let size = match op {
                 WalOp::Entry { payload, .. } => payload.len() + 32,
-                WalOp::Vote(bytes) | WalOp::Committed(bytes) | WalOp::Applied(bytes) => bytes.len() + 16,
+                WalOp::Vote(bytes) | WalOp::Committed(bytes) | WalOp::Applied(bytes) | WalOp::Forget(bytes) | WalOp::Void(bytes) => {
+                    bytes.len() + 16
+                }
                 _ => 32,
             };
             if size > self.config.record_bytes_max {
@@ -368,6 +391,15 @@ impl WalInner {
             WalOp::Vote(bytes) => log.vote = Some(bytes.clone()),
             WalOp::Committed(bytes) => log.committed = Some(bytes.clone()),
             WalOp::Applied(bytes) => log.applied = Some(bytes.clone()),
+            WalOp::Void(bytes) => log.void = Some(bytes.clone()),
+            WalOp::Forget(bytes) => {
+                log.forget(bytes.clone());
+                // The voided entries pin no segment; the one holding the Forget goes last.
+                for segment in st.segments.values_mut() {
+                    segment.max_index.remove(&group);
+                }
+                st.segments.values_mut().next_back().expect("an active segment").holds_forget = true;
+            }
         }
     }
 

@@ -41,6 +41,7 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
             Err(what) => return Err(corrupt(0, what)),
         }
         let mut max_index = HashMap::new();
+        let mut holds_forget = false;
         let mut pos = SEGMENT_HEADER_BYTES;
         let mut end = data.len();
         loop {
@@ -67,6 +68,15 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
                             what: format!("{what}, and later segments hold records"),
                         });
                     }
+                    if let Decoded::Forget { group, .. } = record {
+                        // As when it was appended: the voided entries pin no segment.
+                        for segment in segments.values_mut() {
+                            let segment: &mut Segment = segment;
+                            segment.max_index.remove(&group);
+                        }
+                        max_index.remove(&group);
+                        holds_forget = true;
+                    }
                     replay(&mut groups, &mut max_index, id, pos as u64, (next - pos) as u32, record);
                 }
             }
@@ -80,7 +90,7 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
         }
         let file = std::fs::OpenOptions::new().read(true).open(&path).map_err(io(&path))?;
         let handed = data.len() as u64;
-        segments.insert(id, Segment { id, path, file: Arc::new(file), handed, pending: Vec::new(), in_flight: None, max_index });
+        segments.insert(id, Segment { id, path, file: Arc::new(file), handed, pending: Vec::new(), in_flight: None, max_index, holds_forget });
     }
     if let Some((path, offset, what)) = &torn {
         tracing::warn!(path = %path.display(), offset, %what, "WAL tail torn by a crash: the unacknowledged records after it were dropped");
@@ -130,5 +140,7 @@ fn replay(groups: &mut HashMap<u32, GroupLog>, max_index: &mut HashMap<u32, u64>
         Decoded::Vote { group, bytes } => groups.entry(group).or_default().vote = Some(bytes.to_vec()),
         Decoded::Committed { group, bytes } => groups.entry(group).or_default().committed = Some(bytes.to_vec()),
         Decoded::Applied { group, bytes } => groups.entry(group).or_default().applied = Some(bytes.to_vec()),
+        Decoded::Forget { group, bytes } => groups.entry(group).or_default().forget(bytes.to_vec()),
+        Decoded::Void { group, bytes } => groups.entry(group).or_default().void = Some(bytes.to_vec()),
     }
 }
