@@ -272,12 +272,15 @@ fn wait_for_records(dir: &Path, expected: &std::collections::BTreeMap<u64, u64>,
 /// A node that groups move away from reclaims their records: once `node add` has moved some
 /// of each original node's groups to node 4, every node's engine holds exactly the records of
 /// the groups placed on it, and a restart (which scans the devices, where the forgotten records
-/// still lie until their blocks are reused) brings none of them back. Every record stays
-/// readable.
+/// still lie until their blocks are reused) brings none of them back. Node 1 is down during the
+/// moves: it starts the groups its own (older) copy of the metadata places on it, learns the
+/// moves, and stops and forgets those replicas. Every record stays readable.
 ///
 /// Negative controls: with the forgetting left out (`leave_group` stopping the replica only),
-/// the original nodes keep holding every record; with the scan ignoring the void points, node 1
-/// holds the forgotten records again after its restart.
+/// the replicas are forgotten only later, as left behind (`forget_left_behind`), and the test
+/// fails ("node 2 left a replica behind"); with neither, the nodes keep every record; with the
+/// scan ignoring the void points, the nodes hold the forgotten records again after their
+/// restart. Left out alone, `forget_left_behind` is not missed here (see VALIDATION).
 #[test]
 fn a_node_that_groups_moved_away_from_holds_none_of_their_records_even_after_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
@@ -292,22 +295,40 @@ fn a_node_that_groups_moved_away_from_holds_none_of_their_records_even_after_a_r
     }
     wait_for_records(dir, &keys_placed(dir, &keys), "before the move");
 
+    // Node 1 is down while groups move away from it: it finds out when it comes back.
+    kill_node(dir, 1);
     chunkctl_ok(dir, &["node", "add", "--wait"]);
     let placed = keys_placed(dir, &keys);
     for node in 1..=3 {
         assert!(placed[&node] < keys.len() as u64, "no group moved away from node {node}: {placed:?}");
     }
     assert!(placed[&4] > 0, "{placed:?}");
+    let mut node1 = start_node(dir, 1);
     wait_for_records(dir, &placed, "after node 4 joined");
-    let node1_log = std::fs::read_to_string(dir.join("node1").join("chunkd.log")).unwrap();
-    assert!(node1_log.contains("the replica of a group that moved away is forgotten"), "node 1 logged no forgotten replica");
+    let log_of = |node: u64| std::fs::read_to_string(dir.join(format!("node{node}")).join("chunkd.log")).unwrap();
+    for node in 1..=3 {
+        assert!(log_of(node).contains("the replica of a group that moved away is forgotten"), "node {node} logged no forgotten replica");
+    }
+    // Nodes 2 and 3 ran their replicas throughout: each was forgotten as it stopped, not later
+    // as one left behind.
+    for node in 2..=3 {
+        assert!(!log_of(node).contains("the group moved away while this node did not run its replica"), "node {node} left a replica behind");
+    }
 
-    kill_node(dir, 1);
-    let _restarted = start_node(dir, 1);
-    wait_for_records(dir, &placed, "after node 1 restarted");
+    // A restart scans the devices, where the forgotten records still lie.
+    node1.kill().unwrap();
+    node1.wait().unwrap();
+    kill_node(dir, 2);
+    kill_node(dir, 3);
+    let mut children: Vec<std::process::Child> = (1..=3).map(|node| start_node(dir, node)).collect();
+    wait_for_records(dir, &placed, "after nodes 1 to 3 restarted");
     for (n, key) in keys.iter().enumerate() {
         let record = client.get_with("test", key, None, ReadPolicy::Linearizable).unwrap();
         assert_eq!(record.and_then(|r| r.bins.first().map(|b| b.value.clone())), Some(Value::Int(n as i64)), "key {n}");
+    }
+    for child in &mut children {
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }
 

@@ -307,6 +307,9 @@ impl Node {
         for node in &cluster.nodes {
             self.peers.connect(node.id, &node.peer);
         }
+        // The index of the copy it starts from, when that is its own state machine's.
+        let (own, own_applied) = self.meta_state.cluster_applied();
+        let cluster_index = if own.as_ref() == Some(&cluster) { own_applied } else { 0 };
         let mut namespaces = HashMap::new();
         for spec in &config.namespaces {
             let info = cluster.namespace(&spec.engine.name).expect("differences checked every namespace");
@@ -345,6 +348,8 @@ impl Node {
             }
             let mut local = HashMap::new();
             for (&group, state_machine) in hosted.iter().zip(state_machines) {
+                self.host_group(&spec.engine.name, group, cluster_index)
+                    .map_err(|e| NodeError::Config(format!("cannot record that group {group} is hosted here: {e}")))?;
                 let started = self.start_group(&cluster, info, group, state_machine, true).await?;
                 local.insert(group, Arc::new(started));
             }
@@ -352,9 +357,7 @@ impl Node {
             namespaces.insert(spec.engine.name.clone(), HostedNamespace { engine, groups: info.groups, local });
         }
         tracing::info!(node = me, nodes = cluster.nodes.len(), namespaces = namespaces.len(), "joined the cluster");
-        // The index of the copy it starts from, when that is its own state machine's.
-        let (own, own_applied) = self.meta_state.cluster_applied();
-        let cluster_applied = std::sync::atomic::AtomicU64::new(if own.as_ref() == Some(&cluster) { own_applied } else { 0 });
+        let cluster_applied = std::sync::atomic::AtomicU64::new(cluster_index);
         if self.joined.set(Joined { cluster: std::sync::RwLock::new(cluster), cluster_applied, namespaces }).is_err() {
             return Err(NodeError::Config("join called twice".into()));
         }

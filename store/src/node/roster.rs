@@ -248,17 +248,23 @@ impl Node {
     async fn host_what_the_cluster_says(&self) {
         let Some(joined) = self.joined.get() else { return };
         let me = self.config.node_id;
-        let cluster = joined.cluster.read().unwrap().clone();
+        // The index and the copy together (`adopt_cluster` changes both under the write lock).
+        let (cluster, cluster_applied) = {
+            let cluster = joined.cluster.read().unwrap();
+            (cluster.clone(), joined.cluster_applied.load(std::sync::atomic::Ordering::SeqCst))
+        };
         for (name, hosted) in &joined.namespaces {
             let Some(info) = cluster.namespace(name) else { continue };
             for group in 0..info.groups {
                 let wanted = cluster.hosts(info, group, me);
                 let running = hosted.group(group).is_some();
                 if wanted && !running {
-                    self.keep_group(name, group);
-                    let started = match self.group_state_machine(&hosted.engine, name, group, info.groups) {
-                        Ok(state_machine) => self.start_group(&cluster, info, group, state_machine, false).await,
-                        Err(err) => Err(err),
+                    let started = match self.host_group(name, group, cluster_applied) {
+                        Err(err) => Err(super::NodeError::Config(format!("cannot record that the group is hosted here: {err}"))),
+                        Ok(()) => match self.group_state_machine(&hosted.engine, name, group, info.groups) {
+                            Ok(state_machine) => self.start_group(&cluster, info, group, state_machine, false).await,
+                            Err(err) => Err(err),
+                        },
                     };
                     match started {
                         Ok(started) => {
@@ -270,6 +276,8 @@ impl Node {
                 } else if !wanted && running {
                     let Some(stopped) = hosted.local.write().unwrap().remove(&group) else { continue };
                     self.leave_group(name, group, info.groups, &hosted.engine, stopped).await;
+                } else if !wanted {
+                    self.forget_left_behind(name, group, info.groups, &hosted.engine, cluster_applied).await;
                 }
             }
         }
