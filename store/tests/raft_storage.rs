@@ -55,7 +55,7 @@ fn the_committed_id_read_back_never_lies_past_the_log() {
         store.save_committed(Some(committed)).await.unwrap();
         assert_eq!(store.read_committed().await.unwrap(), None, "no entry is held: nothing is committed here");
 
-        // Trimmed to its applied point (as `trim_stopped_log` does): entries up to 100 purged.
+        // Trimmed to its applied point (as stopped replicas were before they were forgotten).
         wal.append_blocking(7, &[WalOp::Purge { upto_index: 100, upto_term: 3 }]).unwrap();
         assert_eq!(store.read_committed().await.unwrap(), Some(LogId::new(CommittedLeaderId::new(3, 0), 100)));
 
@@ -63,5 +63,31 @@ fn the_committed_id_read_back_never_lies_past_the_log() {
         let inside = LogId::new(CommittedLeaderId::new(3, 0), 90);
         store.save_committed(Some(inside)).await.unwrap();
         assert_eq!(store.read_committed().await.unwrap(), Some(inside));
+    });
+}
+
+/// A replica being forgotten is closed after its group stopped: openraft's state-machine
+/// worker and snapshot tasks can outlive `Raft::shutdown`, and whatever they still try (apply
+/// an entry, build or install a snapshot) is refused, so nothing lands in the engine or the
+/// applied marker after the replica was forgotten.
+#[test]
+fn a_closed_state_machine_applies_and_snapshots_nothing_more() {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, SnapshotMeta};
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let (_dir, _log, mut state_machine) = Builder.build().await.unwrap();
+        let entry = |index| Entry::<TypeConfig> { log_id: LogId::new(CommittedLeaderId::new(1, 0), index), payload: EntryPayload::Blank };
+        state_machine.apply(vec![entry(1)]).await.unwrap();
+        state_machine.close().await;
+        assert!(state_machine.apply(vec![entry(2)]).await.is_err(), "applied after close");
+        assert_eq!(state_machine.last_applied().map(|l| l.index), Some(1));
+        let mut builder = state_machine.get_snapshot_builder().await;
+        assert!(builder.build_snapshot().await.is_err(), "built a snapshot after close");
+        let file = state_machine.begin_receiving_snapshot().await.unwrap();
+        let meta = SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 0), 9)), ..Default::default() };
+        assert!(state_machine.install_snapshot(&meta, file).await.is_err(), "installed a snapshot after close");
+        assert_eq!(state_machine.last_applied().map(|l| l.index), Some(1));
     });
 }

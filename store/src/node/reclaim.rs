@@ -71,7 +71,11 @@ fn read_hosting(path: &Path) -> u64 {
 
 fn remove_marker(marker: &Path) {
     match std::fs::remove_file(marker) {
-        Ok(()) => {}
+        Ok(()) => {
+            if let Err(err) = crate::device::sync_parent_dir(marker) {
+                tracing::warn!(path = %marker.display(), %err, "could not sync a directory after removing a marker");
+            }
+        }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         // Left behind, it only makes the next start forget the group again (if still away).
         Err(err) => tracing::warn!(path = %marker.display(), %err, "could not remove a leaving marker"),
@@ -88,6 +92,8 @@ impl Node {
         }
         stopped.state_machine.stop();
         let _ = stopped.raft.shutdown().await;
+        // openraft's state-machine worker may still apply what it had queued: wait for it.
+        stopped.state_machine.close().await;
         tracing::info!(namespace, group, "the group moved away: its replica here stopped");
         drop(stopped);
         self.forget(namespace, group, groups, engine, &marker).await;

@@ -175,7 +175,9 @@ impl super::Node {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        if let Some(term) = answers.iter().filter_map(|a| a.vote_term).max() {
+        // A vote this replica kept (its copy was forgotten, not lost) is never taken back.
+        let kept_term = self.wal.log_state(wal_group).vote.and_then(|bytes| bincode::deserialize::<openraft::Vote<NodeId>>(&bytes).ok()).map(|v| v.leader_id().term);
+        if let Some(term) = answers.iter().filter_map(|a| a.vote_term).max().filter(|term| kept_term.is_none_or(|kept| kept < *term)) {
             let vote = openraft::Vote::new(term, self.config.node_id);
             let op = crate::wal::WalOp::Vote(bincode::serialize(&vote).expect("votes serialize"));
             crate::raft::log_store::append_durable(&self.wal, wal_group, vec![op]).await.map_err(|e| NodeError::Raft(e.to_string()))?;

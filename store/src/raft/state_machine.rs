@@ -130,9 +130,23 @@ struct Shared {
     file_prefix: String,
     /// Files created to receive snapshots and not installed yet.
     receiving: Mutex<Vec<PathBuf>>,
+    /// True once the replica is being forgotten (`close`). Everything that writes the engine
+    /// or the applied marker (apply, snapshot install, snapshot build) holds it shared and
+    /// refuses once it is set: openraft's state-machine worker and snapshot tasks can outlive
+    /// `Raft::shutdown`.
+    closed: tokio::sync::RwLock<bool>,
 }
 
 impl Shared {
+    /// Shared hold of the gate, or an error once the replica is closed.
+    async fn open_gate(&self) -> Result<tokio::sync::RwLockReadGuard<'_, bool>, StorageError<NodeId>> {
+        let gate = self.closed.read().await;
+        if *gate {
+            return Err(StorageIOError::write_state_machine(&std::io::Error::other("the replica moved away and is forgotten")).into());
+        }
+        Ok(gate)
+    }
+
     /// A new file name in the snapshot directory.
     fn new_snapshot_path(&self, what: &str) -> PathBuf {
         self.snapshot_dir.join(format!("{}{what}-{:016x}", self.file_prefix, rand::random::<u64>()))
@@ -228,6 +242,7 @@ impl GroupStateMachine {
             snapshot_dir: snapshot_dir.to_owned(),
             file_prefix,
             receiving: Mutex::new(Vec::new()),
+            closed: tokio::sync::RwLock::new(false),
         };
         Ok(GroupStateMachine { shared: Arc::new(shared) })
     }
@@ -238,6 +253,13 @@ impl GroupStateMachine {
     /// can stop.
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// After `stop` and the group's `Raft::shutdown`, before the replica is forgotten: waits
+    /// for any apply, snapshot install or snapshot build still running, and refuses every later
+    /// one.
+    pub async fn close(&self) {
+        *self.shared.closed.write().await = true;
     }
 
     /// Whether `stop` was called. A replica is forgotten only after it stopped, so a read of the
@@ -303,6 +325,7 @@ pub struct GroupSnapshotBuilder {
 impl GroupSnapshotBuilder {
     /// Writes the snapshot file: its metadata and path.
     async fn write_file(&mut self) -> Result<(Meta, PathBuf), StorageError<NodeId>> {
+        let _gate = self.shared.open_gate().await?;
         // Flushed first: the data then reflects at least everything up to the marker. It may
         // reflect more (applies go on meanwhile); a receiver replaying the log after it skips
         // what a record already holds.
@@ -371,6 +394,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let _gate = self.shared.open_gate().await?;
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         let shared = self.shared.clone();
         // Applying is memory work when the engine's write cache has room: done here, it saves
@@ -427,6 +451,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<tokio::fs::File>) -> Result<(), StorageError<NodeId>> {
+        let _gate = self.shared.open_gate().await?;
         let signature = meta.signature();
         let read_error = |e: &std::io::Error| StorageIOError::read_snapshot(Some(signature.clone()), e);
         let mut file = snapshot.into_std().await;

@@ -38,10 +38,10 @@ impl WalInner {
         }
         let target = st.appended_lsn;
         st.taken_lsn = target;
-        // Segments before the active one have a successor whose checkpoint is in this batch
-        // or an earlier one; purge points taken now are durable once this batch is.
-        let active_id = *st.segments.keys().next_back().expect("an active segment");
-        let purged: Vec<(GroupId, u64)> = st.groups.iter().filter_map(|(g, log)| log.purged.map(|(i, _)| (*g, i))).collect();
+        // Which segments nobody needs once this batch is durable, decided now (purge points
+        // and Forgets taken now are durable once this batch is; one appended while the batch
+        // is written is not).
+        let deletable = deletable_segments(&st);
         drop(st);
 
         let mut result: WalResult<()> = Ok(());
@@ -75,21 +75,10 @@ impl WalInner {
                 while st.waiting.front().is_some_and(|(lsn, _)| *lsn <= target) {
                     done.push((st.waiting.pop_front().unwrap().1, Ok(())));
                 }
-                let purged: std::collections::HashMap<GroupId, u64> = purged.into_iter().collect();
-                // A segment holding a Forget goes only once every older one goes: an older
-                // segment left alone would bring back the entries it voided.
-                let mut deletable: Vec<u64> = Vec::new();
-                let mut every_older_goes = true;
-                for segment in st.segments.values().filter(|s| s.id < active_id) {
-                    let unneeded = segment.max_index.iter().all(|(g, max)| purged.get(g).is_some_and(|p| p >= max));
-                    if unneeded && (every_older_goes || !segment.holds_forget) {
-                        deletable.push(segment.id);
-                    } else {
-                        every_older_goes = false;
-                    }
-                }
                 for id in deletable {
-                    deleted.push(st.segments.remove(&id).expect("listed above").path);
+                    if let Some(segment) = st.segments.remove(&id) {
+                        deleted.push(segment.path);
+                    }
                 }
             }
             Err(err) => {
@@ -189,6 +178,26 @@ impl WalInner {
         }
         Ok(())
     }
+}
+
+/// Segments before the active one whose every entry is purged (or forgotten) as of now. A
+/// segment holding a Forget goes only once every older one goes: an older segment left alone
+/// would bring back the applied point and purge point it voided. (Segments before the active
+/// one have a successor whose checkpoint is in the batch being taken or an earlier one.)
+fn deletable_segments(st: &WalState) -> Vec<u64> {
+    let active_id = *st.segments.keys().next_back().expect("an active segment");
+    let purged: std::collections::HashMap<GroupId, u64> = st.groups.iter().filter_map(|(g, log)| log.purged.map(|(i, _)| (*g, i))).collect();
+    let mut deletable: Vec<u64> = Vec::new();
+    let mut every_older_goes = true;
+    for segment in st.segments.values().filter(|s| s.id < active_id) {
+        let unneeded = segment.max_index.iter().all(|(g, max)| purged.get(g).is_some_and(|p| p >= max));
+        if unneeded && (every_older_goes || !segment.holds_forget) {
+            deletable.push(segment.id);
+        } else {
+            every_older_goes = false;
+        }
+    }
+    deletable
 }
 
 /// Deletes the file of a segment that never held a record (a failure is only logged: recovery
