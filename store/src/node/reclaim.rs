@@ -78,7 +78,7 @@ fn remove_marker(marker: &Path) {
         }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         // Left behind, it only makes the next start forget the group again (if still away).
-        Err(err) => tracing::warn!(path = %marker.display(), %err, "could not remove a leaving marker"),
+        Err(err) => tracing::warn!(path = %marker.display(), %err, "could not remove a marker file (leaving or hosting)"),
     }
 }
 
