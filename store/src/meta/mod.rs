@@ -94,7 +94,7 @@ pub type NamespaceDecl = (String, u32, u32);
 
 impl ClusterMeta {
     /// The metadata a configuration describes: its nodes, and its namespaces with each group's
-    /// replicas placed by rendezvous hashing (`placement::replicas`).
+    /// replicas placed over the nodes (`ClusterMeta::targets`).
     pub fn from_config(mut nodes: Vec<NodeInfo>, namespaces: &[NamespaceDecl]) -> ClusterMeta {
         nodes.sort_by_key(|n| n.id);
         let ids: Vec<NodeId> = nodes.iter().map(|n| n.id).collect();
@@ -112,19 +112,19 @@ impl ClusterMeta {
             .collect();
         cluster.namespaces.sort_by(|a, b| a.name.cmp(&b.name));
         for index in 0..cluster.namespaces.len() {
-            let ns = &cluster.namespaces[index];
-            let placement = (0..ns.groups).map(|g| cluster.target(ns, g)).collect();
+            let placement = cluster.targets(&cluster.namespaces[index]);
             cluster.namespaces[index].placement = placement;
         }
         cluster
     }
 
-    /// Where `group` of `ns` belongs under the current roster (preferred leader first):
-    /// rendezvous hashing over the roster, replicas on distinct racks where there are enough.
-    pub fn target(&self, ns: &NamespaceInfo, group: u32) -> Vec<NodeId> {
+    /// Where each group of `ns` belongs under the current roster (preferred leader first):
+    /// placed as a whole over the roster, balanced, on distinct racks where there are enough
+    /// (`placement::place_namespace`).
+    pub fn targets(&self, ns: &NamespaceInfo) -> Vec<Vec<NodeId>> {
         let racked: Vec<(NodeId, Option<&str>)> =
             self.roster.iter().map(|id| (*id, self.node(*id).and_then(|n| n.rack.as_deref()))).collect();
-        placement::replicas_on_racks(&ns.name, group, &racked, ns.replication_factor as usize)
+        placement::place_namespace(&ns.name, ns.groups, &racked, ns.replication_factor as usize)
     }
 
     /// The metadata voters the cluster should have, given the `current` ones (the group's
@@ -217,8 +217,9 @@ impl ClusterMeta {
         self.namespaces
             .iter()
             .map(|ns| {
+                let targets = self.targets(ns);
                 let placed = (0..ns.groups)
-                    .filter(|g| !ns.moves.contains_key(g) && same_set(&ns.placement[*g as usize], &self.target(ns, *g)))
+                    .filter(|g| !ns.moves.contains_key(g) && same_set(&ns.placement[*g as usize], &targets[*g as usize]))
                     .count() as u32;
                 (ns.name.clone(), placed, ns.groups)
             })

@@ -434,9 +434,10 @@ pub(super) async fn keep_balance(node: Weak<Node>) {
             }
         }
         for ns in &cluster.namespaces {
+            let targets = cluster.targets(ns);
             for group in (0..ns.groups).filter(|g| !ns.moves.contains_key(g)) {
                 let current = &ns.placement[group as usize];
-                let target = cluster.target(ns, group);
+                let target = targets[group as usize].clone();
                 if *current == target {
                     continue;
                 }
