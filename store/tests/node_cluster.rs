@@ -40,6 +40,7 @@ fn node_config(id: u64, nodes: &[(u64, String)], dir: &std::path::Path, groups: 
         unsafe_unchecked_reads: false,
         unsafe_serve_damaged: false,
         test_power_loss_devices: false,
+        test_crash_while_leaving: false,
         balance_leaders: true,
         unsafe_skip_fencing: false,
     }

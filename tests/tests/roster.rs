@@ -165,6 +165,44 @@ fn copies_on_node(dir: &Path, node: u64, acked: &[(String, i64)]) -> usize {
     checked
 }
 
+/// What `status` showed while groups moved (`watch_moves`).
+#[derive(Debug, Default)]
+struct MovesSeen {
+    /// The most groups `status --json` showed moving (`moving_to` set) at once.
+    most_at_once: usize,
+    /// Stages `status --json` gave moving groups (`move_stage`).
+    stages: std::collections::BTreeSet<String>,
+    /// A namespace line of plain `status` with its progress bar while it was rebalancing.
+    bar: Option<String>,
+}
+
+/// Polls `status` (JSON and plain, in turn) until `watching` is cleared.
+fn watch_moves(dir: std::path::PathBuf, watching: Arc<AtomicBool>) -> std::thread::JoinHandle<MovesSeen> {
+    std::thread::spawn(move || {
+        let mut seen = MovesSeen::default();
+        while watching.load(Ordering::SeqCst) {
+            let json = chunkctl(&dir, &["status", "--json"]);
+            if let Ok(now) = serde_json::from_slice::<Json>(&json.stdout) {
+                let moving: Vec<&Json> = now["groups"].as_array().into_iter().flatten().filter(|g| !g["moving_to"].is_null()).collect();
+                seen.most_at_once = seen.most_at_once.max(moving.len());
+                seen.stages.extend(moving.iter().filter_map(|g| g["move_stage"].as_str().map(str::to_owned)));
+            }
+            let plain = String::from_utf8_lossy(&chunkctl(&dir, &["status"]).stdout).into_owned();
+            if let Some(line) = plain.lines().find(|l| l.starts_with("test [") && l.ends_with("rebalancing")) {
+                seen.bar.get_or_insert_with(|| line.to_owned());
+            }
+        }
+        seen
+    })
+}
+
+/// Adding a node with `node add --wait`, then taking it off the roster with `roster set
+/// --wait` and removing it with `node remove`, with writers writing throughout. While groups
+/// move, `status` shows the progress bar, each moving group's stage, and at most
+/// `MOVES_AT_ONCE` groups moving; placement is balanced; a node off the roster holds nothing.
+///
+/// Negative controls: `MOVES_AT_ONCE` raised to 8 fails "more groups moved at once"; the stage
+/// left out of `status --json` fails "never gave a moving group's stage".
 #[test]
 fn adding_and_removing_a_node_moves_groups_while_every_record_stays_readable_and_writable() {
     let tmp = tempfile::tempdir().unwrap();
@@ -188,8 +226,19 @@ fn adding_and_removing_a_node_moves_groups_while_every_record_stays_readable_and
     std::thread::sleep(Duration::from_millis(500));
 
     set_phase(&log, "adding");
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = watch_moves(dir.to_owned(), watching.clone());
     let added = chunkctl_ok(dir, &["node", "add", "--wait"]);
     assert!(added.contains("node 4 joined"), "{added}");
+    watching.store(false, Ordering::SeqCst);
+    let seen = watcher.join().unwrap();
+    eprintln!("status while groups moved: {seen:?}");
+    // What `status` showed while the groups moved: the namespace's progress bar, each moving
+    // group's stage in JSON, and never more groups moving at once than the bound.
+    assert!(seen.most_at_once >= 1, "status never showed a group moving: {seen:?}");
+    assert!(seen.most_at_once <= 2, "more groups moved at once than MOVES_AT_ONCE (2): {seen:?}");
+    assert!(!seen.stages.is_empty(), "status --json never gave a moving group's stage: {seen:?}");
+    assert!(seen.bar.is_some(), "status never showed a progress bar while rebalancing: {seen:?}");
     let (on_new, moving) = placement_of(dir, 4);
     assert_eq!(moving, 0);
     // Placement is balanced: 8 groups × 3 replicas over 4 nodes is 6 groups on every node.
@@ -214,6 +263,20 @@ fn adding_and_removing_a_node_moves_groups_while_every_record_stays_readable_and
     set_phase(&log, "added");
     std::thread::sleep(Duration::from_millis(500));
     set_phase(&log, "removing");
+    // On real machines a node leaves by `roster set` (and then stops): its groups move away
+    // first, and then it holds nothing.
+    let set = chunkctl_ok(dir, &["roster", "set", "1", "2", "3", "--wait"]);
+    assert!(set.contains("every group is where the roster puts it"), "{set}");
+    let shown: Json = serde_json::from_str(&chunkctl_ok(dir, &["roster", "show", "--json"])).unwrap();
+    assert_eq!(shown["roster"], serde_json::json!([1, 2, 3]));
+    let (off_roster, moving) = placement_of(dir, 4);
+    assert_eq!((off_roster, moving), (0, 0), "node 4 is off the roster but still holds groups");
+    let held = |node: u64| records_per_node(dir).get(&node).copied();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held(4) != Some(0) {
+        assert!(Instant::now() < deadline, "node 4, off the roster, still holds {:?} records", held(4));
+        std::thread::sleep(Duration::from_millis(300));
+    }
     chunkctl_ok(dir, &["node", "remove", "4"]);
     let (on_removed, _) = placement_of(dir, 4);
     assert_eq!(on_removed, 0, "a group kept a replica on the removed node");
@@ -258,6 +321,26 @@ fn keys_placed(dir: &Path, keys: &[Key]) -> std::collections::BTreeMap<u64, u64>
     placed
 }
 
+/// Writes 400 records of set `set` (value n for key n) to the cluster in `dir` and waits until
+/// every node holds those of the groups placed on it.
+fn write_400_records(dir: &Path, set: &str) -> (Client, Vec<Key>) {
+    let client = Client::connect(ClientConfig::new(seeds(dir))).unwrap();
+    let keys: Vec<Key> = (0..400i64).map(|n| Key::new(set, n)).collect();
+    for (n, key) in keys.iter().enumerate() {
+        client.put("test", key, vec![Bin::new("v", Value::Int(n as i64))], &WritePolicy::default()).unwrap();
+    }
+    wait_for_records(dir, &keys_placed(dir, &keys), "before the move");
+    (client, keys)
+}
+
+/// Every record `write_400_records` wrote reads back linearizably.
+fn assert_400_records_read_back(client: &Client, keys: &[Key]) {
+    for (n, key) in keys.iter().enumerate() {
+        let record = client.get_with("test", key, None, ReadPolicy::Linearizable).unwrap();
+        assert_eq!(record.and_then(|r| r.bins.first().map(|b| b.value.clone())), Some(Value::Int(n as i64)), "key {n}");
+    }
+}
+
 fn wait_for_records(dir: &Path, expected: &std::collections::BTreeMap<u64, u64>, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -289,12 +372,7 @@ fn a_node_that_groups_moved_away_from_holds_none_of_their_records_even_after_a_r
     let dir = dir.as_path();
     chunkctl_ok(dir, &["up", "--nodes", "3", "--groups", "8"]);
     let _down = Down(dir);
-    let client = Client::connect(ClientConfig::new(seeds(dir))).unwrap();
-    let keys: Vec<Key> = (0..400i64).map(|n| Key::new("reclaim", n)).collect();
-    for (n, key) in keys.iter().enumerate() {
-        client.put("test", key, vec![Bin::new("v", Value::Int(n as i64))], &WritePolicy::default()).unwrap();
-    }
-    wait_for_records(dir, &keys_placed(dir, &keys), "before the move");
+    let (client, keys) = write_400_records(dir, "reclaim");
 
     // Node 1 is down while groups move away from it: it finds out when it comes back.
     kill_node(dir, 1);
@@ -323,14 +401,65 @@ fn a_node_that_groups_moved_away_from_holds_none_of_their_records_even_after_a_r
     kill_node(dir, 3);
     let mut children: Vec<std::process::Child> = (1..=3).map(|node| start_node(dir, node)).collect();
     wait_for_records(dir, &placed, "after nodes 1 to 3 restarted");
-    for (n, key) in keys.iter().enumerate() {
-        let record = client.get_with("test", key, None, ReadPolicy::Linearizable).unwrap();
-        assert_eq!(record.and_then(|r| r.bins.first().map(|b| b.value.clone())), Some(Value::Int(n as i64)), "key {n}");
-    }
+    assert_400_records_read_back(&client, &keys);
     for child in &mut children {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+}
+
+/// A crash between stopping the replica of a group that moved away and forgetting it: node 1
+/// runs with the `test-crash-while-leaving` hook, so it aborts when the first group leaves it,
+/// with its leaving marker written and its replica stopped but its records still there. It
+/// restarts without the hook, finishes forgetting that replica before its groups start
+/// (`finish_interrupted`), and then every node holds exactly the records of the groups placed
+/// on it, also after another restart, and every record reads back.
+///
+/// Negative controls: with `finish_interrupted` doing nothing, the backstop
+/// (`forget_left_behind`) forgets the replica later and the test fails on the log ("node 1 did
+/// not finish forgetting the replica it crashed leaving"); with the backstop off too, node 1
+/// keeps the records of the group it was leaving ("after node 1 came back: the nodes hold {1:
+/// 360, ..}").
+#[test]
+fn a_node_that_crashed_while_a_group_left_it_forgets_the_replica_when_it_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let dir = dir.as_path();
+    chunkctl_ok(dir, &["up", "--nodes", "3", "--groups", "8"]);
+    let _down = Down(dir);
+    let (client, keys) = write_400_records(dir, "crash-leaving");
+
+    let config = chunkstore_tests::local::node_config(dir, 1);
+    let plain = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("test-crash-while-leaving = true\n{plain}")).unwrap();
+    kill_node(dir, 1);
+    let mut node1 = start_node(dir, 1);
+    chunkctl_ok(dir, &["node", "add", "--wait"]);
+    let exited = node1.wait().unwrap();
+    assert!(!exited.success(), "node 1 should have aborted: {exited}");
+    let log_of = |node: u64| std::fs::read_to_string(dir.join(format!("node{node}")).join("chunkd.log")).unwrap();
+    let aborted = log_of(1).lines().filter(|l| l.contains("test hook test-crash-while-leaving: aborting")).count();
+    assert_eq!(aborted, 1, "node 1 should have aborted while leaving a group");
+    let markers: Vec<String> = std::fs::read_dir(dir.join("node1").join("data").join("leaving"))
+        .map(|entries| entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert_eq!(markers.len(), 1, "one leaving marker left by the crash: {markers:?}");
+
+    std::fs::write(&config, &plain).unwrap();
+    let placed = keys_placed(dir, &keys);
+    let mut node1 = start_node(dir, 1);
+    wait_for_records(dir, &placed, "after node 1 came back");
+    let finished = log_of(1).lines().filter(|l| l.contains("finishing forgetting a replica whose group moved away before the node stopped")).count();
+    assert_eq!(finished, 1, "node 1 did not finish forgetting the replica it crashed leaving (marker {markers:?})");
+    assert!(!dir.join("node1").join("data").join("leaving").join(&markers[0]).exists(), "the leaving marker stayed");
+
+    node1.kill().unwrap();
+    node1.wait().unwrap();
+    let mut node1 = start_node(dir, 1);
+    wait_for_records(dir, &placed, "after node 1 restarted again");
+    assert_400_records_read_back(&client, &keys);
+    node1.kill().unwrap();
+    node1.wait().unwrap();
 }
 
 /// Node 1 is one of the three metadata voters a 3-node cluster starts with. It cannot leave

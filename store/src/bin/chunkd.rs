@@ -64,6 +64,9 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
     if config.unsafe_unchecked_reads {
         tracing::warn!("UNSAFE test option unsafe-unchecked-reads is set: linearizable reads may be stale");
     }
+    if config.test_crash_while_leaving {
+        tracing::warn!("test hook test-crash-while-leaving is set: the process aborts when a group moves away from it");
+    }
     if config.test_power_loss_devices {
         tracing::warn!("test hook test-power-loss-devices is set: unsynced engine writes are lost when the process dies");
     }

@@ -100,9 +100,8 @@ fn renew(client: &Client, id: u64, ttl: Duration, renewals: &Renewals, on_error:
                 return;
             }
         }
-        let sent_at = Instant::now();
-        match client.keep_alive(id) {
-            Ok(_) => *renewals.confirmed_sent_at.lock().unwrap() = sent_at,
+        match client.keep_alive_sent(id) {
+            Ok((_, sent_at)) => *renewals.confirmed_sent_at.lock().unwrap() = sent_at,
             Err(err) => {
                 let ended = matches!(err, ClientError::Server(ErrorReply::SessionExpired { .. }));
                 if ended {

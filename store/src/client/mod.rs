@@ -321,9 +321,16 @@ impl Client {
 
     /// Renews the session's lease for another TTL; `SessionExpired` once it has ended.
     pub fn keep_alive(&self, session: u64) -> Result<Duration, ClientError> {
-        match self.meta_routed(&Request::SessionKeepAlive { session })? {
-            Response::SessionAlive { ttl_ms } => Ok(Duration::from_millis(ttl_ms)),
-            other => Err(unexpected(other)),
+        self.keep_alive_sent(session).map(|(ttl, _)| ttl)
+    }
+
+    /// `keep_alive`, also saying when the renewal the leader confirmed was sent: the lease runs
+    /// at least a TTL from then. Attempts before it (to a leader that had gone, say) do not
+    /// count: the confirmed one may be seconds younger than the first.
+    pub fn keep_alive_sent(&self, session: u64) -> Result<(Duration, Instant), ClientError> {
+        match self.meta_routed_sent(&Request::SessionKeepAlive { session })? {
+            (Response::SessionAlive { ttl_ms }, sent_at) => Ok((Duration::from_millis(ttl_ms), sent_at)),
+            (other, _) => Err(unexpected(other)),
         }
     }
 
@@ -340,6 +347,14 @@ impl Client {
     pub fn cluster_meta(&self) -> Result<crate::meta::ClusterMeta, ClientError> {
         match self.meta_routed(&Request::ClusterMeta)? {
             Response::ClusterMeta { cluster: Some(cluster), .. } => Ok(cluster),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The group moves the metadata leader drives now, with the stage each reached.
+    pub fn move_stages(&self) -> Result<Vec<crate::protocol::MoveStage>, ClientError> {
+        match self.meta_routed(&Request::MoveStages)? {
+            Response::MoveStages(stages) => Ok(stages),
             other => Err(unexpected(other)),
         }
     }
@@ -411,6 +426,11 @@ impl Client {
     /// voters, following NotLeader hints), retrying within the retry window. Every such
     /// request is safe to repeat (a repeated open leaves a session that expires unused).
     fn meta_routed(&self, request: &Request) -> Result<Response, ClientError> {
+        self.meta_routed_sent(request).map(|(response, _)| response)
+    }
+
+    /// `meta_routed`, with when the attempt that was answered was sent.
+    fn meta_routed_sent(&self, request: &Request) -> Result<(Response, Instant), ClientError> {
         let give_up_at = Instant::now() + self.config.retry_window;
         let mut hint: Option<u64> = None;
         let mut attempt = 0usize;
@@ -430,11 +450,12 @@ impl Client {
             attempt += 1;
             if let Some(addr) = target {
                 tried.push(addr.clone());
+                let sent_at = Instant::now();
                 match self.call(&addr, request) {
                     Ok(Response::Error(ErrorReply::NotLeader { leader })) => hint = leader,
                     Ok(Response::Error(ErrorReply::Timeout { .. })) | Err(_) => {}
                     Ok(Response::Error(reply)) => return Err(ClientError::Server(reply)),
-                    Ok(response) => return Ok(response),
+                    Ok(response) => return Ok((response, sent_at)),
                 }
             }
             if Instant::now() >= give_up_at {
@@ -825,5 +846,48 @@ mod tests {
         failed(1, Duration::ZERO);
         assert_eq!(client.leader_address("test", 0), Some(address(1)), "a leader that answers the probe was passed over");
         assert!(!client.failed_within(&address(1), SILENT_LEADER_PASSED_OVER), "the probe's answer did not clear the failure");
+    }
+
+    /// Answers keep-alives `NotLeader` (an election under way) until `elected` has passed since
+    /// the first one, then `SessionAlive`; everything else with a map naming itself the only
+    /// metadata voter.
+    struct ElectingServer {
+        map: ClusterMap,
+        first: Mutex<Option<Instant>>,
+        elected: Duration,
+    }
+
+    impl transport::Handler for ElectingServer {
+        async fn handle(&self, request: Request) -> Response {
+            match request {
+                Request::SessionKeepAlive { .. } => {
+                    let first = *self.first.lock().unwrap().get_or_insert_with(Instant::now);
+                    match first.elapsed() < self.elected {
+                        true => Response::Error(ErrorReply::NotLeader { leader: None }),
+                        false => Response::SessionAlive { ttl_ms: 1000 },
+                    }
+                }
+                _ => Response::ClusterMap(self.map.clone()),
+            }
+        }
+    }
+
+    /// A renewal answered only after a metadata election counts from when the answered attempt
+    /// was sent, not from the first attempt: a lease holder's view of its lease (`KeptSession`)
+    /// must not age by the time the election took.
+    #[test]
+    fn a_renewal_counts_from_the_attempt_the_leader_answered() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let server = listener.local_addr().unwrap().to_string();
+        let map = ClusterMap { nodes: vec![(1, server.clone())], metadata_voters: vec![1], metadata_leader: Some(1), ..ClusterMap::default() };
+        let elected = Duration::from_millis(600);
+        runtime.spawn(transport::serve(listener, Arc::new(ElectingServer { map, first: Mutex::new(None), elected })));
+        let client = Client::connect(ClientConfig::new(vec![server])).unwrap();
+        let called = Instant::now();
+        let (ttl, sent_at) = client.keep_alive_sent(7).unwrap();
+        assert_eq!(ttl, Duration::from_millis(1000));
+        assert!(sent_at >= called + elected, "the renewal counts from {:?} after the call, before the election ended", sent_at - called);
+        assert!(sent_at <= Instant::now());
     }
 }

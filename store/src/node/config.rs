@@ -35,7 +35,9 @@
 //! ```
 //!
 //! Options whose name starts with `unsafe-` break a guarantee on purpose; they exist for the
-//! negative controls of the test suite and chunkd logs a warning when one is set.
+//! negative controls of the test suite and chunkd logs a warning when one is set. Options
+//! whose name starts with `test-` are hooks for tests (power cuts, crashes at chosen points);
+//! chunkd logs a warning for them too.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -101,6 +103,11 @@ pub struct ChunkdConfig {
     /// and speed. Default false.
     #[serde(default)]
     pub test_power_loss_devices: bool,
+    /// Test hook (the crash-window test of `roster.rs`): the process aborts when a group moves
+    /// away, after its replica here stopped and before it is forgotten, as a crash there would
+    /// leave it. Default false.
+    #[serde(default)]
+    pub test_crash_while_leaving: bool,
     /// Hand each group to its preferred leader (spread evenly over the nodes) once that replica
     /// is up and caught up, so leadership comes back to a node after it restarts. Default true.
     #[serde(default = "default_true")]
@@ -243,6 +250,7 @@ impl ChunkdConfig {
             unsafe_unchecked_reads: self.unsafe_unchecked_reads,
             unsafe_serve_damaged: self.unsafe_serve_damaged,
             test_power_loss_devices: self.test_power_loss_devices,
+            test_crash_while_leaving: self.test_crash_while_leaving,
             balance_leaders: self.balance_leaders,
         })
     }

@@ -91,6 +91,8 @@ pub struct NodeConfig {
     pub unsafe_serve_damaged: bool,
     /// Test hook: engine devices drop unsynced writes when the process dies (power cut).
     pub test_power_loss_devices: bool,
+    /// Test hook: abort between stopping a replica whose group moved away and forgetting it.
+    pub test_crash_while_leaving: bool,
     /// Hand groups to their preferred leaders (see `leadership`).
     pub balance_leaders: bool,
 }
@@ -171,7 +173,7 @@ pub struct Node {
     /// The groups this node leads, since when (see `leadership`).
     leading: leadership::Leading,
     /// The group moves this node drives as the metadata leader (see `roster`).
-    moves_driven: std::sync::Mutex<std::collections::HashSet<(String, u32)>>,
+    moves_driven: std::sync::Mutex<std::collections::HashMap<(String, u32), String>>,
 }
 
 /// A peer's answers to this node's health reports.
@@ -720,6 +722,7 @@ impl Node {
             Request::ForgetNode { node } => self.handle_forget_node(node).await,
             Request::JoinMetadata => self.handle_join_metadata().await,
             Request::MoveGroup { namespace, group, replicas } => self.handle_move_group(&namespace, group, replicas).await,
+            Request::MoveStages => self.handle_move_stages(),
             Request::Campaign { namespace, group, last_index } => self.handle_campaign(&namespace, group, last_index).await,
             Request::GroupState { namespace, group } => self.handle_group_state(&namespace, group),
             Request::Revive { namespace, group } => self.handle_revive(&namespace, group).await,

@@ -95,6 +95,10 @@ impl Node {
         // openraft's state-machine worker may still apply what it had queued: wait for it.
         stopped.state_machine.close().await;
         tracing::info!(namespace, group, "the group moved away: its replica here stopped");
+        if self.config.test_crash_while_leaving {
+            tracing::error!(namespace, group, "test hook test-crash-while-leaving: aborting before the replica is forgotten");
+            std::process::abort();
+        }
         drop(stopped);
         self.forget(namespace, group, groups, engine, &marker).await;
     }

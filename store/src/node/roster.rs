@@ -33,7 +33,7 @@ use openraft::{BasicNode, ChangeMembers};
 use super::raft_network::NetworkTypes;
 use super::{metadata, Node, NodeConfig};
 use crate::meta::{self, ClusterMeta, MetaCommand, MetaResult, NodeInfo};
-use crate::protocol::{ErrorReply, Request, Response};
+use crate::protocol::{ErrorReply, MoveStage, Request, Response};
 use crate::raft::NodeId;
 
 /// How often a node compares the groups it hosts with the cluster metadata.
@@ -424,7 +424,14 @@ pub(super) async fn keep_balance(node: Weak<Node>) {
         for ns in &cluster.namespaces {
             for (&group, replicas) in &ns.moves {
                 moving += 1;
-                if node.moves_driven.lock().unwrap().insert((ns.name.clone(), group)) {
+                let new = match node.moves_driven.lock().unwrap().entry((ns.name.clone(), group)) {
+                    std::collections::hash_map::Entry::Occupied(_) => false,
+                    std::collections::hash_map::Entry::Vacant(entry) => {
+                        entry.insert("starting".into());
+                        true
+                    }
+                };
+                if new {
                     let (node, namespace, replicas) = (Arc::clone(&node), ns.name.clone(), replicas.clone());
                     tokio::spawn(async move {
                         node.drive_move(&namespace, group, replicas).await;
@@ -459,6 +466,30 @@ pub(super) async fn keep_balance(node: Weak<Node>) {
 }
 
 impl Node {
+    /// Records how far the move of `namespace`'s `group` this node drives is (`MoveStages`).
+    fn note_move_stage(&self, namespace: &str, group: u32, stage: String) {
+        if let Some(noted) = self.moves_driven.lock().unwrap().get_mut(&(namespace.to_owned(), group)) {
+            *noted = stage;
+        }
+    }
+
+    /// The moves this node drives as the metadata leader, with their stages; NotLeader
+    /// elsewhere (a former leader's drivers end at their next step).
+    pub(super) fn handle_move_stages(&self) -> Response {
+        if let Err(reply) = self.leading_meta() {
+            return Response::Error(reply);
+        }
+        let mut stages: Vec<MoveStage> = self
+            .moves_driven
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|((namespace, group), stage)| MoveStage { namespace: namespace.clone(), group: *group, stage: stage.clone() })
+            .collect();
+        stages.sort_by(|a, b| (&a.namespace, a.group).cmp(&(&b.namespace, b.group)));
+        Response::MoveStages(stages)
+    }
+
     /// Asks `namespace`'s `group`'s leader to move the group to `replicas` until it has, then
     /// records the move finished. Gives up when this node stops leading the metadata group or
     /// the move is no longer the recorded one (the next leader takes over).
@@ -478,6 +509,7 @@ impl Node {
             candidates.extend(replicas.iter().copied());
             match self.route_to_group_leader(&candidates, &request).await {
                 Some(Response::MoveProgress { done: true, .. }) => {
+                    self.note_move_stage(namespace, group, "recording the move finished".into());
                     let finish = MetaCommand::FinishMove { namespace: namespace.to_owned(), group, replicas: replicas.clone() };
                     match self.propose_meta(finish).await {
                         Ok(_) => return,
@@ -488,9 +520,13 @@ impl Node {
                     if stages.insert(stage.clone()) {
                         tracing::info!(namespace, group, %stage, "moving the group");
                     }
+                    self.note_move_stage(namespace, group, stage);
                 }
                 Some(other) => tracing::debug!(namespace, group, ?other, "moving the group: unexpected answer"),
-                None => tracing::debug!(namespace, group, "moving the group: no leader answered"),
+                None => {
+                    tracing::debug!(namespace, group, "moving the group: no leader answered");
+                    self.note_move_stage(namespace, group, "waiting for the group's leader".into());
+                }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

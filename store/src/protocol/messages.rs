@@ -135,6 +135,9 @@ pub enum Request {
     /// group (a learner first): it starts its member if it runs none (one that starts with an
     /// empty log catches up before it votes). Answered `Noted`.
     JoinMetadata,
+    /// The moves the metadata leader drives now and the stage each reached (what `chunkctl
+    /// status` shows per group). Answered `MoveStages` by the metadata leader.
+    MoveStages,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -182,6 +185,17 @@ pub enum Response {
     Revived { survivor: u64, last_term: u64, last_index: u64, report: String },
     /// The answer to `MetadataVoters` (None: this node does not know the cluster metadata).
     MetadataVoters(Option<Vec<u64>>),
+    /// The answer to `MoveStages`, sorted by namespace and group.
+    MoveStages(Vec<MoveStage>),
+}
+
+/// A group being moved, and what its move waits for, in words (the group leader's last answer
+/// to `MoveGroup`: "node 4 catching up: at 120 of 300", "changing voters", ...).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveStage {
+    pub namespace: String,
+    pub group: u32,
+    pub stage: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,4 +8,4 @@ pub mod frame;
 pub mod messages;
 
 pub use frame::{decode as decode_frame, Frame, FrameError, FrameKind, FRAME_BYTES_MAX_DEFAULT};
-pub use messages::{decode_body, encode_body, ClusterMap, ErrorReply, NamespaceMap, ReadPolicy, Request, Response, WriteTag};
+pub use messages::{decode_body, encode_body, ClusterMap, ErrorReply, MoveStage, NamespaceMap, ReadPolicy, Request, Response, WriteTag};

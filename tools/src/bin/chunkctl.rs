@@ -531,6 +531,8 @@ fn status(client: &Client, json: bool) -> Result<()> {
     }
     // Moves and the roster come from the metadata leader (absent while it has no quorum).
     let meta = client.cluster_meta().ok();
+    // How far each move is, as the metadata leader driving it last heard (best effort).
+    let stages = meta.as_ref().and_then(|_| client.move_stages().ok()).unwrap_or_default();
     let preferred = meta.as_ref().map(|m| m.preferred_leaders()).unwrap_or_default();
     for ns in &map.namespaces {
         let known = meta.as_ref().and_then(|m| m.namespace(&ns.name));
@@ -540,6 +542,9 @@ fn status(client: &Client, json: bool) -> Result<()> {
             // The metadata leader's placement when it answered, else the answering node's.
             let replicas = known.and_then(|n| n.placement.get(group)).unwrap_or(&ns.replicas[group]);
             let moving_to = moves.get(&(group as u32));
+            let move_stage = moving_to
+                .and_then(|_| stages.iter().find(|s| s.namespace == ns.name && s.group == group as u32))
+                .map(|s| s.stage.clone());
             let leader = views
                 .iter()
                 .filter(|(id, _)| replicas.contains(id))
@@ -567,7 +572,7 @@ fn status(client: &Client, json: bool) -> Result<()> {
             let preferred_leader = preferred.and_then(|p| p.get(group));
             groups.push(serde_json::json!({
                 "namespace": ns.name, "group": group, "leader": leader, "preferred_leader": preferred_leader,
-                "replicas": replicas, "state": state, "moving_to": moving_to, "lost_copy": lost_copy,
+                "replicas": replicas, "state": state, "moving_to": moving_to, "move_stage": move_stage, "lost_copy": lost_copy,
             }));
         }
     }
@@ -636,9 +641,10 @@ fn status(client: &Client, json: bool) -> Result<()> {
     let words: Vec<String> = leaders.iter().map(|l| format!("node {} {}/{}", l["node"], l["leads"], l["preferred"])).collect();
     println!("groups led/preferred: {}", words.join(", "));
     for group in &groups {
-        let moving = match &group["moving_to"] {
-            serde_json::Value::Null => String::new(),
-            to => format!(" moving to {to}"),
+        let moving = match (&group["moving_to"], group["move_stage"].as_str()) {
+            (serde_json::Value::Null, _) => String::new(),
+            (to, Some(stage)) => format!(" moving to {to}: {stage}"),
+            (to, None) => format!(" moving to {to}"),
         };
         println!("{}/{:<3} leader {:<4} replicas {} {}{moving}", group["namespace"].as_str().unwrap_or(""), group["group"], group["leader"], group["replicas"], group["state"].as_str().unwrap_or(""));
     }
