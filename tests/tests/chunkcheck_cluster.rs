@@ -124,6 +124,22 @@ fn register_with_allow_unavailable_reads_is_stale_at_worst_and_never_dirty() {
     assert!(targets.contains(&"majority") && targets.contains(&"leader"), "the seed's plan kills a majority and a leader: {targets:?}");
 }
 
+/// Reads from any up-to-date replica (`--read-policy allow-replica`) under kills and pauses:
+/// the session check finds no read that went back in time for its client, and the writes,
+/// compare-and-sets and final reads are linearizable. Seed 7 is the run that found replicas
+/// answering with an index older than the version they returned (VALIDATION, "Replica reads");
+/// with that bug put back, this test fails with 6 went-back-in-time anomalies.
+#[test]
+fn register_with_allow_replica_reads_never_goes_back_for_a_client() {
+    let (code, result) = chunkcheck("register", "7", "kill,pause", "5", &["--read-policy", "allow-replica"]);
+    assert_contract_fields(&result);
+    assert_eq!((code, &result["valid"]), (0, &serde_json::json!(true)), "{result}");
+    assert_eq!(result["read_policy"], "allow-replica");
+    assert_eq!(result["checks"]["session"], serde_json::json!([]), "{result}");
+    assert_eq!(result["checks"]["linearizable"]["verdict"], "linearizable", "{result}");
+    assert!(result["ok"].as_u64().unwrap() > 1000, "too little work to check: {result}");
+}
+
 /// The partitions of a run are cut with iptables rules in a chain of the run's own; they
 /// drop the nodes' packets, and nothing is left behind once the run ends.
 #[test]

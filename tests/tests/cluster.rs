@@ -132,6 +132,13 @@ fn leader_killed_during_writes_loses_no_acknowledged_write() {
         assert!(result["p50_us"].as_u64().unwrap() <= result["p99_us"].as_u64().unwrap());
         assert!(result["baseline_p50_us"].as_u64().unwrap() > 0);
     }
+    assert_eq!(report["read_policy"], "session", "the default read policy: {report}");
+    // Reads from any up-to-date replica (BENCHMARKS.md, "Reads from any replica").
+    let bench = chunkctl(dir, &["bench", "kv", "--clients", "2", "--seconds", "0.5", "--read-policy", "allow-replica", "--json"]);
+    let report = chunkstore_tests::last_json_line(&bench);
+    assert_eq!(report["read_policy"], "allow-replica", "{report}");
+    let gets = report["results"].as_array().unwrap().iter().find(|r| r["op"] == "get").cloned().unwrap_or_default();
+    assert!(gets["ops_per_sec"].as_f64().unwrap_or(0.0) > 0.0, "no allow-replica gets: {report}");
 
     let down = chunkctl(dir, &["down"]);
     let stderr = String::from_utf8_lossy(&down.stderr);

@@ -22,7 +22,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chunkstore::client::{Client, ClientConfig};
+use chunkstore::client::{Client, ClientConfig, ClientError};
+use chunkstore::protocol::ErrorReply;
 use chunkstore::{Key, Value};
 use chunkstore_tests::local::status;
 use chunkstore_tests::{binary, run, Cut};
@@ -171,7 +172,9 @@ fn check_unique_ownership(dir: &Path, a: &Holder, b: &Holder, a_ok_before: usize
 
 /// A `KeptSession` renews its lease by itself: past several TTLs its writes are still taken
 /// and it still knows its lease held; dropped, it closes the session, whose writes are then
-/// refused.
+/// refused. First, locks without waiting: another session's `try_lock` of a held lock is
+/// refused `LockHeld`, the holder's own succeeds, and once the holder unlocks the other's try
+/// takes it.
 #[test]
 fn a_kept_session_renews_its_lease_by_itself_and_closes_when_dropped() {
     use chunkstore::client::KeptSession;
@@ -187,6 +190,23 @@ fn a_kept_session_renews_its_lease_by_itself_and_closes_when_dropped() {
     let kept = KeptSession::open(client.clone(), Duration::from_millis(1000), move |err| heard.lock().unwrap().push(err.to_string())).unwrap();
     let session = kept.id();
     let key = Key::new("locks", "kept");
+
+    // Try, wait and release: another session's try is refused at once while the lock is held,
+    // and takes it once it is given back.
+    let lock = Key::new("locks", "try");
+    let other = client.open_session(Duration::from_secs(30)).unwrap();
+    client.try_lock(session, "test", &lock).unwrap();
+    match client.try_lock(other, "test", &lock) {
+        Err(ClientError::Server(ErrorReply::LockHeld { .. })) => {}
+        refused => panic!("another session's try of a held lock answered {refused:?}"),
+    }
+    client.try_lock(session, "test", &lock).expect("the holder's own try of its lock");
+    client.unlock(session, "test", &lock).unwrap();
+    client.try_lock(other, "test", &lock).expect("a try after the holder gave the lock back");
+    client.unlock(other, "test", &lock).unwrap();
+    client.lock(session, "test", &lock, Duration::from_secs(5)).expect("a free lock, waited for");
+    client.unlock(session, "test", &lock).unwrap();
+    client.close_session(other).unwrap();
     let write = |n: i64| client.write_in_session(session, "test", &key, chunkstore::WriteOp::Put(vec![chunkstore::Bin::new("n", Value::Int(n))]), &chunkstore::WritePolicy::default());
     for n in 0..7 {
         std::thread::sleep(Duration::from_millis(500));

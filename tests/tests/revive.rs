@@ -109,6 +109,12 @@ fn a_group_that_lost_a_majority_of_its_copies_is_dead_until_revived_and_says_wha
         Err(ClientError::Server(ErrorReply::PartitionDead { namespace, group: g })) => assert_eq!((namespace.as_str(), g as u64), ("test", group)),
         other => panic!("a write to a dead group answered {other:?}"),
     }
+    for policy in [ReadPolicy::Linearizable, ReadPolicy::Session] {
+        match client.get_with("test", &kept[0], None, policy) {
+            Err(ClientError::Server(ErrorReply::PartitionDead { namespace, group: g })) => assert_eq!((namespace.as_str(), g as u64), ("test", group)),
+            other => panic!("a {policy:?} read of a dead group answered {other:?}"),
+        }
+    }
 
     let revived: Json = serde_json::from_str(&chunkctl_ok(dir, &["revive", "test", &group.to_string(), "--json"])).unwrap();
     assert_eq!(revived["survivor"].as_u64(), Some(survivor), "{revived}");

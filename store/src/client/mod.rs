@@ -417,6 +417,12 @@ impl Client {
         }
     }
 
+    /// Takes the record `key` as a lock for `session` if no other session holds it; `LockHeld`
+    /// at once otherwise (`lock` without waiting).
+    pub fn try_lock(&self, session: u64, namespace: &str, key: &Key) -> Result<(), ClientError> {
+        self.lock(session, namespace, key, Duration::ZERO)
+    }
+
     /// Gives back a lock `session` holds.
     pub fn unlock(&self, session: u64, namespace: &str, key: &Key) -> Result<(), ClientError> {
         self.write(namespace, key, WriteOp::Unlock { session }, &WritePolicy::default()).map(|_| ())
