@@ -89,6 +89,29 @@ fn every_node_serves_the_metrics_operators_need_and_they_follow_what_the_cluster
     assert!(sum(&texts, "chunkstore_requests_total{kind=\"get\",outcome=\"ok\"}") >= WRITES as f64);
     assert!(sum(&texts, "chunkstore_request_duration_seconds_count{kind=\"write\"}") >= WRITES as f64);
     assert!(sum(&texts, "chunkstore_request_duration_seconds_sum{kind=\"write\"}") > 0.0);
+    let mut histograms = 0;
+    for (node, text) in &texts {
+        // The histogram's buckets: cumulative, from 50 µs doubling 16 times, then +Inf, which
+        // counts every request.
+        let buckets: Vec<(String, f64)> = text
+            .lines()
+            .filter(|l| l.starts_with("chunkstore_request_duration_seconds_bucket{") && l.contains("kind=\"write\""))
+            .map(|l| {
+                let le = l.split("le=\"").nth(1).and_then(|rest| rest.split('"').next()).unwrap_or("").to_owned();
+                (le, l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN))
+            })
+            .collect();
+        let count = metric(text, "chunkstore_request_duration_seconds_count{kind=\"write\"}");
+        if count == 0.0 {
+            continue;
+        }
+        assert_eq!(buckets.len(), 17, "node {node}: write latency buckets {buckets:?}");
+        assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "node {node}: buckets not cumulative: {buckets:?}");
+        assert_eq!(buckets.last().map(|(le, n)| (le.as_str(), *n)), Some(("+Inf", count)), "node {node}: {buckets:?}");
+        assert!(buckets[0].1 < count, "node {node}: every write under 50 µs? {buckets:?}");
+        histograms += 1;
+    }
+    assert!(histograms > 0, "no node served writes");
     for (node, text) in &texts {
         // Leaders held: the balanced leadership gives every group one leader.
         let groups = samples(text, "chunkstore_group_term");
