@@ -91,8 +91,8 @@ fn every_node_serves_the_metrics_operators_need_and_they_follow_what_the_cluster
     assert!(sum(&texts, "chunkstore_request_duration_seconds_sum{kind=\"write\"}") > 0.0);
     let mut histograms = 0;
     for (node, text) in &texts {
-        // The histogram's buckets: cumulative, from 50 µs doubling 16 times, then +Inf, which
-        // counts every request.
+        // The histogram's buckets: cumulative, 16 of them from 50 µs up, each twice the last,
+        // then +Inf, which counts every request.
         let buckets: Vec<(String, f64)> = text
             .lines()
             .filter(|l| l.starts_with("chunkstore_request_duration_seconds_bucket{") && l.contains("kind=\"write\""))

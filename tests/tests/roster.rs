@@ -435,7 +435,18 @@ fn a_node_that_crashed_while_a_group_left_it_forgets_the_replica_when_it_restart
     kill_node(dir, 1);
     let mut node1 = start_node(dir, 1);
     chunkctl_ok(dir, &["node", "add", "--wait"]);
-    let exited = node1.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        if let Some(exited) = node1.try_wait().unwrap() {
+            break exited;
+        }
+        if Instant::now() >= deadline {
+            node1.kill().unwrap();
+            node1.wait().unwrap();
+            panic!("node 1 did not abort when groups left it");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(!exited.success(), "node 1 should have aborted: {exited}");
     let log_of = |node: u64| std::fs::read_to_string(dir.join(format!("node{node}")).join("chunkd.log")).unwrap();
     let aborted = log_of(1).lines().filter(|l| l.contains("test hook test-crash-while-leaving: aborting")).count();

@@ -860,6 +860,8 @@ mod tests {
     struct ElectingServer {
         map: ClusterMap,
         first: Mutex<Option<Instant>>,
+        /// When the last keep-alive was refused.
+        last_refused: Mutex<Option<Instant>>,
         elected: Duration,
     }
 
@@ -869,7 +871,10 @@ mod tests {
                 Request::SessionKeepAlive { .. } => {
                     let first = *self.first.lock().unwrap().get_or_insert_with(Instant::now);
                     match first.elapsed() < self.elected {
-                        true => Response::Error(ErrorReply::NotLeader { leader: None }),
+                        true => {
+                            *self.last_refused.lock().unwrap() = Some(Instant::now());
+                            Response::Error(ErrorReply::NotLeader { leader: None })
+                        }
                         false => Response::SessionAlive { ttl_ms: 1000 },
                     }
                 }
@@ -885,15 +890,18 @@ mod tests {
     fn a_renewal_counts_from_the_attempt_the_leader_answered() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-        let server = listener.local_addr().unwrap().to_string();
-        let map = ClusterMap { nodes: vec![(1, server.clone())], metadata_voters: vec![1], metadata_leader: Some(1), ..ClusterMap::default() };
+        let server_address = listener.local_addr().unwrap().to_string();
+        let map = ClusterMap { nodes: vec![(1, server_address.clone())], metadata_voters: vec![1], metadata_leader: Some(1), ..ClusterMap::default() };
         let elected = Duration::from_millis(600);
-        runtime.spawn(transport::serve(listener, Arc::new(ElectingServer { map, first: Mutex::new(None), elected })));
-        let client = Client::connect(ClientConfig::new(vec![server])).unwrap();
+        let server = Arc::new(ElectingServer { map, first: Mutex::new(None), last_refused: Mutex::new(None), elected });
+        runtime.spawn(transport::serve(listener, server.clone()));
+        let client = Client::connect(ClientConfig::new(vec![server_address])).unwrap();
         let called = Instant::now();
         let (ttl, sent_at) = client.keep_alive_sent(7).unwrap();
         assert_eq!(ttl, Duration::from_millis(1000));
-        assert!(sent_at >= called + elected, "the renewal counts from {:?} after the call, before the election ended", sent_at - called);
+        // The answered attempt went out after the client heard the last refusal.
+        let last_refused = server.last_refused.lock().unwrap().expect("the server refused the first attempts");
+        assert!(sent_at > last_refused, "the renewal counts from {:?} after the call, before the last refusal ({:?})", sent_at - called, last_refused - called);
         assert!(sent_at <= Instant::now());
     }
 }

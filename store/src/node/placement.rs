@@ -6,10 +6,14 @@
 //! namespace's replicas: the total over the nodes, rounded down, plus one for as many nodes as
 //! the remainder (the best-ranked by a namespace-wide ranking). Groups in order take, of the
 //! nodes with quota left, first those that must be taken now (as much quota left as groups
-//! left), then the best-ranked. This never runs out: quota left is never more than the groups
-//! left, so at least a group's replicas' worth of nodes have some. Racks come before quotas:
-//! a group's replicas go to distinct racks where there are enough, even onto a node past its
-//! quota, because a rack is a failure domain and the quota only a matter of load.
+//! left), then the best-ranked. Without racks this never runs out and every node ends with its
+//! quota exactly: quota left is never more than the groups left, so at least a group's
+//! replicas' worth of nodes have some.
+//!
+//! Racks come before quotas: a group's replicas go to distinct racks where there are enough,
+//! even onto a node past its quota, because a rack is a failure domain and the quota only a
+//! matter of load. With racks of equal size the quotas still hold; with uneven racks balance
+//! is best effort (see `place_namespace`).
 
 use std::collections::HashMap;
 
@@ -19,7 +23,8 @@ use std::collections::HashMap;
 ///
 /// When racks push nodes past their quotas (a rack of one node among three racks holds a
 /// replica of every group), the placement is made again with those nodes' quotas set to what
-/// they took and the rest shared over the other nodes, until no node goes past its quota.
+/// they took and the rest shared over the other nodes, until no node goes past its quota or
+/// only one node is left to share the rest (then the last placement stands, best effort).
 pub fn place_namespace(namespace: &str, groups: u32, nodes: &[(u64, Option<&str>)], replication_factor: usize) -> Vec<Vec<u64>> {
     let ids: Vec<u64> = nodes.iter().map(|(id, _)| *id).collect();
     let replication_factor = replication_factor.min(ids.len());

@@ -434,8 +434,10 @@ pub(super) async fn keep_balance(node: Weak<Node>) {
                 if new {
                     let (node, namespace, replicas) = (Arc::clone(&node), ns.name.clone(), replicas.clone());
                     tokio::spawn(async move {
+                        // However the task ends (a panic too), the next leader's loop or this
+                        // one may drive the move again.
+                        let _driven = DrivenMove { node: &node, key: (namespace.clone(), group) };
                         node.drive_move(&namespace, group, replicas).await;
-                        node.moves_driven.lock().unwrap().remove(&(namespace, group));
                     });
                 }
             }
@@ -461,6 +463,20 @@ pub(super) async fn keep_balance(node: Weak<Node>) {
                     tracing::warn!(namespace = %ns.name, group, %err, "cannot record a group move; retrying");
                 }
             }
+        }
+    }
+}
+
+/// A move this node drives (an entry of `moves_driven`), removed when the driving task ends.
+struct DrivenMove<'a> {
+    node: &'a Node,
+    key: (String, u32),
+}
+
+impl Drop for DrivenMove<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut driven) = self.node.moves_driven.lock() {
+            driven.remove(&self.key);
         }
     }
 }
