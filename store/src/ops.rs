@@ -116,7 +116,25 @@ pub enum WriteOp {
     /// session in every group before it releases it in any. Sessions numbered below
     /// `finished_below` are all finished: the group stops remembering them one by one.
     FenceSession { session: u64, release: bool, finished_below: u64 },
+    /// Writes several records of one partition group as one Raft entry, all or nothing: every
+    /// write's conditions are checked before any is applied, and a refusal of one refuses the
+    /// whole batch (nothing written). Each record appears once; each write is a `Put`,
+    /// `Delete`, `Touch` or `Operate` without read steps. The request's key is the first
+    /// write's key (it routes the batch to its group). Inside `InSession`, the session's fence
+    /// covers the whole batch. See store/PROTOCOL.md.
+    Batch(Vec<BatchWrite>),
 }
+
+/// One record's write in a `WriteOp::Batch`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BatchWrite {
+    pub key: crate::key::Key,
+    pub op: WriteOp,
+    pub policy: WritePolicy,
+}
+
+/// Most writes one batch may carry.
+pub const BATCH_WRITES_MAX: usize = 1024;
 
 /// The bin a lock record keeps its holder's session id in.
 pub const LOCK_HOLDER_BIN: &str = "lock-holder";
@@ -131,8 +149,17 @@ impl WriteOp {
             WriteOp::Touch => Mutation::Touch,
             WriteOp::Operate(ops) => Mutation::Operate(ops),
             WriteOp::InSession { op, .. } => return op.as_mutation(),
-            WriteOp::Lock { .. } | WriteOp::Unlock { .. } | WriteOp::FenceSession { .. } => return None,
+            WriteOp::Lock { .. } | WriteOp::Unlock { .. } | WriteOp::FenceSession { .. } | WriteOp::Batch(_) => return None,
         })
+    }
+
+    /// The writes of a batch (also inside a session), or `None` for a single-record write.
+    pub fn batch(&self) -> Option<&[BatchWrite]> {
+        match self {
+            WriteOp::Batch(writes) => Some(writes),
+            WriteOp::InSession { op, .. } => op.batch(),
+            _ => None,
+        }
     }
 
     /// Whether the write returns values it read (an operate with read steps).
@@ -140,6 +167,7 @@ impl WriteOp {
         match self {
             WriteOp::Operate(ops) => ops.iter().any(Operation::is_read),
             WriteOp::InSession { op, .. } => op.has_reads(),
+            WriteOp::Batch(writes) => writes.iter().any(|w| w.op.has_reads()),
             _ => false,
         }
     }
@@ -149,6 +177,7 @@ impl WriteOp {
         match self {
             WriteOp::Delete | WriteOp::Unlock { .. } | WriteOp::FenceSession { .. } => true,
             WriteOp::InSession { op, .. } => op.frees_room(),
+            WriteOp::Batch(writes) => writes.iter().all(|w| w.op.frees_room()),
             _ => false,
         }
     }

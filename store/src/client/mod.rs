@@ -196,8 +196,30 @@ impl Client {
 
     pub fn get_with(&self, namespace: &str, key: &Key, bins: Option<Vec<String>>, read: ReadPolicy) -> Result<Option<Record>, ClientError> {
         let group = self.group(namespace, key)?;
-        let min_index = self.seen.lock().unwrap().get(&(namespace.to_owned(), group)).copied().unwrap_or(0);
-        let mut request = Request::Get { namespace: namespace.into(), key: key.clone(), bins, read, min_index };
+        let min_index = self.seen_index(namespace, group);
+        self.read(namespace, group, Request::Get { namespace: namespace.into(), key: key.clone(), bins, read, min_index }, read)
+    }
+
+    /// `len` bytes at `offset` of the bytes bin `bin` (fewer past its end), without the rest of
+    /// the bin crossing the network, and the record's meta; `None` when there is no record.
+    /// An absent bin, or one of another type, reads as no bytes.
+    pub fn get_range(&self, namespace: &str, key: &Key, bin: &str, offset: u64, len: u32) -> Result<Option<(RecordMeta, Vec<u8>)>, ClientError> {
+        let group = self.group(namespace, key)?;
+        let min_index = self.seen_index(namespace, group);
+        let read = self.config.read_policy;
+        let request = Request::GetRange { namespace: namespace.into(), key: key.clone(), bin: bin.into(), offset, len, read, min_index };
+        let record = self.read(namespace, group, request, read)?;
+        Ok(record.map(|mut record| {
+            let bytes = match record.bins.iter_mut().find(|b| b.name == bin).map(|b| std::mem::replace(&mut b.value, crate::value::Value::Int(0))) {
+                Some(crate::value::Value::Bytes(bytes)) => bytes,
+                _ => Vec::new(),
+            };
+            (record.meta, bytes)
+        }))
+    }
+
+    /// Sends a read (`Get` or `GetRange`) as its policy says.
+    fn read(&self, namespace: &str, group: u32, mut request: Request, read: ReadPolicy) -> Result<Option<Record>, ClientError> {
         if read == ReadPolicy::AllowReplica {
             // A random replica first; one that is behind this client answers NotLeader, and the
             // leader (routed below) answers instead.
@@ -210,17 +232,13 @@ impl Client {
         }
         if read == ReadPolicy::AllowUnavailable {
             // The leader first, as a session read; only if that fails, whichever replica answers.
-            if let Request::Get { read, .. } = &mut request {
-                *read = ReadPolicy::Session;
-            }
+            set_read_policy(&mut request, ReadPolicy::Session);
             let at_leader = self.routed_once(namespace, group, &request);
             if let Ok(Response::Record { record, index }) = at_leader {
                 self.saw(namespace, group, index);
                 return Ok(record);
             }
-            if let Request::Get { read, .. } = &mut request {
-                *read = ReadPolicy::AllowUnavailable;
-            }
+            set_read_policy(&mut request, ReadPolicy::AllowUnavailable);
             for addr in self.replica_addresses(namespace, group) {
                 if let Ok(Response::Record { record, .. }) = self.call(&addr, &request) {
                     return Ok(record);
@@ -305,6 +323,22 @@ impl Client {
             }
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Writes several records of one group as one entry, all or nothing (`WriteOp::Batch`),
+    /// with the exactly-once retries of a single write; with `session`, as a write of that
+    /// lease session (refused once it is fenced). The records must share a group: derive their
+    /// digests so (`Key::from_digest`), or the batch is refused.
+    pub fn write_batch(&self, namespace: &str, writes: Vec<crate::ops::BatchWrite>, session: Option<u64>) -> Result<RecordMeta, ClientError> {
+        let Some(first) = writes.first() else {
+            return Err(ClientError::Server(ErrorReply::BadRequest("an empty batch".into())));
+        };
+        let key = first.key.clone();
+        let op = match session {
+            Some(session) => WriteOp::InSession { session, op: Box::new(WriteOp::Batch(writes)) },
+            None => WriteOp::Batch(writes),
+        };
+        Ok(self.write(namespace, &key, op, &WritePolicy::default())?.0)
     }
 
     /// Opens a lease session (see `meta::leases`) with a lease of `ttl`: keep it alive with
@@ -784,6 +818,12 @@ impl Client {
 pub(crate) enum CallError {
     NotSent,
     Lost,
+}
+
+fn set_read_policy(request: &mut Request, policy: ReadPolicy) {
+    if let Request::Get { read, .. } | Request::GetRange { read, .. } = request {
+        *read = policy;
+    }
 }
 
 fn unexpected(response: Response) -> ClientError {

@@ -14,6 +14,7 @@
 //! - **Block accounting matches the index**: a block's live bytes are the sum of the lengths
 //!   of the index entries pointing into it.
 
+mod batch;
 mod defrag;
 mod nsup;
 mod scan;
@@ -596,6 +597,9 @@ impl Namespace {
         policy: &WritePolicy,
         replicated: Replicated,
     ) -> Result<Option<(RecordMeta, Vec<OpResult>)>> {
+        if let Some(writes) = op.batch() {
+            return Ok(self.inner.write_batch(writes, replicated)?.map(|meta| (meta, Vec::new())));
+        }
         let mutation = op.as_mutation().ok_or_else(|| Error::BadRequest(format!("{op:?} is not a record write")))?;
         self.inner.write_version(key, policy, mutation, Some(replicated))
     }

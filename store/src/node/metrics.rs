@@ -122,7 +122,7 @@ impl Default for NodeMetrics {
 /// A request's kind, for the metrics (client requests by name, node-to-node ones as "peer").
 fn kind(request: &Request) -> &'static str {
     match request {
-        Request::Get { .. } => "get",
+        Request::Get { .. } | Request::GetRange { .. } => "get",
         Request::Write { .. } => "write",
         Request::ClusterMap => "cluster_map",
         Request::SessionOpen { .. } | Request::SessionKeepAlive { .. } | Request::SessionClose { .. } => "session",

@@ -138,6 +138,10 @@ pub enum Request {
     /// The moves the metadata leader drives now and the stage each reached (what `chunkctl
     /// status` shows per group). Answered `MoveStages` by the metadata leader.
     MoveStages,
+    /// A ranged read: `len` bytes at `offset` of the record's bytes bin `bin`, served as `Get`
+    /// is. Answered `Record` holding only that bin, cut to the range (shorter past the bin's
+    /// end, empty beyond it; a bin of another type whole), so a large bin is never sent whole.
+    GetRange { namespace: String, key: Key, bin: String, offset: u64, len: u32, read: ReadPolicy, min_index: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -569,7 +569,7 @@ fn apply_command(shared: &Shared, command: &Command, log_id: LogId<NodeId>, wait
         return Ok(Some(CommandResult::Noop));
     }
     let replicated = Replicated { log_index: log_id.index, now_ms: command.now_ms };
-    let applied = match record_write(shared, command, log_id.index) {
+    let applied = match batch_outside_group(shared, command).map_or_else(|| record_write(shared, command, log_id.index), |f| Err(Refused::Failure(f))) {
         Err(failure) => Err(failure),
         Ok((op, policy)) => match wait {
             true => apply_when_there_is_room(shared, &command.key, &op, &policy, replicated).map_err(engine_failure),
@@ -592,6 +592,14 @@ fn apply_command(shared: &Shared, command: &Command, log_id: LogId<NodeId>, wait
         shared.progress.lock().unwrap().sessions.complete(tag, outcome);
     }
     Ok(Some(result))
+}
+
+/// A batch naming a record of another group is refused (the leader checks this before
+/// proposing; every replica checks it again, as it must never write another group's records).
+fn batch_outside_group(shared: &Shared, command: &Command) -> Option<WriteFailure> {
+    let writes = command.op.batch()?;
+    let stray = writes.iter().find(|w| group_of(&w.key.digest, shared.groups) != shared.group)?;
+    Some(WriteFailure::BadRequest(format!("a batch writes records of one group: {:?} is not in group {}", stray.key, shared.group)))
 }
 
 /// Why a command wrote nothing: a deterministic refusal (the same on every replica), or an
@@ -617,7 +625,7 @@ fn record_write(shared: &Shared, command: &Command, index: u64) -> Result<(Write
     let refuse = |failure| Err(Refused::Failure(failure));
     let session = match &command.op {
         WriteOp::InSession { session, op } => match op.as_ref() {
-            WriteOp::Put(_) | WriteOp::Delete | WriteOp::Touch | WriteOp::Operate(_) => *session,
+            WriteOp::Put(_) | WriteOp::Delete | WriteOp::Touch | WriteOp::Operate(_) | WriteOp::Batch(_) => *session,
             other => return refuse(WriteFailure::BadRequest(format!("{other:?} cannot be a write in a session"))),
         },
         WriteOp::Lock { session } | WriteOp::Unlock { session } => *session,

@@ -1,0 +1,237 @@
+//! A file's data: its size record and its chunks, all in the file's own group.
+//!
+//! Invariants:
+//! - **A write is one entry holding its bytes and the file's new size and mtime**: after any
+//!   crash a reader sees both or neither. Within the entry the chunks come before the size
+//!   record, so a reader of the two never sees a size covering bytes not yet applied.
+//! - **No chunk holds bytes past the file's size** below `chunks_end`, except chunks a shrink
+//!   has yet to delete above the size's last chunk; anything that grows the file deletes
+//!   them first, so a hole never shows old bytes.
+//! - **Writes to one file from one mount are ordered**: they hold the file's state in turn.
+
+use chunkstore::ops::{BatchWrite, GenerationPolicy, Operation, RecordExistsAction, WriteOp};
+
+use crate::error::{FsError, FsResult};
+use crate::records::*;
+use crate::volume::*;
+
+/// Most chunk deletions one entry carries when a file shrinks or is reclaimed.
+const DELETES_PER_BATCH_MAX: u64 = 512;
+
+impl Volume {
+    fn chunks_for(&self, size: u64) -> u64 {
+        size.div_ceil(self.chunk_bytes)
+    }
+
+    fn delete_chunk(&self, ino: u64, index: u64) -> BatchWrite {
+        BatchWrite {
+            key: self.keys.chunk(ino, index),
+            op: WriteOp::Operate(vec![Operation::DeleteRecord]),
+            policy: never_expire(RecordExistsAction::CreateOrUpdate, GenerationPolicy::None),
+        }
+    }
+
+    /// Runs a change of one file's data with its state held, reading its size record again
+    /// after a conflict with another mount.
+    fn with_file<T>(&self, ino: u64, mut change: impl FnMut(&mut FileSize) -> FsResult<T>) -> FsResult<T> {
+        let file = self.file(ino);
+        let mut state = lock(&file);
+        for _ in 0..CONFLICT_RETRIES_MAX {
+            let mut size = match state.size {
+                Some(size) => size,
+                None => self.read_size(ino)?,
+            };
+            match change(&mut size) {
+                Ok(out) => {
+                    state.size = Some(size);
+                    return Ok(out);
+                }
+                Err(FsError::Conflict) => state.size = None,
+                Err(err) => {
+                    state.size = None;
+                    return Err(err);
+                }
+            }
+        }
+        Err(FsError::Io(format!("gave up after {CONFLICT_RETRIES_MAX} conflicting writes to inode {ino}")))
+    }
+
+    /// Deletes what a cut-short shrink left above the size (before the file grows).
+    fn finish_shrink(&self, ino: u64, size: &mut FileSize) -> FsResult<()> {
+        let first = self.chunks_for(size.size);
+        while size.chunks_end > first {
+            let from = first.max(size.chunks_end.saturating_sub(DELETES_PER_BATCH_MAX));
+            let mut writes: Vec<BatchWrite> = (from..size.chunks_end).map(|i| self.delete_chunk(ino, i)).collect();
+            let mut next = *size;
+            next.chunks_end = from;
+            writes.push(self.size_record_write(ino, &next));
+            next.generation = self.batch(writes)?.generation;
+            *size = next;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn size_record_write(&self, ino: u64, size: &FileSize) -> BatchWrite {
+        BatchWrite {
+            key: self.keys.size(ino),
+            op: WriteOp::Put(size.bins()),
+            policy: never_expire(RecordExistsAction::CreateOrUpdate, GenerationPolicy::ExpectEqual(size.generation)),
+        }
+    }
+
+    /// Writes `data` at `offset`: one entry with the chunks it touches and the new size and
+    /// mtime. Returns once the entry is committed on a quorum (the cluster's commit-to-device).
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
+        let end = offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig(FILE_BYTES_MAX))?;
+        if end > FILE_BYTES_MAX {
+            return Err(FsError::FileTooBig(FILE_BYTES_MAX));
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        self.with_file(ino, |size| {
+            if end > size.size {
+                self.finish_shrink(ino, size)?;
+            }
+            let mut writes = Vec::new();
+            let mut at = offset;
+            while at < end {
+                let index = at / self.chunk_bytes;
+                let within = at % self.chunk_bytes;
+                let piece = (self.chunk_bytes - within).min(end - at);
+                let from = (at - offset) as usize;
+                writes.push(BatchWrite {
+                    key: self.keys.chunk(ino, index),
+                    op: WriteOp::Operate(vec![Operation::WriteBytesAt {
+                        bin: BIN_DATA.into(),
+                        offset: within,
+                        data: data[from..from + piece as usize].to_vec(),
+                        zero_fill: true,
+                    }]),
+                    policy: never_expire(RecordExistsAction::CreateOrUpdate, GenerationPolicy::None),
+                });
+                at += piece;
+            }
+            let now = now_ns();
+            let mut next = FileSize {
+                size: size.size.max(end),
+                mtime_ns: now,
+                ctime_ns: now,
+                chunks_end: size.chunks_end.max(self.chunks_for(end)),
+                generation: size.generation,
+            };
+            writes.push(self.size_record_write(ino, &next));
+            next.generation = self.batch(writes)?.generation;
+            *size = next;
+            Ok(data.len())
+        })
+    }
+
+    /// Reads up to `len` bytes at `offset` (fewer at the end of the file; holes read as zeros).
+    pub fn read(&self, ino: u64, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        let size = {
+            let file = self.file(ino);
+            let mut state = lock(&file);
+            match state.size {
+                Some(size) => size,
+                None => {
+                    let size = self.read_size(ino)?;
+                    state.size = Some(size);
+                    size
+                }
+            }
+        };
+        if offset >= size.size {
+            return Ok(Vec::new());
+        }
+        let end = size.size.min(offset.saturating_add(len as u64));
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut at = offset;
+        while at < end {
+            let index = at / self.chunk_bytes;
+            let within = at % self.chunk_bytes;
+            let piece = (self.chunk_bytes - within).min(end - at);
+            let bytes = match self.client.get_range(&self.namespace, &self.keys.chunk(ino, index), BIN_DATA, within, piece as u32)? {
+                Some((_, bytes)) => bytes,
+                None => Vec::new(),
+            };
+            let got = bytes.len().min(piece as usize);
+            out.extend_from_slice(&bytes[..got]);
+            out.resize(out.len() + (piece as usize - got), 0);
+            at += piece;
+        }
+        Ok(out)
+    }
+
+    /// Sets a file's size: chunks past it are deleted (in one entry with the new size when
+    /// there are few, else the size first and the chunks after, from the top).
+    pub fn truncate(&self, ino: u64, new_size: u64) -> FsResult<()> {
+        if new_size > FILE_BYTES_MAX {
+            return Err(FsError::FileTooBig(FILE_BYTES_MAX));
+        }
+        let (inode, _) = self.read_inode(ino)?;
+        match inode.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid("truncate of a special file".into())),
+        }
+        self.invalidate(ino);
+        self.with_file(ino, |size| {
+            let now = now_ns();
+            if new_size >= size.size {
+                self.finish_shrink(ino, size)?;
+                let mut next = FileSize { size: new_size, mtime_ns: now, ctime_ns: now, ..*size };
+                next.generation = self.batch(vec![self.size_record_write(ino, &next)])?.generation;
+                *size = next;
+                return Ok(());
+            }
+            let keep = self.chunks_for(new_size);
+            let mut writes = Vec::new();
+            let within = new_size % self.chunk_bytes;
+            if within != 0 && keep <= size.chunks_end {
+                writes.push(BatchWrite {
+                    key: self.keys.chunk(ino, keep - 1),
+                    op: WriteOp::Operate(vec![Operation::TruncateBytes { bin: BIN_DATA.into(), len: within }]),
+                    policy: never_expire(RecordExistsAction::CreateOrUpdate, GenerationPolicy::None),
+                });
+            }
+            let mut next = FileSize { size: new_size, mtime_ns: now, ctime_ns: now, ..*size };
+            if size.chunks_end.saturating_sub(keep) <= DELETES_PER_BATCH_MAX {
+                writes.extend((keep..size.chunks_end).map(|i| self.delete_chunk(ino, i)));
+                next.chunks_end = keep.min(size.chunks_end);
+            }
+            writes.push(self.size_record_write(ino, &next));
+            next.generation = self.batch(writes)?.generation;
+            *size = next;
+            self.finish_shrink(ino, size)
+        })
+    }
+
+    /// Sets a regular file's mtime (it lives in the size record).
+    pub(crate) fn set_file_mtime(&self, ino: u64, mtime_ns: i64) -> FsResult<()> {
+        self.with_file(ino, |size| {
+            let mut next = FileSize { mtime_ns, ctime_ns: now_ns(), ..*size };
+            next.generation = self.batch(vec![self.size_record_write(ino, &next)])?.generation;
+            *size = next;
+            Ok(())
+        })
+    }
+
+    /// Deletes a file's chunks and size record (an orphan being reclaimed).
+    pub(crate) fn free_data(&self, ino: u64) -> FsResult<()> {
+        self.with_file(ino, |size| {
+            if size.generation == 0 {
+                return Ok(());
+            }
+            size.size = 0;
+            self.finish_shrink(ino, size)?;
+            self.batch(vec![BatchWrite {
+                key: self.keys.size(ino),
+                op: WriteOp::Delete,
+                policy: never_expire(RecordExistsAction::CreateOrUpdate, GenerationPolicy::ExpectEqual(size.generation)),
+            }])?;
+            *size = FileSize::default();
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,509 @@
+//! The FUSE front: each request is translated, handed to the file layer (`chunkfiles::Volume`),
+//! and answered once. Every POSIX decision is the file layer's; the errno comes from
+//! `FsError::errno` and nowhere else.
+//!
+//! Invariants:
+//! - **A callback never unwinds into fuser**: each runs under `catch_unwind`, and a reply
+//!   dropped unsent answers EIO, so a bug fails one request instead of hanging the mount.
+//! - **No kernel writeback cache**: a write request reaches the file layer before write()
+//!   returns, and is answered only once committed.
+//! - **The kernel's page cache of a file is dropped on every open** (no FOPEN_KEEP_CACHE), and
+//!   this mount's cached size with it, so a file opened after another mount wrote shows it.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use chunkfiles::{Attr, FsError, FsResult, Kind, Owner, SetAttr, TimeSet, Volume};
+use fuser::{
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+
+/// How long the kernel may keep attributes and lookups (short: other mounts change files too).
+const ATTR_TTL: Duration = Duration::from_secs(1);
+/// Largest write request the kernel sends (each is one entry in the cluster).
+const MAX_WRITE_BYTES: u32 = 1 << 20;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn errno(err: &FsError) -> Errno {
+    Errno::from_i32(err.errno())
+}
+
+fn system_time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_nanos(ns.unsigned_abs())).unwrap_or(UNIX_EPOCH)
+    }
+}
+
+fn ns_of(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+        Err(e) => -(e.duration().as_nanos().min(i64::MAX as u128) as i64),
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(attr: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(attr.ino),
+        size: attr.size,
+        blocks: attr.blocks,
+        atime: system_time(attr.atime_ns),
+        mtime: system_time(attr.mtime_ns),
+        ctime: system_time(attr.ctime_ns),
+        crtime: system_time(attr.crtime_ns),
+        kind: file_type(attr.kind),
+        perm: (attr.perm & 0o7777) as u16,
+        nlink: attr.nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: attr.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn time_set(time: TimeOrNow) -> TimeSet {
+    match time {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::At(ns_of(t)),
+    }
+}
+
+/// Runs a callback body; a panic in it fails the request (its reply, dropped, answers EIO)
+/// instead of taking the mount down.
+fn guarded(what: &str, body: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
+        tracing::error!(request = what, "a request handler panicked: answered EIO");
+    }
+}
+
+/// An open file or directory.
+struct Handle {
+    ino: u64,
+    /// Failed writes to the file seen by this descriptor: fsync reports the ones after it.
+    failures_seen: u64,
+}
+
+pub struct ChunkFs {
+    volume: Volume,
+    handles: Mutex<HashMap<u64, Handle>>,
+    /// Open descriptors per inode (an unlinked file is reclaimed at its last close).
+    open: Mutex<HashMap<u64, u32>>,
+    /// Writes whose commit failed, per inode: reported by fsync to every descriptor open then.
+    failures: Mutex<HashMap<u64, u64>>,
+    next_handle: AtomicU64,
+}
+
+impl ChunkFs {
+    pub fn new(volume: Volume) -> ChunkFs {
+        ChunkFs { volume, handles: Mutex::new(HashMap::new()), open: Mutex::new(HashMap::new()), failures: Mutex::new(HashMap::new()), next_handle: AtomicU64::new(1) }
+    }
+
+    fn is_open(&self, ino: u64) -> bool {
+        lock(&self.open).get(&ino).is_some_and(|n| *n > 0)
+    }
+
+    fn open_handle(&self, ino: u64) -> FileHandle {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let failures_seen = lock(&self.failures).get(&ino).copied().unwrap_or(0);
+        lock(&self.handles).insert(fh, Handle { ino, failures_seen });
+        *lock(&self.open).entry(ino).or_insert(0) += 1;
+        self.volume.invalidate(ino);
+        FileHandle(fh)
+    }
+
+    fn close_handle(&self, fh: FileHandle) -> FsResult<()> {
+        let Some(handle) = lock(&self.handles).remove(&fh.0) else { return Ok(()) };
+        let last = {
+            let mut open = lock(&self.open);
+            let count = open.entry(handle.ino).or_insert(1);
+            *count = count.saturating_sub(1);
+            let last = *count == 0;
+            if last {
+                open.remove(&handle.ino);
+            }
+            last
+        };
+        if last {
+            self.volume.reclaim(handle.ino)?;
+        }
+        Ok(())
+    }
+
+    /// EIO if a write to the file failed since this descriptor last asked.
+    fn check_failures(&self, fh: FileHandle) -> FsResult<()> {
+        let mut handles = lock(&self.handles);
+        let Some(handle) = handles.get_mut(&fh.0) else { return Ok(()) };
+        let failures = lock(&self.failures).get(&handle.ino).copied().unwrap_or(0);
+        if failures > handle.failures_seen {
+            handle.failures_seen = failures;
+            return Err(FsError::Io("a write to this file failed to commit".into()));
+        }
+        Ok(())
+    }
+
+    fn owner(&self, req: &Request, parent: u64) -> FsResult<(Owner, bool)> {
+        // A directory with setgid gives its group (and, to directories, the bit) to new entries.
+        let dir = self.volume.getattr(parent)?;
+        let setgid = dir.perm & libc::S_ISGID != 0;
+        Ok((Owner { uid: req.uid(), gid: if setgid { dir.gid } else { req.gid() } }, setgid))
+    }
+
+    fn make(&self, req: &Request, parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32, target: &[u8]) -> FsResult<Attr> {
+        let kind = if target.is_empty() { Kind::from_mode(mode).ok_or_else(|| FsError::Invalid(format!("mode {mode:o}")))? } else { Kind::Symlink };
+        let (owner, setgid_dir) = self.owner(req, parent)?;
+        let mut perm = if kind == Kind::Symlink { 0o777 } else { mode & 0o7777 & !umask };
+        if kind == Kind::Dir && setgid_dir {
+            perm |= libc::S_ISGID;
+        }
+        self.volume.mknod(parent, name.as_bytes(), kind, perm, owner, rdev, target)
+    }
+}
+
+impl Filesystem for ChunkFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(MAX_WRITE_BYTES) {
+            let _ = config.set_max_write(nearest);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        guarded("lookup", || match self.volume.lookup(parent.0, name.as_bytes()) {
+            Ok(attr) => reply.entry(&ATTR_TTL, &file_attr(&attr), Generation(0)),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        guarded("getattr", || match self.volume.getattr(ino.0) {
+            Ok(attr) => reply.attr(&ATTR_TTL, &file_attr(&attr)),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        guarded("setattr", || {
+            let result = (|| {
+                let mut set = SetAttr { perm: mode.map(|m| m & 0o7777), uid, gid, size, atime: atime.map(time_set), mtime: mtime.map(time_set) };
+                // chown by anyone, and a write or truncate by a non-owner, clear setuid and
+                // (with group execute) setgid, as local filesystems do.
+                if (uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0)) && set.perm.is_none() {
+                    let current = self.volume.getattr(ino.0)?;
+                    if current.kind == Kind::File && current.perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                        let mut perm = current.perm & !libc::S_ISUID;
+                        if perm & 0o010 != 0 {
+                            perm &= !libc::S_ISGID;
+                        }
+                        if perm != current.perm {
+                            set.perm = Some(perm);
+                        }
+                    }
+                }
+                self.volume.setattr(ino.0, &set)
+            })();
+            match result {
+                Ok(attr) => reply.attr(&ATTR_TTL, &file_attr(&attr)),
+                Err(err) => reply.error(errno(&err)),
+            }
+        })
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        guarded("readlink", || match self.volume.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        guarded("mknod", || match self.make(req, parent.0, name, mode, umask, rdev, &[]) {
+            Ok(attr) => reply.entry(&ATTR_TTL, &file_attr(&attr), Generation(0)),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        guarded("mkdir", || match self.make(req, parent.0, name, libc::S_IFDIR | (mode & 0o7777), umask, 0, &[]) {
+            Ok(attr) => reply.entry(&ATTR_TTL, &file_attr(&attr), Generation(0)),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guarded("unlink", || match self.volume.unlink(parent.0, name.as_bytes(), &|ino| self.is_open(ino)) {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guarded("rmdir", || match self.volume.rmdir(parent.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        guarded("symlink", || {
+            let target = target.as_os_str().as_bytes();
+            let result = if target.is_empty() { Err(FsError::NotFound) } else { self.make(req, parent.0, link_name, libc::S_IFLNK | 0o777, 0, 0, target) };
+            match result {
+                Ok(attr) => reply.entry(&ATTR_TTL, &file_attr(&attr), Generation(0)),
+                Err(err) => reply.error(errno(&err)),
+            }
+        })
+    }
+
+    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        guarded("rename", || {
+            if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+                return reply.error(Errno::EINVAL);
+            }
+            let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+            let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+            match self.volume.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), noreplace, exchange, &|ino| self.is_open(ino)) {
+                Ok(()) => reply.ok(),
+                Err(err) => reply.error(errno(&err)),
+            }
+        })
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        guarded("link", || match self.volume.link(ino.0, newparent.0, newname.as_bytes()) {
+            Ok(attr) => reply.entry(&ATTR_TTL, &file_attr(&attr), Generation(0)),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        guarded("open", || match self.volume.getattr(ino.0) {
+            Ok(attr) if attr.kind == Kind::Dir => reply.error(Errno::EISDIR),
+            Ok(_) => {
+                let fh = self.open_handle(ino.0);
+                let direct = if flags.0 & libc::O_DIRECT != 0 { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() };
+                reply.opened(fh, direct)
+            }
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock_owner: Option<LockOwner>, reply: ReplyData) {
+        guarded("read", || match self.volume.read(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        guarded("write", || match self.volume.write(ino.0, offset, data) {
+            Ok(written) => reply.written(written as u32),
+            Err(err) => {
+                if matches!(err, FsError::Io(_)) {
+                    *lock(&self.failures).entry(ino.0).or_insert(0) += 1;
+                }
+                tracing::warn!(ino = ino.0, offset, len = data.len(), error = %err, "write failed");
+                reply.error(errno(&err))
+            }
+        })
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        guarded("flush", || match self.check_failures(fh) {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock_owner: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        guarded("release", || match self.close_handle(fh) {
+            Ok(()) => reply.ok(),
+            Err(err) => {
+                tracing::warn!(error = %err, "reclaiming an unlinked file at its last close failed (fsck --repair reclaims it)");
+                reply.ok()
+            }
+        })
+    }
+
+    /// Every write was committed before it was answered: fsync reports a write that failed
+    /// since this descriptor last asked (EIO), and never succeeds over one.
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        guarded("fsync", || match self.check_failures(fh) {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        guarded("opendir", || match self.volume.getattr(ino.0) {
+            Ok(attr) if attr.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        guarded("readdir", || match self.volume.readdir(ino.0) {
+            Ok((parent, entries)) => {
+                let dots = [(ino.0, FileType::Directory, b".".to_vec()), (parent, FileType::Directory, b"..".to_vec())];
+                let all = dots.into_iter().chain(entries.into_iter().map(|(name, e)| (e.ino, file_type(e.kind), name)));
+                for (i, (entry_ino, kind, name)) in all.enumerate().skip(offset as usize) {
+                    if reply.add(INodeNo(entry_ino), (i + 1) as u64, kind, OsStr::from_bytes(&name)) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    /// Directory changes are committed before they are answered.
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // The cluster's free space is per node and namespace; a volume reports a fixed large
+        // capacity (stop-writes answers ENOSPC when space runs out).
+        let blocks = 1u64 << 32;
+        reply.statfs(blocks, blocks, blocks, 1 << 32, 1 << 32, 4096, chunkfiles::NAME_BYTES_MAX as u32, 4096)
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        reply.ok()
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        guarded("create", || match self.make(req, parent.0, name, libc::S_IFREG | (mode & 0o7777), umask, 0, &[]) {
+            Ok(attr) => {
+                let fh = self.open_handle(attr.ino);
+                let direct = if flags & libc::O_DIRECT != 0 { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() };
+                reply.created(&ATTR_TTL, &file_attr(&attr), Generation(0), fh, direct)
+            }
+            Err(err) => reply.error(errno(&err)),
+        })
+    }
+
+    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        guarded("fallocate", || {
+            if mode != 0 {
+                return reply.error(Errno::EOPNOTSUPP);
+            }
+            // Space is not reserved ahead in the cluster; the size grows as posix_fallocate says.
+            let result = offset
+                .checked_add(length)
+                .ok_or(FsError::FileTooBig(chunkfiles::FILE_BYTES_MAX))
+                .and_then(|end| match self.volume.getattr(ino.0) {
+                    Ok(attr) if attr.size < end => self.volume.truncate(ino.0, end),
+                    Ok(_) => Ok(()),
+                    Err(err) => Err(err),
+                });
+            match result {
+                Ok(()) => reply.ok(),
+                Err(err) => reply.error(errno(&err)),
+            }
+        })
+    }
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread it starts later, so that
+/// `serve` takes them with sigwait and unmounts cleanly.
+pub fn block_termination_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a local signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Mounts `volume` and serves it until it is unmounted (by `umount`, or by this process on
+/// SIGTERM, SIGINT or SIGHUP).
+pub fn serve(volume: Volume, mountpoint: &Path, threads: usize, signals: libc::sigset_t) -> Result<()> {
+    let name = volume.name().to_owned();
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("chunkfs:{name}")),
+        MountOption::Subtype("chunkfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    // Other users may use the mount (tests switch users); the kernel checks permissions.
+    config.acl = SessionACL::All;
+    config.n_threads = Some(threads);
+    let fs = ChunkFs::new(volume);
+    let mut session = fuser::Session::new(fs, mountpoint, &config).with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let mountpoint_text = mountpoint.display().to_string();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut signal = 0;
+            // SAFETY: waits for one of the blocked signals of `signals`.
+            unsafe { libc::sigwait(&signals, &mut signal) };
+            tracing::info!(signal, "unmounting {mountpoint_text}");
+            if let Err(err) = unmounter.unmount() {
+                eprintln!("chunkfs: unmounting {mountpoint_text}: {err}");
+            }
+        })
+        .context("starting the signal thread")?;
+    eprintln!("chunkfs: volume {name} mounted at {}", mountpoint.display());
+    session.run().context("serving the mount")?;
+    Ok(())
+}

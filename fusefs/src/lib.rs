@@ -1,1 +1,0 @@
-//! chunkfs: the FUSE filesystem. Not built yet; see ARCHITECTURE.md.

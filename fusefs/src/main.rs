@@ -1,0 +1,128 @@
+//! chunkfs: mounts a chunkstore volume with FUSE. See `fs.rs` for the mapping of each request
+//! onto the file layer, and ARCHITECTURE.md for what is guaranteed.
+
+mod fs;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use chunkfiles::{Volume, CHUNK_BYTES_DEFAULT};
+use chunkstore::client::{Client, ClientConfig};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "chunkfs", about = "A FUSE filesystem on chunkstore: every acknowledged write() is committed to device on a quorum")]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Durability {
+    /// Every write() returns once committed to device on a quorum (the default).
+    Write,
+    /// Writes are buffered until fsync, fdatasync, close or an O_SYNC/O_DSYNC write (not built
+    /// yet: refused at start).
+    Fsync,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Mount a volume (created on first mount) at MOUNTPOINT; runs until unmounted or SIGTERM.
+    Mount {
+        /// Addresses of some cluster nodes, HOST:PORT,...
+        #[arg(long, value_delimiter = ',', conflicts_with = "dir", required_unless_present = "dir")]
+        seeds: Vec<String>,
+        /// A local cluster's directory (chunkctl up --dir): its nodes are the seeds.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The volume to mount.
+        #[arg(long, default_value = "default")]
+        volume: String,
+        /// The namespace the volume lives in.
+        #[arg(long, default_value = "test")]
+        namespace: String,
+        #[arg(long, value_enum, default_value_t = Durability::Write)]
+        durability: Durability,
+        /// Chunk size of a volume created by this mount (a multiple of 512).
+        #[arg(long, default_value_t = CHUNK_BYTES_DEFAULT)]
+        chunk_bytes: u32,
+        /// Requests served at once.
+        #[arg(long, default_value_t = 16)]
+        threads: usize,
+        /// Per cluster request attempt, in ms (an operation gives up with EIO after the client's
+        /// retry window of 15 s).
+        #[arg(long, default_value_t = 5000)]
+        request_timeout_ms: u64,
+        mountpoint: PathBuf,
+    },
+}
+
+/// The seeds of the local cluster in `dir` (its cluster.json, as chunkctl up writes it).
+pub fn seeds_of_dir(dir: &std::path::Path) -> Result<Vec<String>> {
+    let path = dir.join("cluster.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("no cluster in {} (start one with chunkctl up --dir {})", dir.display(), dir.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not a cluster description", path.display()))?;
+    let seeds: Vec<String> = value["nodes"].as_array().into_iter().flatten().filter_map(|n| n["client"].as_str().map(str::to_owned)).collect();
+    if seeds.is_empty() {
+        bail!("{} lists no nodes", path.display());
+    }
+    Ok(seeds)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Commands::Mount { seeds, dir, volume, namespace, durability, chunk_bytes, threads, request_timeout_ms, mountpoint } => {
+            mount(seeds, dir, &volume, &namespace, durability, chunk_bytes, threads, request_timeout_ms, &mountpoint)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("chunkfs: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mount(
+    seeds: Vec<String>,
+    dir: Option<PathBuf>,
+    volume: &str,
+    namespace: &str,
+    durability: Durability,
+    chunk_bytes: u32,
+    threads: usize,
+    request_timeout_ms: u64,
+    mountpoint: &std::path::Path,
+) -> Result<()> {
+    if durability == Durability::Fsync {
+        bail!("--durability fsync is not built yet; --durability write (the default) commits every write");
+    }
+    if !(1..=256).contains(&threads) {
+        bail!("--threads {threads}: 1 to 256");
+    }
+    if !mountpoint.is_dir() {
+        bail!("mountpoint {} is not a directory", mountpoint.display());
+    }
+    let seeds = match dir {
+        Some(dir) => seeds_of_dir(&dir)?,
+        None => seeds,
+    };
+    let mut config = ClientConfig::new(seeds.clone());
+    config.timeout = Duration::from_millis(request_timeout_ms);
+    let client = Client::connect(config).with_context(|| format!("connecting to the cluster at {}", seeds.join(",")))?;
+    let volume = Volume::open(Arc::new(client), namespace, volume, Some(chunk_bytes))
+        .map_err(|e| anyhow::anyhow!("opening volume {volume} in namespace {namespace}: {e}"))?;
+    let signals = fs::block_termination_signals();
+    fs::serve(volume, mountpoint, threads, signals)
+}
