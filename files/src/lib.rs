@@ -15,10 +15,12 @@ pub mod error;
 pub mod keys;
 pub mod records;
 mod data;
+mod fsck;
 mod tree;
 mod volume;
 
 pub use error::{FsError, FsResult};
+pub use fsck::FsckReport;
 pub use records::{Entry, Kind};
-pub use tree::{OpenFiles, Owner};
+pub use tree::{OpenFiles, Owner, ORPHAN_GRACE_NS, ORPHAN_REAP_PERIOD};
 pub use volume::*;

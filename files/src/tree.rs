@@ -19,8 +19,9 @@ pub(crate) struct Txn<'a> {
     /// deleted).
     inodes: BTreeMap<u64, (u32, Option<Inode>)>,
     changed: Vec<u64>,
-    /// The orphan list: generation read and contents, if touched.
-    orphans: Option<(u32, Vec<u64>, bool)>,
+    /// The orphan list: generation read, contents (inode, when a mount last had it open or
+    /// it lost its last link) and whether it changed, if touched.
+    orphans: Option<(u32, Vec<(u64, i64)>, bool)>,
 }
 
 impl<'a> Txn<'a> {
@@ -74,7 +75,7 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
-    fn orphan_list(&mut self) -> FsResult<&mut (u32, Vec<u64>, bool)> {
+    fn orphan_list(&mut self) -> FsResult<&mut (u32, Vec<(u64, i64)>, bool)> {
         if self.orphans.is_none() {
             let (generation, list) = match self.volume.get(&self.volume.keys.orphans())? {
                 None => (0, Vec::new()),
@@ -88,19 +89,19 @@ impl<'a> Txn<'a> {
         self.orphans.as_mut().ok_or_else(|| FsError::Io("orphan list".into()))
     }
 
-    pub fn add_orphan(&mut self, ino: u64) -> FsResult<()> {
+    /// Puts `ino` on the orphan list as of `now` (or moves its time to `now`).
+    pub fn add_orphan(&mut self, ino: u64, now: i64) -> FsResult<()> {
         let list = self.orphan_list()?;
-        if !list.1.contains(&ino) {
-            list.1.push(ino);
-            list.2 = true;
-        }
+        list.1.retain(|&(o, _)| o != ino);
+        list.1.push((ino, now));
+        list.2 = true;
         Ok(())
     }
 
     pub fn remove_orphan(&mut self, ino: u64) -> FsResult<()> {
         let list = self.orphan_list()?;
         let before = list.1.len();
-        list.1.retain(|&o| o != ino);
+        list.1.retain(|&(o, _)| o != ino);
         list.2 |= list.1.len() != before;
         Ok(())
     }
@@ -137,6 +138,14 @@ impl<'a> Txn<'a> {
         self.volume.batch(writes).map(drop)
     }
 }
+
+/// How long an orphan (a file unlinked while open) keeps its data after the last mount that
+/// had it open stopped saying so: longer than any kernel's cached lookup of it (1 s) and
+/// several reap periods, so a file open on another mount is never freed under it.
+pub const ORPHAN_GRACE_NS: i64 = 30_000_000_000;
+
+/// How often a mount reaps orphans and renews the ones it holds open.
+pub const ORPHAN_REAP_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What a caller tells the file layer about files open on its mount.
 pub trait OpenFiles {
@@ -265,7 +274,7 @@ impl Volume {
             return Ok(None);
         }
         if inode.kind == Kind::File {
-            txn.add_orphan(ino)?;
+            txn.add_orphan(ino, now)?;
             Ok(Some(ino))
         } else {
             txn.delete(ino)?;
@@ -273,9 +282,11 @@ impl Volume {
         }
     }
 
-    pub fn unlink(&self, parent: u64, name: &[u8], open: &dyn OpenFiles) -> FsResult<()> {
+    /// Removes a name; a file left without links is reclaimed by `reap` once no mount has had
+    /// it open for `ORPHAN_GRACE_NS`.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         check_name(name)?;
-        let orphan = self.change(|txn| {
+        self.change(|txn| {
             let now = now_ns();
             let dir = txn.dir(parent)?;
             let entry = *dir.entries.get(name).ok_or(FsError::NotFound)?;
@@ -285,9 +296,8 @@ impl Volume {
             dir.entries.remove(name);
             dir.mtime_ns = now;
             dir.ctime_ns = now;
-            Volume::drop_link(txn, entry.ino, now)
-        })?;
-        self.reclaim_unless_open(orphan, open)
+            Volume::drop_link(txn, entry.ino, now).map(drop)
+        })
     }
 
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
@@ -319,10 +329,10 @@ impl Volume {
 
     /// Renames `name` in `parent` to `newname` in `newparent` as one entry: a file it replaces
     /// is replaced atomically (readers see the old file or the new one, never neither).
-    pub fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], noreplace: bool, exchange: bool, open: &dyn OpenFiles) -> FsResult<()> {
+    pub fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], noreplace: bool, exchange: bool) -> FsResult<()> {
         check_name(name)?;
         check_name(newname)?;
-        let orphan = self.change(|txn| {
+        self.change(|txn| {
             let now = now_ns();
             let source = *txn.dir(parent)?.entries.get(name).ok_or(FsError::NotFound)?;
             let target = txn.dir(newparent)?.entries.get(newname).copied();
@@ -359,15 +369,14 @@ impl Volume {
                     dir.mtime_ns = now;
                     dir.ctime_ns = now;
                 }
-                return Ok(None);
+                return Ok(());
             }
-            let mut orphan = None;
             if let Some(target) = target {
                 if noreplace {
                     return Err(FsError::Exists);
                 }
                 if target.ino == source.ino {
-                    return Ok(None);
+                    return Ok(());
                 }
                 let victim = txn.peek(target.ino)?;
                 match (source.kind == Kind::Dir, victim.kind == Kind::Dir) {
@@ -377,7 +386,7 @@ impl Volume {
                     (true, true) => txn.dir(newparent)?.nlink -= 1,
                     (false, false) => {}
                 }
-                orphan = Volume::drop_link(txn, target.ino, now)?;
+                Volume::drop_link(txn, target.ino, now)?;
             }
             txn.dir(parent)?.entries.remove(name);
             txn.dir(newparent)?.entries.insert(newname.to_vec(), source);
@@ -393,16 +402,34 @@ impl Volume {
                 dir.mtime_ns = now;
                 dir.ctime_ns = now;
             }
-            Ok(orphan)
-        })?;
-        self.reclaim_unless_open(orphan, open)
+            Ok(())
+        })
     }
 
-    fn reclaim_unless_open(&self, orphan: Option<u64>, open: &dyn OpenFiles) -> FsResult<()> {
-        match orphan {
-            Some(ino) if !open.is_open(ino) => self.reclaim(ino),
-            _ => Ok(()),
+    /// Frees the orphans no mount has had open for `ORPHAN_GRACE_NS`, and renews the time of
+    /// those `open` still has open (every mount calls it every `ORPHAN_REAP_PERIOD`, so an
+    /// unlinked file open on any live mount keeps its data; a mount that died stops renewing).
+    /// Returns how many were freed.
+    pub fn reap(&self, open: &dyn OpenFiles) -> FsResult<usize> {
+        let now = now_ns();
+        let orphans = self.orphans()?;
+        let held: Vec<u64> = orphans.iter().map(|&(ino, _)| ino).filter(|&ino| open.is_open(ino)).collect();
+        if !held.is_empty() {
+            self.change(|txn| {
+                for &ino in &held {
+                    txn.add_orphan(ino, now)?;
+                }
+                Ok(())
+            })?;
         }
+        let mut freed = 0;
+        for (ino, since) in orphans {
+            if !held.contains(&ino) && since < now - ORPHAN_GRACE_NS {
+                self.reclaim(ino)?;
+                freed += 1;
+            }
+        }
+        Ok(freed)
     }
 
     /// Frees an orphan's data and inode (after its last close, or by fsck). Does nothing for

@@ -351,11 +351,31 @@ impl Volume {
         Ok(inode.target)
     }
 
-    /// The inodes left on the orphan list (unlinked while open; a crash may leave some).
-    pub fn orphans(&self) -> FsResult<Vec<u64>> {
+    /// The orphan list: inodes without links whose data waits until no mount has them open,
+    /// with when a mount last said it had one open (or it lost its last link).
+    pub fn orphans(&self) -> FsResult<Vec<(u64, i64)>> {
         match self.get(&self.keys.orphans())? {
             None => Ok(Vec::new()),
-            Some(record) => decode(bytes_bin(&record, BIN_ORPHANS).unwrap_or(&[]), "orphan list"),
+            Some(record) => match bytes_bin(&record, BIN_ORPHANS) {
+                Some(bytes) => decode(bytes, "orphan list"),
+                None => Ok(Vec::new()),
+            },
         }
+    }
+}
+
+impl Volume {
+    /// The inode a path names from the root ("/a/b"), without following a final symlink
+    /// (lstat's view; symlinks on the way are not followed either).
+    pub fn resolve(&self, path: &str) -> FsResult<Attr> {
+        let mut ino = ROOT_INO;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            if part == ".." {
+                ino = self.readdir(ino)?.0;
+                continue;
+            }
+            ino = self.lookup(ino, part.as_bytes())?.ino;
+        }
+        self.getattr(ino)
     }
 }

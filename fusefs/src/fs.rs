@@ -15,7 +15,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -109,10 +109,10 @@ struct Handle {
 }
 
 pub struct ChunkFs {
-    volume: Volume,
+    volume: Arc<Volume>,
     handles: Mutex<HashMap<u64, Handle>>,
-    /// Open descriptors per inode (an unlinked file is reclaimed at its last close).
-    open: Mutex<HashMap<u64, u32>>,
+    /// Open descriptors per inode (an unlinked file keeps its data while any is open here).
+    open: Arc<Mutex<HashMap<u64, u32>>>,
     /// Writes whose commit failed, per inode: reported by fsync to every descriptor open then.
     failures: Mutex<HashMap<u64, u64>>,
     next_handle: AtomicU64,
@@ -120,11 +120,29 @@ pub struct ChunkFs {
 
 impl ChunkFs {
     pub fn new(volume: Volume) -> ChunkFs {
-        ChunkFs { volume, handles: Mutex::new(HashMap::new()), open: Mutex::new(HashMap::new()), failures: Mutex::new(HashMap::new()), next_handle: AtomicU64::new(1) }
+        ChunkFs {
+            volume: Arc::new(volume),
+            handles: Mutex::new(HashMap::new()),
+            open: Arc::new(Mutex::new(HashMap::new())),
+            failures: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
     }
 
-    fn is_open(&self, ino: u64) -> bool {
-        lock(&self.open).get(&ino).is_some_and(|n| *n > 0)
+    /// Starts the thread that frees orphans no mount holds open any more and renews the ones
+    /// this mount holds (`Volume::reap`), every `ORPHAN_REAP_PERIOD`.
+    fn start_reaper(&self) -> std::io::Result<()> {
+        let (volume, open) = (self.volume.clone(), self.open.clone());
+        std::thread::Builder::new().name("reaper".into()).spawn(move || loop {
+            std::thread::sleep(chunkfiles::ORPHAN_REAP_PERIOD);
+            let is_open = |ino: u64| lock(&open).get(&ino).is_some_and(|n| *n > 0);
+            match volume.reap(&is_open) {
+                Ok(0) => {}
+                Ok(freed) => tracing::info!(freed, "freed the data of unlinked files no mount holds open"),
+                Err(err) => tracing::warn!(error = %err, "reaping unlinked files failed (tried again later)"),
+            }
+        })?;
+        Ok(())
     }
 
     fn open_handle(&self, ino: u64) -> FileHandle {
@@ -136,22 +154,14 @@ impl ChunkFs {
         FileHandle(fh)
     }
 
-    fn close_handle(&self, fh: FileHandle) -> FsResult<()> {
-        let Some(handle) = lock(&self.handles).remove(&fh.0) else { return Ok(()) };
-        let last = {
-            let mut open = lock(&self.open);
-            let count = open.entry(handle.ino).or_insert(1);
-            *count = count.saturating_sub(1);
-            let last = *count == 0;
-            if last {
-                open.remove(&handle.ino);
-            }
-            last
-        };
-        if last {
-            self.volume.reclaim(handle.ino)?;
+    fn close_handle(&self, fh: FileHandle) {
+        let Some(handle) = lock(&self.handles).remove(&fh.0) else { return };
+        let mut open = lock(&self.open);
+        let count = open.entry(handle.ino).or_insert(1);
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            open.remove(&handle.ino);
         }
-        Ok(())
     }
 
     /// EIO if a write to the file failed since this descriptor last asked.
@@ -186,6 +196,7 @@ impl ChunkFs {
 
 impl Filesystem for ChunkFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        self.start_reaper()?;
         if let Err(nearest) = config.set_max_write(MAX_WRITE_BYTES) {
             let _ = config.set_max_write(nearest);
         }
@@ -272,7 +283,7 @@ impl Filesystem for ChunkFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guarded("unlink", || match self.volume.unlink(parent.0, name.as_bytes(), &|ino| self.is_open(ino)) {
+        guarded("unlink", || match self.volume.unlink(parent.0, name.as_bytes()) {
             Ok(()) => reply.ok(),
             Err(err) => reply.error(errno(&err)),
         })
@@ -303,7 +314,7 @@ impl Filesystem for ChunkFs {
             }
             let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
             let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-            match self.volume.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), noreplace, exchange, &|ino| self.is_open(ino)) {
+            match self.volume.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), noreplace, exchange) {
                 Ok(()) => reply.ok(),
                 Err(err) => reply.error(errno(&err)),
             }
@@ -368,12 +379,9 @@ impl Filesystem for ChunkFs {
     }
 
     fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock_owner: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
-        guarded("release", || match self.close_handle(fh) {
-            Ok(()) => reply.ok(),
-            Err(err) => {
-                tracing::warn!(error = %err, "reclaiming an unlinked file at its last close failed (fsck --repair reclaims it)");
-                reply.ok()
-            }
+        guarded("release", || {
+            self.close_handle(fh);
+            reply.ok()
         })
     }
 

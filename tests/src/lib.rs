@@ -178,3 +178,94 @@ pub mod local {
         }
     }
 }
+
+/// A chunkfs mount of a local cluster's volume: started by `Mount::new`, unmounted (SIGTERM,
+/// then a lazy umount if it does not go) when dropped.
+pub mod mount {
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    pub struct Mount {
+        pub child: Child,
+        pub path: PathBuf,
+    }
+
+    /// Whether `path` is a mountpoint now (from /proc/mounts).
+    pub fn is_mounted(path: &Path) -> bool {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let path = path.to_string_lossy();
+        mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(&*path))
+    }
+
+    impl Mount {
+        /// Mounts volume `volume` of the local cluster in `dir` at `path` (created), with extra
+        /// chunkfs arguments; waits until the mount answers.
+        pub fn new(dir: &Path, volume: &str, path: &Path, extra: &[&str]) -> Mount {
+            std::fs::create_dir_all(path).unwrap();
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("chunkfs-{volume}.log"))).unwrap();
+            let child = Command::new(super::binary("chunkfs"))
+                .args(["mount", "--dir", dir.to_str().unwrap(), "--volume", volume])
+                .args(extra)
+                .arg(path)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let mut mount = Mount { child, path: path.to_owned() };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !is_mounted(path) {
+                if let Ok(Some(status)) = mount.child.try_wait() {
+                    panic!("chunkfs exited with {status} (log: {}/chunkfs-{volume}.log)", dir.display());
+                }
+                assert!(Instant::now() < deadline, "chunkfs did not mount {} in 30 s", path.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            mount
+        }
+
+        pub fn pid(&self) -> i32 {
+            self.child.id() as i32
+        }
+
+        /// SIGTERM, and waits for the unmount; true if chunkfs exited cleanly.
+        pub fn unmount(&mut self) -> bool {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    return status.success() && !is_mounted(&self.path);
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+
+        /// kill -9 of chunkfs, then clears the dead mountpoint (`umount -l`).
+        pub fn kill(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            clear_mountpoint(&self.path);
+        }
+    }
+
+    /// Clears a mountpoint whose chunkfs died (what the README tells users to do).
+    pub fn clear_mountpoint(path: &Path) {
+        if is_mounted(path) {
+            let _ = Command::new("umount").arg("-l").arg(path).status();
+        }
+    }
+
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            if self.child.try_wait().ok().flatten().is_none() && !self.unmount() {
+                self.kill();
+            }
+            clear_mountpoint(&self.path);
+        }
+    }
+}

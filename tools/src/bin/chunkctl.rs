@@ -129,6 +129,54 @@ enum Commands {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Volumes of the file layer (what chunkfs mounts).
+    #[command(subcommand)]
+    Fs(FsCommand),
+}
+
+#[derive(Subcommand)]
+enum FsCommand {
+    /// Create a volume (chunkfs also creates one on its first mount).
+    Create {
+        volume: String,
+        #[arg(long, default_value = "test")]
+        namespace: String,
+        /// Bytes per data chunk, a multiple of 512, fixed for the volume's life.
+        #[arg(long, default_value_t = chunkfiles::CHUNK_BYTES_DEFAULT)]
+        chunk_bytes: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a directory of a volume.
+    Ls {
+        volume: String,
+        #[arg(default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "test")]
+        namespace: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// An inode's attributes (a path in the volume; a final symlink is not followed).
+    Stat {
+        volume: String,
+        path: String,
+        #[arg(long, default_value = "test")]
+        namespace: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a volume: dangling entries, wrong link counts, orphaned inodes and their data.
+    /// Exit 0 consistent (or repaired), 1 problems left. Run --repair on a quiet volume.
+    Fsck {
+        volume: String,
+        #[arg(long, default_value = "test")]
+        namespace: String,
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -345,6 +393,7 @@ fn main() -> ExitCode {
             let dir = cli.dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
             local_cluster::remove_node(&dir, node, Duration::from_secs(timeout_s), &mut |line| eprintln!("{line}"))
         }
+        Commands::Fs(ref command) => return fs_command(&cli, command),
         Commands::Bench(BenchCommand::Kv { ref clients, seconds, read_policy, ref namespace, json }) => (|| {
             let (seeds, baseline_dir) = match (&cli.seeds, &cli.dir) {
                 (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data")),
@@ -438,6 +487,104 @@ fn hold_lock(client: std::sync::Arc<Client>, drill: &LockDrill) -> Result<()> {
     // Closes the session: the cluster fences it, then releases the lock.
     drop(kept);
     std::process::exit(0)
+}
+
+fn open_volume(cli: &Cli, namespace: &str, volume: &str) -> Result<chunkfiles::Volume> {
+    let client = std::sync::Arc::new(client(cli)?);
+    chunkfiles::Volume::open(client, namespace, volume, None).map_err(|e| match e {
+        chunkfiles::FsError::NotFound => anyhow::anyhow!("no volume {volume:?} in namespace {namespace} (chunkctl fs create {volume})"),
+        other => anyhow::anyhow!("volume {volume}: {other}"),
+    })
+}
+
+fn attr_json(attr: &chunkfiles::Attr) -> serde_json::Value {
+    serde_json::json!({
+        "ino": attr.ino, "kind": format!("{:?}", attr.kind).to_lowercase(), "perm": format!("{:o}", attr.perm), "nlink": attr.nlink,
+        "uid": attr.uid, "gid": attr.gid, "size": attr.size, "mtime_ns": attr.mtime_ns, "ctime_ns": attr.ctime_ns,
+    })
+}
+
+/// `chunkctl fs ...`: exit 0, 1 (fsck found problems left), or 2 (could not run).
+fn fs_command(cli: &Cli, command: &FsCommand) -> ExitCode {
+    let result: Result<bool> = (|| match command {
+        FsCommand::Create { volume, namespace, chunk_bytes, json } => {
+            let client = client(cli)?;
+            chunkfiles::Volume::create(&client, namespace, volume, *chunk_bytes).map_err(|e| match e {
+                chunkfiles::FsError::Exists => anyhow::anyhow!("volume {volume:?} exists in namespace {namespace}"),
+                other => anyhow::anyhow!("creating volume {volume}: {other}"),
+            })?;
+            match json {
+                true => println!("{}", serde_json::json!({"volume": volume, "namespace": namespace, "chunk_bytes": chunk_bytes, "created": true})),
+                false => println!("volume {volume} created in namespace {namespace} ({chunk_bytes}-byte chunks)"),
+            }
+            Ok(true)
+        }
+        FsCommand::Ls { volume, path, namespace, json } => {
+            let volume = open_volume(cli, namespace, volume)?;
+            let dir = volume.resolve(path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+            let (_, entries) = volume.readdir(dir.ino).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+            let mut listed = Vec::new();
+            for (name, entry) in entries {
+                let name = String::from_utf8_lossy(&name).into_owned();
+                match volume.getattr(entry.ino) {
+                    Ok(attr) => listed.push((name, Some(attr))),
+                    Err(_) => listed.push((name, None)),
+                }
+            }
+            if *json {
+                let entries: Vec<serde_json::Value> = listed
+                    .iter()
+                    .map(|(name, attr)| match attr {
+                        Some(attr) => serde_json::json!({"name": name, "attr": attr_json(attr)}),
+                        None => serde_json::json!({"name": name, "attr": null}),
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({"path": path, "entries": entries}));
+            } else {
+                for (name, attr) in listed {
+                    match attr {
+                        Some(a) => println!("{:>10} {:>5o} {:>3} {:>12} {name}", format!("{:?}", a.kind).to_lowercase(), a.perm, a.nlink, a.size),
+                        None => println!("{:>10} {name} (dangling: fsck finds it)", "?"),
+                    }
+                }
+            }
+            Ok(true)
+        }
+        FsCommand::Stat { volume, path, namespace, json } => {
+            let volume = open_volume(cli, namespace, volume)?;
+            let attr = volume.resolve(path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+            match json {
+                true => println!("{}", attr_json(&attr)),
+                false => println!("{path}: inode {} {:?} perm {:o} links {} uid {} gid {} size {}", attr.ino, attr.kind, attr.perm, attr.nlink, attr.uid, attr.gid, attr.size),
+            }
+            Ok(true)
+        }
+        FsCommand::Fsck { volume, namespace, repair, json } => {
+            let opened = open_volume(cli, namespace, volume)?;
+            let report = opened.fsck(*repair).map_err(|e| anyhow::anyhow!("fsck of {volume}: {e}"))?;
+            let clean = report.problems.is_empty() || report.repaired == report.problems.len() as u64;
+            if *json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                for problem in &report.problems {
+                    println!("problem: {problem}");
+                }
+                println!(
+                    "volume {volume}: {} inodes ({} directories, {} files, {} bytes), {} problems, {} repaired",
+                    report.inodes, report.directories, report.files, report.bytes, report.problems.len(), report.repaired
+                );
+            }
+            Ok(clean)
+        }
+    })();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("chunkctl: {err:#}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// A client for --seeds, or for the cluster in --dir (default ./chunkstore-data).

@@ -1,0 +1,251 @@
+//! chunkfs with real chunkd processes and real mounts: what one mount writes and closes another
+//! reads; write-temp-then-rename never shows a missing or half file; holes, truncate, links,
+//! symlinks and unlinked-but-open files behave as POSIX says; bad input gets its errno; a
+//! remount shows everything; SIGTERM unmounts cleanly; a killed chunkfs loses no acknowledged
+//! write; an unreachable cluster is EIO (never a hang) and the mount works again once it is
+//! back; stop-writes is ENOSPC with nothing written.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chunkstore_tests::local::{chunkctl_ok, Down};
+use chunkstore_tests::mount::Mount;
+
+fn up(dir: &Path, extra: &[&str]) {
+    let mut args = vec!["up", "--nodes", "3"];
+    args.extend_from_slice(extra);
+    chunkctl_ok(dir, &args);
+}
+
+fn errno_of(err: &std::io::Error) -> i32 {
+    err.raw_os_error().unwrap_or(0)
+}
+
+/// Two mounts of one volume, POSIX basics, atomic rename-over, remount.
+#[test]
+fn two_mounts_see_one_volume_and_posix_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    up(&data, &[]);
+    let _down = Down(&data);
+    let mut a = Mount::new(&data, "vol", &dir.path().join("a"), &[]);
+    let b = Mount::new(&data, "vol", &dir.path().join("b"), &[]);
+    let (pa, pb) = (a.path.clone(), b.path.clone());
+
+    // What one mount writes and closes, the other reads.
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(pa.join("shared.bin"), &payload).unwrap();
+    assert_eq!(fs::read(pb.join("shared.bin")).unwrap(), payload, "mount b reads what mount a wrote and closed");
+    // An overwrite on b shows on a at the next open.
+    let f = OpenOptions::new().write(true).open(pb.join("shared.bin")).unwrap();
+    f.write_all_at(b"XYZ", 1000).unwrap();
+    drop(f);
+    let again = fs::read(pa.join("shared.bin")).unwrap();
+    assert_eq!(&again[1000..1003], b"XYZ");
+    assert_eq!(again.len(), payload.len());
+
+    // Holes read as zeros; truncate shrinks and grows with zeros, never old bytes.
+    let f = OpenOptions::new().create(true).read(true).write(true).open(pa.join("sparse")).unwrap();
+    f.write_all_at(b"end", 10 << 20).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), (10 << 20) + 3);
+    let mut hole = vec![1u8; 4096];
+    f.read_exact_at(&mut hole, 5 << 20).unwrap();
+    assert!(hole.iter().all(|&b| b == 0), "a hole reads as zeros");
+    f.write_all_at(&[9u8; 200_000], 0).unwrap();
+    f.set_len(100).unwrap();
+    f.set_len(150_000).unwrap();
+    let mut grown = vec![0u8; 150_000];
+    f.read_exact_at(&mut grown, 0).unwrap();
+    assert!(grown[..100].iter().all(|&b| b == 9) && grown[100..].iter().all(|&b| b == 0), "bytes cut by truncate do not come back");
+    drop(f);
+
+    // Hard links and symlinks.
+    fs::write(pa.join("orig"), b"linked").unwrap();
+    fs::hard_link(pa.join("orig"), pa.join("link")).unwrap();
+    assert_eq!(fs::metadata(pa.join("orig")).unwrap().nlink(), 2);
+    fs::remove_file(pa.join("orig")).unwrap();
+    assert_eq!(fs::read(pb.join("link")).unwrap(), b"linked");
+    std::os::unix::fs::symlink("link", pa.join("sym")).unwrap();
+    assert_eq!(fs::read_link(pb.join("sym")).unwrap(), Path::new("link"));
+    assert_eq!(fs::read(pa.join("sym")).unwrap(), b"linked");
+
+    // An unlinked file that is still open keeps its data until the last close.
+    let mut open = OpenOptions::new().create(true).read(true).write(true).open(pa.join("doomed")).unwrap();
+    open.write_all(b"still here").unwrap();
+    fs::remove_file(pa.join("doomed")).unwrap();
+    assert!(!pa.join("doomed").exists());
+    let mut back = String::new();
+    open.read_to_string(&mut back).unwrap(); // at the end already: nothing
+    let mut buf = vec![0u8; 10];
+    open.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"still here", "data of an unlinked open file stays readable");
+    drop(open);
+
+    // Directories: rmdir of a non-empty one, rename of a directory, no moving into itself.
+    fs::create_dir_all(pa.join("d1/d2")).unwrap();
+    assert_eq!(errno_of(&fs::remove_dir(pa.join("d1")).unwrap_err()), libc::ENOTEMPTY);
+    assert_eq!(errno_of(&fs::rename(pa.join("d1"), pa.join("d1/d2/d3")).unwrap_err()), libc::EINVAL);
+    fs::rename(pa.join("d1"), pa.join("moved")).unwrap();
+    assert!(pb.join("moved/d2").is_dir());
+    assert_eq!(fs::metadata(pa.join("moved")).unwrap().nlink(), 3);
+
+    // Bad input gets its errno.
+    let long = "n".repeat(256);
+    assert_eq!(errno_of(&File::create(pa.join(&long)).unwrap_err()), libc::ENAMETOOLONG);
+    File::create(pa.join("n".repeat(255))).unwrap();
+    let f = OpenOptions::new().create(true).write(true).open(pa.join("huge")).unwrap();
+    f.write_all_at(b"x", (1 << 40) - 1).unwrap();
+    assert_eq!(errno_of(&f.write_all_at(b"x", 1 << 40).unwrap_err()), libc::EFBIG);
+    assert_eq!(errno_of(&f.set_len((1 << 40) + 1).unwrap_err()), libc::EFBIG);
+    assert_eq!(f.metadata().unwrap().len(), 1 << 40);
+    f.set_len(0).unwrap();
+    drop(f);
+
+    // Write-temp-then-rename: a reader on the other mount always finds a whole version.
+    fs::write(pa.join("config"), vec![b'0'; 20_000]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, path) = (stop.clone(), pb.join("config"));
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let bytes = fs::read(&path).unwrap_or_else(|e| panic!("the file went missing during rename-over: {e}"));
+                assert_eq!(bytes.len(), 20_000, "a half-written file was visible");
+                assert!(bytes.iter().all(|&b| b == bytes[0]), "a mixed file was visible");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for round in 1..=30u8 {
+        let tmp = pa.join("config.tmp");
+        fs::write(&tmp, vec![b'0' + round % 10; 20_000]).unwrap();
+        fs::rename(&tmp, pa.join("config")).unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let reads = reader.join().expect("reader saw only whole files");
+    assert!(reads > 0);
+
+    // SIGTERM unmounts cleanly; a fresh mount shows everything.
+    assert!(a.unmount(), "SIGTERM unmounts cleanly");
+    let a2 = Mount::new(&data, "vol", &dir.path().join("a"), &[]);
+    assert_eq!(fs::read(a2.path.join("shared.bin")).unwrap(), again);
+    assert_eq!(fs::read(a2.path.join("config")).unwrap(), vec![b'0'; 20_000]);
+    let listing: Vec<String> = fs::read_dir(&a2.path).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert!(!listing.iter().any(|n| n == "doomed" || n == "orig" || n == "config.tmp"), "{listing:?}");
+    assert_eq!(chunkctl_fs(&data, &["fsck", "vol"])["problems"].as_array().map(Vec::len), Some(0), "the volume is consistent");
+}
+
+fn chunkctl_fs(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["fs"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = chunkctl_ok(dir, &all);
+    serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("chunkctl fs {args:?} printed {out:?}: {e}"))
+}
+
+/// A killed chunkfs loses no acknowledged write; the README's way of clearing its mountpoint
+/// works, and a fresh mount goes on.
+#[test]
+fn killed_chunkfs_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    up(&data, &[]);
+    let _down = Down(&data);
+    let path = dir.path().join("m");
+    let mut mount = Mount::new(&data, "vol", &path, &[]);
+    let acked = Arc::new(std::sync::Mutex::new(0u64));
+    let writer = {
+        let (acked, file) = (acked.clone(), path.join("journal"));
+        std::thread::spawn(move || {
+            let mut f = OpenOptions::new().create(true).append(true).open(&file).unwrap();
+            for i in 0u64.. {
+                let mut record = [0u8; 512];
+                record[..8].copy_from_slice(&i.to_le_bytes());
+                if f.write_all(&record).and_then(|_| f.sync_data()).is_err() {
+                    return;
+                }
+                *acked.lock().unwrap() = i + 1;
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    mount.kill();
+    let _ = writer.join();
+    let acked = *acked.lock().unwrap();
+    assert!(acked > 10, "the writer made progress before the kill ({acked})");
+    let fresh = Mount::new(&data, "vol", &path, &[]);
+    let bytes = fs::read(fresh.path.join("journal")).unwrap();
+    assert!(bytes.len() as u64 >= acked * 512, "{} bytes for {acked} acknowledged records", bytes.len());
+    for i in 0..acked {
+        let at = (i * 512) as usize;
+        assert_eq!(u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()), i, "record {i}");
+    }
+}
+
+/// With the cluster down, a write fails with EIO within the client's retry window instead of
+/// hanging, and the same mount works again once the cluster is back.
+#[test]
+fn unreachable_cluster_is_eio_then_the_mount_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    up(&data, &[]);
+    let _down = Down(&data);
+    let mount = Mount::new(&data, "vol", &dir.path().join("m"), &["--request-timeout-ms", "500"]);
+    let file = mount.path.join("f");
+    fs::write(&file, b"before").unwrap();
+    let f = OpenOptions::new().write(true).custom_flags(libc::O_DSYNC).open(&file).unwrap();
+    chunkctl_ok(&data, &["down"]);
+    let started = Instant::now();
+    let err = f.write_all_at(b"during", 0).unwrap_err();
+    assert_eq!(errno_of(&err), libc::EIO, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "EIO came after {:?}", started.elapsed());
+    chunkctl_ok(&data, &["up"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match f.write_all_at(b"after!", 0) {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("the mount did not work again once the cluster was back: {e}"),
+        }
+    }
+    drop(f);
+    assert_eq!(fs::read(&file).unwrap(), b"after!");
+}
+
+/// Stop-writes reaches an application as ENOSPC, with nothing of the refused write kept.
+#[test]
+fn stop_writes_is_enospc_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    up(&data, &["--device-size", &(24u64 << 20).to_string(), "--groups", "4"]);
+    let _down = Down(&data);
+    let mount = Mount::new(&data, "vol", &dir.path().join("m"), &[]);
+    let mut acknowledged = 0u64;
+    let mut refused = None;
+    for i in 0..400u64 {
+        let f = OpenOptions::new().create(true).write(true).open(mount.path.join(format!("f{}", i % 8))).unwrap();
+        let chunk = vec![(i % 251) as u8; 256 << 10];
+        let at = f.metadata().unwrap().len();
+        match f.write_all_at(&chunk, at) {
+            Ok(()) => acknowledged += chunk.len() as u64,
+            Err(e) => {
+                refused = Some((e, i % 8, at));
+                break;
+            }
+        }
+    }
+    let (err, file, size_before) = refused.expect("the device filled up");
+    assert_eq!(errno_of(&err), libc::ENOSPC, "{err}");
+    let size_after = fs::metadata(mount.path.join(format!("f{file}"))).unwrap().len();
+    assert_eq!(size_after, size_before, "a refused write leaves the size as it was");
+    assert!(acknowledged > 0);
+}
