@@ -4,8 +4,8 @@
 //! - **A write is one entry holding its bytes and the file's new size and mtime**: after any
 //!   crash a reader sees both or neither. Within the entry the chunks come before the size
 //!   record, so a reader of the two never sees a size covering bytes not yet applied.
-//! - **No chunk holds bytes past the file's size** below `chunks_end`, except chunks a shrink
-//!   has yet to delete above the size's last chunk; anything that grows the file deletes
+//! - **No chunk holds bytes past the file's size**, except chunks a shrink has yet to delete
+//!   above the size's last chunk (still listed in its extents); anything that grows the file deletes
 //!   them first, so a hole never shows old bytes.
 //! - **Writes to one file from one mount are ordered**: they hold the file's state in turn.
 
@@ -38,7 +38,7 @@ impl Volume {
         let mut state = lock(&file);
         for _ in 0..CONFLICT_RETRIES_MAX {
             let mut size = match state.size {
-                Some(size) => size,
+                Some(ref size) => size.clone(),
                 None => self.read_size(ino)?,
             };
             match change(&mut size) {
@@ -56,19 +56,20 @@ impl Volume {
         Err(FsError::Io(format!("gave up after {CONFLICT_RETRIES_MAX} conflicting writes to inode {ino}")))
     }
 
-    /// Deletes what a cut-short shrink left above the size (before the file grows).
+    /// Deletes what a cut-short shrink left above the size (before the file grows), at most
+    /// `DELETES_PER_BATCH_MAX` chunks an entry, the highest first.
     fn finish_shrink(&self, ino: u64, size: &mut FileSize) -> FsResult<()> {
         let first = self.chunks_for(size.size);
-        while size.chunks_end > first {
-            let from = first.max(size.chunks_end.saturating_sub(DELETES_PER_BATCH_MAX));
-            let mut writes: Vec<BatchWrite> = (from..size.chunks_end).map(|i| self.delete_chunk(ino, i)).collect();
-            let mut next = *size;
-            next.chunks_end = from;
+        loop {
+            let doomed: Vec<u64> = size.chunks_from(first).take(DELETES_PER_BATCH_MAX as usize).collect();
+            let Some(&lowest) = doomed.last() else { return Ok(()) };
+            let mut writes: Vec<BatchWrite> = doomed.iter().map(|&i| self.delete_chunk(ino, i)).collect();
+            let mut next = size.clone();
+            next.cut_extents(lowest);
             writes.push(self.size_record_write(ino, &next));
             next.generation = self.batch(writes)?.generation;
             *size = next;
         }
-        Ok(())
     }
 
     pub(crate) fn size_record_write(&self, ino: u64, size: &FileSize) -> BatchWrite {
@@ -113,13 +114,8 @@ impl Volume {
                 at += piece;
             }
             let now = now_ns();
-            let mut next = FileSize {
-                size: size.size.max(end),
-                mtime_ns: now,
-                ctime_ns: now,
-                chunks_end: size.chunks_end.max(self.chunks_for(end)),
-                generation: size.generation,
-            };
+            let mut next = FileSize { size: size.size.max(end), mtime_ns: now, ctime_ns: now, ..size.clone() };
+            next.add_extent(offset / self.chunk_bytes, self.chunks_for(end));
             writes.push(self.size_record_write(ino, &next));
             next.generation = self.batch(writes)?.generation;
             *size = next;
@@ -133,18 +129,19 @@ impl Volume {
             let file = self.file(ino);
             let mut state = lock(&file);
             match state.size {
-                Some(size) => size,
+                Some(ref size) => size.size,
                 None => {
                     let size = self.read_size(ino)?;
+                    let bytes = size.size;
                     state.size = Some(size);
-                    size
+                    bytes
                 }
             }
         };
-        if offset >= size.size {
+        if offset >= size {
             return Ok(Vec::new());
         }
-        let end = size.size.min(offset.saturating_add(len as u64));
+        let end = size.min(offset.saturating_add(len as u64));
         let mut out = Vec::with_capacity((end - offset) as usize);
         let mut at = offset;
         while at < end {
@@ -180,7 +177,7 @@ impl Volume {
             let now = now_ns();
             if new_size >= size.size {
                 self.finish_shrink(ino, size)?;
-                let mut next = FileSize { size: new_size, mtime_ns: now, ctime_ns: now, ..*size };
+                let mut next = FileSize { size: new_size, mtime_ns: now, ctime_ns: now, ..size.clone() };
                 next.generation = self.batch(vec![self.size_record_write(ino, &next)])?.generation;
                 *size = next;
                 return Ok(());
@@ -188,17 +185,18 @@ impl Volume {
             let keep = self.chunks_for(new_size);
             let mut writes = Vec::new();
             let within = new_size % self.chunk_bytes;
-            if within != 0 && keep <= size.chunks_end {
+            if within != 0 && size.chunks_from(keep - 1).any(|i| i == keep - 1) {
                 writes.push(BatchWrite {
                     key: self.keys.chunk(ino, keep - 1),
                     op: WriteOp::Operate(vec![Operation::TruncateBytes { bin: BIN_DATA.into(), len: within }]),
                     policy: never_expire(RecordExistsAction::CreateOrUpdate, GenerationPolicy::None),
                 });
             }
-            let mut next = FileSize { size: new_size, mtime_ns: now, ctime_ns: now, ..*size };
-            if size.chunks_end.saturating_sub(keep) <= DELETES_PER_BATCH_MAX {
-                writes.extend((keep..size.chunks_end).map(|i| self.delete_chunk(ino, i)));
-                next.chunks_end = keep.min(size.chunks_end);
+            let mut next = FileSize { size: new_size, mtime_ns: now, ctime_ns: now, ..size.clone() };
+            let doomed: Vec<u64> = size.chunks_from(keep).take(DELETES_PER_BATCH_MAX as usize + 1).collect();
+            if doomed.len() <= DELETES_PER_BATCH_MAX as usize {
+                writes.extend(doomed.iter().map(|&i| self.delete_chunk(ino, i)));
+                next.cut_extents(keep);
             }
             writes.push(self.size_record_write(ino, &next));
             next.generation = self.batch(writes)?.generation;
@@ -210,7 +208,7 @@ impl Volume {
     /// Sets a regular file's mtime (it lives in the size record).
     pub(crate) fn set_file_mtime(&self, ino: u64, mtime_ns: i64) -> FsResult<()> {
         self.with_file(ino, |size| {
-            let mut next = FileSize { mtime_ns, ctime_ns: now_ns(), ..*size };
+            let mut next = FileSize { mtime_ns, ctime_ns: now_ns(), ..size.clone() };
             next.generation = self.batch(vec![self.size_record_write(ino, &next)])?.generation;
             *size = next;
             Ok(())

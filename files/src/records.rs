@@ -4,7 +4,8 @@
 //!   (int), `created-ns` (int);
 //! - inode record: bin `inode`, an `Inode` encoded with bincode 1 (fixed-width little-endian);
 //! - orphan list: bin `orphans`, a bincode `Vec<u64>`;
-//! - size record: bins `size`, `mtime-ns`, `ctime-ns`, `chunks-end` (ints);
+//! - size record: bins `size`, `mtime-ns`, `ctime-ns` (ints), `extents` (bytes: pairs of
+//!   u64 little-endian, the chunk ranges [start, end) that may hold data);
 //! - chunk record: bin `data` (bytes, at most the volume's chunk size, never past the size).
 
 use std::collections::BTreeMap;
@@ -24,7 +25,7 @@ pub const BIN_DATA: &str = "data";
 pub const BIN_SIZE: &str = "size";
 pub const BIN_MTIME: &str = "mtime-ns";
 pub const BIN_CTIME: &str = "ctime-ns";
-pub const BIN_CHUNKS_END: &str = "chunks-end";
+pub const BIN_EXTENTS: &str = "extents";
 pub const BIN_FORMAT: &str = "format";
 pub const BIN_CHUNK_BYTES: &str = "chunk-bytes";
 pub const BIN_NEXT_INO: &str = "next-ino";
@@ -130,41 +131,103 @@ pub fn bytes_bin<'a>(record: &'a Record, name: &str) -> Option<&'a [u8]> {
     }
 }
 
+/// Most extents a size record lists: past it the two closest merge (the list then covers some
+/// chunks that hold nothing, which costs only needless deletes when the file shrinks).
+pub const EXTENTS_MAX: usize = 64;
+
 /// A file's size record.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FileSize {
     pub size: u64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
-    /// Chunks at this index and above hold nothing. Between `size`'s last chunk and it, chunks
-    /// may still hold bytes of a shrink whose cleanup was cut short: anything that grows the
-    /// file deletes them first.
-    pub chunks_end: u64,
+    /// The chunk index ranges [start, end) that may hold data, sorted and apart: a shrink or a
+    /// reclaim deletes only these. Above the size's last chunk they may still hold bytes of a
+    /// shrink whose deletes were cut short; anything that grows the file deletes them first.
+    pub extents: Vec<(u64, u64)>,
     /// The record's generation (0: no record yet).
     pub generation: u32,
 }
 
 impl FileSize {
-    pub fn from_record(record: Option<&Record>) -> FileSize {
-        match record {
-            None => FileSize::default(),
-            Some(r) => FileSize {
-                size: int_bin(r, BIN_SIZE).max(0) as u64,
-                mtime_ns: int_bin(r, BIN_MTIME),
-                ctime_ns: int_bin(r, BIN_CTIME),
-                chunks_end: int_bin(r, BIN_CHUNKS_END).max(0) as u64,
-                generation: r.meta.generation,
-            },
+    pub fn from_record(record: Option<&Record>) -> FsResult<FileSize> {
+        let Some(r) = record else { return Ok(FileSize::default()) };
+        let raw = bytes_bin(r, BIN_EXTENTS).unwrap_or(&[]);
+        if raw.len() % 16 != 0 || raw.len() > EXTENTS_MAX * 16 + 16 {
+            return Err(FsError::Corrupt(format!("size record: extents of {} bytes", raw.len())));
         }
+        let extents: Vec<(u64, u64)> = raw
+            .chunks_exact(16)
+            .map(|p| {
+                let word = |at: usize| u64::from_le_bytes([p[at], p[at + 1], p[at + 2], p[at + 3], p[at + 4], p[at + 5], p[at + 6], p[at + 7]]);
+                (word(0), word(8))
+            })
+            .collect();
+        if extents.iter().any(|&(a, b)| a >= b) || extents.windows(2).any(|w| w[0].1 >= w[1].0) {
+            return Err(FsError::Corrupt(format!("size record: extents {extents:?} are not sorted and apart")));
+        }
+        Ok(FileSize {
+            size: int_bin(r, BIN_SIZE).max(0) as u64,
+            mtime_ns: int_bin(r, BIN_MTIME),
+            ctime_ns: int_bin(r, BIN_CTIME),
+            extents,
+            generation: r.meta.generation,
+        })
     }
 
     pub fn bins(&self) -> Vec<Bin> {
+        let mut extents = Vec::with_capacity(self.extents.len() * 16);
+        for (a, b) in &self.extents {
+            extents.extend_from_slice(&a.to_le_bytes());
+            extents.extend_from_slice(&b.to_le_bytes());
+        }
         vec![
             Bin::new(BIN_SIZE, Value::Int(self.size as i64)),
             Bin::new(BIN_MTIME, Value::Int(self.mtime_ns)),
             Bin::new(BIN_CTIME, Value::Int(self.ctime_ns)),
-            Bin::new(BIN_CHUNKS_END, Value::Int(self.chunks_end as i64)),
+            Bin::new(BIN_EXTENTS, Value::Bytes(extents)),
         ]
+    }
+
+    /// One past the highest chunk that may hold data.
+    pub fn chunks_end(&self) -> u64 {
+        self.extents.last().map_or(0, |e| e.1)
+    }
+
+    /// Chunks [start, end) may hold data from now on.
+    pub fn add_extent(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut start, mut end) = (start, end);
+        self.extents.retain(|&(a, b)| {
+            let touches = a <= end && start <= b;
+            if touches {
+                start = start.min(a);
+                end = end.max(b);
+            }
+            !touches
+        });
+        let at = self.extents.partition_point(|e| e.0 < start);
+        self.extents.insert(at, (start, end));
+        while self.extents.len() > EXTENTS_MAX {
+            let closest = (0..self.extents.len() - 1).min_by_key(|&i| self.extents[i + 1].0 - self.extents[i].1).unwrap_or(0);
+            let next = self.extents.remove(closest + 1);
+            self.extents[closest].1 = next.1;
+        }
+    }
+
+    /// Chunks at `from` and above hold nothing any more.
+    pub fn cut_extents(&mut self, from: u64) {
+        self.extents.retain(|e| e.0 < from);
+        if let Some(last) = self.extents.last_mut() {
+            last.1 = last.1.min(from);
+        }
+    }
+
+    /// The chunks at `from` and above that may hold data, the highest first.
+    pub fn chunks_from(&self, from: u64) -> impl Iterator<Item = u64> + '_ {
+        self.extents.iter().rev().flat_map(move |&(a, b)| (a.max(from)..b).rev())
     }
 }
 
@@ -195,8 +258,46 @@ mod tests {
         assert_eq!(decode::<Inode>(&bytes, "t").unwrap(), inode);
         assert!(matches!(decode::<Inode>(&bytes[..bytes.len() - 3], "t"), Err(FsError::Corrupt(_))));
         let mut huge = bytes.clone();
-        // A length field claiming more than the limit is refused before allocating.
-        huge[100..108].copy_from_slice(&u64::MAX.to_le_bytes());
+        // A length field claiming more than the limit is refused before allocating: the
+        // entries' count, after kind, five u32s, four i64 times, the empty target and parent.
+        let entries_at = 4 + 5 * 4 + 4 * 8 + 8 + 8;
+        assert_eq!(&huge[entries_at..entries_at + 8], &1u64.to_le_bytes());
+        huge[entries_at..entries_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(decode::<Inode>(&huge, "t").is_err());
+    }
+}
+
+#[cfg(test)]
+mod extent_tests {
+    use super::*;
+
+    /// Extents merge when they touch, stay bounded, and a cut drops what is above it.
+    #[test]
+    fn extents_merge_stay_bounded_and_cut() {
+        let mut size = FileSize::default();
+        size.add_extent(10, 12);
+        size.add_extent(0, 1);
+        size.add_extent(12, 13);
+        size.add_extent(5, 6);
+        assert_eq!(size.extents, vec![(0, 1), (5, 6), (10, 13)]);
+        size.add_extent(1, 5);
+        assert_eq!(size.extents, vec![(0, 6), (10, 13)]);
+        assert_eq!(size.chunks_from(5).collect::<Vec<_>>(), vec![12, 11, 10, 5]);
+        size.cut_extents(11);
+        assert_eq!(size.extents, vec![(0, 6), (10, 11)]);
+        for i in 0..1000u64 {
+            size.add_extent(i * 1000 + 100, i * 1000 + 101);
+        }
+        assert!(size.extents.len() <= EXTENTS_MAX);
+        assert!(size.extents.windows(2).all(|w| w[0].1 < w[1].0));
+        // Every chunk written is still covered.
+        for i in 0..1000u64 {
+            let c = i * 1000 + 100;
+            assert!(size.extents.iter().any(|&(a, b)| a <= c && c < b), "{c}");
+        }
+        let record = Record { set: "s".into(), meta: chunkstore::value::RecordMeta { generation: 3, void_time_secs: 0, last_update_ms: 0 }, bins: size.bins() };
+        let back = FileSize::from_record(Some(&record)).unwrap();
+        assert_eq!(back.extents, size.extents);
+        assert_eq!(back.generation, 3);
     }
 }

@@ -251,7 +251,7 @@ impl Volume {
 
     /// A regular file's size record as the cluster holds it now.
     pub(crate) fn read_size(&self, ino: u64) -> FsResult<FileSize> {
-        Ok(FileSize::from_record(self.get(&self.keys.size(ino))?.as_ref()))
+        FileSize::from_record(self.get(&self.keys.size(ino))?.as_ref())
     }
 
     /// A fresh inode number (from this mount's reserved range, reserving more when it ran out).
