@@ -114,11 +114,15 @@ fn fio_verifies_crc32c_through_a_fresh_mount() {
     let data = cluster(dir.path());
     let _down = Down(&data);
     let jobs: [(&str, &[&str]); 2] = [("seq", &["--rw=write"]), ("rnd", &["--rw=randwrite", "--bs_unaligned"])];
+    // fio keeps its verify state files in its working directory.
+    let work = dir.path().join("fio-state");
+    std::fs::create_dir(&work).unwrap();
     let fio = |mount: &Path, name: &str, extra: &[&str], verify_only: bool| {
         let mut cmd = Command::new(tool("fio"));
         cmd.args([&format!("--name={name}"), "--numjobs=4", "--size=4M", "--bsrange=512-1M", "--verify=crc32c", "--verify_fatal=1", "--group_reporting"])
             .arg(format!("--directory={}", mount.display()))
-            .args(extra);
+            .args(extra)
+            .current_dir(&work);
         if verify_only {
             cmd.arg("--verify_only");
         }
@@ -145,6 +149,7 @@ fn fio_verifies_crc32c_through_a_fresh_mount() {
     let output = Command::new(tool("fio"))
         .args(["--name=seq", "--numjobs=4", "--size=4M", "--bsrange=512-1M", "--verify=crc32c", "--verify_fatal=1", "--rw=write", "--verify_only"])
         .arg(format!("--directory={}", fresh.path.display()))
+        .current_dir(&work)
         .output()
         .unwrap();
     assert!(!output.status.success() || !String::from_utf8_lossy(&output.stdout).contains("err= 0"), "fio's verify caught the damage");
