@@ -67,7 +67,7 @@ impl Volume {
             let mut next = size.clone();
             next.cut_extents(lowest);
             writes.push(self.size_record_write(ino, &next));
-            next.generation = self.batch(writes)?.generation;
+            next.generation = self.batch(Some(ino), writes)?.generation;
             *size = next;
         }
     }
@@ -117,7 +117,7 @@ impl Volume {
             let mut next = FileSize { size: size.size.max(end), mtime_ns: now, ctime_ns: now, ..size.clone() };
             next.add_extent(offset / self.chunk_bytes, self.chunks_for(end));
             writes.push(self.size_record_write(ino, &next));
-            next.generation = self.batch(writes)?.generation;
+            next.generation = self.batch(Some(ino), writes)?.generation;
             *size = next;
             Ok(data.len())
         })
@@ -178,7 +178,7 @@ impl Volume {
             if new_size >= size.size {
                 self.finish_shrink(ino, size)?;
                 let mut next = FileSize { size: new_size, mtime_ns: now, ctime_ns: now, ..size.clone() };
-                next.generation = self.batch(vec![self.size_record_write(ino, &next)])?.generation;
+                next.generation = self.batch(Some(ino), vec![self.size_record_write(ino, &next)])?.generation;
                 *size = next;
                 return Ok(());
             }
@@ -199,7 +199,7 @@ impl Volume {
                 next.cut_extents(keep);
             }
             writes.push(self.size_record_write(ino, &next));
-            next.generation = self.batch(writes)?.generation;
+            next.generation = self.batch(Some(ino), writes)?.generation;
             *size = next;
             self.finish_shrink(ino, size)
         })
@@ -209,7 +209,7 @@ impl Volume {
     pub(crate) fn set_file_mtime(&self, ino: u64, mtime_ns: i64) -> FsResult<()> {
         self.with_file(ino, |size| {
             let mut next = FileSize { mtime_ns, ctime_ns: now_ns(), ..size.clone() };
-            next.generation = self.batch(vec![self.size_record_write(ino, &next)])?.generation;
+            next.generation = self.batch(Some(ino), vec![self.size_record_write(ino, &next)])?.generation;
             *size = next;
             Ok(())
         })
@@ -223,7 +223,7 @@ impl Volume {
             }
             size.size = 0;
             self.finish_shrink(ino, size)?;
-            self.batch(vec![BatchWrite {
+            self.batch(Some(ino), vec![BatchWrite {
                 key: self.keys.size(ino),
                 op: WriteOp::Delete,
                 policy: never_expire(RecordExistsAction::CreateOrUpdate, GenerationPolicy::ExpectEqual(size.generation)),

@@ -80,6 +80,12 @@ impl VolumeKeys {
         Key::from_digest(SET, in_partition(digest, self.file_partition(ino)))
     }
 
+    /// A file's lock table (byte-range locks, in the file's group).
+    pub fn locks(&self, ino: u64) -> Key {
+        let digest = hash(&[b"locks", self.volume.as_bytes(), &ino.to_le_bytes()]);
+        Key::from_digest(SET, in_partition(digest, self.file_partition(ino)))
+    }
+
     /// Chunk `index` of a file's data.
     pub fn chunk(&self, ino: u64, index: u64) -> Key {
         let digest = hash(&[b"chunk", self.volume.as_bytes(), &ino.to_le_bytes(), &index.to_le_bytes()]);
@@ -98,6 +104,7 @@ mod tests {
         let keys = VolumeKeys::new("vol");
         for ino in [1u64, 2, 77, u64::MAX] {
             let p = partition_id(&keys.size(ino).digest);
+            assert_eq!(partition_id(&keys.locks(ino).digest), p);
             for index in [0u64, 1, 1000, 1 << 30] {
                 assert_eq!(partition_id(&keys.chunk(ino, index).digest), p);
             }

@@ -16,11 +16,13 @@ pub mod keys;
 pub mod records;
 mod data;
 mod fsck;
+mod locks;
 mod tree;
 mod volume;
 
 pub use error::{FsError, FsResult};
 pub use fsck::FsckReport;
+pub use locks::{LockHolder, LockKind};
 pub use records::{Entry, Kind};
 pub use tree::{OpenFiles, Owner, ORPHAN_GRACE_NS, ORPHAN_REAP_PERIOD};
 pub use volume::*;

@@ -135,7 +135,7 @@ impl<'a> Txn<'a> {
         if writes.is_empty() {
             return Ok(());
         }
-        self.volume.batch(writes).map(drop)
+        self.volume.batch(None, writes).map(drop)
     }
 }
 

@@ -103,8 +103,8 @@ pub struct Volume {
     pub(crate) name: String,
     pub(crate) keys: VolumeKeys,
     pub(crate) chunk_bytes: u64,
-    /// The lease session writes go in (their fence refuses them once it expired), if any.
-    pub(crate) session: Mutex<Option<u64>>,
+    /// The lease session writes and locks go in (their fence refuses them once it ended).
+    pub(crate) lease: Mutex<crate::locks::Lease>,
     /// Inode numbers reserved for this mount: [next, end).
     inodes: Mutex<(u64, u64)>,
     /// Serializes this mount's namespace changes (other mounts are caught by generations).
@@ -161,7 +161,7 @@ impl Volume {
             name: name.to_owned(),
             keys,
             chunk_bytes: chunk_bytes as u64,
-            session: Mutex::new(None),
+            lease: Mutex::new(Default::default()),
             inodes: Mutex::new((0, 0)),
             tree: Mutex::new(()),
             files: Mutex::new(HashMap::new()),
@@ -227,18 +227,15 @@ impl Volume {
         &self.namespace
     }
 
-    /// Makes later writes go in lease session `session` (None: in none).
-    pub fn set_session(&self, session: Option<u64>) {
-        *lock(&self.session) = session;
-    }
-
     pub(crate) fn get(&self, key: &Key) -> FsResult<Option<Record>> {
         Ok(self.client.get(&self.namespace, key, None)?)
     }
 
-    /// Applies writes of one group as one entry. `Conflict` when a generation check failed.
-    pub(crate) fn batch(&self, writes: Vec<BatchWrite>) -> FsResult<RecordMeta> {
-        let session = *lock(&self.session);
+    /// Applies writes of one group as one entry, in the mount's lease session (for a file's
+    /// data: the session its locks were taken under, `ino`). `Conflict` when a generation
+    /// check failed.
+    pub(crate) fn batch(&self, ino: Option<u64>, writes: Vec<BatchWrite>) -> FsResult<RecordMeta> {
+        let session = self.session_for(ino)?;
         Ok(self.client.write_batch(&self.namespace, writes, session)?)
     }
 

@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use chunkfiles::{Attr, FsError, FsResult, Kind, Owner, SetAttr, TimeSet, Volume};
+use chunkfiles::{Attr, FsError, FsResult, Kind, LockKind, Owner, SetAttr, TimeSet, Volume};
 use fuser::{
-    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
     ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
@@ -197,6 +197,12 @@ impl ChunkFs {
 impl Filesystem for ChunkFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         self.start_reaper()?;
+        // fcntl record locks come to us (and go to the cluster); flock stays with the kernel
+        // of this machine: fuser 0.18 does not say which of the two a lock request is (its
+        // issue 155), so asking for both would make flock a whole-file fcntl lock.
+        if let Err(unsupported) = config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS) {
+            tracing::warn!(?unsupported, "the kernel does not pass record locks: they stay local to this machine");
+        }
         if let Err(nearest) = config.set_max_write(MAX_WRITE_BYTES) {
             let _ = config.set_max_write(nearest);
         }
@@ -371,10 +377,58 @@ impl Filesystem for ChunkFs {
         })
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        guarded("flush", || match self.check_failures(fh) {
-            Ok(()) => reply.ok(),
-            Err(err) => reply.error(errno(&err)),
+    /// A close: POSIX gives back every record lock the process holds on the file (the kernel
+    /// sends no unlock of its own), then reports a failed write as close(2) may.
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        guarded("flush", || {
+            let unlocked = match self.volume.has_locks(ino.0) {
+                true => self.volume.lock_range(ino.0, lock_owner.0, 0, 0, u64::MAX, LockKind::Unlock, false),
+                false => Ok(()),
+            };
+            match unlocked.and_then(|()| self.check_failures(fh)) {
+                Ok(()) => reply.ok(),
+                Err(err) => reply.error(errno(&err)),
+            }
+        })
+    }
+
+    fn getlk(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32, reply: ReplyLock) {
+        guarded("getlk", || {
+            let exclusive = typ == libc::F_WRLCK;
+            match self.volume.test_lock(ino.0, lock_owner.0, pid, start, end, exclusive) {
+                Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+                Ok(Some(holder)) => reply.locked(holder.start, holder.end, if holder.exclusive { libc::F_WRLCK } else { libc::F_RDLCK }, holder.pid),
+                Err(err) => reply.error(errno(&err)),
+            }
+        })
+    }
+
+    /// F_SETLK answers at once (EAGAIN when another owner's lock is in the way); F_SETLKW waits
+    /// on a thread of its own so that the mount goes on serving meanwhile.
+    fn setlk(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32, sleep: bool, reply: ReplyEmpty) {
+        guarded("setlk", || {
+            let kind = match typ {
+                libc::F_RDLCK => LockKind::Shared,
+                libc::F_WRLCK => LockKind::Exclusive,
+                libc::F_UNLCK => LockKind::Unlock,
+                _ => return reply.error(Errno::EINVAL),
+            };
+            if !sleep || kind == LockKind::Unlock {
+                return match self.volume.lock_range(ino.0, lock_owner.0, pid, start, end, kind, false) {
+                    Ok(()) => reply.ok(),
+                    Err(err) => reply.error(errno(&err)),
+                };
+            }
+            let volume = self.volume.clone();
+            let spawned = std::thread::Builder::new().name("lock-wait".into()).spawn(move || {
+                guarded("setlkw", || match volume.lock_range(ino.0, lock_owner.0, pid, start, end, kind, true) {
+                    Ok(()) => reply.ok(),
+                    Err(err) => reply.error(errno(&err)),
+                })
+            });
+            if let Err(err) = spawned {
+                tracing::warn!(error = %err, "no thread for a lock wait: answered EIO");
+            }
         })
     }
 
@@ -485,6 +539,7 @@ pub fn block_termination_signals() -> libc::sigset_t {
 /// Mounts `volume` and serves it until it is unmounted (by `umount`, or by this process on
 /// SIGTERM, SIGINT or SIGHUP).
 pub fn serve(volume: Volume, mountpoint: &Path, threads: usize, signals: libc::sigset_t) -> Result<()> {
+    // (The lease session is opened by the caller: `Volume::start_lease`.)
     let name = volume.name().to_owned();
     let mut config = Config::default();
     config.mount_options = vec![

@@ -53,6 +53,10 @@ enum Commands {
         /// Requests served at once.
         #[arg(long, default_value_t = 16)]
         threads: usize,
+        /// The mount's lease, in ms: its locks outlive it by at most this once it is cut off
+        /// (or stopped), and its writes are refused from then on.
+        #[arg(long, default_value_t = 5000)]
+        lease_ms: u64,
         /// Per cluster request attempt, in ms (an operation gives up with EIO after the client's
         /// retry window of 15 s).
         #[arg(long, default_value_t = 5000)]
@@ -80,8 +84,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Commands::Mount { seeds, dir, volume, namespace, durability, chunk_bytes, threads, request_timeout_ms, mountpoint } => {
-            mount(seeds, dir, &volume, &namespace, durability, chunk_bytes, threads, request_timeout_ms, &mountpoint)
+        Commands::Mount { seeds, dir, volume, namespace, durability, chunk_bytes, threads, lease_ms, request_timeout_ms, mountpoint } => {
+            mount(seeds, dir, &volume, &namespace, durability, chunk_bytes, threads, lease_ms, request_timeout_ms, &mountpoint)
         }
     };
     match result {
@@ -102,9 +106,16 @@ fn mount(
     durability: Durability,
     chunk_bytes: u32,
     threads: usize,
+    lease_ms: u64,
     request_timeout_ms: u64,
     mountpoint: &std::path::Path,
 ) -> Result<()> {
+    if !(200..=3_600_000).contains(&lease_ms) {
+        bail!("--lease-ms {lease_ms}: 200 to 3600000");
+    }
+    // Before any thread starts (the lease's renewals): every thread inherits the mask, and
+    // only the signal thread of `serve` takes them.
+    let signals = fs::block_termination_signals();
     if durability == Durability::Fsync {
         bail!("--durability fsync is not built yet; --durability write (the default) commits every write");
     }
@@ -123,6 +134,6 @@ fn mount(
     let client = Client::connect(config).with_context(|| format!("connecting to the cluster at {}", seeds.join(",")))?;
     let volume = Volume::open(Arc::new(client), namespace, volume, Some(chunk_bytes))
         .map_err(|e| anyhow::anyhow!("opening volume {volume} in namespace {namespace}: {e}"))?;
-    let signals = fs::block_termination_signals();
+    volume.start_lease(Duration::from_millis(lease_ms)).map_err(|e| anyhow::anyhow!("opening the mount's lease session: {e}"))?;
     fs::serve(volume, mountpoint, threads, signals)
 }

@@ -123,6 +123,38 @@ pub enum WriteOp {
     /// write's key (it routes the batch to its group). Inside `InSession`, the session's fence
     /// covers the whole batch. See store/PROTOCOL.md.
     Batch(Vec<BatchWrite>),
+    /// Takes, changes or gives back a byte-range lock (POSIX record-lock semantics) of lease
+    /// session `session` in the lock table this record holds (bin `RANGE_LOCKS_BIN`): see
+    /// `raft::range_locks`. Refused with `RangeLockHeld` (naming the lock in the way) when
+    /// another owner's lock conflicts; locks of released sessions do not count.
+    RangeLock { session: u64, lock: RangeLock },
+}
+
+/// The bin a lock table keeps its byte-range locks in.
+pub const RANGE_LOCKS_BIN: &str = "range-locks";
+
+/// What a `WriteOp::RangeLock` asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RangeLockKind {
+    Shared,
+    Exclusive,
+    /// Gives back the owner's locks in the range (splitting those that reach past it).
+    Unlock,
+    /// Takes nothing: refused with `RangeLockHeld` if a shared (or, with `exclusive`, any)
+    /// lock of another owner is in the way (fcntl's F_GETLK).
+    Test { exclusive: bool },
+}
+
+/// One byte-range lock request: `owner` is the lock owner within the session (a process, or
+/// an open file description), `pid` is reported to others that `Test` against it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RangeLock {
+    pub owner: u64,
+    pub pid: u32,
+    /// First byte and last byte (inclusive; `u64::MAX`: to the end of the file, ever).
+    pub start: u64,
+    pub end: u64,
+    pub kind: RangeLockKind,
 }
 
 /// One record's write in a `WriteOp::Batch`.
@@ -149,7 +181,7 @@ impl WriteOp {
             WriteOp::Touch => Mutation::Touch,
             WriteOp::Operate(ops) => Mutation::Operate(ops),
             WriteOp::InSession { op, .. } => return op.as_mutation(),
-            WriteOp::Lock { .. } | WriteOp::Unlock { .. } | WriteOp::FenceSession { .. } | WriteOp::Batch(_) => return None,
+            WriteOp::Lock { .. } | WriteOp::Unlock { .. } | WriteOp::FenceSession { .. } | WriteOp::Batch(_) | WriteOp::RangeLock { .. } => return None,
         })
     }
 
@@ -176,6 +208,7 @@ impl WriteOp {
     pub fn frees_room(&self) -> bool {
         match self {
             WriteOp::Delete | WriteOp::Unlock { .. } | WriteOp::FenceSession { .. } => true,
+            WriteOp::RangeLock { lock, .. } => matches!(lock.kind, RangeLockKind::Unlock | RangeLockKind::Test { .. }),
             WriteOp::InSession { op, .. } => op.frees_room(),
             WriteOp::Batch(writes) => writes.iter().all(|w| w.op.frees_room()),
             _ => false,

@@ -457,6 +457,12 @@ impl Client {
         self.lock(session, namespace, key, Duration::ZERO)
     }
 
+    /// A byte-range lock request of `session` on the lock table `key` (`WriteOp::RangeLock`):
+    /// `RangeLockHeld` names the lock in the way; `SessionExpired` once the session is fenced.
+    pub fn range_lock(&self, session: u64, namespace: &str, key: &Key, lock: crate::ops::RangeLock) -> Result<(), ClientError> {
+        self.write(namespace, key, WriteOp::RangeLock { session, lock }, &WritePolicy::default()).map(|_| ())
+    }
+
     /// Gives back a lock `session` holds.
     pub fn unlock(&self, session: u64, namespace: &str, key: &Key) -> Result<(), ClientError> {
         self.write(namespace, key, WriteOp::Unlock { session }, &WritePolicy::default()).map(|_| ())

@@ -1304,6 +1304,7 @@ fn failure_reply(failure: WriteFailure) -> ErrorReply {
         WriteFailure::SessionExpired { session } => ErrorReply::SessionExpired { session },
         WriteFailure::LockHeld { holder } => ErrorReply::LockHeld { holder },
         WriteFailure::LockNotHeld { holder } => ErrorReply::LockNotHeld { holder },
+        WriteFailure::RangeLockHeld(held) => ErrorReply::RangeLockHeld(held),
     }
 }
 

@@ -283,6 +283,8 @@ pub enum ErrorReply {
     TooManySessions(usize),
     #[error("group {namespace}/{group} is dead: a majority of its replicas lost their copy; `chunkctl revive {namespace} {group}` rebuilds it from the best surviving replica")]
     PartitionDead { namespace: String, group: u32 },
+    #[error("a byte-range lock is in the way: {0:?}")]
+    RangeLockHeld(crate::raft::RangeLockHeld),
 }
 
 fn options(limit: usize) -> impl Options {

@@ -20,6 +20,7 @@
 pub mod fences;
 pub mod forget;
 pub mod log_store;
+pub mod range_locks;
 pub mod sessions;
 pub mod snapshot_file;
 pub mod state_machine;
@@ -28,7 +29,7 @@ pub mod types;
 pub use log_store::GroupLogStore;
 pub use state_machine::{recorded_engine_points, GroupStateMachine};
 pub use sessions::{Outcome, Refusal, Sessions};
-pub use types::{Command, CommandResult, NodeId, RaftInstance, TypeConfig, WriteFailure};
+pub use types::{Command, CommandResult, NodeId, RaftInstance, RangeLockHeld, TypeConfig, WriteFailure};
 
 use crate::key::{partition_id, Digest};
 

@@ -571,7 +571,9 @@ fn apply_command(shared: &Shared, command: &Command, log_id: LogId<NodeId>, wait
     let replicated = Replicated { log_index: log_id.index, now_ms: command.now_ms };
     let applied = match batch_outside_group(shared, command).map_or_else(|| record_write(shared, command, log_id.index), |f| Err(Refused::Failure(f))) {
         Err(failure) => Err(failure),
-        Ok((op, policy)) => match wait {
+        // Nothing to write (a range-lock test that found nothing in the way).
+        Ok(None) => Ok(Some((RecordMeta { generation: 0, void_time_secs: 0, last_update_ms: command.now_ms }, Vec::new()))),
+        Ok(Some((op, policy))) => match wait {
             true => apply_when_there_is_room(shared, &command.key, &op, &policy, replicated).map_err(engine_failure),
             false => match shared.engine.apply_replicated(&command.key, &op, &policy, replicated) {
                 Err(crate::Error::DeviceFull { .. }) => return Ok(None),
@@ -621,15 +623,18 @@ fn engine_failure(err: crate::Error) -> Refused {
 /// (never expiring: TTLs go by each replica's clock) or a delete. A command the engine already
 /// reflects (replayed after a restart) skips the lock checks, which would see its own effect:
 /// the engine then reports it replayed.
-fn record_write(shared: &Shared, command: &Command, index: u64) -> Result<(WriteOp, WritePolicy), Refused> {
+fn record_write(shared: &Shared, command: &Command, index: u64) -> Result<Option<(WriteOp, WritePolicy)>, Refused> {
     let refuse = |failure| Err(Refused::Failure(failure));
+    if let WriteOp::RangeLock { session, lock } = &command.op {
+        return range_lock_write(shared, command, *session, lock, index);
+    }
     let session = match &command.op {
         WriteOp::InSession { session, op } => match op.as_ref() {
             WriteOp::Put(_) | WriteOp::Delete | WriteOp::Touch | WriteOp::Operate(_) | WriteOp::Batch(_) => *session,
             other => return refuse(WriteFailure::BadRequest(format!("{other:?} cannot be a write in a session"))),
         },
         WriteOp::Lock { session } | WriteOp::Unlock { session } => *session,
-        _ => return Ok((command.op.clone(), command.policy)),
+        _ => return Ok(Some((command.op.clone(), command.policy))),
     };
     if !shared.unsafe_skip_fencing.load(Ordering::Relaxed) && shared.progress.lock().unwrap().fences.is_fenced(session) {
         return refuse(WriteFailure::SessionExpired { session });
@@ -651,13 +656,49 @@ fn record_write(shared: &Shared, command: &Command, index: u64) -> Result<(Write
             Some(other) if other != session && !shared.progress.lock().unwrap().fences.is_released(other) => {
                 refuse(WriteFailure::LockHeld { holder: other })
             }
-            _ => Ok((WriteOp::Put(vec![Bin::new(LOCK_HOLDER_BIN, Value::Int(session as i64))]), lock_policy)),
+            _ => Ok(Some((WriteOp::Put(vec![Bin::new(LOCK_HOLDER_BIN, Value::Int(session as i64))]), lock_policy))),
         },
         WriteOp::Unlock { .. } => match holder()? {
-            Some(holder) if holder == session => Ok((WriteOp::Delete, command.policy)),
+            Some(holder) if holder == session => Ok(Some((WriteOp::Delete, command.policy))),
             holder => refuse(WriteFailure::LockNotHeld { holder }),
         },
-        _ => Ok((command.op.clone(), command.policy)),
+        _ => Ok(Some((command.op.clone(), command.policy))),
+    }
+}
+
+/// A byte-range lock request (`raft::range_locks`): refused for a fenced session, decided
+/// against the lock table's locks of sessions not yet released, and written back as the new
+/// table (deleted when empty). A replayed entry (the table already holds a version from this
+/// index or later) skips the decision, which would see its own effect; the engine skips it.
+fn range_lock_write(shared: &Shared, command: &Command, session: u64, lock: &crate::ops::RangeLock, index: u64) -> Result<Option<(WriteOp, WritePolicy)>, Refused> {
+    use crate::ops::{Operation, RANGE_LOCKS_BIN};
+    use super::range_locks::{decide, Held, RANGE_LOCKS_MAX};
+    let policy = WritePolicy { exists: RecordExistsAction::Replace, ttl: Ttl::NeverExpire, ..command.policy };
+    if shared.engine.current_version(&command.key.digest).is_some_and(|(seq, _, _)| seq >= index) {
+        return Ok(Some((WriteOp::Touch, policy)));
+    }
+    if !shared.unsafe_skip_fencing.load(Ordering::Relaxed) && shared.progress.lock().unwrap().fences.is_fenced(session) {
+        return Err(Refused::Failure(WriteFailure::SessionExpired { session }));
+    }
+    let record = shared.engine.get(&command.key, Some(&[RANGE_LOCKS_BIN])).map_err(engine_failure)?;
+    let table: Vec<Held> = match record.as_ref().and_then(|r| r.bin(RANGE_LOCKS_BIN)) {
+        Some(Value::Bytes(bytes)) => crate::protocol::decode_body(bytes, RANGE_LOCKS_MAX * 64)
+            .map_err(|e| Refused::Failure(WriteFailure::BadRequest(format!("the lock table does not decode: {e}"))))?,
+        _ => Vec::new(),
+    };
+    let fences = &shared.progress.lock().unwrap().fences;
+    let decided = decide(table, session, lock, |s| fences.is_released(s));
+    match decided {
+        Err(held) => Err(Refused::Failure(WriteFailure::RangeLockHeld(held))),
+        Ok(None) => Ok(None),
+        Ok(Some(table)) if table.is_empty() => Ok(Some((WriteOp::Operate(vec![Operation::DeleteRecord]), policy))),
+        Ok(Some(table)) if table.len() > RANGE_LOCKS_MAX => {
+            Err(Refused::Failure(WriteFailure::BadRequest(format!("a lock table holds at most {RANGE_LOCKS_MAX} locks"))))
+        }
+        Ok(Some(table)) => {
+            let bytes = crate::protocol::encode_body(&table, RANGE_LOCKS_MAX * 64).map_err(|e| Refused::Failure(WriteFailure::BadRequest(e)))?;
+            Ok(Some((WriteOp::Put(vec![Bin::new(RANGE_LOCKS_BIN, Value::Bytes(bytes))]), policy)))
+        }
     }
 }
 

@@ -55,6 +55,19 @@ pub enum WriteFailure {
     LockHeld { holder: u64 },
     /// An unlock of a lock the session does not hold (`holder`: who does, if anyone).
     LockNotHeld { holder: Option<u64> },
+    /// A byte-range lock of another owner is in the way (`ops::RangeLock`).
+    RangeLockHeld(RangeLockHeld),
+}
+
+/// The byte-range lock in the way of a `WriteOp::RangeLock`: whose, which bytes, which kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeLockHeld {
+    pub session: u64,
+    pub owner: u64,
+    pub pid: u32,
+    pub start: u64,
+    pub end: u64,
+    pub exclusive: bool,
 }
 
 impl WriteFailure {
