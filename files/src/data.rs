@@ -15,6 +15,9 @@ use crate::error::{FsError, FsResult};
 use crate::records::*;
 use crate::volume::*;
 
+/// Most ranged reads one read of many chunks has in flight at once.
+const READ_LANES_MAX: usize = 8;
+
 /// Most chunk deletions one entry carries when a file shrinks or is reclaimed.
 const DELETES_PER_BATCH_MAX: u64 = 512;
 
@@ -142,20 +145,49 @@ impl Volume {
             return Ok(Vec::new());
         }
         let end = size.min(offset.saturating_add(len as u64));
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        // The chunks the range covers: (index, offset within, length).
+        let mut pieces = Vec::new();
         let mut at = offset;
         while at < end {
-            let index = at / self.chunk_bytes;
             let within = at % self.chunk_bytes;
             let piece = (self.chunk_bytes - within).min(end - at);
-            let bytes = match self.client.get_range(&self.namespace, &self.keys.chunk(ino, index), BIN_DATA, within, piece as u32)? {
-                Some((_, bytes)) => bytes,
-                None => Vec::new(),
-            };
-            let got = bytes.len().min(piece as usize);
-            out.extend_from_slice(&bytes[..got]);
-            out.resize(out.len() + (piece as usize - got), 0);
+            pieces.push((at / self.chunk_bytes, within, piece));
             at += piece;
+        }
+        let mut out = vec![0u8; (end - offset) as usize];
+        // Large reads ask for their chunks in parallel (a round trip each).
+        let lanes = pieces.len().clamp(1, READ_LANES_MAX);
+        let per_lane = pieces.len().div_ceil(lanes);
+        let mut slices: Vec<&mut [u8]> = Vec::with_capacity(pieces.len());
+        let mut rest = out.as_mut_slice();
+        for &(_, _, piece) in &pieces {
+            let (head, tail) = rest.split_at_mut(piece as usize);
+            slices.push(head);
+            rest = tail;
+        }
+        let results: Vec<FsResult<()>> = std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            let mut slices = slices.into_iter();
+            for lane in pieces.chunks(per_lane) {
+                let lane_slices: Vec<&mut [u8]> = slices.by_ref().take(lane.len()).collect();
+                let read_lane = move || -> FsResult<()> {
+                    for (&(index, within, piece), slice) in lane.iter().zip(lane_slices) {
+                        if let Some((_, bytes)) = self.client.get_range(&self.namespace, &self.keys.chunk(ino, index), BIN_DATA, within, piece as u32)? {
+                            let got = bytes.len().min(slice.len());
+                            slice[..got].copy_from_slice(&bytes[..got]);
+                        }
+                    }
+                    Ok(())
+                };
+                if handles.is_empty() && pieces.len() <= per_lane {
+                    return vec![read_lane()];
+                }
+                handles.push(scope.spawn(read_lane));
+            }
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(FsError::Io("a read thread panicked".into())))).collect()
+        });
+        for result in results {
+            result?;
         }
         Ok(out)
     }

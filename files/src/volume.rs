@@ -24,7 +24,7 @@ pub const FILE_BYTES_MAX: u64 = 1 << 40;
 /// The most hard links an inode may have.
 pub const LINKS_MAX: u32 = 65_000;
 /// A volume's chunk size unless it is created with another (see ARCHITECTURE.md for why).
-pub const CHUNK_BYTES_DEFAULT: u32 = 64 << 10;
+pub const CHUNK_BYTES_DEFAULT: u32 = 16 << 10;
 /// The largest chunk size a volume may be created with (well inside a record).
 pub const CHUNK_BYTES_MAX: u32 = 512 << 10;
 /// How many times an operation that lost a race with another writer is tried again.

@@ -1,6 +1,7 @@
 //! The code behind `chunkctl` and `chunkcheck` (the binaries in src/bin are thin CLIs).
 
 pub mod bench;
+pub mod bench_fs;
 pub mod bench_kv;
 pub mod check;
 pub mod cluster_check;

@@ -243,6 +243,23 @@ impl ReadPolicyArg {
 enum BenchCommand {
     /// 4 KiB puts and gets against a running cluster (--dir or --seeds), per client count, with
     /// pwrite+fdatasync of 4 KiB on the local disk measured in the same run.
+    /// A fresh chunkfs volume of the cluster against local ext4 (the cluster's directory),
+    /// job by job with fio: journal (4 KiB writes + fdatasync, 1 and 8 jobs), dsync-append
+    /// (512 B O_DSYNC appends), random-read (4 KiB, 1 and 8 jobs), sequential-write (1 MiB,
+    /// fsync at the end), sequential-read (1 MiB), with `bench kv`'s one-client put rate in
+    /// the same run.
+    Fs {
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Chunk size of the fresh volume (a multiple of 512).
+        #[arg(long, default_value_t = chunkfiles::CHUNK_BYTES_DEFAULT)]
+        chunk_bytes: u32,
+        #[arg(long, default_value = "test")]
+        namespace: String,
+        /// Print the report as one JSON line at the end.
+        #[arg(long)]
+        json: bool,
+    },
     Kv {
         /// Comma-separated client counts.
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
@@ -414,6 +431,26 @@ fn main() -> ExitCode {
             let report = chunkstore_tools::bench_kv::run(&options, |line| eprintln!("{line}"))?;
             if json {
                 println!("{}", serde_json::to_string(&report).expect("report serializes"));
+            }
+            Ok(())
+        })(),
+        Commands::Bench(BenchCommand::Fs { seconds, chunk_bytes, ref namespace, json }) => (|| {
+            let (seeds, local_dir) = match (&cli.seeds, &cli.dir) {
+                (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data")),
+                (_, dir) => {
+                    let dir = dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
+                    (LocalCluster::load(&dir)?.seeds(), dir)
+                }
+            };
+            if !(0.5..=3600.0).contains(&seconds) {
+                anyhow::bail!("--seconds {seconds}: 0.5 to 3600");
+            }
+            let chunkfs = std::env::current_exe()?.with_file_name("chunkfs");
+            let local_dir = std::fs::canonicalize(&local_dir).unwrap_or(local_dir);
+            let options = chunkstore_tools::bench_fs::FsBenchOptions { seeds, local_dir, namespace: namespace.clone(), seconds, chunkfs, chunk_bytes };
+            let report = chunkstore_tools::bench_fs::run(&options, |line| eprintln!("{line}"))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
             }
             Ok(())
         })(),
