@@ -9,7 +9,7 @@
 //!   them first, so a hole never shows old bytes.
 //! - **Writes to one file from one mount are ordered**: they hold the file's state in turn.
 
-use chunkstore::ops::{BatchWrite, GenerationPolicy, Operation, RecordExistsAction, WriteOp};
+use chunkstore_client::ops::{BatchWrite, GenerationPolicy, Operation, RecordExistsAction, WriteOp};
 
 use crate::error::{FsError, FsResult};
 use crate::records::*;

@@ -1,8 +1,8 @@
 //! The file layer's one error enum, and the one mapping from the client's errors to it.
 //! Fronts turn an `FsError` into an errno with `FsError::errno` and nowhere else.
 
-use chunkstore::client::ClientError;
-use chunkstore::protocol::ErrorReply;
+use chunkstore_client::client::ClientError;
+use chunkstore_client::protocol::ErrorReply;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FsError {

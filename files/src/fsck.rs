@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use chunkstore::value::Value;
+use chunkstore_client::value::Value;
 
 use crate::error::{FsError, FsResult};
 use crate::records::*;

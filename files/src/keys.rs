@@ -9,7 +9,7 @@
 //! - a **file's data** (its size record and its chunks) share the partition of (volume, inode),
 //!   so a `write()` (chunks and size together) is one batch in one group.
 
-use chunkstore::key::{Digest, Key, PARTITION_COUNT};
+use chunkstore_client::key::{Digest, Key, PARTITION_COUNT};
 use ripemd::{Digest as _, Ripemd160};
 
 /// The set every file-layer record is in.
@@ -96,7 +96,7 @@ impl VolumeKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chunkstore::key::partition_id;
+    use chunkstore_client::key::partition_id;
 
     /// A file's records share a partition, the tree's records share another.
     #[test]

@@ -13,9 +13,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chunkstore::client::{ClientError, KeptSession};
-use chunkstore::protocol::ErrorReply;
-use chunkstore::{RangeLock, RangeLockKind};
+use chunkstore_client::client::{ClientError, KeptSession};
+use chunkstore_client::protocol::ErrorReply;
+use chunkstore_client::{RangeLock, RangeLockKind};
 
 use crate::error::{FsError, FsResult};
 use crate::volume::{lock, Volume};

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use bincode::Options;
-use chunkstore::value::{Bin, Record, Value};
+use chunkstore_client::value::{Bin, Record, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{FsError, FsResult};
@@ -295,7 +295,7 @@ mod extent_tests {
             let c = i * 1000 + 100;
             assert!(size.extents.iter().any(|&(a, b)| a <= c && c < b), "{c}");
         }
-        let record = Record { set: "s".into(), meta: chunkstore::value::RecordMeta { generation: 3, void_time_secs: 0, last_update_ms: 0 }, bins: size.bins() };
+        let record = Record { set: "s".into(), meta: chunkstore_client::value::RecordMeta { generation: 3, void_time_secs: 0, last_update_ms: 0 }, bins: size.bins() };
         let back = FileSize::from_record(Some(&record)).unwrap();
         assert_eq!(back.extents, size.extents);
         assert_eq!(back.generation, 3);

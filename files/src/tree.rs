@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use chunkstore::ops::{BatchWrite, GenerationPolicy, RecordExistsAction, WriteOp};
-use chunkstore::value::{Bin, Value};
+use chunkstore_client::ops::{BatchWrite, GenerationPolicy, RecordExistsAction, WriteOp};
+use chunkstore_client::value::{Bin, Value};
 
 use crate::error::{FsError, FsResult};
 use crate::records::*;

@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chunkstore::client::Client;
-use chunkstore::ops::{BatchWrite, GenerationPolicy, Operation, RecordExistsAction, Ttl, WriteOp, WritePolicy};
-use chunkstore::value::{Bin, Record, RecordMeta, Value};
-use chunkstore::Key;
+use chunkstore_client::client::Client;
+use chunkstore_client::ops::{BatchWrite, GenerationPolicy, Operation, RecordExistsAction, Ttl, WriteOp, WritePolicy};
+use chunkstore_client::value::{Bin, Record, RecordMeta, Value};
+use chunkstore_client::Key;
 
 use crate::error::{FsError, FsResult};
 use crate::keys::VolumeKeys;
@@ -206,7 +206,7 @@ impl Volume {
         ];
         match client.write_batch(namespace, writes, None) {
             Ok(_) => Ok(()),
-            Err(chunkstore::client::ClientError::Server(chunkstore::protocol::ErrorReply::RecordExists)) => Err(FsError::Exists),
+            Err(chunkstore_client::client::ClientError::Server(chunkstore_client::protocol::ErrorReply::RecordExists)) => Err(FsError::Exists),
             Err(err) => Err(err.into()),
         }
     }

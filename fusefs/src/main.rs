@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use chunkfiles::{Volume, CHUNK_BYTES_DEFAULT};
-use chunkstore::client::{Client, ClientConfig};
+use chunkstore_client::client::{Client, ClientConfig};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]

@@ -1,22 +1,24 @@
-//! chunkstore's store: the per-node storage engine (this crate today), and later the Raft
-//! replication, the `chunkd` server and the client built on it. See ARCHITECTURE.md.
+//! chunkstore's store: the per-node storage engine, the Raft replication and the `chunkd`
+//! server. The client (keys, values, operations, the wire protocol, the blocking client) is
+//! the crate `chunkstore-client`, re-exported here under its old paths. See ARCHITECTURE.md.
 //!
 //! The engine keeps Aerospike's data model: namespace → set → record, records addressed by a
 //! RIPEMD-160 digest, holding bins, with a generation and an optional void time.
 
-pub mod client;
+pub mod async_client;
+pub use chunkstore_client::client;
 pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
 pub mod format;
-pub mod key;
+pub use chunkstore_client::key;
 pub mod meta;
 pub mod node;
 pub mod ops;
 pub mod protocol;
 pub mod raft;
-pub mod value;
+pub use chunkstore_client::value;
 pub mod wal;
 
 pub use config::{DeviceConfig, NamespaceConfig};

@@ -171,7 +171,7 @@ async fn three_nodes_over_tcp_replicate_and_serve_reads() {
     }
     // The async client API, on this test's runtime: routing, writes with their tags, reads.
     let seeds: Vec<String> = addrs.values().cloned().collect();
-    let client = chunkstore::client::AsyncClient::connect(chunkstore::client::ClientConfig::new(seeds)).await.unwrap();
+    let client = chunkstore::async_client::AsyncClient::connect(chunkstore::client::ClientConfig::new(seeds)).await.unwrap();
     let add = vec![Operation::Add { bin: "n".into(), delta: 100 }];
     let (meta, _) = client.operate("test", &Key::new("s", 3i64), add, &WritePolicy::default()).await.unwrap();
     assert_eq!(meta.generation, 2);

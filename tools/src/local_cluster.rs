@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use chunkstore::client::{Client, ClientConfig};
 use serde::{Deserialize, Serialize};
+use chunkstore::meta::ClusterMetaExt as _;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LocalNode {

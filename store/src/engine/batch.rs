@@ -78,7 +78,7 @@ pub(crate) fn check_shape(writes: &[BatchWrite]) -> Result<()> {
 fn mutation_of(op: &WriteOp) -> Result<Mutation<'_>> {
     match op {
         WriteOp::Put(_) | WriteOp::Delete | WriteOp::Touch | WriteOp::Operate(_) => {
-            op.as_mutation().ok_or_else(|| Error::BadRequest(format!("{op:?} cannot be part of a batch")))
+            crate::ops::mutation_of(op).ok_or_else(|| Error::BadRequest(format!("{op:?} cannot be part of a batch")))
         }
         other => Err(Error::BadRequest(format!("{other:?} cannot be part of a batch"))),
     }

@@ -600,7 +600,7 @@ impl Namespace {
         if let Some(writes) = op.batch() {
             return Ok(self.inner.write_batch(writes, replicated)?.map(|meta| (meta, Vec::new())));
         }
-        let mutation = op.as_mutation().ok_or_else(|| Error::BadRequest(format!("{op:?} is not a record write")))?;
+        let mutation = crate::ops::mutation_of(op).ok_or_else(|| Error::BadRequest(format!("{op:?} is not a record write")))?;
         self.inner.write_version(key, policy, mutation, Some(replicated))
     }
 

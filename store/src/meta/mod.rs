@@ -43,48 +43,7 @@ pub const META_WAL_GROUP: GroupId = u32::MAX;
 /// The metadata group has at most this many voters: the lowest node ids.
 pub const META_VOTERS_MAX: usize = 5;
 
-/// A node as the cluster knows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeInfo {
-    pub id: NodeId,
-    /// Address clients connect to.
-    pub client: String,
-    /// Address other nodes connect to (Raft).
-    pub peer: String,
-    /// The rack (or zone) the node declares: a group's replicas go to distinct racks where
-    /// there are enough. None: the node is a rack of its own.
-    pub rack: Option<String>,
-}
-
-/// A namespace as the cluster knows it (engine settings are each node's own).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NamespaceInfo {
-    pub name: String,
-    pub replication_factor: u32,
-    pub groups: u32,
-    /// Voters of each group, preferred leader first: the group's membership once its last
-    /// move finished.
-    pub placement: Vec<Vec<NodeId>>,
-    /// Groups being moved to new replicas (group → its replicas after the move, preferred
-    /// leader first). A node in a move's replicas hosts the group (as a learner until the
-    /// group's membership changes).
-    pub moves: BTreeMap<u32, Vec<NodeId>>,
-}
-
-/// The replicated cluster metadata.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterMeta {
-    /// Every node the cluster knows, sorted by id.
-    pub nodes: Vec<NodeInfo>,
-    /// The nodes that own data, ascending (Aerospike's roster): groups are placed over these.
-    pub roster: Vec<NodeId>,
-    /// The metadata group's voters: the lowest ids when the cluster was bootstrapped, then as
-    /// the group's own membership changes (the state machine copies each membership it
-    /// applies here; see `metadata_voters_target`).
-    pub metadata_voters: Vec<NodeId>,
-    /// Sorted by name.
-    pub namespaces: Vec<NamespaceInfo>,
-}
+pub use chunkstore_client::cluster::{ClusterMeta, NamespaceInfo, NodeInfo};
 
 /// How many groups of the whole cluster move to new replicas at once.
 pub const MOVES_AT_ONCE: usize = 2;
@@ -92,10 +51,24 @@ pub const MOVES_AT_ONCE: usize = 2;
 /// A namespace as a configuration file declares it: (name, replication factor, groups).
 pub type NamespaceDecl = (String, u32, u32);
 
-impl ClusterMeta {
+/// What the nodes compute from the cluster metadata (the data types are the client's, which
+/// receives them in `Response::ClusterMeta`).
+pub trait ClusterMetaExt {
+    fn from_config(nodes: Vec<NodeInfo>, namespaces: &[NamespaceDecl]) -> ClusterMeta;
+    fn targets(&self, ns: &NamespaceInfo) -> Vec<Vec<NodeId>>;
+    fn metadata_voters_target(&self, current: &[NodeId], live: impl Fn(NodeId) -> bool) -> Vec<NodeId>;
+    fn hosts(&self, ns: &NamespaceInfo, group: u32, node: NodeId) -> bool;
+    fn check_roster(&self, roster: &[NodeId]) -> Result<(), String>;
+    fn check_forget(&self, node: NodeId) -> Result<(), String>;
+    fn balance(&self) -> Vec<(String, u32, u32)>;
+    fn preferred_leaders(&self) -> BTreeMap<String, Vec<NodeId>>;
+    fn differences(&self, configured: &ClusterMeta, me: NodeId) -> Vec<String>;
+}
+
+impl ClusterMetaExt for ClusterMeta {
     /// The metadata a configuration describes: its nodes, and its namespaces with each group's
     /// replicas placed over the nodes (`ClusterMeta::targets`).
-    pub fn from_config(mut nodes: Vec<NodeInfo>, namespaces: &[NamespaceDecl]) -> ClusterMeta {
+    fn from_config(mut nodes: Vec<NodeInfo>, namespaces: &[NamespaceDecl]) -> ClusterMeta {
         nodes.sort_by_key(|n| n.id);
         let ids: Vec<NodeId> = nodes.iter().map(|n| n.id).collect();
         let mut cluster =
@@ -121,7 +94,7 @@ impl ClusterMeta {
     /// Where each group of `ns` belongs under the current roster (preferred leader first):
     /// placed as a whole over the roster, balanced, on distinct racks where there are enough
     /// (`placement::place_namespace`).
-    pub fn targets(&self, ns: &NamespaceInfo) -> Vec<Vec<NodeId>> {
+    fn targets(&self, ns: &NamespaceInfo) -> Vec<Vec<NodeId>> {
         let racked: Vec<(NodeId, Option<&str>)> =
             self.roster.iter().map(|id| (*id, self.node(*id).and_then(|n| n.rack.as_deref()))).collect();
         placement::place_namespace(&ns.name, ns.groups, &racked, ns.replication_factor as usize)
@@ -136,7 +109,7 @@ impl ClusterMeta {
     /// and the live spare nodes allow: a cluster started on one node gets three voters once it
     /// has three, so the metadata no longer lives on one disk. Never to an even size: four
     /// voters survive no more failures than three.
-    pub fn metadata_voters_target(&self, current: &[NodeId], live: impl Fn(NodeId) -> bool) -> Vec<NodeId> {
+    fn metadata_voters_target(&self, current: &[NodeId], live: impl Fn(NodeId) -> bool) -> Vec<NodeId> {
         let rack = |id: NodeId| self.node(id).and_then(|n| n.rack.clone());
         let mut kept: Vec<NodeId> = current.iter().copied().filter(|id| self.roster.contains(id)).collect();
         let mut spare: Vec<NodeId> = self.roster.iter().copied().filter(|id| !current.contains(id) && live(*id)).collect();
@@ -162,13 +135,13 @@ impl ClusterMeta {
 
     /// Whether `node` hosts a replica of `group` of `ns`: it is a voter, or a move takes the
     /// group to it.
-    pub fn hosts(&self, ns: &NamespaceInfo, group: u32, node: NodeId) -> bool {
+    fn hosts(&self, ns: &NamespaceInfo, group: u32, node: NodeId) -> bool {
         ns.placement.get(group as usize).is_some_and(|r| r.contains(&node)) || ns.moves.get(&group).is_some_and(|r| r.contains(&node))
     }
 
     /// Why `roster` cannot be the roster, if it cannot: unknown nodes, or fewer nodes than a
     /// namespace's replication factor.
-    pub fn check_roster(&self, roster: &[NodeId]) -> Result<(), String> {
+    fn check_roster(&self, roster: &[NodeId]) -> Result<(), String> {
         if let Some(unknown) = roster.iter().find(|id| self.node(**id).is_none()) {
             let known: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
             return Err(format!("node {unknown} is not a node of the cluster (its nodes: {known:?})"));
@@ -191,7 +164,7 @@ impl ClusterMeta {
     }
 
     /// Why `node` cannot leave the node list, if it cannot.
-    pub fn check_forget(&self, node: NodeId) -> Result<(), String> {
+    fn check_forget(&self, node: NodeId) -> Result<(), String> {
         if self.node(node).is_none() {
             return Err(format!("node {node} is not a node of the cluster"));
         }
@@ -213,7 +186,7 @@ impl ClusterMeta {
 
     /// Groups whose voters differ from where the roster puts them, moves in progress included:
     /// (groups placed, groups in all), per namespace.
-    pub fn balance(&self) -> Vec<(String, u32, u32)> {
+    fn balance(&self) -> Vec<(String, u32, u32)> {
         self.namespaces
             .iter()
             .map(|ns| {
@@ -231,7 +204,7 @@ impl ClusterMeta {
     /// First, group by group, the voter preferred for the fewest groups so far (ties to the
     /// placement's order); then groups move from a node preferred for two more than another of
     /// their voters, until none does. Every node computes the same from the same metadata.
-    pub fn preferred_leaders(&self) -> BTreeMap<String, Vec<NodeId>> {
+    fn preferred_leaders(&self) -> BTreeMap<String, Vec<NodeId>> {
         let mut count: BTreeMap<NodeId, usize> = BTreeMap::new();
         let load = |count: &BTreeMap<NodeId, usize>, id: &NodeId| count.get(id).copied().unwrap_or(0);
         let mut chosen: Vec<Vec<Option<NodeId>>> = Vec::with_capacity(self.namespaces.len());
@@ -275,19 +248,11 @@ impl ClusterMeta {
             .collect()
     }
 
-    pub fn node(&self, id: NodeId) -> Option<&NodeInfo> {
-        self.nodes.iter().find(|n| n.id == id)
-    }
-
-    pub fn namespace(&self, name: &str) -> Option<&NamespaceInfo> {
-        self.namespaces.iter().find(|n| n.name == name)
-    }
-
     /// How a node's configuration (`configured`, from `from_config`) disagrees with this
     /// metadata, one line per difference; empty when it agrees. Placement and roster are not
     /// compared (the stored ones win), nor nodes the cluster gained after this node's
     /// configuration was written; `me` may be new to the cluster (it joins).
-    pub fn differences(&self, configured: &ClusterMeta, me: NodeId) -> Vec<String> {
+    fn differences(&self, configured: &ClusterMeta, me: NodeId) -> Vec<String> {
         let mut out = Vec::new();
         for node in &configured.nodes {
             match self.node(node.id) {

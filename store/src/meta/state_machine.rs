@@ -19,6 +19,7 @@ use super::{ClusterMeta, Leases, MetaCommand, MetaResult, MetaTypeConfig, META_W
 use crate::raft::log_store::append_durable;
 use crate::raft::NodeId;
 use crate::wal::{Wal, WalOp};
+use crate::meta::ClusterMetaExt as _;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;

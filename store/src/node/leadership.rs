@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use super::{Group, Node};
 use crate::protocol::{ErrorReply, Request, Response};
 use crate::raft::NodeId;
+use crate::meta::ClusterMetaExt as _;
 
 /// How often a node looks at the groups it leads.
 const POLL: Duration = Duration::from_secs(1);

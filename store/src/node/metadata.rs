@@ -44,6 +44,7 @@ use crate::meta::{self, ClusterMeta, MetaRaft, MetaTypeConfig, META_NAMESPACE, M
 use crate::protocol::{ErrorReply, Request, Response};
 use crate::raft::{GroupLogStore, NodeId};
 use super::raft_network::GroupNetwork;
+use crate::meta::ClusterMetaExt as _;
 
 /// This node's member of the metadata group.
 pub(crate) struct MetaGroup {

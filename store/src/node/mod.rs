@@ -45,6 +45,7 @@ use crate::raft::{group_of, Outcome, Refusal, Command, CommandResult, GroupLogSt
 use crate::wal::{Wal, WalConfig};
 use crate::NamespaceConfig;
 use raft_network::{GroupNetwork, RaftReply, RaftRpc};
+use crate::meta::ClusterMetaExt as _;
 
 /// One namespace as a node hosts it.
 #[derive(Clone, Debug)]

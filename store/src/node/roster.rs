@@ -35,6 +35,7 @@ use super::{metadata, Node, NodeConfig};
 use crate::meta::{self, ClusterMeta, MetaCommand, MetaResult, NodeInfo};
 use crate::protocol::{ErrorReply, MoveStage, Request, Response};
 use crate::raft::NodeId;
+use crate::meta::ClusterMetaExt as _;
 
 /// How often a node compares the groups it hosts with the cluster metadata.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);

@@ -29,11 +29,7 @@ pub mod types;
 pub use log_store::GroupLogStore;
 pub use state_machine::{recorded_engine_points, GroupStateMachine};
 pub use sessions::{Outcome, Refusal, Sessions};
-pub use types::{Command, CommandResult, NodeId, RaftInstance, RangeLockHeld, TypeConfig, WriteFailure};
+pub use crate::ops::RangeLockHeld;
+pub use types::{Command, CommandResult, NodeId, RaftInstance, TypeConfig, WriteFailure};
 
-use crate::key::{partition_id, Digest};
-
-/// The Raft group of a record in a namespace with `groups` groups (a power of two).
-pub fn group_of(digest: &Digest, groups: u32) -> u32 {
-    partition_id(digest) as u32 % groups
-}
+pub use crate::key::group_of;

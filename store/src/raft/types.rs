@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::key::Key;
 use super::sessions::{Outcome, Refusal};
-use crate::ops::{OpResult, WriteOp, WritePolicy};
+use crate::ops::{OpResult, RangeLockHeld, WriteOp, WritePolicy};
 use crate::protocol::WriteTag;
 use crate::value::RecordMeta;
 
@@ -59,16 +59,6 @@ pub enum WriteFailure {
     RangeLockHeld(RangeLockHeld),
 }
 
-/// The byte-range lock in the way of a `WriteOp::RangeLock`: whose, which bytes, which kind.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RangeLockHeld {
-    pub session: u64,
-    pub owner: u64,
-    pub pid: u32,
-    pub start: u64,
-    pub end: u64,
-    pub exclusive: bool,
-}
 
 impl WriteFailure {
     /// The refusal an engine error stands for, or `None` for errors that are not answers

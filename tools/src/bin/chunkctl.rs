@@ -11,6 +11,7 @@ use chunkstore::{Bin, Key, Operation, Value, WritePolicy};
 use chunkstore_tools::bench::{self, BenchOptions};
 use chunkstore_tools::local_cluster::{self, LocalCluster};
 use clap::{Parser, Subcommand};
+use chunkstore::meta::ClusterMetaExt as _;
 
 #[derive(Parser)]
 #[command(name = "chunkctl", about = "Operate and benchmark chunkstore")]

@@ -14,6 +14,7 @@ use super::clock;
 use super::net::{Cut, Firewall};
 use super::packets::{PacketQueue, PacketStats, Shape};
 use crate::local_cluster::{self, LocalCluster, LocalNode, UpOptions};
+use chunkstore::meta::ClusterMetaExt as _;
 
 /// One node of the cluster under test.
 pub struct TestNode {

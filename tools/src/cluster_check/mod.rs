@@ -29,6 +29,7 @@ use crate::history::{operations, Edn, Event, EventType};
 use cluster::TestCluster;
 use nemesis::{NemesisKind, PlannedFault};
 use workload::{Invocation, Shared, Workload};
+use chunkstore::meta::ClusterMetaExt as _;
 
 /// Everything a run is told.
 #[derive(Clone, Debug)]

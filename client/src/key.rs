@@ -97,3 +97,8 @@ impl From<Vec<u8>> for UserKey {
         UserKey::Bytes(value)
     }
 }
+
+/// The Raft group of a record in a namespace with `groups` groups (a power of two).
+pub fn group_of(digest: &Digest, groups: u32) -> u32 {
+    partition_id(digest) as u32 % groups
+}

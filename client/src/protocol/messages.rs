@@ -6,7 +6,7 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use crate::key::Key;
-use crate::meta::{ClusterMeta, NodeInfo};
+use crate::cluster::{ClusterMeta, NodeInfo};
 use crate::ops::{OpResult, WriteOp, WritePolicy};
 use crate::value::{Record, RecordMeta};
 
@@ -284,7 +284,7 @@ pub enum ErrorReply {
     #[error("group {namespace}/{group} is dead: a majority of its replicas lost their copy; `chunkctl revive {namespace} {group}` rebuilds it from the best surviving replica")]
     PartitionDead { namespace: String, group: u32 },
     #[error("a byte-range lock is in the way: {0:?}")]
-    RangeLockHeld(crate::raft::RangeLockHeld),
+    RangeLockHeld(crate::ops::RangeLockHeld),
 }
 
 fn options(limit: usize) -> impl Options {

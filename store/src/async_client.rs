@@ -1,12 +1,13 @@
 //! The async API: `AsyncClient`, for callers already on a tokio runtime (chunkctl's tools, a
 //! future async file layer). It drives the blocking `Client` on tokio's blocking thread pool,
-//! so the routing, retry and exactly-once rules are the one implementation in client/mod.rs
+//! so the routing, retry and exactly-once rules are the one implementation in the client
+//! crate (client/src/client/mod.rs)
 //! and a call never blocks the caller's runtime threads. The cost is one hand-off to the
 //! blocking pool per call (tens of microseconds).
 
 use std::sync::Arc;
 
-use super::{Client, ClientConfig, ClientError};
+use crate::client::{Client, ClientConfig, ClientError};
 use crate::key::Key;
 use crate::ops::{OpResult, Operation, WriteOp, WritePolicy};
 use crate::protocol::{ClusterMap, ErrorReply, ReadPolicy};
@@ -35,7 +36,7 @@ impl AsyncClient {
     }
 
     pub async fn get(&self, namespace: &str, key: &Key, bins: Option<Vec<String>>) -> Result<Option<Record>, ClientError> {
-        let read = self.inner.config.read_policy;
+        let read = self.inner.config().read_policy;
         self.get_with(namespace, key, bins, read).await
     }
 

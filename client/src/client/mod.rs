@@ -26,11 +26,9 @@
 //!   before any attempt could have been applied).
 //! - **A forked child never reuses its parent's client id or connections.**
 
-mod async_client;
 mod connection;
 mod kept_session;
 
-pub use async_client::AsyncClient;
 pub use kept_session::KeptSession;
 
 use std::collections::{BTreeSet, HashMap};
@@ -43,7 +41,7 @@ use connection::BlockingConnection;
 use crate::key::Key;
 use crate::ops::{OpResult, Operation, WriteOp, WritePolicy};
 use crate::protocol::{ClusterMap, ErrorReply, ReadPolicy, Request, Response, WriteTag};
-use crate::raft::group_of;
+use crate::key::group_of;
 use crate::value::{Bin, Record, RecordMeta};
 
 /// What `Client::revive` did (see `Response::Revived`).
@@ -160,6 +158,11 @@ impl Client {
         let map = client.refresh_map()?;
         client.identity.lock().unwrap().born_ms = map.now_ms;
         Ok(client)
+    }
+
+    /// The configuration the client was connected with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
     }
 
     pub fn cluster_map(&self) -> ClusterMap {
@@ -378,7 +381,7 @@ impl Client {
 
     /// The cluster metadata (nodes, roster, each group's replicas and moves), as the metadata
     /// leader confirms it.
-    pub fn cluster_meta(&self) -> Result<crate::meta::ClusterMeta, ClientError> {
+    pub fn cluster_meta(&self) -> Result<crate::cluster::ClusterMeta, ClientError> {
         match self.meta_routed(&Request::ClusterMeta)? {
             Response::ClusterMeta { cluster: Some(cluster), .. } => Ok(cluster),
             other => Err(unexpected(other)),
@@ -839,17 +842,39 @@ fn unexpected(response: Response) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::transport;
-    use crate::protocol::NamespaceMap;
+    use crate::protocol::{decode_body, decode_frame, encode_body, Frame, FrameKind, NamespaceMap, FRAME_BYTES_MAX_DEFAULT};
+    use std::io::{Read, Write};
     use std::sync::Arc;
 
-    /// Answers every request with the same cluster map.
-    struct MapServer(ClusterMap);
-
-    impl transport::Handler for MapServer {
-        async fn handle(&self, _request: Request) -> Response {
-            Response::ClusterMap(self.0.clone())
-        }
+    /// A server for tests, on plain threads: answers every request to `listener` with
+    /// `answer`.
+    fn serve(listener: std::net::TcpListener, answer: Arc<dyn Fn(Request) -> Response + Send + Sync>) {
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let answer = answer.clone();
+                std::thread::spawn(move || {
+                    let mut stream = stream;
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Ok(Some((frame, used))) = decode_frame(&buf, FRAME_BYTES_MAX_DEFAULT) {
+                            buf.drain(..used);
+                            let Ok(request) = decode_body::<Request>(&frame.body, FRAME_BYTES_MAX_DEFAULT) else { return };
+                            let body = encode_body(&answer(request), FRAME_BYTES_MAX_DEFAULT).unwrap();
+                            let mut out = Vec::new();
+                            Frame { kind: FrameKind::Response, request_id: frame.request_id, body }.encode(&mut out);
+                            if stream.write_all(&out).is_err() {
+                                return;
+                            }
+                        }
+                        match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
     }
 
     /// A leader that did not answer (nor a probe: nothing listens at nodes 2 and 3) is passed
@@ -858,8 +883,7 @@ mod tests {
     /// window passed, the leader is asked again; a leader that answers the probe stays in use.
     #[test]
     fn a_leader_that_did_not_answer_is_passed_over_while_the_replicas_still_name_it() {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let server = listener.local_addr().unwrap().to_string();
         let nodes: Vec<(u64, String)> = vec![(1, server.clone()), (2, "127.0.0.1:9".into()), (3, "127.0.0.1:11".into())];
         let namespace = NamespaceMap {
@@ -871,7 +895,8 @@ mod tests {
             ..NamespaceMap::default()
         };
         let map = ClusterMap { nodes: nodes.clone(), namespaces: vec![namespace], ..ClusterMap::default() };
-        runtime.spawn(transport::serve(listener, Arc::new(MapServer(map))));
+        // Answers every request with the same cluster map.
+        serve(listener, Arc::new(move |_| Response::ClusterMap(map.clone())));
         let client = Client::connect(ClientConfig::new(vec![server.clone()])).unwrap();
         let address = |id: u64| nodes[id as usize - 1].1.clone();
         assert_eq!(client.leader_address("test", 0), Some(address(2)), "a leader that answers is asked");
@@ -911,8 +936,8 @@ mod tests {
         elected: Duration,
     }
 
-    impl transport::Handler for ElectingServer {
-        async fn handle(&self, request: Request) -> Response {
+    impl ElectingServer {
+        fn handle(&self, request: Request) -> Response {
             match request {
                 Request::SessionKeepAlive { .. } => {
                     let first = *self.first.lock().unwrap().get_or_insert_with(Instant::now);
@@ -934,13 +959,13 @@ mod tests {
     /// must not age by the time the election took.
     #[test]
     fn a_renewal_counts_from_the_attempt_the_leader_answered() {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let server_address = listener.local_addr().unwrap().to_string();
         let map = ClusterMap { nodes: vec![(1, server_address.clone())], metadata_voters: vec![1], metadata_leader: Some(1), ..ClusterMap::default() };
         let elected = Duration::from_millis(600);
         let server = Arc::new(ElectingServer { map, first: Mutex::new(None), last_refused: Mutex::new(None), elected });
-        runtime.spawn(transport::serve(listener, server.clone()));
+        let answering = server.clone();
+        serve(listener, Arc::new(move |request| answering.handle(request)));
         let client = Client::connect(ClientConfig::new(vec![server_address])).unwrap();
         let called = Instant::now();
         let (ttl, sent_at) = client.keep_alive_sent(7).unwrap();
