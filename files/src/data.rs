@@ -61,7 +61,7 @@ impl Volume {
 
     /// Deletes what a cut-short shrink left above the size (before the file grows), at most
     /// `DELETES_PER_BATCH_MAX` chunks an entry, the highest first.
-    fn finish_shrink(&self, ino: u64, size: &mut FileSize) -> FsResult<()> {
+    pub(crate) fn finish_shrink(&self, ino: u64, size: &mut FileSize) -> FsResult<()> {
         let first = self.chunks_for(size.size);
         loop {
             let doomed: Vec<u64> = size.chunks_from(first).take(DELETES_PER_BATCH_MAX as usize).collect();
@@ -92,6 +92,9 @@ impl Volume {
         }
         if data.is_empty() {
             return Ok(0);
+        }
+        if self.buffered.is_some() {
+            return self.write_buffered(ino, offset, data);
         }
         self.with_file(ino, |size| {
             if end > size.size {
@@ -126,12 +129,13 @@ impl Volume {
         })
     }
 
-    /// Reads up to `len` bytes at `offset` (fewer at the end of the file; holes read as zeros).
+    /// Reads up to `len` bytes at `offset` (fewer at the end of the file; holes read as zeros),
+    /// with this mount's writes not committed yet (`--durability fsync`) over them.
     pub fn read(&self, ino: u64, offset: u64, len: u32) -> FsResult<Vec<u8>> {
-        let size = {
+        let (committed, overlay) = {
             let file = self.file(ino);
             let mut state = lock(&file);
-            match state.size {
+            let committed = match state.size {
                 Some(ref size) => size.size,
                 None => {
                     let size = self.read_size(ino)?;
@@ -139,8 +143,26 @@ impl Volume {
                     state.size = Some(size);
                     bytes
                 }
-            }
+            };
+            (committed, state.dirty.overlay(offset, len as u64, self.chunk_bytes))
         };
+        let mut out = self.read_committed(ino, offset, len, committed)?;
+        if let Some((dirty_size, pieces)) = overlay {
+            let end = dirty_size.min(offset.saturating_add(len as u64));
+            out.resize(end.saturating_sub(offset) as usize, 0);
+            for (at, bytes) in pieces {
+                let from = at.max(offset);
+                let to = (at + bytes.len() as u64).min(end);
+                if from < to {
+                    out[(from - offset) as usize..(to - offset) as usize].copy_from_slice(&bytes[(from - at) as usize..(to - at) as usize]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the cluster holds of the range, the file's size being `size`.
+    fn read_committed(&self, ino: u64, offset: u64, len: u32, size: u64) -> FsResult<Vec<u8>> {
         if offset >= size {
             return Ok(Vec::new());
         }
@@ -204,6 +226,7 @@ impl Volume {
             Kind::Dir => return Err(FsError::IsDir),
             _ => return Err(FsError::Invalid("truncate of a special file".into())),
         }
+        self.flush(ino)?;
         self.invalidate(ino);
         self.with_file(ino, |size| {
             let now = now_ns();

@@ -14,6 +14,7 @@
 pub mod error;
 pub mod keys;
 pub mod records;
+mod buffered;
 mod data;
 mod fsck;
 mod locks;

@@ -439,7 +439,10 @@ impl Volume {
             Ok((inode, _)) if inode.nlink > 0 => return Ok(()),
             Err(FsError::NotFound) => {}
             Err(err) => return Err(err),
-            Ok(_) => self.free_data(ino)?,
+            Ok(_) => {
+                self.drop_held(ino);
+                self.free_data(ino)?
+            }
         }
         self.change(|txn| {
             match txn.peek(ino) {
@@ -455,6 +458,8 @@ impl Volume {
 
     /// Changes an inode's attributes; a size change goes to the file's data (`truncate`).
     pub fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
+        // Held writes (`--durability fsync`) go first: a new size or mtime applies after them.
+        self.flush(ino)?;
         if let Some(size) = set.size {
             self.truncate(ino, size)?;
         }

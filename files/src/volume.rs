@@ -93,6 +93,8 @@ pub struct SetAttr {
 #[derive(Default)]
 pub(crate) struct FileState {
     pub size: Option<FileSize>,
+    /// Writes not committed yet (`--durability fsync`).
+    pub dirty: crate::buffered::Dirty,
 }
 
 /// A volume of the file layer, as one mount (or one process of the shim) sees it. Every method
@@ -110,6 +112,10 @@ pub struct Volume {
     /// Serializes this mount's namespace changes (other mounts are caught by generations).
     pub(crate) tree: Mutex<()>,
     pub(crate) files: Mutex<HashMap<u64, Arc<Mutex<FileState>>>>,
+    /// With `--durability fsync`: how many bytes writes may hold uncommitted (None: every
+    /// write commits before it returns), and how many they hold now.
+    pub(crate) buffered: Option<usize>,
+    pub(crate) dirty_bytes: std::sync::atomic::AtomicUsize,
 }
 
 pub(crate) fn never_expire(exists: RecordExistsAction, generation: GenerationPolicy) -> WritePolicy {
@@ -165,6 +171,8 @@ impl Volume {
             inodes: Mutex::new((0, 0)),
             tree: Mutex::new(()),
             files: Mutex::new(HashMap::new()),
+            buffered: None,
+            dirty_bytes: Default::default(),
         })
     }
 
@@ -304,8 +312,13 @@ impl Volume {
                     attr.size = size.size;
                     attr.mtime_ns = size.mtime_ns;
                     attr.ctime_ns = attr.ctime_ns.max(size.ctime_ns);
-                    attr.blocks = size.size.div_ceil(512);
                 }
+                if let Some((dirty_size, written_ns)) = self.dirty_size(ino) {
+                    attr.size = dirty_size;
+                    attr.mtime_ns = written_ns;
+                    attr.ctime_ns = attr.ctime_ns.max(written_ns);
+                }
+                attr.blocks = attr.size.div_ceil(512);
             }
             Kind::Symlink => attr.size = inode.target.len() as u64,
             Kind::Dir => attr.size = 4096,

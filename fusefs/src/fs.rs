@@ -164,6 +164,14 @@ impl ChunkFs {
         }
     }
 
+    /// Commits the writes held for a file; a failure counts for every descriptor open on it.
+    fn commit(&self, ino: u64) -> FsResult<()> {
+        self.volume.flush(ino).inspect_err(|err| {
+            *lock(&self.failures).entry(ino).or_insert(0) += 1;
+            tracing::error!(ino, error = %err, "committing held writes failed: reported to every descriptor open on the file");
+        })
+    }
+
     /// EIO if a write to the file failed since this descriptor last asked.
     fn check_failures(&self, fh: FileHandle) -> FsResult<()> {
         let mut handles = lock(&self.handles);
@@ -195,6 +203,13 @@ impl ChunkFs {
 }
 
 impl Filesystem for ChunkFs {
+    /// Unmounting: held writes are committed before the process goes.
+    fn destroy(&mut self) {
+        if let Err(err) = self.volume.flush_all() {
+            tracing::error!(error = %err, "committing held writes at unmount failed");
+        }
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         self.start_reaper()?;
         // fcntl record locks come to us (and go to the cluster); flock stays with the kernel
@@ -361,11 +376,13 @@ impl Filesystem for ChunkFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        guarded("write", || match self.volume.write(ino.0, offset, data) {
+        // An O_SYNC or O_DSYNC write returns once committed (with held writes: commit now).
+        let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        guarded("write", || match self.volume.write(ino.0, offset, data).and_then(|n| if sync { self.volume.flush(ino.0).map(|()| n) } else { Ok(n) }) {
             Ok(written) => reply.written(written as u32),
             Err(err) => {
                 if matches!(err, FsError::Io(_)) {
@@ -381,11 +398,12 @@ impl Filesystem for ChunkFs {
     /// sends no unlock of its own), then reports a failed write as close(2) may.
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         guarded("flush", || {
+            let committed = self.commit(ino.0);
             let unlocked = match self.volume.has_locks(ino.0) {
                 true => self.volume.lock_range(ino.0, lock_owner.0, 0, 0, u64::MAX, LockKind::Unlock, false),
                 false => Ok(()),
             };
-            match unlocked.and_then(|()| self.check_failures(fh)) {
+            match committed.and(unlocked).and_then(|()| self.check_failures(fh)) {
                 Ok(()) => reply.ok(),
                 Err(err) => reply.error(errno(&err)),
             }
@@ -439,10 +457,11 @@ impl Filesystem for ChunkFs {
         })
     }
 
-    /// Every write was committed before it was answered: fsync reports a write that failed
-    /// since this descriptor last asked (EIO), and never succeeds over one.
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        guarded("fsync", || match self.check_failures(fh) {
+    /// Commits what the mount holds of the file (`--durability fsync`; with the default every
+    /// write was committed before it was answered), then reports a write that failed since
+    /// this descriptor last asked (EIO): it never succeeds over one.
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        guarded("fsync", || match self.commit(ino.0).and_then(|()| self.check_failures(fh)) {
             Ok(()) => reply.ok(),
             Err(err) => reply.error(errno(&err)),
         })

@@ -24,8 +24,8 @@ struct Cli {
 pub enum Durability {
     /// Every write() returns once committed to device on a quorum (the default).
     Write,
-    /// Writes are buffered until fsync, fdatasync, close or an O_SYNC/O_DSYNC write (not built
-    /// yet: refused at start).
+    /// Writes are held in memory (up to --dirty-bytes-max for the mount) until fsync,
+    /// fdatasync, close or an O_SYNC/O_DSYNC write commits them.
     Fsync,
 }
 
@@ -50,6 +50,10 @@ enum Commands {
         /// Chunk size of a volume created by this mount (a multiple of 512).
         #[arg(long, default_value_t = CHUNK_BYTES_DEFAULT)]
         chunk_bytes: u32,
+        /// With --durability fsync: most bytes of writes held uncommitted by the mount, in MiB
+        /// (past it, a write commits its file's held writes before returning).
+        #[arg(long, default_value_t = 64)]
+        dirty_mib_max: usize,
         /// Requests served at once.
         #[arg(long, default_value_t = 16)]
         threads: usize,
@@ -84,8 +88,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Commands::Mount { seeds, dir, volume, namespace, durability, chunk_bytes, threads, lease_ms, request_timeout_ms, mountpoint } => {
-            mount(seeds, dir, &volume, &namespace, durability, chunk_bytes, threads, lease_ms, request_timeout_ms, &mountpoint)
+        Commands::Mount { seeds, dir, volume, namespace, durability, chunk_bytes, dirty_mib_max, threads, lease_ms, request_timeout_ms, mountpoint } => {
+            mount(seeds, dir, &volume, &namespace, durability, chunk_bytes, dirty_mib_max, threads, lease_ms, request_timeout_ms, &mountpoint)
         }
     };
     match result {
@@ -105,6 +109,7 @@ fn mount(
     namespace: &str,
     durability: Durability,
     chunk_bytes: u32,
+    dirty_mib_max: usize,
     threads: usize,
     lease_ms: u64,
     request_timeout_ms: u64,
@@ -116,8 +121,8 @@ fn mount(
     // Before any thread starts (the lease's renewals): every thread inherits the mask, and
     // only the signal thread of `serve` takes them.
     let signals = fs::block_termination_signals();
-    if durability == Durability::Fsync {
-        bail!("--durability fsync is not built yet; --durability write (the default) commits every write");
+    if !(1..=65536).contains(&dirty_mib_max) {
+        bail!("--dirty-mib-max {dirty_mib_max}: 1 to 65536");
     }
     if !(1..=256).contains(&threads) {
         bail!("--threads {threads}: 1 to 256");
@@ -132,8 +137,11 @@ fn mount(
     let mut config = ClientConfig::new(seeds.clone());
     config.timeout = Duration::from_millis(request_timeout_ms);
     let client = Client::connect(config).with_context(|| format!("connecting to the cluster at {}", seeds.join(",")))?;
-    let volume = Volume::open(Arc::new(client), namespace, volume, Some(chunk_bytes))
+    let mut volume = Volume::open(Arc::new(client), namespace, volume, Some(chunk_bytes))
         .map_err(|e| anyhow::anyhow!("opening volume {volume} in namespace {namespace}: {e}"))?;
+    if durability == Durability::Fsync {
+        volume.set_buffered(dirty_mib_max << 20);
+    }
     volume.start_lease(Duration::from_millis(lease_ms)).map_err(|e| anyhow::anyhow!("opening the mount's lease session: {e}"))?;
     fs::serve(volume, mountpoint, threads, signals)
 }
