@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -588,9 +589,19 @@ pub fn serve(volume: Volume, mountpoint: &Path, threads: usize, signals: libc::s
     config.acl = SessionACL::All;
     config.n_threads = Some(threads);
     let fs = ChunkFs::new(volume);
-    let mut session = fuser::Session::new(fs, mountpoint, &config).with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    // Mounted by this process where it may (root), with the source "PROGRAM#chunkfs:VOLUME":
+    // mount.fuse, which util-linux hands `mount -o remount,ro|rw MOUNTPOINT` to, then runs
+    // this program as the mount helper (`remount_as_helper`). Else through fuser's mount code.
+    let (mut session, ours) = match mount_typed(mountpoint, &name) {
+        Ok(fd) => (fuser::Session::from_fd(fs, fd, SessionACL::All, config).context("starting the FUSE session")?, true),
+        Err(err) => {
+            tracing::info!(error = %err, "mounting as fuse.chunkfs failed: mounting through fuser");
+            (fuser::Session::new(fs, mountpoint, &config).with_context(|| format!("mounting at {}", mountpoint.display()))?, false)
+        }
+    };
     let mut unmounter = session.unmount_callable();
     let mountpoint_text = mountpoint.display().to_string();
+    let target = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()).context("the mountpoint's path holds a NUL byte")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -598,7 +609,8 @@ pub fn serve(volume: Volume, mountpoint: &Path, threads: usize, signals: libc::s
             // SAFETY: waits for one of the blocked signals of `signals`.
             unsafe { libc::sigwait(&signals, &mut signal) };
             tracing::info!(signal, "unmounting {mountpoint_text}");
-            if let Err(err) = unmounter.unmount() {
+            let result = if ours { unmount(&target) } else { unmounter.unmount() };
+            if let Err(err) = result {
                 eprintln!("chunkfs: unmounting {mountpoint_text}: {err}");
             }
         })
@@ -606,4 +618,40 @@ pub fn serve(volume: Volume, mountpoint: &Path, threads: usize, signals: libc::s
     eprintln!("chunkfs: volume {name} mounted at {}", mountpoint.display());
     session.run().context("serving the mount")?;
     Ok(())
+}
+
+/// Mounts a FUSE file system at `mountpoint` with mount(2) (root only), with the options fuser
+/// gives its own mounts and the source "PROGRAM#chunkfs:VOLUME"; returns the /dev/fuse
+/// descriptor.
+fn mount_typed(mountpoint: &Path, name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let fuse = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse")?;
+    let fd: OwnedFd = fuse.into();
+    let root_mode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
+    // SAFETY: plain getters.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let data = format!("fd={},rootmode={root_mode:o},user_id={uid},group_id={gid},default_permissions,allow_other", fd.as_raw_fd());
+    let cstr = |s: &[u8]| std::ffi::CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    let program = std::env::current_exe()?;
+    let source = format!("{}#chunkfs:{name}", program.display());
+    let (source, target, fstype, data) = (cstr(source.as_bytes())?, cstr(mountpoint.as_os_str().as_bytes())?, cstr(b"fuse")?, cstr(data.as_bytes())?);
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), libc::MS_NOSUID | libc::MS_NODEV, data.as_ptr().cast()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Unmounts what `mount_typed` mounted (lazily if it is busy).
+fn unmount(target: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    match unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }

@@ -86,6 +86,18 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    // As mount(8)'s helper (`mount -o remount,ro MOUNTPOINT` runs mount.fuse, which runs
+    // `chunkfs SOURCE MOUNTPOINT -o OPTIONS`): remounts only.
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() >= 3 && args[1].starts_with("chunkfs:") {
+        return match remount_as_helper(&args[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("chunkfs: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Commands::Mount { seeds, dir, volume, namespace, durability, chunk_bytes, dirty_mib_max, threads, lease_ms, request_timeout_ms, mountpoint } => {
@@ -99,6 +111,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `MOUNTPOINT -o OPTIONS` from mount.fuse: a remount (read-only or read-write) of a mounted
+/// volume goes straight to the kernel; anything else is refused (mount with `chunkfs mount`).
+fn remount_as_helper(args: &[String]) -> Result<()> {
+    let mountpoint = &args[0];
+    let options = args.iter().position(|a| a == "-o").and_then(|i| args.get(i + 1)).map_or("", String::as_str);
+    let options: Vec<&str> = options.split(',').collect();
+    if !options.contains(&"remount") {
+        bail!("as a mount helper chunkfs only remounts; mount a volume with `chunkfs mount`");
+    }
+    let mut flags = libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV;
+    if options.iter().rev().find(|o| **o == "ro" || **o == "rw") == Some(&"ro") {
+        flags |= libc::MS_RDONLY;
+    }
+    let target = std::ffi::CString::new(mountpoint.as_bytes()).context("mountpoint")?;
+    // SAFETY: a NUL-terminated path; no source, type or data for a remount.
+    let rc = unsafe { libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
+    if rc != 0 {
+        bail!("remounting {mountpoint}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
