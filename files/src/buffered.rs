@@ -72,15 +72,7 @@ impl Volume {
         let end = offset + data.len() as u64;
         let file = self.file(ino);
         let mut state = lock(&file);
-        let committed = match state.size {
-            Some(ref size) => size.size,
-            None => {
-                let size = self.read_size(ino)?;
-                let bytes = size.size;
-                state.size = Some(size);
-                bytes
-            }
-        };
+        let committed = self.committed_size(ino, &mut state)?;
         let mut at = offset;
         while at < end {
             let within = at % self.chunk_bytes;

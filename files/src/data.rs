@@ -135,15 +135,7 @@ impl Volume {
         let (committed, overlay) = {
             let file = self.file(ino);
             let mut state = lock(&file);
-            let committed = match state.size {
-                Some(ref size) => size.size,
-                None => {
-                    let size = self.read_size(ino)?;
-                    let bytes = size.size;
-                    state.size = Some(size);
-                    bytes
-                }
-            };
+            let committed = self.committed_size(ino, &mut state)?;
             (committed, state.dirty.overlay(offset, len as u64, self.chunk_bytes))
         };
         let mut out = self.read_committed(ino, offset, len, committed)?;
@@ -159,6 +151,17 @@ impl Volume {
             }
         }
         Ok(out)
+    }
+
+    /// The file's committed size, from this mount's cache (read and cached if it has none).
+    pub(crate) fn committed_size(&self, ino: u64, state: &mut FileState) -> FsResult<u64> {
+        if let Some(size) = &state.size {
+            return Ok(size.size);
+        }
+        let size = self.read_size(ino)?;
+        let bytes = size.size;
+        state.size = Some(size);
+        Ok(bytes)
     }
 
     /// What the cluster holds of the range, the file's size being `size`.

@@ -181,7 +181,7 @@ impl Volume {
         Err(FsError::Io(format!("gave up after {CONFLICT_RETRIES_MAX} conflicting namespace changes")))
     }
 
-    fn new_inode(kind: Kind, perm: u32, owner: Owner, parent: u64, now: i64) -> Inode {
+    pub(crate) fn new_inode(kind: Kind, perm: u32, owner: Owner, parent: u64, now: i64) -> Inode {
         Inode {
             kind,
             perm: perm & 0o7777,

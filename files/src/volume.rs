@@ -183,21 +183,7 @@ impl Volume {
         }
         let keys = VolumeKeys::new(name);
         let now = now_ns();
-        let root = Inode {
-            kind: Kind::Dir,
-            perm: 0o755,
-            uid: 0,
-            gid: 0,
-            nlink: 2,
-            rdev: 0,
-            atime_ns: now,
-            mtime_ns: now,
-            ctime_ns: now,
-            crtime_ns: now,
-            target: Vec::new(),
-            parent: ROOT_INO,
-            entries: Default::default(),
-        };
+        let root = Volume::new_inode(Kind::Dir, 0o755, crate::tree::Owner { uid: 0, gid: 0 }, ROOT_INO, now);
         let create_only = never_expire(RecordExistsAction::CreateOnly, GenerationPolicy::None);
         let writes = vec![
             BatchWrite {

@@ -9,32 +9,23 @@
 //! - the owner's own locks in the range are replaced (POSIX: a lock converts or splits the
 //!   owner's locks it overlaps).
 
-use serde::{Deserialize, Serialize};
-
 use crate::ops::{RangeLock, RangeLockKind};
 use crate::raft::RangeLockHeld;
 
 /// Most locks one table holds (a request past it is refused as a bad request).
 pub const RANGE_LOCKS_MAX: usize = 4096;
 
-/// One lock of the table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Held {
-    pub session: u64,
-    pub owner: u64,
-    pub pid: u32,
-    pub start: u64,
-    pub end: u64,
-    pub exclusive: bool,
+/// One lock of the table: its session, owner, pid, range and kind (the same fields a refusal
+/// names).
+pub type Held = RangeLockHeld;
+
+trait Overlaps {
+    fn overlaps(&self, start: u64, end: u64) -> bool;
 }
 
-impl Held {
+impl Overlaps for Held {
     fn overlaps(&self, start: u64, end: u64) -> bool {
         self.start <= end && start <= self.end
-    }
-
-    fn in_the_way(&self) -> RangeLockHeld {
-        RangeLockHeld { session: self.session, owner: self.owner, pid: self.pid, start: self.start, end: self.end, exclusive: self.exclusive }
     }
 }
 
@@ -50,7 +41,7 @@ pub fn decide(mut table: Vec<Held>, session: u64, lock: &RangeLock, released: im
         RangeLockKind::Unlock => return Ok(Some(cut(table, session, lock))),
     };
     if let Some(held) = table.iter().find(|h| !mine(h) && h.overlaps(lock.start, lock.end) && (h.exclusive || exclusive)) {
-        return Err(held.in_the_way());
+        return Err(*held);
     }
     if matches!(lock.kind, RangeLockKind::Test { .. }) {
         return Ok(None);
