@@ -359,7 +359,8 @@ impl Volume {
                         inode.ctime_ns = now;
                         if moved.kind == Kind::Dir {
                             inode.parent = to;
-                            txn.dir(from)?.nlink -= 1;
+                            let from_dir = txn.dir(from)?;
+                            from_dir.nlink = from_dir.nlink.saturating_sub(1);
                             txn.dir(to)?.nlink += 1;
                         }
                     }
@@ -383,7 +384,10 @@ impl Volume {
                     (true, false) => return Err(FsError::NotDir),
                     (false, true) => return Err(FsError::IsDir),
                     (true, true) if !victim.entries.is_empty() => return Err(FsError::NotEmpty),
-                    (true, true) => txn.dir(newparent)?.nlink -= 1,
+                    (true, true) => {
+                        let dir = txn.dir(newparent)?;
+                        dir.nlink = dir.nlink.saturating_sub(1);
+                    }
                     (false, false) => {}
                 }
                 Volume::drop_link(txn, target.ino, now)?;
@@ -394,7 +398,8 @@ impl Volume {
             moved.ctime_ns = now;
             if source.kind == Kind::Dir && parent != newparent {
                 moved.parent = newparent;
-                txn.dir(parent)?.nlink -= 1;
+                let old_parent = txn.dir(parent)?;
+                old_parent.nlink = old_parent.nlink.saturating_sub(1);
                 txn.dir(newparent)?.nlink += 1;
             }
             for d in [parent, newparent] {
