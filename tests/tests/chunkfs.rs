@@ -317,3 +317,72 @@ fn fsync_mode_holds_writes_until_synced_and_memory_stays_bounded() {
     drop((one, two));
     a.unmount();
 }
+
+/// `chunkctl fs fsck` finds a dangling entry, a wrong link count and an orphaned inode with its
+/// data (each made by writing the volume's records directly), `--repair` fixes them, and a
+/// second check finds nothing.
+#[test]
+fn fsck_finds_and_repairs_a_damaged_volume() {
+    use chunkfiles::keys::VolumeKeys;
+    use chunkfiles::records::{encode, FileSize, Inode, Kind, BIN_DATA, BIN_INODE};
+    use chunkstore::client::{Client, ClientConfig};
+    use chunkstore::{Bin, Value, WritePolicy};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    up(&data, &[]);
+    let _down = Down(&data);
+    let mut mount = Mount::new(&data, "vol", &dir.path().join("m"), &[]);
+    fs::write(mount.path.join("a"), b"linked").unwrap();
+    fs::hard_link(mount.path.join("a"), mount.path.join("b")).unwrap();
+    fs::write(mount.path.join("c"), b"soon dangling").unwrap();
+    let (ino_a, ino_c) = (fs::metadata(mount.path.join("a")).unwrap().ino(), fs::metadata(mount.path.join("c")).unwrap().ino());
+    assert!(mount.unmount());
+    let fsck = |repair: bool| {
+        let mut args = vec!["fs", "fsck", "vol", "--json"];
+        if repair {
+            args.push("--repair");
+        }
+        let out = chunkstore_tests::local::chunkctl(&data, &args);
+        let report: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("")).unwrap();
+        (out.status.code(), report)
+    };
+    assert_eq!(fsck(false).1["problems"].as_array().unwrap().len(), 0, "a clean volume");
+
+    let client = Client::connect(ClientConfig::new(chunkstore_tests::local::seeds(&data))).unwrap();
+    let keys = VolumeKeys::new("vol");
+    let policy = WritePolicy { ttl: chunkstore::Ttl::NeverExpire, ..WritePolicy::default() };
+    // A dangling entry: c's inode goes.
+    client.delete("test", &keys.inode(ino_c), &WritePolicy::default()).unwrap();
+    // A wrong link count: a's inode says 5.
+    let record = client.get("test", &keys.inode(ino_a), None).unwrap().unwrap();
+    let Some(Value::Bytes(bytes)) = record.bin(BIN_INODE) else { panic!("inode bin") };
+    let mut inode: Inode = chunkfiles::records::decode(bytes, "a").unwrap();
+    inode.nlink = 5;
+    client.put("test", &keys.inode(ino_a), vec![Bin::new(BIN_INODE, Value::Bytes(encode(&inode).unwrap()))], &policy).unwrap();
+    // An orphaned inode with data, created long ago, that no entry reaches.
+    let orphan = 100;
+    inode.kind = Kind::File;
+    inode.nlink = 1;
+    inode.crtime_ns = 1;
+    client.put("test", &keys.inode(orphan), vec![Bin::new(BIN_INODE, Value::Bytes(encode(&inode).unwrap()))], &policy).unwrap();
+    let mut size = FileSize { size: 5000, ..FileSize::default() };
+    size.add_extent(0, 1);
+    client.put("test", &keys.size(orphan), size.bins(), &policy).unwrap();
+    client.put("test", &keys.chunk(orphan, 0), vec![Bin::new(BIN_DATA, Value::Bytes(vec![1; 5000]))], &policy).unwrap();
+
+    let (code, report) = fsck(false);
+    let problems: Vec<String> = report["problems"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect();
+    assert_eq!(code, Some(1), "problems left: exit 1 ({problems:?})");
+    assert!(problems.iter().any(|p| p.contains(&format!("names inode {ino_c} that does not exist"))), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains(&format!("inode {ino_a}: link count 5 but 2 links"))), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("inode 100: unreachable, holding 5000 bytes")), "{problems:?}");
+    let (code, report) = fsck(true);
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["repaired"].as_u64(), Some(problems.len() as u64));
+    assert_eq!(fsck(false).1["problems"].as_array().unwrap().len(), 0, "repaired");
+    assert!(client.get("test", &keys.chunk(orphan, 0), None).unwrap().is_none(), "the orphan's chunk was freed");
+    assert!(client.get("test", &keys.size(orphan), None).unwrap().is_none(), "the orphan's size record was freed");
+    let fresh = Mount::new(&data, "vol", &dir.path().join("m"), &[]);
+    assert_eq!(fs::metadata(fresh.path.join("a")).unwrap().nlink(), 2);
+    assert!(!fresh.path.join("c").exists());
+}
