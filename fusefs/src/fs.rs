@@ -213,11 +213,15 @@ impl Filesystem for ChunkFs {
 
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         self.start_reaper()?;
-        // fcntl record locks come to us (and go to the cluster); flock stays with the kernel
-        // of this machine: fuser 0.18 does not say which of the two a lock request is (its
-        // issue 155), so asking for both would make flock a whole-file fcntl lock.
-        if let Err(unsupported) = config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS) {
-            tracing::warn!(?unsupported, "the kernel does not pass record locks: they stay local to this machine");
+        // fcntl record locks and flock both come to us (and go to the cluster). fuser 0.18 does
+        // not say which of the two a request is (its issue 155), and need not: a flock is a
+        // whole-file lock whose owner is the open file description, given back at its last
+        // close (`release` with a lock owner), while a record lock's owner is the process,
+        // given back at any close (`flush`). They share one lock table, so a flock and a
+        // record lock on one file exclude each other (as on NFS, where Linux emulates flock
+        // with record locks).
+        if let Err(unsupported) = config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS) {
+            tracing::warn!(?unsupported, "the kernel does not pass some locks: they stay local to this machine");
         }
         if let Err(nearest) = config.set_max_write(MAX_WRITE_BYTES) {
             let _ = config.set_max_write(nearest);
@@ -451,9 +455,17 @@ impl Filesystem for ChunkFs {
         })
     }
 
-    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock_owner: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+    /// The last close of an open file description: a flock it holds (`lock_owner`) goes.
+    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, lock_owner: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
         guarded("release", || {
             self.close_handle(fh);
+            let unlocked = match lock_owner {
+                Some(owner) if self.volume.has_locks(ino.0) => self.volume.lock_range(ino.0, owner.0, 0, 0, u64::MAX, LockKind::Unlock, false),
+                _ => Ok(()),
+            };
+            if let Err(err) = unlocked {
+                tracing::warn!(ino = ino.0, error = %err, "giving back a flock at close failed (it goes when the mount's lease ends)");
+            }
             reply.ok()
         })
     }

@@ -1,6 +1,6 @@
-//! fcntl record locks through chunkfs live in the cluster: processes on two mounts (and two on
-//! one mount) exclude each other, byte ranges and shared locks behave as POSIX says, F_GETLK
-//! names the holder's pid, and a close gives the process's locks back. When the holder's
+//! fcntl record locks and flock through chunkfs live in the cluster: processes on two mounts
+//! (and two on one mount) exclude each other, byte ranges and shared locks behave as POSIX
+//! says, F_GETLK names the holder's pid, and a close gives the locks back. When the holder's
 //! chunkfs is SIGSTOPped, the standby on the other mount takes the lock after the lease, and
 //! the stopped holder's late write (queued before it stopped, sent after it resumed) is refused
 //! with EIO: unique write ownership. Negative control: with fencing switched off in the nodes
@@ -168,6 +168,37 @@ sys.stdin.readline()
     assert_eq!(byte_range_lock(&other, 5000, 100, false), "locked", "a free range can be locked");
     drop(ranges.stdin.take());
     let _ = ranges.wait();
+
+    // flock across mounts: held on A, refused on B (EWOULDBLOCK); given back at close.
+    let flocked = a.path.join("flocked");
+    std::fs::write(&flocked, b"").unwrap();
+    let flock_script = r#"
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("locked", flush=True)
+    sys.stdin.readline()
+except OSError as e:
+    print("refused %d" % e.errno, flush=True)
+"#;
+    let flock = |file: &Path| {
+        let mut child = Command::new("python3").args(["-c", flock_script]).arg(file).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        (child, line.trim().to_owned())
+    };
+    let (mut holder, said) = flock(&flocked);
+    assert_eq!(said, "locked");
+    let (mut other, said) = flock(&b.path.join("flocked"));
+    assert_eq!(said, refused, "a flock on one mount excludes one on the other");
+    let _ = other.wait();
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    let (mut after, said) = flock(&b.path.join("flocked"));
+    assert_eq!(said, "locked", "the holder's close gave its flock back");
+    drop(after.stdin.take());
+    let _ = after.wait();
 }
 
 /// The SIGSTOP failover drill; returns (takeover time, whether the stopped holder's late write
