@@ -29,6 +29,10 @@ use fuser::{
 
 /// How long the kernel may keep attributes and lookups (short: other mounts change files too).
 const ATTR_TTL: Duration = Duration::from_secs(1);
+/// Most lock owners remembered per open file description (past it, an OFD lock of a further
+/// owner is given back when the mount's lease ends rather than at close).
+const LOCK_OWNERS_PER_HANDLE_MAX: usize = 64;
+
 /// Largest write request the kernel sends (each is one entry in the cluster).
 const MAX_WRITE_BYTES: u32 = 1 << 20;
 
@@ -107,6 +111,10 @@ struct Handle {
     ino: u64,
     /// Failed writes to the file seen by this descriptor: fsync reports the ones after it.
     failures_seen: u64,
+    /// Lock owners that took locks through this open file description. An OFD lock's owner is
+    /// the description itself, and the kernel sends no unlock when it closes: its locks go
+    /// at `release` (a process's record locks went already, at its close: `flush`).
+    lock_owners: Vec<u64>,
 }
 
 pub struct ChunkFs {
@@ -149,19 +157,30 @@ impl ChunkFs {
     fn open_handle(&self, ino: u64) -> FileHandle {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let failures_seen = lock(&self.failures).get(&ino).copied().unwrap_or(0);
-        lock(&self.handles).insert(fh, Handle { ino, failures_seen });
+        lock(&self.handles).insert(fh, Handle { ino, failures_seen, lock_owners: Vec::new() });
         *lock(&self.open).entry(ino).or_insert(0) += 1;
         self.volume.invalidate(ino);
         FileHandle(fh)
     }
 
-    fn close_handle(&self, fh: FileHandle) {
-        let Some(handle) = lock(&self.handles).remove(&fh.0) else { return };
+    /// Forgets a closed description; returns the lock owners that locked through it.
+    fn close_handle(&self, fh: FileHandle) -> Vec<u64> {
+        let Some(handle) = lock(&self.handles).remove(&fh.0) else { return Vec::new() };
         let mut open = lock(&self.open);
         let count = open.entry(handle.ino).or_insert(1);
         *count = count.saturating_sub(1);
         if *count == 0 {
             open.remove(&handle.ino);
+        }
+        handle.lock_owners
+    }
+
+    /// Notes that `owner` locked through description `fh`.
+    fn note_lock_owner(&self, fh: FileHandle, owner: u64) {
+        if let Some(handle) = lock(&self.handles).get_mut(&fh.0) {
+            if !handle.lock_owners.contains(&owner) && handle.lock_owners.len() < LOCK_OWNERS_PER_HANDLE_MAX {
+                handle.lock_owners.push(owner);
+            }
         }
     }
 
@@ -428,8 +447,9 @@ impl Filesystem for ChunkFs {
 
     /// F_SETLK answers at once (EAGAIN when another owner's lock is in the way); F_SETLKW waits
     /// on a thread of its own so that the mount goes on serving meanwhile.
-    fn setlk(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32, sleep: bool, reply: ReplyEmpty) {
+    fn setlk(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32, sleep: bool, reply: ReplyEmpty) {
         guarded("setlk", || {
+            self.note_lock_owner(fh, lock_owner.0);
             let kind = match typ {
                 libc::F_RDLCK => LockKind::Shared,
                 libc::F_WRLCK => LockKind::Exclusive,
@@ -455,16 +475,18 @@ impl Filesystem for ChunkFs {
         })
     }
 
-    /// The last close of an open file description: a flock it holds (`lock_owner`) goes.
+    /// The last close of an open file description: its flock (`lock_owner`) and its OFD locks
+    /// (owners that locked through it) go.
     fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, lock_owner: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
         guarded("release", || {
-            self.close_handle(fh);
-            let unlocked = match lock_owner {
-                Some(owner) if self.volume.has_locks(ino.0) => self.volume.lock_range(ino.0, owner.0, 0, 0, u64::MAX, LockKind::Unlock, false),
-                _ => Ok(()),
-            };
-            if let Err(err) = unlocked {
-                tracing::warn!(ino = ino.0, error = %err, "giving back a flock at close failed (it goes when the mount's lease ends)");
+            let mut owners = self.close_handle(fh);
+            owners.extend(lock_owner.map(|o| o.0));
+            if self.volume.has_locks(ino.0) {
+                for owner in owners {
+                    if let Err(err) = self.volume.lock_range(ino.0, owner, 0, 0, u64::MAX, LockKind::Unlock, false) {
+                        tracing::warn!(ino = ino.0, error = %err, "giving back locks at close failed (they go when the mount's lease ends)");
+                    }
+                }
             }
             reply.ok()
         })

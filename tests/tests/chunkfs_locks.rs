@@ -199,6 +199,29 @@ except OSError as e:
     assert_eq!(said, "locked", "the holder's close gave its flock back");
     drop(after.stdin.take());
     let _ = after.wait();
+
+    // OFD locks (F_OFD_SETLK): owned by the open file description, so another description
+    // of the same process is refused too; the description's close gives them back.
+    let ofd_script = r#"
+import fcntl, os, struct, sys, time
+F_OFD_SETLK = 37
+def lock(fd):
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+        return "locked"
+    except OSError as e:
+        return "refused %d" % e.errno
+a = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+b = os.open(sys.argv[2], os.O_RDWR)
+a2 = os.open(sys.argv[1], os.O_RDWR)
+print(lock(a), lock(b), lock(a2), sep=",")
+os.close(a)
+print(lock(b))
+"#;
+    let out = Command::new("python3").args(["-c", ofd_script]).arg(a.path.join("ofd")).arg(b.path.join("ofd")).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines, vec![format!("locked,{refused},{refused}").as_str(), "locked"], "OFD locks: {said} {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The SIGSTOP failover drill; returns (takeover time, whether the stopped holder's late write
