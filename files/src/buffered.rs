@@ -8,7 +8,9 @@
 //!   batches in chunk order, each carrying the size up to the end of its last chunk (the
 //!   last one the whole size).
 //! - **A failed commit is reported, never swallowed**: the held writes are dropped (their fate
-//!   in the cluster is unknown) and the front reports EIO to every descriptor open on the file.
+//!   in the cluster is unknown), the failure is counted before the file's lock is let go (an
+//!   fsync waiting on that lock cannot answer success in between), and the front reports EIO
+//!   to every descriptor open on the file.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -139,6 +141,7 @@ impl Volume {
         })();
         if result.is_err() {
             state.size = None;
+            state.failed_writes += 1;
         }
         result
     }

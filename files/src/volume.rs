@@ -95,6 +95,9 @@ pub(crate) struct FileState {
     pub size: Option<FileSize>,
     /// Writes not committed yet (`--durability fsync`).
     pub dirty: crate::buffered::Dirty,
+    /// Writes to the file whose commit failed, counted under this state's lock by the thread
+    /// that saw the failure: an fsync that waited for that commit sees the count go up.
+    pub failed_writes: u64,
 }
 
 /// A volume of the file layer, as one mount (or one process of the shim) sees it. Every method
@@ -266,6 +269,18 @@ impl Volume {
     /// The mount's state of a file.
     pub(crate) fn file(&self, ino: u64) -> Arc<Mutex<FileState>> {
         lock(&self.files).entry(ino).or_default().clone()
+    }
+
+    /// How many writes to the file failed to commit since the mount began: a front compares it
+    /// with what a descriptor saw before, to report EIO to every descriptor open then.
+    pub fn failed_writes(&self, ino: u64) -> u64 {
+        let file = lock(&self.files).get(&ino).cloned();
+        file.map_or(0, |file| lock(&file).failed_writes)
+    }
+
+    /// Counts a write to the file that failed to commit (a front's write-through `write`).
+    pub fn note_failed_write(&self, ino: u64) {
+        lock(&self.file(ino)).failed_writes += 1;
     }
 
     /// Forgets what this mount cached of a file (on open: another mount may have written it).

@@ -122,8 +122,6 @@ pub struct ChunkFs {
     handles: Mutex<HashMap<u64, Handle>>,
     /// Open descriptors per inode (an unlinked file keeps its data while any is open here).
     open: Arc<Mutex<HashMap<u64, u32>>>,
-    /// Writes whose commit failed, per inode: reported by fsync to every descriptor open then.
-    failures: Mutex<HashMap<u64, u64>>,
     next_handle: AtomicU64,
 }
 
@@ -133,7 +131,6 @@ impl ChunkFs {
             volume: Arc::new(volume),
             handles: Mutex::new(HashMap::new()),
             open: Arc::new(Mutex::new(HashMap::new())),
-            failures: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
         }
     }
@@ -156,7 +153,7 @@ impl ChunkFs {
 
     fn open_handle(&self, ino: u64) -> FileHandle {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let failures_seen = lock(&self.failures).get(&ino).copied().unwrap_or(0);
+        let failures_seen = self.volume.failed_writes(ino);
         lock(&self.handles).insert(fh, Handle { ino, failures_seen, lock_owners: Vec::new() });
         *lock(&self.open).entry(ino).or_insert(0) += 1;
         self.volume.invalidate(ino);
@@ -184,19 +181,21 @@ impl ChunkFs {
         }
     }
 
-    /// Commits the writes held for a file; a failure counts for every descriptor open on it.
+    /// Commits the writes held for a file; a failure counts for every descriptor open on it
+    /// (the volume counts it, under the file's lock).
     fn commit(&self, ino: u64) -> FsResult<()> {
         self.volume.flush(ino).inspect_err(|err| {
-            *lock(&self.failures).entry(ino).or_insert(0) += 1;
             tracing::error!(ino, error = %err, "committing held writes failed: reported to every descriptor open on the file");
         })
     }
 
     /// EIO if a write to the file failed since this descriptor last asked.
     fn check_failures(&self, fh: FileHandle) -> FsResult<()> {
+        let Some(ino) = lock(&self.handles).get(&fh.0).map(|handle| handle.ino) else { return Ok(()) };
+        // (Read outside the handles' lock: it waits for a commit of the file in progress.)
+        let failures = self.volume.failed_writes(ino);
         let mut handles = lock(&self.handles);
         let Some(handle) = handles.get_mut(&fh.0) else { return Ok(()) };
-        let failures = lock(&self.failures).get(&handle.ino).copied().unwrap_or(0);
         if failures > handle.failures_seen {
             handle.failures_seen = failures;
             return Err(FsError::Io("a write to this file failed to commit".into()));
@@ -410,7 +409,7 @@ impl Filesystem for ChunkFs {
             Ok(written) => reply.written(written as u32),
             Err(err) => {
                 if matches!(err, FsError::Io(_)) {
-                    *lock(&self.failures).entry(ino.0).or_insert(0) += 1;
+                    self.volume.note_failed_write(ino.0);
                 }
                 tracing::warn!(ino = ino.0, offset, len = data.len(), error = %err, "write failed");
                 reply.error(errno(&err))
