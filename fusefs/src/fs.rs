@@ -98,6 +98,17 @@ fn time_set(time: TimeOrNow) -> TimeSet {
     }
 }
 
+/// Writes the unsafe committer may be behind (`--unsafe-ack-before-commit`).
+const UNSAFE_QUEUE_MAX: usize = 64;
+
+/// Every regular file is opened for direct I/O: the kernel then hands each write() to chunkfs
+/// whole (up to `MAX_WRITE_BYTES`), where it becomes one atomic entry. Through the page cache
+/// it splits a write that starts inside a page at that page's end, and an application or a
+/// mount killed between the two requests leaves half a write (`chunkcheck files` found this:
+/// journal records torn at a page boundary). Reads then skip the page cache too, which
+/// chunkfs dropped at every open anyway (another mount may have written).
+const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_DIRECT_IO;
+
 /// Runs a callback body; a panic in it fails the request (its reply, dropped, answers EIO)
 /// instead of taking the mount down.
 fn guarded(what: &str, body: impl FnOnce()) {
@@ -123,6 +134,17 @@ pub struct ChunkFs {
     /// Open descriptors per inode (an unlinked file keeps its data while any is open here).
     open: Arc<Mutex<HashMap<u64, u32>>>,
     next_handle: AtomicU64,
+    /// UNSAFE negative control (`--unsafe-ack-before-commit`): writes answered at once, and
+    /// handed to this thread to commit (at most `UNSAFE_QUEUE_MAX` behind).
+    unsafe_committer: Option<(Mutex<std::sync::mpsc::SyncSender<(u64, u64, Vec<u8>)>>, std::thread::JoinHandle<()>)>,
+}
+
+/// How the mount serves.
+pub struct Serving {
+    /// Requests served at once.
+    pub threads: usize,
+    /// UNSAFE: writes answered before they are committed (negative controls only).
+    pub unsafe_ack_before_commit: bool,
 }
 
 impl ChunkFs {
@@ -132,7 +154,25 @@ impl ChunkFs {
             handles: Mutex::new(HashMap::new()),
             open: Arc::new(Mutex::new(HashMap::new())),
             next_handle: AtomicU64::new(1),
+            unsafe_committer: None,
         }
+    }
+
+    /// UNSAFE (negative controls): from now on writes are answered before they are committed;
+    /// one thread commits them in order, and a failure only reaches the log.
+    fn ack_before_commit(&mut self) -> std::io::Result<()> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<(u64, u64, Vec<u8>)>(UNSAFE_QUEUE_MAX);
+        let volume = self.volume.clone();
+        let committer = std::thread::Builder::new().name("unsafe-commits".into()).spawn(move || {
+            for (ino, offset, data) in receiver {
+                if let Err(err) = volume.write(ino, offset, &data) {
+                    tracing::error!(ino, offset, error = %err, "UNSAFE: a write answered before its commit failed to commit");
+                }
+            }
+        })?;
+        tracing::warn!("UNSAFE: --unsafe-ack-before-commit: writes are answered before they are committed");
+        self.unsafe_committer = Some((Mutex::new(sender), committer));
+        Ok(())
     }
 
     /// Starts the thread that frees orphans no mount holds open any more and renews the ones
@@ -224,6 +264,11 @@ impl ChunkFs {
 impl Filesystem for ChunkFs {
     /// Unmounting: held writes are committed before the process goes.
     fn destroy(&mut self) {
+        // (The unsafe committer finishes what it was handed: only faults lose those writes.)
+        if let Some((sender, committer)) = self.unsafe_committer.take() {
+            drop(sender);
+            let _ = committer.join();
+        }
         if let Err(err) = self.volume.flush_all() {
             tracing::error!(error = %err, "committing held writes at unmount failed");
         }
@@ -240,6 +285,10 @@ impl Filesystem for ChunkFs {
         // with record locks).
         if let Err(unsupported) = config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS) {
             tracing::warn!(?unsupported, "the kernel does not pass some locks: they stay local to this machine");
+        }
+        // Files are opened for direct I/O (`FILE_OPEN_FLAGS`); mmap of them needs Linux 6.6.
+        if config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP).is_err() {
+            tracing::warn!("the kernel (before Linux 6.6) cannot mmap files opened for direct I/O: mmap of a file here fails with ENODEV");
         }
         if let Err(nearest) = config.set_max_write(MAX_WRITE_BYTES) {
             let _ = config.set_max_write(nearest);
@@ -372,13 +421,12 @@ impl Filesystem for ChunkFs {
         })
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || match self.volume.getattr(ino.0) {
             Ok(attr) if attr.kind == Kind::Dir => reply.error(Errno::EISDIR),
             Ok(_) => {
                 let fh = self.open_handle(ino.0);
-                let direct = if flags.0 & libc::O_DIRECT != 0 { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() };
-                reply.opened(fh, direct)
+                reply.opened(fh, FILE_OPEN_FLAGS)
             }
             Err(err) => reply.error(errno(&err)),
         })
@@ -403,6 +451,13 @@ impl Filesystem for ChunkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        tracing::trace!(ino = ino.0, offset, len = data.len(), "write");
+        if let Some((committer, _)) = &self.unsafe_committer {
+            return match lock(committer).send((ino.0, offset, data.to_vec())) {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(_) => reply.error(Errno::EIO),
+            };
+        }
         // An O_SYNC or O_DSYNC write returns once committed (with held writes: commit now).
         let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
         guarded("write", || match self.volume.write(ino.0, offset, data).and_then(|n| if sync { self.volume.flush(ino.0).map(|()| n) } else { Ok(n) }) {
@@ -559,12 +614,11 @@ impl Filesystem for ChunkFs {
         reply.ok()
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _flags: i32, reply: ReplyCreate) {
         guarded("create", || match self.make(req, parent.0, name, libc::S_IFREG | (mode & 0o7777), umask, 0, &[]) {
             Ok(attr) => {
                 let fh = self.open_handle(attr.ino);
-                let direct = if flags & libc::O_DIRECT != 0 { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() };
-                reply.created(&ATTR_TTL, &file_attr(&attr), Generation(0), fh, direct)
+                reply.created(&ATTR_TTL, &file_attr(&attr), Generation(0), fh, FILE_OPEN_FLAGS)
             }
             Err(err) => reply.error(errno(&err)),
         })
@@ -609,7 +663,8 @@ pub fn block_termination_signals() -> libc::sigset_t {
 
 /// Mounts `volume` and serves it until it is unmounted (by `umount`, or by this process on
 /// SIGTERM, SIGINT or SIGHUP).
-pub fn serve(volume: Volume, mountpoint: &Path, threads: usize, signals: libc::sigset_t) -> Result<()> {
+pub fn serve(volume: Volume, mountpoint: &Path, serving: Serving, signals: libc::sigset_t) -> Result<()> {
+    let Serving { threads, unsafe_ack_before_commit } = serving;
     // (The lease session is opened by the caller: `Volume::start_lease`.)
     let name = volume.name().to_owned();
     let mut config = Config::default();
@@ -621,7 +676,10 @@ pub fn serve(volume: Volume, mountpoint: &Path, threads: usize, signals: libc::s
     // Other users may use the mount (tests switch users); the kernel checks permissions.
     config.acl = SessionACL::All;
     config.n_threads = Some(threads);
-    let fs = ChunkFs::new(volume);
+    let mut fs = ChunkFs::new(volume);
+    if unsafe_ack_before_commit {
+        fs.ack_before_commit().context("starting the unsafe committer")?;
+    }
     // Mounted by this process where it may (root), with the source "PROGRAM#chunkfs:VOLUME":
     // mount.fuse, which util-linux hands `mount -o remount,ro|rw MOUNTPOINT` to, then runs
     // this program as the mount helper (`remount_as_helper`). Else through fuser's mount code.

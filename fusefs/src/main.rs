@@ -32,41 +32,49 @@ pub enum Durability {
 #[derive(Subcommand)]
 enum Commands {
     /// Mount a volume (created on first mount) at MOUNTPOINT; runs until unmounted or SIGTERM.
-    Mount {
-        /// Addresses of some cluster nodes, HOST:PORT,...
-        #[arg(long, value_delimiter = ',', conflicts_with = "dir", required_unless_present = "dir")]
-        seeds: Vec<String>,
-        /// A local cluster's directory (chunkctl up --dir): its nodes are the seeds.
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// The volume to mount.
-        #[arg(long, default_value = "default")]
-        volume: String,
-        /// The namespace the volume lives in.
-        #[arg(long, default_value = "test")]
-        namespace: String,
-        #[arg(long, value_enum, default_value_t = Durability::Write)]
-        durability: Durability,
-        /// Chunk size of a volume created by this mount (a multiple of 512).
-        #[arg(long, default_value_t = CHUNK_BYTES_DEFAULT)]
-        chunk_bytes: u32,
-        /// With --durability fsync: most bytes of writes held uncommitted by the mount, in MiB
-        /// (past it, a write commits its file's held writes before returning).
-        #[arg(long, default_value_t = 64)]
-        dirty_mib_max: usize,
-        /// Requests served at once.
-        #[arg(long, default_value_t = 16)]
-        threads: usize,
-        /// The mount's lease, in ms: its locks outlive it by at most this once it is cut off
-        /// (or stopped), and its writes are refused from then on.
-        #[arg(long, default_value_t = 5000)]
-        lease_ms: u64,
-        /// Per cluster request attempt, in ms (an operation gives up with EIO after the client's
-        /// retry window of 15 s).
-        #[arg(long, default_value_t = 5000)]
-        request_timeout_ms: u64,
-        mountpoint: PathBuf,
-    },
+    Mount(MountArgs),
+}
+
+#[derive(clap::Args)]
+struct MountArgs {
+    /// Addresses of some cluster nodes, HOST:PORT,...
+    #[arg(long, value_delimiter = ',', conflicts_with = "dir", required_unless_present = "dir")]
+    seeds: Vec<String>,
+    /// A local cluster's directory (chunkctl up --dir): its nodes are the seeds.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The volume to mount.
+    #[arg(long, default_value = "default")]
+    volume: String,
+    /// The namespace the volume lives in.
+    #[arg(long, default_value = "test")]
+    namespace: String,
+    #[arg(long, value_enum, default_value_t = Durability::Write)]
+    durability: Durability,
+    /// Chunk size of a volume created by this mount (a multiple of 512).
+    #[arg(long, default_value_t = CHUNK_BYTES_DEFAULT)]
+    chunk_bytes: u32,
+    /// With --durability fsync: most bytes of writes held uncommitted by the mount, in MiB
+    /// (past it, a write commits its file's held writes before returning).
+    #[arg(long, default_value_t = 64)]
+    dirty_mib_max: usize,
+    /// Requests served at once.
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
+    /// The mount's lease, in ms: its locks outlive it by at most this once it is cut off
+    /// (or stopped), and its writes are refused from then on.
+    #[arg(long, default_value_t = 5000)]
+    lease_ms: u64,
+    /// Per cluster request attempt, in ms (an operation gives up with EIO after the client's
+    /// retry window of 15 s).
+    #[arg(long, default_value_t = 5000)]
+    request_timeout_ms: u64,
+    /// UNSAFE, for negative controls only: answer each write before it is committed (the
+    /// commits follow in order on a thread). A killed mount then loses acknowledged writes,
+    /// which `chunkcheck files` must report.
+    #[arg(long)]
+    unsafe_ack_before_commit: bool,
+    mountpoint: PathBuf,
 }
 
 /// The seeds of the local cluster in `dir` (its cluster.json, as chunkctl up writes it).
@@ -100,9 +108,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Commands::Mount { seeds, dir, volume, namespace, durability, chunk_bytes, dirty_mib_max, threads, lease_ms, request_timeout_ms, mountpoint } => {
-            mount(seeds, dir, &volume, &namespace, durability, chunk_bytes, dirty_mib_max, threads, lease_ms, request_timeout_ms, &mountpoint)
-        }
+        Commands::Mount(args) => mount(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -135,20 +141,9 @@ fn remount_as_helper(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn mount(
-    seeds: Vec<String>,
-    dir: Option<PathBuf>,
-    volume: &str,
-    namespace: &str,
-    durability: Durability,
-    chunk_bytes: u32,
-    dirty_mib_max: usize,
-    threads: usize,
-    lease_ms: u64,
-    request_timeout_ms: u64,
-    mountpoint: &std::path::Path,
-) -> Result<()> {
+fn mount(args: MountArgs) -> Result<()> {
+    let MountArgs { seeds, dir, volume, namespace, durability, chunk_bytes, dirty_mib_max, threads, lease_ms, request_timeout_ms, unsafe_ack_before_commit, mountpoint } = args;
+    let (volume, namespace, mountpoint) = (volume.as_str(), namespace.as_str(), mountpoint.as_path());
     if !(200..=3_600_000).contains(&lease_ms) {
         bail!("--lease-ms {lease_ms}: 200 to 3600000");
     }
@@ -177,5 +172,5 @@ fn mount(
         volume.set_buffered(dirty_mib_max << 20);
     }
     volume.start_lease(Duration::from_millis(lease_ms)).map_err(|e| anyhow::anyhow!("opening the mount's lease session: {e}"))?;
-    fs::serve(volume, mountpoint, threads, signals)
+    fs::serve(volume, mountpoint, fs::Serving { threads, unsafe_ack_before_commit }, signals)
 }

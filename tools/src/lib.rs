@@ -6,6 +6,8 @@ pub mod bench_kv;
 pub mod check;
 pub mod cluster_check;
 pub mod engine_check;
+pub mod files_check;
 pub mod history;
 pub mod local_cluster;
 pub mod logging;
+pub mod mount;

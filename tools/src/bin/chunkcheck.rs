@@ -9,6 +9,8 @@ use chunkstore_tools::cluster_check::nemesis::NemesisKind;
 use chunkstore_tools::cluster_check::workload::Workload;
 use chunkstore_tools::cluster_check::{self, RunOptions};
 use chunkstore_tools::engine_check::{run_check, run_child, CheckOptions, ChildOptions};
+use chunkstore_tools::files_check::journal::{self, SyncMode};
+use chunkstore_tools::files_check::{self, FilesOptions, FilesWorkload, Via};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -72,6 +74,59 @@ struct ClusterArgs {
     json: bool,
 }
 
+/// What `chunkcheck files` takes.
+#[derive(clap::Args)]
+struct FilesArgs {
+    #[arg(long, value_enum)]
+    workload: FilesWorkload,
+    /// The front the applications write through.
+    #[arg(long, value_enum, default_value_t = Via::Fuse)]
+    via: Via,
+    /// chunkd processes, each on its own loopback address.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    #[arg(long, default_value_t = 3)]
+    replication_factor: usize,
+    /// Raft groups of the test namespace.
+    #[arg(long, default_value_t = 16)]
+    groups: u32,
+    /// Seconds of workload and faults (restarting every node and reading back come after).
+    #[arg(long, default_value_t = 60)]
+    time_limit: u64,
+    /// Faults, comma-separated: the cluster's (kill, pause, partition, clock, disk, packet,
+    /// wipe, roster) and the applications' (app-kill: kill -9 of one application process, which
+    /// restarts and recovers; fs-kill: kill -9 of chunkfs, then a fresh mount); `none` for none.
+    #[arg(long, value_delimiter = ',', default_value = "kill,pause,app-kill,fs-kill")]
+    nemesis: Vec<String>,
+    /// Seconds between faults (and the length of most faults).
+    #[arg(long, default_value_t = 10)]
+    nemesis_interval: u64,
+    /// Application processes (journal: one journal file each; even ones fdatasync after each
+    /// record, odd ones write O_DSYNC).
+    #[arg(long, default_value_t = 3)]
+    writers: usize,
+    /// Seed of the fault schedule and the records (random when absent; always printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Directory for the report (default chunkcheck-runs/files-WORKLOAD-SEED).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Extra argument for every chunkfs mount, e.g. an unsafe negative control
+    /// (--chunkfs-option=--unsafe-ack-before-commit).
+    #[arg(long, allow_hyphen_values = true)]
+    chunkfs_option: Vec<String>,
+    /// Extra line for every node's chunkd.toml (`KEY = VALUE`).
+    #[arg(long)]
+    chunkd_option: Vec<String>,
+    /// Negative control: after the run, overwrite 512 bytes in the middle of the first file
+    /// (journal-0, or the database) before the check reads it: the run must report corrupt.
+    #[arg(long)]
+    test_corrupt_after_run: bool,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Commands {
     /// Linearizable registers: read, write, compare-and-set on independent keys under faults.
@@ -86,6 +141,11 @@ enum Commands {
     /// write to a log after another session wrote to it, and no acknowledged append is lost
     /// (use --keys 2 or 3 for contention).
     Lock(ClusterArgs),
+    /// The file layer under faults: application processes write through a real chunkfs mount
+    /// while nodes, mounts and the applications themselves are killed, paused or cut off; then
+    /// every node restarts and a fresh mount reads back every acknowledged write.
+    /// Exit code: 0 valid, 1 acknowledged writes lost or corrupt, 2 the run could not complete.
+    Files(FilesArgs),
     /// SIGKILL a writing process at random moments and check every acknowledged write.
     /// Exit code: 0 valid, 1 anomalies found, 2 the run could not complete.
     Engine {
@@ -129,6 +189,19 @@ enum Commands {
         /// Print one JSON object as the last line.
         #[arg(long)]
         json: bool,
+    },
+    /// The journal writer `files --workload journal` starts and kills (internal).
+    #[command(hide = true)]
+    FilesJournalWriter {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, value_enum)]
+        sync: SyncMode,
+        #[arg(long)]
+        seed: u64,
+        /// Refuse to write unless the file is on a FUSE mount.
+        #[arg(long)]
+        on_fuse: bool,
     },
     /// The writing process `engine` starts and kills (internal).
     #[command(hide = true)]
@@ -200,6 +273,11 @@ fn main() -> ExitCode {
         Commands::History { file, model, time_limit, json } => {
             ExitCode::from(chunkstore_tools::check::history_command(&file, model, std::time::Duration::from_secs(time_limit), json))
         }
+        Commands::Files(args) => files_run(args),
+        Commands::FilesJournalWriter { file, sync, seed, on_fuse } => match journal::run_writer(&file, sync, seed, on_fuse) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(3),
+        },
         Commands::EngineChild { dir, seed, writers, keys, power_loss, unsafe_skip_fsync } => {
             match run_child(ChildOptions { dir, seed, writers, keys, power_loss, unsafe_skip_fsync }) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -227,20 +305,10 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
         "allow-unavailable" => ReadPolicy::AllowUnavailable,
         other => return fail(format!("--read-policy {other}: use linearizable, session, allow-replica or allow-unavailable")),
     };
-    let mut nemeses = Vec::new();
-    for name in args.nemesis.iter().map(|n| n.trim()).filter(|n| !n.is_empty() && *n != "none") {
-        match name {
-            "kill" => nemeses.push(NemesisKind::Kill),
-            "pause" => nemeses.push(NemesisKind::Pause),
-            "partition" => nemeses.push(NemesisKind::Partition),
-            "clock" => nemeses.push(NemesisKind::Clock),
-            "disk" => nemeses.push(NemesisKind::Disk),
-            "packet" => nemeses.push(NemesisKind::Packet),
-            "wipe" => nemeses.push(NemesisKind::Wipe),
-            "roster" => nemeses.push(NemesisKind::Roster),
-            other => return fail(format!("--nemesis {other}: unknown fault (kill, pause, partition, clock, disk, packet, wipe, roster)")),
-        }
-    }
+    let nemeses = match parse_nemeses(&args.nemesis, false) {
+        Ok(nemeses) => nemeses,
+        Err(err) => return fail(err),
+    };
     if args.nodes == 0 || args.replication_factor == 0 || args.replication_factor as u64 > args.nodes {
         return fail(format!("--replication-factor {} must be between 1 and --nodes {}", args.replication_factor, args.nodes));
     }
@@ -279,6 +347,82 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
         "{}: {} ops ({} ok, {} fail, {} info), {} anomalies, {} faults, recovery {} ms{}",
         match code { 0 => "valid", 1 => "INVALID", _ => "unknown" },
         result["ops"], result["ok"], result["fail"], result["info"], result["anomalies"], result["nemesis_events"], result["recovery_ms"],
+        result["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()
+    );
+    if args.json {
+        println!("{result}");
+    }
+    ExitCode::from(code)
+}
+
+/// The faults named in --nemesis; the files workloads' own (app-kill, fs-kill) only if `files`.
+fn parse_nemeses(names: &[String], files: bool) -> Result<Vec<NemesisKind>, String> {
+    let mut nemeses = Vec::new();
+    let known = if files { "kill, pause, partition, clock, disk, packet, wipe, roster, app-kill, fs-kill" } else { "kill, pause, partition, clock, disk, packet, wipe, roster" };
+    for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty() && *n != "none") {
+        nemeses.push(match name {
+            "kill" => NemesisKind::Kill,
+            "pause" => NemesisKind::Pause,
+            "partition" => NemesisKind::Partition,
+            "clock" => NemesisKind::Clock,
+            "disk" => NemesisKind::Disk,
+            "packet" => NemesisKind::Packet,
+            "wipe" => NemesisKind::Wipe,
+            "roster" => NemesisKind::Roster,
+            "app-kill" if files => NemesisKind::AppKill,
+            "fs-kill" if files => NemesisKind::FsKill,
+            other => return Err(format!("--nemesis {other}: unknown fault ({known})")),
+        });
+    }
+    Ok(nemeses)
+}
+
+fn files_run(args: FilesArgs) -> ExitCode {
+    let fail = |what: String| {
+        eprintln!("chunkcheck files: {what}");
+        if args.json {
+            println!("{}", serde_json::json!({ "valid": "unknown", "error": what }));
+        }
+        ExitCode::from(2)
+    };
+    let nemeses = match parse_nemeses(&args.nemesis, true) {
+        Ok(nemeses) => nemeses,
+        Err(err) => return fail(err),
+    };
+    if args.nodes == 0 || args.replication_factor == 0 || args.replication_factor as u64 > args.nodes {
+        return fail(format!("--replication-factor {} must be between 1 and --nodes {}", args.replication_factor, args.nodes));
+    }
+    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let workload = serde_json::to_value(args.workload).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("chunkcheck-runs").join(format!("files-{workload}-{seed}")));
+    let options = FilesOptions {
+        workload: args.workload,
+        via: args.via,
+        nodes: args.nodes,
+        replication_factor: args.replication_factor,
+        groups: args.groups,
+        time_limit: std::time::Duration::from_secs(args.time_limit),
+        nemeses,
+        nemesis_interval: std::time::Duration::from_secs(args.nemesis_interval),
+        seed,
+        out: out.clone(),
+        writers: args.writers,
+        chunkfs_options: args.chunkfs_option.clone(),
+        chunkd_options: args.chunkd_option.clone(),
+        test_corrupt_after_run: args.test_corrupt_after_run,
+    };
+    eprintln!("chunkcheck files {workload}: seed {seed}, {} nodes, {} writers, {} s, nemesis {:?} every {} s, report in {}", args.nodes, args.writers, args.time_limit, options.nemeses, args.nemesis_interval, out.display());
+    cluster_check::catch_interrupts();
+    let result = files_check::run(&options, &mut status_printer());
+    let code = match &result["valid"] {
+        serde_json::Value::Bool(true) => 0,
+        serde_json::Value::Bool(false) => 1,
+        _ => 2,
+    };
+    eprintln!(
+        "{}: {} acknowledged, {} lost, {} corrupt, {} calls, {} faults, {} application starts{}",
+        match code { 0 => "valid", 1 => "INVALID", _ => "unknown" },
+        result["acked"], result["lost"], result["corrupt"], result["ops"], result["nemesis_events"], result["app_starts"],
         result["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()
     );
     if args.json {

@@ -142,26 +142,7 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     for fault in &plan {
         nemesis_log += &format!("  {fault:?}\n");
     }
-    let wants = |kind| options.nemeses.contains(&kind);
-    let tools = cluster::FaultTools {
-        firewall: match wants(NemesisKind::Partition) || wants(NemesisKind::Packet) {
-            true => Some(net::Firewall::new()?),
-            false => None,
-        },
-        packets: match wants(NemesisKind::Packet) {
-            true => Some(packets::PacketQueue::open()?),
-            false => None,
-        },
-        fake_clock: match wants(NemesisKind::Clock) {
-            true => Some(clock::library()?),
-            false => None,
-        },
-    };
-    // With disk faults every kill is a power cut: the engines' devices drop unsynced writes.
-    let mut chunkd_options = options.chunkd_options.clone();
-    if options.nemeses.contains(&NemesisKind::Disk) {
-        chunkd_options.push("test-power-loss-devices = true".into());
-    }
+    let (tools, chunkd_options) = fault_tools(&options.nemeses, &options.chunkd_options)?;
     progress(&format!("starting {} nodes in {}", options.nodes, options.out.display()));
     let cluster = TestCluster::start(
         &options.out.join("cluster"),
@@ -186,7 +167,8 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
             scope.spawn(move || workload::run_worker(shared, thread));
         }
         let record = Record { faults: &mut faults, crashed: &mut crashed, left: &mut left, log: &mut nemesis_log };
-        drive_faults(options, &plan, &cluster, &shared, record, progress);
+        let schedule = Schedule { time_limit: options.time_limit, interval: options.nemesis_interval, plan: &plan };
+        drive_faults(&schedule, &cluster, &shared.recorder, record, &mut NoProcesses, progress);
         shared.stop.store(true, Ordering::SeqCst);
     });
 
@@ -271,44 +253,115 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     Ok(result)
 }
 
+/// What the faults of `nemeses` need set up before the nodes start, and the nodes' config
+/// lines with what they need added to `chunkd_options`.
+pub(crate) fn fault_tools(nemeses: &[NemesisKind], chunkd_options: &[String]) -> Result<(cluster::FaultTools, Vec<String>)> {
+    let wants = |kind| nemeses.contains(&kind);
+    let tools = cluster::FaultTools {
+        firewall: match wants(NemesisKind::Partition) || wants(NemesisKind::Packet) {
+            true => Some(net::Firewall::new()?),
+            false => None,
+        },
+        packets: match wants(NemesisKind::Packet) {
+            true => Some(packets::PacketQueue::open()?),
+            false => None,
+        },
+        fake_clock: match wants(NemesisKind::Clock) {
+            true => Some(clock::library()?),
+            false => None,
+        },
+    };
+    // With disk faults every kill is a power cut: the engines' devices drop unsynced writes.
+    let mut chunkd_options = chunkd_options.to_vec();
+    if wants(NemesisKind::Disk) {
+        chunkd_options.push("test-power-loss-devices = true".into());
+    }
+    Ok((tools, chunkd_options))
+}
+
 /// What the nemesis thread records as the run goes.
-struct Record<'a> {
-    faults: &'a mut Vec<FaultRecord>,
+pub(crate) struct Record<'a> {
+    pub faults: &'a mut Vec<FaultRecord>,
     /// Nodes that exited on their own, and faults that could not be started or healed.
-    crashed: &'a mut Vec<String>,
+    pub crashed: &'a mut Vec<String>,
     /// Replaced nodes that left the cluster.
-    left: &'a mut Vec<(u64, u64)>,
+    pub left: &'a mut Vec<(u64, u64)>,
     /// nemesis.log
-    log: &'a mut String,
+    pub log: &'a mut String,
+}
+
+/// When faults come: the run's length, the time between faults, and the plan.
+pub(crate) struct Schedule<'a> {
+    pub time_limit: Duration,
+    pub interval: Duration,
+    pub plan: &'a [PlannedFault],
+}
+
+/// Faults of the processes a files workload runs besides the nodes (`NemesisKind::AppKill`,
+/// `NemesisKind::FsKill`).
+pub(crate) trait ProcessFaults {
+    /// Starts one; the numbers of the processes it hit (shown where a node fault shows nodes).
+    fn inflict(&mut self, kind: NemesisKind, pick: u64) -> Result<Vec<u64>>;
+    fn heal(&mut self, kind: NemesisKind, hit: &[u64]) -> Result<()>;
+
+    /// Every node lost power (`Target::PowerCut`): on one machine, so did the workload's
+    /// processes.
+    fn power_cut(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn power_restored(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The cluster workloads run no other processes.
+struct NoProcesses;
+
+impl ProcessFaults for NoProcesses {
+    fn inflict(&mut self, kind: NemesisKind, _pick: u64) -> Result<Vec<u64>> {
+        anyhow::bail!("{} is a fault of the files workloads only", kind_name(kind))
+    }
+
+    fn heal(&mut self, _kind: NemesisKind, _hit: &[u64]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Carries out the fault plan until the time limit (or an interrupt), printing progress.
 /// Between faults, replaced nodes whose groups have moved away leave the cluster.
-fn drive_faults(options: &RunOptions, plan: &[PlannedFault], cluster: &Arc<Mutex<TestCluster>>, shared: &Shared, record: Record, progress: &mut impl FnMut(&str)) {
+pub(crate) fn drive_faults(
+    schedule: &Schedule,
+    cluster: &Arc<Mutex<TestCluster>>,
+    recorder: &workload::Recorder,
+    record: Record,
+    processes: &mut dyn ProcessFaults,
+    progress: &mut impl FnMut(&str),
+) {
     let Record { faults, crashed, left, log } = record;
-    let recorder = &shared.recorder;
+    let Schedule { time_limit, interval, plan } = *schedule;
     let mut next = 0;
-    let mut next_start = options.nemesis_interval;
+    let mut next_start = interval;
     let mut active: Option<(FaultRecord, Duration)> = None;
     let mut last_progress = Duration::ZERO;
     let mut nemesis_client: Option<Client> = None;
     loop {
         let now = recorder.elapsed();
-        if now >= options.time_limit || INTERRUPTED.load(Ordering::SeqCst) {
+        if now >= time_limit || INTERRUPTED.load(Ordering::SeqCst) {
             break;
         }
         crashed.extend(cluster.lock().unwrap().exited().into_iter().map(|(id, status)| format!("node {id} exited on its own ({status}) at {} ms", now.as_millis())));
         match &mut active {
             Some((fault, ends)) if now >= *ends => {
-                match nemesis::heal(cluster, fault.kind, &fault.resolved()) {
-                    Ok(healed) => fault.record_healed(healed),
+                match heal_fault(cluster, processes, fault) {
+                    Ok(()) => {}
                     Err(err) => crashed.push(format!("could not heal {:?}: {err:#}", fault.kind)),
                 }
                 fault.end_ms = now.as_millis() as u64;
                 *log += &format!("{:>8} ms heal {:?} {:?}\n", fault.end_ms, fault.kind, fault.nodes);
                 recorder.record(nemesis_event(&format!("stop-{}", kind_name(fault.kind)), &fault.nodes));
                 faults.push(fault.clone());
-                next_start = now + options.nemesis_interval;
+                next_start = now + interval;
                 active = None;
             }
             None if next < plan.len() && now >= next_start => {
@@ -321,8 +374,20 @@ fn drive_faults(options: &RunOptions, plan: &[PlannedFault], cluster: &Arc<Mutex
                     NemesisKind::Roster => cluster.lock().unwrap().roster(),
                     _ => cluster.lock().unwrap().ids(),
                 };
-                let hit = nemesis::resolve(planned, &node_ids, leader, &groups);
-                let nemesis::Inflicted { corrupted, joined } = match nemesis::inflict(cluster, planned.kind, planned.target, &hit) {
+                let mut hit = nemesis::resolve(planned, &node_ids, leader, &groups);
+                let inflicted = match planned.kind.is_process_fault() {
+                    true => processes.inflict(planned.kind, planned.pick).map(|processes| {
+                        hit.nodes = processes;
+                        nemesis::Inflicted::default()
+                    }),
+                    false => nemesis::inflict(cluster, planned.kind, planned.target, &hit).and_then(|inflicted| {
+                        if planned.target == nemesis::Target::PowerCut {
+                            processes.power_cut()?;
+                        }
+                        Ok(inflicted)
+                    }),
+                };
+                let nemesis::Inflicted { corrupted, joined } = match inflicted {
                     Ok(inflicted) => inflicted,
                     Err(err) => {
                         crashed.push(format!("could not start {:?}: {err:#}", planned.kind));
@@ -378,13 +443,13 @@ fn drive_faults(options: &RunOptions, plan: &[PlannedFault], cluster: &Arc<Mutex
                 format!("{} {:?} {:?} ({} s left)", kind_name(f.kind), f.target, f.nodes, ends.saturating_sub(now).as_secs())
             });
             let (ops, fail, info) = recorder.completed();
-            progress(&format!("[{:>4}s/{}s] {ops} ops ({fail} fail, {info} info), fault: {fault}", now.as_secs(), options.time_limit.as_secs()));
+            progress(&format!("[{:>4}s/{}s] {ops} ops ({fail} fail, {info} info), fault: {fault}", now.as_secs(), time_limit.as_secs()));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     if let Some((mut fault, _)) = active {
-        if let Ok(healed) = nemesis::heal(cluster, fault.kind, &fault.resolved()) {
-            fault.record_healed(healed);
+        if let Err(err) = heal_fault(cluster, processes, &mut fault) {
+            crashed.push(format!("could not heal {:?}: {err:#}", fault.kind));
         }
         fault.end_ms = recorder.elapsed().as_millis() as u64;
         *log += &format!("{:>8} ms heal {:?} {:?} (end of run)\n", fault.end_ms, fault.kind, fault.nodes);
@@ -393,7 +458,21 @@ fn drive_faults(options: &RunOptions, plan: &[PlannedFault], cluster: &Arc<Mutex
     }
 }
 
-fn kind_name(kind: NemesisKind) -> &'static str {
+/// Ends a fault, of the cluster or of the workload's processes.
+fn heal_fault(cluster: &Arc<Mutex<TestCluster>>, processes: &mut dyn ProcessFaults, fault: &mut FaultRecord) -> Result<()> {
+    match fault.kind.is_process_fault() {
+        true => processes.heal(fault.kind, &fault.nodes),
+        false => {
+            fault.record_healed(nemesis::heal(cluster, fault.kind, &fault.resolved())?);
+            match fault.target {
+                nemesis::Target::PowerCut => processes.power_restored(),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+pub(crate) fn kind_name(kind: NemesisKind) -> &'static str {
     match kind {
         NemesisKind::Kill => "kill",
         NemesisKind::Pause => "pause",
@@ -403,6 +482,8 @@ fn kind_name(kind: NemesisKind) -> &'static str {
         NemesisKind::Roster => "roster",
         NemesisKind::Packet => "packet",
         NemesisKind::Wipe => "wipe",
+        NemesisKind::AppKill => "app-kill",
+        NemesisKind::FsKill => "fs-kill",
     }
 }
 
@@ -417,7 +498,7 @@ impl FaultRecord {
     }
 }
 
-fn nemesis_event(f: &str, nodes: &[u64]) -> Event {
+pub(crate) fn nemesis_event(f: &str, nodes: &[u64]) -> Event {
     let mut event = Event::new(0, EventType::Info, f, Edn::Vector(nodes.iter().map(|&n| Edn::Int(n as i64)).collect()));
     event.process = None;
     event

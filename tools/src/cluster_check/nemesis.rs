@@ -46,6 +46,19 @@ pub enum NemesisKind {
     /// cluster and takes one node's place on the roster; the replaced node's groups move to
     /// it, and once it holds nothing the node is stopped and forgotten (ForgetNode).
     Roster,
+    /// Files workloads only: kill -9 of one application process at a random moment; it is
+    /// started again at once and recovers from what the file holds.
+    AppKill,
+    /// Files workloads only: kill -9 of one chunkfs process (its applications see their calls
+    /// fail); healing mounts the volume afresh and restarts them.
+    FsKill,
+}
+
+impl NemesisKind {
+    /// Faults of the processes of a files workload rather than of the cluster's nodes.
+    pub fn is_process_fault(self) -> bool {
+        matches!(self, NemesisKind::AppKill | NemesisKind::FsKill)
+    }
 }
 
 /// Which nodes a fault hits, resolved when it starts.
@@ -88,6 +101,8 @@ pub enum Target {
     Shrink,
     /// Roster: the node a fresh node replaces (it leaves the cluster for good).
     Replace,
+    /// App-kill and fs-kill: one process of the workload (no node).
+    Process,
 }
 
 /// How often a strobed clock flips.
@@ -127,6 +142,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
             NemesisKind::Packet => *[Target::Delay, Target::Loss, Target::Reorder].choose(&mut rng).unwrap(),
             NemesisKind::Wipe => Target::One,
             NemesisKind::Roster => *[Target::Shrink, Target::Replace].choose(&mut rng).unwrap(),
+            NemesisKind::AppKill | NemesisKind::FsKill => Target::Process,
         };
         let long = kind == NemesisKind::Pause && rng.gen_bool(0.25) && at + LONG_PAUSE + interval <= time_limit;
         let duration = if long { LONG_PAUSE } else { interval };
@@ -169,6 +185,7 @@ pub fn resolve(fault: &PlannedFault, nodes: &[u64], leader: Option<u64>, groups:
         Target::Majority => picked(nodes.len() / 2 + 1),
         Target::All | Target::Ring | Target::Skew | Target::PowerCut => picked(nodes.len()),
         Target::Leader => vec![leader],
+        Target::Process => Vec::new(),
         // In the order they are killed.
         Target::Rolling => match groups.choose(&mut rng) {
             Some(replicas) if !replicas.is_empty() && replicas.iter().all(|r| nodes.contains(r)) => replicas.clone(),
@@ -265,6 +282,7 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Tar
             let roster: Vec<u64> = cluster.roster().into_iter().filter(|id| !hit.nodes.contains(id)).collect();
             set_roster(&cluster, &roster)?;
         }
+        NemesisKind::AppKill | NemesisKind::FsKill => anyhow::bail!("{kind:?} is a fault of a files workload's processes, not of the cluster"),
     }
     Ok(done)
 }
@@ -314,6 +332,7 @@ pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved
         // Shrink: the nodes come back. Replace: the roster stays as it is (the same call); the
         // replaced node leaves when its groups have moved (`TestCluster::retire_finished`).
         NemesisKind::Roster => set_roster(&cluster, &cluster.roster())?,
+        NemesisKind::AppKill | NemesisKind::FsKill => anyhow::bail!("{kind:?} is a fault of a files workload's processes, not of the cluster"),
     }
     Ok(Healed::default())
 }
@@ -346,6 +365,7 @@ mod tests {
                 Target::Majority | Target::Rolling => 3,
                 Target::All | Target::Ring | Target::Skew | Target::PowerCut => 5,
                 Target::Delay | Target::Loss | Target::Reorder => hit.nodes.len(),
+                Target::Process => 0,
             };
             assert_eq!(hit.nodes.len(), expected, "{fault:?}");
             if fault.kind == NemesisKind::Packet {

@@ -21,13 +21,13 @@ const CONTEXT_EVENTS: usize = 12;
 const ANOMALIES_SHOWN_MAX: usize = 50;
 
 /// One completed operation: when it completed (s), its latency (ms), and how it ended.
-struct Sample {
+pub(crate) struct Sample {
     at_s: f64,
     latency_ms: f64,
     outcome: Outcome,
 }
 
-fn samples(events: &[Event]) -> Vec<Sample> {
+pub(crate) fn samples(events: &[Event]) -> Vec<Sample> {
     let Ok(ops) = operations(events) else { return Vec::new() };
     ops.iter()
         .filter(|op| op.process < FINAL_PROCESS)
@@ -65,11 +65,13 @@ fn fault_color(kind: &str) -> RGBColor {
         "packet" => RGBColor(23, 190, 207),
         "wipe" => RGBColor(227, 119, 194),
         "roster" => RGBColor(255, 127, 14),
+        "app-kill" => RGBColor(31, 119, 180),
+        "fs-kill" => RGBColor(64, 64, 64),
         _ => RGBColor(127, 127, 127),
     }
 }
 
-fn kind_of(fault: &FaultRecord) -> String {
+pub(crate) fn kind_of(fault: &FaultRecord) -> String {
     serde_json::to_value(fault.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
@@ -96,7 +98,7 @@ fn shade_faults<DB: DrawingBackend, Y: plotters::coord::ranged1d::Ranged<ValueTy
     Ok(())
 }
 
-fn latency_plot(path: &Path, samples: &[Sample], faults: &[FaultRecord], x_max: f64) -> Result<()> {
+pub(crate) fn latency_plot(path: &Path, samples: &[Sample], faults: &[FaultRecord], x_max: f64) -> Result<()> {
     let root = SVGBackend::new(path, (1100, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let y_max = samples.iter().map(|s| s.latency_ms).fold(10.0, f64::max) * 1.5;
@@ -127,7 +129,7 @@ fn latency_plot(path: &Path, samples: &[Sample], faults: &[FaultRecord], x_max: 
     root.present().map_err(plot_error)
 }
 
-fn throughput_plot(path: &Path, samples: &[Sample], faults: &[FaultRecord], x_max: f64) -> Result<()> {
+pub(crate) fn throughput_plot(path: &Path, samples: &[Sample], faults: &[FaultRecord], x_max: f64) -> Result<()> {
     let seconds = x_max.ceil() as usize + 1;
     let mut per_second: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     for s in samples {
@@ -157,7 +159,7 @@ fn throughput_plot(path: &Path, samples: &[Sample], faults: &[FaultRecord], x_ma
     root.present().map_err(plot_error)
 }
 
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 

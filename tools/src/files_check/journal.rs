@@ -1,0 +1,289 @@
+//! The journal workload: what a JMS server does with its journal. One writer process per file
+//! appends records at 512-byte-aligned offsets and syncs each (fdatasync after the write, or
+//! a file opened O_DSYNC); a record is acknowledged when the call returns. A restarted writer
+//! scans the file for its last whole record and goes on after it, as a server recovering its
+//! journal does.
+//!
+//! A record: magic, sequence number (from 1), payload length, CRC-32 of those and the payload,
+//! the payload, zeros up to the next multiple of 512 bytes.
+//!
+//! The writer (`chunkcheck files-journal-writer`, started by the run) tells the run what it
+//! does on stdout, one line each, before and after each call:
+//! `R SEQ OFFSET` recovered, next record SEQ at OFFSET; `I SEQ OFFSET LEN CRC` about to write;
+//! `A SEQ` written and synced; `E MESSAGE` a call failed (the writer exits 3).
+
+use std::fs::File;
+use std::io::Write as _;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+pub const MAGIC: u32 = 0x4a53_4b43;
+pub const HEADER_BYTES: usize = 20;
+pub const SECTOR: u64 = 512;
+/// Longest payload (a record then takes three sectors).
+pub const PAYLOAD_BYTES_MAX: usize = 1400;
+
+/// How a writer makes each record durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncMode {
+    /// write, then fdatasync.
+    Fdatasync,
+    /// The file opened O_DSYNC: each write returns once durable.
+    Dsync,
+}
+
+/// A record as written: where, how long, its CRC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Placed {
+    pub seq: u64,
+    pub offset: u64,
+    pub len: u64,
+    pub crc: u32,
+}
+
+/// The bytes of record `seq` of a writer seeded `seed`, and its CRC.
+pub fn record(seed: u64, seq: u64) -> (Vec<u8>, u32) {
+    let mut rng = SmallRng::seed_from_u64(seed ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let payload_len = rng.gen_range(1..=PAYLOAD_BYTES_MAX);
+    let mut bytes = Vec::with_capacity(HEADER_BYTES + payload_len);
+    bytes.extend_from_slice(&MAGIC.to_le_bytes());
+    bytes.extend_from_slice(&seq.to_le_bytes());
+    bytes.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    bytes.extend_from_slice(&[0; 4]);
+    bytes.extend((0..payload_len).map(|_| rng.gen::<u8>()));
+    let crc = crc_of(&bytes);
+    bytes[16..20].copy_from_slice(&crc.to_le_bytes());
+    bytes.resize((bytes.len() as u64).next_multiple_of(SECTOR) as usize, 0);
+    (bytes, crc)
+}
+
+/// CRC-32 of a record's header (its CRC field left out) and payload.
+fn crc_of(record: &[u8]) -> u32 {
+    let payload_len = u32::from_le_bytes(record[12..16].try_into().expect("4 bytes")) as usize;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&record[..16]);
+    hasher.update(&record[HEADER_BYTES..HEADER_BYTES + payload_len]);
+    hasher.finalize()
+}
+
+/// What lies at `offset` of `file`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    /// A whole record: its sequence number, CRC, and length on disk.
+    Record { seq: u64, crc: u32, len: u64 },
+    /// Nothing: the end of the file, or zeros to it (or for the next sector's worth).
+    Absent,
+    /// Bytes that are not a whole record, and how.
+    Garbage(String),
+}
+
+/// Reads what is at `offset` of `data` (the whole file).
+pub fn parse_at(data: &[u8], offset: u64) -> Found {
+    let Some(rest) = usize::try_from(offset).ok().and_then(|at| data.get(at..)) else { return Found::Absent };
+    if rest.is_empty() || rest.iter().take(SECTOR as usize).all(|&b| b == 0) {
+        return Found::Absent;
+    }
+    let head: String = rest.iter().take(24).map(|b| format!("{b:02x}")).collect();
+    if rest.len() < HEADER_BYTES || u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) != MAGIC {
+        return Found::Garbage(format!("no record header ({} bytes to the end, starting {head})", rest.len()));
+    }
+    let seq = u64::from_le_bytes(rest[4..12].try_into().expect("8 bytes"));
+    let payload_len = u32::from_le_bytes(rest[12..16].try_into().expect("4 bytes")) as usize;
+    if payload_len == 0 || payload_len > PAYLOAD_BYTES_MAX || rest.len() < HEADER_BYTES + payload_len {
+        return Found::Garbage(format!("record {seq} of {payload_len} payload bytes cut short: {} bytes to the end", rest.len()));
+    }
+    let crc = u32::from_le_bytes(rest[16..20].try_into().expect("4 bytes"));
+    if crc_of(rest) != crc {
+        return Found::Garbage(format!("record {seq} of {payload_len} payload bytes fails its CRC"));
+    }
+    Found::Record { seq, crc, len: ((HEADER_BYTES + payload_len) as u64).next_multiple_of(SECTOR) }
+}
+
+/// The writer process: recovers the journal's end, then appends until killed.
+pub fn run_writer(file: &Path, sync: SyncMode, seed: u64, on_fuse: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut say = |line: String| -> Result<()> {
+        writeln!(out, "{line}")?;
+        out.flush().context("telling the run")
+    };
+    let result = (|| -> Result<()> {
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true);
+        if sync == SyncMode::Dsync {
+            options.custom_flags(libc::O_DSYNC);
+        }
+        let journal = options.open(file).with_context(|| format!("opening {}", file.display()))?;
+        // A writer started as its mount was killed could open the bare mountpoint directory's
+        // file: what it acknowledged would never reach the cluster.
+        if on_fuse && !is_on_fuse(&journal)? {
+            anyhow::bail!("{} is not on a FUSE mount", file.display());
+        }
+        let (mut seq, mut offset) = recover(&journal)?;
+        say(format!("R {seq} {offset}"))?;
+        loop {
+            let (bytes, crc) = record(seed, seq);
+            say(format!("I {seq} {offset} {} {crc}", bytes.len()))?;
+            journal.write_all_at(&bytes, offset).with_context(|| format!("writing record {seq} at {offset}"))?;
+            if sync == SyncMode::Fdatasync {
+                journal.sync_data().with_context(|| format!("fdatasync after record {seq}"))?;
+            }
+            say(format!("A {seq}"))?;
+            offset += bytes.len() as u64;
+            seq += 1;
+        }
+    })();
+    if let Err(err) = &result {
+        let _ = say(format!("E {err:#}"));
+    }
+    result
+}
+
+fn is_on_fuse(file: &File) -> Result<bool> {
+    use std::os::fd::AsRawFd;
+    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    // SAFETY: statfs is plain data, filled by the call on success.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a valid pointer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("fstatfs");
+    }
+    Ok(stat.f_type as i64 == FUSE_SUPER_MAGIC)
+}
+
+/// The next record's sequence number and offset: after the last of the whole records that
+/// follow each other from the start.
+fn recover(journal: &File) -> Result<(u64, u64)> {
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut &*journal, &mut data).context("reading the journal to recover")?;
+    let (mut seq, mut offset) = (1, 0);
+    while let Found::Record { seq: found, len, .. } = parse_at(&data, offset) {
+        if found != seq {
+            break;
+        }
+        seq += 1;
+        offset += len;
+    }
+    Ok((seq, offset))
+}
+
+/// What the check of one journal found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FileVerdict {
+    pub file: String,
+    pub sync: Option<SyncMode>,
+    pub bytes: u64,
+    /// Acknowledged records.
+    pub acked: u64,
+    /// Whole records from the start, one after another.
+    pub records: u64,
+    /// Acknowledged records missing (nothing where they were written).
+    pub lost: Vec<Placed>,
+    /// Acknowledged records whose place holds something else, and bytes that are not a whole
+    /// record before the end of the journal.
+    pub corrupt: Vec<String>,
+}
+
+/// Checks a journal's bytes against the records acknowledged for it: each is there, whole,
+/// where it was written, in order from the start; after the last whole record there is
+/// nothing (a record not acknowledged is there whole or not at all).
+pub fn check_file(name: &str, data: &[u8], acked: &[Placed]) -> FileVerdict {
+    let mut verdict = FileVerdict { file: name.to_owned(), bytes: data.len() as u64, acked: acked.len() as u64, ..Default::default() };
+    for placed in acked {
+        match parse_at(data, placed.offset) {
+            Found::Record { seq, crc, .. } if seq == placed.seq && crc == placed.crc => {}
+            Found::Absent => verdict.lost.push(*placed),
+            other => verdict.corrupt.push(format!("acknowledged record {} at {}: found {other:?}", placed.seq, placed.offset)),
+        }
+    }
+    let (mut seq, mut offset) = (1, 0);
+    loop {
+        match parse_at(data, offset) {
+            Found::Record { seq: found, len, .. } if found == seq => {
+                seq += 1;
+                offset += len;
+            }
+            Found::Record { seq: found, .. } => {
+                verdict.corrupt.push(format!("record {found} at {offset} where record {seq} belongs"));
+                break;
+            }
+            Found::Garbage(how) => {
+                verdict.corrupt.push(format!("bytes at {offset} (after record {}) are not a whole record: {how}", seq - 1));
+                break;
+            }
+            Found::Absent => break,
+        }
+    }
+    verdict.records = seq - 1;
+    // Past the chain: only zeros to the end.
+    if let Some(at) = data.iter().skip(offset as usize).position(|&b| b != 0) {
+        let at = offset + at as u64;
+        if verdict.corrupt.is_empty() {
+            verdict.corrupt.push(format!("bytes at {at}, past the last whole record (which ends at {offset})"));
+        }
+    }
+    verdict
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(records: u64) -> (Vec<u8>, Vec<Placed>) {
+        let (mut data, mut placed) = (Vec::new(), Vec::new());
+        for seq in 1..=records {
+            let (bytes, crc) = record(7, seq);
+            placed.push(Placed { seq, offset: data.len() as u64, len: bytes.len() as u64, crc });
+            data.extend_from_slice(&bytes);
+        }
+        (data, placed)
+    }
+
+    #[test]
+    fn a_whole_journal_passes_and_an_unacknowledged_whole_tail_is_allowed() {
+        let (data, placed) = journal(20);
+        let verdict = check_file("j", &data, &placed[..18]);
+        assert!(verdict.lost.is_empty() && verdict.corrupt.is_empty(), "{verdict:?}");
+        assert_eq!(verdict.records, 20);
+        let mut padded = data.clone();
+        padded.extend_from_slice(&[0; 4096]);
+        assert!(check_file("j", &padded, &placed).corrupt.is_empty());
+    }
+
+    #[test]
+    fn a_missing_acknowledged_record_is_lost() {
+        let (data, placed) = journal(20);
+        let cut = &data[..placed[15].offset as usize];
+        let verdict = check_file("j", cut, &placed);
+        assert_eq!(verdict.lost.iter().map(|p| p.seq).collect::<Vec<_>>(), (16..=20).collect::<Vec<_>>());
+        assert!(verdict.corrupt.is_empty());
+    }
+
+    #[test]
+    fn damage_in_the_middle_or_a_torn_tail_is_corrupt() {
+        let (mut data, placed) = journal(20);
+        let middle = placed[10].offset as usize + 30;
+        data[middle] ^= 0xff;
+        let verdict = check_file("j", &data, &placed);
+        assert!(verdict.corrupt.len() >= 2, "the damaged record and the chain broken there: {verdict:?}");
+        let (data, placed) = journal(20);
+        let torn = &data[..placed[19].offset as usize + 100];
+        let verdict = check_file("j", torn, &placed[..19]);
+        assert_eq!(verdict.corrupt.len(), 1, "{verdict:?}");
+        assert!(verdict.lost.is_empty());
+    }
+
+    #[test]
+    fn recovery_goes_on_after_the_last_whole_record() {
+        let (data, placed) = journal(5);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        std::fs::write(&path, &data[..placed[4].offset as usize + 7]).unwrap();
+        assert_eq!(recover(&File::open(&path).unwrap()).unwrap(), (5, placed[4].offset));
+    }
+}

@@ -1,0 +1,572 @@
+//! `chunkcheck files`: the file layer under the faults its users fear. A fresh cluster of real
+//! chunkd processes, a real chunkfs mount, real application processes writing through it; the
+//! cluster's faults and the processes' own (kill -9 of an application, of chunkfs); then every
+//! node restarted, the volume mounted afresh, and every acknowledged write looked for.
+//!
+//! Reading order: `journal.rs` (the workload: its writer and its checker), this file (the run,
+//! the supervisors that restart killed applications, the process faults), `report.rs`.
+
+pub mod bank;
+pub mod journal;
+mod report;
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::cluster_check::cluster::TestCluster;
+use crate::cluster_check::nemesis::{self, NemesisKind};
+use crate::cluster_check::workload::Recorder;
+use crate::cluster_check::{self as cc, FaultRecord, ProcessFaults, Record, Schedule, INTERRUPTED};
+use crate::history::{Edn, Event, EventType};
+use crate::mount::ChunkfsMount;
+use journal::{Placed, SyncMode};
+
+/// The volume every run mounts.
+pub const VOLUME: &str = "check";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FilesWorkload {
+    /// Writer processes append checksummed records to journal files, syncing each.
+    Journal,
+    /// Bank transfers in SQLite databases (not built yet).
+    Sqlite,
+    /// Two instances on two mounts take turns holding the journal's lock (not built yet).
+    Failover,
+}
+
+/// Which front the applications go through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Via {
+    /// A chunkfs mount.
+    Fuse,
+    /// libchunkpreload.so in the application (not built yet).
+    Preload,
+}
+
+#[derive(Clone, Debug)]
+pub struct FilesOptions {
+    pub workload: FilesWorkload,
+    pub via: Via,
+    pub nodes: u64,
+    pub replication_factor: usize,
+    pub groups: u32,
+    pub time_limit: Duration,
+    pub nemeses: Vec<NemesisKind>,
+    pub nemesis_interval: Duration,
+    pub seed: u64,
+    pub out: PathBuf,
+    /// Application processes (journal: one file each).
+    pub writers: usize,
+    /// Extra arguments of every chunkfs mount (the unsafe negative controls).
+    pub chunkfs_options: Vec<String>,
+    /// Extra `KEY = VALUE` lines of every node's chunkd.toml.
+    pub chunkd_options: Vec<String>,
+    /// Negative control: damage the first file in its middle before reading it back.
+    pub test_corrupt_after_run: bool,
+}
+
+/// How long the cluster may take to answer again after every node restarted.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(120);
+/// Lost and corrupt findings listed per file in the summary (all count).
+const FINDINGS_LISTED_MAX: usize = 20;
+
+/// Runs the check; the JSON summary (also OUT/results.json). Exit code by `valid`.
+pub fn run(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> serde_json::Value {
+    let started = Instant::now();
+    let mut result = match run_inner(options, progress) {
+        Ok(result) => result,
+        Err(err) => json!({ "valid": "unknown", "error": format!("{err:#}"), "acked": 0, "lost": 0, "corrupt": 0, "ops": 0, "nemesis_events": 0 }),
+    };
+    result["workload"] = json!(options.workload);
+    result["via"] = json!(options.via);
+    result["seed"] = json!(options.seed);
+    result["out"] = json!(options.out.display().to_string());
+    result["elapsed_ms"] = json!(started.elapsed().as_millis() as u64);
+    let _ = std::fs::write(options.out.join("results.json"), serde_json::to_string_pretty(&result).unwrap_or_default());
+    result
+}
+
+fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<serde_json::Value> {
+    match (options.workload, options.via) {
+        (_, Via::Preload) => bail!("--via preload: libchunkpreload.so is not built yet (use --via fuse)"),
+        (FilesWorkload::Failover, _) => bail!("--workload failover: not built yet (use journal or sqlite)"),
+        (FilesWorkload::Journal | FilesWorkload::Sqlite, Via::Fuse) => {}
+    }
+    if options.writers == 0 {
+        bail!("--writers must be at least 1");
+    }
+    std::fs::create_dir_all(&options.out).with_context(|| format!("creating {}", options.out.display()))?;
+    let plan = nemesis::plan(options.seed, &options.nemeses, options.nemesis_interval, options.time_limit);
+    let mut nemesis_log = format!("seed {} plan ({} faults, interval {:?}):\n", options.seed, plan.len(), options.nemesis_interval);
+    nemesis_log += &plan.iter().map(|fault| format!("  {fault:?}\n")).collect::<String>();
+    let (tools, chunkd_options) = cc::fault_tools(&options.nemeses, &options.chunkd_options)?;
+    progress(&format!("starting {} nodes in {}", options.nodes, options.out.display()));
+    let cluster = TestCluster::start(&options.out.join("cluster"), options.nodes, options.replication_factor, options.groups, &chunkd_options, tools)?;
+    let cluster = Arc::new(Mutex::new(cluster));
+    let seeds = cluster.lock().unwrap().seeds();
+    let mounts = Mounts { seeds: seeds.clone(), options: options.chunkfs_options.clone(), log: options.out.join("chunkfs.log") };
+    let mountpoint = options.out.join("mnt");
+    progress(&format!("mounting volume {VOLUME} at {}", mountpoint.display()));
+    let mount = Mutex::new(Some(mounts.start(&mountpoint)?));
+    if options.workload == FilesWorkload::Sqlite {
+        std::fs::create_dir_all(mountpoint.join(bank::DIRECTORY)).context("creating the database's directory")?;
+    }
+
+    let recorder = Recorder::create(&options.out.join("history.edn"))?;
+    let apps = Apps::new(options, &mountpoint);
+    let mut faults: Vec<FaultRecord> = Vec::new();
+    let mut crashed: Vec<String> = Vec::new();
+    let mut left = Vec::new();
+    std::thread::scope(|scope| {
+        for writer in 0..options.writers {
+            let (apps, recorder) = (&apps, &recorder);
+            scope.spawn(move || apps.supervise(writer, recorder));
+        }
+        let record = Record { faults: &mut faults, crashed: &mut crashed, left: &mut left, log: &mut nemesis_log };
+        let schedule = Schedule { time_limit: options.time_limit, interval: options.nemesis_interval, plan: &plan };
+        let mut processes = JournalFaults { apps: &apps, mount: &mount, mounts: &mounts, mountpoint: &mountpoint };
+        cc::drive_faults(&schedule, &cluster, &recorder, record, &mut processes, progress);
+        apps.stop();
+    });
+
+    progress("stopping the mount, restarting every node");
+    if let Some(mut mount) = mount.lock().unwrap().take() {
+        if !mount.unmount() {
+            crashed.push("the workload's chunkfs did not unmount cleanly".into());
+        }
+    }
+    let recovery = {
+        let mut cluster = cluster.lock().unwrap();
+        cluster.heal()?;
+        // Every node restarts from its disk: the acknowledged records must survive that too.
+        cluster.restart_all()?;
+        cluster.wait_until_ready(RECOVERY_LIMIT)
+    };
+    let recovery_ms = recovery.as_ref().ok().map(|d| d.as_millis() as u64);
+    let mut run_error = recovery.err().map(|e| format!("the cluster did not recover: {e:#}"));
+    let mut verdicts = Verdicts::default();
+    if run_error.is_none() && !INTERRUPTED.load(Ordering::SeqCst) {
+        progress("reading everything back through a fresh mount");
+        match read_back(&mounts, &options.out.join("mnt-check"), &apps, options.test_corrupt_after_run) {
+            Ok(found) => verdicts = found,
+            Err(err) => run_error = Some(format!("reading the journals back: {err:#}")),
+        }
+    }
+    {
+        let mut cluster = cluster.lock().unwrap();
+        crashed.extend(cluster.exited().into_iter().map(|(id, status)| format!("node {id} exited on its own ({status})")));
+        cluster.tear_down();
+    }
+    std::fs::write(options.out.join("nemesis.log"), &nemesis_log)?;
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        run_error.get_or_insert_with(|| "interrupted".into());
+    }
+
+    let events = recorder.finish();
+    let count = |kind: EventType| events.iter().filter(|e| e.process.is_some() && e.kind == kind).count();
+    let (lost, corrupt) = (verdicts.lost(), verdicts.corrupt());
+    let valid = match (lost + corrupt, &run_error) {
+        (0, None) => json!(true),
+        (0, Some(_)) => json!("unknown"),
+        _ => json!(false),
+    };
+    let files: Vec<serde_json::Value> = verdicts
+        .files
+        .iter()
+        .map(|v| {
+            let mut shown = serde_json::to_value(v).unwrap_or_default();
+            shown["lost_count"] = json!(v.lost.len());
+            shown["corrupt_count"] = json!(v.corrupt.len());
+            shown["lost"] = json!(v.lost.iter().take(FINDINGS_LISTED_MAX).collect::<Vec<_>>());
+            shown["corrupt"] = json!(v.corrupt.iter().take(FINDINGS_LISTED_MAX).collect::<Vec<_>>());
+            shown
+        })
+        .collect();
+    let mut result = json!({
+        "valid": valid,
+        "acked": apps.acked_count(),
+        "lost": lost,
+        "corrupt": corrupt,
+        "ops": count(EventType::Invoke),
+        "ok": count(EventType::Ok),
+        "info": count(EventType::Info),
+        "nemesis_events": faults.len(),
+        "app_starts": apps.starts.load(Ordering::SeqCst),
+        "recovery_ms": recovery_ms,
+        "files": files,
+        "faults": faults,
+    });
+    if let Some(bank) = &verdicts.bank {
+        let mut shown = serde_json::to_value(bank)?;
+        shown["lost_count"] = json!(bank.lost.len());
+        shown["lost"] = json!(bank.lost.iter().take(FINDINGS_LISTED_MAX).collect::<Vec<_>>());
+        shown["corrupt"] = json!(bank.corrupt.iter().take(FINDINGS_LISTED_MAX).collect::<Vec<_>>());
+        result["bank"] = shown;
+    }
+    if let Some(error) = &run_error {
+        result["error"] = json!(error);
+    }
+    if !crashed.is_empty() {
+        result["problems"] = json!(crashed);
+    }
+    progress("writing the report");
+    if let Err(err) = report::write(&options.out, options, &result, &events, &faults) {
+        result["report_error"] = json!(format!("{err:#}"));
+    }
+    Ok(result)
+}
+
+/// How mounts of the run's volume are made.
+struct Mounts {
+    seeds: Vec<String>,
+    options: Vec<String>,
+    log: PathBuf,
+}
+
+/// How long a mount is retried while the cluster comes back (after a power cut).
+const MOUNT_RETRY_LIMIT: Duration = Duration::from_secs(60);
+
+impl Mounts {
+    /// Mounts the volume, retrying while the cluster does not answer yet.
+    fn start(&self, mountpoint: &Path) -> Result<ChunkfsMount> {
+        let deadline = Instant::now() + MOUNT_RETRY_LIMIT;
+        loop {
+            match ChunkfsMount::start(&self.seeds, VOLUME, mountpoint, &self.options, &self.log) {
+                Ok(mount) => return Ok(mount),
+                Err(err) if Instant::now() > deadline => return Err(err.context(format!("mounting for {MOUNT_RETRY_LIMIT:?}"))),
+                Err(err) => tracing::info!("mounting again in a second: {err:#}"),
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+/// What the applications were told and saw.
+#[derive(Default)]
+struct Seen {
+    /// journal: the records acknowledged to each writer, in order.
+    records: Vec<Vec<Placed>>,
+    /// sqlite: committed transfers.
+    transfers: Vec<String>,
+    /// sqlite: integrity checks at a process's start that were not ok, reads of a total that
+    /// was not the opening one.
+    anomalies: Vec<String>,
+    /// sqlite: integrity checks run at processes' starts.
+    integrity_checks: u64,
+}
+
+/// The application processes and what they acknowledged.
+struct Apps {
+    workload: FilesWorkload,
+    writers: usize,
+    seed: u64,
+    mountpoint: PathBuf,
+    log: PathBuf,
+    stop: AtomicBool,
+    /// Whether the mount is there to start applications on (not during an fs-kill).
+    mounted: AtomicBool,
+    /// The running process of each writer.
+    pids: Mutex<Vec<Option<u32>>>,
+    seen: Mutex<Seen>,
+    starts: AtomicU64,
+}
+
+impl Apps {
+    fn new(options: &FilesOptions, mountpoint: &Path) -> Apps {
+        Apps {
+            workload: options.workload,
+            writers: options.writers,
+            seed: options.seed,
+            mountpoint: mountpoint.to_owned(),
+            log: options.out.join("writers.log"),
+            stop: AtomicBool::new(false),
+            mounted: AtomicBool::new(true),
+            pids: Mutex::new(vec![None; options.writers]),
+            seen: Mutex::new(Seen { records: vec![Vec::new(); options.writers], ..Seen::default() }),
+            starts: AtomicU64::new(0),
+        }
+    }
+
+    fn file_name(writer: usize) -> String {
+        format!("journal-{writer}")
+    }
+
+    /// Even writers fdatasync after each write, odd ones write to a file opened O_DSYNC.
+    fn sync_of(writer: usize) -> SyncMode {
+        if writer % 2 == 0 {
+            SyncMode::Fdatasync
+        } else {
+            SyncMode::Dsync
+        }
+    }
+
+    fn writer_seed(&self, writer: usize) -> u64 {
+        self.seed ^ (writer as u64).wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn acked_count(&self) -> usize {
+        let seen = self.seen.lock().unwrap();
+        seen.records.iter().map(Vec::len).sum::<usize>() + seen.transfers.len()
+    }
+
+    /// Stops every application (kill -9: whatever it was doing is not acknowledged).
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.kill_all();
+    }
+
+    fn kill_all(&self) {
+        for pid in self.pids.lock().unwrap().iter().flatten() {
+            // SAFETY: our own child, not reaped yet (its supervisor waits for it after its
+            // output ends), so the pid cannot have been reused.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+    }
+
+    /// Keeps application `writer` running until the run stops: each start is a new history
+    /// process (`writer + writers * start`), its calls recorded from what it says.
+    fn supervise(&self, writer: usize, recorder: &Recorder) {
+        let mut start = 0u64;
+        let mut quick_failures = 0u32;
+        while !self.stop.load(Ordering::SeqCst) {
+            if !self.mounted.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            let process = (writer as u64 + self.writers as u64 * start) as i64;
+            start += 1;
+            self.starts.fetch_add(1, Ordering::SeqCst);
+            let began = Instant::now();
+            if let Err(err) = self.run_once(writer, process, recorder) {
+                tracing::warn!(writer, "application: {err:#}");
+            }
+            // One that fails at once (the cluster or the mount away) is restarted less often.
+            quick_failures = if began.elapsed() < Duration::from_secs(1) { (quick_failures + 1).min(5) } else { 0 };
+            std::thread::sleep(Duration::from_millis(100 << quick_failures));
+        }
+    }
+
+    fn command(&self, writer: usize, process: i64) -> Result<Command> {
+        let mut command;
+        match self.workload {
+            FilesWorkload::Journal => {
+                command = Command::new(std::env::current_exe()?);
+                command.arg("files-journal-writer").arg("--file").arg(self.mountpoint.join(Apps::file_name(writer)));
+                command.args(["--sync", &format!("{:?}", Apps::sync_of(writer)).to_lowercase(), "--seed", &self.writer_seed(writer).to_string(), "--on-fuse"]);
+            }
+            FilesWorkload::Sqlite | FilesWorkload::Failover => {
+                command = Command::new("python3");
+                command.args(["-c", bank::APP]).arg(self.mountpoint.join(bank::DIRECTORY).join(bank::DATABASE));
+                command.args([format!("p{process}"), bank::ACCOUNTS.to_string(), bank::OPENING_BALANCE.to_string(), self.writer_seed(writer).wrapping_add(process as u64).to_string()]);
+            }
+        }
+        Ok(command)
+    }
+
+    fn run_once(&self, writer: usize, process: i64, recorder: &Recorder) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut child = self.command(writer, process)?.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).spawn().context("starting an application")?;
+        self.pids.lock().unwrap()[writer] = Some(child.id());
+        if self.stop.load(Ordering::SeqCst) {
+            let _ = child.kill();
+        }
+        let event = |kind: EventType, f: &str, value: Edn| {
+            let mut event = Event::new(process, kind, f, value);
+            event.key = Some(Edn::Int(writer as i64));
+            event
+        };
+        // The call in flight, as recorded, and (journal) the record it writes.
+        let mut pending: Option<(Event, Option<Placed>)> = None;
+        let stdout = child.stdout.take().context("the application's output")?;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            let words: Vec<&str> = line.splitn(2, ' ').collect();
+            match (words[0], words.get(1).copied().unwrap_or_default()) {
+                ("I", what) if self.workload == FilesWorkload::Journal => {
+                    let numbers: Vec<u64> = what.split(' ').map(str::parse).collect::<Result<_, _>>()?;
+                    let [seq, offset, len, crc] = numbers[..] else { bail!("writer {writer} said {line:?}") };
+                    let placed = Placed { seq, offset, len, crc: u32::try_from(crc)? };
+                    let invoke = event(EventType::Invoke, "append", Edn::Vector(vec![Edn::Int(seq as i64), Edn::Int(offset as i64)]));
+                    recorder.record(invoke.clone());
+                    pending = Some((invoke, Some(placed)));
+                }
+                ("I", id) => {
+                    let invoke = event(EventType::Invoke, "transfer", Edn::Str(id.to_owned()));
+                    recorder.record(invoke.clone());
+                    pending = Some((invoke, None));
+                }
+                ("A", what) => {
+                    let (mut done, placed) = pending.take().with_context(|| format!("application {writer} acknowledged {what} without starting it"))?;
+                    done.kind = EventType::Ok;
+                    recorder.record(done);
+                    let mut seen = self.seen.lock().unwrap();
+                    match placed {
+                        Some(placed) if placed.seq.to_string() == what => seen.records[writer].push(placed),
+                        Some(placed) => bail!("writer {writer} acknowledged {what} while writing {}", placed.seq),
+                        None => seen.transfers.push(what.to_owned()),
+                    }
+                }
+                ("S", total) => {
+                    let total: i64 = total.parse()?;
+                    recorder.record(event(EventType::Invoke, "read", Edn::Nil));
+                    recorder.record(event(EventType::Ok, "read", Edn::Int(total)));
+                    if total != bank::ACCOUNTS * bank::OPENING_BALANCE {
+                        self.seen.lock().unwrap().anomalies.push(format!("process {process} read a total of {total}"));
+                    }
+                }
+                ("C", result) => {
+                    let mut seen = self.seen.lock().unwrap();
+                    seen.integrity_checks += 1;
+                    if result != "ok" {
+                        seen.anomalies.push(format!("integrity check as process {process} started: {result}"));
+                    }
+                }
+                ("R", _) => {}
+                ("E", error) => {
+                    if let Some((mut failed, _)) = pending.take() {
+                        failed.kind = EventType::Info;
+                        failed.error = Some(Edn::Str(error.to_owned()));
+                        recorder.record(failed);
+                    }
+                }
+                _ => tracing::warn!(writer, line, "a line the application should not print"),
+            }
+        }
+        let status = child.wait()?;
+        self.pids.lock().unwrap()[writer] = None;
+        // Killed mid-call: it may or may not have happened.
+        if let Some((mut died, _)) = pending {
+            died.kind = EventType::Info;
+            died.error = Some(Edn::Str(format!("application {status}")));
+            recorder.record(died);
+        }
+        Ok(())
+    }
+}
+
+/// The process faults of the journal workload.
+struct JournalFaults<'a> {
+    apps: &'a Apps,
+    mount: &'a Mutex<Option<ChunkfsMount>>,
+    mounts: &'a Mounts,
+    mountpoint: &'a Path,
+}
+
+impl ProcessFaults for JournalFaults<'_> {
+    fn inflict(&mut self, kind: NemesisKind, pick: u64) -> Result<Vec<u64>> {
+        match kind {
+            NemesisKind::AppKill => {
+                let writer = (pick % self.apps.writers as u64) as usize;
+                if let Some(pid) = self.apps.pids.lock().unwrap()[writer] {
+                    // SAFETY: as in `Apps::kill_all`.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+                Ok(vec![writer as u64])
+            }
+            NemesisKind::FsKill => {
+                self.apps.mounted.store(false, Ordering::SeqCst);
+                if let Some(mut mount) = self.mount.lock().unwrap().take() {
+                    mount.kill();
+                }
+                Ok(vec![0])
+            }
+            other => bail!("{other:?} is not a process fault"),
+        }
+    }
+
+    /// The applications' machine loses power with the nodes: chunkfs and the applications die.
+    fn power_cut(&mut self) -> Result<()> {
+        self.inflict(NemesisKind::FsKill, 0)?;
+        self.apps.kill_all();
+        Ok(())
+    }
+
+    fn power_restored(&mut self) -> Result<()> {
+        self.heal(NemesisKind::FsKill, &[])
+    }
+
+    fn heal(&mut self, kind: NemesisKind, _hit: &[u64]) -> Result<()> {
+        if kind == NemesisKind::FsKill {
+            // Applications that were running went on failing; the fresh mount gets fresh ones.
+            self.apps.kill_all();
+            *self.mount.lock().unwrap() = Some(self.mounts.start(self.mountpoint)?);
+            self.apps.mounted.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// What the check of the volume found.
+#[derive(Default)]
+struct Verdicts {
+    /// journal: each file.
+    files: Vec<journal::FileVerdict>,
+    /// sqlite: the database.
+    bank: Option<bank::BankVerdict>,
+}
+
+impl Verdicts {
+    fn lost(&self) -> usize {
+        self.files.iter().map(|v| v.lost.len()).sum::<usize>() + self.bank.as_ref().map_or(0, |b| b.lost.len())
+    }
+
+    fn corrupt(&self) -> usize {
+        self.files.iter().map(|v| v.corrupt.len()).sum::<usize>() + self.bank.as_ref().map_or(0, |b| b.corrupt.len())
+    }
+}
+
+/// Mounts the volume afresh and checks what the applications wrote against what they were
+/// told. With `corrupt_first`, a negative control: 512 bytes in the middle of the first file
+/// are overwritten first.
+fn read_back(mounts: &Mounts, mountpoint: &Path, apps: &Apps, corrupt_first: bool) -> Result<Verdicts> {
+    let mut mount = mounts.start(mountpoint)?;
+    let seen = apps.seen.lock().unwrap();
+    let mut verdicts = Verdicts::default();
+    let first = match apps.workload {
+        FilesWorkload::Journal => mountpoint.join(Apps::file_name(0)),
+        _ => mountpoint.join(bank::DIRECTORY).join(bank::DATABASE),
+    };
+    if corrupt_first {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&first).with_context(|| format!("opening {} to damage it", first.display()))?;
+        let middle = (file.metadata()?.len() / 2) & !511;
+        file.write_all_at(&[0x5a; 512], middle)?;
+        tracing::warn!("negative control: overwrote 512 bytes at {middle} of {}", first.display());
+    }
+    match apps.workload {
+        FilesWorkload::Journal => {
+            for (writer, acked) in seen.records.iter().enumerate() {
+                let name = Apps::file_name(writer);
+                let path = mountpoint.join(&name);
+                let data = match std::fs::read(&path) {
+                    Ok(data) => data,
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                    Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+                };
+                let mut verdict = journal::check_file(&name, &data, acked);
+                verdict.sync = Some(Apps::sync_of(writer));
+                verdicts.files.push(verdict);
+            }
+        }
+        _ => {
+            let output = Command::new("python3").args(["-c", bank::CHECK]).arg(&first).stderr(Stdio::inherit()).output().context("running python3")?;
+            let found: serde_json::Value = match output.status.success() {
+                true => serde_json::from_slice(&output.stdout).context("the check's output")?,
+                // A database that cannot be read at all is corrupt.
+                false => json!({ "integrity": ["the database could not be read"] }),
+            };
+            verdicts.bank = Some(bank::check(&found, &seen.transfers, &seen.anomalies, seen.integrity_checks));
+        }
+    }
+    mount.unmount();
+    Ok(verdicts)
+}
