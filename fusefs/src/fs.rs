@@ -229,15 +229,20 @@ impl ChunkFs {
         })
     }
 
-    /// EIO if a write to the file failed since this descriptor last asked.
-    fn check_failures(&self, fh: FileHandle) -> FsResult<()> {
+    /// EIO if a write to the file failed since this descriptor's last fsync. Only fsync
+    /// (`advance`) moves the mark on, as Linux does: a close of a copy of the descriptor, such
+    /// as every fork-then-exec of the process makes, reports the failure without using it up,
+    /// and the process's own fsync still hears of it.
+    fn check_failures(&self, fh: FileHandle, advance: bool) -> FsResult<()> {
         let Some(ino) = lock(&self.handles).get(&fh.0).map(|handle| handle.ino) else { return Ok(()) };
         // (Read outside the handles' lock: it waits for a commit of the file in progress.)
         let failures = self.volume.failed_writes(ino);
         let mut handles = lock(&self.handles);
         let Some(handle) = handles.get_mut(&fh.0) else { return Ok(()) };
         if failures > handle.failures_seen {
-            handle.failures_seen = failures;
+            if advance {
+                handle.failures_seen = failures;
+            }
             return Err(FsError::Io("a write to this file failed to commit".into()));
         }
         Ok(())
@@ -481,7 +486,7 @@ impl Filesystem for ChunkFs {
                 true => self.volume.lock_range(ino.0, lock_owner.0, 0, 0, u64::MAX, LockKind::Unlock, false),
                 false => Ok(()),
             };
-            match committed.and(unlocked).and_then(|()| self.check_failures(fh)) {
+            match committed.and(unlocked).and_then(|()| self.check_failures(fh, false)) {
                 Ok(()) => reply.ok(),
                 Err(err) => reply.error(errno(&err)),
             }
@@ -550,7 +555,7 @@ impl Filesystem for ChunkFs {
     /// write was committed before it was answered), then reports a write that failed since
     /// this descriptor last asked (EIO): it never succeeds over one.
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        guarded("fsync", || match self.commit(ino.0).and_then(|()| self.check_failures(fh)) {
+        guarded("fsync", || match self.commit(ino.0).and_then(|()| self.check_failures(fh, true)) {
             Ok(()) => reply.ok(),
             Err(err) => reply.error(errno(&err)),
         })

@@ -311,6 +311,10 @@ fn fsync_mode_holds_writes_until_synced_and_memory_stays_bounded() {
     // held. The doomed write is held after the cluster went down.)
     chunkctl_ok(&data, &["down"]);
     one.write_all(b"doomed").unwrap();
+    // A fork-then-exec closes the child's copies of both descriptors: each close commits (and
+    // fails) and reports EIO there, and must not use up the failure the parent's fsync
+    // reports (it once did, when another test's child happened to do this: a CI failure).
+    assert!(std::process::Command::new("true").status().unwrap().success());
     assert_eq!(errno_of(&one.sync_data().unwrap_err()), libc::EIO);
     assert_eq!(errno_of(&two.sync_data().unwrap_err()), libc::EIO, "the other descriptor hears of the failure too");
     chunkctl_ok(&data, &["up"]);

@@ -194,26 +194,20 @@ pub struct FileVerdict {
 /// nothing (a record not acknowledged is there whole or not at all).
 pub fn check_file(name: &str, data: &[u8], acked: &[Placed]) -> FileVerdict {
     let mut verdict = FileVerdict { file: name.to_owned(), bytes: data.len() as u64, acked: acked.len() as u64, ..Default::default() };
-    for placed in acked {
-        match parse_at(data, placed.offset) {
-            Found::Record { seq, crc, .. } if seq == placed.seq && crc == placed.crc => {}
-            Found::Absent => verdict.lost.push(*placed),
-            other => verdict.corrupt.push(format!("acknowledged record {} at {}: found {other:?}", placed.seq, placed.offset)),
-        }
-    }
-    let (mut seq, mut offset) = (1, 0);
+    // The chain: whole records one after another from the start.
+    let (mut seq, mut chain_end) = (1, 0);
     loop {
-        match parse_at(data, offset) {
+        match parse_at(data, chain_end) {
             Found::Record { seq: found, len, .. } if found == seq => {
                 seq += 1;
-                offset += len;
+                chain_end += len;
             }
             Found::Record { seq: found, .. } => {
-                verdict.corrupt.push(format!("record {found} at {offset} where record {seq} belongs"));
+                verdict.corrupt.push(format!("record {found} at {chain_end} where record {seq} belongs"));
                 break;
             }
             Found::Garbage(how) => {
-                verdict.corrupt.push(format!("bytes at {offset} (after record {}) are not a whole record: {how}", seq - 1));
+                verdict.corrupt.push(format!("bytes at {chain_end} (after record {}) are not a whole record: {how}", seq - 1));
                 break;
             }
             Found::Absent => break,
@@ -221,10 +215,21 @@ pub fn check_file(name: &str, data: &[u8], acked: &[Placed]) -> FileVerdict {
     }
     verdict.records = seq - 1;
     // Past the chain: only zeros to the end.
-    if let Some(at) = data.iter().skip(offset as usize).position(|&b| b != 0) {
-        let at = offset + at as u64;
-        if verdict.corrupt.is_empty() {
-            verdict.corrupt.push(format!("bytes at {at}, past the last whole record (which ends at {offset})"));
+    if verdict.corrupt.is_empty() {
+        if let Some(at) = data.iter().skip(chain_end as usize).position(|&b| b != 0) {
+            verdict.corrupt.push(format!("bytes at {}, past the last whole record (which ends at {chain_end})", chain_end + at as u64));
+        }
+    }
+    for placed in acked {
+        match parse_at(data, placed.offset) {
+            Found::Record { seq, crc, .. } if seq == placed.seq && crc == placed.crc => {}
+            // Damage where it was written, past the whole records.
+            Found::Garbage(how) if placed.offset >= chain_end => {
+                verdict.corrupt.push(format!("acknowledged record {} at {}: {how}", placed.seq, placed.offset))
+            }
+            // Nothing there, or records written later over its place (a writer that recovered
+            // a journal without it went on from an earlier end).
+            _ => verdict.lost.push(*placed),
         }
     }
     verdict
@@ -262,6 +267,18 @@ mod tests {
         let verdict = check_file("j", cut, &placed);
         assert_eq!(verdict.lost.iter().map(|p| p.seq).collect::<Vec<_>>(), (16..=20).collect::<Vec<_>>());
         assert!(verdict.corrupt.is_empty());
+    }
+
+    #[test]
+    fn an_acknowledged_record_written_over_by_a_later_one_is_lost() {
+        let (data, placed) = journal(20);
+        let mut rewritten = data[..placed[15].offset as usize].to_vec();
+        for seq in 16..=20 {
+            rewritten.extend_from_slice(&record(8, seq).0);
+        }
+        let verdict = check_file("j", &rewritten, &placed);
+        assert_eq!(verdict.lost.len(), 5, "{verdict:?}");
+        assert!(verdict.corrupt.is_empty(), "{verdict:?}");
     }
 
     #[test]

@@ -361,7 +361,10 @@ impl Apps {
             FilesWorkload::Journal => {
                 command = Command::new(std::env::current_exe()?);
                 command.arg("files-journal-writer").arg("--file").arg(self.mountpoint.join(Apps::file_name(writer)));
-                command.args(["--sync", &format!("{:?}", Apps::sync_of(writer)).to_lowercase(), "--seed", &self.writer_seed(writer).to_string(), "--on-fuse"]);
+                // Each start writes different records (as a restarted server journals new messages):
+                // one that rewrote a lost acknowledged record identically would hide the loss.
+                let seed = self.writer_seed(writer) ^ (process as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                command.args(["--sync", &format!("{:?}", Apps::sync_of(writer)).to_lowercase(), "--seed", &seed.to_string(), "--on-fuse"]);
             }
             FilesWorkload::Sqlite | FilesWorkload::Failover => {
                 command = Command::new("python3");
