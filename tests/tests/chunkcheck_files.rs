@@ -86,18 +86,37 @@ fn a_journal_damaged_after_the_run_is_corrupt() {
     assert_eq!(result["lost"], json!(0), "only the damaged record is wrong: {result}");
 }
 
+/// Failover: the standby takes the lock and goes on with the journal when the active
+/// instance is killed, its chunkfs killed, or its machine stopped (SIGSTOP of chunkfs and the
+/// instance, then SIGCONT: its late write is refused), and never do two write.
+#[test]
+fn failover_takes_over_with_nothing_lost_and_no_dual_writer() {
+    let seconds = env_or("CHUNKCHECK_FILES_SECONDS", 50);
+    let (code, result, _out) = files("failover", "1", seconds, "app-kill,fs-kill,host-pause", &[]);
+    assert_eq!((code, &result["valid"]), (0, &json!(true)), "{result}");
+    for field in ["takeovers", "takeover_p50_ms", "takeover_max_ms", "dual_writers"] {
+        assert!(result.get(field).is_some(), "no {field} in {result}");
+    }
+    assert_eq!(result["dual_writers"], json!(0), "{result}");
+    assert!(result["takeovers"].as_u64().unwrap() >= 2, "the standby took over: {result}");
+    assert!(result["lock_holders"].as_u64().unwrap() >= 3, "{result}");
+    assert!(fault_kinds(&result).contains("host-pause"), "{result}");
+}
+
+/// Negative control: with fencing off in the cluster, the stopped instance's late writes land
+/// after the standby took over: dual writers.
+#[test]
+fn failover_without_fencing_has_dual_writers() {
+    let (code, result, _out) = files("failover", "1", 30, "host-pause", &["--chunkd-option", "unsafe-skip-fencing = true"]);
+    assert_eq!((code, &result["valid"]), (1, &json!(false)), "{result}");
+    assert!(result["dual_writers"].as_u64().unwrap() > 0, "{result}");
+}
+
 /// What is not built yet says so, and is a run that could not complete (exit 2).
 #[test]
-fn fronts_and_workloads_not_built_yet_are_refused_clearly() {
-    for args in [&["--via", "preload"][..], &["--workload", "failover"][..]] {
-        let mut all = vec!["files", "--time-limit", "1", "--json"];
-        if !args.contains(&"--workload") {
-            all.extend_from_slice(&["--workload", "journal"]);
-        }
-        all.extend_from_slice(args);
-        let output = run("chunkcheck", &all);
-        let result = last_json_line(&output);
-        assert_eq!(output.status.code(), Some(2), "{result}");
-        assert!(result["error"].as_str().unwrap().contains("not built yet"), "{result}");
-    }
+fn the_preload_front_not_built_yet_is_refused_clearly() {
+    let output = run("chunkcheck", &["files", "--workload", "journal", "--via", "preload", "--time-limit", "1", "--json"]);
+    let result = last_json_line(&output);
+    assert_eq!(output.status.code(), Some(2), "{result}");
+    assert!(result["error"].as_str().unwrap().contains("not built yet"), "{result}");
 }

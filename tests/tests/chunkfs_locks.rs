@@ -201,7 +201,8 @@ except OSError as e:
     let _ = after.wait();
 
     // OFD locks (F_OFD_SETLK): owned by the open file description, so another description
-    // of the same process is refused too; the description's close gives them back.
+    // of the same process is refused too; the description's close gives them back (within
+    // 2 s: the release that carries it is asynchronous).
     let ofd_script = r#"
 import fcntl, os, struct, sys, time
 F_OFD_SETLK = 37
@@ -216,6 +217,11 @@ b = os.open(sys.argv[2], os.O_RDWR)
 a2 = os.open(sys.argv[1], os.O_RDWR)
 print(lock(a), lock(b), lock(a2), sep=",")
 os.close(a)
+# The kernel sends the description's release in the background after close returns (FUSE
+# releases are asynchronous): its OFD locks go a moment later.
+deadline = time.time() + 2
+while lock(b) != "locked" and time.time() < deadline:
+    time.sleep(0.02)
 print(lock(b))
 "#;
     let out = Command::new("python3").args(["-c", ofd_script]).arg(a.path.join("ofd")).arg(b.path.join("ofd")).output().unwrap();

@@ -95,14 +95,16 @@ struct FilesArgs {
     time_limit: u64,
     /// Faults, comma-separated: the cluster's (kill, pause, partition, clock, disk, packet,
     /// wipe, roster) and the applications' (app-kill: kill -9 of one application process, which
-    /// restarts and recovers; fs-kill: kill -9 of chunkfs, then a fresh mount); `none` for none.
+    /// restarts and recovers; fs-kill: kill -9 of chunkfs, then a fresh mount; host-pause:
+    /// SIGSTOP of a machine's chunkfs and applications, then SIGCONT). In failover they hit the
+    /// active instance's machine. `none` for none.
     #[arg(long, value_delimiter = ',', default_value = "kill,pause,app-kill,fs-kill")]
     nemesis: Vec<String>,
     /// Seconds between faults (and the length of most faults).
     #[arg(long, default_value_t = 10)]
     nemesis_interval: u64,
     /// Application processes (journal: one journal file each; even ones fdatasync after each
-    /// record, odd ones write O_DSYNC).
+    /// record, odd ones write O_DSYNC; failover: always one instance on each of two machines).
     #[arg(long, default_value_t = 3)]
     writers: usize,
     /// Seed of the fault schedule and the records (random when absent; always printed).
@@ -199,6 +201,12 @@ enum Commands {
         sync: SyncMode,
         #[arg(long)]
         seed: u64,
+        /// Its process number in the run's history, written in each record.
+        #[arg(long)]
+        writer: u64,
+        /// Wait for an exclusive fcntl lock on this file before writing (failover).
+        #[arg(long)]
+        lock: Option<PathBuf>,
         /// Refuse to write unless the file is on a FUSE mount.
         #[arg(long)]
         on_fuse: bool,
@@ -274,7 +282,7 @@ fn main() -> ExitCode {
             ExitCode::from(chunkstore_tools::check::history_command(&file, model, std::time::Duration::from_secs(time_limit), json))
         }
         Commands::Files(args) => files_run(args),
-        Commands::FilesJournalWriter { file, sync, seed, on_fuse } => match journal::run_writer(&file, sync, seed, on_fuse) {
+        Commands::FilesJournalWriter { file, sync, seed, writer, lock, on_fuse } => match journal::run_writer(&journal::WriterOptions { file, sync, seed, writer, lock, on_fuse }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::from(3),
         },
@@ -358,7 +366,7 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
 /// The faults named in --nemesis; the files workloads' own (app-kill, fs-kill) only if `files`.
 fn parse_nemeses(names: &[String], files: bool) -> Result<Vec<NemesisKind>, String> {
     let mut nemeses = Vec::new();
-    let known = if files { "kill, pause, partition, clock, disk, packet, wipe, roster, app-kill, fs-kill" } else { "kill, pause, partition, clock, disk, packet, wipe, roster" };
+    let known = if files { "kill, pause, partition, clock, disk, packet, wipe, roster, app-kill, fs-kill, host-pause" } else { "kill, pause, partition, clock, disk, packet, wipe, roster" };
     for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty() && *n != "none") {
         nemeses.push(match name {
             "kill" => NemesisKind::Kill,
@@ -371,6 +379,7 @@ fn parse_nemeses(names: &[String], files: bool) -> Result<Vec<NemesisKind>, Stri
             "roster" => NemesisKind::Roster,
             "app-kill" if files => NemesisKind::AppKill,
             "fs-kill" if files => NemesisKind::FsKill,
+            "host-pause" if files => NemesisKind::HostPause,
             other => return Err(format!("--nemesis {other}: unknown fault ({known})")),
         });
     }
@@ -420,9 +429,13 @@ fn files_run(args: FilesArgs) -> ExitCode {
         _ => 2,
     };
     eprintln!(
-        "{}: {} acknowledged, {} lost, {} corrupt, {} calls, {} faults, {} application starts{}",
+        "{}: {} acknowledged, {} lost, {} corrupt, {} dual writes, {} calls, {} faults, {} application starts{}{}",
         match code { 0 => "valid", 1 => "INVALID", _ => "unknown" },
-        result["acked"], result["lost"], result["corrupt"], result["ops"], result["nemesis_events"], result["app_starts"],
+        result["acked"], result["lost"], result["corrupt"], result["dual_writers"], result["ops"], result["nemesis_events"], result["app_starts"],
+        match result.get("takeovers") {
+            Some(n) => format!(", {n} takeovers (p50 {} ms, max {} ms)", result["takeover_p50_ms"], result["takeover_max_ms"]),
+            None => String::new(),
+        },
         result["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()
     );
     if args.json {

@@ -484,6 +484,7 @@ pub(crate) fn kind_name(kind: NemesisKind) -> &'static str {
         NemesisKind::Wipe => "wipe",
         NemesisKind::AppKill => "app-kill",
         NemesisKind::FsKill => "fs-kill",
+        NemesisKind::HostPause => "host-pause",
     }
 }
 

@@ -67,6 +67,7 @@ fn fault_color(kind: &str) -> RGBColor {
         "roster" => RGBColor(255, 127, 14),
         "app-kill" => RGBColor(31, 119, 180),
         "fs-kill" => RGBColor(64, 64, 64),
+        "host-pause" => RGBColor(107, 174, 214),
         _ => RGBColor(127, 127, 127),
     }
 }

@@ -5,7 +5,11 @@
 //! journal does.
 //!
 //! A record: magic, sequence number (from 1), payload length, CRC-32 of those and the payload,
-//! the payload, zeros up to the next multiple of 512 bytes.
+//! the payload (the writing process's number, then random bytes), zeros up to the next
+//! multiple of 512 bytes.
+//!
+//! The failover workload runs the same writer with `--lock`: it first waits for an exclusive
+//! fcntl lock on that file (`L` when it has it), as a standby server waits for the live one's.
 //!
 //! The writer (`chunkcheck files-journal-writer`, started by the run) tells the run what it
 //! does on stdout, one line each, before and after each call:
@@ -27,6 +31,8 @@ pub const HEADER_BYTES: usize = 20;
 pub const SECTOR: u64 = 512;
 /// Longest payload (a record then takes three sectors).
 pub const PAYLOAD_BYTES_MAX: usize = 1400;
+/// The writer's process number, first in the payload.
+const WRITER_BYTES: usize = 8;
 
 /// How a writer makes each record durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -47,16 +53,17 @@ pub struct Placed {
     pub crc: u32,
 }
 
-/// The bytes of record `seq` of a writer seeded `seed`, and its CRC.
-pub fn record(seed: u64, seq: u64) -> (Vec<u8>, u32) {
+/// The bytes of record `seq` of process `writer` seeded `seed`, and its CRC.
+pub fn record(seed: u64, seq: u64, writer: u64) -> (Vec<u8>, u32) {
     let mut rng = SmallRng::seed_from_u64(seed ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    let payload_len = rng.gen_range(1..=PAYLOAD_BYTES_MAX);
+    let payload_len = rng.gen_range(WRITER_BYTES..=PAYLOAD_BYTES_MAX);
     let mut bytes = Vec::with_capacity(HEADER_BYTES + payload_len);
     bytes.extend_from_slice(&MAGIC.to_le_bytes());
     bytes.extend_from_slice(&seq.to_le_bytes());
     bytes.extend_from_slice(&(payload_len as u32).to_le_bytes());
     bytes.extend_from_slice(&[0; 4]);
-    bytes.extend((0..payload_len).map(|_| rng.gen::<u8>()));
+    bytes.extend_from_slice(&writer.to_le_bytes());
+    bytes.extend((WRITER_BYTES..payload_len).map(|_| rng.gen::<u8>()));
     let crc = crc_of(&bytes);
     bytes[16..20].copy_from_slice(&crc.to_le_bytes());
     bytes.resize((bytes.len() as u64).next_multiple_of(SECTOR) as usize, 0);
@@ -75,8 +82,8 @@ fn crc_of(record: &[u8]) -> u32 {
 /// What lies at `offset` of `file`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Found {
-    /// A whole record: its sequence number, CRC, and length on disk.
-    Record { seq: u64, crc: u32, len: u64 },
+    /// A whole record: its sequence number, CRC, length on disk, and writing process.
+    Record { seq: u64, crc: u32, len: u64, writer: u64 },
     /// Nothing: the end of the file, or zeros to it (or for the next sector's worth).
     Absent,
     /// Bytes that are not a whole record, and how.
@@ -95,24 +102,49 @@ pub fn parse_at(data: &[u8], offset: u64) -> Found {
     }
     let seq = u64::from_le_bytes(rest[4..12].try_into().expect("8 bytes"));
     let payload_len = u32::from_le_bytes(rest[12..16].try_into().expect("4 bytes")) as usize;
-    if payload_len == 0 || payload_len > PAYLOAD_BYTES_MAX || rest.len() < HEADER_BYTES + payload_len {
+    if !(WRITER_BYTES..=PAYLOAD_BYTES_MAX).contains(&payload_len) || rest.len() < HEADER_BYTES + payload_len {
         return Found::Garbage(format!("record {seq} of {payload_len} payload bytes cut short: {} bytes to the end", rest.len()));
     }
     let crc = u32::from_le_bytes(rest[16..20].try_into().expect("4 bytes"));
     if crc_of(rest) != crc {
         return Found::Garbage(format!("record {seq} of {payload_len} payload bytes fails its CRC"));
     }
-    Found::Record { seq, crc, len: ((HEADER_BYTES + payload_len) as u64).next_multiple_of(SECTOR) }
+    let writer = u64::from_le_bytes(rest[HEADER_BYTES..HEADER_BYTES + WRITER_BYTES].try_into().expect("8 bytes"));
+    Found::Record { seq, crc, len: ((HEADER_BYTES + payload_len) as u64).next_multiple_of(SECTOR), writer }
 }
 
-/// The writer process: recovers the journal's end, then appends until killed.
-pub fn run_writer(file: &Path, sync: SyncMode, seed: u64, on_fuse: bool) -> Result<()> {
+/// What a writer process is told.
+pub struct WriterOptions {
+    pub file: std::path::PathBuf,
+    pub sync: SyncMode,
+    pub seed: u64,
+    /// Its process number in the run's history, written in each record.
+    pub writer: u64,
+    /// Wait for an exclusive fcntl lock on this file first (failover).
+    pub lock: Option<std::path::PathBuf>,
+    /// Refuse to write unless the file is on a FUSE mount.
+    pub on_fuse: bool,
+}
+
+/// The writer process: (takes its lock,) recovers the journal's end, then appends until killed.
+pub fn run_writer(options: &WriterOptions) -> Result<()> {
+    let WriterOptions { file, sync, seed, writer, on_fuse, .. } = options;
+    let (sync, seed, writer) = (*sync, *seed, *writer);
     let mut out = std::io::stdout().lock();
     let mut say = |line: String| -> Result<()> {
         writeln!(out, "{line}")?;
         out.flush().context("telling the run")
     };
     let result = (|| -> Result<()> {
+        // Held until the process ends (its descriptor stays open).
+        let _lock = match &options.lock {
+            Some(path) => {
+                let held = lock_exclusive(path)?;
+                say("L".into())?;
+                Some(held)
+            }
+            None => None,
+        };
         let mut options = std::fs::OpenOptions::new();
         options.read(true).write(true).create(true);
         if sync == SyncMode::Dsync {
@@ -121,13 +153,13 @@ pub fn run_writer(file: &Path, sync: SyncMode, seed: u64, on_fuse: bool) -> Resu
         let journal = options.open(file).with_context(|| format!("opening {}", file.display()))?;
         // A writer started as its mount was killed could open the bare mountpoint directory's
         // file: what it acknowledged would never reach the cluster.
-        if on_fuse && !is_on_fuse(&journal)? {
+        if *on_fuse && !is_on_fuse(&journal)? {
             anyhow::bail!("{} is not on a FUSE mount", file.display());
         }
         let (mut seq, mut offset) = recover(&journal)?;
         say(format!("R {seq} {offset}"))?;
         loop {
-            let (bytes, crc) = record(seed, seq);
+            let (bytes, crc) = record(seed, seq, writer);
             say(format!("I {seq} {offset} {} {crc}", bytes.len()))?;
             journal.write_all_at(&bytes, offset).with_context(|| format!("writing record {seq} at {offset}"))?;
             if sync == SyncMode::Fdatasync {
@@ -142,6 +174,21 @@ pub fn run_writer(file: &Path, sync: SyncMode, seed: u64, on_fuse: bool) -> Resu
         let _ = say(format!("E {err:#}"));
     }
     result
+}
+
+/// Waits for an exclusive fcntl lock on the whole of `path` (created if need be).
+fn lock_exclusive(path: &Path) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock is plain data.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: a valid descriptor and a valid flock; F_SETLKW blocks until granted.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLKW, &lock) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(file)
 }
 
 fn is_on_fuse(file: &File) -> Result<bool> {
@@ -182,6 +229,8 @@ pub struct FileVerdict {
     pub acked: u64,
     /// Whole records from the start, one after another.
     pub records: u64,
+    /// Who wrote them: (process, records in a row), in file order.
+    pub writer_runs: Vec<(u64, u64)>,
     /// Acknowledged records missing (nothing where they were written).
     pub lost: Vec<Placed>,
     /// Acknowledged records whose place holds something else, and bytes that are not a whole
@@ -198,9 +247,13 @@ pub fn check_file(name: &str, data: &[u8], acked: &[Placed]) -> FileVerdict {
     let (mut seq, mut chain_end) = (1, 0);
     loop {
         match parse_at(data, chain_end) {
-            Found::Record { seq: found, len, .. } if found == seq => {
+            Found::Record { seq: found, len, writer, .. } if found == seq => {
                 seq += 1;
                 chain_end += len;
+                match verdict.writer_runs.last_mut() {
+                    Some((last, count)) if *last == writer => *count += 1,
+                    _ => verdict.writer_runs.push((writer, 1)),
+                }
             }
             Found::Record { seq: found, .. } => {
                 verdict.corrupt.push(format!("record {found} at {chain_end} where record {seq} belongs"));
@@ -235,6 +288,31 @@ pub fn check_file(name: &str, data: &[u8], acked: &[Placed]) -> FileVerdict {
     verdict
 }
 
+/// Records written by a lock holder after a later holder had started (failover): every whole
+/// record at any 512-byte boundary, in file order, whose writer took the lock before the
+/// writer of a record at a lower offset (or never took it). `holders`: the writers' processes
+/// in the order they took the lock. A journal only grows, and each holder goes on from the
+/// end of what the one before it wrote, so a fenced old holder leaves none; records found
+/// past a chain the old holder broke count too.
+pub fn dual_writes(data: &[u8], holders: &[u64]) -> u64 {
+    let epoch = |writer: u64| holders.iter().position(|&h| h == writer);
+    let (mut latest, mut dual) = (0, 0);
+    let mut offset = 0;
+    while offset < data.len() as u64 {
+        match parse_at(data, offset) {
+            Found::Record { writer, len, .. } => {
+                match epoch(writer) {
+                    Some(e) if e >= latest => latest = e,
+                    _ => dual += 1,
+                }
+                offset += len;
+            }
+            _ => offset += SECTOR,
+        }
+    }
+    dual
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,7 +320,7 @@ mod tests {
     fn journal(records: u64) -> (Vec<u8>, Vec<Placed>) {
         let (mut data, mut placed) = (Vec::new(), Vec::new());
         for seq in 1..=records {
-            let (bytes, crc) = record(7, seq);
+            let (bytes, crc) = record(7, seq, 1);
             placed.push(Placed { seq, offset: data.len() as u64, len: bytes.len() as u64, crc });
             data.extend_from_slice(&bytes);
         }
@@ -274,7 +352,7 @@ mod tests {
         let (data, placed) = journal(20);
         let mut rewritten = data[..placed[15].offset as usize].to_vec();
         for seq in 16..=20 {
-            rewritten.extend_from_slice(&record(8, seq).0);
+            rewritten.extend_from_slice(&record(8, seq, 2).0);
         }
         let verdict = check_file("j", &rewritten, &placed);
         assert_eq!(verdict.lost.len(), 5, "{verdict:?}");
@@ -293,6 +371,21 @@ mod tests {
         let verdict = check_file("j", torn, &placed[..19]);
         assert_eq!(verdict.corrupt.len(), 1, "{verdict:?}");
         assert!(verdict.lost.is_empty());
+    }
+
+    #[test]
+    fn a_record_of_an_earlier_holder_after_a_later_ones_is_a_dual_write() {
+        let mut data = Vec::new();
+        for (seq, writer) in [(1, 4), (2, 4), (3, 7), (4, 7), (5, 9)] {
+            data.extend_from_slice(&record(1, seq, writer).0);
+        }
+        assert_eq!(dual_writes(&data, &[4, 7, 9]), 0);
+        assert_eq!(dual_writes(&data, &[4, 9, 7]), 1, "7 wrote after 9 had");
+        // An old holder's late record over the new holder's, breaking the chain: found anyway.
+        let mut late = data.clone();
+        late.extend_from_slice(&[0xee; 700]);
+        late.extend_from_slice(&record(2, 6, 4).0);
+        assert_eq!(dual_writes(&late, &[4, 7, 9]), 1);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! cluster's faults and the processes' own (kill -9 of an application, of chunkfs); then every
 //! node restarted, the volume mounted afresh, and every acknowledged write looked for.
 //!
-//! Reading order: `journal.rs` (the workload: its writer and its checker), this file (the run,
-//! the supervisors that restart killed applications, the process faults), `report.rs`.
+//! Reading order: `journal.rs` (the journal writer and its checker, also failover's),
+//! `bank.rs` (sqlite), this file (the run, the machines and their mounts, the supervisors that
+//! restart killed applications, the process faults, the failover checks), `report.rs`.
 
 pub mod bank;
 pub mod journal;
@@ -38,7 +39,8 @@ pub enum FilesWorkload {
     Journal,
     /// Bank transfers in SQLite databases (not built yet).
     Sqlite,
-    /// Two instances on two mounts take turns holding the journal's lock (not built yet).
+    /// Two instances on two mounts ("machines") wait for one fcntl lock; the holder writes the
+    /// journal, and when its machine is taken away the other takes over.
     Failover,
 }
 
@@ -64,7 +66,7 @@ pub struct FilesOptions {
     pub nemesis_interval: Duration,
     pub seed: u64,
     pub out: PathBuf,
-    /// Application processes (journal: one file each).
+    /// Application processes (journal: one file each; failover: always 2, one per machine).
     pub writers: usize,
     /// Extra arguments of every chunkfs mount (the unsafe negative controls).
     pub chunkfs_options: Vec<String>,
@@ -78,13 +80,18 @@ pub struct FilesOptions {
 const RECOVERY_LIMIT: Duration = Duration::from_secs(120);
 /// Lost and corrupt findings listed per file in the summary (all count).
 const FINDINGS_LISTED_MAX: usize = 20;
+/// The failover mounts' lease: how long a lock outlives a machine that stopped answering.
+/// Takeover takes about this plus the standby's lock retry (at most 200 ms) and a write.
+pub const FAILOVER_LEASE_MS: u64 = 2000;
+/// Failover's directory in the volume (absent on the bare mountpoint when a mount is down).
+const FAILOVER_DIRECTORY: &str = "failover";
 
 /// Runs the check; the JSON summary (also OUT/results.json). Exit code by `valid`.
 pub fn run(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> serde_json::Value {
     let started = Instant::now();
     let mut result = match run_inner(options, progress) {
         Ok(result) => result,
-        Err(err) => json!({ "valid": "unknown", "error": format!("{err:#}"), "acked": 0, "lost": 0, "corrupt": 0, "ops": 0, "nemesis_events": 0 }),
+        Err(err) => json!({ "valid": "unknown", "error": format!("{err:#}"), "acked": 0, "lost": 0, "corrupt": 0, "ops": 0, "nemesis_events": 0, "dual_writers": 0, "takeovers": 0 }),
     };
     result["workload"] = json!(options.workload);
     result["via"] = json!(options.via);
@@ -96,10 +103,8 @@ pub fn run(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> serde_jso
 }
 
 fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<serde_json::Value> {
-    match (options.workload, options.via) {
-        (_, Via::Preload) => bail!("--via preload: libchunkpreload.so is not built yet (use --via fuse)"),
-        (FilesWorkload::Failover, _) => bail!("--workload failover: not built yet (use journal or sqlite)"),
-        (FilesWorkload::Journal | FilesWorkload::Sqlite, Via::Fuse) => {}
+    if options.via == Via::Preload {
+        bail!("--via preload: libchunkpreload.so is not built yet (use --via fuse)");
     }
     if options.writers == 0 {
         bail!("--writers must be at least 1");
@@ -112,36 +117,42 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
     progress(&format!("starting {} nodes in {}", options.nodes, options.out.display()));
     let cluster = TestCluster::start(&options.out.join("cluster"), options.nodes, options.replication_factor, options.groups, &chunkd_options, tools)?;
     let cluster = Arc::new(Mutex::new(cluster));
-    let seeds = cluster.lock().unwrap().seeds();
-    let mounts = Mounts { seeds: seeds.clone(), options: options.chunkfs_options.clone(), log: options.out.join("chunkfs.log") };
-    let mountpoint = options.out.join("mnt");
-    progress(&format!("mounting volume {VOLUME} at {}", mountpoint.display()));
-    let mount = Mutex::new(Some(mounts.start(&mountpoint)?));
-    if options.workload == FilesWorkload::Sqlite {
-        std::fs::create_dir_all(mountpoint.join(bank::DIRECTORY)).context("creating the database's directory")?;
+    let mut mount_options = options.chunkfs_options.clone();
+    if options.workload == FilesWorkload::Failover {
+        mount_options.extend(["--lease-ms".to_owned(), FAILOVER_LEASE_MS.to_string()]);
+    }
+    let mounts = Mounts { seeds: cluster.lock().unwrap().seeds(), options: mount_options, log: options.out.join("chunkfs.log") };
+    let apps = Apps::new(options, mounts)?;
+    let directory = match options.workload {
+        FilesWorkload::Journal => None,
+        FilesWorkload::Sqlite => Some(bank::DIRECTORY),
+        FilesWorkload::Failover => Some(FAILOVER_DIRECTORY),
+    };
+    if let Some(directory) = directory {
+        std::fs::create_dir_all(apps.machines[0].mountpoint.join(directory)).with_context(|| format!("creating {directory} in the volume"))?;
     }
 
     let recorder = Recorder::create(&options.out.join("history.edn"))?;
-    let apps = Apps::new(options, &mountpoint);
     let mut faults: Vec<FaultRecord> = Vec::new();
     let mut crashed: Vec<String> = Vec::new();
     let mut left = Vec::new();
     std::thread::scope(|scope| {
-        for writer in 0..options.writers {
+        for writer in 0..apps.writers {
             let (apps, recorder) = (&apps, &recorder);
             scope.spawn(move || apps.supervise(writer, recorder));
         }
         let record = Record { faults: &mut faults, crashed: &mut crashed, left: &mut left, log: &mut nemesis_log };
         let schedule = Schedule { time_limit: options.time_limit, interval: options.nemesis_interval, plan: &plan };
-        let mut processes = JournalFaults { apps: &apps, mount: &mount, mounts: &mounts, mountpoint: &mountpoint };
-        cc::drive_faults(&schedule, &cluster, &recorder, record, &mut processes, progress);
+        cc::drive_faults(&schedule, &cluster, &recorder, record, &mut AppFaults { apps: &apps, recorder: &recorder }, progress);
         apps.stop();
     });
 
-    progress("stopping the mount, restarting every node");
-    if let Some(mut mount) = mount.lock().unwrap().take() {
-        if !mount.unmount() {
-            crashed.push("the workload's chunkfs did not unmount cleanly".into());
+    progress("stopping the mounts, restarting every node");
+    for machine in &apps.machines {
+        if let Some(mut mount) = machine.mount.lock().unwrap().take() {
+            if !mount.unmount() {
+                crashed.push(format!("chunkfs at {} did not unmount cleanly", machine.mountpoint.display()));
+            }
         }
     }
     let recovery = {
@@ -156,9 +167,9 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
     let mut verdicts = Verdicts::default();
     if run_error.is_none() && !INTERRUPTED.load(Ordering::SeqCst) {
         progress("reading everything back through a fresh mount");
-        match read_back(&mounts, &options.out.join("mnt-check"), &apps, options.test_corrupt_after_run) {
+        match read_back(&apps, &options.out.join("mnt-check"), options.test_corrupt_after_run) {
             Ok(found) => verdicts = found,
-            Err(err) => run_error = Some(format!("reading the journals back: {err:#}")),
+            Err(err) => run_error = Some(format!("reading back: {err:#}")),
         }
     }
     {
@@ -173,8 +184,10 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
 
     let events = recorder.finish();
     let count = |kind: EventType| events.iter().filter(|e| e.process.is_some() && e.kind == kind).count();
+    let seen = apps.seen.lock().unwrap();
+    let dual_writers = verdicts.dual_writers;
     let (lost, corrupt) = (verdicts.lost(), verdicts.corrupt());
-    let valid = match (lost + corrupt, &run_error) {
+    let valid = match (lost + corrupt + dual_writers as usize, &run_error) {
         (0, None) => json!(true),
         (0, Some(_)) => json!("unknown"),
         _ => json!(false),
@@ -188,12 +201,13 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
             shown["corrupt_count"] = json!(v.corrupt.len());
             shown["lost"] = json!(v.lost.iter().take(FINDINGS_LISTED_MAX).collect::<Vec<_>>());
             shown["corrupt"] = json!(v.corrupt.iter().take(FINDINGS_LISTED_MAX).collect::<Vec<_>>());
+            shown["writer_runs"] = json!(v.writer_runs.len());
             shown
         })
         .collect();
     let mut result = json!({
         "valid": valid,
-        "acked": apps.acked_count(),
+        "acked": seen.acked_count(),
         "lost": lost,
         "corrupt": corrupt,
         "ops": count(EventType::Invoke),
@@ -205,6 +219,20 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
         "files": files,
         "faults": faults,
     });
+    if options.workload == FilesWorkload::Failover {
+        let mut takeovers = seen.takeovers.clone();
+        takeovers.sort_unstable();
+        result["takeovers"] = json!(takeovers.len());
+        result["takeover_p50_ms"] = json!(takeovers.get(takeovers.len() / 2));
+        result["takeover_max_ms"] = json!(takeovers.last());
+        result["takeover_ms"] = json!(seen.takeovers);
+        result["resumed_on_the_same_machine"] = json!(seen.resumed_in_place);
+        result["dual_writers"] = json!(dual_writers);
+        result["lock_holders"] = json!(seen.holders.len());
+        result["lease_ms"] = json!(FAILOVER_LEASE_MS);
+    } else {
+        result["dual_writers"] = json!(0);
+    }
     if let Some(bank) = &verdicts.bank {
         let mut shown = serde_json::to_value(bank)?;
         shown["lost_count"] = json!(bank.lost.len());
@@ -250,10 +278,18 @@ impl Mounts {
     }
 }
 
+/// A "machine": a chunkfs mount and the applications that run on it.
+struct Machine {
+    mountpoint: PathBuf,
+    mount: Mutex<Option<ChunkfsMount>>,
+    /// Whether applications may start on it (not while its mount is killed or it is paused).
+    up: AtomicBool,
+}
+
 /// What the applications were told and saw.
 #[derive(Default)]
 struct Seen {
-    /// journal: the records acknowledged to each writer, in order.
+    /// journal and failover: the records acknowledged, by file (failover: one file).
     records: Vec<Vec<Placed>>,
     /// sqlite: committed transfers.
     transfers: Vec<String>,
@@ -262,18 +298,30 @@ struct Seen {
     anomalies: Vec<String>,
     /// sqlite: integrity checks run at processes' starts.
     integrity_checks: u64,
+    /// failover: the processes that took the lock, in order.
+    holders: Vec<u64>,
+    /// failover: a machine taken away (ms into the run, machine) until the other one's first
+    /// acknowledged write (a takeover) or its own (it resumed in place).
+    taken_away: Option<(u64, usize)>,
+    takeovers: Vec<u64>,
+    resumed_in_place: u64,
 }
 
-/// The application processes and what they acknowledged.
+impl Seen {
+    fn acked_count(&self) -> usize {
+        self.records.iter().map(Vec::len).sum::<usize>() + self.transfers.len()
+    }
+}
+
+/// The machines, the application processes and what they acknowledged.
 struct Apps {
     workload: FilesWorkload,
     writers: usize,
     seed: u64,
-    mountpoint: PathBuf,
+    machines: Vec<Machine>,
+    mounts: Mounts,
     log: PathBuf,
     stop: AtomicBool,
-    /// Whether the mount is there to start applications on (not during an fs-kill).
-    mounted: AtomicBool,
     /// The running process of each writer.
     pids: Mutex<Vec<Option<u32>>>,
     seen: Mutex<Seen>,
@@ -281,28 +329,57 @@ struct Apps {
 }
 
 impl Apps {
-    fn new(options: &FilesOptions, mountpoint: &Path) -> Apps {
-        Apps {
+    /// Mounts the machines (failover: two, one instance each; else one for every writer).
+    fn new(options: &FilesOptions, mounts: Mounts) -> Result<Apps> {
+        let (machines, writers, files) = match options.workload {
+            FilesWorkload::Failover => (2, 2, 1),
+            FilesWorkload::Journal => (1, options.writers, options.writers),
+            FilesWorkload::Sqlite => (1, options.writers, 0),
+        };
+        let mut started = Vec::new();
+        for machine in 0..machines {
+            let mountpoint = options.out.join(if machines == 1 { "mnt".to_owned() } else { format!("mnt-{machine}") });
+            let mount = mounts.start(&mountpoint)?;
+            started.push(Machine { mountpoint, mount: Mutex::new(Some(mount)), up: AtomicBool::new(true) });
+        }
+        Ok(Apps {
             workload: options.workload,
-            writers: options.writers,
+            writers,
             seed: options.seed,
-            mountpoint: mountpoint.to_owned(),
+            machines: started,
+            mounts,
             log: options.out.join("writers.log"),
             stop: AtomicBool::new(false),
-            mounted: AtomicBool::new(true),
-            pids: Mutex::new(vec![None; options.writers]),
-            seen: Mutex::new(Seen { records: vec![Vec::new(); options.writers], ..Seen::default() }),
+            pids: Mutex::new(vec![None; writers]),
+            seen: Mutex::new(Seen { records: vec![Vec::new(); files], ..Seen::default() }),
             starts: AtomicU64::new(0),
+        })
+    }
+
+    fn machine_of(&self, writer: usize) -> usize {
+        writer % self.machines.len()
+    }
+
+    /// The journal file writer `writer` writes, as a path under a mountpoint.
+    fn journal_of(&self, writer: usize) -> PathBuf {
+        match self.workload {
+            FilesWorkload::Failover => Path::new(FAILOVER_DIRECTORY).join("journal"),
+            _ => PathBuf::from(format!("journal-{writer}")),
         }
     }
 
-    fn file_name(writer: usize) -> String {
-        format!("journal-{writer}")
+    /// The file of `seen.records` writer `writer`'s records go to.
+    fn file_index(&self, writer: usize) -> usize {
+        match self.workload {
+            FilesWorkload::Failover => 0,
+            _ => writer,
+        }
     }
 
-    /// Even writers fdatasync after each write, odd ones write to a file opened O_DSYNC.
-    fn sync_of(writer: usize) -> SyncMode {
-        if writer % 2 == 0 {
+    /// Journal writers: even ones fdatasync after each write, odd ones write O_DSYNC.
+    /// Failover: both fdatasync, as a message server does.
+    fn sync_of(&self, writer: usize) -> SyncMode {
+        if writer % 2 == 0 || self.workload == FilesWorkload::Failover {
             SyncMode::Fdatasync
         } else {
             SyncMode::Dsync
@@ -313,32 +390,51 @@ impl Apps {
         self.seed ^ (writer as u64).wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn acked_count(&self) -> usize {
-        let seen = self.seen.lock().unwrap();
-        seen.records.iter().map(Vec::len).sum::<usize>() + seen.transfers.len()
-    }
-
     /// Stops every application (kill -9: whatever it was doing is not acknowledged).
     fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.kill_all();
+        for machine in &self.machines {
+            self.signal_machine(machine, libc::SIGCONT);
+        }
+        self.signal_writers(|_| true, libc::SIGKILL);
     }
 
-    fn kill_all(&self) {
-        for pid in self.pids.lock().unwrap().iter().flatten() {
-            // SAFETY: our own child, not reaped yet (its supervisor waits for it after its
-            // output ends), so the pid cannot have been reused.
-            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    /// Sends `signal` to the applications of the writers `which` picks.
+    fn signal_writers(&self, which: impl Fn(usize) -> bool, signal: libc::c_int) -> Vec<u64> {
+        let mut hit = Vec::new();
+        for (writer, pid) in self.pids.lock().unwrap().iter().enumerate() {
+            if let Some(pid) = pid.filter(|_| which(writer)) {
+                // SAFETY: our own child, not reaped yet (its supervisor waits for it after its
+                // output ends), so the pid cannot have been reused.
+                unsafe { libc::kill(pid as i32, signal) };
+                hit.push(writer as u64);
+            }
         }
+        hit
+    }
+
+    fn signal_machine(&self, machine: &Machine, signal: libc::c_int) {
+        if let Some(mount) = machine.mount.lock().unwrap().as_ref() {
+            // SAFETY: our own child (a chunkfs not yet waited for).
+            unsafe { libc::kill(mount.pid() as i32, signal) };
+        }
+    }
+
+    /// The machine whose instance took the lock last (failover); else the first.
+    fn active_machine(&self) -> usize {
+        let seen = self.seen.lock().unwrap();
+        let last = seen.holders.last().copied().unwrap_or(0);
+        self.machine_of(last as usize % self.writers)
     }
 
     /// Keeps application `writer` running until the run stops: each start is a new history
     /// process (`writer + writers * start`), its calls recorded from what it says.
     fn supervise(&self, writer: usize, recorder: &Recorder) {
+        let machine = &self.machines[self.machine_of(writer)];
         let mut start = 0u64;
         let mut quick_failures = 0u32;
         while !self.stop.load(Ordering::SeqCst) {
-            if !self.mounted.load(Ordering::SeqCst) {
+            if !machine.up.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
@@ -356,19 +452,25 @@ impl Apps {
     }
 
     fn command(&self, writer: usize, process: i64) -> Result<Command> {
+        let mountpoint = &self.machines[self.machine_of(writer)].mountpoint;
         let mut command;
         match self.workload {
-            FilesWorkload::Journal => {
+            FilesWorkload::Journal | FilesWorkload::Failover => {
                 command = Command::new(std::env::current_exe()?);
-                command.arg("files-journal-writer").arg("--file").arg(self.mountpoint.join(Apps::file_name(writer)));
-                // Each start writes different records (as a restarted server journals new messages):
-                // one that rewrote a lost acknowledged record identically would hide the loss.
+                command.arg("files-journal-writer").arg("--file").arg(mountpoint.join(self.journal_of(writer)));
+                // Each start writes different records (as a restarted server journals new
+                // messages): one that rewrote a lost acknowledged record identically would hide
+                // the loss.
                 let seed = self.writer_seed(writer) ^ (process as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                command.args(["--sync", &format!("{:?}", Apps::sync_of(writer)).to_lowercase(), "--seed", &seed.to_string(), "--on-fuse"]);
+                command.args(["--sync", &format!("{:?}", self.sync_of(writer)).to_lowercase(), "--seed", &seed.to_string()]);
+                command.args(["--writer", &process.to_string(), "--on-fuse"]);
+                if self.workload == FilesWorkload::Failover {
+                    command.arg("--lock").arg(mountpoint.join(FAILOVER_DIRECTORY).join("lock"));
+                }
             }
-            FilesWorkload::Sqlite | FilesWorkload::Failover => {
+            FilesWorkload::Sqlite => {
                 command = Command::new("python3");
-                command.args(["-c", bank::APP]).arg(self.mountpoint.join(bank::DIRECTORY).join(bank::DATABASE));
+                command.args(["-c", bank::APP]).arg(mountpoint.join(bank::DIRECTORY).join(bank::DATABASE));
                 command.args([format!("p{process}"), bank::ACCOUNTS.to_string(), bank::OPENING_BALANCE.to_string(), self.writer_seed(writer).wrapping_add(process as u64).to_string()]);
             }
         }
@@ -384,7 +486,7 @@ impl Apps {
         }
         let event = |kind: EventType, f: &str, value: Edn| {
             let mut event = Event::new(process, kind, f, value);
-            event.key = Some(Edn::Int(writer as i64));
+            event.key = Some(Edn::Int(self.file_index(writer) as i64));
             event
         };
         // The call in flight, as recorded, and (journal) the record it writes.
@@ -394,7 +496,7 @@ impl Apps {
             let line = line?;
             let words: Vec<&str> = line.splitn(2, ' ').collect();
             match (words[0], words.get(1).copied().unwrap_or_default()) {
-                ("I", what) if self.workload == FilesWorkload::Journal => {
+                ("I", what) if self.workload != FilesWorkload::Sqlite => {
                     let numbers: Vec<u64> = what.split(' ').map(str::parse).collect::<Result<_, _>>()?;
                     let [seq, offset, len, crc] = numbers[..] else { bail!("writer {writer} said {line:?}") };
                     let placed = Placed { seq, offset, len, crc: u32::try_from(crc)? };
@@ -413,10 +515,23 @@ impl Apps {
                     recorder.record(done);
                     let mut seen = self.seen.lock().unwrap();
                     match placed {
-                        Some(placed) if placed.seq.to_string() == what => seen.records[writer].push(placed),
+                        Some(placed) if placed.seq.to_string() == what => seen.records[self.file_index(writer)].push(placed),
                         Some(placed) => bail!("writer {writer} acknowledged {what} while writing {}", placed.seq),
                         None => seen.transfers.push(what.to_owned()),
                     }
+                    let machine = self.machine_of(writer);
+                    if let Some((since_ms, away)) = seen.taken_away {
+                        seen.taken_away = None;
+                        match away == machine {
+                            true => seen.resumed_in_place += 1,
+                            false => seen.takeovers.push((recorder.elapsed().as_millis() as u64).saturating_sub(since_ms)),
+                        }
+                    }
+                }
+                ("L", _) => {
+                    recorder.record(event(EventType::Invoke, "lock", Edn::Nil));
+                    recorder.record(event(EventType::Ok, "lock", Edn::Nil));
+                    self.seen.lock().unwrap().holders.push(process as u64);
                 }
                 ("S", total) => {
                     let total: i64 = total.parse()?;
@@ -456,65 +571,106 @@ impl Apps {
     }
 }
 
-/// The process faults of the journal workload.
-struct JournalFaults<'a> {
+/// The faults of the applications' processes and machines. Each hits one machine: failover's
+/// active one (its instance holds the lock), else the only one.
+struct AppFaults<'a> {
     apps: &'a Apps,
-    mount: &'a Mutex<Option<ChunkfsMount>>,
-    mounts: &'a Mounts,
-    mountpoint: &'a Path,
+    recorder: &'a Recorder,
 }
 
-impl ProcessFaults for JournalFaults<'_> {
-    fn inflict(&mut self, kind: NemesisKind, pick: u64) -> Result<Vec<u64>> {
-        match kind {
-            NemesisKind::AppKill => {
-                let writer = (pick % self.apps.writers as u64) as usize;
-                if let Some(pid) = self.apps.pids.lock().unwrap()[writer] {
-                    // SAFETY: as in `Apps::kill_all`.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
-                Ok(vec![writer as u64])
-            }
-            NemesisKind::FsKill => {
-                self.apps.mounted.store(false, Ordering::SeqCst);
-                if let Some(mut mount) = self.mount.lock().unwrap().take() {
-                    mount.kill();
-                }
-                Ok(vec![0])
-            }
-            other => bail!("{other:?} is not a process fault"),
+impl AppFaults<'_> {
+    /// Failover: times the takeover from now.
+    fn taking_away(&self, machine: usize) {
+        if self.apps.workload == FilesWorkload::Failover {
+            self.apps.seen.lock().unwrap().taken_away = Some((self.recorder.elapsed().as_millis() as u64, machine));
         }
     }
 
-    /// The applications' machine loses power with the nodes: chunkfs and the applications die.
+    fn kill_mount(&self, machine: usize) {
+        let machine = &self.apps.machines[machine];
+        machine.up.store(false, Ordering::SeqCst);
+        if let Some(mut mount) = machine.mount.lock().unwrap().take() {
+            mount.kill();
+        }
+    }
+}
+
+impl ProcessFaults for AppFaults<'_> {
+    fn inflict(&mut self, kind: NemesisKind, pick: u64) -> Result<Vec<u64>> {
+        let apps = self.apps;
+        let machine = apps.active_machine();
+        self.taking_away(machine);
+        match kind {
+            NemesisKind::AppKill => {
+                let writer = match apps.workload {
+                    FilesWorkload::Failover => machine,
+                    _ => (pick % apps.writers as u64) as usize,
+                };
+                Ok(apps.signal_writers(|w| w == writer, libc::SIGKILL))
+            }
+            NemesisKind::FsKill => {
+                self.kill_mount(machine);
+                Ok(vec![machine as u64])
+            }
+            NemesisKind::HostPause => {
+                let target = &apps.machines[machine];
+                target.up.store(false, Ordering::SeqCst);
+                apps.signal_machine(target, libc::SIGSTOP);
+                apps.signal_writers(|w| apps.machine_of(w) == machine, libc::SIGSTOP);
+                Ok(vec![machine as u64])
+            }
+            other => bail!("{other:?} is not a fault of the applications"),
+        }
+    }
+
+    fn heal(&mut self, kind: NemesisKind, hit: &[u64]) -> Result<()> {
+        let apps = self.apps;
+        for &machine in hit {
+            let target = &apps.machines[machine as usize];
+            match kind {
+                NemesisKind::FsKill => {
+                    // Applications that were running went on failing; the fresh mount gets
+                    // fresh ones.
+                    apps.signal_writers(|w| apps.machine_of(w) == machine as usize, libc::SIGKILL);
+                    *target.mount.lock().unwrap() = Some(apps.mounts.start(&target.mountpoint)?);
+                    target.up.store(true, Ordering::SeqCst);
+                }
+                NemesisKind::HostPause => {
+                    apps.signal_machine(target, libc::SIGCONT);
+                    apps.signal_writers(|w| apps.machine_of(w) == machine as usize, libc::SIGCONT);
+                    target.up.store(true, Ordering::SeqCst);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The applications' machines lose power with the nodes: chunkfs and the applications die.
     fn power_cut(&mut self) -> Result<()> {
-        self.inflict(NemesisKind::FsKill, 0)?;
-        self.apps.kill_all();
+        self.taking_away(self.apps.active_machine());
+        for machine in 0..self.apps.machines.len() {
+            self.kill_mount(machine);
+        }
+        self.apps.signal_writers(|_| true, libc::SIGKILL);
         Ok(())
     }
 
     fn power_restored(&mut self) -> Result<()> {
-        self.heal(NemesisKind::FsKill, &[])
-    }
-
-    fn heal(&mut self, kind: NemesisKind, _hit: &[u64]) -> Result<()> {
-        if kind == NemesisKind::FsKill {
-            // Applications that were running went on failing; the fresh mount gets fresh ones.
-            self.apps.kill_all();
-            *self.mount.lock().unwrap() = Some(self.mounts.start(self.mountpoint)?);
-            self.apps.mounted.store(true, Ordering::SeqCst);
-        }
-        Ok(())
+        let all: Vec<u64> = (0..self.apps.machines.len() as u64).collect();
+        self.heal(NemesisKind::FsKill, &all)
     }
 }
 
 /// What the check of the volume found.
 #[derive(Default)]
 struct Verdicts {
-    /// journal: each file.
+    /// journal and failover: each file.
     files: Vec<journal::FileVerdict>,
     /// sqlite: the database.
     bank: Option<bank::BankVerdict>,
+    /// failover: records an earlier lock holder wrote after a later one (`journal::dual_writes`).
+    dual_writers: u64,
 }
 
 impl Verdicts {
@@ -530,13 +686,13 @@ impl Verdicts {
 /// Mounts the volume afresh and checks what the applications wrote against what they were
 /// told. With `corrupt_first`, a negative control: 512 bytes in the middle of the first file
 /// are overwritten first.
-fn read_back(mounts: &Mounts, mountpoint: &Path, apps: &Apps, corrupt_first: bool) -> Result<Verdicts> {
-    let mut mount = mounts.start(mountpoint)?;
+fn read_back(apps: &Apps, mountpoint: &Path, corrupt_first: bool) -> Result<Verdicts> {
+    let mut mount = apps.mounts.start(mountpoint)?;
     let seen = apps.seen.lock().unwrap();
     let mut verdicts = Verdicts::default();
     let first = match apps.workload {
-        FilesWorkload::Journal => mountpoint.join(Apps::file_name(0)),
-        _ => mountpoint.join(bank::DIRECTORY).join(bank::DATABASE),
+        FilesWorkload::Sqlite => mountpoint.join(bank::DIRECTORY).join(bank::DATABASE),
+        _ => mountpoint.join(apps.journal_of(0)),
     };
     if corrupt_first {
         use std::os::unix::fs::FileExt;
@@ -546,21 +702,7 @@ fn read_back(mounts: &Mounts, mountpoint: &Path, apps: &Apps, corrupt_first: boo
         tracing::warn!("negative control: overwrote 512 bytes at {middle} of {}", first.display());
     }
     match apps.workload {
-        FilesWorkload::Journal => {
-            for (writer, acked) in seen.records.iter().enumerate() {
-                let name = Apps::file_name(writer);
-                let path = mountpoint.join(&name);
-                let data = match std::fs::read(&path) {
-                    Ok(data) => data,
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                    Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
-                };
-                let mut verdict = journal::check_file(&name, &data, acked);
-                verdict.sync = Some(Apps::sync_of(writer));
-                verdicts.files.push(verdict);
-            }
-        }
-        _ => {
+        FilesWorkload::Sqlite => {
             let output = Command::new("python3").args(["-c", bank::CHECK]).arg(&first).stderr(Stdio::inherit()).output().context("running python3")?;
             let found: serde_json::Value = match output.status.success() {
                 true => serde_json::from_slice(&output.stdout).context("the check's output")?,
@@ -568,6 +710,23 @@ fn read_back(mounts: &Mounts, mountpoint: &Path, apps: &Apps, corrupt_first: boo
                 false => json!({ "integrity": ["the database could not be read"] }),
             };
             verdicts.bank = Some(bank::check(&found, &seen.transfers, &seen.anomalies, seen.integrity_checks));
+        }
+        _ => {
+            for (file, acked) in seen.records.iter().enumerate() {
+                let name = apps.journal_of(file);
+                let path = mountpoint.join(&name);
+                let data = match std::fs::read(&path) {
+                    Ok(data) => data,
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                    Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+                };
+                if apps.workload == FilesWorkload::Failover {
+                    verdicts.dual_writers += journal::dual_writes(&data, &seen.holders);
+                }
+                let mut verdict = journal::check_file(&name.display().to_string(), &data, acked);
+                verdict.sync = Some(apps.sync_of(file));
+                verdicts.files.push(verdict);
+            }
         }
     }
     mount.unmount();

@@ -48,6 +48,14 @@ pub fn write(out: &Path, options: &FilesOptions, result: &serde_json::Value, eve
         ("faults", result["nemesis_events"].to_string()),
         ("recovery after every node restarted", format!("{} ms", result["recovery_ms"])),
     ];
+    let mut rows = rows.to_vec();
+    if result.get("takeovers").is_some() {
+        rows.push(("dual writers", result["dual_writers"].to_string()));
+        rows.push((
+            "takeovers (p50 / max)",
+            format!("{} ({} ms / {} ms; lease {} ms; {} resumed on the same machine)", result["takeovers"], result["takeover_p50_ms"], result["takeover_max_ms"], result["lease_ms"], result["resumed_on_the_same_machine"]),
+        ));
+    }
     html += "<table>";
     for (name, value) in rows {
         let _ = write!(html, "<tr><th>{}</th><td>{}</td></tr>", escape(name), escape(&value));
