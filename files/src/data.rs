@@ -86,6 +86,12 @@ impl Volume {
     /// Writes `data` at `offset`: one entry with the chunks it touches and the new size and
     /// mtime. Returns once the entry is committed on a quorum (the cluster's commit-to-device).
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
+        self.write_as(None, ino, offset, data)
+    }
+
+    /// `write` through a descriptor opened under session `opened` (`Volume::open_session`): if
+    /// the mount took locks under it, the write goes in it, and fails once it was fenced.
+    pub fn write_as(&self, opened: Option<u64>, ino: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig(FILE_BYTES_MAX))?;
         if end > FILE_BYTES_MAX {
             return Err(FsError::FileTooBig(FILE_BYTES_MAX));
@@ -123,7 +129,7 @@ impl Volume {
             let mut next = FileSize { size: size.size.max(end), mtime_ns: now, ctime_ns: now, ..size.clone() };
             next.add_extent(offset / self.chunk_bytes, self.chunks_for(end));
             writes.push(self.size_record_write(ino, &next));
-            next.generation = self.batch(Some(ino), writes)?.generation;
+            next.generation = self.batch_as(opened, Some(ino), writes)?.generation;
             *size = next;
             Ok(data.len())
         })

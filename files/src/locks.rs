@@ -8,6 +8,13 @@
 //! - **A file this mount locked under a session is written under that session only**: when
 //!   that session ends, writes to the file fail (EIO) instead of going on under a new session
 //!   that never held its locks; files it never locked go on under the new one.
+//! - **A descriptor opened under a session in which the mount took any lock writes under that
+//!   session only** (`Volume::write_as`): the lock may guard other files than the one locked
+//!   (a server's lock file and its journal), so once the cluster fenced the session, every
+//!   descriptor opened under it fails its writes, as an NFSv4 client's open state ends with its
+//!   lease. Descriptors opened afterwards write under the new session. (`chunkcheck files
+//!   --workload failover` found the gap: a stopped server's late journal write landed after the
+//!   standby had taken over, because only the lock file was pinned to the old session.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,6 +51,8 @@ pub(crate) struct Lease {
     pub ttl: Duration,
     /// Files with locks taken under a session, by inode: that session's id.
     pub locked: HashMap<u64, u64>,
+    /// Sessions under which this mount took locks.
+    pub lock_sessions: std::collections::HashSet<u64>,
 }
 
 /// How long a lock wait (F_SETLKW) sleeps between tries at most.
@@ -59,11 +68,21 @@ impl Volume {
         Ok(())
     }
 
-    /// The session a write to `ino` goes in: the one its locks were taken under, else the
-    /// mount's current one (a new one if the cluster ended the last).
-    pub(crate) fn session_for(&self, ino: Option<u64>) -> FsResult<Option<u64>> {
+    /// The session a descriptor opened now belongs to (`write_as`): the mount's current one.
+    /// (When a new one cannot be opened now, the current one, ended or not.)
+    pub fn open_session(&self) -> Option<u64> {
+        self.session_for(None, None).unwrap_or_else(|_| lock(&self.lease).session.as_ref().map(|session| session.id()))
+    }
+
+    /// The session a write to `ino` goes in: the one its locks were taken under; else, for a
+    /// descriptor opened under a session in which the mount took locks (`opened`), that one;
+    /// else the mount's current one (a new one if the cluster ended the last).
+    pub(crate) fn session_for(&self, ino: Option<u64>, opened: Option<u64>) -> FsResult<Option<u64>> {
         let mut lease = lock(&self.lease);
         if let Some(&session) = ino.and_then(|ino| lease.locked.get(&ino)) {
+            return Ok(Some(session));
+        }
+        if let Some(session) = opened.filter(|session| lease.lock_sessions.contains(session)) {
             return Ok(Some(session));
         }
         match &lease.session {
@@ -98,7 +117,9 @@ impl Volume {
             match self.client.range_lock(session, &self.namespace, &self.keys.locks(ino), request) {
                 Ok(()) => {
                     if kind != RangeLockKind::Unlock {
-                        lock(&self.lease).locked.insert(ino, session);
+                        let mut lease = lock(&self.lease);
+                        lease.locked.insert(ino, session);
+                        lease.lock_sessions.insert(session);
                     }
                     return Ok(());
                 }
@@ -120,13 +141,13 @@ impl Volume {
                 return Ok(session);
             }
         }
-        self.session_for(None)?.ok_or(FsError::NotSupported("locks need the mount's lease session"))
+        self.session_for(None, None)?.ok_or(FsError::NotSupported("locks need the mount's lease session"))
     }
 
     /// The lock of another owner that would block `exclusive` (or shared) lock of `owner` on the
     /// range, if any (F_GETLK).
     pub fn test_lock(&self, ino: u64, owner: u64, pid: u32, start: u64, end: u64, exclusive: bool) -> FsResult<Option<LockHolder>> {
-        let session = self.session_for(None)?.ok_or(FsError::NotSupported("locks need the mount's lease session"))?;
+        let session = self.session_for(None, None)?.ok_or(FsError::NotSupported("locks need the mount's lease session"))?;
         let request = RangeLock { owner, pid, start, end, kind: RangeLockKind::Test { exclusive } };
         match self.client.range_lock(session, &self.namespace, &self.keys.locks(ino), request) {
             Ok(()) => Ok(None),

@@ -232,7 +232,12 @@ impl Volume {
     /// data: the session its locks were taken under, `ino`). `Conflict` when a generation
     /// check failed.
     pub(crate) fn batch(&self, ino: Option<u64>, writes: Vec<BatchWrite>) -> FsResult<RecordMeta> {
-        let session = self.session_for(ino)?;
+        self.batch_as(None, ino, writes)
+    }
+
+    /// `batch` for a descriptor opened under session `opened` (`locks.rs`, `write_as`).
+    pub(crate) fn batch_as(&self, opened: Option<u64>, ino: Option<u64>, writes: Vec<BatchWrite>) -> FsResult<RecordMeta> {
+        let session = self.session_for(ino, opened)?;
         Ok(self.client.write_batch(&self.namespace, writes, session)?)
     }
 

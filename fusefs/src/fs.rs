@@ -120,6 +120,9 @@ fn guarded(what: &str, body: impl FnOnce()) {
 /// An open file or directory.
 struct Handle {
     ino: u64,
+    /// The mount's lease session when it was opened: its writes go in it if the mount took
+    /// locks under it (`Volume::write_as`).
+    session: Option<u64>,
     /// Failed writes to the file seen by this descriptor: fsync reports the ones after it.
     failures_seen: u64,
     /// Lock owners that took locks through this open file description. An OFD lock's owner is
@@ -194,7 +197,8 @@ impl ChunkFs {
     fn open_handle(&self, ino: u64) -> FileHandle {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let failures_seen = self.volume.failed_writes(ino);
-        lock(&self.handles).insert(fh, Handle { ino, failures_seen, lock_owners: Vec::new() });
+        let session = self.volume.open_session();
+        lock(&self.handles).insert(fh, Handle { ino, session, failures_seen, lock_owners: Vec::new() });
         *lock(&self.open).entry(ino).or_insert(0) += 1;
         self.volume.invalidate(ino);
         FileHandle(fh)
@@ -448,7 +452,7 @@ impl Filesystem for ChunkFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -465,7 +469,8 @@ impl Filesystem for ChunkFs {
         }
         // An O_SYNC or O_DSYNC write returns once committed (with held writes: commit now).
         let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
-        guarded("write", || match self.volume.write(ino.0, offset, data).and_then(|n| if sync { self.volume.flush(ino.0).map(|()| n) } else { Ok(n) }) {
+        let opened = lock(&self.handles).get(&fh.0).and_then(|handle| handle.session);
+        guarded("write", || match self.volume.write_as(opened, ino.0, offset, data).and_then(|n| if sync { self.volume.flush(ino.0).map(|()| n) } else { Ok(n) }) {
             Ok(written) => reply.written(written as u32),
             Err(err) => {
                 if matches!(err, FsError::Io(_)) {

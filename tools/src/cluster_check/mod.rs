@@ -53,6 +53,9 @@ pub struct RunOptions {
     pub check_time_limit: Duration,
 }
 
+/// Each node's engine device in the cluster workloads (their records are small).
+const CLUSTER_DEVICE_BYTES: u64 = 128 << 20;
+
 /// Processes of the final reads (after every worker process).
 pub(crate) const FINAL_PROCESS: i64 = 1_000_000_000;
 
@@ -149,6 +152,7 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
         options.nodes,
         options.replication_factor,
         options.groups,
+        CLUSTER_DEVICE_BYTES,
         &chunkd_options,
         tools,
     )?;

@@ -83,6 +83,8 @@ const FINDINGS_LISTED_MAX: usize = 20;
 /// The failover mounts' lease: how long a lock outlives a machine that stopped answering.
 /// Takeover takes about this plus the standby's lock retry (at most 200 ms) and a write.
 pub const FAILOVER_LEASE_MS: u64 = 2000;
+/// Each node's engine device (sparse): room for ten minutes of journals at full speed.
+const DEVICE_BYTES: u64 = 2 << 30;
 /// Failover's directory in the volume (absent on the bare mountpoint when a mount is down).
 const FAILOVER_DIRECTORY: &str = "failover";
 
@@ -115,7 +117,7 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
     nemesis_log += &plan.iter().map(|fault| format!("  {fault:?}\n")).collect::<String>();
     let (tools, chunkd_options) = cc::fault_tools(&options.nemeses, &options.chunkd_options)?;
     progress(&format!("starting {} nodes in {}", options.nodes, options.out.display()));
-    let cluster = TestCluster::start(&options.out.join("cluster"), options.nodes, options.replication_factor, options.groups, &chunkd_options, tools)?;
+    let cluster = TestCluster::start(&options.out.join("cluster"), options.nodes, options.replication_factor, options.groups, DEVICE_BYTES, &chunkd_options, tools)?;
     let cluster = Arc::new(Mutex::new(cluster));
     let mut mount_options = options.chunkfs_options.clone();
     if options.workload == FilesWorkload::Failover {
@@ -143,8 +145,10 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
         }
         let record = Record { faults: &mut faults, crashed: &mut crashed, left: &mut left, log: &mut nemesis_log };
         let schedule = Schedule { time_limit: options.time_limit, interval: options.nemesis_interval, plan: &plan };
+        // The applications stop however the faults end (a panic too: the supervisors would
+        // otherwise restart them for ever, and the scope wait for them).
+        let _stop = StopApps(&apps);
         cc::drive_faults(&schedule, &cluster, &recorder, record, &mut AppFaults { apps: &apps, recorder: &recorder }, progress);
-        apps.stop();
     });
 
     progress("stopping the mounts, restarting every node");
@@ -571,6 +575,15 @@ impl Apps {
     }
 }
 
+/// Stops the applications when dropped.
+struct StopApps<'a>(&'a Apps);
+
+impl Drop for StopApps<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 /// The faults of the applications' processes and machines. Each hits one machine: failover's
 /// active one (its instance holds the lock), else the only one.
 struct AppFaults<'a> {
@@ -623,10 +636,14 @@ impl ProcessFaults for AppFaults<'_> {
         }
     }
 
+    /// `hit`: machines (fs-kill, host-pause); app-kill's writers restart by themselves.
     fn heal(&mut self, kind: NemesisKind, hit: &[u64]) -> Result<()> {
         let apps = self.apps;
+        if kind == NemesisKind::AppKill {
+            return Ok(());
+        }
         for &machine in hit {
-            let target = &apps.machines[machine as usize];
+            let Some(target) = apps.machines.get(machine as usize) else { bail!("no machine {machine}") };
             match kind {
                 NemesisKind::FsKill => {
                     // Applications that were running went on failing; the fresh mount gets
