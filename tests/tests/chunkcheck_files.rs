@@ -92,8 +92,9 @@ fn a_journal_damaged_after_the_run_is_corrupt() {
 #[test]
 fn failover_takes_over_with_nothing_lost_and_no_dual_writer() {
     let seconds = env_or("CHUNKCHECK_FILES_SECONDS", 50);
-    let (code, result, _out) = files("failover", "1", seconds, "app-kill,fs-kill,host-pause", &[]);
+    let (code, result, out) = files("failover", "1", seconds, "app-kill,fs-kill,host-pause", &[]);
     assert_eq!((code, &result["valid"]), (0, &json!(true)), "{result}");
+    assert!(std::fs::read_to_string(out.path().join("run/takeover.svg")).unwrap().contains("<rect"), "the takeover plot has bars");
     for field in ["takeovers", "takeover_p50_ms", "takeover_max_ms", "dual_writers"] {
         assert!(result.get(field).is_some(), "no {field} in {result}");
     }

@@ -224,12 +224,12 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
         "faults": faults,
     });
     if options.workload == FilesWorkload::Failover {
-        let mut takeovers = seen.takeovers.clone();
+        let mut takeovers: Vec<u64> = seen.takeovers.iter().map(|&(_, took)| took).collect();
         takeovers.sort_unstable();
         result["takeovers"] = json!(takeovers.len());
-        result["takeover_p50_ms"] = json!(takeovers.get(takeovers.len() / 2));
+        result["takeover_p50_ms"] = json!(takeovers.get(takeovers.len().div_ceil(2).saturating_sub(1)));
         result["takeover_max_ms"] = json!(takeovers.last());
-        result["takeover_ms"] = json!(seen.takeovers);
+        result["takeover_ms"] = json!(seen.takeovers.iter().map(|&(at, took)| json!({ "at_ms": at, "took_ms": took })).collect::<Vec<_>>());
         result["resumed_on_the_same_machine"] = json!(seen.resumed_in_place);
         result["dual_writers"] = json!(dual_writers);
         result["lock_holders"] = json!(seen.holders.len());
@@ -307,7 +307,8 @@ struct Seen {
     /// failover: a machine taken away (ms into the run, machine) until the other one's first
     /// acknowledged write (a takeover) or its own (it resumed in place).
     taken_away: Option<(u64, usize)>,
-    takeovers: Vec<u64>,
+    /// (when the machine was taken away, ms into the run; how long until the takeover)
+    takeovers: Vec<(u64, u64)>,
     resumed_in_place: u64,
 }
 
@@ -528,7 +529,7 @@ impl Apps {
                         seen.taken_away = None;
                         match away == machine {
                             true => seen.resumed_in_place += 1,
-                            false => seen.takeovers.push((recorder.elapsed().as_millis() as u64).saturating_sub(since_ms)),
+                            false => seen.takeovers.push((since_ms, (recorder.elapsed().as_millis() as u64).saturating_sub(since_ms))),
                         }
                     }
                 }

@@ -9,6 +9,7 @@ use anyhow::{anyhow, Result};
 
 use super::FilesOptions;
 use crate::cluster_check::report::{escape, kind_of, latency_plot, samples, throughput_plot};
+use plotters::prelude::*;
 use crate::cluster_check::FaultRecord;
 use crate::history::Event;
 
@@ -18,6 +19,15 @@ pub fn write(out: &Path, options: &FilesOptions, result: &serde_json::Value, eve
     let x_max = events.iter().filter_map(|e| e.time_ns).max().unwrap_or(1_000_000_000) as f64 / 1e9;
     latency_plot(&out.join("latency.svg"), &samples, faults, x_max)?;
     throughput_plot(&out.join("throughput.svg"), &samples, faults, x_max)?;
+    let takeovers: Vec<(f64, f64)> = result["takeover_ms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| Some((t["at_ms"].as_f64()? / 1000.0, t["took_ms"].as_f64()?)))
+        .collect();
+    if !takeovers.is_empty() {
+        takeover_plot(&out.join("takeover.svg"), &takeovers, x_max)?;
+    }
     let (verdict, color) = match &result["valid"] {
         serde_json::Value::Bool(true) => ("valid", "#2ca02c"),
         serde_json::Value::Bool(false) => ("ACKNOWLEDGED WRITES LOST OR CORRUPT", "#d62728"),
@@ -72,6 +82,9 @@ pub fn write(out: &Path, options: &FilesOptions, result: &serde_json::Value, eve
              <a href=\"writers.log\">writers.log</a>, <a href=\"chunkfs.log\">chunkfs.log</a>, \
              node logs in <a href=\"cluster/\">cluster/nodeN/chunkd.log</a>.</p>\
              <img src=\"latency.svg\" alt=\"latency over time\"><br><img src=\"throughput.svg\" alt=\"throughput over time\">";
+    if !takeovers.is_empty() {
+        html += "<br><img src=\"takeover.svg\" alt=\"takeover times\">";
+    }
 
     html += "<h2>Files</h2><table><tr><th>file</th><th>sync</th><th>bytes</th><th>acknowledged</th><th>whole records</th><th>lost</th><th>corrupt</th></tr>";
     for file in result["files"].as_array().into_iter().flatten() {
@@ -129,3 +142,37 @@ pub fn write(out: &Path, options: &FilesOptions, result: &serde_json::Value, eve
     html += "</table></body></html>";
     std::fs::write(out.join("index.html"), html).map_err(|e| anyhow!("writing index.html: {e}"))
 }
+
+/// Failover: each takeover's time (from the fault to the standby's first acknowledged record),
+/// at the moment of its fault, against the 5 s goal.
+fn takeover_plot(path: &Path, takeovers: &[(f64, f64)], x_max: f64) -> Result<()> {
+    let plot_error = |err: &dyn std::fmt::Debug| anyhow!("drawing the takeover plot: {err:?}");
+    let root = SVGBackend::new(path, (1100, 320)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_error(&e))?;
+    let y_max = takeovers.iter().map(|&(_, ms)| ms).fold(GOAL_MS, f64::max) * 1.2;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Takeover: from the fault to the standby's first acknowledged record", ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)
+        .map_err(|e| plot_error(&e))?;
+    chart.configure_mesh().x_desc("seconds (the fault's start)").y_desc("takeover (ms)").draw().map_err(|e| plot_error(&e))?;
+    let color = RGBColor(31, 119, 180);
+    chart
+        .draw_series(takeovers.iter().map(|&(at, ms)| Rectangle::new([(at - 0.4, 0.0), (at + 0.4, ms)], color.filled())))
+        .map_err(|e| plot_error(&e))?
+        .label("takeover")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    let red = RGBColor(214, 39, 40);
+    chart
+        .draw_series(std::iter::once(PathElement::new(vec![(0.0, GOAL_MS), (x_max, GOAL_MS)], red.stroke_width(1))))
+        .map_err(|e| plot_error(&e))?
+        .label("goal: 5 s")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], red.stroke_width(1)));
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw().map_err(|e| plot_error(&e))?;
+    root.present().map_err(|e| plot_error(&e))
+}
+
+/// The takeover goal.
+const GOAL_MS: f64 = 5000.0;
