@@ -383,7 +383,7 @@ mod tests {
         assert_eq!(dual_writes(&data, &[4, 9, 7]), 1, "7 wrote after 9 had");
         // An old holder's late record over the new holder's, breaking the chain: found anyway.
         let mut late = data.clone();
-        late.extend_from_slice(&[0xee; 700]);
+        late.extend_from_slice(&[0xee; 1024]);
         late.extend_from_slice(&record(2, 6, 4).0);
         assert_eq!(dual_writes(&late, &[4, 7, 9]), 1);
     }
