@@ -92,17 +92,43 @@ impl Volume {
     /// `write` through a descriptor opened under session `opened` (`Volume::open_session`): if
     /// the mount took locks under it, the write goes in it, and fails once it was fenced.
     pub fn write_as(&self, opened: Option<u64>, ino: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
-        let end = offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig(FILE_BYTES_MAX))?;
-        if end > FILE_BYTES_MAX {
-            return Err(FsError::FileTooBig(FILE_BYTES_MAX));
-        }
-        if data.is_empty() {
-            return Ok(0);
-        }
+        self.write_at(opened, ino, Some(offset), data).map(|(_, written)| written)
+    }
+
+    /// Appends `data` at the end of the file as the cluster holds it (O_APPEND): the size the
+    /// entry is checked against is the one it extends, so two processes appending at once
+    /// never write over each other. Returns where the data went and how much was written.
+    pub fn append_as(&self, opened: Option<u64>, ino: u64, data: &[u8]) -> FsResult<(u64, usize)> {
         if self.buffered.is_some() {
-            return self.write_buffered(ino, offset, data);
+            let offset = self.getattr(ino)?.size;
+            return self.write_at(opened, ino, Some(offset), data);
+        }
+        self.write_at(opened, ino, None, data)
+    }
+
+    /// `write_as` at `offset`, or at the end of the file (None).
+    fn write_at(&self, opened: Option<u64>, ino: u64, at_offset: Option<u64>, data: &[u8]) -> FsResult<(u64, usize)> {
+        if let Some(offset) = at_offset {
+            let end = offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig(FILE_BYTES_MAX))?;
+            if end > FILE_BYTES_MAX {
+                return Err(FsError::FileTooBig(FILE_BYTES_MAX));
+            }
+            if data.is_empty() {
+                return Ok((offset, 0));
+            }
+            if self.buffered.is_some() {
+                return self.write_buffered(ino, offset, data).map(|n| (offset, n));
+            }
         }
         self.with_file(ino, |size| {
+            let offset = at_offset.unwrap_or(size.size);
+            let end = offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig(FILE_BYTES_MAX))?;
+            if end > FILE_BYTES_MAX {
+                return Err(FsError::FileTooBig(FILE_BYTES_MAX));
+            }
+            if data.is_empty() {
+                return Ok((offset, 0));
+            }
             if end > size.size {
                 self.finish_shrink(ino, size)?;
             }
@@ -131,7 +157,7 @@ impl Volume {
             writes.push(self.size_record_write(ino, &next));
             next.generation = self.batch_as(opened, Some(ino), writes)?.generation;
             *size = next;
-            Ok(data.len())
+            Ok((offset, data.len()))
         })
     }
 

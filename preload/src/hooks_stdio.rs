@@ -1,0 +1,161 @@
+//! stdio on mapped files. glibc's fopen opens with an internal call the shim cannot see, and a
+//! FILE reads and writes its descriptor with internal calls too, so a mapped path (or a
+//! mapped descriptor given to fdopen) gets a FILE of `fopencookie` whose read, write, seek and
+//! close are the shim's. Everything that works on a FILE works on it; `fileno` of it is -1
+//! (glibc's rule for cookie streams). freopen onto a mapped path is refused (ENOTSUP: the FILE
+//! it must reuse is glibc's own).
+
+use libc::{c_char, c_int, c_void, off64_t, size_t, ssize_t, FILE};
+
+use crate::files::{self, Opened};
+use crate::real::pass;
+use crate::{paths, shim, table};
+
+#[repr(C)]
+struct CookieFunctions {
+    read: Option<unsafe extern "C" fn(*mut c_void, *mut c_char, size_t) -> ssize_t>,
+    write: Option<unsafe extern "C" fn(*mut c_void, *const c_char, size_t) -> ssize_t>,
+    seek: Option<unsafe extern "C" fn(*mut c_void, *mut off64_t, c_int) -> c_int>,
+    close: Option<unsafe extern "C" fn(*mut c_void) -> c_int>,
+}
+
+extern "C" {
+    fn fopencookie(cookie: *mut c_void, mode: *const c_char, functions: CookieFunctions) -> *mut FILE;
+}
+
+fn fd_of(cookie: *mut c_void) -> c_int {
+    cookie as usize as c_int
+}
+
+unsafe extern "C" fn cookie_read(cookie: *mut c_void, buf: *mut c_char, size: size_t) -> ssize_t {
+    shim("fread", || {
+        let d = table::mapped_in_shim(fd_of(cookie)).ok_or(libc::EBADF)?;
+        // SAFETY: stdio's buffer of `size` bytes.
+        let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), size) };
+        files::read(&d.file, out).map(|n| n as ssize_t)
+    })
+}
+
+unsafe extern "C" fn cookie_write(cookie: *mut c_void, buf: *const c_char, size: size_t) -> ssize_t {
+    let n: ssize_t = shim("fwrite", || {
+        let d = table::mapped_in_shim(fd_of(cookie)).ok_or(libc::EBADF)?;
+        // SAFETY: stdio's buffer of `size` bytes.
+        let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), size) };
+        files::write(&d.file, data).map(|n| n as ssize_t)
+    });
+    // A cookie's write reports an error as 0 bytes written.
+    n.max(0)
+}
+
+unsafe extern "C" fn cookie_seek(cookie: *mut c_void, offset: *mut off64_t, whence: c_int) -> c_int {
+    shim("fseek", || {
+        let d = table::mapped_in_shim(fd_of(cookie)).ok_or(libc::EBADF)?;
+        // SAFETY: stdio's offset.
+        let at = files::seek(&d.file, unsafe { *offset }, whence)?;
+        // SAFETY: as above.
+        unsafe { *offset = at };
+        Ok(0)
+    })
+}
+
+unsafe extern "C" fn cookie_close(cookie: *mut c_void) -> c_int {
+    crate::hooks_fd::forget_and_close(fd_of(cookie));
+    0
+}
+
+/// open(2) flags for an fopen mode ("r", "w+", "ab", "rxe", ...).
+fn mode_flags(mode: &[u8]) -> crate::Res<c_int> {
+    let mut flags = match mode.first() {
+        Some(b'r') => libc::O_RDONLY,
+        Some(b'w') => libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+        Some(b'a') => libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+        _ => return Err(libc::EINVAL),
+    };
+    for &c in &mode[1..] {
+        match c {
+            b'+' => flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR,
+            b'x' => flags |= libc::O_EXCL,
+            b'e' => flags |= libc::O_CLOEXEC,
+            b',' => break,
+            _ => {}
+        }
+    }
+    Ok(flags)
+}
+
+/// A FILE over mapped descriptor `fd`.
+fn cookie_file(fd: c_int, mode: *const c_char) -> crate::Res<*mut FILE> {
+    let functions = CookieFunctions { read: Some(cookie_read), write: Some(cookie_write), seek: Some(cookie_seek), close: Some(cookie_close) };
+    // SAFETY: the caller's mode string; the cookie is the descriptor's number.
+    let file = unsafe { fopencookie(fd as usize as *mut c_void, mode, functions) };
+    if file.is_null() {
+        return Err(libc::ENOMEM);
+    }
+    Ok(file)
+}
+
+unsafe fn fopen_mapped(path: *const c_char, mode: *const c_char) -> Option<*mut FILE> {
+    // SAFETY: the caller's path.
+    let mapped = unsafe { paths::classify(libc::AT_FDCWD, path) }?;
+    Some(shim("fopen", || {
+        if mode.is_null() {
+            return Err(libc::EINVAL);
+        }
+        // SAFETY: the caller's NUL-terminated mode.
+        let flags = mode_flags(unsafe { std::ffi::CStr::from_ptr(mode) }.to_bytes())?;
+        match files::open(&mapped, flags, 0o666)? {
+            Opened::Fd(fd) => cookie_file(fd, mode).inspect_err(|_| crate::hooks_fd::forget_and_close(fd)),
+            Opened::Outside(target) => {
+                let target = std::ffi::CString::new(target).map_err(|_| libc::EINVAL)?;
+                let file = pass!(fopen: unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE; target.as_ptr(), mode);
+                if file.is_null() {
+                    Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+                } else {
+                    Ok(file)
+                }
+            }
+        }
+    }))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut FILE {
+    // SAFETY: the caller's arguments.
+    unsafe { fopen_mapped(path, mode) }.unwrap_or_else(|| pass!(fopen: unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE; path, mode))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *mut FILE {
+    // SAFETY: the caller's arguments.
+    unsafe { fopen_mapped(path, mode) }.unwrap_or_else(|| pass!(fopen64: unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE; path, mode))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut FILE {
+    match table::mapped(fd) {
+        Some(_) => shim("fdopen", || cookie_file(fd, mode)),
+        None => pass!(fdopen: unsafe extern "C" fn(c_int, *const c_char) -> *mut FILE; fd, mode),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn freopen(path: *const c_char, mode: *const c_char, stream: *mut FILE) -> *mut FILE {
+    // SAFETY: the caller's path.
+    if unsafe { paths::classify(libc::AT_FDCWD, path) }.is_some() {
+        crate::log("freopen onto a mapped path is not supported (ENOTSUP)");
+        crate::set_errno(libc::ENOTSUP);
+        return std::ptr::null_mut();
+    }
+    pass!(freopen: unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE; path, mode, stream)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn freopen64(path: *const c_char, mode: *const c_char, stream: *mut FILE) -> *mut FILE {
+    // SAFETY: the caller's path.
+    if unsafe { paths::classify(libc::AT_FDCWD, path) }.is_some() {
+        crate::log("freopen onto a mapped path is not supported (ENOTSUP)");
+        crate::set_errno(libc::ENOTSUP);
+        return std::ptr::null_mut();
+    }
+    pass!(freopen64: unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE; path, mode, stream)
+}

@@ -1,0 +1,107 @@
+//! The process's connection to the cluster: one client and one `Volume` per mapping, opened
+//! (and the volume created) at the first mapped call, each with its own lease session.
+//!
+//! fork: the child starts with no connection (the parent's sockets and lease session stay the
+//! parent's; the child opens its own at its first mapped call, so a child that only execs
+//! costs nothing). The locks are taken before fork and released on both sides
+//! (`pthread_atfork`), so the child never inherits one held by a thread that does not exist
+//! there.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chunkfiles::{Volume, CHUNK_BYTES_DEFAULT};
+use chunkstore_client::client::{Client, ClientConfig};
+use parking_lot::Mutex;
+
+use crate::config::{Config, Durability};
+use crate::{log, Res};
+
+static CONFIG: OnceLock<Config> = OnceLock::new();
+
+/// What this process opened of the cluster (None: not yet, or forked since).
+#[derive(Default)]
+struct Connection {
+    client: Option<Arc<Client>>,
+    volumes: Vec<Option<Arc<Volume>>>,
+}
+
+static CONNECTION: Mutex<Connection> = Mutex::new(Connection { client: None, volumes: Vec::new() });
+
+pub(crate) fn config() -> &'static Config {
+    CONFIG.get().expect("the shim is active only once configured")
+}
+
+/// Keeps the configuration and registers the fork handlers (from the constructor).
+pub(crate) fn install(config: Config) {
+    let _ = CONFIG.set(config);
+    // SAFETY: handlers that only take and release the shim's own locks.
+    unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
+}
+
+/// Mapping `index`'s volume, connecting and opening (creating) it on first use.
+pub(crate) fn volume(index: usize) -> Res<Arc<Volume>> {
+    let config = config();
+    let mut connection = CONNECTION.lock();
+    if let Some(Some(volume)) = connection.volumes.get(index) {
+        return Ok(volume.clone());
+    }
+    let client = match &connection.client {
+        Some(client) => client.clone(),
+        None => {
+            let mut client_config = ClientConfig::new(config.seeds.clone());
+            client_config.timeout = Duration::from_millis(config.request_timeout_ms);
+            let client = Client::connect(client_config).map_err(|e| {
+                log(&format!("connecting to the cluster at {}: {e}", config.seeds.join(",")));
+                libc::EIO
+            })?;
+            let client = Arc::new(client);
+            connection.client = Some(client.clone());
+            client
+        }
+    };
+    let (prefix, name) = &config.maps[index];
+    let mut volume = Volume::open(client, &config.namespace, name, Some(CHUNK_BYTES_DEFAULT)).map_err(|e| {
+        log(&format!("opening volume {name} (mapped at {prefix}) in namespace {}: {e}", config.namespace));
+        e.errno()
+    })?;
+    if config.durability == Durability::Fsync {
+        volume.set_buffered(config.dirty_mib_max << 20);
+    }
+    volume.start_lease(Duration::from_millis(config.lease_ms)).map_err(|e| {
+        log(&format!("opening a lease session for volume {name}: {e}"));
+        e.errno()
+    })?;
+    let volume = Arc::new(volume);
+    if connection.volumes.len() <= index {
+        connection.volumes.resize(index + 1, None);
+    }
+    connection.volumes[index] = Some(volume.clone());
+    Ok(volume)
+}
+
+/// Every volume opened so far (syncfs, sync).
+pub(crate) fn opened_volumes() -> Vec<Arc<Volume>> {
+    CONNECTION.lock().volumes.iter().flatten().cloned().collect()
+}
+
+extern "C" fn before_fork() {
+    std::mem::forget(CONNECTION.lock());
+    crate::table::before_fork();
+}
+
+extern "C" fn after_fork_parent() {
+    crate::table::after_fork(false);
+    // SAFETY: locked by `before_fork` on this thread, its guard forgotten.
+    unsafe { CONNECTION.force_unlock() };
+}
+
+extern "C" fn after_fork_child() {
+    crate::table::after_fork(true);
+    // SAFETY: locked by `before_fork` on the thread that forked (the child's only thread).
+    unsafe { CONNECTION.force_unlock() };
+    // The parent's client, volumes and lease sessions are the parent's: forgotten here (not
+    // dropped: dropping would close the parent's session), the child opens its own.
+    let old = std::mem::take(&mut *CONNECTION.lock());
+    std::mem::forget(old);
+}

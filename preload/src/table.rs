@@ -1,0 +1,156 @@
+//! The mapped descriptors: kernel descriptor number → the open file it names. Descriptors made
+//! by dup share one `OpenFile` (its offset and status flags), as they share an open file
+//! description in the kernel.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use chunkfiles::Kind;
+use parking_lot::{Mutex, RwLock};
+
+/// An open file (or directory) of a mapped volume: one open file description.
+pub(crate) struct OpenFile {
+    /// This process's id for it: the owner of its OFD and flock locks.
+    pub id: u64,
+    /// Which mapping (`Config::maps`) it belongs to.
+    pub mapping: usize,
+    pub ino: u64,
+    pub kind: Kind,
+    /// The absolute path it was opened by (dirfd-relative calls start from it).
+    pub path: String,
+    /// O_ACCMODE and the status flags F_SETFL changes (O_APPEND, O_NONBLOCK, O_DIRECT, ...).
+    pub flags: AtomicI32,
+    /// The file offset; held through a read or write that moves it.
+    pub offset: Mutex<u64>,
+    /// The lease session it was opened under (`Volume::open_session`).
+    pub session: Option<u64>,
+    /// Commit failures of the file already reported to this description (by fsync).
+    pub failures_seen: AtomicU64,
+}
+
+impl OpenFile {
+    pub fn flags(&self) -> i32 {
+        self.flags.load(Ordering::Relaxed)
+    }
+
+    pub fn readable(&self) -> bool {
+        matches!(self.flags() & libc::O_ACCMODE, libc::O_RDONLY | libc::O_RDWR)
+    }
+
+    pub fn writable(&self) -> bool {
+        matches!(self.flags() & libc::O_ACCMODE, libc::O_WRONLY | libc::O_RDWR)
+    }
+}
+
+/// A mapped descriptor: its open file and its own close-on-exec flag (as the application
+/// sees it; the placeholder itself is always close-on-exec).
+#[derive(Clone)]
+pub(crate) struct Descriptor {
+    pub file: Arc<OpenFile>,
+    pub cloexec: bool,
+}
+
+static TABLE: RwLock<Option<HashMap<i32, Descriptor>>> = RwLock::new(None);
+/// How many descriptors are mapped: hooks on other descriptors skip the table when none is.
+static MAPPED: AtomicUsize = AtomicUsize::new(0);
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The open file behind `fd`, if it is mapped (and hooks are engaged on this thread).
+#[inline]
+pub(crate) fn mapped(fd: i32) -> Option<Descriptor> {
+    if fd < 0 || MAPPED.load(Ordering::Acquire) == 0 || !crate::engaged() {
+        return None;
+    }
+    TABLE.read().as_ref()?.get(&fd).cloned()
+}
+
+/// The open file behind `fd`, from the shim's own code (where hooks are not engaged).
+pub(crate) fn mapped_in_shim(fd: i32) -> Option<Descriptor> {
+    TABLE.read().as_ref()?.get(&fd).cloned()
+}
+
+/// Whether any mapped descriptor is open (close_range, closefrom).
+pub(crate) fn any_mapped() -> bool {
+    MAPPED.load(Ordering::Acquire) != 0 && crate::engaged()
+}
+
+/// Records `fd` (a placeholder just opened) as naming `file`.
+pub(crate) fn insert(fd: i32, descriptor: Descriptor) {
+    let mut table = TABLE.write();
+    if table.get_or_insert_with(HashMap::new).insert(fd, descriptor).is_none() {
+        MAPPED.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Forgets `fd`; the descriptor it named, if mapped.
+pub(crate) fn remove(fd: i32) -> Option<Descriptor> {
+    let removed = TABLE.write().as_mut()?.remove(&fd);
+    if removed.is_some() {
+        MAPPED.fetch_sub(1, Ordering::AcqRel);
+    }
+    removed
+}
+
+/// Mapped descriptors in [first, last].
+pub(crate) fn in_range(first: u32, last: u32) -> Vec<i32> {
+    let table = TABLE.read();
+    let Some(table) = table.as_ref() else { return Vec::new() };
+    table.keys().copied().filter(|&fd| fd as u32 >= first && fd as u32 <= last).collect()
+}
+
+pub(crate) fn set_cloexec(fd: i32, cloexec: bool) {
+    if let Some(descriptor) = TABLE.write().as_mut().and_then(|t| t.get_mut(&fd)) {
+        descriptor.cloexec = cloexec;
+    }
+}
+
+/// How many descriptors name `file` now.
+pub(crate) fn references(file: &Arc<OpenFile>) -> usize {
+    TABLE.read().as_ref().map_or(0, |t| t.values().filter(|d| Arc::ptr_eq(&d.file, file)).count())
+}
+
+pub(crate) fn before_fork() {
+    std::mem::forget(TABLE.write());
+    crate::dirs::before_fork();
+}
+
+/// After fork, in both processes. The child copies each open file (one copy per open file,
+/// so descriptors that shared one still do): their offset locks may have been held by a
+/// thread that does not exist in the child.
+pub(crate) fn after_fork(child: bool) {
+    crate::dirs::after_fork();
+    // SAFETY: locked by `before_fork` on this thread, its guard forgotten.
+    unsafe { TABLE.force_unlock_write() };
+    if !child {
+        return;
+    }
+    let mut table = TABLE.write();
+    let Some(table) = table.as_mut() else { return };
+    let mut copies: HashMap<*const OpenFile, Arc<OpenFile>> = HashMap::new();
+    for descriptor in table.values_mut() {
+        let old = Arc::as_ptr(&descriptor.file);
+        let copy = copies.entry(old).or_insert_with(|| {
+            let file = &descriptor.file;
+            // SAFETY: the child has one thread; whoever held the lock is gone, and the value
+            // is what it was at fork.
+            let offset = unsafe { *file.offset.data_ptr() };
+            Arc::new(OpenFile {
+                id: file.id,
+                mapping: file.mapping,
+                ino: file.ino,
+                kind: file.kind,
+                path: file.path.clone(),
+                flags: AtomicI32::new(file.flags()),
+                offset: Mutex::new(offset),
+                session: None,
+                failures_seen: AtomicU64::new(0),
+            })
+        });
+        descriptor.file = copy.clone();
+    }
+}
