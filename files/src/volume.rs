@@ -19,6 +19,9 @@ pub const ROOT_INO: u64 = 1;
 pub const NAME_BYTES_MAX: usize = 255;
 /// The longest symlink target, in bytes.
 pub const SYMLINK_TARGET_BYTES_MAX: usize = 4095;
+/// The filesystem type statfs reports for a volume's files under libchunkpreload ("chun"):
+/// how a program tells the shim serves a path.
+pub const PRELOAD_FS_TYPE: i64 = 0x6368_756e;
 /// The largest file: 1 TiB.
 pub const FILE_BYTES_MAX: u64 = 1 << 40;
 /// The most hard links an inode may have.

@@ -579,7 +579,7 @@ pub unsafe extern "C" fn truncate64(path: *const c_char, length: off64_t) -> c_i
 fn fill_statfs(out: &mut libc::statfs64) {
     // SAFETY: all-zero is a valid struct statfs.
     *out = unsafe { std::mem::zeroed() };
-    out.f_type = 0x6368_756e; // "chun"
+    out.f_type = chunkfiles::PRELOAD_FS_TYPE;
     out.f_bsize = 4096;
     out.f_frsize = 4096;
     out.f_blocks = 1 << 32;

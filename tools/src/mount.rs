@@ -20,6 +20,15 @@ pub fn chunkfs_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// libchunkpreload.so, next to the running binary (as `cargo build --release` leaves it).
+pub fn preload_library() -> Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name("libchunkpreload.so");
+    if !path.exists() {
+        bail!("{} not found: build it with cargo build --release", path.display());
+    }
+    Ok(path)
+}
+
 /// Whether `path` is a mountpoint now (from /proc/mounts).
 pub fn is_mounted(path: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();

@@ -210,6 +210,9 @@ enum Commands {
         /// Refuse to write unless the file is on a FUSE mount.
         #[arg(long)]
         on_fuse: bool,
+        /// Refuse to write unless libchunkpreload serves the file.
+        #[arg(long)]
+        on_preload: bool,
     },
     /// The writing process `engine` starts and kills (internal).
     #[command(hide = true)]
@@ -282,7 +285,7 @@ fn main() -> ExitCode {
             ExitCode::from(chunkstore_tools::check::history_command(&file, model, std::time::Duration::from_secs(time_limit), json))
         }
         Commands::Files(args) => files_run(args),
-        Commands::FilesJournalWriter { file, sync, seed, writer, lock, on_fuse } => match journal::run_writer(&journal::WriterOptions { file, sync, seed, writer, lock, on_fuse }) {
+        Commands::FilesJournalWriter { file, sync, seed, writer, lock, on_fuse, on_preload } => match journal::run_writer(&journal::WriterOptions { file, sync, seed, writer, lock, on_fuse, on_preload }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::from(3),
         },

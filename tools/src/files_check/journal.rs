@@ -124,11 +124,13 @@ pub struct WriterOptions {
     pub lock: Option<std::path::PathBuf>,
     /// Refuse to write unless the file is on a FUSE mount.
     pub on_fuse: bool,
+    /// Refuse to write unless libchunkpreload serves the file.
+    pub on_preload: bool,
 }
 
 /// The writer process: (takes its lock,) recovers the journal's end, then appends until killed.
 pub fn run_writer(options: &WriterOptions) -> Result<()> {
-    let WriterOptions { file, sync, seed, writer, on_fuse, .. } = options;
+    let WriterOptions { file, sync, seed, writer, on_fuse, on_preload, .. } = options;
     let (sync, seed, writer) = (*sync, *seed, *writer);
     let mut out = std::io::stdout().lock();
     let mut say = |line: String| -> Result<()> {
@@ -153,8 +155,12 @@ pub fn run_writer(options: &WriterOptions) -> Result<()> {
         let journal = options.open(file).with_context(|| format!("opening {}", file.display()))?;
         // A writer started as its mount was killed could open the bare mountpoint directory's
         // file: what it acknowledged would never reach the cluster.
-        if *on_fuse && !is_on_fuse(&journal)? {
+        if *on_fuse && filesystem_type(&journal)? != FUSE_SUPER_MAGIC {
             anyhow::bail!("{} is not on a FUSE mount", file.display());
+        }
+        // One started without the shim loaded would write a local file nobody checks.
+        if *on_preload && filesystem_type(&journal)? != chunkfiles::PRELOAD_FS_TYPE {
+            anyhow::bail!("{} is not served by libchunkpreload", file.display());
         }
         let (mut seq, mut offset) = recover(&journal)?;
         say(format!("R {seq} {offset}"))?;
@@ -191,16 +197,18 @@ fn lock_exclusive(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-fn is_on_fuse(file: &File) -> Result<bool> {
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// The type of the filesystem `file` is on, as fstatfs says.
+fn filesystem_type(file: &File) -> Result<i64> {
     use std::os::fd::AsRawFd;
-    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
     // SAFETY: statfs is plain data, filled by the call on success.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid descriptor and a valid pointer.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0 {
         return Err(std::io::Error::last_os_error()).context("fstatfs");
     }
-    Ok(stat.f_type as i64 == FUSE_SUPER_MAGIC)
+    Ok(stat.f_type as i64)
 }
 
 /// The next record's sequence number and offset: after the last of the whole records that

@@ -37,7 +37,7 @@ pub const VOLUME: &str = "check";
 pub enum FilesWorkload {
     /// Writer processes append checksummed records to journal files, syncing each.
     Journal,
-    /// Bank transfers in SQLite databases (not built yet).
+    /// Bank transfers in SQLite databases.
     Sqlite,
     /// Two instances on two mounts ("machines") wait for one fcntl lock; the holder writes the
     /// journal, and when its machine is taken away the other takes over.
@@ -50,7 +50,7 @@ pub enum FilesWorkload {
 pub enum Via {
     /// A chunkfs mount.
     Fuse,
-    /// libchunkpreload.so in the application (not built yet).
+    /// libchunkpreload.so in the application.
     Preload,
 }
 
@@ -105,9 +105,6 @@ pub fn run(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> serde_jso
 }
 
 fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<serde_json::Value> {
-    if options.via == Via::Preload {
-        bail!("--via preload: libchunkpreload.so is not built yet (use --via fuse)");
-    }
     if options.writers == 0 {
         bail!("--writers must be at least 1");
     }
@@ -123,7 +120,12 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
     if options.workload == FilesWorkload::Failover {
         mount_options.extend(["--lease-ms".to_owned(), FAILOVER_LEASE_MS.to_string()]);
     }
-    let mounts = Mounts { seeds: cluster.lock().unwrap().seeds(), options: mount_options, log: options.out.join("chunkfs.log") };
+    let preload = match options.via {
+        Via::Fuse => None,
+        Via::Preload => Some(crate::mount::preload_library()?),
+    };
+    let lease_ms = (options.workload == FilesWorkload::Failover).then_some(FAILOVER_LEASE_MS);
+    let mounts = Mounts { seeds: cluster.lock().unwrap().seeds(), options: mount_options, log: options.out.join("chunkfs.log"), preload, lease_ms };
     let apps = Apps::new(options, mounts)?;
     let directory = match options.workload {
         FilesWorkload::Journal => None,
@@ -131,7 +133,7 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
         FilesWorkload::Failover => Some(FAILOVER_DIRECTORY),
     };
     if let Some(directory) = directory {
-        std::fs::create_dir_all(apps.machines[0].mountpoint.join(directory)).with_context(|| format!("creating {directory} in the volume"))?;
+        apps.mounts.make_directory(&apps.machines[0].mountpoint.join(directory)).with_context(|| format!("creating {directory} in the volume"))?;
     }
 
     let recorder = Recorder::create(&options.out.join("history.edn"))?;
@@ -257,17 +259,60 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
     Ok(result)
 }
 
-/// How mounts of the run's volume are made.
+/// How the applications reach the run's volume: chunkfs mounts, or (`--via preload`)
+/// libchunkpreload in each application, mapping its machine's path to the volume. Reading
+/// back always mounts (so a preload run is also read through the other front).
 struct Mounts {
     seeds: Vec<String>,
     options: Vec<String>,
     log: PathBuf,
+    /// `--via preload`: the library.
+    preload: Option<PathBuf>,
+    /// The lease of the applications' sessions (failover; else the default). For mounts it is
+    /// in `options`.
+    lease_ms: Option<u64>,
 }
 
 /// How long a mount is retried while the cluster comes back (after a power cut).
 const MOUNT_RETRY_LIMIT: Duration = Duration::from_secs(60);
 
 impl Mounts {
+    /// A machine's front at `mountpoint`: a chunkfs mount, or none (`--via preload`: the path
+    /// is mapped inside each application).
+    fn machine(&self, mountpoint: &Path) -> Result<Option<ChunkfsMount>> {
+        match self.preload {
+            None => self.start(mountpoint).map(Some),
+            Some(_) => Ok(None),
+        }
+    }
+
+    /// Sets up `command` to reach the volume at `mountpoint` (preload: the library and its
+    /// configuration in the environment).
+    fn prepare(&self, command: &mut Command, mountpoint: &Path) {
+        if let Some(library) = &self.preload {
+            command.env("LD_PRELOAD", library).env("CHUNKSTORE_SEEDS", self.seeds.join(",")).env("CHUNKSTORE_MAP", format!("{}={VOLUME}", mountpoint.display()));
+            if let Some(lease_ms) = self.lease_ms {
+                command.env("CHUNKSTORE_LEASE_MS", lease_ms.to_string());
+            }
+        }
+    }
+
+    /// Makes a directory in the volume (through the front the applications use).
+    fn make_directory(&self, path: &Path) -> Result<()> {
+        if self.preload.is_none() {
+            return Ok(std::fs::create_dir_all(path)?);
+        }
+        let mountpoint = path.parent().context("a directory in the volume")?;
+        let mut command = Command::new("mkdir");
+        command.arg("-p").arg(path);
+        self.prepare(&mut command, mountpoint);
+        let output = command.output().context("running mkdir under libchunkpreload")?;
+        if !output.status.success() {
+            bail!("mkdir -p {} under libchunkpreload: {}", path.display(), String::from_utf8_lossy(&output.stderr).trim());
+        }
+        Ok(())
+    }
+
     /// Mounts the volume, retrying while the cluster does not answer yet.
     fn start(&self, mountpoint: &Path) -> Result<ChunkfsMount> {
         let deadline = Instant::now() + MOUNT_RETRY_LIMIT;
@@ -342,10 +387,14 @@ impl Apps {
             FilesWorkload::Sqlite => (1, options.writers, 0),
         };
         let mut started = Vec::new();
+        // Under the shim the path is the volume's only in the applications: nothing is there
+        // on the local disk, so an application without the library fails instead of writing
+        // files no one checks.
+        let base = if options.via == Via::Preload { "shim" } else { "mnt" };
         for machine in 0..machines {
-            let mountpoint = options.out.join(if machines == 1 { "mnt".to_owned() } else { format!("mnt-{machine}") });
-            let mount = mounts.start(&mountpoint)?;
-            started.push(Machine { mountpoint, mount: Mutex::new(Some(mount)), up: AtomicBool::new(true) });
+            let mountpoint = options.out.join(if machines == 1 { base.to_owned() } else { format!("{base}-{machine}") });
+            let mount = mounts.machine(&mountpoint)?;
+            started.push(Machine { mountpoint, mount: Mutex::new(mount), up: AtomicBool::new(true) });
         }
         Ok(Apps {
             workload: options.workload,
@@ -468,7 +517,7 @@ impl Apps {
                 // the loss.
                 let seed = self.writer_seed(writer) ^ (process as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 command.args(["--sync", &format!("{:?}", self.sync_of(writer)).to_lowercase(), "--seed", &seed.to_string()]);
-                command.args(["--writer", &process.to_string(), "--on-fuse"]);
+                command.args(["--writer", &process.to_string(), if self.mounts.preload.is_some() { "--on-preload" } else { "--on-fuse" }]);
                 if self.workload == FilesWorkload::Failover {
                     command.arg("--lock").arg(mountpoint.join(FAILOVER_DIRECTORY).join("lock"));
                 }
@@ -479,6 +528,7 @@ impl Apps {
                 command.args([format!("p{process}"), bank::ACCOUNTS.to_string(), bank::OPENING_BALANCE.to_string(), self.writer_seed(writer).wrapping_add(process as u64).to_string()]);
             }
         }
+        self.mounts.prepare(&mut command, mountpoint);
         Ok(command)
     }
 
@@ -650,7 +700,7 @@ impl ProcessFaults for AppFaults<'_> {
                     // Applications that were running went on failing; the fresh mount gets
                     // fresh ones.
                     apps.signal_writers(|w| apps.machine_of(w) == machine as usize, libc::SIGKILL);
-                    *target.mount.lock().unwrap() = Some(apps.mounts.start(&target.mountpoint)?);
+                    *target.mount.lock().unwrap() = apps.mounts.machine(&target.mountpoint)?;
                     target.up.store(true, Ordering::SeqCst);
                 }
                 NemesisKind::HostPause => {
