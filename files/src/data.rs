@@ -162,12 +162,19 @@ impl Volume {
     }
 
     /// Reads up to `len` bytes at `offset` (fewer at the end of the file; holes read as zeros),
-    /// with this mount's writes not committed yet (`--durability fsync`) over them.
+    /// with this mount's writes not committed yet (`--durability fsync`) over them. A read that
+    /// reaches past the size this mount last saw asks the cluster for the size again, so a
+    /// reader following a file another mount or process appends to (tail -f) sees it grow.
     pub fn read(&self, ino: u64, offset: u64, len: u32) -> FsResult<Vec<u8>> {
         let (committed, overlay) = {
             let file = self.file(ino);
             let mut state = lock(&file);
-            let committed = self.committed_size(ino, &mut state)?;
+            let mut committed = self.committed_size(ino, &mut state)?;
+            if offset.saturating_add(len as u64) > committed {
+                let size = self.read_size(ino)?;
+                committed = size.size;
+                state.size = Some(size);
+            }
             (committed, state.dirty.overlay(offset, len as u64, self.chunk_bytes))
         };
         let mut out = self.read_committed(ino, offset, len, committed)?;

@@ -127,8 +127,12 @@ pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
 
 // ---- close ----
 
-/// Forgets a mapped descriptor that is being closed, giving back its locks.
+/// Forgets a mapped descriptor that is being closed, giving back its locks (not in a vfork
+/// child: the table is its parent's).
 pub(crate) fn forget(fd: c_int) {
+    if !table::owned_here() {
+        return;
+    }
     if let Some(descriptor) = table::remove(fd) {
         let _: c_int = shim("close", || {
             files::closed(&descriptor.file);
@@ -716,7 +720,7 @@ fn dup_onto(old: c_int, new: c_int, flags: c_int, three: bool) -> c_int {
     if table::mapped(new).is_some() {
         forget(new);
     }
-    match source {
+    match source.filter(|_| table::owned_here()) {
         Some(d) => {
             // The placeholder's copy stays close-on-exec in the kernel.
             let rc = pass!(dup3: unsafe extern "C" fn(c_int, c_int, c_int) -> c_int; old, new, libc::O_CLOEXEC);

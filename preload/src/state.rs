@@ -35,6 +35,7 @@ pub(crate) fn config() -> &'static Config {
 /// Keeps the configuration and registers the fork handlers (from the constructor).
 pub(crate) fn install(config: Config) {
     let _ = CONFIG.set(config);
+    crate::table::set_owner();
     // SAFETY: handlers that only take and release the shim's own locks.
     unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
 }

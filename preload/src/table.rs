@@ -55,6 +55,21 @@ static TABLE: RwLock<Option<HashMap<i32, Descriptor>>> = RwLock::new(None);
 /// How many descriptors are mapped: hooks on other descriptors skip the table when none is.
 static MAPPED: AtomicUsize = AtomicUsize::new(0);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// The process whose table this is (set at start and in a fork's child).
+static OWNER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+pub(crate) fn set_owner() {
+    // SAFETY: a plain getter.
+    OWNER.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+}
+
+/// Whether this process owns the table: false in the child of vfork or posix_spawn, which
+/// shares the parent's memory until it execs (its closes must not change the parent's table;
+/// its own descriptor table is a copy, so the kernel's closes there are its own).
+pub(crate) fn owned_here() -> bool {
+    // SAFETY: a plain getter (a system call: glibc caches no pid).
+    OWNER.load(Ordering::Relaxed) == unsafe { libc::getpid() }
+}
 
 pub(crate) fn next_id() -> u64 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
@@ -129,6 +144,7 @@ pub(crate) fn after_fork(child: bool) {
     if !child {
         return;
     }
+    set_owner();
     let mut table = TABLE.write();
     let Some(table) = table.as_mut() else { return };
     let mut copies: HashMap<*const OpenFile, Arc<OpenFile>> = HashMap::new();
