@@ -47,7 +47,7 @@ fn listing(fd: c_int) -> crate::Res<Vec<(Vec<u8>, u64, u8)>> {
         return Err(libc::ENOTDIR);
     }
     let volume = files::volume_of(&d.file)?;
-    let (parent, entries) = volume.readdir(d.file.ino).map_err(|e| e.errno())?;
+    let (parent, entries) = volume.readdir(d.file.ino).map_err(crate::files::errno)?;
     let mut out = vec![(b".".to_vec(), d.file.ino, libc::DT_DIR), (b"..".to_vec(), parent, libc::DT_DIR)];
     out.extend(entries.into_iter().map(|(name, entry)| (name, entry.ino, d_type(entry.kind))));
     Ok(out)

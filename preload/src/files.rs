@@ -23,8 +23,14 @@ pub(crate) enum Opened {
     Outside(String),
 }
 
-fn errno(err: chunkfiles::FsError) -> i32 {
-    err.errno()
+/// The errno of a file-layer error; one that is EIO (the cluster failed, or data is damaged)
+/// is also said on stderr, since errno alone cannot say which.
+pub(crate) fn errno(err: chunkfiles::FsError) -> i32 {
+    let errno = err.errno();
+    if errno == libc::EIO {
+        crate::log(&format!("EIO: {err}"));
+    }
+    errno
 }
 
 /// The process's umask (read without changing it: /proc/self/status).

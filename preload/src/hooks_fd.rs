@@ -481,7 +481,7 @@ pub unsafe extern "C" fn sync_file_range(fd: c_int, offset: off64_t, nbytes: off
 pub unsafe extern "C" fn syncfs(fd: c_int) -> c_int {
     match table::mapped(fd) {
         Some(d) => shim("syncfs", || {
-            files::volume_of(&d.file)?.flush_all().map_err(|e| e.errno())?;
+            files::volume_of(&d.file)?.flush_all().map_err(files::errno)?;
             Ok(0)
         }),
         None => pass!(syncfs: unsafe extern "C" fn(c_int) -> c_int; fd),
@@ -599,7 +599,7 @@ fn fcntl_mapped(fd: c_int, d: &Descriptor, cmd: c_int, arg: c_ulong) -> Res<c_in
                 };
                 // SAFETY: a plain getter.
                 let pid = unsafe { libc::getpid() } as u32;
-                let held = files::volume_of(&d.file)?.test_lock(d.file.ino, owner, pid, range.0, range.1, exclusive).map_err(|e| e.errno())?;
+                let held = files::volume_of(&d.file)?.test_lock(d.file.ino, owner, pid, range.0, range.1, exclusive).map_err(files::errno)?;
                 match held {
                     None => flock.l_type = libc::F_UNLCK as i16,
                     Some(holder) => {
@@ -674,7 +674,7 @@ pub unsafe extern "C" fn lockf(fd: c_int, cmd: c_int, len: off_t) -> c_int {
                 libc::F_TEST => {
                     // SAFETY: a plain getter.
                     let pid = unsafe { libc::getpid() } as u32;
-                    match files::volume_of(&d.file)?.test_lock(d.file.ino, owner, pid, range.0, range.1, true).map_err(|e| e.errno())? {
+                    match files::volume_of(&d.file)?.test_lock(d.file.ino, owner, pid, range.0, range.1, true).map_err(files::errno)? {
                         None => Ok(()),
                         Some(_) => Err(libc::EACCES),
                     }
@@ -878,7 +878,7 @@ pub unsafe extern "C" fn sync() {
     if crate::engaged() {
         let _: c_int = shim("sync", || {
             for volume in crate::state::opened_volumes() {
-                volume.flush_all().map_err(|e| e.errno())?;
+                volume.flush_all().map_err(files::errno)?;
             }
             Ok(0)
         });

@@ -15,7 +15,7 @@ use crate::{shim, table, Res};
 type Stat = libc::stat64;
 
 fn fs(err: FsError) -> i32 {
-    err.errno()
+    files::errno(err)
 }
 
 /// Runs `body` for a mapped path, or None when `path` is not mapped.

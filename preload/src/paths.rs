@@ -134,14 +134,14 @@ pub(crate) fn walk(volume: &Volume, mapping: usize, inner: &str, follow: bool) -
     let mut dir = ROOT_INO;
     let mut stack: Vec<u64> = Vec::new();
     let mut followed = 0;
-    let mut current = volume.getattr(ROOT_INO).map_err(|e| e.errno())?;
+    let mut current = volume.getattr(ROOT_INO).map_err(crate::files::errno)?;
     while let Some(part) = pending.pop() {
         if part == "." {
             continue;
         }
         if part == ".." {
             dir = stack.pop().unwrap_or(ROOT_INO);
-            current = volume.getattr(dir).map_err(|e| e.errno())?;
+            current = volume.getattr(dir).map_err(crate::files::errno)?;
             continue;
         }
         if current.kind != Kind::Dir {
@@ -157,7 +157,7 @@ pub(crate) fn walk(volume: &Volume, mapping: usize, inner: &str, follow: bool) -
             if followed > SYMLINKS_MAX {
                 return Err(libc::ELOOP);
             }
-            let target = volume.readlink(attr.ino).map_err(|e| e.errno())?;
+            let target = volume.readlink(attr.ino).map_err(crate::files::errno)?;
             let target = String::from_utf8(target).map_err(|_| libc::EINVAL)?;
             if target.starts_with('/') {
                 let rest: Vec<String> = pending.iter().rev().cloned().collect();

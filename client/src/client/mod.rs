@@ -137,8 +137,17 @@ struct Identity {
 
 impl Identity {
     fn new(born_ms: u64) -> Identity {
-        Identity { pid: std::process::id(), client_id: rand::random(), born_ms, busy_lanes: HashMap::new() }
+        Identity { pid: std::process::id(), client_id: fresh_client_id(), born_ms, busy_lanes: HashMap::new() }
     }
+}
+
+/// A new client id, from the kernel's randomness. Not from `rand::random`: its thread-local
+/// generator hands a forked child the rest of the parent's buffered block, so children forked
+/// together took the same id (and the cluster refused their writes as delayed copies of each
+/// other's; libchunkpreload's fork test found it).
+fn fresh_client_id() -> u64 {
+    use rand::RngCore;
+    rand::rngs::OsRng.next_u64()
 }
 
 impl Client {
@@ -555,7 +564,7 @@ impl Client {
         {
             let mut identity = self.identity();
             if identity.client_id == expired_id {
-                identity.client_id = rand::random();
+                identity.client_id = fresh_client_id();
                 identity.born_ms = born_ms.unwrap_or(identity.born_ms);
             }
         }
@@ -842,6 +851,35 @@ fn unexpected(response: Response) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The id a child forked now takes.
+    fn id_of_a_forked_child() -> u64 {
+        let mut fds = [0; 2];
+        // SAFETY: plain system calls; the child only computes, writes and exits.
+        unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            let pid = libc::fork();
+            if pid == 0 {
+                let id = fresh_client_id().to_le_bytes();
+                libc::write(fds[1], id.as_ptr().cast(), 8);
+                libc::_exit(0);
+            }
+            let mut bytes = [0u8; 8];
+            assert_eq!(libc::read(fds[0], bytes.as_mut_ptr().cast(), 8), 8);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+            u64::from_le_bytes(bytes)
+        }
+    }
+
+    /// Children forked one after the other take different client ids, even when the parent's
+    /// thread-local generator holds a buffered block (which `rand::random` would hand to each).
+    #[test]
+    fn children_forked_together_take_different_client_ids() {
+        let _: u64 = rand::random();
+        assert_ne!(id_of_a_forked_child(), id_of_a_forked_child());
+    }
     use crate::protocol::{decode_body, decode_frame, encode_body, Frame, FrameKind, NamespaceMap, FRAME_BYTES_MAX_DEFAULT};
     use std::io::{Read, Write};
     use std::sync::Arc;

@@ -1,0 +1,379 @@
+//! libchunkpreload under unmodified binaries, on a real local cluster: coreutils give the same
+//! answers on a mapped path as on a local directory; the sqlite3 CLI and Python's sqlite3 keep
+//! every committed row through kill -9; a Java program (RandomAccessFile, FileChannel force and
+//! lock, an atomic move) runs as it is; threads and forked children write through the shim; a
+//! volume reads the same through the shim and a chunkfs mount; a bad configuration stops the
+//! process before main, and with no mapping the library does nothing.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use chunkstore_tests::binary;
+use chunkstore_tests::local::{chunkctl_ok, Down};
+use chunkstore_tests::mount::Mount;
+
+/// A local cluster and a mapped prefix (which does not exist on the local disk).
+struct Shim {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    /// The mapped prefix of volume "shim".
+    root: PathBuf,
+    /// A local directory, for comparisons and inputs.
+    local: PathBuf,
+}
+
+impl Shim {
+    fn new() -> Shim {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        chunkctl_ok(&data, &["up", "--nodes", "3"]);
+        let root = dir.path().join("volume");
+        let local = dir.path().join("local");
+        std::fs::create_dir_all(&local).unwrap();
+        Shim { data, root, local, _dir: dir }
+    }
+
+    /// A command with the library loaded and ROOT mapped to volume "shim".
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command
+            .env("LD_PRELOAD", binary("libchunkpreload.so"))
+            .env("CHUNKSTORE_DIR", &self.data)
+            .env("CHUNKSTORE_MAP", format!("{}=shim", self.root.display()))
+            .env("ROOT", &self.root)
+            .env("LOCAL", &self.local);
+        command
+    }
+
+    fn sh(&self, script: &str) -> Output {
+        self.command("sh").args(["-c", script]).output().unwrap()
+    }
+
+    fn sh_ok(&self, script: &str) -> String {
+        let output = self.sh(script);
+        assert!(output.status.success(), "{script}:\n{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+/// The same shell session on a directory: what coreutils print, times and inode numbers left
+/// out (they differ between any two filesystems).
+const COREUTILS_SESSION: &str = r#"
+set -e
+D="$1"
+cp "$LOCAL/in.txt" "$D/a.txt"
+cat "$D/a.txt"
+dd if="$LOCAL/big" of="$D/big" bs=64k conv=fsync status=none
+cmp "$LOCAL/big" "$D/big" && echo "big: same bytes"
+wc -c < "$D/big"
+head -c 100000 "$D/big" | md5sum
+mkdir -p "$D/d/e"
+mv "$D/a.txt" "$D/d/e/b.txt"
+ls -l --time-style=+ "$D/d/e"
+stat -c '%n %s %F %a %h' "$D/d/e/b.txt"
+ln -s e/b.txt "$D/d/link"
+cat "$D/d/link"
+readlink "$D/d/link"
+stat -L -c '%s %F' "$D/d/link"
+ls "$D/d"
+echo more >> "$D/d/e/b.txt"
+tail -n 2 "$D/d/e/b.txt"
+truncate -s 5 "$D/d/e/b.txt"
+cat "$D/d/e/b.txt"; echo
+cp -r "$D/d" "$D/copy"
+ls -R "$D/copy" | sed "s|$D|D|"
+test -e "$D/nothing" || echo "no such file"
+cat "$D/nothing" 2>&1 | sed "s|$D|D|" || true
+rm -r "$D/d" "$D/copy"
+rm "$D/big"
+ls -A "$D"
+echo done
+"#;
+
+/// coreutils on a mapped path answer exactly as on a local directory (the same script, under
+/// the library both times: the local run also shows unmapped paths pass through untouched).
+#[test]
+fn coreutils_on_a_mapped_path_answer_as_on_a_local_directory() {
+    let shim = Shim::new();
+    let _down = Down(&shim.data);
+    std::fs::write(shim.local.join("in.txt"), "hello\nworld\n").unwrap();
+    let big: Vec<u8> = (0..3_000_001u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(shim.local.join("big"), &big).unwrap();
+    let plain = shim.local.join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    let run_on = |dir: &Path| {
+        let output = shim.command("sh").args(["-c", COREUTILS_SESSION, "session"]).arg(dir).output().unwrap();
+        assert!(output.status.success(), "on {}: {}", dir.display(), String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    shim.sh_ok(r#"mkdir -p "$ROOT""#);
+    let local = run_on(&plain);
+    let mapped = run_on(&shim.root);
+    assert!(local.contains("big: same bytes") && local.ends_with("done\n"), "{local}");
+    assert_eq!(mapped.replace(shim.root.to_str().unwrap(), "D"), local.replace(plain.to_str().unwrap(), "D"), "coreutils answer alike");
+    // Nothing of it reached the local disk under the mapped prefix.
+    assert!(!shim.root.exists(), "the mapped prefix is the volume's, not a local directory");
+}
+
+/// tail -f follows a file another process appends to through the shim.
+#[test]
+fn tail_follows_appends_of_another_process() {
+    let shim = Shim::new();
+    let _down = Down(&shim.data);
+    shim.sh_ok(r#"mkdir -p "$ROOT" && echo first > "$ROOT/log""#);
+    let mut tail = shim.command("tail").arg("-f").arg(shim.root.join("log")).stdout(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    shim.sh_ok(r#"echo second >> "$ROOT/log"; echo third >> "$ROOT/log""#);
+    std::thread::sleep(Duration::from_millis(2500));
+    tail.kill().unwrap();
+    let output = tail.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "first\nsecond\nthird\n");
+}
+
+fn sqlite(shim: &Shim, db: &Path, sql: &str) -> String {
+    let output = shim.command("sqlite3").arg(db).arg(sql).output().expect("sqlite3 runs (./dev test installs it)");
+    assert!(output.status.success(), "sqlite3 {sql:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The sqlite3 CLI in rollback-journal modes and in WAL mode with exclusive locking keeps
+/// every committed transaction through kill -9 mid-transaction; shared-memory WAL is refused
+/// with a clear error (a writable shared mapping); Python's sqlite3 module works too.
+#[test]
+fn sqlite_under_the_shim_keeps_committed_rows_through_kill() {
+    let shim = Shim::new();
+    let _down = Down(&shim.data);
+    shim.sh_ok(r#"mkdir -p "$ROOT""#);
+    for (mode, pragma) in [("delete", "PRAGMA journal_mode=delete;"), ("truncate", "PRAGMA journal_mode=truncate;"), ("wal", "PRAGMA locking_mode=exclusive; PRAGMA journal_mode=wal;")] {
+        let db = shim.root.join(format!("bank-{mode}.db"));
+        sqlite(&shim, &db, &format!("{pragma} CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER NOT NULL); CREATE TABLE log(n INTEGER);"));
+        sqlite(&shim, &db, &format!("{pragma} WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM c WHERE i<100) INSERT INTO accounts SELECT i, 1000 FROM c;"));
+        for n in 0..10 {
+            let (from, to) = (n % 100 + 1, (n * 7) % 100 + 1);
+            sqlite(&shim, &db, &format!("{pragma} BEGIN; UPDATE accounts SET balance=balance-10 WHERE id={from}; UPDATE accounts SET balance=balance+10 WHERE id={to}; INSERT INTO log VALUES({n}); COMMIT;"));
+        }
+        assert_eq!(sqlite(&shim, &db, &format!("{pragma} SELECT sum(balance), count(*) FROM accounts;")).lines().last().unwrap(), "100000|100");
+        let mut child = shim.command("sqlite3").arg(&db).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        {
+            let stdin = child.stdin.as_mut().unwrap();
+            writeln!(stdin, "{pragma} BEGIN;").unwrap();
+            for i in 0..20_000 {
+                writeln!(stdin, "INSERT INTO log VALUES({});", 1_000_000 + i).unwrap();
+            }
+            writeln!(stdin, "UPDATE accounts SET balance=0;").unwrap();
+            stdin.flush().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(800));
+        child.kill().unwrap();
+        let _ = child.wait();
+        let check = sqlite(&shim, &db, &format!("{pragma} PRAGMA integrity_check; SELECT sum(balance) FROM accounts; SELECT count(*) FROM log WHERE n < 1000000; SELECT count(*) FROM log WHERE n >= 1000000;"));
+        let last: Vec<&str> = check.lines().rev().take(4).collect();
+        assert_eq!(last, ["0", "10", "100000", "ok"], "{mode}: integrity, the total, every committed row, no uncommitted one: {check}");
+    }
+    // WAL with shared memory needs a writable MAP_SHARED mapping of the -shm file: refused.
+    let output = shim.command("sqlite3").arg(shim.root.join("shared-wal.db")).arg("PRAGMA journal_mode=wal; CREATE TABLE t(a);").output().unwrap();
+    assert!(!output.status.success(), "shared-memory WAL cannot work under the shim");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("MAP_SHARED mapping of"), "{}", String::from_utf8_lossy(&output.stderr));
+    // Python's sqlite3 module.
+    let script = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\nc.execute('create table t(a integer primary key, b text)')\nwith c:\n    c.executemany('insert into t(b) values(?)', [('x'*100,)]*500)\nprint(c.execute('select count(*), sum(length(b)) from t').fetchone(), c.execute('pragma integrity_check').fetchone()[0])";
+    let output = shim.command("python3").args(["-c", script]).arg(shim.root.join("py.db")).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "(500, 50000) ok");
+}
+
+const JAVA_PROGRAM: &str = r#"
+import java.io.*;
+import java.nio.ByteBuffer;
+import java.nio.channels.*;
+import java.nio.file.*;
+
+public class ShimJava {
+    public static void main(String[] args) throws Exception {
+        Path dir = Paths.get(args[0]);
+        Files.createDirectories(dir);
+        Path journal = dir.resolve("journal.dat");
+        try (RandomAccessFile raf = new RandomAccessFile(journal.toFile(), "rw")) {
+            for (int i = 0; i < 100; i++) {
+                raf.seek(raf.length());
+                raf.write(("record " + i + "\n").getBytes());
+            }
+            raf.getFD().sync();
+        }
+        try (FileChannel ch = FileChannel.open(journal, StandardOpenOption.WRITE, StandardOpenOption.APPEND)) {
+            FileLock lock = ch.lock();
+            ch.write(ByteBuffer.wrap("locked append\n".getBytes()));
+            ch.force(true);
+            System.out.println("locked " + lock.isValid());
+            lock.release();
+        }
+        Path tmp = dir.resolve("state.tmp");
+        Files.write(tmp, "state 42\n".getBytes());
+        Files.move(tmp, dir.resolve("state"), StandardCopyOption.ATOMIC_MOVE);
+        System.out.println(Files.readAllLines(journal).size() + " lines, " + Files.size(journal) + " bytes");
+        System.out.println(Files.readString(dir.resolve("state")).trim() + ", tmp exists: " + Files.exists(tmp));
+    }
+}
+"#;
+
+/// A Java program on openjdk-17 runs unmodified under the shim: RandomAccessFile,
+/// FileChannel.write/force/lock, Files.move with ATOMIC_MOVE; a chunkfs mount of the volume
+/// then shows what it wrote.
+#[test]
+fn a_java_program_runs_unmodified_under_the_shim() {
+    let shim = Shim::new();
+    let _down = Down(&shim.data);
+    let source = shim.local.join("ShimJava.java");
+    std::fs::write(&source, JAVA_PROGRAM).unwrap();
+    let output = shim.command("java").arg(&source).arg(shim.root.join("java")).output().expect("java runs (./dev test installs openjdk-17)");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "locked true\n101 lines, 1004 bytes\nstate 42, tmp exists: false\n");
+    let mount = Mount::new(&shim.data, "shim", &shim.local.join("mnt"), &[]);
+    let journal = std::fs::read_to_string(mount.path.join("java/journal.dat")).unwrap();
+    assert!(journal.starts_with("record 0\nrecord 1\n") && journal.ends_with("record 99\nlocked append\n"), "{journal}");
+    assert_eq!(std::fs::read_to_string(mount.path.join("java/state")).unwrap(), "state 42\n");
+}
+
+const THREADS_AND_FORKS: &str = r#"
+import os, sys, threading, subprocess, fcntl, errno
+root = sys.argv[1]
+os.makedirs(root, exist_ok=True)
+# Threads write their own regions of one file through one descriptor.
+fd = os.open(os.path.join(root, "threads.dat"), os.O_RDWR | os.O_CREAT, 0o644)
+def worker(t):
+    for i in range(50):
+        os.pwrite(fd, bytes([65 + t]) * 512, (t * 50 + i) * 512)
+threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+os.fsync(fd)
+data = os.pread(fd, 8 * 50 * 512, 0)
+assert all(data[(t * 50 + i) * 512:(t * 50 + i + 1) * 512] == bytes([65 + t]) * 512 for t in range(8) for i in range(50)), "thread regions"
+# The parent holds a POSIX lock; a forked child (its own process, its own lease session)
+# cannot take it, and writes its own file and appends to a shared one.
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+shared = os.open(os.path.join(root, "shared.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+children = []
+for c in range(4):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os._exit(3)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                os._exit(4)
+        with open(os.path.join(root, "child-%d" % c), "w") as f:
+            f.write("child %d\n" % c * 100)
+        for i in range(20):
+            os.write(shared, b"%d:%02d\n" % (c, i))
+        os.fsync(shared)
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0, "child exit %d" % os.WEXITSTATUS(status)
+# A child that only execs.
+assert subprocess.run(["true"]).returncode == 0
+os.write(shared, b"parent\n")
+lines = open(os.path.join(root, "shared.log")).read().splitlines()
+assert len(lines) == 81 and lines[-1] == "parent", lines
+assert sorted(lines[:-1]) == sorted("%d:%02d" % (c, i) for c in range(4) for i in range(20)), "appends from 4 processes interleave whole"
+for c in range(4):
+    assert open(os.path.join(root, "child-%d" % c)).read() == "child %d\n" % c * 100
+# The parent's offset and its descriptors still work after the children.
+os.lseek(fd, 0, os.SEEK_SET)
+assert os.read(fd, 3) == b"AAA"
+os.close(fd)
+print("ok")
+"#;
+
+/// Eight threads writing through one descriptor, four forked children with their own
+/// sessions (locks held by the parent are not theirs), O_APPEND from several processes, and
+/// a child that only execs.
+#[test]
+fn threads_and_forked_children_write_through_the_shim() {
+    let shim = Shim::new();
+    let _down = Down(&shim.data);
+    let output = shim.command("python3").args(["-c", THREADS_AND_FORKS]).arg(shim.root.join("tf")).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "ok");
+}
+
+/// A volume reads the same through the shim and through a chunkfs mount, both ways.
+#[test]
+fn a_volume_reads_the_same_through_the_shim_and_a_mount() {
+    let shim = Shim::new();
+    let _down = Down(&shim.data);
+    let payload: Vec<u8> = (0..2_500_000u32).map(|i| (i.wrapping_mul(7919) >> 5) as u8).collect();
+    std::fs::write(shim.local.join("payload"), &payload).unwrap();
+    shim.sh_ok(r#"mkdir -p "$ROOT/in/deep" && cp "$LOCAL/payload" "$ROOT/in/deep/p" && echo tiny > "$ROOT/in/t""#);
+    let mount = Mount::new(&shim.data, "shim", &shim.local.join("mnt"), &[]);
+    assert_eq!(std::fs::read(mount.path.join("in/deep/p")).unwrap(), payload, "the mount reads what the shim wrote");
+    assert_eq!(std::fs::read_to_string(mount.path.join("in/t")).unwrap(), "tiny\n");
+    let reversed: Vec<u8> = payload.iter().rev().copied().collect();
+    std::fs::write(mount.path.join("from-mount"), &reversed).unwrap();
+    std::fs::write(shim.local.join("reversed"), &reversed).unwrap();
+    assert_eq!(shim.sh_ok(r#"cmp "$LOCAL/reversed" "$ROOT/from-mount" && echo same"#).trim(), "same", "the shim reads what the mount wrote");
+}
+
+/// A bad configuration is one line on stderr and exit status 1 before main; no mapping: the
+/// library does nothing; an unreachable cluster fails mapped calls with EIO, not the process.
+#[test]
+fn configuration_errors_stop_before_main_and_no_mapping_does_nothing() {
+    let library = binary("libchunkpreload.so");
+    let run = |env: &[(&str, &str)]| {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo main ran"]).env("LD_PRELOAD", &library).env_remove("CHUNKSTORE_MAP").env_remove("CHUNKSTORE_SEEDS");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output().unwrap()
+    };
+    for (env, says) in [
+        (vec![("CHUNKSTORE_MAP", "relative=vol"), ("CHUNKSTORE_SEEDS", "127.0.0.1:1")], "must be an absolute path"),
+        (vec![("CHUNKSTORE_MAP", "/data=vol")], "no cluster is named"),
+        (vec![("CHUNKSTORE_MAP", "/data"), ("CHUNKSTORE_SEEDS", "127.0.0.1:1")], "is not PREFIX=VOLUME"),
+        (vec![("CHUNKSTORE_MAP", "/data=a/b"), ("CHUNKSTORE_SEEDS", "127.0.0.1:1")], "volume name"),
+        (vec![("CHUNKSTORE_MAP", "/data=vol"), ("CHUNKSTORE_SEEDS", "127.0.0.1:1"), ("CHUNKSTORE_LEASE_MS", "soon")], "is not a number"),
+        (vec![("CHUNKSTORE_CONFIG", "/nonexistent/shim.toml")], "CHUNKSTORE_CONFIG"),
+    ] {
+        let output = run(&env);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{env:?}: {stderr}");
+        assert!(output.stdout.is_empty(), "main never ran: {env:?}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains("libchunkpreload: bad configuration") && stderr.contains(says), "{env:?}: {stderr}");
+    }
+    let output = run(&[]);
+    assert_eq!((output.status.code(), String::from_utf8_lossy(&output.stdout).trim()), (Some(0), "main ran"));
+    assert!(output.stderr.is_empty());
+    // A TOML file works like the environment.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("shim.toml");
+    std::fs::write(&config, "seeds = [\"127.0.0.1:1\"]\nmap = { \"/data\" = \"vol\" }\nrequest_timeout_ms = 300\n").unwrap();
+    let config = config.to_str().unwrap();
+    // Nothing answers at 127.0.0.1:1: the mapped call fails (EIO), the process goes on.
+    let mut command = Command::new("sh");
+    command.args(["-c", "cat /data/x; echo \"status $?\"; echo unmapped > \"$0/f\" && cat \"$0/f\"", dir.path().to_str().unwrap()]);
+    let output = command.env("LD_PRELOAD", &library).env("CHUNKSTORE_CONFIG", config).env_remove("CHUNKSTORE_MAP").output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout, "status 1\nunmapped\n", "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("Input/output error"), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Negative control for `chunkcheck files --via preload`: its writer refuses a file the shim
+/// does not serve (started without the library, it would write a local file no one checks).
+#[test]
+fn the_journal_writer_refuses_a_file_the_shim_does_not_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("journal");
+    let output = Command::new(binary("chunkcheck"))
+        .args(["files-journal-writer", "--sync", "fdatasync", "--seed", "1", "--writer", "0", "--on-preload", "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("is not served by libchunkpreload"), "{}", String::from_utf8_lossy(&output.stdout));
+}
