@@ -8,6 +8,7 @@ use chunkfiles::{Attr, Kind, LockKind, Owner, SetAttr, TimeSet, Volume};
 use parking_lot::Mutex;
 
 use crate::paths::{self, Mapped, Walked};
+use crate::placeholder;
 use crate::table::{self, Descriptor, OpenFile};
 use crate::{state, Res};
 
@@ -89,7 +90,14 @@ pub(crate) fn open(mapped: &Mapped, flags: i32, mode: u32) -> Res<Opened> {
     if attr.kind == Kind::File && writing && flags & libc::O_TRUNC != 0 && attr.size != 0 {
         volume.truncate(attr.ino, 0).map_err(errno)?;
     }
-    let fd = crate::real::placeholder()?;
+    let description = placeholder::Description {
+        volume: state::config().maps[mapped.mapping].1.clone(),
+        ino: attr.ino,
+        kind: attr.kind,
+        flags: flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC),
+        path: mapped.full.clone(),
+    };
+    let (fd, page) = placeholder::create(&description, flags & libc::O_CLOEXEC != 0)?;
     let file = OpenFile {
         id: table::next_id(),
         mapping: mapped.mapping,
@@ -97,11 +105,11 @@ pub(crate) fn open(mapped: &Mapped, flags: i32, mode: u32) -> Res<Opened> {
         kind: attr.kind,
         path: mapped.full.clone(),
         flags: AtomicI32::new(flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC)),
-        offset: Mutex::new(0),
+        offset: Mutex::new(page),
         session: volume.open_session(),
         failures_seen: AtomicU64::new(volume.failed_writes(attr.ino)),
     };
-    table::insert(fd, Descriptor { file: Arc::new(file), cloexec: flags & libc::O_CLOEXEC != 0 });
+    table::insert(fd, Descriptor { file: Arc::new(file) });
     Ok(Opened::Fd(fd))
 }
 
@@ -165,27 +173,27 @@ pub(crate) fn write_at(file: &OpenFile, offset: Option<u64>, data: &[u8]) -> Res
 
 /// read() at the descriptor's offset, moving it.
 pub(crate) fn read(file: &OpenFile, out: &mut [u8]) -> Res<usize> {
-    let mut offset = file.offset.lock();
-    let n = read_at(file, *offset, out)?;
-    *offset += n as u64;
+    let offset = file.offset.lock();
+    let n = read_at(file, offset.get(), out)?;
+    offset.set(offset.get() + n as u64);
     Ok(n)
 }
 
 /// write() at the descriptor's offset (or the end, O_APPEND), moving it.
 pub(crate) fn write(file: &OpenFile, data: &[u8]) -> Res<usize> {
-    let mut offset = file.offset.lock();
-    let at = if file.flags() & libc::O_APPEND != 0 { None } else { Some(*offset) };
+    let offset = file.offset.lock();
+    let at = if file.flags() & libc::O_APPEND != 0 { None } else { Some(offset.get()) };
     let (start, n) = write_at(file, at, data)?;
-    *offset = start + n as u64;
+    offset.set(start + n as u64);
     Ok(n)
 }
 
 pub(crate) fn seek(file: &OpenFile, offset: i64, whence: i32) -> Res<i64> {
-    let mut current = file.offset.lock();
+    let current = file.offset.lock();
     let size = || -> Res<i64> { Ok(volume_of(file)?.getattr(file.ino).map_err(errno)?.size as i64) };
     let target = match whence {
         libc::SEEK_SET => offset,
-        libc::SEEK_CUR => (*current as i64).checked_add(offset).ok_or(libc::EOVERFLOW)?,
+        libc::SEEK_CUR => (current.get() as i64).checked_add(offset).ok_or(libc::EOVERFLOW)?,
         libc::SEEK_END => size()?.checked_add(offset).ok_or(libc::EOVERFLOW)?,
         // The whole file is data (holes read as zeros but are not reported).
         libc::SEEK_DATA => {
@@ -206,7 +214,7 @@ pub(crate) fn seek(file: &OpenFile, offset: i64, whence: i32) -> Res<i64> {
     if target < 0 {
         return Err(libc::EINVAL);
     }
-    *current = target as u64;
+    current.set(target as u64);
     Ok(target)
 }
 
@@ -297,7 +305,7 @@ pub(crate) fn description_owner(file: &OpenFile) -> u64 {
 pub(crate) fn lock_range_of(file: &OpenFile, whence: i16, start: i64, len: i64) -> Res<(u64, u64)> {
     let base = match whence as i32 {
         libc::SEEK_SET => 0,
-        libc::SEEK_CUR => *file.offset.lock() as i64,
+        libc::SEEK_CUR => file.offset.lock().get() as i64,
         libc::SEEK_END => volume_of(file)?.getattr(file.ino).map_err(errno)?.size as i64,
         _ => return Err(libc::EINVAL),
     };

@@ -163,9 +163,8 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
     if table::any_mapped() {
         for fd in table::in_range(first, last) {
-            if flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 {
-                table::set_cloexec(fd, true);
-            } else {
+            // With CLOSE_RANGE_CLOEXEC the kernel marks the placeholders themselves.
+            if flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
                 forget(fd);
             }
         }
@@ -538,15 +537,15 @@ pub unsafe extern "C" fn posix_fallocate64(fd: c_int, offset: off64_t, len: off6
 
 // ---- fcntl, locks, dup ----
 
-/// A new descriptor naming the same open file as `d` (dup, F_DUPFD): the kernel's dup of the
-/// placeholder gives the number.
-fn duplicate(fd: c_int, d: &Descriptor, cmd: c_int, min: c_int, cloexec: bool) -> Res<c_int> {
-    // SAFETY: duplicating the placeholder; always close-on-exec in the kernel.
+/// A new descriptor naming the same open file as `d` (dup, F_DUPFD, F_DUPFD_CLOEXEC): the
+/// kernel's duplicate of the placeholder gives the number and the close-on-exec flag.
+fn duplicate(fd: c_int, d: &Descriptor, cmd: c_int, min: c_int) -> Res<c_int> {
+    // SAFETY: duplicating the placeholder.
     let new = unsafe { crate::real::fcntl(fd, cmd, min as c_ulong) };
     if new < 0 {
         return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EMFILE));
     }
-    table::insert(new, Descriptor { file: d.file.clone(), cloexec });
+    table::insert(new, Descriptor { file: d.file.clone() });
     Ok(new)
 }
 
@@ -564,10 +563,14 @@ fn fcntl_mapped(fd: c_int, d: &Descriptor, cmd: c_int, arg: c_ulong) -> Res<c_in
     const F_OFD_SETLK: c_int = 37;
     const F_OFD_SETLKW: c_int = 38;
     match cmd {
-        libc::F_GETFD => Ok(if d.cloexec { libc::FD_CLOEXEC } else { 0 }),
-        libc::F_SETFD => {
-            table::set_cloexec(fd, arg as c_int & libc::FD_CLOEXEC != 0);
-            Ok(0)
+        // The placeholder's own flag is the descriptor's.
+        libc::F_GETFD | libc::F_SETFD => {
+            // SAFETY: the placeholder.
+            let rc = unsafe { crate::real::fcntl(fd, cmd, arg) };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EBADF));
+            }
+            Ok(rc)
         }
         libc::F_GETFL => Ok(d.file.flags()),
         libc::F_SETFL => {
@@ -576,8 +579,7 @@ fn fcntl_mapped(fd: c_int, d: &Descriptor, cmd: c_int, arg: c_ulong) -> Res<c_in
             d.file.flags.store((flags & !changeable) | (arg as c_int & changeable), std::sync::atomic::Ordering::Relaxed);
             Ok(0)
         }
-        libc::F_DUPFD => duplicate(fd, d, libc::F_DUPFD_CLOEXEC, arg as c_int, false),
-        libc::F_DUPFD_CLOEXEC => duplicate(fd, d, libc::F_DUPFD_CLOEXEC, arg as c_int, true),
+        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => duplicate(fd, d, cmd, arg as c_int),
         libc::F_GETLK | libc::F_SETLK | libc::F_SETLKW | F_OFD_GETLK | F_OFD_SETLK | F_OFD_SETLKW => {
             if arg == 0 {
                 return Err(libc::EFAULT);
@@ -699,7 +701,7 @@ pub unsafe extern "C" fn lockf64(fd: c_int, cmd: c_int, len: off64_t) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     match table::mapped(fd) {
-        Some(d) => shim("dup", || duplicate(fd, &d, libc::F_DUPFD_CLOEXEC, 0, false)),
+        Some(d) => shim("dup", || duplicate(fd, &d, libc::F_DUPFD, 0)),
         None => pass!(dup: unsafe extern "C" fn(c_int) -> c_int; fd),
     }
 }
@@ -722,10 +724,9 @@ fn dup_onto(old: c_int, new: c_int, flags: c_int, three: bool) -> c_int {
     }
     match source.filter(|_| table::owned_here()) {
         Some(d) => {
-            // The placeholder's copy stays close-on-exec in the kernel.
-            let rc = pass!(dup3: unsafe extern "C" fn(c_int, c_int, c_int) -> c_int; old, new, libc::O_CLOEXEC);
+            let rc = pass!(dup3: unsafe extern "C" fn(c_int, c_int, c_int) -> c_int; old, new, flags);
             if rc >= 0 {
-                table::insert(rc, Descriptor { file: d.file.clone(), cloexec: flags & libc::O_CLOEXEC != 0 });
+                table::insert(rc, Descriptor { file: d.file.clone() });
             }
             rc
         }

@@ -1,9 +1,9 @@
 //! stdio on mapped files. glibc's fopen opens with an internal call the shim cannot see, and a
 //! FILE reads and writes its descriptor with internal calls too, so a mapped path (or a
 //! mapped descriptor given to fdopen) gets a FILE of `fopencookie` whose read, write, seek and
-//! close are the shim's. Everything that works on a FILE works on it; `fileno` of it is -1
-//! (glibc's rule for cookie streams). freopen onto a mapped path is refused (ENOTSUP: the FILE
-//! it must reuse is glibc's own).
+//! close are the shim's. Everything that works on a FILE works on it, `fileno` included
+//! (`set_fileno`). freopen onto a mapped path is refused (ENOTSUP: the FILE it must reuse is
+//! glibc's own).
 
 use libc::{c_char, c_int, c_void, off64_t, size_t, ssize_t, FILE};
 
@@ -91,7 +91,61 @@ fn cookie_file(fd: c_int, mode: *const c_char) -> crate::Res<*mut FILE> {
     if file.is_null() {
         return Err(libc::ENOMEM);
     }
+    set_fileno(file, fd);
     Ok(file)
+}
+
+/// Where glibc's struct FILE keeps its descriptor (`_fileno`) on LP64: after `_flags` and
+/// thirteen pointers. glibc's ABI, unchanged since 2.1.
+const FILENO_OFFSET: usize = 112;
+/// What fopencookie leaves there (glibc: "not a real file, but treated as one").
+const COOKIE_FILENO: c_int = -2;
+
+/// Makes `fileno()` of a cookie stream answer the mapped descriptor (programs fstat, fsync
+/// and lock `fileno(fp)`); only where the field holds what fopencookie puts there, so another
+/// layout is left alone (fileno then fails with EBADF, as for any cookie stream).
+fn set_fileno(file: *mut FILE, fd: c_int) {
+    if cfg!(target_pointer_width = "64") {
+        // SAFETY: inside the FILE fopencookie just allocated (far larger than 116 bytes).
+        unsafe {
+            let field = file.cast::<u8>().add(FILENO_OFFSET).cast::<c_int>();
+            if *field == COOKIE_FILENO {
+                *field = fd;
+            }
+        }
+    }
+}
+
+extern "C" {
+    static mut stdin: *mut FILE;
+    static mut stdout: *mut FILE;
+    static mut stderr: *mut FILE;
+}
+
+/// After exec: a standard descriptor (0, 1, 2) that is a mapped file the parent redirected
+/// gets a FILE of the shim's as stdin, stdout or stderr. glibc's own streams read and write
+/// their descriptor with internal calls the shim cannot see (they would meet the placeholder,
+/// read nothing and fail every write).
+pub(crate) fn adopt_standard_stream(fd: c_int) {
+    let (mode, unbuffered) = match fd {
+        0 => (c"r", false),
+        1 => (c"w", false),
+        2 => (c"w", true),
+        _ => return,
+    };
+    let Ok(file) = cookie_file(fd, mode.as_ptr()) else { return };
+    // SAFETY: glibc's standard stream variables, replaced before main runs (the constructor's
+    // thread is the only one); the old streams are left as they were.
+    unsafe {
+        if unbuffered {
+            libc::setvbuf(file, std::ptr::null_mut(), libc::_IONBF, 0);
+        }
+        match fd {
+            0 => stdin = file,
+            1 => stdout = file,
+            _ => stderr = file,
+        }
+    }
 }
 
 unsafe fn fopen_mapped(path: *const c_char, mode: *const c_char) -> Option<*mut FILE> {

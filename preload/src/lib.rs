@@ -15,8 +15,9 @@
 //!   or path not mapped, a hook calls libc's function with the caller's arguments.
 //! - **No Rust panic crosses into C**: every hook body runs under `catch_unwind`; a panic
 //!   fails the call with EIO and one line on stderr.
-//! - **A mapped descriptor is a real kernel descriptor** (a placeholder on /dev/null, opened
-//!   close-on-exec), so the kernel never hands its number out to another open.
+//! - **A mapped descriptor is a real kernel descriptor** (a placeholder memfd naming its file,
+//!   `placeholder.rs`), so the kernel never hands its number out to another open, and one
+//!   the application lets survive exec works in the program it execs.
 //! - **Every write is committed to device on a quorum before it returns** (the default
 //!   durability), exactly as through chunkfs: the same `Volume` calls.
 
@@ -27,6 +28,7 @@ mod hooks_fd;
 mod hooks_path;
 mod hooks_stdio;
 mod paths;
+mod placeholder;
 mod real;
 mod state;
 mod table;

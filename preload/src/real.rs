@@ -60,14 +60,3 @@ pub(crate) unsafe fn open(path: *const c_char, flags: c_int, mode: libc::mode_t)
 pub(crate) unsafe fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
     pass!(fcntl: unsafe extern "C" fn(c_int, c_int, libc::c_ulong) -> c_int; fd, cmd, arg)
 }
-
-/// A new placeholder descriptor: /dev/null, close-on-exec (a mapped descriptor never
-/// survives exec: the new program has no shim state for it).
-pub(crate) fn placeholder() -> crate::Res<c_int> {
-    // SAFETY: a NUL-terminated path.
-    let fd = unsafe { open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EMFILE));
-    }
-    Ok(fd)
-}

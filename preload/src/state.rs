@@ -36,6 +36,7 @@ pub(crate) fn config() -> &'static Config {
 pub(crate) fn install(config: Config) {
     let _ = CONFIG.set(config);
     crate::table::set_owner();
+    crate::table::adopt_inherited();
     // SAFETY: handlers that only take and release the shim's own locks.
     unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
 }

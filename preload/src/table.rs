@@ -9,6 +9,8 @@ use std::sync::Arc;
 use chunkfiles::Kind;
 use parking_lot::{Mutex, RwLock};
 
+use crate::placeholder::{self, OffsetPage};
+
 /// An open file (or directory) of a mapped volume: one open file description.
 pub(crate) struct OpenFile {
     /// This process's id for it: the owner of its OFD and flock locks.
@@ -21,8 +23,9 @@ pub(crate) struct OpenFile {
     pub path: String,
     /// O_ACCMODE and the status flags F_SETFL changes (O_APPEND, O_NONBLOCK, O_DIRECT, ...).
     pub flags: AtomicI32,
-    /// The file offset; held through a read or write that moves it.
-    pub offset: Mutex<u64>,
+    /// The file offset (in the placeholder's shared page: shared with forked children and
+    /// handed to a program this one execs); held through a read or write that moves it.
+    pub offset: Mutex<OffsetPage>,
     /// The lease session it was opened under (`Volume::open_session`).
     pub session: Option<u64>,
     /// Commit failures of the file already reported to this description (by fsync).
@@ -43,12 +46,11 @@ impl OpenFile {
     }
 }
 
-/// A mapped descriptor: its open file and its own close-on-exec flag (as the application
-/// sees it; the placeholder itself is always close-on-exec).
+/// A mapped descriptor: its open file (its close-on-exec flag is the placeholder's own, in
+/// the kernel).
 #[derive(Clone)]
 pub(crate) struct Descriptor {
     pub file: Arc<OpenFile>,
-    pub cloexec: bool,
 }
 
 static TABLE: RwLock<Option<HashMap<i32, Descriptor>>> = RwLock::new(None);
@@ -118,12 +120,6 @@ pub(crate) fn in_range(first: u32, last: u32) -> Vec<i32> {
     table.keys().copied().filter(|&fd| fd as u32 >= first && fd as u32 <= last).collect()
 }
 
-pub(crate) fn set_cloexec(fd: i32, cloexec: bool) {
-    if let Some(descriptor) = TABLE.write().as_mut().and_then(|t| t.get_mut(&fd)) {
-        descriptor.cloexec = cloexec;
-    }
-}
-
 /// How many descriptors name `file` now.
 pub(crate) fn references(file: &Arc<OpenFile>) -> usize {
     TABLE.read().as_ref().map_or(0, |t| t.values().filter(|d| Arc::ptr_eq(&d.file, file)).count())
@@ -136,7 +132,9 @@ pub(crate) fn before_fork() {
 
 /// After fork, in both processes. The child copies each open file (one copy per open file,
 /// so descriptors that shared one still do): their offset locks may have been held by a
-/// thread that does not exist in the child.
+/// thread that does not exist in the child. The copies use the same offset pages (inherited
+/// mappings); the parent's structures are forgotten in the child, never dropped (dropping
+/// would unmap those pages).
 pub(crate) fn after_fork(child: bool) {
     crate::dirs::after_fork();
     // SAFETY: locked by `before_fork` on this thread, its guard forgotten.
@@ -147,14 +145,13 @@ pub(crate) fn after_fork(child: bool) {
     set_owner();
     let mut table = TABLE.write();
     let Some(table) = table.as_mut() else { return };
+    let old = std::mem::take(table);
     let mut copies: HashMap<*const OpenFile, Arc<OpenFile>> = HashMap::new();
-    for descriptor in table.values_mut() {
-        let old = Arc::as_ptr(&descriptor.file);
-        let copy = copies.entry(old).or_insert_with(|| {
-            let file = &descriptor.file;
-            // SAFETY: the child has one thread; whoever held the lock is gone, and the value
-            // is what it was at fork.
-            let offset = unsafe { *file.offset.data_ptr() };
+    for (&fd, descriptor) in &old {
+        let file = &descriptor.file;
+        let copy = copies.entry(Arc::as_ptr(file)).or_insert_with(|| {
+            // SAFETY: the child has one thread; whoever held the lock is gone.
+            let page = unsafe { &*file.offset.data_ptr() }.share();
             Arc::new(OpenFile {
                 id: file.id,
                 mapping: file.mapping,
@@ -162,11 +159,43 @@ pub(crate) fn after_fork(child: bool) {
                 kind: file.kind,
                 path: file.path.clone(),
                 flags: AtomicI32::new(file.flags()),
-                offset: Mutex::new(offset),
+                offset: Mutex::new(page),
                 session: None,
                 failures_seen: AtomicU64::new(0),
             })
         });
-        descriptor.file = copy.clone();
+        table.insert(fd, Descriptor { file: copy.clone() });
+    }
+    std::mem::forget(old);
+}
+
+/// At start: takes over the placeholders a program that exec'd this one left open (the
+/// descriptors it let survive exec), for the mappings this process has too.
+pub(crate) fn adopt_inherited() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<i32> = entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    let config = crate::state::config();
+    let mut by_inode: HashMap<u64, Arc<OpenFile>> = HashMap::new();
+    for fd in fds {
+        let Some((description, page, inode)) = placeholder::read(fd) else { continue };
+        let Some(mapped) = crate::paths::map_absolute(description.path.clone()) else { continue };
+        if config.maps[mapped.mapping].1 != description.volume {
+            continue;
+        }
+        let file = by_inode.entry(inode).or_insert_with(|| {
+            Arc::new(OpenFile {
+                id: next_id(),
+                mapping: mapped.mapping,
+                ino: description.ino,
+                kind: description.kind,
+                path: description.path,
+                flags: AtomicI32::new(description.flags),
+                offset: Mutex::new(page),
+                session: None,
+                failures_seen: AtomicU64::new(0),
+            })
+        });
+        insert(fd, Descriptor { file: file.clone() });
+        crate::hooks_stdio::adopt_standard_stream(fd);
     }
 }
