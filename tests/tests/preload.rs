@@ -151,7 +151,7 @@ fn sqlite_under_the_shim_keeps_committed_rows_through_kill() {
     let shim = Shim::new();
     let _down = Down(&shim.data);
     shim.sh_ok(r#"mkdir -p "$ROOT""#);
-    for (mode, pragma) in [("delete", "PRAGMA journal_mode=delete;"), ("truncate", "PRAGMA journal_mode=truncate;"), ("wal", "PRAGMA locking_mode=exclusive; PRAGMA journal_mode=wal;")] {
+    for (mode, pragma) in [("delete", "PRAGMA journal_mode=delete;"), ("truncate", "PRAGMA journal_mode=truncate;"), ("persist", "PRAGMA journal_mode=persist;"), ("wal", "PRAGMA locking_mode=exclusive; PRAGMA journal_mode=wal;")] {
         let db = shim.root.join(format!("bank-{mode}.db"));
         sqlite(&shim, &db, &format!("{pragma} CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER NOT NULL); CREATE TABLE log(n INTEGER);"));
         sqlite(&shim, &db, &format!("{pragma} WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM c WHERE i<100) INSERT INTO accounts SELECT i, 1000 FROM c;"));
