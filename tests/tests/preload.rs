@@ -382,3 +382,23 @@ fn the_journal_writer_refuses_a_file_the_shim_does_not_serve() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("is not served by libchunkpreload"), "{}", String::from_utf8_lossy(&output.stdout));
 }
+
+/// `chunkctl bench fs` runs the journal, O_DSYNC append and random-read jobs under the shim
+/// too, in the same run as chunkfs and local ext4, and reports them (the figures themselves
+/// are BENCHMARKS.md's).
+#[test]
+fn bench_fs_measures_the_shim_beside_chunkfs() {
+    let shim = Shim::new();
+    let _down = Down(&shim.data);
+    let output = chunkstore_tests::local::chunkctl(&shim.data, &["bench", "fs", "--seconds", "0.5", "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report = chunkstore_tests::last_json_line(&output);
+    for field in ["shim_journal_1_vs_chunkfs", "shim_journal_1_p50_vs_kv_put_p50", "kv_one_client_put_p50_us"] {
+        assert!(report[field].as_f64().is_some_and(|v| v > 0.0), "{field} in {report}");
+    }
+    let results = report["results"].as_array().unwrap();
+    for (job, under_shim) in [("journal", true), ("dsync-append", true), ("random-read", true), ("sequential-write", false)] {
+        let result = results.iter().find(|r| r["job"] == job && r["jobs"] == 1).unwrap_or_else(|| panic!("no {job} in {report}"));
+        assert_eq!(result["shim_iops"].as_f64().is_some_and(|v| v > 0.0), under_shim, "{job}: {result}");
+    }
+}

@@ -448,7 +448,11 @@ fn main() -> ExitCode {
             }
             let chunkfs = std::env::current_exe()?.with_file_name("chunkfs");
             let local_dir = std::fs::canonicalize(&local_dir).unwrap_or(local_dir);
-            let options = chunkstore_tools::bench_fs::FsBenchOptions { seeds, local_dir, namespace: namespace.clone(), seconds, chunkfs, chunk_bytes };
+            let preload = Some(std::env::current_exe()?.with_file_name("libchunkpreload.so")).filter(|p| p.exists());
+            if preload.is_none() {
+                eprintln!("libchunkpreload.so is not next to chunkctl: the shim's jobs are skipped");
+            }
+            let options = chunkstore_tools::bench_fs::FsBenchOptions { seeds, local_dir, namespace: namespace.clone(), seconds, chunkfs, chunk_bytes, preload };
             let report = chunkstore_tools::bench_fs::run(&options, |line| eprintln!("{line}"))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
