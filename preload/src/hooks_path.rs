@@ -322,15 +322,8 @@ pub unsafe extern "C" fn mkdirat(dirfd: c_int, path: *const c_char, mode: mode_t
 /// Both paths NUL-terminated.
 unsafe fn rename_mapped(olddir: c_int, old: *const c_char, newdir: c_int, new: *const c_char, flags: libc::c_uint) -> Option<c_int> {
     // SAFETY: the caller's paths.
-    let (from, to) = unsafe { (paths::classify(olddir, old), paths::classify(newdir, new)) };
-    if from.is_none() && to.is_none() {
-        return None;
-    }
-    Some(shim("rename", || {
-        let (Some(from), Some(to)) = (from, to) else { return Err(libc::EXDEV) };
-        if from.mapping != to.mapping {
-            return Err(libc::EXDEV);
-        }
+    unsafe { two_paths(olddir, old, newdir, new) }.map(|(from, to)| shim("rename", || {
+        let (from, to) = (from?, to);
         if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
             return Err(libc::EINVAL);
         }
@@ -341,6 +334,24 @@ unsafe fn rename_mapped(olddir: c_int, old: *const c_char, newdir: c_int, new: *
         volume.rename(old_parent, old_name.as_bytes(), new_parent, new_name.as_bytes(), noreplace, exchange).map_err(fs)?;
         Ok(0)
     }))
+}
+
+/// Two paths of a call that names both (rename, link): None when neither is mapped (libc's
+/// business); else both in one volume, or EXDEV (as between two filesystems).
+///
+/// # Safety
+/// Both paths NULL or NUL-terminated.
+unsafe fn two_paths(olddir: c_int, old: *const c_char, newdir: c_int, new: *const c_char) -> Option<(Res<Mapped>, Mapped)> {
+    // SAFETY: the caller's paths.
+    let (from, to) = unsafe { (paths::classify(olddir, old), paths::classify(newdir, new)) };
+    match (from, to) {
+        (None, None) => None,
+        (Some(from), Some(to)) if from.mapping == to.mapping => Some((Ok(from), to)),
+        (from, to) => {
+            let any = to.or(from)?;
+            Some((Err(libc::EXDEV), any))
+        }
+    }
 }
 
 #[no_mangle]
@@ -365,15 +376,8 @@ pub unsafe extern "C" fn renameat2(olddir: c_int, old: *const c_char, newdir: c_
 
 unsafe fn link_mapped(olddir: c_int, old: *const c_char, newdir: c_int, new: *const c_char, flags: c_int) -> Option<c_int> {
     // SAFETY: the caller's paths.
-    let (from, to) = unsafe { (paths::classify(olddir, old), paths::classify(newdir, new)) };
-    if from.is_none() && to.is_none() {
-        return None;
-    }
-    Some(shim("link", || {
-        let (Some(from), Some(to)) = (from, to) else { return Err(libc::EXDEV) };
-        if from.mapping != to.mapping {
-            return Err(libc::EXDEV);
-        }
+    unsafe { two_paths(olddir, old, newdir, new) }.map(|(from, to)| shim("link", || {
+        let from = from?;
         let (volume, attr) = found(&from, flags & libc::AT_SYMLINK_FOLLOW != 0)?;
         let (_, parent, name) = paths::parent_of(&to)?;
         volume.link(attr.ino, parent, name.as_bytes()).map_err(fs)?;
@@ -574,32 +578,31 @@ pub unsafe extern "C" fn truncate64(path: *const c_char, length: off64_t) -> c_i
 
 // ---- statfs ----
 
-/// What statfs says of a volume: the cluster's space is not a block count, so this is a
-/// large, constant figure (as network filesystems without quotas report).
+/// What statfs and statvfs say of a volume: the cluster's space is not a block count of this
+/// machine, so the figures are large constants (as network filesystems without quotas
+/// report); `f_type` tells a volume's files (`chunkfiles::PRELOAD_FS_TYPE`).
+macro_rules! fill_space {
+    ($out:expr) => {{
+        // SAFETY: all-zero is a valid struct statfs and statvfs.
+        *$out = unsafe { std::mem::zeroed() };
+        $out.f_bsize = 4096;
+        $out.f_frsize = 4096;
+        $out.f_blocks = 1 << 32;
+        $out.f_bfree = 1 << 31;
+        $out.f_bavail = 1 << 31;
+        $out.f_files = 1 << 32;
+        $out.f_ffree = 1 << 31;
+    }};
+}
+
 fn fill_statfs(out: &mut libc::statfs64) {
-    // SAFETY: all-zero is a valid struct statfs.
-    *out = unsafe { std::mem::zeroed() };
+    fill_space!(out);
     out.f_type = chunkfiles::PRELOAD_FS_TYPE;
-    out.f_bsize = 4096;
-    out.f_frsize = 4096;
-    out.f_blocks = 1 << 32;
-    out.f_bfree = 1 << 31;
-    out.f_bavail = 1 << 31;
-    out.f_files = 1 << 32;
-    out.f_ffree = 1 << 31;
     out.f_namelen = chunkfiles::NAME_BYTES_MAX as _;
 }
 
 fn fill_statvfs(out: &mut libc::statvfs64) {
-    // SAFETY: all-zero is a valid struct statvfs.
-    *out = unsafe { std::mem::zeroed() };
-    out.f_bsize = 4096;
-    out.f_frsize = 4096;
-    out.f_blocks = 1 << 32;
-    out.f_bfree = 1 << 31;
-    out.f_bavail = 1 << 31;
-    out.f_files = 1 << 32;
-    out.f_ffree = 1 << 31;
+    fill_space!(out);
     out.f_favail = 1 << 31;
     out.f_namemax = chunkfiles::NAME_BYTES_MAX as _;
 }

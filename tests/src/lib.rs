@@ -34,6 +34,25 @@ pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Feeds a sqlite3 process (stdin piped) `preamble`, then a long transaction (rows into
+/// `log` from 1,000,000 up, every balance of `accounts` to 0) that never commits, and kills
+/// it with -9 in the middle.
+pub fn kill_sqlite_mid_transaction(mut child: std::process::Child, preamble: &str) {
+    use std::io::Write;
+    {
+        let stdin = child.stdin.as_mut().expect("sqlite3's stdin is piped");
+        writeln!(stdin, "{preamble} BEGIN;").unwrap();
+        for i in 0..20_000 {
+            writeln!(stdin, "INSERT INTO log VALUES({});", 1_000_000 + i).unwrap();
+        }
+        writeln!(stdin, "UPDATE accounts SET balance=0;").unwrap();
+        stdin.flush().unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    child.kill().unwrap();
+    let _ = child.wait();
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

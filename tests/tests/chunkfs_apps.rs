@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chunkstore_tests::local::{chunkctl_ok, kill_node, status, Down};
+use chunkstore_tests::kill_sqlite_mid_transaction;
 use chunkstore_tests::mount::Mount;
 
 const RECORD_BYTES: usize = 512;
@@ -182,19 +183,8 @@ fn sqlite_transactions_survive_kill_of_sqlite3() {
         assert_eq!(sqlite(&db, "PRAGMA integrity_check;"), "ok");
         // kill -9 of sqlite3 in the middle of a long transaction: committed rows stay, the
         // uncommitted ones never show.
-        let mut child = Command::new("sqlite3").arg(&db).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
-        {
-            let stdin = child.stdin.as_mut().unwrap();
-            writeln!(stdin, "PRAGMA journal_mode={mode}; BEGIN;").unwrap();
-            for i in 0..20_000 {
-                writeln!(stdin, "INSERT INTO log VALUES({});", 1_000_000 + i).unwrap();
-            }
-            writeln!(stdin, "UPDATE accounts SET balance=0;").unwrap();
-            stdin.flush().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(800));
-        child.kill().unwrap();
-        let _ = child.wait();
+        let child = Command::new("sqlite3").arg(&db).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        kill_sqlite_mid_transaction(child, &format!("PRAGMA journal_mode={mode};"));
         assert_eq!(sqlite(&db, "PRAGMA integrity_check;"), "ok", "{mode}: integrity after kill -9");
         assert_eq!(sqlite(&db, "SELECT sum(balance) FROM accounts;"), "100000", "{mode}: the killed transaction did not land");
         assert_eq!(sqlite(&db, "SELECT count(*) FROM log WHERE n < 1000000;"), "20", "{mode}: every committed transaction is there");

@@ -5,12 +5,11 @@
 //! volume reads the same through the shim and a chunkfs mount; a bad configuration stops the
 //! process before main, and with no mapping the library does nothing.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use chunkstore_tests::binary;
+use chunkstore_tests::{binary, kill_sqlite_mid_transaction};
 use chunkstore_tests::local::{chunkctl_ok, Down};
 use chunkstore_tests::mount::Mount;
 
@@ -160,19 +159,8 @@ fn sqlite_under_the_shim_keeps_committed_rows_through_kill() {
             sqlite(&shim, &db, &format!("{pragma} BEGIN; UPDATE accounts SET balance=balance-10 WHERE id={from}; UPDATE accounts SET balance=balance+10 WHERE id={to}; INSERT INTO log VALUES({n}); COMMIT;"));
         }
         assert_eq!(sqlite(&shim, &db, &format!("{pragma} SELECT sum(balance), count(*) FROM accounts;")).lines().last().unwrap(), "100000|100");
-        let mut child = shim.command("sqlite3").arg(&db).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
-        {
-            let stdin = child.stdin.as_mut().unwrap();
-            writeln!(stdin, "{pragma} BEGIN;").unwrap();
-            for i in 0..20_000 {
-                writeln!(stdin, "INSERT INTO log VALUES({});", 1_000_000 + i).unwrap();
-            }
-            writeln!(stdin, "UPDATE accounts SET balance=0;").unwrap();
-            stdin.flush().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(800));
-        child.kill().unwrap();
-        let _ = child.wait();
+        let child = shim.command("sqlite3").arg(&db).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        kill_sqlite_mid_transaction(child, pragma);
         let check = sqlite(&shim, &db, &format!("{pragma} PRAGMA integrity_check; SELECT sum(balance) FROM accounts; SELECT count(*) FROM log WHERE n < 1000000; SELECT count(*) FROM log WHERE n >= 1000000;"));
         let last: Vec<&str> = check.lines().rev().take(4).collect();
         assert_eq!(last, ["0", "10", "100000", "ok"], "{mode}: integrity, the total, every committed row, no uncommitted one: {check}");
