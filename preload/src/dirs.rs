@@ -78,7 +78,9 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut DIR {
     // SAFETY: the caller's path.
     match unsafe { paths::classify(libc::AT_FDCWD, path) } {
         Some(mapped) => shim("opendir", || match files::open(&mapped, libc::O_RDONLY | libc::O_DIRECTORY, 0)? {
-            Opened::Fd(fd) => stream_of(fd).inspect_err(|_| crate::hooks_fd::forget_and_close(fd)),
+            Opened::Fd(fd) => stream_of(fd).inspect_err(|_| {
+                let _ = crate::hooks_fd::forget_and_close(fd);
+            }),
             Opened::Outside(target) => {
                 let target = std::ffi::CString::new(target).map_err(|_| libc::EINVAL)?;
                 let dir = pass!(opendir: unsafe extern "C" fn(*const c_char) -> *mut DIR; target.as_ptr());
@@ -150,8 +152,7 @@ pub unsafe extern "C" fn closedir(dir: *mut DIR) -> c_int {
             OPEN_STREAMS.fetch_sub(1, Ordering::AcqRel);
             // SAFETY: made by `stream_of` with Box::into_raw, forgotten by the set above.
             let stream = unsafe { Box::from_raw(stream) };
-            crate::hooks_fd::forget_and_close(stream.fd);
-            0
+            shim("closedir", || crate::hooks_fd::forget_and_close(stream.fd).map(|()| 0))
         }
         None => pass!(closedir: unsafe extern "C" fn(*mut DIR) -> c_int; dir),
     }

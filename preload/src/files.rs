@@ -276,18 +276,21 @@ pub(crate) fn allocate(file: &OpenFile, mode: i32, offset: i64, len: i64) -> Res
     Ok(())
 }
 
-/// Whether this call's descriptor was the last naming its open file, after `fd` was removed:
-/// gives back locks as the kernel would (every POSIX lock of the process on the file at any
-/// close; the description's OFD and flock locks at its last close).
-pub(crate) fn closed(file: &Arc<OpenFile>) {
-    let Ok(volume) = volume_of(file) else { return };
+/// After a descriptor of `file` was removed: commits what writes hold (`durability fsync`,
+/// as chunkfs does at close; the failure is close's), and gives back locks as the kernel
+/// would (every POSIX lock of the process on the file at any close; the description's OFD
+/// and flock locks at its last close).
+pub(crate) fn closed(file: &Arc<OpenFile>) -> Res<()> {
+    let volume = volume_of(file)?;
+    let committed = if file.kind == Kind::File && file.writable() { volume.flush(file.ino).map_err(errno) } else { Ok(()) };
     if !volume.has_locks(file.ino) {
-        return;
+        return committed;
     }
     let _ = volume.lock_range(file.ino, posix_owner(), 0, 0, u64::MAX, LockKind::Unlock, false);
     if table::references(file) == 0 {
         let _ = volume.lock_range(file.ino, description_owner(file), 0, 0, u64::MAX, LockKind::Unlock, false);
     }
+    committed
 }
 
 /// The owner of this process's POSIX (fcntl F_SETLK, lockf) locks.

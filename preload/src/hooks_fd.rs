@@ -127,36 +127,47 @@ pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
 
 // ---- close ----
 
-/// Forgets a mapped descriptor that is being closed, giving back its locks (not in a vfork
-/// child: the table is its parent's).
-pub(crate) fn forget(fd: c_int) {
+/// Forgets a mapped descriptor that is being closed, committing what its writes hold and
+/// giving back its locks (not in a vfork child: the table is its parent's); -1 with errno if
+/// the commit failed.
+pub(crate) fn forget(fd: c_int) -> c_int {
     if !table::owned_here() {
-        return;
+        return 0;
     }
-    if let Some(descriptor) = table::remove(fd) {
-        let _: c_int = shim("close", || {
-            files::closed(&descriptor.file);
-            Ok(0)
-        });
+    match table::remove(fd) {
+        Some(descriptor) => shim("close", || files::closed(&descriptor.file).map(|()| 0)),
+        None => 0,
     }
 }
 
-/// Closes a mapped descriptor the shim made for itself (a directory stream's).
-pub(crate) fn forget_and_close(fd: c_int) {
-    if let Some(descriptor) = table::remove(fd) {
-        files::closed(&descriptor.file);
-    }
+/// Closes a mapped descriptor from the shim's own code (a directory stream's, a cookie
+/// stream's); the commit's error, if any.
+pub(crate) fn forget_and_close(fd: c_int) -> crate::Res<()> {
+    let committed = match table::remove(fd) {
+        Some(descriptor) => files::closed(&descriptor.file),
+        None => Ok(()),
+    };
     // SAFETY: the placeholder.
     unsafe { crate::real::close(fd) };
+    committed
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
-    if table::mapped(fd).is_some() {
-        forget(fd);
+    if table::mapped(fd).is_none() {
+        // SAFETY: the caller's descriptor.
+        return unsafe { crate::real::close(fd) };
     }
-    // SAFETY: the caller's descriptor (for a mapped one, its placeholder).
-    unsafe { crate::real::close(fd) }
+    let committed = forget(fd);
+    // The descriptor is closed either way (as Linux's close after an NFS write-back error).
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+    // SAFETY: the placeholder.
+    let rc = unsafe { crate::real::close(fd) };
+    if committed < 0 {
+        crate::set_errno(errno);
+        return -1;
+    }
+    rc
 }
 
 #[no_mangle]
@@ -165,7 +176,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
         for fd in table::in_range(first, last) {
             // With CLOSE_RANGE_CLOEXEC the kernel marks the placeholders themselves.
             if flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
-                forget(fd);
+                let _ = forget(fd);
             }
         }
     }
@@ -176,7 +187,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
 pub unsafe extern "C" fn closefrom(first: c_int) {
     if table::any_mapped() && first >= 0 {
         for fd in table::in_range(first as u32, u32::MAX) {
-            forget(fd);
+            let _ = forget(fd);
         }
     }
     if let Some(real) = crate::real::real!(closefrom: unsafe extern "C" fn(c_int)) {
@@ -720,7 +731,7 @@ fn dup_onto(old: c_int, new: c_int, flags: c_int, three: bool) -> c_int {
         };
     }
     if table::mapped(new).is_some() {
-        forget(new);
+        let _ = forget(new);
     }
     match source.filter(|_| table::owned_here()) {
         Some(d) => {

@@ -59,8 +59,7 @@ unsafe extern "C" fn cookie_seek(cookie: *mut c_void, offset: *mut off64_t, when
 }
 
 unsafe extern "C" fn cookie_close(cookie: *mut c_void) -> c_int {
-    crate::hooks_fd::forget_and_close(fd_of(cookie));
-    0
+    shim("fclose", || crate::hooks_fd::forget_and_close(fd_of(cookie)).map(|()| 0))
 }
 
 /// open(2) flags for an fopen mode ("r", "w+", "ab", "rxe", ...).
@@ -158,7 +157,9 @@ unsafe fn fopen_mapped(path: *const c_char, mode: *const c_char) -> Option<*mut 
         // SAFETY: the caller's NUL-terminated mode.
         let flags = mode_flags(unsafe { std::ffi::CStr::from_ptr(mode) }.to_bytes())?;
         match files::open(&mapped, flags, 0o666)? {
-            Opened::Fd(fd) => cookie_file(fd, mode).inspect_err(|_| crate::hooks_fd::forget_and_close(fd)),
+            Opened::Fd(fd) => cookie_file(fd, mode).inspect_err(|_| {
+                let _ = crate::hooks_fd::forget_and_close(fd);
+            }),
             Opened::Outside(target) => {
                 let target = std::ffi::CString::new(target).map_err(|_| libc::EINVAL)?;
                 let file = pass!(fopen: unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE; target.as_ptr(), mode);

@@ -37,6 +37,10 @@ pub(crate) fn install(config: Config) {
     let _ = CONFIG.set(config);
     crate::table::set_owner();
     crate::table::adopt_inherited();
+    if self::config().durability == Durability::Fsync {
+        // SAFETY: registering a plain function.
+        unsafe { libc::atexit(commit_at_exit) };
+    }
     // SAFETY: handlers that only take and release the shim's own locks.
     unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
 }
@@ -85,6 +89,20 @@ pub(crate) fn volume(index: usize) -> Res<Arc<Volume>> {
 /// Every volume opened so far (syncfs, sync).
 pub(crate) fn opened_volumes() -> Vec<Arc<Volume>> {
     CONNECTION.lock().volumes.iter().flatten().cloned().collect()
+}
+
+/// `durability fsync`: at exit (and at the end of main) what writes hold is committed, as the
+/// kernel's page cache would have kept it past the process's end; `_exit` and kill -9 lose it,
+/// as a crash does.
+extern "C" fn commit_at_exit() {
+    let _: libc::c_int = crate::shim("exit", || {
+        for volume in opened_volumes() {
+            if let Err(err) = volume.flush_all() {
+                log(&format!("committing held writes at exit failed: {err}"));
+            }
+        }
+        Ok(0)
+    });
 }
 
 extern "C" fn before_fork() {

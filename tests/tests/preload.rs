@@ -390,3 +390,52 @@ fn bench_fs_measures_the_shim_beside_chunkfs() {
         assert_eq!(result["shim_iops"].as_f64().is_some_and(|v| v > 0.0), under_shim, "{job}: {result}");
     }
 }
+
+const HELD_WRITES: &str = r#"
+import os, sys
+root, step = sys.argv[1], sys.argv[2]
+path = lambda name: os.path.join(root, name)
+if step == "write":
+    os.makedirs(root, exist_ok=True)
+    fd = os.open(path("synced"), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"A" * 1000)
+    os.fsync(fd)
+    os.write(fd, b"B" * 1000)
+    closed = os.open(path("closed"), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(closed, b"C" * 1000)
+    os.close(closed)
+    kept = os.open(path("at-exit"), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(kept, b"D" * 1000)
+    if os.fork() == 0:
+        os._exit(0)  # a child's exit commits nothing of the parent's
+    os.wait()
+    crash = os.fork()
+    if crash == 0:
+        os.write(fd, b"E" * 1000)
+        os._exit(0)  # no atexit: as a crash
+    os.wait()
+    os._exit(0)  # the parent crashes too: "synced" keeps only what fsync committed
+if step == "write-and-exit":
+    kept = os.open(path("at-exit"), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(kept, b"D" * 1000)
+    sys.exit(0)  # a normal exit commits it
+print(os.stat(path("synced")).st_size, os.stat(path("closed")).st_size, os.stat(path("at-exit")).st_size)
+"#;
+
+/// `CHUNKSTORE_DURABILITY=fsync`: writes wait in memory until fsync, close or a normal exit;
+/// what a process that dies without them held is lost, as in a crash, and nothing else.
+#[test]
+fn fsync_durability_commits_at_fsync_close_and_exit() {
+    let shim = Shim::new();
+    let _down = Down(&shim.data);
+    let root = shim.root.join("held");
+    let run = |step: &str| {
+        let output = shim.command("python3").env("CHUNKSTORE_DURABILITY", "fsync").args(["-c", HELD_WRITES]).arg(&root).arg(step).output().unwrap();
+        assert!(output.status.success(), "{step}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    run("write");
+    assert_eq!(run("check"), "1000 1000 0", "fsync and close committed; the crashed process's held writes are gone");
+    run("write-and-exit");
+    assert_eq!(run("check"), "1000 1000 1000", "a normal exit commits what was held");
+}
