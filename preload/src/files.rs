@@ -53,6 +53,10 @@ pub(crate) fn make(volume: &Volume, parent: u64, name: &str, kind: Kind, mode: u
 
 /// Opens a mapped path (open, openat, creat, fopen, opendir): a new placeholder descriptor.
 pub(crate) fn open(mapped: &Mapped, flags: i32, mode: u32) -> Res<Opened> {
+    if flags & libc::O_TMPFILE == libc::O_TMPFILE {
+        // An unnamed file in a volume: not supported (callers fall back to a named one).
+        return Err(libc::EOPNOTSUPP);
+    }
     let follow = flags & libc::O_NOFOLLOW == 0;
     let (volume, walked) = paths::lookup(mapped, follow)?;
     let attr = match walked {

@@ -557,6 +557,65 @@ pub unsafe extern "C" fn futimens(fd: c_int, times: *const libc::timespec) -> c_
     }
 }
 
+/// utimes, lutimes, utime and futimes: their struct timeval pair (or utimbuf) as utimensat's
+/// timespecs.
+fn timespecs_of(times: Option<[(i64, i64); 2]>) -> Option<[libc::timespec; 2]> {
+    times.map(|pair| pair.map(|(sec, nsec)| libc::timespec { tv_sec: sec, tv_nsec: nsec }))
+}
+
+/// # Safety
+/// `times` is NULL or points to two timevals.
+unsafe fn timevals(times: *const libc::timeval) -> Option<[(i64, i64); 2]> {
+    // SAFETY: the caller's pair.
+    (!times.is_null()).then(|| unsafe { [((*times).tv_sec, (*times).tv_usec * 1000), ((*times.add(1)).tv_sec, (*times.add(1)).tv_usec * 1000)] })
+}
+
+unsafe fn utimes_mapped(path: *const c_char, times: Option<[(i64, i64); 2]>, follow: bool) -> Option<c_int> {
+    let specs = timespecs_of(times);
+    let ptr = specs.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: the caller's path; `ptr` NULL or two timespecs alive for the call.
+    unsafe {
+        on_path("utimes", libc::AT_FDCWD, path, |m| {
+            let (volume, attr) = found(m, follow)?;
+            files::set_times(&volume, attr.ino, ptr).map(|()| 0)
+        })
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn utimes(path: *const c_char, times: *const libc::timeval) -> c_int {
+    // SAFETY: the caller's arguments.
+    unsafe { utimes_mapped(path, timevals(times), true) }.unwrap_or_else(|| pass!(utimes: unsafe extern "C" fn(*const c_char, *const libc::timeval) -> c_int; path, times))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn lutimes(path: *const c_char, times: *const libc::timeval) -> c_int {
+    // SAFETY: the caller's arguments.
+    unsafe { utimes_mapped(path, timevals(times), false) }.unwrap_or_else(|| pass!(lutimes: unsafe extern "C" fn(*const c_char, *const libc::timeval) -> c_int; path, times))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn utime(path: *const c_char, times: *const libc::utimbuf) -> c_int {
+    // SAFETY: the caller's utimbuf, if any.
+    let pair = (!times.is_null()).then(|| unsafe { [((*times).actime, 0), ((*times).modtime, 0)] });
+    // SAFETY: the caller's arguments.
+    unsafe { utimes_mapped(path, pair, true) }.unwrap_or_else(|| pass!(utime: unsafe extern "C" fn(*const c_char, *const libc::utimbuf) -> c_int; path, times))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn futimes(fd: c_int, times: *const libc::timeval) -> c_int {
+    match table::mapped(fd) {
+        Some(d) => {
+            // SAFETY: the caller's timevals.
+            let specs = timespecs_of(unsafe { timevals(times) });
+            let ptr = specs.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+            // SAFETY: `ptr` NULL or two timespecs alive for the call.
+            shim("futimes", || unsafe { files::set_times(&*files::volume_of(&d.file)?, d.file.ino, ptr) }.map(|()| 0))
+        }
+        None => pass!(futimes: unsafe extern "C" fn(c_int, *const libc::timeval) -> c_int; fd, times),
+    }
+}
+
 fn truncate_mapped(mapped: &Mapped, length: i64) -> Res<c_int> {
     let (volume, attr) = found(mapped, true)?;
     files::truncate(&volume, &attr, length).map(|()| 0)
