@@ -69,6 +69,10 @@ struct MountArgs {
     /// retry window of 15 s).
     #[arg(long, default_value_t = 5000)]
     request_timeout_ms: u64,
+    /// The address the mount's connections to the cluster leave from (a machine's own address;
+    /// drills cut it off with a firewall rule). Default: the system's choice.
+    #[arg(long)]
+    source: Option<std::net::IpAddr>,
     /// UNSAFE, for negative controls only: answer each write before it is committed (the
     /// commits follow in order on a thread). A killed mount then loses acknowledged writes,
     /// which `chunkcheck files` must report.
@@ -142,7 +146,7 @@ fn remount_as_helper(args: &[String]) -> Result<()> {
 }
 
 fn mount(args: MountArgs) -> Result<()> {
-    let MountArgs { seeds, dir, volume, namespace, durability, chunk_bytes, dirty_mib_max, threads, lease_ms, request_timeout_ms, unsafe_ack_before_commit, mountpoint } = args;
+    let MountArgs { seeds, dir, volume, namespace, durability, chunk_bytes, dirty_mib_max, threads, lease_ms, request_timeout_ms, source, unsafe_ack_before_commit, mountpoint } = args;
     let (volume, namespace, mountpoint) = (volume.as_str(), namespace.as_str(), mountpoint.as_path());
     if !(200..=3_600_000).contains(&lease_ms) {
         bail!("--lease-ms {lease_ms}: 200 to 3600000");
@@ -165,6 +169,7 @@ fn mount(args: MountArgs) -> Result<()> {
     };
     let mut config = ClientConfig::new(seeds.clone());
     config.timeout = Duration::from_millis(request_timeout_ms);
+    config.source = source;
     let client = Client::connect(config).with_context(|| format!("connecting to the cluster at {}", seeds.join(",")))?;
     let mut volume = Volume::open(Arc::new(client), namespace, volume, Some(chunk_bytes))
         .map_err(|e| anyhow::anyhow!("opening volume {volume} in namespace {namespace}: {e}"))?;

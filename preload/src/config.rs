@@ -7,6 +7,7 @@
 //! namespace = "test"
 //! durability = "write"                            # or "fsync"
 //! lease_ms = 5000
+//! source = "127.0.0.5"                            # the address connections leave from
 //! ```
 
 use std::collections::BTreeMap;
@@ -32,6 +33,8 @@ pub struct Config {
     pub lease_ms: u64,
     pub dirty_mib_max: usize,
     pub request_timeout_ms: u64,
+    /// The address the process's connections leave from (None: the system's choice).
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// A configuration error: printed as one line before the process exits with status 1.
@@ -55,6 +58,7 @@ struct FileConfig {
     lease_ms: Option<u64>,
     dirty_mib_max: Option<usize>,
     request_timeout_ms: Option<u64>,
+    source: Option<String>,
 }
 
 fn err<T>(message: String) -> Result<T, ConfigError> {
@@ -169,6 +173,10 @@ impl Config {
             return err(format!("request timeout {request_timeout_ms} ms: 100 to 600000"));
         }
         let namespace = env("CHUNKSTORE_NAMESPACE").or(file.namespace).unwrap_or_else(|| "test".into());
-        Ok(Some(Config { seeds, maps, namespace, durability, lease_ms, dirty_mib_max, request_timeout_ms }))
+        let source = match env("CHUNKSTORE_SOURCE").or(file.source) {
+            Some(text) => Some(text.parse().map_err(|_| ConfigError(format!("source {text:?} is not an IP address")))?),
+            None => None,
+        };
+        Ok(Some(Config { seeds, maps, namespace, durability, lease_ms, dirty_mib_max, request_timeout_ms, source }))
     }
 }

@@ -57,6 +57,7 @@ pub(crate) fn volume(index: usize) -> Res<Arc<Volume>> {
         None => {
             let mut client_config = ClientConfig::new(config.seeds.clone());
             client_config.timeout = Duration::from_millis(config.request_timeout_ms);
+            client_config.source = config.source;
             let client = Client::connect(client_config).map_err(|e| {
                 log(&format!("connecting to the cluster at {}: {e}", config.seeds.join(",")));
                 libc::EIO

@@ -87,12 +87,13 @@ fn a_journal_damaged_after_the_run_is_corrupt() {
 }
 
 /// Failover: the standby takes the lock and goes on with the journal when the active
-/// instance is killed, its chunkfs killed, or its machine stopped (SIGSTOP of chunkfs and the
-/// instance, then SIGCONT: its late write is refused), and never do two write.
+/// instance is killed, its chunkfs killed, its machine stopped (SIGSTOP of chunkfs and the
+/// instance, then SIGCONT: its late write is refused) or cut off from the cluster, and never
+/// do two write.
 #[test]
 fn failover_takes_over_with_nothing_lost_and_no_dual_writer() {
     let seconds = env_or("CHUNKCHECK_FILES_SECONDS", 50);
-    let (code, result, out) = files("failover", "1", seconds, "app-kill,fs-kill,host-pause", &[]);
+    let (code, result, out) = files("failover", "1", seconds, "app-kill,fs-kill,host-pause,machine-cut", &[]);
     assert_eq!((code, &result["valid"]), (0, &json!(true)), "{result}");
     assert!(std::fs::read_to_string(out.path().join("run/takeover.svg")).unwrap().contains("<rect"), "the takeover plot has bars");
     for field in ["takeovers", "takeover_p50_ms", "takeover_max_ms", "dual_writers"] {
@@ -102,6 +103,16 @@ fn failover_takes_over_with_nothing_lost_and_no_dual_writer() {
     assert!(result["takeovers"].as_u64().unwrap() >= 2, "the standby took over: {result}");
     assert!(result["lock_holders"].as_u64().unwrap() >= 3, "{result}");
     assert!(fault_kinds(&result).contains("host-pause"), "{result}");
+}
+
+/// Negative control: a machine cut off from the cluster, with fencing off: once the cut heals,
+/// the old holder's write that waited lands over the new holder's records.
+#[test]
+fn a_machine_cut_off_without_fencing_loses_records() {
+    let (code, result, _out) = files("failover", "3", 30, "machine-cut", &["--chunkd-option", "unsafe-skip-fencing = true"]);
+    assert_eq!((code, &result["valid"]), (1, &json!(false)), "{result}");
+    assert!(result["lost"].as_u64().unwrap() + result["dual_writers"].as_u64().unwrap() > 0, "{result}");
+    assert!(fault_kinds(&result).contains("machine-cut"), "{result}");
 }
 
 /// Negative control: with fencing off in the cluster, the stopped instance's late writes land
@@ -146,7 +157,7 @@ fn sqlite_transfers_under_the_shim_survive() {
 #[test]
 fn failover_under_the_shim_takes_over_without_dual_writers() {
     let seconds = env_or("CHUNKCHECK_PRELOAD_SECONDS", 25).max(25);
-    let (code, result, _out) = files("failover", "1", seconds, "host-pause,app-kill", &["--via", "preload"]);
+    let (code, result, _out) = files("failover", "1", seconds, "host-pause,app-kill,machine-cut", &["--via", "preload"]);
     assert_eq!((code, &result["valid"]), (0, &json!(true)), "{result}");
     assert_eq!(result["dual_writers"], json!(0), "{result}");
     assert!(result["takeovers"].as_u64().unwrap() >= 1, "the standby took over: {result}");

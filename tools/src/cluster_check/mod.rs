@@ -489,6 +489,7 @@ pub(crate) fn kind_name(kind: NemesisKind) -> &'static str {
         NemesisKind::AppKill => "app-kill",
         NemesisKind::FsKill => "fs-kill",
         NemesisKind::HostPause => "host-pause",
+        NemesisKind::MachineCut => "machine-cut",
     }
 }
 

@@ -55,12 +55,16 @@ pub enum NemesisKind {
     /// Files workloads only: SIGSTOP of one machine's chunkfs and applications (failover: the
     /// active one's) for the fault's length, then SIGCONT: its lease runs out meanwhile.
     HostPause,
+    /// Files workloads only: one machine (failover: the active one) cut off from the cluster
+    /// for the fault's length: every packet from or to its address dropped (its mount's or its
+    /// applications' connections leave from an address of its own; needs root).
+    MachineCut,
 }
 
 impl NemesisKind {
     /// Faults of the processes of a files workload rather than of the cluster's nodes.
     pub fn is_process_fault(self) -> bool {
-        matches!(self, NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause)
+        matches!(self, NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause | NemesisKind::MachineCut)
     }
 }
 
@@ -145,7 +149,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
             NemesisKind::Packet => *[Target::Delay, Target::Loss, Target::Reorder].choose(&mut rng).unwrap(),
             NemesisKind::Wipe => Target::One,
             NemesisKind::Roster => *[Target::Shrink, Target::Replace].choose(&mut rng).unwrap(),
-            NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause => Target::Process,
+            NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause | NemesisKind::MachineCut => Target::Process,
         };
         let long = kind == NemesisKind::Pause && rng.gen_bool(0.25) && at + LONG_PAUSE + interval <= time_limit;
         let duration = if long { LONG_PAUSE } else { interval };
@@ -285,7 +289,7 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Tar
             let roster: Vec<u64> = cluster.roster().into_iter().filter(|id| !hit.nodes.contains(id)).collect();
             set_roster(&cluster, &roster)?;
         }
-        NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause => anyhow::bail!("{kind:?} is a fault of a files workload's processes, not of the cluster"),
+        NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause | NemesisKind::MachineCut => anyhow::bail!("{kind:?} is a fault of a files workload's processes, not of the cluster"),
     }
     Ok(done)
 }
@@ -335,7 +339,7 @@ pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved
         // Shrink: the nodes come back. Replace: the roster stays as it is (the same call); the
         // replaced node leaves when its groups have moved (`TestCluster::retire_finished`).
         NemesisKind::Roster => set_roster(&cluster, &cluster.roster())?,
-        NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause => anyhow::bail!("{kind:?} is a fault of a files workload's processes, not of the cluster"),
+        NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause | NemesisKind::MachineCut => anyhow::bail!("{kind:?} is a fault of a files workload's processes, not of the cluster"),
     }
     Ok(Healed::default())
 }

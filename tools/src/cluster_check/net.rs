@@ -48,12 +48,18 @@ fn iptables(args: &[&str]) -> Result<String> {
 impl Firewall {
     /// Creates this run's chain. Needs root and iptables; says so when either is missing.
     pub fn new() -> Result<Firewall> {
+        Firewall::named("")
+    }
+
+    /// A chain of this run's with a suffix of its own (another firewall beside the cluster's:
+    /// the files workloads' machines).
+    pub fn named(suffix: &str) -> Result<Firewall> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             bail!("the partition nemesis cuts connections with iptables and needs root: run chunkcheck as root, or leave partition out of --nemesis");
         }
         remove_stale_chains()?;
-        let chain = format!("{CHAIN_PREFIX}{}", std::process::id());
+        let chain = format!("{CHAIN_PREFIX}{}{suffix}", std::process::id());
         iptables(&["-N", &chain])?;
         let firewall = Firewall { chain, cuts: Vec::new(), queued: Vec::new() };
         iptables(&["-I", "OUTPUT", "-j", &firewall.chain])?;
@@ -67,6 +73,15 @@ impl Firewall {
             iptables(&["-A", &self.chain, "-s", &source, "-d", &destination, "-j", "DROP"])?;
             self.cuts.push((from, to));
         }
+        Ok(())
+    }
+
+    /// Drops every packet from or to `host` (a machine of a files workload, cut off from the
+    /// cluster).
+    pub fn isolate(&mut self, host: &str) -> Result<()> {
+        iptables(&["-A", &self.chain, "-s", host, "-j", "DROP"])?;
+        iptables(&["-A", &self.chain, "-d", host, "-j", "DROP"])?;
+        self.cuts.push((CLIENTS, CLIENTS));
         Ok(())
     }
 
@@ -117,7 +132,7 @@ fn remove_stale_chains() -> Result<()> {
     let rules = iptables(&["-S"])?;
     for line in rules.lines() {
         let Some(chain) = line.strip_prefix("-N ") else { continue };
-        let Some(pid) = chain.strip_prefix(CHAIN_PREFIX).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(pid) = chain.strip_prefix(CHAIN_PREFIX).and_then(|p| p.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok()) else { continue };
         if !crate::local_cluster::is_live_process_named(pid, "chunkcheck") {
             remove_chain(chain);
         }

@@ -68,6 +68,7 @@ fn fault_color(kind: &str) -> RGBColor {
         "app-kill" => RGBColor(31, 119, 180),
         "fs-kill" => RGBColor(64, 64, 64),
         "host-pause" => RGBColor(107, 174, 214),
+        "machine-cut" => RGBColor(152, 223, 138),
         _ => RGBColor(127, 127, 127),
     }
 }

@@ -85,6 +85,9 @@ const FINDINGS_LISTED_MAX: usize = 20;
 pub const FAILOVER_LEASE_MS: u64 = 2000;
 /// Each node's engine device (sparse): room for ten minutes of journals at full speed.
 const DEVICE_BYTES: u64 = 2 << 30;
+/// Machines' loopback addresses: `own_loopback_host(MACHINE_HOST_BASE + machine)`, past any
+/// node's.
+const MACHINE_HOST_BASE: u64 = 200;
 /// Failover's directory in the volume (absent on the bare mountpoint when a mount is down).
 const FAILOVER_DIRECTORY: &str = "failover";
 
@@ -133,7 +136,7 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
         FilesWorkload::Failover => Some(FAILOVER_DIRECTORY),
     };
     if let Some(directory) = directory {
-        apps.mounts.make_directory(&apps.machines[0].mountpoint.join(directory)).with_context(|| format!("creating {directory} in the volume"))?;
+        apps.mounts.make_directory(&apps.machines[0], directory).with_context(|| format!("creating {directory} in the volume"))?;
     }
 
     let recorder = Recorder::create(&options.out.join("history.edn"))?;
@@ -279,18 +282,19 @@ const MOUNT_RETRY_LIMIT: Duration = Duration::from_secs(60);
 impl Mounts {
     /// A machine's front at `mountpoint`: a chunkfs mount, or none (`--via preload`: the path
     /// is mapped inside each application).
-    fn machine(&self, mountpoint: &Path) -> Result<Option<ChunkfsMount>> {
+    fn machine(&self, machine: &Machine) -> Result<Option<ChunkfsMount>> {
         match self.preload {
-            None => self.start(mountpoint).map(Some),
+            None => self.start_from(&machine.mountpoint, Some(&machine.source)).map(Some),
             Some(_) => Ok(None),
         }
     }
 
     /// Sets up `command` to reach the volume at `mountpoint` (preload: the library and its
     /// configuration in the environment).
-    fn prepare(&self, command: &mut Command, mountpoint: &Path) {
+    fn prepare(&self, command: &mut Command, mountpoint: &Path, source: &str) {
         if let Some(library) = &self.preload {
             command.env("LD_PRELOAD", library).env("CHUNKSTORE_SEEDS", self.seeds.join(",")).env("CHUNKSTORE_MAP", format!("{}={VOLUME}", mountpoint.display()));
+            command.env("CHUNKSTORE_SOURCE", source);
             if let Some(lease_ms) = self.lease_ms {
                 command.env("CHUNKSTORE_LEASE_MS", lease_ms.to_string());
             }
@@ -298,14 +302,14 @@ impl Mounts {
     }
 
     /// Makes a directory in the volume (through the front the applications use).
-    fn make_directory(&self, path: &Path) -> Result<()> {
+    fn make_directory(&self, machine: &Machine, directory: &str) -> Result<()> {
+        let path = machine.mountpoint.join(directory);
         if self.preload.is_none() {
             return Ok(std::fs::create_dir_all(path)?);
         }
-        let mountpoint = path.parent().context("a directory in the volume")?;
         let mut command = Command::new("mkdir");
-        command.arg("-p").arg(path);
-        self.prepare(&mut command, mountpoint);
+        command.arg("-p").arg(&path);
+        self.prepare(&mut command, &machine.mountpoint, &machine.source);
         let output = command.output().context("running mkdir under libchunkpreload")?;
         if !output.status.success() {
             bail!("mkdir -p {} under libchunkpreload: {}", path.display(), String::from_utf8_lossy(&output.stderr).trim());
@@ -315,9 +319,18 @@ impl Mounts {
 
     /// Mounts the volume, retrying while the cluster does not answer yet.
     fn start(&self, mountpoint: &Path) -> Result<ChunkfsMount> {
+        self.start_from(mountpoint, None)
+    }
+
+    /// `start`, the mount's connections leaving from `source`.
+    fn start_from(&self, mountpoint: &Path, source: Option<&str>) -> Result<ChunkfsMount> {
         let deadline = Instant::now() + MOUNT_RETRY_LIMIT;
+        let mut options = self.options.clone();
+        if let Some(source) = source {
+            options.extend(["--source".to_owned(), source.to_owned()]);
+        }
         loop {
-            match ChunkfsMount::start(&self.seeds, VOLUME, mountpoint, &self.options, &self.log) {
+            match ChunkfsMount::start(&self.seeds, VOLUME, mountpoint, &options, &self.log) {
                 Ok(mount) => return Ok(mount),
                 Err(err) if Instant::now() > deadline => return Err(err.context(format!("mounting for {MOUNT_RETRY_LIMIT:?}"))),
                 Err(err) => tracing::info!("mounting again in a second: {err:#}"),
@@ -330,6 +343,9 @@ impl Mounts {
 /// A "machine": a chunkfs mount and the applications that run on it.
 struct Machine {
     mountpoint: PathBuf,
+    /// Its own loopback address: its mount's (or, under the shim, its applications')
+    /// connections leave from it, so `machine-cut` can cut it off.
+    source: String,
     mount: Mutex<Option<ChunkfsMount>>,
     /// Whether applications may start on it (not while its mount is killed or it is paused).
     up: AtomicBool,
@@ -374,6 +390,8 @@ struct Apps {
     stop: AtomicBool,
     /// The running process of each writer.
     pids: Mutex<Vec<Option<u32>>>,
+    /// `machine-cut`: the rules that cut a machine off.
+    firewall: Mutex<Option<crate::cluster_check::net::Firewall>>,
     seen: Mutex<Seen>,
     starts: AtomicU64,
 }
@@ -393,9 +411,15 @@ impl Apps {
         let base = if options.via == Via::Preload { "shim" } else { "mnt" };
         for machine in 0..machines {
             let mountpoint = options.out.join(if machines == 1 { base.to_owned() } else { format!("{base}-{machine}") });
-            let mount = mounts.machine(&mountpoint)?;
-            started.push(Machine { mountpoint, mount: Mutex::new(mount), up: AtomicBool::new(true) });
+            let source = crate::local_cluster::own_loopback_host(MACHINE_HOST_BASE + machine as u64);
+            let mut started_machine = Machine { mountpoint, source, mount: Mutex::new(None), up: AtomicBool::new(true) };
+            started_machine.mount = Mutex::new(mounts.machine(&started_machine)?);
+            started.push(started_machine);
         }
+        let firewall = match options.nemeses.contains(&NemesisKind::MachineCut) {
+            true => Some(crate::cluster_check::net::Firewall::named("-machines")?),
+            false => None,
+        };
         Ok(Apps {
             workload: options.workload,
             writers,
@@ -405,6 +429,7 @@ impl Apps {
             log: options.out.join("writers.log"),
             stop: AtomicBool::new(false),
             pids: Mutex::new(vec![None; writers]),
+            firewall: Mutex::new(firewall),
             seen: Mutex::new(Seen { records: vec![Vec::new(); files], ..Seen::default() }),
             starts: AtomicU64::new(0),
         })
@@ -506,7 +531,8 @@ impl Apps {
     }
 
     fn command(&self, writer: usize, process: i64) -> Result<Command> {
-        let mountpoint = &self.machines[self.machine_of(writer)].mountpoint;
+        let machine = &self.machines[self.machine_of(writer)];
+        let mountpoint = &machine.mountpoint;
         let mut command;
         match self.workload {
             FilesWorkload::Journal | FilesWorkload::Failover => {
@@ -528,7 +554,7 @@ impl Apps {
                 command.args([format!("p{process}"), bank::ACCOUNTS.to_string(), bank::OPENING_BALANCE.to_string(), self.writer_seed(writer).wrapping_add(process as u64).to_string()]);
             }
         }
-        self.mounts.prepare(&mut command, mountpoint);
+        self.mounts.prepare(&mut command, mountpoint, &machine.source);
         Ok(command)
     }
 
@@ -555,17 +581,21 @@ impl Apps {
                     let numbers: Vec<u64> = what.split(' ').map(str::parse).collect::<Result<_, _>>()?;
                     let [seq, offset, len, crc] = numbers[..] else { bail!("writer {writer} said {line:?}") };
                     let placed = Placed { seq, offset, len, crc: u32::try_from(crc)? };
-                    let invoke = event(EventType::Invoke, "append", Edn::Vector(vec![Edn::Int(seq as i64), Edn::Int(offset as i64)]));
+                    let mut invoke = event(EventType::Invoke, "append", Edn::Vector(vec![Edn::Int(seq as i64), Edn::Int(offset as i64)]));
+                    // When it began, for the takeover's accounting (the recorder stamps its copy).
+                    invoke.time_ns = Some(recorder.elapsed().as_nanos() as u64);
                     recorder.record(invoke.clone());
                     pending = Some((invoke, Some(placed)));
                 }
                 ("I", id) => {
-                    let invoke = event(EventType::Invoke, "transfer", Edn::Str(id.to_owned()));
+                    let mut invoke = event(EventType::Invoke, "transfer", Edn::Str(id.to_owned()));
+                    invoke.time_ns = Some(recorder.elapsed().as_nanos() as u64);
                     recorder.record(invoke.clone());
                     pending = Some((invoke, None));
                 }
                 ("A", what) => {
                     let (mut done, placed) = pending.take().with_context(|| format!("application {writer} acknowledged {what} without starting it"))?;
+                    let done_invoked_ns = done.time_ns.unwrap_or(0);
                     done.kind = EventType::Ok;
                     recorder.record(done);
                     let mut seen = self.seen.lock().unwrap();
@@ -575,7 +605,10 @@ impl Apps {
                         None => seen.transfers.push(what.to_owned()),
                     }
                     let machine = self.machine_of(writer);
-                    if let Some((since_ms, away)) = seen.taken_away {
+                    // A write already under way when the machine was taken away says nothing
+                    // of who goes on after it.
+                    let invoked_after = |since_ms: u64| done_invoked_ns / 1_000_000 >= since_ms;
+                    if let Some((since_ms, away)) = seen.taken_away.filter(|&(since_ms, _)| invoked_after(since_ms)) {
                         seen.taken_away = None;
                         match away == machine {
                             true => seen.resumed_in_place += 1,
@@ -650,20 +683,9 @@ impl AppFaults<'_> {
         }
     }
 
-    fn kill_mount(&self, machine: usize) {
-        let machine = &self.apps.machines[machine];
-        machine.up.store(false, Ordering::SeqCst);
-        if let Some(mut mount) = machine.mount.lock().unwrap().take() {
-            mount.kill();
-        }
-    }
-}
-
-impl ProcessFaults for AppFaults<'_> {
-    fn inflict(&mut self, kind: NemesisKind, pick: u64) -> Result<Vec<u64>> {
+    /// Puts fault `kind` on `machine` (app-kill: one writer); what it hit.
+    fn inflict_on(&self, kind: NemesisKind, machine: usize, pick: u64) -> Result<Vec<u64>> {
         let apps = self.apps;
-        let machine = apps.active_machine();
-        self.taking_away(machine);
         match kind {
             NemesisKind::AppKill => {
                 let writer = match apps.workload {
@@ -683,9 +705,35 @@ impl ProcessFaults for AppFaults<'_> {
                 apps.signal_writers(|w| apps.machine_of(w) == machine, libc::SIGSTOP);
                 Ok(vec![machine as u64])
             }
+            NemesisKind::MachineCut => {
+                let mut firewall = apps.firewall.lock().unwrap();
+                let firewall = firewall.as_mut().context("machine-cut has no firewall")?;
+                firewall.isolate(&apps.machines[machine].source)?;
+                Ok(vec![machine as u64])
+            }
             other => bail!("{other:?} is not a fault of the applications"),
         }
     }
+
+    fn kill_mount(&self, machine: usize) {
+        let machine = &self.apps.machines[machine];
+        machine.up.store(false, Ordering::SeqCst);
+        if let Some(mut mount) = machine.mount.lock().unwrap().take() {
+            mount.kill();
+        }
+    }
+}
+
+impl ProcessFaults for AppFaults<'_> {
+    fn inflict(&mut self, kind: NemesisKind, pick: u64) -> Result<Vec<u64>> {
+        let apps = self.apps;
+        let machine = apps.active_machine();
+        let hit = self.inflict_on(kind, machine, pick)?;
+        // From when the fault is in place: a write begun before it may still complete.
+        self.taking_away(machine);
+        Ok(hit)
+    }
+
 
     /// `hit`: machines (fs-kill, host-pause); app-kill's writers restart by themselves.
     fn heal(&mut self, kind: NemesisKind, hit: &[u64]) -> Result<()> {
@@ -700,13 +748,22 @@ impl ProcessFaults for AppFaults<'_> {
                     // Applications that were running went on failing; the fresh mount gets
                     // fresh ones.
                     apps.signal_writers(|w| apps.machine_of(w) == machine as usize, libc::SIGKILL);
-                    *target.mount.lock().unwrap() = apps.mounts.machine(&target.mountpoint)?;
+                    *target.mount.lock().unwrap() = apps.mounts.machine(target)?;
                     target.up.store(true, Ordering::SeqCst);
                 }
                 NemesisKind::HostPause => {
                     apps.signal_machine(target, libc::SIGCONT);
                     apps.signal_writers(|w| apps.machine_of(w) == machine as usize, libc::SIGCONT);
                     target.up.store(true, Ordering::SeqCst);
+                }
+                NemesisKind::MachineCut => {
+                    if let Some(firewall) = apps.firewall.lock().unwrap().as_mut() {
+                        let matched = firewall.heal()?;
+                        if matched == 0 {
+                            // The machine's connections did not leave from its address.
+                            bail!("machine-cut of machine {machine} dropped no packet");
+                        }
+                    }
                 }
                 _ => {}
             }
@@ -716,11 +773,12 @@ impl ProcessFaults for AppFaults<'_> {
 
     /// The applications' machines lose power with the nodes: chunkfs and the applications die.
     fn power_cut(&mut self) -> Result<()> {
-        self.taking_away(self.apps.active_machine());
+        let active = self.apps.active_machine();
         for machine in 0..self.apps.machines.len() {
             self.kill_mount(machine);
         }
         self.apps.signal_writers(|_| true, libc::SIGKILL);
+        self.taking_away(active);
         Ok(())
     }
 
