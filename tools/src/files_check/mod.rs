@@ -83,8 +83,12 @@ const FINDINGS_LISTED_MAX: usize = 20;
 /// The failover mounts' lease: how long a lock outlives a machine that stopped answering.
 /// Takeover takes about this plus the standby's lock retry (at most 200 ms) and a write.
 pub const FAILOVER_LEASE_MS: u64 = 2000;
-/// Each node's engine device (sparse): room for ten minutes of journals at full speed.
-const DEVICE_BYTES: u64 = 2 << 30;
+/// Each node's engine device: room for the run's journals at full speed, 256 MiB and 16 MiB a
+/// second of run, at most 2 GiB (ten minutes). The devices are allocated on disk, so a short
+/// run (CI's) takes a fraction of a long one's space.
+fn device_bytes(time_limit: Duration) -> u64 {
+    ((256 << 20) + time_limit.as_secs() * (16 << 20)).min(2 << 30)
+}
 /// Machines' loopback addresses: `own_loopback_host(MACHINE_HOST_BASE + machine)`, past any
 /// node's.
 const MACHINE_HOST_BASE: u64 = 200;
@@ -117,7 +121,7 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
     nemesis_log += &plan.iter().map(|fault| format!("  {fault:?}\n")).collect::<String>();
     let (tools, chunkd_options) = cc::fault_tools(&options.nemeses, &options.chunkd_options)?;
     progress(&format!("starting {} nodes in {}", options.nodes, options.out.display()));
-    let cluster = TestCluster::start(&options.out.join("cluster"), options.nodes, options.replication_factor, options.groups, DEVICE_BYTES, &chunkd_options, tools)?;
+    let cluster = TestCluster::start(&options.out.join("cluster"), options.nodes, options.replication_factor, options.groups, device_bytes(options.time_limit), &chunkd_options, tools)?;
     let cluster = Arc::new(Mutex::new(cluster));
     let mut mount_options = options.chunkfs_options.clone();
     if options.workload == FilesWorkload::Failover {
