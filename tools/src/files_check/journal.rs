@@ -296,21 +296,40 @@ pub fn check_file(name: &str, data: &[u8], acked: &[Placed]) -> FileVerdict {
     verdict
 }
 
-/// Records written by a lock holder after a later holder had started (failover): every whole
-/// record at any 512-byte boundary, in file order, whose writer took the lock before the
-/// writer of a record at a lower offset (or never took it). `holders`: the writers' processes
-/// in the order they took the lock. A journal only grows, and each holder goes on from the
-/// end of what the one before it wrote, so a fenced old holder leaves none; records found
-/// past a chain the old holder broke count too.
-pub fn dual_writes(data: &[u8], holders: &[u64]) -> u64 {
-    let epoch = |writer: u64| holders.iter().position(|&h| h == writer);
+/// A process that took the failover lock, and the sequence number of the first record it set
+/// out to write (none if it wrote nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub process: u64,
+    pub first_seq: Option<u64>,
+}
+
+/// Records written by a lock holder after a later holder had started (failover). `holders`:
+/// the processes in the order they took the lock. A journal only grows, and each holder goes on
+/// from the end of what the ones before it wrote, so with fencing every record of a holder has
+/// a lower sequence number than the first record any later holder set out to write, and lies
+/// below every later holder's records. A whole record at a 512-byte boundary is a dual write if
+/// its writer never took the lock, if its sequence number is at or past the first of a later
+/// holder (an old holder that woke up and wrote over its successor's records from where it had
+/// stopped: the file reads as one clean chain, but not one its holders could have written), or
+/// if it lies past a record of a later holder (records found past a chain the old holder
+/// broke count too).
+pub fn dual_writes(data: &[u8], holders: &[Holder]) -> u64 {
+    // For each holder, the lowest first sequence number of the holders after it.
+    let mut limits = vec![u64::MAX; holders.len()];
+    let mut lowest_after = u64::MAX;
+    for (epoch, holder) in holders.iter().enumerate().rev() {
+        limits[epoch] = lowest_after;
+        lowest_after = lowest_after.min(holder.first_seq.unwrap_or(u64::MAX));
+    }
+    let epoch = |writer: u64| holders.iter().position(|h| h.process == writer);
     let (mut latest, mut dual) = (0, 0);
     let mut offset = 0;
     while offset < data.len() as u64 {
         match parse_at(data, offset) {
-            Found::Record { writer, len, .. } => {
+            Found::Record { writer, len, seq, .. } => {
                 match epoch(writer) {
-                    Some(e) if e >= latest => latest = e,
+                    Some(e) if e >= latest && seq < limits[e] => latest = e,
                     _ => dual += 1,
                 }
                 offset += len;
@@ -387,13 +406,31 @@ mod tests {
         for (seq, writer) in [(1, 4), (2, 4), (3, 7), (4, 7), (5, 9)] {
             data.extend_from_slice(&record(1, seq, writer).0);
         }
-        assert_eq!(dual_writes(&data, &[4, 7, 9]), 0);
-        assert_eq!(dual_writes(&data, &[4, 9, 7]), 1, "7 wrote after 9 had");
+        let holders = |order: [(u64, u64); 3]| order.map(|(process, first)| Holder { process, first_seq: Some(first) });
+        assert_eq!(dual_writes(&data, &holders([(4, 1), (7, 3), (9, 5)])), 0);
+        assert_eq!(dual_writes(&data, &holders([(4, 1), (9, 5), (7, 3)])), 1, "9 wrote after 7 had taken over");
         // An old holder's late record over the new holder's, breaking the chain: found anyway.
         let mut late = data.clone();
         late.extend_from_slice(&[0xee; 1024]);
         late.extend_from_slice(&record(2, 6, 4).0);
-        assert_eq!(dual_writes(&late, &[4, 7, 9]), 1);
+        assert_eq!(dual_writes(&late, &holders([(4, 1), (7, 3), (9, 5)])), 1);
+        // A holder that took the lock and wrote nothing sets no limit.
+        let quiet = [Holder { process: 4, first_seq: Some(1) }, Holder { process: 5, first_seq: None }, Holder { process: 7, first_seq: Some(3) }, Holder { process: 9, first_seq: Some(5) }];
+        assert_eq!(dual_writes(&data, &quiet), 0);
+    }
+
+    /// The case a ten-second pause found: the old holder wakes up and goes on from where it
+    /// stopped, over every record its successor wrote, and the successor's next instance then
+    /// recovers the old holder's chain. The file is one clean chain; the sequence numbers give
+    /// it away.
+    #[test]
+    fn an_old_holder_writing_over_its_successor_from_where_it_stopped_is_a_dual_write() {
+        let mut data = Vec::new();
+        for (seq, writer) in [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 7), (7, 7)] {
+            data.extend_from_slice(&record(1, seq, writer).0);
+        }
+        let holders = [Holder { process: 0, first_seq: Some(1) }, Holder { process: 3, first_seq: Some(3) }, Holder { process: 7, first_seq: Some(6) }];
+        assert_eq!(dual_writes(&data, &holders), 3, "0's records 3, 4 and 5 came after 3 had taken over");
     }
 
     #[test]

@@ -367,8 +367,9 @@ struct Seen {
     anomalies: Vec<String>,
     /// sqlite: integrity checks run at processes' starts.
     integrity_checks: u64,
-    /// failover: the processes that took the lock, in order.
-    holders: Vec<u64>,
+    /// failover: the processes that took the lock, in order, with the first record each set out
+    /// to write.
+    holders: Vec<journal::Holder>,
     /// failover: a machine taken away (ms into the run, machine) until the other one's first
     /// acknowledged write (a takeover) or its own (it resumed in place).
     taken_away: Option<(u64, usize)>,
@@ -506,7 +507,7 @@ impl Apps {
     /// The machine whose instance took the lock last (failover); else the first.
     fn active_machine(&self) -> usize {
         let seen = self.seen.lock().unwrap();
-        let last = seen.holders.last().copied().unwrap_or(0);
+        let last = seen.holders.last().map_or(0, |holder| holder.process);
         self.machine_of(last as usize % self.writers)
     }
 
@@ -585,6 +586,9 @@ impl Apps {
                     let numbers: Vec<u64> = what.split(' ').map(str::parse).collect::<Result<_, _>>()?;
                     let [seq, offset, len, crc] = numbers[..] else { bail!("writer {writer} said {line:?}") };
                     let placed = Placed { seq, offset, len, crc: u32::try_from(crc)? };
+                    if let Some(holder) = self.seen.lock().unwrap().holders.iter_mut().rev().find(|holder| holder.process == process as u64) {
+                        holder.first_seq.get_or_insert(seq);
+                    }
                     let mut invoke = event(EventType::Invoke, "append", Edn::Vector(vec![Edn::Int(seq as i64), Edn::Int(offset as i64)]));
                     // When it began, for the takeover's accounting (the recorder stamps its copy).
                     invoke.time_ns = Some(recorder.elapsed().as_nanos() as u64);
@@ -623,7 +627,7 @@ impl Apps {
                 ("L", _) => {
                     recorder.record(event(EventType::Invoke, "lock", Edn::Nil));
                     recorder.record(event(EventType::Ok, "lock", Edn::Nil));
-                    self.seen.lock().unwrap().holders.push(process as u64);
+                    self.seen.lock().unwrap().holders.push(journal::Holder { process: process as u64, first_seq: None });
                 }
                 ("S", total) => {
                     let total: i64 = total.parse()?;
