@@ -142,7 +142,7 @@ fn torn_tail_is_cut_and_corruption_before_it_is_refused() {
     first[at + 5] ^= 0xff;
     std::fs::write(&files[0], &first).unwrap();
     match Wal::open(WalConfig::new(dir.path())) {
-        Err(WalError::Corrupt { what, .. }) => assert!(what.contains("later segments"), "{what}"),
+        Err(WalError::Corrupt { what, .. }) => assert!(what.contains("a flush that was synced"), "{what}"),
         Err(other) => panic!("expected corruption, got {other}"),
         Ok(_) => panic!("a corrupt segment was accepted"),
     }
@@ -244,11 +244,14 @@ fn a_forgotten_group_stays_forgotten_while_older_segments_are_kept() {
     assert_eq!((state.last, state.void, state.applied), (Some((1, 2)), Some(vec![4, 2]), None));
 }
 
-/// A flush whose first sectors were lost (they read back as zeros) while later sectors of the
-/// same file survived: recovery ends the log at the gap instead of skipping it, so no group
-/// ends up with entries after a hole.
+/// A flush whose sectors were lost (they read back as zeros) while later flushes of the same
+/// file survived: a crash cannot do that (each flush is synced before the next is written), so
+/// it is corruption, refused with the file left as it was, never a log cut at the gap (which
+/// would drop entries 10 to 20, all acknowledged). Negative control: the rule before format
+/// version 3 (any invalid record in the newest segment is a torn tail) opens the log with
+/// those entries gone.
 #[test]
-fn a_lost_sector_ends_the_log_instead_of_leaving_a_gap() {
+fn a_lost_flush_with_later_flushes_after_it_is_corruption_not_a_tear() {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(WalConfig::new(dir.path())).unwrap();
     for index in 1..=20u64 {
@@ -258,18 +261,109 @@ fn a_lost_sector_ends_the_log_instead_of_leaving_a_gap() {
     drop(wal);
     let last = segment_files(dir.path()).into_iter().rev().find(|p| std::fs::metadata(p).unwrap().len() > 4096).unwrap();
     let mut data = std::fs::read(&last).unwrap();
-    // Lose entry 10's flush entirely (its sectors read back as zeros); entry 11's flush, which
-    // starts at the next sector boundary, survives.
     let at10 = data.windows(600).position(|w| w.iter().all(|&b| b == 10)).unwrap();
     let at11 = data.windows(600).position(|w| w.iter().all(|&b| b == 11)).unwrap();
     data[at10 / 512 * 512..at11 / 512 * 512].fill(0);
     std::fs::write(&last, &data).unwrap();
+    match Wal::open(WalConfig::new(dir.path())) {
+        Err(WalError::Corrupt { what, .. }) => assert!(what.contains("a flush that was synced"), "{what}"),
+        Err(other) => panic!("expected corruption, got {other}"),
+        Ok(wal) => panic!("a log with a lost flush in its middle was opened: {:?}", wal.log_state(1)),
+    }
+    assert_eq!(std::fs::read(&last).unwrap(), data, "the damaged segment is left as it was");
+
+    let old_rule = Wal::open(WalConfig { unsafe_torn_tail_rule: true, ..WalConfig::new(dir.path()) }).unwrap();
+    let last = old_rule.log_state(1).last.unwrap().0;
+    assert!(last < 10, "the old rule cut the log at the damage: entries {}..=20 are lost", last + 1);
+}
+
+/// The case the old rule got wrong, as a node's disk would show it: one byte flipped inside an
+/// acknowledged entry in the middle of the newest segment, synced flushes after it. Refused as
+/// corruption; the negative control (the old torn-tail rule) opens the log without entry 7 and
+/// everything after it.
+#[test]
+fn a_byte_flipped_in_a_synced_flush_of_the_newest_segment_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(WalConfig::new(dir.path())).unwrap();
-    let state = wal.log_state(1);
-    assert!(state.last.unwrap().0 < 10, "the log must end before the lost sector, not skip it: {state:?}");
-    let entries = wal.entries(1, 0..u64::MAX).unwrap();
-    let indexes: Vec<u64> = entries.iter().map(|(i, _, _)| *i).collect();
-    assert_eq!(indexes, (1..=indexes.len() as u64).collect::<Vec<_>>(), "no gaps");
+    for index in 1..=12u64 {
+        wal.append_blocking(4, &[WalOp::Entry { index, term: 1, payload: vec![index as u8; 300] }]).unwrap();
+    }
+    drop(wal);
+    let newest = segment_files(dir.path()).into_iter().rev().find(|p| std::fs::read(p).unwrap()[512..].iter().any(|&b| b != 0)).unwrap();
+    let mut data = std::fs::read(&newest).unwrap();
+    let at7 = data.windows(300).position(|w| w.iter().all(|&b| b == 7)).unwrap();
+    data[at7 + 150] ^= 0x01;
+    std::fs::write(&newest, &data).unwrap();
+    match Wal::open(WalConfig::new(dir.path())) {
+        Err(err @ WalError::Corrupt { .. }) => assert!(err.to_string().contains("rebuild"), "{err}"),
+        Err(other) => panic!("expected corruption, got {other}"),
+        Ok(wal) => panic!("damage in a synced flush was taken for a torn tail: {:?}", wal.log_state(4)),
+    }
+    let old_rule = Wal::open(WalConfig { unsafe_torn_tail_rule: true, ..WalConfig::new(dir.path()) }).unwrap();
+    assert_eq!(old_rule.log_state(4).last, Some((6, 1)), "the old rule drops acknowledged entries 7 to 12");
+}
+
+/// A crash in the middle of the last flush: its first sector written, a later one not, a later
+/// one again written (the page cache writes back in any order). No marker of a later flush
+/// follows, so it is a torn tail: the log ends before the damage, every earlier flush intact.
+#[test]
+fn a_last_flush_torn_with_holes_is_a_tear() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(WalConfig::new(dir.path())).unwrap();
+    for index in 1..=5u64 {
+        wal.append_blocking(2, &[WalOp::Entry { index, term: 1, payload: vec![index as u8; 200] }]).unwrap();
+    }
+    // One flush of six entries of 1,000 bytes: about twelve sectors.
+    let batch: Vec<WalOp> = (6..=11u64).map(|index| WalOp::Entry { index, term: 1, payload: vec![index as u8; 1000] }).collect();
+    wal.append_blocking(2, &batch).unwrap();
+    drop(wal);
+    let newest = segment_files(dir.path()).into_iter().rev().find(|p| std::fs::read(p).unwrap()[512..].iter().any(|&b| b != 0)).unwrap();
+    let mut data = std::fs::read(&newest).unwrap();
+    let at8 = data.windows(1000).position(|w| w.iter().all(|&b| b == 8)).unwrap();
+    let hole = at8.next_multiple_of(512);
+    data[hole..hole + 1024].fill(0);
+    std::fs::write(&newest, &data).unwrap();
+    let wal = Wal::open(WalConfig::new(dir.path())).unwrap();
+    let last = wal.log_state(2).last.unwrap().0;
+    assert!((5..8).contains(&last), "the log ends in the torn flush, after every earlier one: last {last}");
+    let indexes: Vec<u64> = wal.entries(2, 0..u64::MAX).unwrap().iter().map(|(i, _, _)| *i).collect();
+    assert_eq!(indexes, (1..=last).collect::<Vec<_>>());
+}
+
+/// The flusher's failure path, deterministically: an fdatasync that returns EIO. The append
+/// waiting on it is told it failed (never that it is durable), every later append is refused,
+/// and reopening finds every append that was acknowledged before the failure.
+#[test]
+fn a_failed_fdatasync_poisons_the_log_and_loses_nothing_acknowledged() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let hook_fail = fail.clone();
+    let hook: chunkstore::wal::SyncHook = Arc::new(move || match hook_fail.load(Ordering::SeqCst) {
+        true => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+        false => Ok(()),
+    });
+    let wal = Wal::open(WalConfig { test_sync_hook: Some(hook), ..WalConfig::new(dir.path()) }).unwrap();
+    for index in 1..=10u64 {
+        wal.append_blocking(9, &[WalOp::Entry { index, term: 1, payload: vec![index as u8; 100] }]).unwrap();
+    }
+    fail.store(true, Ordering::SeqCst);
+    match wal.append_blocking(9, &[WalOp::Entry { index: 11, term: 1, payload: vec![11; 100] }]) {
+        Err(WalError::Io { source, .. }) => assert!(source.to_string().contains("Input/output error"), "{source}"),
+        other => panic!("the append whose fdatasync failed was answered {other:?}"),
+    }
+    fail.store(false, Ordering::SeqCst);
+    match wal.append_blocking(9, &[WalOp::Entry { index: 12, term: 1, payload: vec![12; 100] }]) {
+        Err(WalError::Poisoned { reason }) => assert!(reason.contains("Input/output error"), "{reason}"),
+        other => panic!("an append after the failure was answered {other:?}"),
+    }
+    drop(wal);
+    let wal = Wal::open(WalConfig::new(dir.path())).unwrap();
+    let entries = wal.entries(9, 0..u64::MAX).unwrap();
+    assert!(entries.len() >= 10, "acknowledged entries lost: {} left", entries.len());
+    for (index, _, payload) in entries.iter().take(10) {
+        assert_eq!(payload, &vec![*index as u8; 100]);
+    }
 }
 
 /// Only a newest segment whose creation was cut short (nothing past its header sector) is

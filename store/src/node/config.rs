@@ -97,6 +97,11 @@ pub struct ChunkdConfig {
     /// served as it is instead of being rebuilt from peers first. Default false.
     #[serde(default)]
     pub unsafe_serve_damaged: bool,
+    /// UNSAFE (negative controls only): WAL recovery takes any invalid record in the newest
+    /// segment for a torn tail and cuts the log there, even with records of later (synced)
+    /// flushes after it: the rule before WAL format version 3. Default false.
+    #[serde(default)]
+    pub unsafe_wal_torn_tail_rule: bool,
     /// Test hook (chunkcheck's disk nemesis turns it on): the engine's devices keep writes in
     /// memory until they are synced, letting a random part of them through early, so that a
     /// SIGKILL loses what a power cut could (the WAL is not covered). Safe, but it costs memory
@@ -249,6 +254,7 @@ impl ChunkdConfig {
             unsafe_skip_fencing: self.unsafe_skip_fencing,
             unsafe_unchecked_reads: self.unsafe_unchecked_reads,
             unsafe_serve_damaged: self.unsafe_serve_damaged,
+            unsafe_wal_torn_tail_rule: self.unsafe_wal_torn_tail_rule,
             test_power_loss_devices: self.test_power_loss_devices,
             test_crash_while_leaving: self.test_crash_while_leaving,
             balance_leaders: self.balance_leaders,

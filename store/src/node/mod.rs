@@ -24,6 +24,7 @@ mod leadership;
 mod metadata;
 mod reclaim;
 mod rejoin;
+mod wal_damage;
 mod revive;
 mod repair;
 mod roster;
@@ -90,6 +91,9 @@ pub struct NodeConfig {
     pub unsafe_unchecked_reads: bool,
     /// UNSAFE (negative controls only): a damaged engine is served without rebuilding it.
     pub unsafe_serve_damaged: bool,
+    /// UNSAFE (negative controls only): damage in the newest WAL segment is taken for a torn
+    /// tail (the log is cut there) even with synced flushes after it.
+    pub unsafe_wal_torn_tail_rule: bool,
     /// Test hook: engine devices drop unsynced writes when the process dies (power cut).
     pub test_power_loss_devices: bool,
     /// Test hook: abort between stopping a replica whose group moved away and forgetting it.
@@ -240,7 +244,16 @@ impl Node {
         if !config.nodes.iter().any(|(id, _)| *id == config.node_id) {
             return Err(NodeError::Config(format!("node {} is not in the node list", config.node_id)));
         }
-        let wal = Arc::new(Wal::open(WalConfig::new(config.data_dir.join("wal")))?);
+        let wal_config = WalConfig { unsafe_torn_tail_rule: config.unsafe_wal_torn_tail_rule, ..WalConfig::new(config.data_dir.join("wal")) };
+        let wal = match Wal::open(wal_config.clone()) {
+            Ok(wal) => wal,
+            Err(err @ crate::wal::WalError::Corrupt { .. }) => {
+                wal_damage::set_aside(&config.data_dir, &config.namespaces, &err)?;
+                Wal::open(wal_config)?
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let wal = Arc::new(wal);
         let raft_config = Arc::new(
             openraft::Config {
                 heartbeat_interval: config.heartbeat_ms,

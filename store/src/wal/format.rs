@@ -3,8 +3,9 @@
 use super::{GroupId, WalOp};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"CHUNKWAL";
-pub const WAL_FORMAT_VERSION: u32 = 2;
-/// Segments of this version on are read (version 1 has no forget and void records).
+pub const WAL_FORMAT_VERSION: u32 = 3;
+/// Segments of this version on are read (version 1 has no forget and void records, versions 1
+/// and 2 no flush markers).
 pub const WAL_FORMAT_VERSION_OLDEST: u32 = 1;
 /// The segment header fills the first sector; records start after it.
 pub const SEGMENT_HEADER_BYTES: usize = 512;
@@ -23,6 +24,9 @@ const TYPE_COMMITTED: u8 = 5;
 const TYPE_APPLIED: u8 = 6;
 const TYPE_FORGET: u8 = 7;
 const TYPE_VOID: u8 = 8;
+const TYPE_FLUSH: u8 = 9;
+/// The first version whose every flush begins with a flush marker.
+pub const WAL_FORMAT_VERSION_FLUSH_MARKERS: u32 = 3;
 
 pub fn encode_segment_header(segment_id: u64) -> Vec<u8> {
     let mut out = vec![0u8; SEGMENT_HEADER_BYTES];
@@ -34,8 +38,8 @@ pub fn encode_segment_header(segment_id: u64) -> Vec<u8> {
     out
 }
 
-/// The segment id in a valid header, or why it is not one.
-pub fn decode_segment_header(buf: &[u8]) -> Result<u64, String> {
+/// The segment id and format version in a valid header, or why it is not one.
+pub fn decode_segment_header(buf: &[u8]) -> Result<(u64, u32), String> {
     if buf.len() < SEGMENT_HEADER_BYTES {
         return Err(format!("{} bytes, shorter than a segment header", buf.len()));
     }
@@ -49,7 +53,20 @@ pub fn decode_segment_header(buf: &[u8]) -> Result<u64, String> {
     if !(WAL_FORMAT_VERSION_OLDEST..=WAL_FORMAT_VERSION).contains(&version) {
         return Err(format!("format version {version}; this build reads versions {WAL_FORMAT_VERSION_OLDEST} to {WAL_FORMAT_VERSION}"));
     }
-    Ok(u64::from_le_bytes(buf[12..20].try_into().unwrap()))
+    Ok((u64::from_le_bytes(buf[12..20].try_into().unwrap()), version))
+}
+
+/// Appends the marker that begins every flush of a segment: the segment's id and the flush's
+/// number (increasing over the log's life). Recovery uses it to tell a torn last flush from
+/// damage in a flush that was synced (see `recovery`).
+pub fn encode_flush_marker(out: &mut Vec<u8>, segment: u64, number: u64) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 8]);
+    out.push(TYPE_FLUSH);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&segment.to_le_bytes());
+    out.extend_from_slice(&number.to_le_bytes());
+    seal(out, start);
 }
 
 /// Appends one encoded record to `out`.
@@ -87,6 +104,11 @@ pub fn encode_record(out: &mut Vec<u8>, group: GroupId, op: &WalOp) {
             out.extend_from_slice(bytes);
         }
     }
+    seal(out, start);
+}
+
+/// Fills in the length and CRC of the record begun at `start` and pads it to the alignment.
+fn seal(out: &mut Vec<u8>, start: usize) {
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     let crc = crc32fast::hash(&out[start + 8..]);
@@ -105,6 +127,8 @@ pub enum Decoded<'a> {
     Applied { group: GroupId, bytes: &'a [u8] },
     Forget { group: GroupId, bytes: &'a [u8] },
     Void { group: GroupId, bytes: &'a [u8] },
+    /// The marker at the start of a flush (format version 3 on).
+    Flush { segment: u64, number: u64 },
 }
 
 /// One step of reading a segment.
@@ -175,6 +199,10 @@ pub fn decode_at(buf: &[u8], pos: usize, record_bytes_max: usize) -> (Step<'_>, 
         TYPE_APPLIED => Decoded::Applied { group, bytes: body },
         TYPE_FORGET => Decoded::Forget { group, bytes: body },
         TYPE_VOID => Decoded::Void { group, bytes: body },
+        TYPE_FLUSH => match (u64_at(0), u64_at(8)) {
+            (Some(segment), Some(number)) => Decoded::Flush { segment, number },
+            _ => return (Step::Invalid("flush marker too short".into()), pos),
+        },
         other => return (Step::Invalid(format!("unknown record type {other}")), pos),
     };
     (Step::Record(decoded), end.next_multiple_of(RECORD_ALIGN_BYTES))

@@ -86,7 +86,7 @@ pub type WalResult<T> = Result<T, WalError>;
 /// Called once the appended ops are durable (or failed).
 pub type Durable = Box<dyn FnOnce(WalResult<()>) + Send>;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WalConfig {
     /// Directory of the segment files (created if missing).
     pub dir: PathBuf,
@@ -95,13 +95,49 @@ pub struct WalConfig {
     /// Largest record; longer appends are refused, longer lengths read back are corruption.
     /// Default 16 MiB.
     pub record_bytes_max: usize,
+    /// Segments prepared ahead (off the write path) are written with zeros over their whole
+    /// length, so that a flush's fdatasync writes data without also committing an extent
+    /// change (see store/WAL.md). Default true.
+    pub zero_fill: bool,
     /// UNSAFE, for negative-control tests only: never fdatasync.
     pub unsafe_skip_fsync: bool,
+    /// UNSAFE, for negative-control tests only: recovery takes any invalid record in the newest
+    /// segment for a torn tail, even with records of later flushes after it (the rule before
+    /// format version 3), and cuts the log there.
+    pub unsafe_torn_tail_rule: bool,
+    /// Test hook: called before each fdatasync of a flush; an error it returns is taken as the
+    /// fdatasync's (how the tests make a sync fail with EIO).
+    pub test_sync_hook: Option<SyncHook>,
+}
+
+/// See `WalConfig::test_sync_hook`.
+pub type SyncHook = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
+impl std::fmt::Debug for WalConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalConfig")
+            .field("dir", &self.dir)
+            .field("segment_bytes", &self.segment_bytes)
+            .field("record_bytes_max", &self.record_bytes_max)
+            .field("zero_fill", &self.zero_fill)
+            .field("unsafe_skip_fsync", &self.unsafe_skip_fsync)
+            .field("unsafe_torn_tail_rule", &self.unsafe_torn_tail_rule)
+            .field("test_sync_hook", &self.test_sync_hook.is_some())
+            .finish()
+    }
 }
 
 impl WalConfig {
     pub fn new(dir: impl Into<PathBuf>) -> WalConfig {
-        WalConfig { dir: dir.into(), segment_bytes: 64 << 20, record_bytes_max: 16 << 20, unsafe_skip_fsync: false }
+        WalConfig {
+            dir: dir.into(),
+            segment_bytes: 64 << 20,
+            record_bytes_max: 16 << 20,
+            zero_fill: true,
+            unsafe_skip_fsync: false,
+            unsafe_torn_tail_rule: false,
+            test_sync_hook: None,
+        }
     }
 }
 
@@ -176,6 +212,9 @@ pub(crate) struct WalState {
     /// rollover does no file I/O on the appending thread; and the id being prepared.
     spare: Option<Segment>,
     preparing: Option<u64>,
+    /// Flushes taken so far (recovery starts it past the highest flush marker on disk): the
+    /// pending bytes of every segment begin with a marker numbered one more.
+    flushes_taken: u64,
 }
 
 /// Counters since the log was opened.
@@ -193,6 +232,8 @@ pub(crate) struct WalInner {
     config: WalConfig,
     state: Mutex<WalState>,
     flush_wakeup: Condvar,
+    /// The thread preparing the next segment, if one was started (joined at close).
+    preparer: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// The write-ahead log of a node.
@@ -309,6 +350,10 @@ impl Wal {
         if let Some(flusher) = self.flusher.lock().unwrap().take() {
             let _ = flusher.join();
         }
+        let preparer = self.inner.preparer.lock().unwrap().take();
+        if let Some(preparer) = preparer {
+            let _ = preparer.join();
+        }
         if let Some(spare) = self.inner.state.lock().unwrap().spare.take() {
             flusher::remove_unused_segment(&spare.path);
         }
@@ -364,7 +409,12 @@ impl WalInner {
     }
 
     fn append_one(&self, st: &mut WalState, group: GroupId, op: &WalOp) {
+        let flush_number = st.flushes_taken + 1;
         let active = st.segments.values_mut().next_back().expect("an active segment");
+        if active.pending.is_empty() {
+            format::encode_flush_marker(&mut active.pending, active.id, flush_number);
+            st.appended_lsn += active.pending.len() as u64;
+        }
         let before = active.pending.len();
         encode_record(&mut active.pending, group, op);
         let record_len = (active.pending.len() - before) as u32;

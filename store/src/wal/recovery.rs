@@ -1,9 +1,19 @@
 //! Opening the WAL: replay every segment in order, cut a torn tail, start a new segment.
+//!
+//! A crash can tear only the last flush: each flush is written and fdatasync'd before the next
+//! one is taken, and only the newest segment is written. So from format version 3 on, where
+//! every flush of a segment begins (at a sector boundary) with a marker holding the segment's
+//! id and the flush's number, an invalid record is a torn tail only if no marker of a later
+//! flush follows it. With one after it, the flush holding the invalid record was synced: the
+//! bytes were damaged afterwards (the disk, or anything else writing over the file), and
+//! entries this node acknowledged may be in them. That is corruption: the log is not cut
+//! (cutting it would silently drop acknowledged entries and everything after them), the WAL
+//! refuses to open, and the node rebuilds from its peers (`node::damage`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::format::{decode_at, decode_segment_header, Decoded, Step, SEGMENT_HEADER_BYTES};
+use super::format::{decode_at, decode_segment_header, Decoded, Step, SECTOR_BYTES, SEGMENT_HEADER_BYTES, WAL_FORMAT_VERSION_FLUSH_MARKERS};
 use super::{EntryLoc, GroupLog, Segment, WalConfig, WalError, WalInner, WalResult, WalState};
 
 pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
@@ -24,13 +34,14 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
     let mut groups: HashMap<u32, GroupLog> = HashMap::new();
     let mut segments = BTreeMap::new();
     let mut torn: Option<(std::path::PathBuf, u64, String)> = None;
+    let mut flushes_taken = 0;
     let file_count = files.len();
     for (position, (id, path)) in files.into_iter().enumerate() {
         let data = std::fs::read(&path).map_err(io(&path))?;
         let corrupt = |offset: u64, what: String| WalError::Corrupt { path: path.clone(), offset, what };
-        match decode_segment_header(&data) {
-            Ok(found) if found == id => {}
-            Ok(found) => return Err(corrupt(0, format!("header says segment {found}"))),
+        let version = match decode_segment_header(&data) {
+            Ok((found, version)) if found == id => version,
+            Ok((found, _)) => return Err(corrupt(0, format!("header says segment {found}"))),
             // The newest segment may have been cut short while being created: then it holds no
             // more than its header sector (records are only written after the header is synced).
             Err(what) if position + 1 == file_count && data.len() <= SEGMENT_HEADER_BYTES => {
@@ -39,7 +50,10 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
                 continue;
             }
             Err(what) => return Err(corrupt(0, what)),
-        }
+        };
+        let markers = version >= WAL_FORMAT_VERSION_FLUSH_MARKERS && !config.unsafe_torn_tail_rule;
+        // The number of the last flush marker read in this segment.
+        let mut flush: Option<u64> = None;
         let mut max_index = HashMap::new();
         let mut holds_forget = false;
         let mut pos = SEGMENT_HEADER_BYTES;
@@ -56,9 +70,31 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
                     break;
                 }
                 Step::Invalid(what) => {
+                    if markers {
+                        if let Some((at, number)) = later_flush(&data, pos, id, flush, config.record_bytes_max) {
+                            return Err(corrupt(
+                                pos as u64,
+                                format!("{what}, in a flush that was synced: flush {number} follows it at byte {at}"),
+                            ));
+                        }
+                    }
                     end = pos;
                     torn = Some((path.clone(), pos as u64, what));
                     break;
+                }
+                Step::Record(Decoded::Flush { segment, number }) => {
+                    if let Some((torn_path, offset, what)) = &torn {
+                        return Err(WalError::Corrupt {
+                            path: torn_path.clone(),
+                            offset: *offset,
+                            what: format!("{what}, and later segments hold records"),
+                        });
+                    }
+                    if segment != id || flush.is_some_and(|last| number <= last) {
+                        return Err(corrupt(pos as u64, format!("flush marker of segment {segment}, flush {number}, after flush {flush:?} of segment {id}")));
+                    }
+                    flush = Some(number);
+                    flushes_taken = flushes_taken.max(number);
                 }
                 Step::Record(record) => {
                     if let Some((torn_path, offset, what)) = &torn {
@@ -109,8 +145,10 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
             stats: Default::default(),
             spare: None,
             preparing: None,
+            flushes_taken,
         }),
         flush_wakeup: Condvar::new(),
+        preparer: Mutex::new(None),
     };
     // Appends go to a new segment, which starts with a checkpoint like every segment after
     // the first: old segments are never written again.
@@ -142,5 +180,21 @@ fn replay(groups: &mut HashMap<u32, GroupLog>, max_index: &mut HashMap<u32, u64>
         Decoded::Applied { group, bytes } => groups.entry(group).or_default().applied = Some(bytes.to_vec()),
         Decoded::Forget { group, bytes } => groups.entry(group).or_default().forget(bytes.to_vec()),
         Decoded::Void { group, bytes } => groups.entry(group).or_default().void = Some(bytes.to_vec()),
+        Decoded::Flush { .. } => {}
     }
+}
+
+/// The first marker of a flush of segment `segment` numbered past `flush` at a sector boundary
+/// after `pos`: (its byte offset, its number).
+fn later_flush(data: &[u8], pos: usize, segment: u64, flush: Option<u64>, record_bytes_max: usize) -> Option<(usize, u64)> {
+    let mut at = (pos + 1).next_multiple_of(SECTOR_BYTES);
+    while at < data.len() {
+        if let (Step::Record(Decoded::Flush { segment: found, number }), _) = decode_at(data, at, record_bytes_max) {
+            if found == segment && flush.is_none_or(|last| number > last) {
+                return Some((at, number));
+            }
+        }
+        at += SECTOR_BYTES;
+    }
+    None
 }
