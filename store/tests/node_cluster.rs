@@ -43,6 +43,8 @@ fn node_config(id: u64, nodes: &[(u64, String)], dir: &std::path::Path, groups: 
         test_crash_while_leaving: false,
         balance_leaders: true,
         unsafe_skip_fencing: false,
+        unsafe_wal_torn_tail_rule: false,
+        wal_zero_fill: true,
     }
 }
 

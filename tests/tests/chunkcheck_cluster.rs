@@ -190,6 +190,35 @@ fn register_through_corrupted_devices_is_linearizable_and_damaged_replicas_rebui
     );
 }
 
+/// WAL corruption under the workload: a node is killed, one byte flipped in a record of its
+/// newest WAL segment that a synced flush follows, and restarted; each time it reports the
+/// corruption, sets its data aside and rebuilds from its peers, and registers stay
+/// linearizable with every acknowledged write in the final reads. (The deterministic negative
+/// control, the old torn-tail rule losing acknowledged writes, is cluster.rs's
+/// `the_old_torn_tail_rule_loses_acknowledged_writes_on_a_corrupt_wal`.)
+#[test]
+fn register_through_corrupted_wals_is_linearizable_and_the_nodes_rebuild() {
+    let (code, result, out) = chunkcheck_keeping_output("register", "31", "wal-corrupt,kill", "4", &[]);
+    assert_eq!((code, &result["valid"]), (0, &serde_json::json!(true)), "{result}");
+    let flipped: usize = result["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == "wal-corrupt")
+        .map(|f| f["corrupted"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert!(flipped > 0, "no WAL was damaged: {result}");
+    let logs: Vec<String> = (1..=3)
+        .map(|id| std::fs::read_to_string(out.path().join(format!("run/cluster/node{id}/chunkd.log"))).unwrap_or_default())
+        .collect();
+    let reported: usize = logs.iter().map(|log| log.matches("the write-ahead log is corrupt").count()).sum();
+    assert_eq!(reported, flipped, "every damaged WAL is found at the next start, and nothing else is taken for damage: {result}");
+    let set_aside: usize = (1..=3)
+        .map(|id| std::fs::read_dir(out.path().join(format!("run/cluster/node{id}/data/damaged"))).map_or(0, |d| d.count()))
+        .sum();
+    assert_eq!(set_aside, flipped, "each damaged node set its data aside once");
+}
+
 /// Packet faults (netem's delay, loss and reordering, done through NFQUEUE since this kernel
 /// has no netem): the nodes' real packets to each other and to the clients are held, dropped
 /// and overtaken, and registers stay linearizable. Each fault shows it took effect.

@@ -27,6 +27,8 @@ pub struct FsBenchOptions {
     pub chunk_bytes: u32,
     /// libchunkpreload.so (its jobs are skipped without it).
     pub preload: Option<PathBuf>,
+    /// The cluster's chunkd processes, for the CPU per put (see `bench_kv`).
+    pub node_pids: Vec<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -229,6 +231,7 @@ pub fn run(options: &FsBenchOptions, mut log: impl FnMut(&str)) -> Result<FsRepo
             seconds: options.seconds,
             read_policy: Default::default(),
             baseline_dir: options.local_dir.clone(),
+            node_pids: options.node_pids.clone(),
         },
         &mut log,
     )?;

@@ -22,6 +22,9 @@ pub struct KvBenchOptions {
     pub read_policy: ReadPolicy,
     /// Where the baseline file goes (the disk the cluster uses).
     pub baseline_dir: PathBuf,
+    /// The cluster's chunkd processes (a local cluster's), whose CPU time is read from /proc
+    /// for `cpu_us_per_op`; empty: not measured.
+    pub node_pids: Vec<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -34,6 +37,9 @@ pub struct KvResult {
     pub p99_us: u64,
     pub in_doubt: u64,
     pub baseline_p50_us: u64,
+    /// CPU time of every chunkd process of the cluster and of this client process during the
+    /// phase, per operation (µs); null when the nodes' processes are not known (`--seeds`).
+    pub cpu_us_per_op: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,6 +50,14 @@ pub struct KvReport {
     pub baseline_p50_us: u64,
     /// One client's put p50 over the baseline p50 (goal ≤ 10).
     pub one_client_put_p50_vs_baseline: Option<f64>,
+    /// pwrite + fdatasync of 4 KiB in place: into a file whose blocks were all written before,
+    /// so the sync commits data only (the physical limit of one durable write here).
+    pub baseline_inplace_ops_per_sec: f64,
+    pub baseline_inplace_p50_us: u64,
+    /// One client's put p50 over the in-place baseline p50 (goal ≤ 2.5).
+    pub one_client_put_p50_vs_inplace: Option<f64>,
+    /// The put phases' `cpu_us_per_op`, by client count (goal ≤ 170 µs).
+    pub put_cpu_us_per_op: Vec<(u32, Option<f64>)>,
 }
 
 /// Keys each client writes and reads (4 KiB values: 4 MiB per client).
@@ -53,33 +67,88 @@ pub fn run(options: &KvBenchOptions, mut log: impl FnMut(&str)) -> Result<KvRepo
     std::fs::create_dir_all(&options.baseline_dir)?;
     let (baseline_ops_per_sec, baseline_p50_us, _) = plain_file_baseline(&options.baseline_dir, options.seconds.min(5.0))?;
     log(&format!("plain file pwrite+fdatasync of 4 KiB: {baseline_ops_per_sec:.0} ops/s, p50 {baseline_p50_us} us"));
+    let (baseline_inplace_ops_per_sec, baseline_inplace_p50_us) = in_place_baseline(&options.baseline_dir, options.seconds.min(5.0))?;
+    log(&format!("the same in place (blocks written before): {baseline_inplace_ops_per_sec:.0} ops/s, p50 {baseline_inplace_p50_us} us"));
     let mut results = Vec::new();
     for &clients in &options.clients {
         for op in ["put", "get"] {
             let result = phase(options, clients, op, baseline_p50_us)?;
             log(&format!(
-                "{clients:>3} clients {op}: {:.0} ops/s, p50 {} us, p99 {} us{}",
+                "{clients:>3} clients {op}: {:.0} ops/s, p50 {} us, p99 {} us{}{}",
                 result.ops_per_sec,
                 result.p50_us,
                 result.p99_us,
+                result.cpu_us_per_op.map(|cpu| format!(", {cpu:.0} us CPU per op")).unwrap_or_default(),
                 if result.in_doubt > 0 { format!(", {} in doubt", result.in_doubt) } else { String::new() }
             ));
             results.push(result);
         }
     }
-    let one_client_put = results.iter().find(|r| r.clients == 1 && r.op == "put").map(|r| r.p50_us as f64 / baseline_p50_us.max(1) as f64);
+    let one_client = results.iter().find(|r| r.clients == 1 && r.op == "put").map(|r| r.p50_us as f64);
     Ok(KvReport {
-        results,
         read_policy: options.read_policy.name().to_owned(),
         baseline_ops_per_sec,
         baseline_p50_us,
-        one_client_put_p50_vs_baseline: one_client_put,
+        one_client_put_p50_vs_baseline: one_client.map(|p50| p50 / baseline_p50_us.max(1) as f64),
+        baseline_inplace_ops_per_sec,
+        baseline_inplace_p50_us,
+        one_client_put_p50_vs_inplace: one_client.map(|p50| p50 / baseline_inplace_p50_us.max(1) as f64),
+        put_cpu_us_per_op: results.iter().filter(|r| r.op == "put").map(|r| (r.clients, r.cpu_us_per_op)).collect(),
+        results,
     })
+}
+
+/// Bytes of the in-place baseline's file (written whole before it is measured).
+const IN_PLACE_BYTES: u64 = 64 << 20;
+
+/// pwrite + fdatasync of 4 KiB, cycling over a file whose every block was written (and synced)
+/// first: what one durable write costs when the filesystem has no metadata to commit. Returns
+/// (ops/s, p50 µs).
+fn in_place_baseline(dir: &std::path::Path, seconds: f64) -> Result<(f64, u64)> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("baseline-in-place.dat");
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    let zeros = vec![0u8; 1 << 20];
+    for at in (0..IN_PLACE_BYTES).step_by(zeros.len()) {
+        file.write_all_at(&zeros, at)?;
+    }
+    file.sync_all()?;
+    let block = vec![0xa5u8; VALUE_BYTES];
+    let (mut latencies, started, mut offset) = (Vec::new(), Instant::now(), 0u64);
+    while started.elapsed().as_secs_f64() < seconds {
+        let op = Instant::now();
+        file.write_all_at(&block, offset)?;
+        file.sync_data()?;
+        latencies.push(op.elapsed().as_micros() as u64);
+        offset = (offset + VALUE_BYTES as u64) % IN_PLACE_BYTES;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    latencies.sort_unstable();
+    Ok((latencies.len() as f64 / elapsed, percentile(&latencies, 50.0)))
+}
+
+/// CPU time (user + system, µs) of these processes and of this one, from /proc; None if one
+/// of them cannot be read (it exited).
+fn cpu_time_us(pids: &[u32]) -> Option<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let mut total = 0;
+    for stat in pids.iter().map(|pid| format!("/proc/{pid}/stat")).chain(["/proc/self/stat".to_owned()]) {
+        let text = std::fs::read_to_string(stat).ok()?;
+        // Fields after the command (which may hold spaces) closed by the last ')'.
+        let fields: Vec<&str> = text.get(text.rfind(')')? + 2..)?.split(' ').collect();
+        let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+        total += (utime + stime) * 1_000_000 / ticks_per_sec;
+    }
+    Some(total)
 }
 
 fn phase(options: &KvBenchOptions, clients: u32, op: &'static str, baseline_p50_us: u64) -> Result<KvResult> {
     let stop = Arc::new(AtomicBool::new(false));
     let in_doubt = Arc::new(AtomicU64::new(0));
+    let cpu_before = (!options.node_pids.is_empty()).then(|| cpu_time_us(&options.node_pids)).flatten();
     let started = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|c| {
@@ -118,8 +187,14 @@ fn phase(options: &KvBenchOptions, clients: u32, op: &'static str, baseline_p50_
         latencies.extend(thread.join().expect("client thread")?);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after = cpu_before.and_then(|_| cpu_time_us(&options.node_pids));
+    let cpu_us_per_op = match (cpu_before, cpu_after) {
+        (Some(before), Some(after)) if !latencies.is_empty() => Some(after.saturating_sub(before) as f64 / latencies.len() as f64),
+        _ => None,
+    };
     latencies.sort_unstable();
     Ok(KvResult {
+        cpu_us_per_op,
         clients,
         op,
         ops: latencies.len() as u64,

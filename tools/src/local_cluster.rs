@@ -44,6 +44,11 @@ impl LocalCluster {
     pub fn seeds(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.client.clone()).collect()
     }
+
+    /// The pids of the nodes that are running.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().filter_map(|n| n.pid).filter(|&pid| is_running(pid)).collect()
+    }
 }
 
 /// Is `pid` a live chunkd?

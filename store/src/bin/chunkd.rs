@@ -73,6 +73,9 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
     if config.unsafe_serve_damaged {
         tracing::warn!("UNSAFE test option unsafe-serve-damaged is set: a damaged replica serves what is left of its data");
     }
+    if config.unsafe_wal_torn_tail_rule {
+        tracing::warn!("UNSAFE test option unsafe-wal-torn-tail-rule is set: damage in the newest WAL segment is cut off as a torn tail");
+    }
     if config.unsafe_skip_fencing {
         tracing::warn!("UNSAFE test option unsafe-skip-fencing is set: writes of expired lease sessions are applied");
     }

@@ -15,6 +15,7 @@
 //! snapshot-after-entries = 5000      # log entries between a group's snapshots; default 5000
 //! entries-kept-after-snapshot = 1000 # log kept behind a snapshot; default 1000
 //! balance-leaders = true             # hand groups to their preferred leaders; default true
+//! wal-zero-fill = true               # WAL segments written with zeros ahead; default true
 //!
 //! seeds = ["10.0.0.1:7501"]          # peers asked for the cluster metadata; default: the
 //!                                    # metadata voters' peer addresses from [[nodes]]
@@ -97,6 +98,11 @@ pub struct ChunkdConfig {
     /// served as it is instead of being rebuilt from peers first. Default false.
     #[serde(default)]
     pub unsafe_serve_damaged: bool,
+    /// WAL segments are written with zeros over their whole length when they are prepared,
+    /// off the write path, so that each flush's fdatasync need not also commit an extent change
+    /// (store/WAL.md). Default true; false only allocates them (for comparisons).
+    #[serde(default = "default_true")]
+    pub wal_zero_fill: bool,
     /// UNSAFE (negative controls only): WAL recovery takes any invalid record in the newest
     /// segment for a torn tail and cuts the log there, even with records of later (synced)
     /// flushes after it: the rule before WAL format version 3. Default false.
@@ -255,6 +261,7 @@ impl ChunkdConfig {
             unsafe_unchecked_reads: self.unsafe_unchecked_reads,
             unsafe_serve_damaged: self.unsafe_serve_damaged,
             unsafe_wal_torn_tail_rule: self.unsafe_wal_torn_tail_rule,
+            wal_zero_fill: self.wal_zero_fill,
             test_power_loss_devices: self.test_power_loss_devices,
             test_crash_while_leaving: self.test_crash_while_leaving,
             balance_leaders: self.balance_leaders,

@@ -94,6 +94,8 @@ pub struct NodeConfig {
     /// UNSAFE (negative controls only): damage in the newest WAL segment is taken for a torn
     /// tail (the log is cut there) even with synced flushes after it.
     pub unsafe_wal_torn_tail_rule: bool,
+    /// WAL segments zero-filled when prepared (see `WalConfig::zero_fill`).
+    pub wal_zero_fill: bool,
     /// Test hook: engine devices drop unsynced writes when the process dies (power cut).
     pub test_power_loss_devices: bool,
     /// Test hook: abort between stopping a replica whose group moved away and forgetting it.
@@ -244,7 +246,11 @@ impl Node {
         if !config.nodes.iter().any(|(id, _)| *id == config.node_id) {
             return Err(NodeError::Config(format!("node {} is not in the node list", config.node_id)));
         }
-        let wal_config = WalConfig { unsafe_torn_tail_rule: config.unsafe_wal_torn_tail_rule, ..WalConfig::new(config.data_dir.join("wal")) };
+        let wal_config = WalConfig {
+            zero_fill: config.wal_zero_fill,
+            unsafe_torn_tail_rule: config.unsafe_wal_torn_tail_rule,
+            ..WalConfig::new(config.data_dir.join("wal"))
+        };
         let wal = match Wal::open(wal_config.clone()) {
             Ok(wal) => wal,
             Err(err @ crate::wal::WalError::Corrupt { .. }) => {

@@ -151,8 +151,16 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
         preparer: Mutex::new(None),
     };
     // Appends go to a new segment, which starts with a checkpoint like every segment after
-    // the first: old segments are never written again.
-    inner.roll_over(&mut inner.state.lock().unwrap())?;
+    // the first: old segments are never written again. It is made here, before any append
+    // waits, so it is zero-filled like the ones the flusher prepares (about 0.1 s for 64 MiB
+    // on this machine's disk).
+    {
+        let mut st = inner.state.lock().unwrap();
+        let next = st.segments.keys().next_back().map_or(1, |last| last + 1);
+        let config = &inner.config;
+        st.spare = Some(super::flusher::create_segment(&config.dir, next, config.segment_bytes, config.zero_fill, config.unsafe_skip_fsync)?);
+        inner.roll_over(&mut st)?;
+    }
     let groups = inner.state.lock().unwrap().groups.len();
     tracing::info!(dir = %inner.config.dir.display(), groups, "WAL opened");
     Ok(inner)

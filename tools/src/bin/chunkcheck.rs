@@ -369,7 +369,7 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
 /// The faults named in --nemesis; the files workloads' own (app-kill, fs-kill) only if `files`.
 fn parse_nemeses(names: &[String], files: bool) -> Result<Vec<NemesisKind>, String> {
     let mut nemeses = Vec::new();
-    let known = if files { "kill, pause, partition, clock, disk, packet, wipe, roster, app-kill, fs-kill, host-pause, machine-cut" } else { "kill, pause, partition, clock, disk, packet, wipe, roster" };
+    let known = if files { "kill, pause, partition, clock, disk, packet, wipe, wal-corrupt, roster, app-kill, fs-kill, host-pause, machine-cut" } else { "kill, pause, partition, clock, disk, packet, wipe, wal-corrupt, roster" };
     for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty() && *n != "none") {
         nemeses.push(match name {
             "kill" => NemesisKind::Kill,
@@ -379,6 +379,7 @@ fn parse_nemeses(names: &[String], files: bool) -> Result<Vec<NemesisKind>, Stri
             "disk" => NemesisKind::Disk,
             "packet" => NemesisKind::Packet,
             "wipe" => NemesisKind::Wipe,
+            "wal-corrupt" => NemesisKind::WalCorrupt,
             "roster" => NemesisKind::Roster,
             "app-kill" if files => NemesisKind::AppKill,
             "fs-kill" if files => NemesisKind::FsKill,

@@ -413,11 +413,12 @@ fn main() -> ExitCode {
         }
         Commands::Fs(ref command) => return fs_command(&cli, command),
         Commands::Bench(BenchCommand::Kv { ref clients, seconds, read_policy, ref namespace, json }) => (|| {
-            let (seeds, baseline_dir) = match (&cli.seeds, &cli.dir) {
-                (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data")),
+            let (seeds, baseline_dir, node_pids) = match (&cli.seeds, &cli.dir) {
+                (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data"), Vec::new()),
                 (_, dir) => {
                     let dir = dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
-                    (LocalCluster::load(&dir)?.seeds(), dir)
+                    let cluster = LocalCluster::load(&dir)?;
+                    (cluster.seeds(), dir, cluster.pids())
                 }
             };
             let read_policy = read_policy.policy();
@@ -428,6 +429,7 @@ fn main() -> ExitCode {
                 seconds,
                 read_policy,
                 baseline_dir,
+                node_pids,
             };
             let report = chunkstore_tools::bench_kv::run(&options, |line| eprintln!("{line}"))?;
             if json {
@@ -436,11 +438,12 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Commands::Bench(BenchCommand::Fs { seconds, chunk_bytes, ref namespace, json }) => (|| {
-            let (seeds, local_dir) = match (&cli.seeds, &cli.dir) {
-                (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data")),
+            let (seeds, local_dir, node_pids) = match (&cli.seeds, &cli.dir) {
+                (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data"), Vec::new()),
                 (_, dir) => {
                     let dir = dir.clone().unwrap_or_else(|| PathBuf::from("chunkstore-data"));
-                    (LocalCluster::load(&dir)?.seeds(), dir)
+                    let cluster = LocalCluster::load(&dir)?;
+                    (cluster.seeds(), dir, cluster.pids())
                 }
             };
             if !(0.5..=3600.0).contains(&seconds) {
@@ -452,7 +455,7 @@ fn main() -> ExitCode {
             if preload.is_none() {
                 eprintln!("libchunkpreload.so is not next to chunkctl: the shim's jobs are skipped");
             }
-            let options = chunkstore_tools::bench_fs::FsBenchOptions { seeds, local_dir, namespace: namespace.clone(), seconds, chunkfs, chunk_bytes, preload };
+            let options = chunkstore_tools::bench_fs::FsBenchOptions { seeds, local_dir, namespace: namespace.clone(), seconds, chunkfs, chunk_bytes, preload, node_pids };
             let report = chunkstore_tools::bench_fs::run(&options, |line| eprintln!("{line}"))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);

@@ -1,6 +1,8 @@
 //! The disk nemesis: random regions of a stopped node's engine devices overwritten with random
 //! bytes. Only blocks that hold records are hit, inside the part of each block that was
-//! written (and sometimes the block's header or trailer), so every fault damages data.
+//! written (and sometimes the block's header or trailer), so every fault damages data. And the
+//! wal-corrupt nemesis: one byte flipped in a record of a stopped node's WAL that a synced
+//! flush follows.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -78,4 +80,58 @@ pub fn corrupt_devices(node: u64, data_dir: &Path, seed: u64) -> Result<Vec<Corr
         done.push(Corruption { node, file: path, offset, len });
     }
     Ok(done)
+}
+
+/// Flips one byte inside a record (under its checksum) of node `node`'s newest WAL segment
+/// holding records, chosen by `seed` among the records that a later flush's marker follows, so
+/// that the damage is corruption, not a torn tail. None when no such record exists yet.
+pub fn corrupt_wal(node: u64, data_dir: &Path, seed: u64) -> Result<Option<Corruption>> {
+    use chunkstore::wal::format::{decode_at, Decoded, Step, SEGMENT_HEADER_BYTES};
+    let wal = data_dir.join("wal");
+    let mut segments: Vec<PathBuf> = match std::fs::read_dir(&wal) {
+        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "log")).collect(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err).with_context(|| format!("listing {}", wal.display())),
+    };
+    segments.sort();
+    for path in segments.into_iter().rev() {
+        let mut data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        // (offset, length under the checksum) of each record; offsets of the flush markers.
+        let (mut records, mut markers, mut pos) = (Vec::new(), Vec::new(), SEGMENT_HEADER_BYTES);
+        loop {
+            match decode_at(&data, pos, 16 << 20) {
+                (Step::Record(Decoded::Flush { .. }), next) => {
+                    markers.push(pos);
+                    pos = next;
+                }
+                (Step::Record(_), next) => {
+                    let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+                    records.push((pos, len));
+                    pos = next;
+                }
+                (Step::Padding, next) => pos = next,
+                _ => break,
+            }
+        }
+        let last_marker = match markers.last() {
+            Some(&at) => at,
+            None if records.is_empty() => continue,
+            None => return Ok(None),
+        };
+        let damageable: Vec<(usize, usize)> = records.into_iter().filter(|&(at, _)| at < last_marker).collect();
+        if damageable.is_empty() {
+            return Ok(None);
+        }
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let (at, len) = damageable[rng.gen_range(0..damageable.len())];
+        // Bytes 8.. of a record are under its checksum (its length field would do too).
+        let offset = at + rng.gen_range(8..4 + len);
+        data[offset] ^= 1 << rng.gen_range(0..8);
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        file.seek(SeekFrom::Start(offset as u64))?;
+        file.write_all(&data[offset..offset + 1])?;
+        file.sync_all()?;
+        return Ok(Some(Corruption { node, file: path, offset: offset as u64, len: 1 }));
+    }
+    Ok(None)
 }

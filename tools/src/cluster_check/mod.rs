@@ -486,6 +486,7 @@ pub(crate) fn kind_name(kind: NemesisKind) -> &'static str {
         NemesisKind::Roster => "roster",
         NemesisKind::Packet => "packet",
         NemesisKind::Wipe => "wipe",
+        NemesisKind::WalCorrupt => "wal-corrupt",
         NemesisKind::AppKill => "app-kill",
         NemesisKind::FsKill => "fs-kill",
         NemesisKind::HostPause => "host-pause",

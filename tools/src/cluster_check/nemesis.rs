@@ -40,6 +40,11 @@ pub enum NemesisKind {
     /// deleted, restarted empty. It must catch up from its peers without ever helping a replica
     /// that lacks acknowledged writes to lead (store/src/node/rejoin.rs).
     Wipe,
+    /// One node's write-ahead log damaged while it is down: killed, one byte flipped inside a
+    /// record in the middle of its newest segment (synced flushes after it: no crash can do
+    /// that), restarted. It must report the corruption and rebuild from its peers without
+    /// voting until caught up (store/src/node/wal_damage.rs), never cut the log as a torn tail.
+    WalCorrupt,
     /// Roster changes under the workload. Shrink: a minority of the nodes taken off the roster
     /// (leaving at least the replication factor), so that their groups move away; healing puts
     /// them back, and groups move back. Replace: a fresh chunkd (new id, empty disk) joins the
@@ -147,7 +152,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
             NemesisKind::Clock => *[Target::Jump, Target::Strobe, Target::Skew].choose(&mut rng).unwrap(),
             NemesisKind::Disk => *[Target::Corrupt, Target::PowerCut].choose(&mut rng).unwrap(),
             NemesisKind::Packet => *[Target::Delay, Target::Loss, Target::Reorder].choose(&mut rng).unwrap(),
-            NemesisKind::Wipe => Target::One,
+            NemesisKind::Wipe | NemesisKind::WalCorrupt => Target::One,
             NemesisKind::Roster => *[Target::Shrink, Target::Replace].choose(&mut rng).unwrap(),
             NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause | NemesisKind::MachineCut => Target::Process,
         };
@@ -279,6 +284,12 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Tar
                 std::fs::remove_dir_all(&data).map_err(|e| anyhow::anyhow!("wiping {}: {e}", data.display()))?;
             }
         }
+        NemesisKind::WalCorrupt => {
+            for &id in &hit.nodes {
+                cluster.kill(id);
+                done.corrupted.extend(disk::corrupt_wal(id, &cluster.node_dir(id).join("data"), hit.seed)?);
+            }
+        }
         NemesisKind::Roster if target == Target::Replace => {
             let joined = cluster.add_fresh_node()?;
             done.joined.push(joined);
@@ -331,7 +342,7 @@ pub struct Healed {
 pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved) -> anyhow::Result<Healed> {
     let mut cluster = cluster.lock().unwrap();
     match kind {
-        NemesisKind::Kill | NemesisKind::Disk | NemesisKind::Wipe => hit.nodes.iter().try_for_each(|&id| cluster.restart(id))?,
+        NemesisKind::Kill | NemesisKind::Disk | NemesisKind::Wipe | NemesisKind::WalCorrupt => hit.nodes.iter().try_for_each(|&id| cluster.restart(id))?,
         NemesisKind::Pause => hit.nodes.iter().for_each(|&id| cluster.resume(id)),
         NemesisKind::Partition => return Ok(Healed { dropped_packets: Some(cluster.heal_network()?.0), packets: None }),
         NemesisKind::Packet => return Ok(Healed { dropped_packets: None, packets: cluster.heal_network()?.1 }),
