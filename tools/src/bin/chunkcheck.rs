@@ -43,7 +43,7 @@ struct ClusterArgs {
     /// Register and set: operations on one key before it is replaced by a fresh key.
     #[arg(long, default_value_t = 200)]
     ops_per_key: u32,
-    /// Faults, comma-separated (kill, pause, partition, clock, disk, packet, wipe, roster); `none` for none.
+    /// Faults, comma-separated (kill, pause, partition, clock, disk, packet, wipe, wal-corrupt, roster); `none` for none.
     /// `roster` takes nodes off the roster and back, or replaces a node: a fresh chunkd joins in
     /// its place and the replaced one, once its groups have moved, is stopped and forgotten.
     #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
