@@ -113,20 +113,10 @@ fn in_place_baseline(dir: &std::path::Path, seconds: f64) -> Result<(f64, u64)> 
         file.write_all_at(&zeros, at)?;
     }
     file.sync_all()?;
-    let block = vec![0xa5u8; VALUE_BYTES];
-    let (mut latencies, started, mut offset) = (Vec::new(), Instant::now(), 0u64);
-    while started.elapsed().as_secs_f64() < seconds {
-        let op = Instant::now();
-        file.write_all_at(&block, offset)?;
-        file.sync_data()?;
-        latencies.push(op.elapsed().as_micros() as u64);
-        offset = (offset + VALUE_BYTES as u64) % IN_PLACE_BYTES;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let (ops_per_sec, p50_us, _) = crate::bench::timed_syncs(&file, IN_PLACE_BYTES, seconds)?;
     drop(file);
     std::fs::remove_file(&path)?;
-    latencies.sort_unstable();
-    Ok((latencies.len() as f64 / elapsed, percentile(&latencies, 50.0)))
+    Ok((ops_per_sec, p50_us))
 }
 
 /// CPU time (user + system, µs) of these processes and of this one, from /proc; None if one
