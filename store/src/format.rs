@@ -144,6 +144,12 @@ pub struct BlockHeader {
     pub lsn_base: u64,
     /// The format version the block was written in (this build writes `FORMAT_VERSION`).
     pub version: u16,
+    /// Everything of the device's log before this position was durable when the header was
+    /// written (0: not known; headers of older builds hold 0). Start-up takes the highest one
+    /// it finds as a durable point of its own: defragmentation frees a block only once the
+    /// copies of its records are durable, and the free header it writes says how far, so
+    /// damage to those copies (which no log replays) is never taken for a torn tail.
+    pub durable_lsn: u64,
 }
 
 impl BlockHeader {
@@ -156,6 +162,7 @@ impl BlockHeader {
         out[16..20].copy_from_slice(&self.block_index.to_le_bytes());
         out[20..28].copy_from_slice(&self.device_id.to_le_bytes());
         out[28..36].copy_from_slice(&self.lsn_base.to_le_bytes());
+        out[36..44].copy_from_slice(&self.durable_lsn.to_le_bytes());
         let crc = crc32fast::hash(&out[0..60]);
         out[60..64].copy_from_slice(&crc.to_le_bytes());
         out
@@ -178,6 +185,7 @@ impl BlockHeader {
             device_id: u64_at(buf, 20),
             lsn_base: u64_at(buf, 28),
             version,
+            durable_lsn: u64_at(buf, 36),
         })
     }
 

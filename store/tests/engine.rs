@@ -274,19 +274,28 @@ fn damage_below_the_durable_point_is_told_from_a_torn_tail() {
     let config = small_config(1, 16);
     let (mem, points) = durable_point_scenario(&config);
     assert!(!reopen_finds_loss(&config, &mem, Some(points.clone())), "nothing was damaged");
+    // That start-up sealed the open block and synced it: record 21 is durable now.
+    mem.corrupt(find_run(&mem, 21), 4);
+    assert!(reopen_finds_loss(&config, &mem, Some(points.clone())), "record 21 was sealed by the last start-up");
 
+    let (mem, points) = durable_point_scenario(&config);
     mem.corrupt(find_run(&mem, 21), 4);
     assert!(!reopen_finds_loss(&config, &mem, Some(points.clone())), "a torn record after the durable point is no loss");
+    assert!(!reopen_finds_loss(&config, &mem, Some(points.clone())), "nor in the next life");
 
     let (mem, points) = durable_point_scenario(&config);
     mem.corrupt(find_run(&mem, 3), 4);
     assert!(reopen_finds_loss(&config, &mem, None), "the sealed block's trailer shows the loss without points");
     assert!(reopen_finds_loss(&config, &mem, Some(points)));
 
-    let (mem, points) = durable_point_scenario(&config);
+    // (Each start-up seals the open block as it finds it: a fresh scenario per judgement.)
+    let (mem, _) = durable_point_scenario(&config);
     mem.corrupt(find_run(&mem, 15), 4);
     assert!(!reopen_finds_loss(&config, &mem, None), "without points the open block's tail cannot be judged");
+    let (mem, points) = durable_point_scenario(&config);
+    mem.corrupt(find_run(&mem, 15), 4);
     assert!(reopen_finds_loss(&config, &mem, Some(points.clone())), "a record of the open block below the durable point");
+    assert!(reopen_finds_loss(&config, &mem, Some(points.clone())), "a damaged block is not sealed: the loss shows again");
 
     // A whole record of the sealed block zeroed (no fault to see: only its trailer's count).
     let (mem, points) = durable_point_scenario(&config);
@@ -881,4 +890,55 @@ fn a_forgotten_group_is_reclaimed_and_stays_forgotten_after_a_restart() {
         assert_eq!(found, expected, "key {:02x?} of group {} after the restart", &key.digest[..4], group_of(key));
     }
     assert_eq!(ns.stats().records, 120 - in_group_1 + back.len() as u64);
+}
+
+/// Device offset of the last run of 64 `fill` bytes.
+fn find_last_run(mem: &MemDevice, fill: u8) -> u64 {
+    let mut all = vec![0u8; mem.size_bytes() as usize];
+    mem.read_at(&mut all, 0).unwrap();
+    all.windows(64).rposition(|w| w.iter().all(|&b| b == fill)).expect("the record is on the device") as u64
+}
+
+/// Defragmentation copies records that were acknowledged long ago into the open block, and
+/// frees their originals once the copies are durable. Nothing replays those records (the log
+/// that wrote them is gone), so damage to a copy is a loss even when it lies past the durable
+/// point recorded before the defragmentation: the scan must say so, never take it for a torn
+/// tail.
+#[test]
+fn damage_to_a_defragmented_copy_is_a_loss_not_a_torn_tail() {
+    let config = NamespaceConfig { defrag_lwm_pct: 50, ..small_config(1, 16) };
+    let mem = Arc::new(MemDevice::new("dev0", 16 * 64 * 1024));
+    let ns = mem_open(&config, vec![mem.clone()], None);
+    for k in 1..=14 {
+        put(&ns, k, 5000, k as u8).unwrap();
+    }
+    let points = ns.flush_to_durable_point().unwrap();
+    // Records 1..=10 move on (new values after the durable point): the first block keeps 11
+    // and 12 only, falls under the low-water mark, and defragmentation copies them.
+    for k in 1..=10 {
+        put(&ns, k, 5000, 100 + k as u8).unwrap();
+    }
+    wait_until("the first block to be defragmented", || ns.stats().defrag_blocks > 0);
+    ns.close().unwrap();
+    let copy = find_last_run(&mem, 11);
+    assert!(copy > find_run(&mem, 11), "record 11 was copied");
+    assert!(!reopen_finds_loss(&config, &mem, Some(points.clone())), "nothing was damaged");
+    mem.corrupt(copy, 4);
+    assert!(reopen_finds_loss(&config, &mem, Some(points)), "the only copy of record 11 is damaged");
+}
+
+/// A block left open by a crash has no trailer for ever after. Later lives move the durable
+/// point past it; that must not make its intact records look damaged.
+#[test]
+fn a_block_left_open_by_a_crash_is_no_loss_in_later_lives() {
+    let config = small_config(1, 16);
+    let (mem, _) = durable_point_scenario(&config);
+    let options = || OpenOptions { devices: Some(vec![mem.clone() as Arc<dyn Device>]), ..Default::default() };
+    let ns = Namespace::open(config.clone(), options()).unwrap();
+    for k in 30..=60 {
+        put(&ns, k, 5000, k as u8).unwrap();
+    }
+    let points = ns.flush_to_durable_point().unwrap();
+    ns.close().unwrap();
+    assert!(!reopen_finds_loss(&config, &mem, Some(points)), "the earlier life's open block is intact");
 }

@@ -101,13 +101,15 @@ impl Inner {
                 return Err(err);
             }
         };
-        // The copies must be durable before the originals stop counting.
-        {
+        // The copies must be durable before the originals stop counting; the free header
+        // records how far (the start-up scan's proof that damage to a copy is a loss).
+        let durable_lsn = {
             let st = self.state.lock().unwrap();
             let lsn = st.devices[device as usize].appended_lsn;
             drop(self.wait_durable(st, device, lsn)?);
-        }
-        self.write_free_header(device, block)?;
+            lsn
+        };
+        self.write_free_header(device, block, durable_lsn)?;
         let mut st = self.state.lock().unwrap();
         let dev = &mut st.devices[device as usize];
         let info = &mut dev.blocks[block as usize];
@@ -169,7 +171,8 @@ impl Inner {
     }
 
     /// Marks the block free on the device (one sector, synced): its old records stop counting.
-    pub(crate) fn write_free_header(&self, device: u16, block: u32) -> Result<()> {
+    /// `durable_lsn`: the device's log is durable up to there (see `BlockHeader::durable_lsn`).
+    pub(crate) fn write_free_header(&self, device: u16, block: u32, durable_lsn: u64) -> Result<()> {
         let dev_io = &self.devices[device as usize];
         let mut sector = vec![0u8; SECTOR_BYTES];
         let header = BlockHeader {
@@ -179,6 +182,7 @@ impl Inner {
             device_id: self.device_ids[device as usize],
             lsn_base: 0,
             version: crate::format::FORMAT_VERSION as u16,
+            durable_lsn,
         };
         sector[..BLOCK_HEADER_BYTES].copy_from_slice(&header.encode());
         let _io_lock = self.io_locks[device as usize].lock().unwrap();

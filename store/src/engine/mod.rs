@@ -133,6 +133,8 @@ pub struct ScanReport {
     /// Devices that are not the ones the durable points were recorded on (replaced or
     /// reformatted): everything they held is gone from this copy.
     pub replaced_devices: Vec<u16>,
+    /// Blocks left open by the last stop (no trailer) that start-up sealed.
+    pub blocks_sealed_at_start: u64,
     pub elapsed_ms: u64,
 }
 

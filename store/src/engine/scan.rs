@@ -13,8 +13,8 @@ use crate::config::NamespaceConfig;
 use crate::device::{Device, FileDevice};
 use crate::error::{Error, Result};
 use crate::format::{
-    BlockHeader, BlockItem, BlockTrailer, BlockWalker, DeviceHeader, RecordFault, BLOCK_HEADER_BYTES,
-    BLOCK_STATE_IN_USE, DEVICE_HEADER_BYTES,
+    align_up, BlockHeader, BlockItem, BlockTrailer, BlockWalker, DeviceHeader, RecordFault, BLOCK_HEADER_BYTES,
+    BLOCK_STATE_IN_USE, BLOCK_TRAILER_BYTES, DEVICE_HEADER_BYTES, RECORD_ALIGN_BYTES,
 };
 
 /// Faults logged one by one per device before only counting them.
@@ -61,12 +61,18 @@ pub(crate) fn open(config: NamespaceConfig, options: OpenOptions) -> Result<Inne
             report.replaced_devices.push(index as u16);
         }
         let void = options.void_points.as_ref().filter(|v| v.groups > 0).map(|v| (v.groups, v.for_device(index as u16, device_id)));
-        let next_lsn = scan_device(&config, index as u16, device_id, device.as_ref(), durable_lsn, void.as_ref(), &mut state, &mut report)?;
+        let found = scan_device(&config, index as u16, device_id, device.as_ref(), void.as_ref(), &mut state, &mut report)?;
+        // The recorded point or the highest a block header states, whichever is further.
+        let durable_lsn = match (durable_lsn, found.header_durable_lsn) {
+            (recorded, 0) => recorded,
+            (recorded, from_headers) => Some(recorded.unwrap_or(0).max(from_headers)),
+        };
+        judge_trailerless(&config, index as u16, device.as_ref(), durable_lsn, found.trailerless, &mut report)?;
         // New blocks continue the device's log positions past everything seen, and past the
         // durable point and the void points even when the blocks that reached them were freed
         // since (a record written later must never fall below a void point).
         let highest_void = void.as_ref().and_then(|(_, lsns)| lsns.iter().max().copied()).unwrap_or(0);
-        let next_lsn = next_lsn.max(durable_lsn.unwrap_or(0)).max(highest_void);
+        let next_lsn = found.next_lsn.max(durable_lsn.unwrap_or(0)).max(highest_void);
         let dev = &mut state.devices[index];
         (dev.appended_lsn, dev.handed_lsn, dev.durable_lsn, dev.requested_lsn) = (next_lsn, next_lsn, next_lsn, next_lsn);
         device_ids.push(device_id);
@@ -195,24 +201,46 @@ fn refuse_unless_blank(device: &dyn Device, block_size: u32) -> Result<()> {
     Ok(())
 }
 
-/// Scans one device into the index. `durable_lsn`, when known, is a log position everything
-/// before which was durable when the process stopped: a fault there is damage to data that was
-/// acknowledged, not a torn tail, and the block goes to `report.damaged_blocks`.
+/// A block in use with no valid trailer: the block open when the process stopped, one left
+/// open by an earlier life, or a sealed block whose trailer was damaged. It is judged once the
+/// whole device is scanned, against the highest durable point found.
+struct Trailerless {
+    block: u32,
+    epoch: u64,
+    lsn_base: u64,
+    records_end: usize,
+    /// Records found, and where the last one before any fault ends.
+    records: u32,
+    records_end_before_fault: usize,
+    first_fault: Option<usize>,
+    tail_garbage_at: Option<usize>,
+}
+
+/// What scanning one device found beyond the index.
+struct DeviceScan {
+    /// The log position after the last block found.
+    next_lsn: u64,
+    /// The highest durable point the device's block headers record (0: none).
+    header_durable_lsn: u64,
+    trailerless: Vec<Trailerless>,
+}
+
+/// Scans one device into the index. Sealed blocks are judged as they are read: their trailer
+/// says what they hold, so any fault there is damage (`report.damaged_blocks`). Blocks without
+/// a trailer are returned for `judge_trailerless`.
 /// `void` is (groups, per group the position below which its records are void on this
 /// device): such records are not indexed (their space is reclaimed like a superseded
-/// version's). Returns the log position after the last block found.
-#[allow(clippy::too_many_arguments)]
+/// version's).
 fn scan_device(
     config: &NamespaceConfig,
     device_index: u16,
     device_id: u64,
     device: &dyn Device,
-    durable_lsn: Option<u64>,
     void: Option<&(u32, Vec<u64>)>,
     st: &mut State,
     report: &mut ScanReport,
-) -> Result<u64> {
-    let mut next_lsn = 0;
+) -> Result<DeviceScan> {
+    let mut found = DeviceScan { next_lsn: 0, header_durable_lsn: 0, trailerless: Vec::new() };
     let block_size = config.write_block_size as usize;
     let block_count = st.devices[device_index as usize].blocks.len() as u32;
     let path = device.path().to_owned();
@@ -238,10 +266,14 @@ fn scan_device(
             report.blocks_scanned += 1;
             report.bytes_scanned += block_size as u64;
             let dev = &mut st.devices[device_index as usize];
+            let decoded = BlockHeader::decode(&buf).filter(|h| h.block_index == block && h.device_id == device_id);
+            if let Some(header) = decoded {
+                // Free or in use, a header of this device states a durable point truly.
+                found.header_durable_lsn = found.header_durable_lsn.max(header.durable_lsn);
+            }
             // Ours, in use, in its place: anything else (zeros, free, torn, another device's or
             // an earlier formatting's block) holds no records.
-            let ours = |h: &BlockHeader| h.state == BLOCK_STATE_IN_USE && h.block_index == block && h.device_id == device_id;
-            let Some(header) = BlockHeader::decode(&buf).filter(ours) else {
+            let Some(header) = decoded.filter(|h| h.state == BLOCK_STATE_IN_USE) else {
                 if BlockHeader::looks_damaged(&buf, block) {
                     report.damaged_block_headers += 1;
                     report.damaged_blocks.push((device_index, block));
@@ -255,28 +287,31 @@ fn scan_device(
             };
             dev.blocks[block as usize].state = BlockState::InUse;
             dev.blocks[block as usize].epoch = header.epoch;
-            next_lsn = next_lsn.max(header.lsn_base + block_size as u64);
+            found.next_lsn = found.next_lsn.max(header.lsn_base + block_size as u64);
             // Bytes [header, intact_until) must hold records and zero padding only.
             let records_end = header.records_end(block_size);
             let trailer = BlockTrailer::decode(&buf, block, header.epoch).filter(|_| header.has_trailer());
-            let mut damage: Option<&str> = None;
-            let intact_until = match (trailer, durable_lsn) {
-                // A version-1 block has neither trailer nor log position: faults are counted only.
-                _ if !header.has_trailer() => 0,
-                (Some(trailer), _) => trailer.used_len as usize,
-                (None, Some(durable)) if header.lsn_base + block_size as u64 <= durable => {
-                    damage = Some("the block was sealed before the durable point but its trailer is missing or damaged");
-                    records_end
-                }
-                (None, Some(durable)) => durable.saturating_sub(header.lsn_base).min(records_end as u64) as usize,
-                (None, None) => 0,
+            let mut pending = Trailerless {
+                block,
+                epoch: header.epoch,
+                lsn_base: header.lsn_base,
+                records_end,
+                records: 0,
+                records_end_before_fault: BLOCK_HEADER_BYTES,
+                first_fault: None,
+                tail_garbage_at: None,
             };
-            let mut records_in_block = 0u32;
+            // A version-1 block has neither trailer nor log position: faults are counted only.
+            let intact_until = trailer.map_or(0, |t| t.used_len as usize);
+            let mut damage: Option<&str> = None;
             let mut walker = BlockWalker::new(&buf[..records_end], block, header.epoch);
             for item in walker.by_ref() {
                 match item {
                     BlockItem::Record { offset, header: record, bytes } => {
-                        records_in_block += 1;
+                        pending.records += 1;
+                        if pending.first_fault.is_none() {
+                            pending.records_end_before_fault = align_up(offset + bytes.len(), RECORD_ALIGN_BYTES);
+                        }
                         report.records_found += 1;
                         let info = &mut st.devices[device_index as usize].blocks[block as usize];
                         info.used_bytes += bytes.len() as u32;
@@ -309,6 +344,7 @@ fn scan_device(
                             RecordFault::ChecksumMismatch => report.checksum_mismatches += 1,
                             RecordFault::Garbage => report.garbage_regions += 1,
                         }
+                        pending.first_fault.get_or_insert(offset);
                         if offset < intact_until {
                             damage.get_or_insert("a record the block must hold fails its check");
                         }
@@ -320,10 +356,18 @@ fn scan_device(
                     }
                 }
             }
-            if walker.tail_garbage_at().is_some_and(|at| at < intact_until) {
+            pending.tail_garbage_at = walker.tail_garbage_at();
+            if !header.has_trailer() {
+                continue;
+            }
+            let Some(trailer) = trailer else {
+                found.trailerless.push(pending);
+                continue;
+            };
+            if pending.tail_garbage_at.is_some_and(|at| at < intact_until) {
                 damage.get_or_insert("bytes the block's records must fill were overwritten");
             }
-            if trailer.is_some_and(|t| t.records != records_in_block) {
+            if trailer.records != pending.records {
                 damage.get_or_insert("the block holds fewer records than its trailer says");
             }
             if let Some(why) = damage {
@@ -337,7 +381,64 @@ fn scan_device(
     if faults > FAULT_LOG_LINES_MAX {
         tracing::warn!(device = %path.display(), faults, "more skipped records than logged one by one");
     }
-    Ok(next_lsn)
+    Ok(found)
+}
+
+/// Judges the blocks without a trailer against `durable_lsn` (everything of the device's log
+/// before it was durable when the process stopped, when known): a fault before it is damage
+/// to data that was acknowledged, not a torn tail. Then seals the intact ones (one synced
+/// trailer sector each, describing what they hold now), so that later lives, whose durable
+/// points pass them, judge them by their trailer rather than take them for sealed blocks
+/// whose trailer was lost. Damaged blocks are left as they are for the node to retire once
+/// their records are restored.
+fn judge_trailerless(
+    config: &NamespaceConfig,
+    device_index: u16,
+    device: &dyn Device,
+    durable_lsn: Option<u64>,
+    trailerless: Vec<Trailerless>,
+    report: &mut ScanReport,
+) -> Result<()> {
+    let block_size = config.write_block_size as u64;
+    let path = device.path();
+    let mut sealed = 0;
+    for block in trailerless {
+        let intact_until = match durable_lsn {
+            Some(durable) if block.lsn_base + block_size <= durable => {
+                Err("the block was sealed before the durable point but its trailer is missing or damaged")
+            }
+            Some(durable) => Ok(durable.saturating_sub(block.lsn_base).min(block.records_end as u64) as usize),
+            None => Ok(0),
+        };
+        let damage = intact_until.and_then(|intact_until| {
+            if block.first_fault.is_some_and(|at| at < intact_until) {
+                Err("a record written before the durable point fails its check")
+            } else if block.tail_garbage_at.is_some_and(|at| at < intact_until) {
+                Err("bytes written before the durable point were overwritten")
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(why) = damage {
+            report.damaged_blocks.push((device_index, block.block));
+            tracing::warn!(device = %path.display(), block = block.block, why, "damaged block: records written before the durable point are lost here");
+            continue;
+        }
+        let trailer = BlockTrailer { used_len: block.records_end_before_fault as u32, records: block.records };
+        let mut sector = vec![0u8; BLOCK_TRAILER_BYTES];
+        sector[..BlockTrailer::BYTES].copy_from_slice(&trailer.encode(block.block, block.epoch));
+        let at = block.block as u64 * block_size + (block_size - BLOCK_TRAILER_BYTES as u64);
+        device.write_at(&sector, at).map_err(|e| Error::io(path, e))?;
+        sealed += 1;
+    }
+    if sealed > 0 {
+        if !config.unsafe_skip_fsync {
+            device.sync().map_err(|e| Error::io(path, e))?;
+        }
+        report.blocks_sealed_at_start += sealed;
+        tracing::info!(device = %path.display(), blocks = sealed, "blocks left open by the last stop were sealed");
+    }
+    Ok(())
 }
 
 /// Hands a block buffer back to the reader when parsing is done with it.

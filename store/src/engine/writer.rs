@@ -108,6 +108,7 @@ impl Inner {
             device_id: self.device_ids[device as usize],
             lsn_base: dev.appended_lsn,
             version: crate::format::FORMAT_VERSION as u16,
+            durable_lsn: dev.durable_lsn,
         };
         buf[..BLOCK_HEADER_BYTES].copy_from_slice(&header.encode());
         dev.blocks[block as usize] = BlockInfo { state: BlockState::Open, epoch, ..BlockInfo::free() };
