@@ -131,8 +131,16 @@ fn leader_killed_during_writes_loses_no_acknowledged_write() {
         assert!(result["ops_per_sec"].as_f64().unwrap() > 0.0, "{result}");
         assert!(result["p50_us"].as_u64().unwrap() <= result["p99_us"].as_u64().unwrap());
         assert!(result["baseline_p50_us"].as_u64().unwrap() > 0);
+        // A local cluster's processes are known: its CPU and context switches are measured.
+        assert!(result["cpu_us_per_op"].as_f64().unwrap() > 0.0, "{result}");
+        assert!(result["context_switches_per_op"].as_f64().unwrap() > 0.0, "{result}");
     }
     assert_eq!(report["read_policy"], "session", "the default read policy: {report}");
+    assert!(report["baseline_inplace_p50_us"].as_u64().unwrap() > 0, "{report}");
+    let bench = chunkctl(dir, &["bench", "kv", "--clients", "1", "--ops", "put", "--seconds", "0.5", "--json"]);
+    let report = chunkstore_tests::last_json_line(&bench);
+    let ops: Vec<_> = report["results"].as_array().unwrap().iter().map(|r| r["op"].clone()).collect();
+    assert_eq!(ops, ["put"], "--ops put measures puts only: {report}");
     // Reads from any up-to-date replica (BENCHMARKS.md, "Reads from any replica").
     let bench = chunkctl(dir, &["bench", "kv", "--clients", "2", "--seconds", "0.5", "--read-policy", "allow-replica", "--json"]);
     let report = chunkstore_tests::last_json_line(&bench);

@@ -232,6 +232,7 @@ pub fn run(options: &FsBenchOptions, mut log: impl FnMut(&str)) -> Result<FsRepo
             read_policy: Default::default(),
             baseline_dir: options.local_dir.clone(),
             node_pids: options.node_pids.clone(),
+            ops: crate::bench_kv::OPS.to_vec(),
         },
         &mut log,
     )?;

@@ -25,7 +25,12 @@ pub struct KvBenchOptions {
     /// The cluster's chunkd processes (a local cluster's), whose CPU time is read from /proc
     /// for `cpu_us_per_op`; empty: not measured.
     pub node_pids: Vec<u32>,
+    /// The operations to measure per client count, in order ("put", "get").
+    pub ops: Vec<&'static str>,
 }
+
+/// The operations `bench kv` measures.
+pub const OPS: [&str; 2] = ["put", "get"];
 
 #[derive(Debug, Serialize)]
 pub struct KvResult {
@@ -40,6 +45,10 @@ pub struct KvResult {
     /// CPU time of every chunkd process of the cluster and of this client process during the
     /// phase, per operation (µs); null when the nodes' processes are not known (`--seeds`).
     pub cpu_us_per_op: Option<f64>,
+    /// Context switches (voluntary and not) of every thread of those processes during the
+    /// phase, per operation: each is a hand-off between threads, the write path's main cost on
+    /// a machine with few cores. Null like `cpu_us_per_op`.
+    pub context_switches_per_op: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,14 +80,15 @@ pub fn run(options: &KvBenchOptions, mut log: impl FnMut(&str)) -> Result<KvRepo
     log(&format!("the same in place (blocks written before): {baseline_inplace_ops_per_sec:.0} ops/s, p50 {baseline_inplace_p50_us} us"));
     let mut results = Vec::new();
     for &clients in &options.clients {
-        for op in ["put", "get"] {
+        for &op in &options.ops {
             let result = phase(options, clients, op, baseline_p50_us)?;
             log(&format!(
-                "{clients:>3} clients {op}: {:.0} ops/s, p50 {} us, p99 {} us{}{}",
+                "{clients:>3} clients {op}: {:.0} ops/s, p50 {} us, p99 {} us{}{}{}",
                 result.ops_per_sec,
                 result.p50_us,
                 result.p99_us,
                 result.cpu_us_per_op.map(|cpu| format!(", {cpu:.0} us CPU per op")).unwrap_or_default(),
+                result.context_switches_per_op.map(|n| format!(", {n:.1} context switches per op")).unwrap_or_default(),
                 if result.in_doubt > 0 { format!(", {} in doubt", result.in_doubt) } else { String::new() }
             ));
             results.push(result);
@@ -135,10 +145,30 @@ fn cpu_time_us(pids: &[u32]) -> Option<u64> {
     Some(total)
 }
 
+/// Context switches of every thread of these processes and of this one, from
+/// /proc/PID/task/*/status; None if a process cannot be read (it exited).
+fn context_switches(pids: &[u32]) -> Option<u64> {
+    let mut total = 0;
+    for dir in pids.iter().map(|pid| format!("/proc/{pid}/task")).chain(["/proc/self/task".to_owned()]) {
+        for task in std::fs::read_dir(dir).ok()?.flatten() {
+            // A thread that ended between the listing and the read is skipped.
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+            for line in status.lines() {
+                if let Some(count) = line.strip_prefix("voluntary_ctxt_switches:").or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:")) {
+                    total += count.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    Some(total)
+}
+
 fn phase(options: &KvBenchOptions, clients: u32, op: &'static str, baseline_p50_us: u64) -> Result<KvResult> {
     let stop = Arc::new(AtomicBool::new(false));
     let in_doubt = Arc::new(AtomicU64::new(0));
-    let cpu_before = (!options.node_pids.is_empty()).then(|| cpu_time_us(&options.node_pids)).flatten();
+    let measured = !options.node_pids.is_empty();
+    let cpu_before = measured.then(|| cpu_time_us(&options.node_pids)).flatten();
+    let switches_before = measured.then(|| context_switches(&options.node_pids)).flatten();
     let started = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|c| {
@@ -178,13 +208,17 @@ fn phase(options: &KvBenchOptions, clients: u32, op: &'static str, baseline_p50_
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_after = cpu_before.and_then(|_| cpu_time_us(&options.node_pids));
-    let cpu_us_per_op = match (cpu_before, cpu_after) {
+    let switches_after = switches_before.and_then(|_| context_switches(&options.node_pids));
+    let per_op = |before: Option<u64>, after: Option<u64>| match (before, after) {
         (Some(before), Some(after)) if !latencies.is_empty() => Some(after.saturating_sub(before) as f64 / latencies.len() as f64),
         _ => None,
     };
+    let cpu_us_per_op = per_op(cpu_before, cpu_after);
+    let context_switches_per_op = per_op(switches_before, switches_after);
     latencies.sort_unstable();
     Ok(KvResult {
         cpu_us_per_op,
+        context_switches_per_op,
         clients,
         op,
         ops: latencies.len() as u64,

@@ -273,6 +273,9 @@ enum BenchCommand {
         /// Namespace to write in.
         #[arg(long, default_value = "test")]
         namespace: String,
+        /// Comma-separated operations to measure per client count (put, get).
+        #[arg(long, value_delimiter = ',', default_value = "put,get")]
+        ops: Vec<String>,
         /// Print one JSON object as the last line.
         #[arg(long)]
         json: bool,
@@ -412,7 +415,13 @@ fn main() -> ExitCode {
             local_cluster::remove_node(&dir, node, Duration::from_secs(timeout_s), &mut |line| eprintln!("{line}"))
         }
         Commands::Fs(ref command) => return fs_command(&cli, command),
-        Commands::Bench(BenchCommand::Kv { ref clients, seconds, read_policy, ref namespace, json }) => (|| {
+        Commands::Bench(BenchCommand::Kv { ref clients, seconds, read_policy, ref namespace, ref ops, json }) => (|| {
+            let ops = ops
+                .iter()
+                .map(|op| {
+                    chunkstore_tools::bench_kv::OPS.into_iter().find(|known| known == op).ok_or_else(|| anyhow::anyhow!("--ops {op}: one of put, get"))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let (seeds, baseline_dir, node_pids) = match (&cli.seeds, &cli.dir) {
                 (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data"), Vec::new()),
                 (_, dir) => {
@@ -430,6 +439,7 @@ fn main() -> ExitCode {
                 read_policy,
                 baseline_dir,
                 node_pids,
+                ops,
             };
             let report = chunkstore_tools::bench_kv::run(&options, |line| eprintln!("{line}"))?;
             if json {
