@@ -32,6 +32,7 @@ mod placeholder;
 mod real;
 mod state;
 mod table;
+mod walk;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -96,6 +97,19 @@ pub(crate) fn shim<T: Failed>(what: &str, body: impl FnOnce() -> Res<T>) -> T {
     let outer = IN_SHIM.with(|flag| flag.replace(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
     IN_SHIM.with(|flag| flag.set(outer));
+    answer(what, result)
+}
+
+/// Runs shim code that calls back into the application (scandir's filter and compar, nftw's
+/// function) and reaches mapped paths through the hooks themselves: unlike `shim`, hooks stay
+/// engaged, so the callback's own calls on mapped paths are served. An Err sets errno and
+/// returns -1 (or NULL), a panic becomes EIO with one line on stderr.
+pub(crate) fn guarded<T: Failed>(what: &str, body: impl FnOnce() -> Res<T>) -> T {
+    answer(what, std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)))
+}
+
+/// What C gets from a shim body's outcome.
+fn answer<T: Failed>(what: &str, result: std::thread::Result<Res<T>>) -> T {
     match result {
         Ok(Ok(value)) => value,
         Ok(Err(errno)) => {
@@ -108,6 +122,12 @@ pub(crate) fn shim<T: Failed>(what: &str, body: impl FnOnce() -> Res<T>) -> T {
             T::failed()
         }
     }
+}
+
+/// errno as the last failed call left it.
+pub(crate) fn errno() -> Errno {
+    // SAFETY: glibc's thread-local errno.
+    unsafe { *libc::__errno_location() }
 }
 
 /// Runs shim code that returns an errno (or 0) instead of setting it (posix_fallocate).

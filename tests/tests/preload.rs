@@ -2,7 +2,8 @@
 //! answers on a mapped path as on a local directory; the sqlite3 CLI and Python's sqlite3 keep
 //! every committed row through kill -9; a Java program (RandomAccessFile, FileChannel force and
 //! lock, an atomic move) runs as it is; threads and forked children write through the shim; a
-//! volume reads the same through the shim and a chunkfs mount; a bad configuration stops the
+//! volume reads the same through the shim and a chunkfs mount; scandir, nftw, ftw,
+//! getdents64 and find walk a mapped tree as a local one; a bad configuration stops the
 //! process before main, and with no mapping the library does nothing.
 
 use std::path::{Path, PathBuf};
@@ -117,6 +118,405 @@ fn coreutils_on_a_mapped_path_answer_as_on_a_local_directory() {
     assert_eq!(mapped.replace(shim.root.to_str().unwrap(), "D"), local.replace(plain.to_str().unwrap(), "D"), "coreutils answer alike");
     // Nothing of it reached the local disk under the mapped prefix.
     assert!(!shim.root.exists(), "the mapped prefix is the volume's, not a local directory");
+}
+
+/// A tree of files, directories and symlinks (one to a file, one to a directory beside the
+/// tree, one dangling) under directory $1.
+const WALK_TREE: &str = r#"
+set -e
+D="$1"
+mkdir -p "$D/t/sub/deeper" "$D/t/skip/inner" "$D/t/sib" "$D/t/empty" "$D/other"
+printf hello > "$D/t/a.txt"; printf bb > "$D/t/b.txt"; printf x > "$D/t/.hidden"
+printf ccc > "$D/t/sub/c.txt"; printf dddd > "$D/t/sub/deeper/d.txt"
+printf h > "$D/t/skip/hidden.txt"; printf e > "$D/t/skip/inner/e.txt"
+for s in 1 2 3; do printf s > "$D/t/sib/s$s"; done
+printf other > "$D/other/o.txt"
+ln -s a.txt "$D/t/filelink"; ln -s ../other "$D/t/dirlink"; ln -s nowhere "$D/t/dangling"
+"#;
+
+/// scandir (a filter, alphasort, scandirat), nftw (FTW_PHYS|FTW_DEPTH, following symlinks,
+/// FTW_MOUNT, FTW_ACTIONRETVAL with FTW_SKIP_SUBTREE, FTW_SKIP_SIBLINGS and FTW_STOP, a
+/// non-zero answer, FTW_CHDIR from absolute and relative starting points), ftw, ftw64 and
+/// getdents64 (small and large buffers, resuming at a d_off, rewinding with lseek, EINVAL,
+/// ENOTDIR), printing what they see; orders that are unspecified are sorted away by the test,
+/// the ones that are specified (pre- and post-order) are checked here.
+const WALKS_PROGRAM: &str = r##"
+// scandir, nftw, ftw and getdents64 on a tree made by the test; prints what it sees, paths
+// relative to argv[1]. The test sorts the lines: orders are checked here.
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static const char *top;
+static size_t top_len;
+static const char *section;
+
+static const char *rel(const char *path) {
+    if (strncmp(path, top, top_len) == 0 && (path[top_len] == '/' || path[top_len] == 0))
+        return path[top_len] ? path + top_len + 1 : ".";
+    return path;
+}
+
+static const char *kind(int flag) {
+    switch (flag) {
+    case FTW_F: return "F";
+    case FTW_D: return "D";
+    case FTW_DNR: return "DNR";
+    case FTW_NS: return "NS";
+    case FTW_SL: return "SL";
+    case FTW_DP: return "DP";
+    case FTW_SLN: return "SLN";
+    }
+    return "?";
+}
+
+// Visit order, for the order checks.
+static char *seen[256];
+static int seen_count;
+
+static void forget_seen(void) {
+    for (int i = 0; i < seen_count; i++) free(seen[i]);
+    seen_count = 0;
+}
+
+static int index_of(const char *path) {
+    for (int i = 0; i < seen_count; i++)
+        if (!strcmp(seen[i], path)) return i;
+    return -1;
+}
+
+// Every directory is visited before (pre-order) or after (post-order) what it holds.
+static void check_order(int post) {
+    int parents = 0, bad = 0;
+    for (int i = 0; i < seen_count; i++) {
+        char parent[4096];
+        snprintf(parent, sizeof parent, "%s", seen[i]);
+        char *slash = strrchr(parent, '/');
+        if (!slash) continue;
+        *slash = 0;
+        int p = index_of(parent);
+        if (p < 0) continue;
+        parents++;
+        if (post ? p < i : p > i) bad++;
+    }
+    printf("%s order: %s (%d checked)\n", section, bad ? "broken" : "ok", parents);
+    forget_seen();
+}
+
+static void show(const char *path, const struct stat *st, int flag, struct FTW *f) {
+    if (seen_count < 256) seen[seen_count++] = strdup(path);
+    printf("%s %s %s level=%d base=%s", section, kind(flag), rel(path), f->level, path + f->base);
+    if (flag == FTW_F || flag == FTW_SL || flag == FTW_SLN) printf(" size=%lld", (long long)st->st_size);
+    if (flag == FTW_SL || flag == FTW_SLN) printf(" link=%d", S_ISLNK(st->st_mode));
+    printf("\n");
+}
+
+static int visit(const char *path, const struct stat *st, int flag, struct FTW *f) {
+    show(path, st, flag, f);
+    return FTW_CONTINUE;
+}
+
+// FTW_CHDIR: where the function runs, and whether the last name is found from there.
+static int visit_chdir(const char *path, const struct stat *st, int flag, struct FTW *f) {
+    show(path, st, flag, f);
+    char cwd[4096];
+    struct stat here;
+    printf("%s cwd %s: %s, %s found=%d\n", section, kind(flag), rel(path), getcwd(cwd, sizeof cwd) ? rel(cwd) : "?",
+           lstat(path + f->base, &here) == 0);
+    return FTW_CONTINUE;
+}
+
+// FTW_ACTIONRETVAL: skip the subtree of "skip", and the siblings of sib's first entry.
+static int visit_skipping(const char *path, const struct stat *st, int flag, struct FTW *f) {
+    const char *name = path + f->base;
+    if (strstr(path, "/sib/")) {
+        printf("%s %s sib/? level=%d\n", section, kind(flag), f->level);
+        return FTW_SKIP_SIBLINGS;
+    }
+    show(path, st, flag, f);
+    if (flag == FTW_D && !strcmp(name, "skip")) return FTW_SKIP_SUBTREE;
+    return FTW_CONTINUE;
+}
+
+static int calls_after_stop, stopped, stop_value;
+
+static int visit_stopping(const char *path, const struct stat *st, int flag, struct FTW *f) {
+    (void)path, (void)st, (void)f;
+    if (stopped) calls_after_stop++;
+    if (flag == FTW_F && !stopped) {
+        stopped = 1;
+        return stop_value;
+    }
+    return 0;
+}
+
+static int visit_ftw(const char *path, const struct stat *st, int flag) {
+    printf("%s %s %s", section, kind(flag), rel(path));
+    if (flag == FTW_F) printf(" size=%lld", (long long)st->st_size);
+    printf("\n");
+    return 0;
+}
+
+static int visit_ftw64(const char *path, const struct stat64 *st, int flag) {
+    return visit_ftw(path, (const struct stat *)st, flag);
+}
+
+static int no_dots(const struct dirent *e) { return e->d_name[0] != '.'; }
+
+static int by_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+static void print_list(const char *what, int n, struct dirent **list, int sort) {
+    if (n < 0) {
+        printf("%s: -1 %s\n", what, strerrorname_np(errno));
+        return;
+    }
+    char **names = malloc(sizeof(char *) * (n ? n : 1));
+    for (int i = 0; i < n; i++) names[i] = list[i]->d_name;
+    if (sort) qsort(names, n, sizeof(char *), by_name);
+    printf("%s: %d:", what, n);
+    for (int i = 0; i < n; i++) printf(" %s", names[i]);
+    printf("\n");
+    for (int i = 0; i < n; i++) free(list[i]);
+    free(list);
+    free(names);
+}
+
+#define LIST(what, call, sort) do { int n_ = (call); print_list(what, n_, list, sort); } while (0)
+
+static void walk(const char *name, const char *path, int (*fn)(const char *, const struct stat *, int, struct FTW *), int flags) {
+    section = name;
+    int rc = nftw(path, fn, 4, flags);
+    printf("%s returned %d%s%s\n", name, rc, rc < 0 ? " " : "", rc < 0 ? strerrorname_np(errno) : "");
+}
+
+static void path_of(char *out, const char *name) { snprintf(out, 4096, "%s/%s", top, name); }
+
+static void dents(int fd, size_t size) {
+    char buf[4096] __attribute__((aligned(8)));
+    char *names[64];
+    int n = 0, calls = 0, shapes_ok = 1;
+    long long offs[64];
+    for (;;) {
+        ssize_t got = getdents64(fd, buf, size);
+        if (got < 0) {
+            printf("getdents64 %zu: -1 %s\n", size, strerrorname_np(errno));
+            return;
+        }
+        if (got == 0) break;
+        calls++;
+        for (ssize_t at = 0; at < got;) {
+            struct dirent64 *d = (struct dirent64 *)(buf + at);
+            if (d->d_reclen % 8 || d->d_reclen < 19 + strlen(d->d_name) + 1) shapes_ok = 0;
+            if (n < 64) {
+                offs[n] = d->d_off;
+                names[n] = malloc(300);
+                snprintf(names[n], 300, "%.255s:%d", d->d_name, d->d_type);
+                n++;
+            }
+            at += d->d_reclen;
+        }
+    }
+    // Resuming from the second record's d_off reads the third record first.
+    char third[300], resumed[300] = "";
+    snprintf(third, sizeof third, "%s", n > 2 ? names[2] : "");
+    long long second_off = n > 1 ? offs[1] : 0;
+    qsort(names, n, sizeof(char *), by_name);
+    printf("getdents64 %zu: %d records, %s calls, records %s:", size, n, calls > 1 ? "several" : "one", shapes_ok ? "aligned" : "misshapen");
+    for (int i = 0; i < n; i++) printf(" %s", names[i]), free(names[i]);
+    printf("\n");
+    printf("getdents64 %zu: at the end %zd\n", size, getdents64(fd, buf, size));
+    if (lseek(fd, second_off, SEEK_SET) == second_off && getdents64(fd, buf, sizeof buf) > 0)
+        snprintf(resumed, sizeof resumed, "%.255s:%d", ((struct dirent64 *)buf)->d_name, ((struct dirent64 *)buf)->d_type);
+    printf("getdents64 %zu: resume at d_off %s\n", size, strcmp(third, resumed) ? "wrong" : "ok");
+    printf("getdents64 %zu: rewind %lld\n", size, (long long)lseek(fd, 0, SEEK_SET));
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) return 2;
+    top = argv[1];
+    top_len = strlen(top);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    char t[4096], p[4096];
+    path_of(t, "t");
+
+    // scandir: a filter and alphasort; no filter and no sort; errors; scandirat.
+    struct dirent **list;
+    int n = scandir(t, &list, no_dots, alphasort);
+    if (n >= 0) {
+        printf("scandir alphasort %d:", n);
+        for (int i = 0; i < n; i++) printf(" %s:%d", list[i]->d_name, list[i]->d_type);
+        printf("\n");
+        for (int i = 0; i < n; i++) free(list[i]);
+        free(list);
+    } else
+        printf("scandir alphasort: -1 %s\n", strerrorname_np(errno));
+    LIST("scandir all", scandir(t, &list, NULL, NULL), 1);
+    path_of(p, "t/sub");
+    LIST("scandir64 sub", scandir64(p, (struct dirent64 ***)&list, NULL, alphasort64), 0);
+    path_of(p, "t/empty");
+    LIST("scandir empty", scandir(p, &list, no_dots, alphasort), 0);
+    path_of(p, "t/a.txt");
+    LIST("scandir file", scandir(p, &list, NULL, NULL), 0);
+    path_of(p, "t/missing");
+    LIST("scandir missing", scandir(p, &list, NULL, NULL), 0);
+    int tfd = open(t, O_RDONLY | O_DIRECTORY);
+    LIST("scandirat sub", scandirat(tfd, "sub", &list, no_dots, alphasort), 0);
+    LIST("scandirat dirlink", scandirat(tfd, "dirlink", &list, no_dots, alphasort), 0);
+    close(tfd);
+
+    // nftw: post-order without following symlinks; pre-order following them; skips; stops.
+    walk("phys-depth", t, visit, FTW_PHYS | FTW_DEPTH);
+    check_order(1);
+    walk("follow", t, visit, 0);
+    check_order(0);
+    walk("mount-phys", t, visit, FTW_MOUNT | FTW_PHYS);
+    forget_seen();
+    walk("skipping", t, visit_skipping, FTW_ACTIONRETVAL | FTW_PHYS);
+    check_order(0);
+    stop_value = FTW_STOP;
+    walk("stop", t, visit_stopping, FTW_ACTIONRETVAL);
+    printf("stop: calls after %d\n", calls_after_stop);
+    stopped = calls_after_stop = 0;
+    stop_value = 42;
+    walk("value", t, visit_stopping, FTW_PHYS);
+    printf("value: calls after %d\n", calls_after_stop);
+    path_of(p, "t/a.txt");
+    walk("file", p, visit, 0);
+    path_of(p, "t/dangling");
+    walk("dangling", p, visit, 0);
+    walk("dangling-phys", p, visit, FTW_PHYS);
+    path_of(p, "t/missing");
+    walk("missing", p, visit, 0);
+    walk("bad-flags", t, visit, 1 << 10);
+
+    // FTW_CHDIR, from an absolute and from relative starting points; the working directory
+    // is back where it was afterwards.
+    char before[4096], after[4096];
+    getcwd(before, sizeof before);
+    walk("chdir", t, visit_chdir, FTW_CHDIR | FTW_PHYS);
+    forget_seen();
+    walk("chdir-depth", t, visit_chdir, FTW_CHDIR | FTW_PHYS | FTW_DEPTH);
+    forget_seen();
+    getcwd(after, sizeof after);
+    printf("chdir: working directory %s\n", strcmp(before, after) ? "moved" : "restored");
+    if (chdir(top) != 0) return 3;
+    walk("relative", "t/sub/", visit, FTW_PHYS);
+    walk("relative-chdir", "t", visit_chdir, FTW_PHYS | FTW_CHDIR);
+    forget_seen();
+    if (chdir("t") != 0) return 3;
+    walk("dot-chdir", ".", visit_chdir, FTW_PHYS | FTW_CHDIR | FTW_DEPTH);
+    forget_seen();
+    getcwd(after, sizeof after);
+    printf("dot-chdir: working directory %s\n", rel(after));
+
+    // ftw: symlinks followed, ftw's typeflags.
+    section = "ftw";
+    printf("ftw returned %d\n", ftw(t, visit_ftw, 2));
+    section = "ftw64";
+    printf("ftw64 returned %d\n", ftw64(t, visit_ftw64, 2));
+
+    // getdents64: a buffer of a record or two, then a large one; too small; on a file.
+    int fd = open(t, O_RDONLY | O_DIRECTORY);
+    dents(fd, 64);
+    dents(fd, 4096); // after the rewind: everything again
+    char tiny[8];
+    ssize_t got = getdents64(fd, tiny, sizeof tiny);
+    printf("getdents64 tiny: %zd %s\n", got, strerrorname_np(errno));
+    close(fd);
+    path_of(p, "t/a.txt");
+    fd = open(p, O_RDONLY);
+    char buf[512];
+    got = getdents64(fd, buf, sizeof buf);
+    printf("getdents64 file: %zd %s\n", got, strerrorname_np(errno));
+    close(fd);
+    return 0;
+}
+"##;
+
+/// scandir, nftw, ftw and getdents64 on a mapped tree answer exactly as on a local directory
+/// (glibc's own scandir and nftw reach mapped paths through internal calls the shim cannot
+/// see, and failed with ENOENT), and find (gnulib's fts) walks it alike.
+#[test]
+fn directory_walks_on_a_mapped_tree_answer_as_on_a_local_directory() {
+    let shim = Shim::new();
+    let _down = Down(&shim.data);
+    let source = shim.local.join("walks.c");
+    std::fs::write(&source, WALKS_PROGRAM).unwrap();
+    let program = shim.local.join("walks");
+    let compiled = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&program).arg(&source).output().expect("cc runs (./dev installs gcc)");
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    // The local directory by its canonical path: getcwd answers with that one (FTW_CHDIR).
+    let plain = shim.local.join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    let plain = std::fs::canonicalize(plain).unwrap();
+    // Sorted lines of a command run under the library (unmapped paths pass through it).
+    let sorted = |program: &Path, args: &[&str], dir: &Path| {
+        let output = shim.command(program.to_str().unwrap()).args(args).arg(dir).current_dir(&shim.local).output().unwrap();
+        assert!(output.status.success(), "{} on {}: {}", program.display(), dir.display(), String::from_utf8_lossy(&output.stderr));
+        let stdout = String::from_utf8_lossy(&output.stdout).replace(dir.to_str().unwrap(), "D");
+        let mut lines: Vec<String> = stdout.lines().map(str::to_owned).collect();
+        lines.sort();
+        lines
+    };
+    for dir in [&plain, &shim.root] {
+        sorted(Path::new("sh"), &["-c", WALK_TREE, "tree"], dir);
+    }
+    let local = sorted(&program, &[], &plain);
+    let mapped = sorted(&program, &[], &shim.root);
+    // What the program sees on a real filesystem, so that equal answers mean something.
+    for line in [
+        "scandir alphasort 9: a.txt:8 b.txt:8 dangling:10 dirlink:10 empty:4 filelink:10 sib:4 skip:4 sub:4",
+        "scandir all: 12: . .. .hidden a.txt b.txt dangling dirlink empty filelink sib skip sub",
+        "scandirat dirlink: 1: o.txt",
+        "scandir missing: -1 ENOENT",
+        "phys-depth DP t level=0 base=t",
+        "phys-depth SL t/dirlink level=1 base=dirlink size=8 link=1",
+        "phys-depth order: ok (19 checked)",
+        "follow F t/dirlink/o.txt level=2 base=o.txt size=5",
+        "follow SLN t/dangling level=1 base=dangling size=7 link=1",
+        "follow order: ok (20 checked)",
+        "skipping D t/skip level=1 base=skip",
+        "skipping F sib/? level=2",
+        "stop returned 1",
+        "stop: calls after 0",
+        "value returned 42",
+        "chdir cwd F: t/sub/deeper/d.txt, t/sub/deeper found=1",
+        "chdir-depth cwd DP: t/sub, t/sub found=0",
+        "chdir: working directory restored",
+        "relative D t/sub level=0 base=sub",
+        "dot-chdir: working directory t",
+        "ftw NS t/dangling",
+        "ftw64 F t/filelink size=5",
+        "getdents64 64: 12 records, several calls, records aligned: ..:4 .:4 .hidden:8 a.txt:8 b.txt:8 dangling:10 dirlink:10 empty:4 filelink:10 sib:4 skip:4 sub:4",
+        "getdents64 4096: resume at d_off ok",
+        "getdents64 tiny: -1 EINVAL",
+        "getdents64 file: -1 ENOTDIR",
+    ] {
+        assert!(local.iter().any(|l| l == line), "{line:?} is not in the local run:\n{}", local.join("\n"));
+    }
+    assert!(!local.iter().any(|l| l.starts_with("skipping F t/skip/")), "FTW_SKIP_SUBTREE skips: {local:?}");
+    let only = |a: &[String], b: &[String]| a.iter().filter(|l| !b.contains(l)).cloned().collect::<Vec<_>>();
+    assert_eq!(mapped, local, "only on the volume: {:?}\nonly local: {:?}", only(&mapped, &local), only(&local, &mapped));
+    // find walks with fts (openat, fdopendir, fstatat): the shim's hooks already serve it.
+    for (options, args) in [(&[][..], &["-printf", "%y %d %P %l\n"][..]), (&["-L"], &["-printf", "%y %d %P %l\n"]), (&[], &["-type", "f", "-printf", "%P %s\n"])] {
+        let find = |dir: &Path| {
+            let output = shim.command("find").args(options).arg(dir.join("t")).args(args).output().unwrap();
+            assert!(output.status.success(), "find {options:?} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+            let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect();
+            lines.sort();
+            lines
+        };
+        let local = find(&plain);
+        assert!(local.len() >= 10, "find {options:?} {args:?} lists the tree: {local:?}");
+        assert_eq!(find(&shim.root), local, "find {options:?} {args:?}");
+    }
 }
 
 /// tail -f follows a file another process appends to through the shim.
