@@ -1,6 +1,6 @@
 //! File tree walks from a mapped path: nftw, nftw64, ftw and ftw64. glibc's walk stats and
 //! lists with internal calls the shim cannot see (`__lstat`, `__opendir`, `__readdir64`), so on
-//! a mapped path every lookup failed; here the walk is glibc's (io/ftw.c: the same order of
+//! a mapped path every lookup failed; here the walk behaves as glibc's (the same order of
 //! calls, typeflags, `struct FTW` and FTW_ACTIONRETVAL answers) made of the shim's own hooks
 //! (stat, lstat, opendir, readdir, chdir), so a symlink out of the volume is followed by libc
 //! as those hooks do.
