@@ -2,8 +2,8 @@
 //! FILE reads and writes its descriptor with internal calls too, so a mapped path (or a
 //! mapped descriptor given to fdopen) gets a FILE of `fopencookie` whose read, write, seek and
 //! close are the shim's. Everything that works on a FILE works on it, `fileno` included
-//! (`set_fileno`). freopen onto a mapped path is refused (ENOTSUP: the FILE it must reuse is
-//! glibc's own).
+//! (`set_fileno`). freopen onto a mapped path works for the standard streams (see
+//! `freopen_mapped`).
 
 use libc::{c_char, c_int, c_void, off64_t, size_t, ssize_t, FILE};
 
@@ -193,24 +193,93 @@ pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut FILE {
     }
 }
 
+/// freopen onto a mapped path. glibc's freopen reuses the FILE it is given, whose reads and
+/// writes are glibc's internal calls; a FILE of the shim's cannot take its place in memory. For
+/// the standard streams (by far the common case: `freopen("/data/log", "a", stdout)`) the
+/// variable holds the stream, so the shim does what freopen does through it: the old stream is
+/// flushed, the file opened onto the same descriptor number (0, 1 or 2, so `write(1, ...)`
+/// reaches it too), and `stdin`, `stdout` or `stderr` set to a FILE of the shim's over it,
+/// which is returned. The old FILE is left open and unused. Any other stream is refused with
+/// ENOTSUP and one line on stderr: closing it and returning a new one would leave a caller that
+/// keeps using its old pointer with freed memory.
+unsafe fn freopen_mapped(mapped: paths::Mapped, mode: *const c_char, stream: *mut FILE) -> *mut FILE {
+    // SAFETY: glibc's standard stream variables, read only.
+    let standard = unsafe {
+        [stdin, stdout, stderr].iter().position(|&s| s == stream && !stream.is_null())
+    };
+    let Some(number) = standard else {
+        crate::log("freopen onto a mapped path works for stdin, stdout and stderr only (ENOTSUP)");
+        crate::set_errno(libc::ENOTSUP);
+        return std::ptr::null_mut();
+    };
+    if mode.is_null() {
+        crate::set_errno(libc::EINVAL);
+        return std::ptr::null_mut();
+    }
+    // SAFETY: the caller's stream, still glibc's.
+    unsafe { libc::fflush(stream) };
+    // A symlink that leads out of the volume: libc's freopen takes the path it leads to.
+    let mut outside: Option<std::ffi::CString> = None;
+    let fd: c_int = shim("freopen", || {
+        // SAFETY: the caller's NUL-terminated mode.
+        let flags = mode_flags(unsafe { std::ffi::CStr::from_ptr(mode) }.to_bytes())?;
+        match files::open(&mapped, flags & !libc::O_CLOEXEC, 0o666)? {
+            Opened::Fd(fd) => Ok(fd),
+            Opened::Outside(target) => {
+                outside = Some(std::ffi::CString::new(target).map_err(|_| libc::EINVAL)?);
+                Ok(-1)
+            }
+        }
+    });
+    if let Some(target) = outside {
+        return pass!(freopen: unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE; target.as_ptr(), mode, stream);
+    }
+    if fd < 0 {
+        return std::ptr::null_mut();
+    }
+    let number = number as c_int;
+    // SAFETY: the shim's dup2 (the target number is the standard descriptor freopen reuses).
+    let duplicated = unsafe { crate::hooks_fd::dup2(fd, number) };
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+    let _ = crate::hooks_fd::forget_and_close(fd);
+    if duplicated != number {
+        crate::set_errno(errno);
+        return std::ptr::null_mut();
+    }
+    let file: *mut FILE = shim("freopen", || cookie_file(number, mode));
+    if file.is_null() {
+        return file;
+    }
+    // SAFETY: glibc's standard stream variables: replaced as freopen would have reused them.
+    unsafe {
+        match number {
+            0 => stdin = file,
+            1 => stdout = file,
+            _ => {
+                libc::setvbuf(file, std::ptr::null_mut(), libc::_IONBF, 0);
+                stderr = file;
+            }
+        }
+    }
+    file
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn freopen(path: *const c_char, mode: *const c_char, stream: *mut FILE) -> *mut FILE {
     // SAFETY: the caller's path.
-    if unsafe { paths::classify(libc::AT_FDCWD, path) }.is_some() {
-        crate::log("freopen onto a mapped path is not supported (ENOTSUP)");
-        crate::set_errno(libc::ENOTSUP);
-        return std::ptr::null_mut();
+    match unsafe { paths::classify(libc::AT_FDCWD, path) } {
+        // SAFETY: the caller's arguments.
+        Some(mapped) => unsafe { freopen_mapped(mapped, mode, stream) },
+        None => pass!(freopen: unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE; path, mode, stream),
     }
-    pass!(freopen: unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE; path, mode, stream)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn freopen64(path: *const c_char, mode: *const c_char, stream: *mut FILE) -> *mut FILE {
     // SAFETY: the caller's path.
-    if unsafe { paths::classify(libc::AT_FDCWD, path) }.is_some() {
-        crate::log("freopen onto a mapped path is not supported (ENOTSUP)");
-        crate::set_errno(libc::ENOTSUP);
-        return std::ptr::null_mut();
+    match unsafe { paths::classify(libc::AT_FDCWD, path) } {
+        // SAFETY: the caller's arguments.
+        Some(mapped) => unsafe { freopen_mapped(mapped, mode, stream) },
+        None => pass!(freopen64: unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE; path, mode, stream),
     }
-    pass!(freopen64: unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE; path, mode, stream)
 }

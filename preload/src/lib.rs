@@ -145,6 +145,21 @@ pub(crate) fn shim_errno(what: &str, body: impl FnOnce() -> Res<()>) -> libc::c_
 /// line itself).
 pub(crate) fn log(message: &str) {
     let line = format!("libchunkpreload: {message}\n");
+    thread_local! {
+        static LOGGING: Cell<bool> = const { Cell::new(false) };
+    }
+    // Standard error moved onto a mapped file (`2> /data/log`, freopen): the line goes to that
+    // file through the file layer (its placeholder refuses writes). A line logged while doing
+    // so goes to the placeholder and is lost rather than looping.
+    if let Some(d) = table::mapped_now(2) {
+        if !LOGGING.with(|flag| flag.replace(true)) {
+            let written: libc::c_int = shim("log", || files::write(&d.file, line.as_bytes()).map(|_| 1));
+            LOGGING.with(|flag| flag.set(false));
+            if written == 1 {
+                return;
+            }
+        }
+    }
     // SAFETY: a valid buffer of its length; a failed write of a log line is ignored.
     unsafe { real::write(2, line.as_ptr().cast(), line.len()) };
 }

@@ -91,6 +91,15 @@ pub(crate) fn mapped_in_shim(fd: i32) -> Option<Descriptor> {
     TABLE.read().as_ref()?.get(&fd).cloned()
 }
 
+/// The open file behind `fd` if the table can be read without waiting (for log lines, which
+/// may be written while this thread holds the table).
+pub(crate) fn mapped_now(fd: i32) -> Option<Descriptor> {
+    if MAPPED.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    TABLE.try_read()?.as_ref()?.get(&fd).cloned()
+}
+
 /// Whether any mapped descriptor is open (close_range, closefrom).
 pub(crate) fn any_mapped() -> bool {
     MAPPED.load(Ordering::Acquire) != 0 && crate::engaged()

@@ -3,7 +3,8 @@
 //! every committed row through kill -9; a Java program (RandomAccessFile, FileChannel force and
 //! lock, an atomic move) runs as it is; threads and forked children write through the shim; a
 //! volume reads the same through the shim and a chunkfs mount; scandir, nftw, ftw,
-//! getdents64 and find walk a mapped tree as a local one; a bad configuration stops the
+//! getdents64 and find walk a mapped tree as a local one; freopen moves the standard streams
+//! onto mapped files; a bad configuration stops the
 //! process before main, and with no mapping the library does nothing.
 
 use std::path::{Path, PathBuf};
@@ -838,4 +839,75 @@ fn fsync_durability_commits_at_fsync_close_and_exit() {
     assert_eq!(run("check"), "1000 1000 0", "fsync and close committed; the crashed process's held writes are gone");
     run("write-and-exit");
     assert_eq!(run("check"), "1000 1000 1000", "a normal exit commits what was held");
+}
+
+/// freopen onto mapped paths: stdout ("w", then "a"), stderr and stdin take the mapped file
+/// (printf, write(1, ...) and fgets all reach it); another stream is refused with ENOTSUP.
+const FREOPEN_PROGRAM: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    const char *out = argv[1], *err = argv[2], *other = argv[3];
+    if (!freopen(out, "w", stdout)) { perror("freopen stdout w"); return 1; }
+    printf("one by printf\n");
+    fflush(stdout);
+    if (write(1, "two by write\n", 13) != 13) { perror("write"); return 1; }
+    if (!freopen(out, "a", stdout)) { perror("freopen stdout a"); return 1; }
+    fprintf(stdout, "three appended\n");
+    fflush(stdout);
+    if (!freopen(err, "w", stderr)) { perror("freopen stderr"); return 1; }
+    fprintf(stderr, "to stderr\n");
+    if (!freopen(out, "r", stdin)) { fprintf(stderr, "freopen stdin: %s\n", strerror(errno)); return 1; }
+    char line[100];
+    int lines = 0;
+    while (fgets(line, sizeof line, stdin)) lines++;
+    fprintf(stderr, "stdin lines: %d\n", lines);
+    FILE *f = fopen(other, "w");
+    if (!f) { fprintf(stderr, "fopen other: %s\n", strerror(errno)); return 1; }
+    FILE *g = freopen(out, "w", f);
+    fprintf(stderr, "other stream: %s\n", g ? "reopened" : strerror(errno));
+    return 0;
+}
+"#;
+
+#[test]
+fn freopen_onto_a_mapped_path_serves_the_standard_streams() {
+    let shim = Shim::new();
+    let _down = Down(&shim.data);
+    let source = shim.local.join("freopen.c");
+    std::fs::write(&source, FREOPEN_PROGRAM).unwrap();
+    let program = shim.local.join("freopen");
+    let compiled = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&program).arg(&source).output().expect("cc runs (./dev installs gcc)");
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let run = |dir: &Path| {
+        let output = shim
+            .command(program.to_str().unwrap())
+            .args([dir.join("out"), dir.join("err"), shim.local.join("other")])
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}: {}", dir.display(), String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    // On a local directory first: what glibc's freopen does.
+    let plain = shim.local.join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    let stderr_plain = run(&plain);
+    assert_eq!(std::fs::read_to_string(plain.join("out")).unwrap(), "", "the last freopen (\"w\") truncated it: {stderr_plain}");
+    assert_eq!(std::fs::read_to_string(plain.join("err")).unwrap(), "to stderr\nstdin lines: 3\nother stream: reopened\n");
+    // On the mapped path: the same files, except that another stream is refused.
+    shim.sh_ok(r#"mkdir -p "$ROOT/f""#);
+    let stderr_mapped = run(&shim.root.join("f"));
+    assert_eq!(stderr_mapped, "", "everything went to the files");
+    let out = shim.sh_ok(r#"cat "$ROOT/f/out""#);
+    assert_eq!(out, "one by printf\ntwo by write\nthree appended\n", "stdout's writes reached the mapped file");
+    // The library's own line about the refused stream goes to standard error: the mapped file.
+    let err = shim.sh_ok(r#"cat "$ROOT/f/err""#);
+    assert_eq!(
+        err,
+        "to stderr\nstdin lines: 3\nlibchunkpreload: freopen onto a mapped path works for stdin, stdout and stderr only (ENOTSUP)\nother stream: Operation not supported\n"
+    );
 }
