@@ -207,11 +207,18 @@ fn deleted_records_stay_deleted_through_defrag_and_power_cuts() {
     }
 }
 
-/// Device offset of the first run of 64 `fill` bytes (inside the record written with it).
-fn find_run(mem: &MemDevice, fill: u8) -> u64 {
+/// Device offsets of the runs of 64 `fill` bytes (inside the records written with it).
+fn runs(mem: &MemDevice, fill: u8) -> Vec<u64> {
     let mut all = vec![0u8; mem.size_bytes() as usize];
     mem.read_at(&mut all, 0).unwrap();
-    all.windows(64).position(|w| w.iter().all(|&b| b == fill)).expect("the record is on the device") as u64
+    let runs: Vec<u64> = all.windows(64).enumerate().filter(|(_, w)| w.iter().all(|&b| b == fill)).map(|(at, _)| at as u64).collect();
+    assert!(!runs.is_empty(), "the record is on the device");
+    runs
+}
+
+/// Device offset of the first run of 64 `fill` bytes (inside the record written with it).
+fn find_run(mem: &MemDevice, fill: u8) -> u64 {
+    runs(mem, fill)[0]
 }
 
 #[test]
@@ -892,13 +899,6 @@ fn a_forgotten_group_is_reclaimed_and_stays_forgotten_after_a_restart() {
     assert_eq!(ns.stats().records, 120 - in_group_1 + back.len() as u64);
 }
 
-/// Device offset of the last run of 64 `fill` bytes.
-fn find_last_run(mem: &MemDevice, fill: u8) -> u64 {
-    let mut all = vec![0u8; mem.size_bytes() as usize];
-    mem.read_at(&mut all, 0).unwrap();
-    all.windows(64).rposition(|w| w.iter().all(|&b| b == fill)).expect("the record is on the device") as u64
-}
-
 /// Defragmentation copies records that were acknowledged long ago into the open block, and
 /// frees their originals once the copies are durable. Nothing replays those records (the log
 /// that wrote them is gone), so damage to a copy is a loss even when it lies past the durable
@@ -920,7 +920,7 @@ fn damage_to_a_defragmented_copy_is_a_loss_not_a_torn_tail() {
     }
     wait_until("the first block to be defragmented", || ns.stats().defrag_blocks > 0);
     ns.close().unwrap();
-    let copy = find_last_run(&mem, 11);
+    let copy = *runs(&mem, 11).last().unwrap();
     assert!(copy > find_run(&mem, 11), "record 11 was copied");
     assert!(!reopen_finds_loss(&config, &mem, Some(points.clone())), "nothing was damaged");
     mem.corrupt(copy, 4);

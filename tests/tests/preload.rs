@@ -448,11 +448,7 @@ int main(int argc, char **argv) {
 fn directory_walks_on_a_mapped_tree_answer_as_on_a_local_directory() {
     let shim = Shim::new();
     let _down = Down(&shim.data);
-    let source = shim.local.join("walks.c");
-    std::fs::write(&source, WALKS_PROGRAM).unwrap();
-    let program = shim.local.join("walks");
-    let compiled = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&program).arg(&source).output().expect("cc runs (./dev installs gcc)");
-    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let program = compile_c(&shim.local, "walks", WALKS_PROGRAM);
     // The local directory by its canonical path: getcwd answers with that one (FTW_CHDIR).
     let plain = shim.local.join("plain");
     std::fs::create_dir_all(&plain).unwrap();
@@ -841,6 +837,16 @@ fn fsync_durability_commits_at_fsync_close_and_exit() {
     assert_eq!(run("check"), "1000 1000 1000", "a normal exit commits what was held");
 }
 
+/// Compiles a C program of the test into `dir/NAME` (with the system's cc: ./dev installs gcc).
+fn compile_c(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let source_path = dir.join(format!("{name}.c"));
+    std::fs::write(&source_path, source).unwrap();
+    let program = dir.join(name);
+    let compiled = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&program).arg(&source_path).output().expect("cc runs (./dev installs gcc)");
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    program
+}
+
 /// freopen onto mapped paths: stdout ("w", then "a"), stderr and stdin take the mapped file
 /// (printf, write(1, ...) and fgets all reach it); another stream is refused with ENOTSUP.
 const FREOPEN_PROGRAM: &str = r#"
@@ -877,11 +883,7 @@ int main(int argc, char **argv) {
 fn freopen_onto_a_mapped_path_serves_the_standard_streams() {
     let shim = Shim::new();
     let _down = Down(&shim.data);
-    let source = shim.local.join("freopen.c");
-    std::fs::write(&source, FREOPEN_PROGRAM).unwrap();
-    let program = shim.local.join("freopen");
-    let compiled = Command::new("cc").args(["-O1", "-Wall", "-o"]).arg(&program).arg(&source).output().expect("cc runs (./dev installs gcc)");
-    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let program = compile_c(&shim.local, "freopen", FREOPEN_PROGRAM);
     let run = |dir: &Path| {
         let output = shim
             .command(program.to_str().unwrap())
