@@ -438,7 +438,7 @@ impl Node {
             }
         };
         let network = GroupNetwork::new(info.name.clone(), group, self.peers.clone());
-        let log_store = GroupLogStore::new(self.wal.clone(), wal_group);
+        let log_store = GroupLogStore::new(self.wal.clone(), wal_group).syncing_as_follower_of_others(me);
         let raft = RaftInstance::new(me, self.raft_config.clone(), network, log_store, state_machine.clone())
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;

@@ -24,11 +24,16 @@ pub struct GroupLogStore<C: RaftTypeConfig = TypeConfig> {
     /// Shared by the clones (openraft's log reader is one).
     recent: Arc<Mutex<RecentEntries<C>>>,
     types: PhantomData<C>,
+    /// This node, when appends made while following another node are synced on the
+    /// appending task (`syncing_as_follower_of_others`).
+    node: Option<NodeId>,
+    /// The last vote saved was this node's own (a candidate's or a leader's).
+    leading: bool,
 }
 
 impl<C: RaftTypeConfig> Clone for GroupLogStore<C> {
     fn clone(&self) -> Self {
-        GroupLogStore { wal: self.wal.clone(), group: self.group, recent: self.recent.clone(), types: PhantomData }
+        GroupLogStore { wal: self.wal.clone(), group: self.group, recent: self.recent.clone(), types: PhantomData, node: self.node, leading: self.leading }
     }
 }
 
@@ -113,7 +118,16 @@ impl GroupLogStore<TypeConfig> {
 impl<C: RaftTypeConfig> GroupLogStore<C> {
     /// The log of a group with other Raft types (the metadata group's).
     pub fn with_types(wal: Arc<Wal>, group: GroupId) -> GroupLogStore<C> {
-        GroupLogStore { wal, group, recent: Default::default(), types: PhantomData }
+        GroupLogStore { wal, group, recent: Default::default(), types: PhantomData, node: None, leading: false }
+    }
+
+    /// Appends made while this replica follows another node's leadership are synced on the
+    /// appending task (`Wal::append_syncing`): a follower has nothing to do until they are
+    /// durable, and the hand-off to the flusher thread and back costs two wake-ups. A leader's
+    /// appends go to the flusher, so that its sync overlaps its followers'.
+    pub fn syncing_as_follower_of_others(mut self, node: NodeId) -> GroupLogStore<C> {
+        self.node = Some(node);
+        self
     }
 
     async fn append_durable(&self, ops: Vec<WalOp>) -> Result<(), WalError> {
@@ -206,6 +220,7 @@ impl<C: WalLogTypes> RaftLogStorage<C> for GroupLogStore<C> {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.leading = self.node.is_some_and(|node| vote.leader_id().voted_for() == Some(node));
         self.append_durable(vec![WalOp::Vote(encode(vote))]).await.map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
@@ -257,12 +272,15 @@ impl<C: WalLogTypes> RaftLogStorage<C> for GroupLogStore<C> {
         // Readable at once (the WAL serves unflushed entries from memory); the callback runs
         // on the WAL's flusher thread once they are durable. (Appended under the lock of the
         // recent entries, so a reader never sees them in one and not the other's order.)
-        self.wal.append(
-            self.group,
-            &ops,
-            Box::new(move |result| callback.log_io_completed(result.map_err(std::io::Error::other))),
-        );
-        drop(recent);
+        let done: crate::wal::Durable = Box::new(move |result| callback.log_io_completed(result.map_err(std::io::Error::other)));
+        if self.node.is_some() && !self.leading {
+            let appended = self.wal.append_unsynced(self.group, &ops);
+            drop(recent);
+            self.wal.sync_here(appended, done);
+        } else {
+            self.wal.append(self.group, &ops, done);
+            drop(recent);
+        }
         Ok(())
     }
 

@@ -12,8 +12,10 @@ impl WalInner {
     pub(crate) fn run_flusher(self: Arc<Self>) {
         let mut st = self.state.lock().unwrap();
         loop {
-            if st.poisoned.is_none() && st.appended_lsn > st.taken_lsn {
+            if st.poisoned.is_none() && st.appended_lsn > st.taken_lsn && !st.flushing {
+                st.flushing = true;
                 st = self.flush_once(st);
+                st.flushing = false;
                 st = self.prepare_next_segment(st);
                 continue;
             }
@@ -26,7 +28,7 @@ impl WalInner {
 
     /// Writes every segment's pending bytes (oldest segment first, each synced before the next
     /// is written), then completes the waiting appends and deletes segments nobody needs.
-    fn flush_once<'a>(&'a self, mut st: MutexGuard<'a, WalState>) -> MutexGuard<'a, WalState> {
+    pub(crate) fn flush_once<'a>(&'a self, mut st: MutexGuard<'a, WalState>) -> MutexGuard<'a, WalState> {
         let mut batch = Vec::new();
         for segment in st.segments.values_mut().filter(|s| !s.pending.is_empty()) {
             let padded = segment.pending.len().next_multiple_of(SECTOR_BYTES);
@@ -79,6 +81,7 @@ impl WalInner {
                 while st.waiting.front().is_some_and(|(lsn, _)| *lsn <= target) {
                     done.push((st.waiting.pop_front().unwrap().1, Ok(())));
                 }
+                st.last_flush_answered = done.len();
                 for id in deletable {
                     if let Some(segment) = st.segments.remove(&id) {
                         deleted.push(segment.path);
@@ -113,7 +116,7 @@ impl WalInner {
     /// Once the active segment is half full, creates the next one (header, zeros, syncs) on a
     /// thread of its own, for the rollover to take: writing a segment's length of zeros takes
     /// long enough that flushes must not wait for it.
-    fn prepare_next_segment<'a>(self: &'a Arc<Self>, mut st: MutexGuard<'a, WalState>) -> MutexGuard<'a, WalState> {
+    pub(crate) fn prepare_next_segment<'a>(self: &'a Arc<Self>, mut st: MutexGuard<'a, WalState>) -> MutexGuard<'a, WalState> {
         let active = st.segments.values().next_back().expect("an active segment");
         let half_full = active.handed + active.pending.len() as u64 >= self.config.segment_bytes / 2;
         if !half_full || st.spare.is_some() || st.preparing.is_some() || st.poisoned.is_some() || st.shutting_down {

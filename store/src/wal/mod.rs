@@ -215,6 +215,12 @@ pub(crate) struct WalState {
     /// Flushes taken so far (recovery starts it past the highest flush marker on disk): the
     /// pending bytes of every segment begin with a marker numbered one more.
     flushes_taken: u64,
+    /// A flush is being written (by the flusher thread or by an appending thread): flushes
+    /// never overlap.
+    flushing: bool,
+    /// Appends the last flush answered: more than one means appends are arriving together,
+    /// and group commit on the flusher beats syncing each on its own thread.
+    last_flush_answered: usize,
 }
 
 /// Counters since the log was opened.
@@ -277,6 +283,54 @@ impl Wal {
                 }
             }
             Err(err) => done(Err(err)),
+        }
+    }
+
+    /// Appends `ops` to `group`'s log and, when no flush is being written, writes and syncs
+    /// them on this thread (with whatever else is pending): `done` then runs before this
+    /// returns, without a hand-off to the flusher thread and back. When a flush is being
+    /// written, the ops wait for the next one, as with `append`. For a follower's appends,
+    /// where the caller has nothing else to do until they are durable.
+    pub fn append_syncing(&self, group: GroupId, ops: &[WalOp], done: Durable) {
+        let appended = self.append_unsynced(group, ops);
+        self.sync_here(appended, done);
+    }
+
+    /// The first half of `append_syncing`: appends (readable at once) and returns the log
+    /// position to sync to.
+    pub fn append_unsynced(&self, group: GroupId, ops: &[WalOp]) -> WalResult<u64> {
+        self.inner.append(group, ops)
+    }
+
+    /// The second half of `append_syncing`, given what `append_unsynced` returned.
+    pub fn sync_here(&self, appended: WalResult<u64>, done: Durable) {
+        let lsn = match appended {
+            Ok(lsn) => lsn,
+            Err(err) => return done(Err(err)),
+        };
+        let mut st = self.inner.state.lock().unwrap();
+        if st.durable_lsn >= lsn {
+            drop(st);
+            return done(Ok(()));
+        }
+        if let Some(reason) = st.poisoned.clone() {
+            drop(st);
+            return done(Err(WalError::Poisoned { reason }));
+        }
+        st.waiting.push_back((lsn, done));
+        if st.flushing || st.shutting_down || st.last_flush_answered > 1 {
+            // Whoever is flushing looks for more pending bytes when done.
+            self.inner.flush_wakeup.notify_one();
+            return;
+        }
+        st.flushing = true;
+        let mut st = self.inner.flush_once(st);
+        st.flushing = false;
+        let more = st.appended_lsn > st.taken_lsn;
+        let st = self.inner.prepare_next_segment(st);
+        drop(st);
+        if more {
+            self.inner.flush_wakeup.notify_one();
         }
     }
 

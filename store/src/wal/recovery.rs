@@ -146,6 +146,8 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
             spare: None,
             preparing: None,
             flushes_taken,
+            flushing: false,
+            last_flush_answered: 0,
         }),
         flush_wakeup: Condvar::new(),
         preparer: Mutex::new(None),
