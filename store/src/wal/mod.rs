@@ -23,7 +23,7 @@ mod recovery;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use format::encode_record;
@@ -266,24 +266,35 @@ impl Wal {
 
     /// Appends `ops` to `group`'s log; `done` runs on the flusher thread once they are durable.
     pub fn append(&self, group: GroupId, ops: &[WalOp], done: Durable) {
-        let result = self.inner.append(group, ops);
-        match result {
-            Ok(lsn) => {
-                let mut st = self.inner.state.lock().unwrap();
-                if st.durable_lsn >= lsn {
-                    drop(st);
-                    done(Ok(()));
-                } else if let Some(reason) = st.poisoned.clone() {
-                    // The flusher failed (and answered its waiters) since the append.
-                    drop(st);
-                    done(Err(WalError::Poisoned { reason }));
-                } else {
-                    st.waiting.push_back((lsn, done));
-                    self.inner.flush_wakeup.notify_one();
-                }
-            }
-            Err(err) => done(Err(err)),
+        if self.answer_or_queue(self.inner.append(group, ops), done).is_some() {
+            self.inner.flush_wakeup.notify_one();
         }
+    }
+
+    /// Answers `done` at once if the append failed, is durable already or the log is
+    /// poisoned; otherwise queues it and returns the state, still locked.
+    fn answer_or_queue(&self, appended: WalResult<u64>, done: Durable) -> Option<MutexGuard<'_, WalState>> {
+        let lsn = match appended {
+            Ok(lsn) => lsn,
+            Err(err) => {
+                done(Err(err));
+                return None;
+            }
+        };
+        let mut st = self.inner.state.lock().unwrap();
+        if st.durable_lsn >= lsn {
+            drop(st);
+            done(Ok(()));
+            return None;
+        }
+        if let Some(reason) = st.poisoned.clone() {
+            // The flusher failed (and answered its waiters) since the append.
+            drop(st);
+            done(Err(WalError::Poisoned { reason }));
+            return None;
+        }
+        st.waiting.push_back((lsn, done));
+        Some(st)
     }
 
     /// Appends `ops` to `group`'s log and, when no flush is being written, writes and syncs
@@ -304,20 +315,7 @@ impl Wal {
 
     /// The second half of `append_syncing`, given what `append_unsynced` returned.
     pub fn sync_here(&self, appended: WalResult<u64>, done: Durable) {
-        let lsn = match appended {
-            Ok(lsn) => lsn,
-            Err(err) => return done(Err(err)),
-        };
-        let mut st = self.inner.state.lock().unwrap();
-        if st.durable_lsn >= lsn {
-            drop(st);
-            return done(Ok(()));
-        }
-        if let Some(reason) = st.poisoned.clone() {
-            drop(st);
-            return done(Err(WalError::Poisoned { reason }));
-        }
-        st.waiting.push_back((lsn, done));
+        let Some(mut st) = self.answer_or_queue(appended, done) else { return };
         if st.flushing || st.shutting_down || st.last_flush_answered > 1 {
             // Whoever is flushing looks for more pending bytes when done.
             self.inner.flush_wakeup.notify_one();
