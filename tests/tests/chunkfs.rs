@@ -293,6 +293,26 @@ fn fsync_mode_holds_writes_until_synced_and_memory_stays_bounded() {
     let mut a = Mount::new(&data, "vol", &dir.path().join("a"), &["--durability", "fsync", "--dirty-mib-max", "8"]);
     assert_eq!(fs::read(a.path.join("f")).unwrap(), b"synced;held", "kill -9 lost only what was never synced");
 
+    // A region written over and over holds each byte once: 16 passes over 1 MiB (one commit
+    // entry's worth of chunks) in 4 KiB writes, under a limit the passes do not reach, commit
+    // as one MiB at fsync (they were once held pass by pass, and the 16 MiB entry was too
+    // large to send: EIO after the retry window, on a healthy cluster).
+    {
+        let mut c = Mount::new(&data, "vol", &dir.path().join("c"), &["--durability", "fsync", "--dirty-mib-max", "64"]);
+        let f = OpenOptions::new().create(true).write(true).open(c.path.join("rewritten")).unwrap();
+        for pass in 1..=16u8 {
+            for block in 0..256u64 {
+                f.write_all_at(&[pass; 4096], block * 4096).unwrap();
+            }
+        }
+        f.sync_data().expect("the held passes commit");
+        drop(f);
+        let read = fs::read(b.path.join("rewritten")).unwrap();
+        assert_eq!(read.len(), 1 << 20);
+        assert!(read.iter().all(|byte| *byte == 16), "another mount reads the last pass");
+        c.unmount();
+    }
+
     // Memory: 300 MiB written without a sync holds at most 8 MiB; write mode holds nothing.
     write_300_mib(&a.path.join("big-held"));
     write_300_mib(&b.path.join("big-written"));

@@ -46,7 +46,7 @@ impl BlockingConnection {
     pub fn call(&mut self, request: &Request, deadline: Instant) -> Result<Response, CallError> {
         let request_id = self.next_id;
         self.next_id += 1;
-        let body = encode_body(request, FRAME_BYTES_MAX_DEFAULT).map_err(|_| CallError::NotSent)?;
+        let body = encode_body(request, FRAME_BYTES_MAX_DEFAULT).map_err(CallError::Unsendable)?;
         let mut bytes = Vec::with_capacity(body.len() + 18);
         Frame { kind: FrameKind::Request, request_id, body }.encode(&mut bytes);
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));

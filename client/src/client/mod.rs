@@ -511,6 +511,7 @@ impl Client {
                 let sent_at = Instant::now();
                 match self.call(&addr, request) {
                     Ok(Response::Error(ErrorReply::NotLeader { leader })) => hint = leader,
+                    Err(CallError::Unsendable(why)) => return Err(CallError::unsendable(why)),
                     Ok(Response::Error(ErrorReply::Timeout { .. })) | Err(_) => {}
                     Ok(Response::Error(reply)) => return Err(ClientError::Server(reply)),
                     Ok(response) => return Ok((response, sent_at)),
@@ -533,6 +534,7 @@ impl Client {
         self.call(addr, request).map_err(|err| match err {
             CallError::NotSent => ClientError::NoNodeReachable(vec![addr.to_owned()]),
             CallError::Lost => ClientError::Server(ErrorReply::Timeout { in_doubt: true }),
+            CallError::Unsendable(why) => CallError::unsendable(why),
         })
     }
 
@@ -762,6 +764,7 @@ impl Client {
                 Ok(Response::Error(ErrorReply::ClientExpired)) if maybe_applied => return Err(in_doubt(true)),
                 Ok(Response::Error(reply)) => return Err(ClientError::Server(reply)),
                 Ok(response) => return Ok(response),
+                Err(CallError::Unsendable(why)) => return Err(if maybe_applied { in_doubt(true) } else { CallError::unsendable(why) }),
                 Err(CallError::NotSent) => {
                     if !retry(&mut attempt) {
                         return Err(if maybe_applied { in_doubt(true) } else { ClientError::NoNodeReachable(vec![addr]) });
@@ -786,6 +789,7 @@ impl Client {
         let mut unresponsive = self.unresponsive.lock().unwrap();
         match answered {
             Ok(_) => drop(unresponsive.remove(addr)),
+            Err(CallError::Unsendable(_)) => {}
             Err(_) => drop(unresponsive.insert(addr.to_owned(), Instant::now())),
         }
         answered
@@ -836,6 +840,16 @@ impl Client {
 pub(crate) enum CallError {
     NotSent,
     Lost,
+    /// The request cannot be encoded in a frame (too large): sending it again anywhere fails
+    /// the same way, so it is refused at once.
+    Unsendable(String),
+}
+
+impl CallError {
+    /// The refusal of a request no node could ever be sent.
+    fn unsendable(why: String) -> ClientError {
+        ClientError::Server(ErrorReply::BadRequest(why))
+    }
 }
 
 fn set_read_policy(request: &mut Request, policy: ReadPolicy) {
@@ -1012,5 +1026,25 @@ mod tests {
         let last_refused = server.last_refused.lock().unwrap().expect("the server refused the first attempts");
         assert!(sent_at > last_refused, "the renewal counts from {:?} after the call, before the last refusal ({:?})", sent_at - called, last_refused - called);
         assert!(sent_at <= Instant::now());
+    }
+
+    /// A request too large for a frame is refused at once with a clear error: not retried
+    /// for the whole retry window, not reported as an unreachable cluster, and the node it
+    /// was meant for is not taken for a silent one.
+    #[test]
+    fn a_request_too_large_for_a_frame_is_refused_at_once() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap().to_string();
+        let namespace = NamespaceMap { name: "test".into(), groups: 1, replication_factor: 1, leaders: vec![Some(1)], replicas: vec![vec![1]], ..NamespaceMap::default() };
+        let map = ClusterMap { nodes: vec![(1, server.clone())], namespaces: vec![namespace], ..ClusterMap::default() };
+        serve(listener, Arc::new(move |_| Response::ClusterMap(map.clone())));
+        let client = Client::connect(ClientConfig::new(vec![server.clone()])).unwrap();
+        let key = Key::new("set", "big");
+        let bin = Bin { name: "b".into(), value: crate::value::Value::Bytes(vec![7; FRAME_BYTES_MAX_DEFAULT + 1]) };
+        let started = Instant::now();
+        let refused = client.write("test", &key, WriteOp::Put(vec![bin]), &WritePolicy::default());
+        assert!(matches!(&refused, Err(ClientError::Server(ErrorReply::BadRequest(why))) if why.contains("does not fit")), "{refused:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "refused only after {:?}", started.elapsed());
+        assert!(!client.failed_within(&server, Duration::from_secs(60)), "the node was taken for a silent one");
     }
 }
