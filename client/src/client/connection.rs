@@ -7,9 +7,14 @@ use std::time::{Duration, Instant};
 use super::CallError;
 use crate::protocol::{decode_body, decode_frame, encode_body, Frame, FrameKind, Request, Response, FRAME_BYTES_MAX_DEFAULT};
 
+/// Most bytes one read from the socket takes.
+const READ_BYTES_MAX: usize = 64 * 1024;
+
 pub(crate) struct BlockingConnection {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// Where a read lands, zeroed once (not on every read: a call's answer is a few bytes).
+    scratch: Box<[u8]>,
     next_id: u64,
 }
 
@@ -30,7 +35,7 @@ impl BlockingConnection {
             match connected {
                 Ok(stream) => {
                     stream.set_nodelay(true)?;
-                    return Ok(BlockingConnection { stream, buf: Vec::new(), next_id: 1 });
+                    return Ok(BlockingConnection { stream, buf: Vec::new(), scratch: vec![0; READ_BYTES_MAX].into_boxed_slice(), next_id: 1 });
                 }
                 Err(err) => last = err,
             }
@@ -70,10 +75,9 @@ impl BlockingConnection {
                 return Err(CallError::Lost);
             }
             self.stream.set_read_timeout(Some(remaining)).map_err(|_| CallError::Lost)?;
-            let mut chunk = [0u8; 64 * 1024];
-            match self.stream.read(&mut chunk) {
+            match self.stream.read(&mut self.scratch) {
                 Ok(0) | Err(_) => return Err(CallError::Lost),
-                Ok(read) => self.buf.extend_from_slice(&chunk[..read]),
+                Ok(read) => self.buf.extend_from_slice(&self.scratch[..read]),
             }
         }
     }

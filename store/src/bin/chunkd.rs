@@ -38,7 +38,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("chunkd").build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("CHUNKD_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().thread_name("chunkd").build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("chunkd: cannot start the runtime: {err}");
