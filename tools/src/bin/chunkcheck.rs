@@ -188,6 +188,10 @@ enum Commands {
         /// Give up (verdict unknown) after this many seconds.
         #[arg(long, default_value_t = 300)]
         time_limit: u64,
+        /// Search every history whole: do not first fail reads no write explains, nor drop
+        /// crashed writes nothing observed (to compare with the bare search).
+        #[arg(long)]
+        no_prune: bool,
         /// Print one JSON object as the last line.
         #[arg(long)]
         json: bool,
@@ -281,8 +285,10 @@ fn main() -> ExitCode {
         Commands::Counter(args) => cluster_run(Workload::Counter, args),
         Commands::Set(args) => cluster_run(Workload::Set, args),
         Commands::Lock(args) => cluster_run(Workload::Lock, args),
-        Commands::History { file, model, time_limit, json } => {
-            ExitCode::from(chunkstore_tools::check::history_command(&file, model, std::time::Duration::from_secs(time_limit), json))
+        Commands::History { file, model, time_limit, no_prune, json } => {
+            let mut limits = chunkstore_tools::check::linearizable::Limits::within(std::time::Duration::from_secs(time_limit));
+            limits.prune = !no_prune;
+            ExitCode::from(chunkstore_tools::check::history_command(&file, model, limits, json))
         }
         Commands::Files(args) => files_run(args),
         Commands::FilesJournalWriter { file, sync, seed, writer, lock, on_fuse, on_preload } => match journal::run_writer(&journal::WriterOptions { file, sync, seed, writer, lock, on_fuse, on_preload }) {

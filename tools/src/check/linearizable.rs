@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::models::{Model, Step};
+use super::prune;
 use crate::history::{Edn, Operation};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -35,11 +36,14 @@ pub struct Limits {
     pub deadline: Option<Instant>,
     /// Remembered configurations per key before the key is given up as `Unknown`.
     pub memo_entries_max: usize,
+    /// Decide what `prune` can before searching (off only to test the rules against the
+    /// bare search).
+    pub prune: bool,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { deadline: None, memo_entries_max: 4_000_000 }
+        Limits { deadline: None, memo_entries_max: 4_000_000, prune: true }
     }
 }
 
@@ -63,6 +67,11 @@ pub struct KeyResult {
     pub linearized_before: Vec<usize>,
     /// Why a key is `Unknown`.
     pub unknown_reason: Option<String>,
+    /// Decided before any search: an operation found a value no write can have left there
+    /// (`stuck_operation`).
+    pub unexplained_value: bool,
+    /// Crashed writes nothing observed, left out of the search (`prune`).
+    pub crashed_writes_dropped: usize,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -226,7 +235,21 @@ fn check_key(model: Model, operations: &[Operation], steps: &[(usize, Step)], li
         stuck_operation: None,
         linearized_before: Vec::new(),
         unknown_reason: None,
+        unexplained_value: false,
+        crashed_writes_dropped: 0,
     };
+    if let Some(unexplained) = prune::unexplained_observation(model, operations, steps).filter(|_| limits.prune) {
+        result.verdict = Verdict::NotLinearizable;
+        result.stuck_operation = Some(steps[unexplained].0);
+        result.unexplained_value = true;
+        return result;
+    }
+    let (steps, dropped) = match limits.prune {
+        true => prune::without_unobserved_crashes(model, operations, steps.to_vec()),
+        false => (steps.to_vec(), 0),
+    };
+    result.crashed_writes_dropped = dropped;
+    let steps = &steps[..];
     let mut timeline = Timeline::new(operations, steps);
     let words = steps.len().div_ceil(64);
     let mut linearized = vec![0u64; words];
@@ -350,7 +373,11 @@ mod tests {
         for p in 0..12 {
             text += &format!("{{:process {p}, :type :ok, :f :write, :value {p}}}\n");
         }
-        text += "{:process 99, :type :invoke, :f :read, :value nil}\n{:process 99, :type :ok, :f :read, :value 77}\n";
+        // A value seen, replaced, then seen again: every read has a write that could explain
+        // it alone, so only the search (every order of the twelve writes) can refute it.
+        for value in [3, 4, 3] {
+            text += &format!("{{:process 99, :type :invoke, :f :read, :value nil}}\n{{:process 99, :type :ok, :f :read, :value {value}}}\n");
+        }
         let ops = operations(&parse_history(&text).unwrap()).unwrap();
         let expired = Limits { deadline: Some(Instant::now()), ..Limits::default() };
         let report = check(Model::CasRegister, &ops, expired).unwrap();

@@ -4,12 +4,12 @@ pub mod counter;
 pub mod linearizable;
 pub mod lock;
 pub mod models;
+pub mod prune;
 pub mod session;
 pub mod set;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use linearizable::{Limits, Verdict};
 use models::Model;
@@ -52,7 +52,7 @@ pub fn by_key(ops: &[Operation]) -> BTreeMap<String, Vec<&Operation>> {
 
 /// `chunkcheck history`: prints a summary (and with `json` a JSON last line); returns the exit
 /// code (0 linearizable, 1 not, 2 unknown or unreadable).
-pub fn history_command(path: &Path, model: Model, time_limit: Duration, json: bool) -> u8 {
+pub fn history_command(path: &Path, model: Model, limits: Limits, json: bool) -> u8 {
     let fail = |what: String| {
         eprintln!("chunkcheck history: {what}");
         if json {
@@ -68,7 +68,7 @@ pub fn history_command(path: &Path, model: Model, time_limit: Duration, json: bo
         Ok(ops) => ops,
         Err(err) => return fail(err.to_string()),
     };
-    let report = match linearizable::check(model, &ops, Limits::within(time_limit)) {
+    let report = match linearizable::check(model, &ops, limits) {
         Ok(report) => report,
         Err(what) => return fail(what),
     };
@@ -81,10 +81,15 @@ pub fn history_command(path: &Path, model: Model, time_limit: Duration, json: bo
             if let Some(op) = stuck {
                 let shown = events[op.call].to_string();
                 let completion = op.ret.map(|r| events[r].to_string()).unwrap_or_else(|| "(no completion)".into());
-                eprintln!("key {}: no order of the operations explains {shown} -> {completion} (line {})", k.key.as_deref().unwrap_or("(none)"), op.ret.unwrap_or(op.call) + 1);
+                let why = match k.unexplained_value {
+                    true => "no write can have left the value found by",
+                    false => "no order of the operations explains",
+                };
+                eprintln!("key {}: {why} {shown} -> {completion} (line {})", k.key.as_deref().unwrap_or("(none)"), op.ret.unwrap_or(op.call) + 1);
             }
             serde_json::json!({
                 "key": k.key,
+                "reason": if k.unexplained_value { "unexplained-value" } else { "search" },
                 "stuck_line": stuck.map(|op| op.ret.unwrap_or(op.call) + 1),
                 "linearized_before_lines": k.linearized_before.iter().map(|&i| ops[i].call + 1).collect::<Vec<_>>(),
             })
@@ -109,7 +114,15 @@ pub fn history_command(path: &Path, model: Model, time_limit: Duration, json: bo
     if json {
         println!(
             "{}",
-            serde_json::json!({ "valid": valid, "model": format!("{model:?}"), "ops": ops.len(), "keys": report.keys.len(), "elapsed_ms": report.elapsed_ms, "anomalies": anomalies })
+            serde_json::json!({
+                "valid": valid,
+                "model": format!("{model:?}"),
+                "ops": ops.len(),
+                "keys": report.keys.len(),
+                "elapsed_ms": report.elapsed_ms,
+                "crashed_writes_dropped": report.keys.iter().map(|k| k.crashed_writes_dropped).sum::<usize>(),
+                "anomalies": anomalies
+            })
         );
     }
     code
