@@ -50,15 +50,26 @@ pub struct WritePolicy {
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Operation {
     /// Read one bin (its value as it stands at this point of the list).
-    Read { bin: String },
+    Read {
+        bin: String,
+    },
     /// Read every bin.
     ReadAll,
     Write(Bin),
     /// Add to an integer bin (a missing bin counts as 0). Overflow is an error.
-    Add { bin: String, delta: i64 },
+    Add {
+        bin: String,
+        delta: i64,
+    },
     /// Append to a bytes or string bin (the value's type must match; a missing bin is created).
-    Append { bin: String, value: Value },
-    Prepend { bin: String, value: Value },
+    Append {
+        bin: String,
+        value: Value,
+    },
+    Prepend {
+        bin: String,
+        value: Value,
+    },
     /// Write `data` at `offset` of a bytes bin, extending it. An offset past the end is an
     /// error unless `zero_fill`, which fills the gap with zeros.
     WriteBytesAt {
@@ -69,8 +80,13 @@ pub enum Operation {
         zero_fill: bool,
     },
     /// Set a bytes bin's length: cut it, or extend it with zeros (ftruncate's semantics).
-    TruncateBytes { bin: String, len: u64 },
-    DeleteBin { bin: String },
+    TruncateBytes {
+        bin: String,
+        len: u64,
+    },
+    DeleteBin {
+        bin: String,
+    },
     DeleteRecord,
 }
 
@@ -101,19 +117,30 @@ pub enum WriteOp {
     Operate(Vec<Operation>),
     /// `op` on behalf of lease session `session`: refused with `SessionExpired`, and not
     /// applied, once the session is fenced in the record's group.
-    InSession { session: u64, op: Box<WriteOp> },
+    InSession {
+        session: u64,
+        op: Box<WriteOp>,
+    },
     /// Takes the record as a lock for `session`: the record holds the holder's session id in
     /// bin `LOCK_HOLDER_BIN`. Refused with `LockHeld` while another session holds it and that
     /// session's locks have not been released; taking a lock the session holds again succeeds.
-    Lock { session: u64 },
+    Lock {
+        session: u64,
+    },
     /// Gives back a lock `session` holds (the record is deleted). Giving back a lock nobody
     /// holds succeeds; one held by another session is refused with `LockNotHeld`.
-    Unlock { session: u64 },
+    Unlock {
+        session: u64,
+    },
     /// Not a record write: fences lease session `session` in the key's group (its later writes
     /// are refused), and with `release` also releases its locks there. The cluster fences a
     /// session in every group before it releases it in any. Sessions numbered below
     /// `finished_below` are all finished: the group stops remembering them one by one.
-    FenceSession { session: u64, release: bool, finished_below: u64 },
+    FenceSession {
+        session: u64,
+        release: bool,
+        finished_below: u64,
+    },
     /// Writes several records of one partition group as one Raft entry, all or nothing: every
     /// write's conditions are checked before any is applied, and a refusal of one refuses the
     /// whole batch (nothing written). Each record appears once; each write is a `Put`,
@@ -125,7 +152,10 @@ pub enum WriteOp {
     /// session `session` in the lock table this record holds (bin `RANGE_LOCKS_BIN`): see
     /// `raft::range_locks`. Refused with `RangeLockHeld` (naming the lock in the way) when
     /// another owner's lock conflicts; locks of released sessions do not count.
-    RangeLock { session: u64, lock: RangeLock },
+    RangeLock {
+        session: u64,
+        lock: RangeLock,
+    },
 }
 
 /// The bin a lock table keeps its byte-range locks in.
@@ -140,7 +170,9 @@ pub enum RangeLockKind {
     Unlock,
     /// Takes nothing: refused with `RangeLockHeld` if a shared (or, with `exclusive`, any)
     /// lock of another owner is in the way (fcntl's F_GETLK).
-    Test { exclusive: bool },
+    Test {
+        exclusive: bool,
+    },
 }
 
 /// One byte-range lock request: `owner` is the lock owner within the session (a process, or
@@ -200,7 +232,6 @@ impl WriteOp {
         }
     }
 }
-
 
 /// The byte-range lock in the way of a `WriteOp::RangeLock`: whose, which bytes, which kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -28,13 +28,19 @@ const CHUNKS_PER_BATCH_MAX: usize = 64;
 /// a chunk holds at most `CHUNK_BYTES_MAX`, so an entry always takes at least one).
 const BATCH_BYTES_MAX: usize = 4 << 20;
 
+/// A chunk's held bytes: (offset in the chunk, bytes), in offset order, disjoint.
+pub(crate) type HeldPieces = Vec<(u64, Vec<u8>)>;
+
+/// A chunk's index and its held bytes.
+type HeldChunk = (u64, HeldPieces);
+
 /// Writes held for one file.
 #[derive(Default)]
 pub(crate) struct Dirty {
     /// By chunk, the bytes written since the last commit: (offset in the chunk, bytes), in
     /// offset order, disjoint and not touching (`hold`), so a chunk written over and over
     /// holds each byte once.
-    pub chunks: BTreeMap<u64, Vec<(u64, Vec<u8>)>>,
+    pub chunks: BTreeMap<u64, HeldPieces>,
     /// The file's size with them, and when the last was written (None: nothing held).
     pub size: Option<(u64, i64)>,
     pub bytes: usize,
@@ -42,7 +48,7 @@ pub(crate) struct Dirty {
 
 impl Dirty {
     /// The held size and the held pieces over [offset, offset + len), as file offsets.
-    pub fn overlay(&self, offset: u64, len: u64, chunk_bytes: u64) -> Option<(u64, Vec<(u64, Vec<u8>)>)> {
+    pub fn overlay(&self, offset: u64, len: u64, chunk_bytes: u64) -> Option<(u64, HeldPieces)> {
         let (size, _) = self.size?;
         let end = offset.saturating_add(len);
         let mut pieces = Vec::new();
@@ -124,7 +130,7 @@ impl Volume {
         let dirty = std::mem::take(&mut state.dirty);
         self.dirty_bytes.fetch_sub(dirty.bytes, Ordering::SeqCst);
         let Some((final_size, written_ns)) = dirty.size else { return Ok(()) };
-        let chunks: Vec<(u64, Vec<(u64, Vec<u8>)>)> = dirty.chunks.into_iter().collect();
+        let chunks: Vec<HeldChunk> = dirty.chunks.into_iter().collect();
         let result = (|| {
             let mut size = match state.size.take() {
                 Some(size) => size,
@@ -154,7 +160,7 @@ impl Volume {
 
     /// One entry: the held pieces of some chunks and the size up to `covered`; retried after a
     /// conflict with another mount's change of the size record.
-    fn commit_batch(&self, ino: u64, size: &mut FileSize, chunks: &[(u64, Vec<(u64, Vec<u8>)>)], covered: u64, written_ns: i64) -> FsResult<()> {
+    fn commit_batch(&self, ino: u64, size: &mut FileSize, chunks: &[HeldChunk], covered: u64, written_ns: i64) -> FsResult<()> {
         for _ in 0..CONFLICT_RETRIES_MAX {
             let mut writes: Vec<BatchWrite> = chunks
                 .iter()
@@ -191,7 +197,7 @@ impl Volume {
 /// Holds `bytes` at `within` among a chunk's held pieces (in offset order, disjoint, not
 /// touching): they replace the older bytes they cover, and join the pieces they overlap or
 /// touch. Returns how many more bytes the chunk holds.
-fn hold(pieces: &mut Vec<(u64, Vec<u8>)>, within: u64, bytes: &[u8]) -> usize {
+fn hold(pieces: &mut HeldPieces, within: u64, bytes: &[u8]) -> usize {
     let end = within + bytes.len() as u64;
     // The pieces that overlap or touch [within, end].
     let first = pieces.partition_point(|(at, held)| at + (held.len() as u64) < within);
@@ -224,7 +230,7 @@ fn hold(pieces: &mut Vec<(u64, Vec<u8>)>, within: u64, bytes: &[u8]) -> usize {
 
 /// Held chunks cut into commit entries in chunk order: at most `CHUNKS_PER_BATCH_MAX` chunks
 /// and, past its first chunk, `BATCH_BYTES_MAX` held bytes an entry.
-fn batches(chunks: &[(u64, Vec<(u64, Vec<u8>)>)]) -> Vec<&[(u64, Vec<(u64, Vec<u8>)>)]> {
+fn batches(chunks: &[HeldChunk]) -> Vec<&[HeldChunk]> {
     let mut out = Vec::new();
     let (mut from, mut bytes) = (0, 0);
     for (i, (_, pieces)) in chunks.iter().enumerate() {
@@ -280,7 +286,11 @@ mod tests {
                 assert_eq!(held, written.iter().filter(|w| **w).count(), "held bytes counted twice");
                 assert_eq!(held, pieces.iter().map(|(_, b)| b.len()).sum::<usize>());
                 for pair in pieces.windows(2) {
-                    assert!(pair[0].0 + (pair[0].1.len() as u64) < pair[1].0, "pieces overlap or touch: {:?}", pieces.iter().map(|(a, b)| (*a, b.len())).collect::<Vec<_>>());
+                    assert!(
+                        pair[0].0 + (pair[0].1.len() as u64) < pair[1].0,
+                        "pieces overlap or touch: {:?}",
+                        pieces.iter().map(|(a, b)| (*a, b.len())).collect::<Vec<_>>()
+                    );
                 }
             }
         }

@@ -320,11 +320,14 @@ impl Volume {
             }
             size.size = 0;
             self.finish_shrink(ino, size)?;
-            self.batch(Some(ino), vec![BatchWrite {
-                key: self.keys.size(ino),
-                op: WriteOp::Delete,
-                policy: never_expire(RecordExistsAction::CreateOrUpdate, GenerationPolicy::ExpectEqual(size.generation)),
-            }])?;
+            self.batch(
+                Some(ino),
+                vec![BatchWrite {
+                    key: self.keys.size(ino),
+                    op: WriteOp::Delete,
+                    policy: never_expire(RecordExistsAction::CreateOrUpdate, GenerationPolicy::ExpectEqual(size.generation)),
+                }],
+            )?;
             *size = FileSize::default();
             Ok(())
         })

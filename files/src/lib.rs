@@ -11,13 +11,13 @@
 //! - **The file layer talks to the cluster only through the client.**
 //! - **Nothing here panics on bad input or a cluster error**: every failure is an `FsError`.
 
-pub mod error;
-pub mod keys;
-pub mod records;
 mod buffered;
 mod data;
+pub mod error;
 mod fsck;
+pub mod keys;
 mod locks;
+pub mod records;
 mod tree;
 mod volume;
 

@@ -101,6 +101,8 @@ impl Volume {
 
     /// Takes (waiting while another owner holds a conflicting lock, with `wait`), changes or
     /// gives back a byte-range lock of `owner` on file `ino`; `end` is inclusive.
+    // The arguments are the POSIX lock request as FUSE and fcntl hand it over.
+    #[allow(clippy::too_many_arguments)]
     pub fn lock_range(&self, ino: u64, owner: u64, pid: u32, start: u64, end: u64, kind: LockKind, wait: bool) -> FsResult<()> {
         if start > end {
             return Err(FsError::Invalid(format!("lock range {start}..={end}")));
@@ -151,7 +153,9 @@ impl Volume {
         let request = RangeLock { owner, pid, start, end, kind: RangeLockKind::Test { exclusive } };
         match self.client.range_lock(session, &self.namespace, &self.keys.locks(ino), request) {
             Ok(()) => Ok(None),
-            Err(ClientError::Server(ErrorReply::RangeLockHeld(held))) => Ok(Some(LockHolder { start: held.start, end: held.end, exclusive: held.exclusive, pid: held.pid })),
+            Err(ClientError::Server(ErrorReply::RangeLockHeld(held))) => {
+                Ok(Some(LockHolder { start: held.start, end: held.end, exclusive: held.exclusive, pid: held.pid }))
+            }
             Err(err) => Err(err.into()),
         }
     }

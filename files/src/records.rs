@@ -153,7 +153,7 @@ impl FileSize {
     pub fn from_record(record: Option<&Record>) -> FsResult<FileSize> {
         let Some(r) = record else { return Ok(FileSize::default()) };
         let raw = bytes_bin(r, BIN_EXTENTS).unwrap_or(&[]);
-        if raw.len() % 16 != 0 || raw.len() > EXTENTS_MAX * 16 + 16 {
+        if !raw.len().is_multiple_of(16) || raw.len() > EXTENTS_MAX * 16 + 16 {
             return Err(FsError::Corrupt(format!("size record: extents of {} bytes", raw.len())));
         }
         let extents: Vec<(u64, u64)> = raw
@@ -295,7 +295,8 @@ mod extent_tests {
             let c = i * 1000 + 100;
             assert!(size.extents.iter().any(|&(a, b)| a <= c && c < b), "{c}");
         }
-        let record = Record { set: "s".into(), meta: chunkstore_client::value::RecordMeta { generation: 3, void_time_secs: 0, last_update_ms: 0 }, bins: size.bins() };
+        let record =
+            Record { set: "s".into(), meta: chunkstore_client::value::RecordMeta { generation: 3, void_time_secs: 0, last_update_ms: 0 }, bins: size.bins() };
         let back = FileSize::from_record(Some(&record)).unwrap();
         assert_eq!(back.extents, size.extents);
         assert_eq!(back.generation, 3);

@@ -21,8 +21,11 @@ pub(crate) struct Txn<'a> {
     changed: Vec<u64>,
     /// The orphan list: generation read, contents (inode, when a mount last had it open or
     /// it lost its last link) and whether it changed, if touched.
-    orphans: Option<(u32, Vec<(u64, i64)>, bool)>,
+    orphans: Option<OrphanList>,
 }
+
+/// The orphan list as a transaction holds it: generation read, (inode, time) pairs, changed.
+type OrphanList = (u32, Vec<(u64, i64)>, bool);
 
 impl<'a> Txn<'a> {
     fn new(volume: &'a Volume) -> Txn<'a> {
@@ -75,7 +78,7 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
-    fn orphan_list(&mut self) -> FsResult<&mut (u32, Vec<(u64, i64)>, bool)> {
+    fn orphan_list(&mut self) -> FsResult<&mut OrphanList> {
         if self.orphans.is_none() {
             let (generation, list) = match self.volume.get(&self.volume.keys.orphans())? {
                 None => (0, Vec::new()),
@@ -200,6 +203,8 @@ impl Volume {
     }
 
     /// Creates an inode of `kind` named `name` in `parent`: one entry (`Exists` if taken).
+    // The arguments are mknod(2)'s, with the caller and a symlink's target.
+    #[allow(clippy::too_many_arguments)]
     pub fn mknod(&self, parent: u64, name: &[u8], kind: Kind, perm: u32, owner: Owner, rdev: u32, target: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
         if target.len() > SYMLINK_TARGET_BYTES_MAX {

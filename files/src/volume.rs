@@ -139,6 +139,9 @@ pub fn check_name(name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
+/// A directory entry with its name.
+pub type NamedEntry = (Vec<u8>, Entry);
+
 impl Volume {
     /// Opens volume `name` of `namespace`; creates it first (with chunks of `create`, bytes) if
     /// it does not exist and `create` is given.
@@ -184,7 +187,7 @@ impl Volume {
 
     /// Creates volume `name` with its root directory: `Exists` if it is there.
     pub fn create(client: &Client, namespace: &str, name: &str, chunk_bytes: u32) -> FsResult<()> {
-        if chunk_bytes == 0 || chunk_bytes % 512 != 0 || chunk_bytes > CHUNK_BYTES_MAX {
+        if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(512) || chunk_bytes > CHUNK_BYTES_MAX {
             return Err(FsError::Invalid(format!("chunk size {chunk_bytes}: a multiple of 512 up to {CHUNK_BYTES_MAX}")));
         }
         let keys = VolumeKeys::new(name);
@@ -354,7 +357,7 @@ impl Volume {
     }
 
     /// A directory's entries (without "." and ".."), and its parent.
-    pub fn readdir(&self, ino: u64) -> FsResult<(u64, Vec<(Vec<u8>, Entry)>)> {
+    pub fn readdir(&self, ino: u64) -> FsResult<(u64, Vec<NamedEntry>)> {
         let (dir, _) = self.read_inode(ino)?;
         if dir.kind != Kind::Dir {
             return Err(FsError::NotDir);

@@ -22,9 +22,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use chunkfiles::{Attr, FsError, FsResult, Kind, LockKind, Owner, SetAttr, TimeSet, Volume};
 use fuser::{
-    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
-    ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    SessionACL, TimeOrNow, WriteFlags,
 };
 
 /// How long the kernel may keep attributes and lookups (short: other mounts change files too).
@@ -139,8 +139,11 @@ pub struct ChunkFs {
     next_handle: AtomicU64,
     /// UNSAFE negative control (`--unsafe-ack-before-commit`): writes answered at once, and
     /// handed to this thread to commit (at most `UNSAFE_QUEUE_MAX` behind).
-    unsafe_committer: Option<(Mutex<std::sync::mpsc::SyncSender<(u64, u64, Vec<u8>)>>, std::thread::JoinHandle<()>)>,
+    unsafe_committer: Option<(Mutex<std::sync::mpsc::SyncSender<UnsafeWrite>>, std::thread::JoinHandle<()>)>,
 }
+
+/// A write the unsafe committer commits later: inode, offset, bytes.
+type UnsafeWrite = (u64, u64, Vec<u8>);
 
 /// How the mount serves.
 pub struct Serving {
@@ -259,6 +262,8 @@ impl ChunkFs {
         Ok((Owner { uid: req.uid(), gid: if setgid { dir.gid } else { req.gid() } }, setgid))
     }
 
+    // The arguments are the FUSE create-like requests' (mknod, mkdir, symlink).
+    #[allow(clippy::too_many_arguments)]
     fn make(&self, req: &Request, parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32, target: &[u8]) -> FsResult<Attr> {
         let kind = if target.is_empty() { Kind::from_mode(mode).ok_or_else(|| FsError::Invalid(format!("mode {mode:o}")))? } else { Kind::Symlink };
         let (owner, setgid_dir) = self.owner(req, parent)?;
@@ -470,14 +475,16 @@ impl Filesystem for ChunkFs {
         // An O_SYNC or O_DSYNC write returns once committed (with held writes: commit now).
         let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
         let opened = lock(&self.handles).get(&fh.0).and_then(|handle| handle.session);
-        guarded("write", || match self.volume.write_as(opened, ino.0, offset, data).and_then(|n| if sync { self.volume.flush(ino.0).map(|()| n) } else { Ok(n) }) {
-            Ok(written) => reply.written(written as u32),
-            Err(err) => {
-                if matches!(err, FsError::Io(_)) {
-                    self.volume.note_failed_write(ino.0);
+        guarded("write", || {
+            match self.volume.write_as(opened, ino.0, offset, data).and_then(|n| if sync { self.volume.flush(ino.0).map(|()| n) } else { Ok(n) }) {
+                Ok(written) => reply.written(written as u32),
+                Err(err) => {
+                    if matches!(err, FsError::Io(_)) {
+                        self.volume.note_failed_write(ino.0);
+                    }
+                    tracing::warn!(ino = ino.0, offset, len = data.len(), error = %err, "write failed");
+                    reply.error(errno(&err))
                 }
-                tracing::warn!(ino = ino.0, offset, len = data.len(), error = %err, "write failed");
-                reply.error(errno(&err))
             }
         })
     }
@@ -511,7 +518,19 @@ impl Filesystem for ChunkFs {
 
     /// F_SETLK answers at once (EAGAIN when another owner's lock is in the way); F_SETLKW waits
     /// on a thread of its own so that the mount goes on serving meanwhile.
-    fn setlk(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32, sleep: bool, reply: ReplyEmpty) {
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
         guarded("setlk", || {
             self.note_lock_owner(fh, lock_owner.0);
             let kind = match typ {
@@ -640,14 +659,11 @@ impl Filesystem for ChunkFs {
                 return reply.error(Errno::EOPNOTSUPP);
             }
             // Space is not reserved ahead in the cluster; the size grows as posix_fallocate says.
-            let result = offset
-                .checked_add(length)
-                .ok_or(FsError::FileTooBig(chunkfiles::FILE_BYTES_MAX))
-                .and_then(|end| match self.volume.getattr(ino.0) {
-                    Ok(attr) if attr.size < end => self.volume.truncate(ino.0, end),
-                    Ok(_) => Ok(()),
-                    Err(err) => Err(err),
-                });
+            let result = offset.checked_add(length).ok_or(FsError::FileTooBig(chunkfiles::FILE_BYTES_MAX)).and_then(|end| match self.volume.getattr(ino.0) {
+                Ok(attr) if attr.size < end => self.volume.truncate(ino.0, end),
+                Ok(_) => Ok(()),
+                Err(err) => Err(err),
+            });
             match result {
                 Ok(()) => reply.ok(),
                 Err(err) => reply.error(errno(&err)),
@@ -678,11 +694,7 @@ pub fn serve(volume: Volume, mountpoint: &Path, serving: Serving, signals: libc:
     // (The lease session is opened by the caller: `Volume::start_lease`.)
     let name = volume.name().to_owned();
     let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(format!("chunkfs:{name}")),
-        MountOption::Subtype("chunkfs".into()),
-        MountOption::DefaultPermissions,
-    ];
+    config.mount_options = vec![MountOption::FSName(format!("chunkfs:{name}")), MountOption::Subtype("chunkfs".into()), MountOption::DefaultPermissions];
     // Other users may use the mount (tests switch users); the kernel checks permissions.
     config.acl = SessionACL::All;
     config.n_threads = Some(threads);

@@ -84,7 +84,8 @@ struct MountArgs {
 /// The seeds of the local cluster in `dir` (its cluster.json, as chunkctl up writes it).
 pub fn seeds_of_dir(dir: &std::path::Path) -> Result<Vec<String>> {
     let path = dir.join("cluster.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("no cluster in {} (start one with chunkctl up --dir {})", dir.display(), dir.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("no cluster in {} (start one with chunkctl up --dir {})", dir.display(), dir.display()))?;
     let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not a cluster description", path.display()))?;
     let seeds: Vec<String> = value["nodes"].as_array().into_iter().flatten().filter_map(|n| n["client"].as_str().map(str::to_owned)).collect();
     if seeds.is_empty() {
@@ -146,7 +147,21 @@ fn remount_as_helper(args: &[String]) -> Result<()> {
 }
 
 fn mount(args: MountArgs) -> Result<()> {
-    let MountArgs { seeds, dir, volume, namespace, durability, chunk_bytes, dirty_mib_max, threads, lease_ms, request_timeout_ms, source, unsafe_ack_before_commit, mountpoint } = args;
+    let MountArgs {
+        seeds,
+        dir,
+        volume,
+        namespace,
+        durability,
+        chunk_bytes,
+        dirty_mib_max,
+        threads,
+        lease_ms,
+        request_timeout_ms,
+        source,
+        unsafe_ack_before_commit,
+        mountpoint,
+    } = args;
     let (volume, namespace, mountpoint) = (volume.as_str(), namespace.as_str(), mountpoint.as_path());
     if !(200..=3_600_000).contains(&lease_ms) {
         bail!("--lease-ms {lease_ms}: 200 to 3600000");

@@ -127,7 +127,9 @@ impl Config {
             },
         };
         if seeds.is_empty() {
-            return err("CHUNKSTORE_MAP is set but no cluster is named: set CHUNKSTORE_SEEDS=HOST:PORT,... (or CHUNKSTORE_DIR, or seeds in CHUNKSTORE_CONFIG)".into());
+            return err(
+                "CHUNKSTORE_MAP is set but no cluster is named: set CHUNKSTORE_SEEDS=HOST:PORT,... (or CHUNKSTORE_DIR, or seeds in CHUNKSTORE_CONFIG)".into()
+            );
         }
         for seed in &seeds {
             if !seed.contains(':') {

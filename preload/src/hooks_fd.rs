@@ -84,7 +84,8 @@ pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { open_mapped(libc::AT_FDCWD, path, flags, 0) }.unwrap_or_else(|| pass!(__open64_2: unsafe extern "C" fn(*const c_char, c_int) -> c_int; path, flags))
+    unsafe { open_mapped(libc::AT_FDCWD, path, flags, 0) }
+        .unwrap_or_else(|| pass!(__open64_2: unsafe extern "C" fn(*const c_char, c_int) -> c_int; path, flags))
 }
 
 #[no_mangle]
@@ -102,13 +103,15 @@ pub unsafe extern "C" fn openat64(dirfd: c_int, path: *const c_char, flags: c_in
 #[no_mangle]
 pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { open_mapped(dirfd, path, flags, 0) }.unwrap_or_else(|| pass!(__openat_2: unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int; dirfd, path, flags))
+    unsafe { open_mapped(dirfd, path, flags, 0) }
+        .unwrap_or_else(|| pass!(__openat_2: unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int; dirfd, path, flags))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { open_mapped(dirfd, path, flags, 0) }.unwrap_or_else(|| pass!(__openat64_2: unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int; dirfd, path, flags))
+    unsafe { open_mapped(dirfd, path, flags, 0) }
+        .unwrap_or_else(|| pass!(__openat64_2: unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int; dirfd, path, flags))
 }
 
 #[no_mangle]
@@ -122,7 +125,8 @@ pub unsafe extern "C" fn creat(path: *const c_char, mode: mode_t) -> c_int {
 pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
     let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
     // SAFETY: the caller's arguments.
-    unsafe { open_mapped(libc::AT_FDCWD, path, flags, mode) }.unwrap_or_else(|| pass!(creat64: unsafe extern "C" fn(*const c_char, mode_t) -> c_int; path, mode))
+    unsafe { open_mapped(libc::AT_FDCWD, path, flags, mode) }
+        .unwrap_or_else(|| pass!(creat64: unsafe extern "C" fn(*const c_char, mode_t) -> c_int; path, mode))
 }
 
 // ---- close ----
@@ -682,7 +686,9 @@ pub unsafe extern "C" fn lockf(fd: c_int, cmd: c_int, len: off_t) -> c_int {
             let owner = files::posix_owner();
             match cmd {
                 libc::F_LOCK => files::lock(&d.file, owner, chunkfiles::LockKind::Exclusive, range, true),
-                libc::F_TLOCK => files::lock(&d.file, owner, chunkfiles::LockKind::Exclusive, range, false).map_err(|e| if e == libc::EAGAIN { libc::EACCES } else { e }),
+                libc::F_TLOCK => {
+                    files::lock(&d.file, owner, chunkfiles::LockKind::Exclusive, range, false).map_err(|e| if e == libc::EAGAIN { libc::EACCES } else { e })
+                }
                 libc::F_ULOCK => files::lock(&d.file, owner, chunkfiles::LockKind::Unlock, range, false),
                 libc::F_TEST => {
                     // SAFETY: a plain getter.

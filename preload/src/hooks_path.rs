@@ -218,7 +218,8 @@ pub unsafe extern "C" fn statx(dirfd: c_int, path: *const c_char, flags: c_int, 
                 (_, Walked::Missing { .. }) => Err(libc::ENOENT),
                 (_, Walked::Outside(target)) => {
                     let target = c_string(target)?;
-                    match pass!(statx: unsafe extern "C" fn(c_int, *const c_char, c_int, libc::c_uint, *mut libc::statx) -> c_int; libc::AT_FDCWD, target.as_ptr(), flags, mask, buf) {
+                    match pass!(statx: unsafe extern "C" fn(c_int, *const c_char, c_int, libc::c_uint, *mut libc::statx) -> c_int; libc::AT_FDCWD, target.as_ptr(), flags, mask, buf)
+                    {
                         0 => Ok(0),
                         _ => Err(last_errno()),
                     }
@@ -254,7 +255,8 @@ pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { access_at(dirfd, path, mode, flags) }.unwrap_or_else(|| pass!(faccessat: unsafe extern "C" fn(c_int, *const c_char, c_int, c_int) -> c_int; dirfd, path, mode, flags))
+    unsafe { access_at(dirfd, path, mode, flags) }
+        .unwrap_or_else(|| pass!(faccessat: unsafe extern "C" fn(c_int, *const c_char, c_int, c_int) -> c_int; dirfd, path, mode, flags))
 }
 
 #[no_mangle]
@@ -278,20 +280,23 @@ fn unlink_mapped(mapped: &Mapped, dir: bool) -> Res<c_int> {
 #[no_mangle]
 pub unsafe extern "C" fn unlink(path: *const c_char) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { on_path("unlink", libc::AT_FDCWD, path, |m| unlink_mapped(m, false)) }.unwrap_or_else(|| pass!(unlink: unsafe extern "C" fn(*const c_char) -> c_int; path))
+    unsafe { on_path("unlink", libc::AT_FDCWD, path, |m| unlink_mapped(m, false)) }
+        .unwrap_or_else(|| pass!(unlink: unsafe extern "C" fn(*const c_char) -> c_int; path))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn unlinkat(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
     let dir = flags & libc::AT_REMOVEDIR != 0;
     // SAFETY: the caller's arguments.
-    unsafe { on_path("unlinkat", dirfd, path, |m| unlink_mapped(m, dir)) }.unwrap_or_else(|| pass!(unlinkat: unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int; dirfd, path, flags))
+    unsafe { on_path("unlinkat", dirfd, path, |m| unlink_mapped(m, dir)) }
+        .unwrap_or_else(|| pass!(unlinkat: unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int; dirfd, path, flags))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn rmdir(path: *const c_char) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { on_path("rmdir", libc::AT_FDCWD, path, |m| unlink_mapped(m, true)) }.unwrap_or_else(|| pass!(rmdir: unsafe extern "C" fn(*const c_char) -> c_int; path))
+    unsafe { on_path("rmdir", libc::AT_FDCWD, path, |m| unlink_mapped(m, true)) }
+        .unwrap_or_else(|| pass!(rmdir: unsafe extern "C" fn(*const c_char) -> c_int; path))
 }
 
 fn mkdir_mapped(mapped: &Mapped, mode: mode_t) -> Res<c_int> {
@@ -306,13 +311,15 @@ fn mkdir_mapped(mapped: &Mapped, mode: mode_t) -> Res<c_int> {
 #[no_mangle]
 pub unsafe extern "C" fn mkdir(path: *const c_char, mode: mode_t) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { on_path("mkdir", libc::AT_FDCWD, path, |m| mkdir_mapped(m, mode)) }.unwrap_or_else(|| pass!(mkdir: unsafe extern "C" fn(*const c_char, mode_t) -> c_int; path, mode))
+    unsafe { on_path("mkdir", libc::AT_FDCWD, path, |m| mkdir_mapped(m, mode)) }
+        .unwrap_or_else(|| pass!(mkdir: unsafe extern "C" fn(*const c_char, mode_t) -> c_int; path, mode))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn mkdirat(dirfd: c_int, path: *const c_char, mode: mode_t) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { on_path("mkdirat", dirfd, path, |m| mkdir_mapped(m, mode)) }.unwrap_or_else(|| pass!(mkdirat: unsafe extern "C" fn(c_int, *const c_char, mode_t) -> c_int; dirfd, path, mode))
+    unsafe { on_path("mkdirat", dirfd, path, |m| mkdir_mapped(m, mode)) }
+        .unwrap_or_else(|| pass!(mkdirat: unsafe extern "C" fn(c_int, *const c_char, mode_t) -> c_int; dirfd, path, mode))
 }
 
 /// rename between two paths, at least one mapped: inside one volume a rename of the file
@@ -322,18 +329,20 @@ pub unsafe extern "C" fn mkdirat(dirfd: c_int, path: *const c_char, mode: mode_t
 /// Both paths NUL-terminated.
 unsafe fn rename_mapped(olddir: c_int, old: *const c_char, newdir: c_int, new: *const c_char, flags: libc::c_uint) -> Option<c_int> {
     // SAFETY: the caller's paths.
-    unsafe { two_paths(olddir, old, newdir, new) }.map(|(from, to)| shim("rename", || {
-        let (from, to) = (from?, to);
-        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
-            return Err(libc::EINVAL);
-        }
-        let (volume, old_parent, old_name) = paths::parent_of(&from)?;
-        let (_, new_parent, new_name) = paths::parent_of(&to)?;
-        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
-        let exchange = flags & libc::RENAME_EXCHANGE != 0;
-        volume.rename(old_parent, old_name.as_bytes(), new_parent, new_name.as_bytes(), noreplace, exchange).map_err(fs)?;
-        Ok(0)
-    }))
+    unsafe { two_paths(olddir, old, newdir, new) }.map(|(from, to)| {
+        shim("rename", || {
+            let (from, to) = (from?, to);
+            if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+                return Err(libc::EINVAL);
+            }
+            let (volume, old_parent, old_name) = paths::parent_of(&from)?;
+            let (_, new_parent, new_name) = paths::parent_of(&to)?;
+            let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+            let exchange = flags & libc::RENAME_EXCHANGE != 0;
+            volume.rename(old_parent, old_name.as_bytes(), new_parent, new_name.as_bytes(), noreplace, exchange).map_err(fs)?;
+            Ok(0)
+        })
+    })
 }
 
 /// Two paths of a call that names both (rename, link): None when neither is mapped (libc's
@@ -357,7 +366,8 @@ unsafe fn two_paths(olddir: c_int, old: *const c_char, newdir: c_int, new: *cons
 #[no_mangle]
 pub unsafe extern "C" fn rename(old: *const c_char, new: *const c_char) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { rename_mapped(libc::AT_FDCWD, old, libc::AT_FDCWD, new, 0) }.unwrap_or_else(|| pass!(rename: unsafe extern "C" fn(*const c_char, *const c_char) -> c_int; old, new))
+    unsafe { rename_mapped(libc::AT_FDCWD, old, libc::AT_FDCWD, new, 0) }
+        .unwrap_or_else(|| pass!(rename: unsafe extern "C" fn(*const c_char, *const c_char) -> c_int; old, new))
 }
 
 #[no_mangle]
@@ -370,25 +380,29 @@ pub unsafe extern "C" fn renameat(olddir: c_int, old: *const c_char, newdir: c_i
 #[no_mangle]
 pub unsafe extern "C" fn renameat2(olddir: c_int, old: *const c_char, newdir: c_int, new: *const c_char, flags: libc::c_uint) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { rename_mapped(olddir, old, newdir, new, flags) }
-        .unwrap_or_else(|| pass!(renameat2: unsafe extern "C" fn(c_int, *const c_char, c_int, *const c_char, libc::c_uint) -> c_int; olddir, old, newdir, new, flags))
+    unsafe { rename_mapped(olddir, old, newdir, new, flags) }.unwrap_or_else(
+        || pass!(renameat2: unsafe extern "C" fn(c_int, *const c_char, c_int, *const c_char, libc::c_uint) -> c_int; olddir, old, newdir, new, flags),
+    )
 }
 
 unsafe fn link_mapped(olddir: c_int, old: *const c_char, newdir: c_int, new: *const c_char, flags: c_int) -> Option<c_int> {
     // SAFETY: the caller's paths.
-    unsafe { two_paths(olddir, old, newdir, new) }.map(|(from, to)| shim("link", || {
-        let from = from?;
-        let (volume, attr) = found(&from, flags & libc::AT_SYMLINK_FOLLOW != 0)?;
-        let (_, parent, name) = paths::parent_of(&to)?;
-        volume.link(attr.ino, parent, name.as_bytes()).map_err(fs)?;
-        Ok(0)
-    }))
+    unsafe { two_paths(olddir, old, newdir, new) }.map(|(from, to)| {
+        shim("link", || {
+            let from = from?;
+            let (volume, attr) = found(&from, flags & libc::AT_SYMLINK_FOLLOW != 0)?;
+            let (_, parent, name) = paths::parent_of(&to)?;
+            volume.link(attr.ino, parent, name.as_bytes()).map_err(fs)?;
+            Ok(0)
+        })
+    })
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn link(old: *const c_char, new: *const c_char) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { link_mapped(libc::AT_FDCWD, old, libc::AT_FDCWD, new, 0) }.unwrap_or_else(|| pass!(link: unsafe extern "C" fn(*const c_char, *const c_char) -> c_int; old, new))
+    unsafe { link_mapped(libc::AT_FDCWD, old, libc::AT_FDCWD, new, 0) }
+        .unwrap_or_else(|| pass!(link: unsafe extern "C" fn(*const c_char, *const c_char) -> c_int; old, new))
 }
 
 #[no_mangle]
@@ -415,13 +429,15 @@ unsafe fn symlink_mapped(target: *const c_char, dirfd: c_int, path: *const c_cha
 #[no_mangle]
 pub unsafe extern "C" fn symlink(target: *const c_char, path: *const c_char) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { symlink_mapped(target, libc::AT_FDCWD, path) }.unwrap_or_else(|| pass!(symlink: unsafe extern "C" fn(*const c_char, *const c_char) -> c_int; target, path))
+    unsafe { symlink_mapped(target, libc::AT_FDCWD, path) }
+        .unwrap_or_else(|| pass!(symlink: unsafe extern "C" fn(*const c_char, *const c_char) -> c_int; target, path))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn symlinkat(target: *const c_char, dirfd: c_int, path: *const c_char) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { symlink_mapped(target, dirfd, path) }.unwrap_or_else(|| pass!(symlinkat: unsafe extern "C" fn(*const c_char, c_int, *const c_char) -> c_int; target, dirfd, path))
+    unsafe { symlink_mapped(target, dirfd, path) }
+        .unwrap_or_else(|| pass!(symlinkat: unsafe extern "C" fn(*const c_char, c_int, *const c_char) -> c_int; target, dirfd, path))
 }
 
 unsafe fn readlink_mapped(dirfd: c_int, path: *const c_char, buf: *mut c_char, size: size_t) -> Option<ssize_t> {
@@ -445,7 +461,8 @@ unsafe fn readlink_mapped(dirfd: c_int, path: *const c_char, buf: *mut c_char, s
 #[no_mangle]
 pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, size: size_t) -> ssize_t {
     // SAFETY: the caller's arguments.
-    unsafe { readlink_mapped(libc::AT_FDCWD, path, buf, size) }.unwrap_or_else(|| pass!(readlink: unsafe extern "C" fn(*const c_char, *mut c_char, size_t) -> ssize_t; path, buf, size))
+    unsafe { readlink_mapped(libc::AT_FDCWD, path, buf, size) }
+        .unwrap_or_else(|| pass!(readlink: unsafe extern "C" fn(*const c_char, *mut c_char, size_t) -> ssize_t; path, buf, size))
 }
 
 #[no_mangle]
@@ -585,13 +602,15 @@ unsafe fn utimes_mapped(path: *const c_char, times: Option<[(i64, i64); 2]>, fol
 #[no_mangle]
 pub unsafe extern "C" fn utimes(path: *const c_char, times: *const libc::timeval) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { utimes_mapped(path, timevals(times), true) }.unwrap_or_else(|| pass!(utimes: unsafe extern "C" fn(*const c_char, *const libc::timeval) -> c_int; path, times))
+    unsafe { utimes_mapped(path, timevals(times), true) }
+        .unwrap_or_else(|| pass!(utimes: unsafe extern "C" fn(*const c_char, *const libc::timeval) -> c_int; path, times))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn lutimes(path: *const c_char, times: *const libc::timeval) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { utimes_mapped(path, timevals(times), false) }.unwrap_or_else(|| pass!(lutimes: unsafe extern "C" fn(*const c_char, *const libc::timeval) -> c_int; path, times))
+    unsafe { utimes_mapped(path, timevals(times), false) }
+        .unwrap_or_else(|| pass!(lutimes: unsafe extern "C" fn(*const c_char, *const libc::timeval) -> c_int; path, times))
 }
 
 #[no_mangle]

@@ -204,9 +204,7 @@ pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut FILE {
 /// keeps using its old pointer with freed memory.
 unsafe fn freopen_mapped(mapped: paths::Mapped, mode: *const c_char, stream: *mut FILE) -> *mut FILE {
     // SAFETY: glibc's standard stream variables, read only.
-    let standard = unsafe {
-        [stdin, stdout, stderr].iter().position(|&s| s == stream && !stream.is_null())
-    };
+    let standard = unsafe { [stdin, stdout, stderr].iter().position(|&s| s == stream && !stream.is_null()) };
     let Some(number) = standard else {
         crate::log("freopen onto a mapped path works for stdin, stdout and stderr only (ENOTSUP)");
         crate::set_errno(libc::ENOTSUP);

@@ -148,7 +148,13 @@ impl Walk {
     fn stat(&self, st: &mut Stat, follow: bool) -> Res<()> {
         let name = self.name();
         // SAFETY: a NUL-terminated path and a struct stat.
-        let rc = unsafe { if follow { hooks_path::stat64(name, st) } else { hooks_path::lstat64(name, st) } };
+        let rc = unsafe {
+            if follow {
+                hooks_path::stat64(name, st)
+            } else {
+                hooks_path::lstat64(name, st)
+            }
+        };
         if rc == 0 {
             Ok(())
         } else {

@@ -4,9 +4,7 @@
 
 use std::sync::Arc;
 
-use chunkstore::{
-    Bin, Clock, DeviceConfig, Key, Namespace, NamespaceConfig, OpenOptions, Operation, Ttl, Value, WritePolicy,
-};
+use chunkstore::{Bin, Clock, DeviceConfig, Key, Namespace, NamespaceConfig, OpenOptions, Operation, Ttl, Value, WritePolicy};
 
 struct FixedClock;
 
@@ -17,10 +15,7 @@ impl Clock for FixedClock {
 }
 
 pub fn fixture_config(path: std::path::PathBuf) -> NamespaceConfig {
-    NamespaceConfig {
-        write_block_size: 64 * 1024,
-        ..NamespaceConfig::new("fixture", vec![DeviceConfig { path, size: Some(8 * 64 * 1024) }])
-    }
+    NamespaceConfig { write_block_size: 64 * 1024, ..NamespaceConfig::new("fixture", vec![DeviceConfig { path, size: Some(8 * 64 * 1024) }]) }
 }
 
 fn main() -> chunkstore::Result<()> {

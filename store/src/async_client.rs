@@ -66,7 +66,5 @@ impl AsyncClient {
 }
 
 async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ClientError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ClientError::Server(ErrorReply::Internal(format!("client task failed: {e}"))))
+    tokio::task::spawn_blocking(f).await.map_err(|e| ClientError::Server(ErrorReply::Internal(format!("client task failed: {e}"))))
 }

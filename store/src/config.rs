@@ -116,9 +116,7 @@ impl NamespaceConfig {
     /// Checks every field; the message names the field and the accepted range.
     pub fn sanitize(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(format!("namespace {:?}: {msg}", self.name)));
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 31
-            && self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let name_ok = !self.name.is_empty() && self.name.len() <= 31 && self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if !name_ok {
             return bad("name must be 1..=31 bytes of letters, digits, '_' or '-'".into());
         }
@@ -132,10 +130,7 @@ impl NamespaceConfig {
         for device in &self.devices {
             if let Some(size) = device.size {
                 if size % block != 0 || size < 4 * block {
-                    return bad(format!(
-                        "device {}: size {size} must be a multiple of write-block-size {block} and at least 4 blocks",
-                        device.path.display()
-                    ));
+                    return bad(format!("device {}: size {size} must be a multiple of write-block-size {block} and at least 4 blocks", device.path.display()));
                 }
                 if size / block > u32::MAX as u64 {
                     return bad(format!("device {}: size {size} has too many blocks", device.path.display()));

@@ -52,10 +52,7 @@ impl FileDevice {
                 let len = block_device_len(&file).map_err(|e| Error::io(path, e))?;
                 if let Some(size) = size {
                     if size > len {
-                        return Err(Error::Config(format!(
-                            "device {}: configured size {size} is larger than the block device ({len} bytes)",
-                            path.display()
-                        )));
+                        return Err(Error::Config(format!("device {}: configured size {size} is larger than the block device ({len} bytes)", path.display())));
                     }
                 }
                 let size_bytes = size.unwrap_or(len);
@@ -87,13 +84,7 @@ impl FileDevice {
 
     fn create(path: &Path, size: Option<u64>) -> Result<(FileDevice, bool)> {
         let size = size.ok_or_else(|| need_size(path))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
+        let file = OpenOptions::new().read(true).write(true).create_new(true).custom_flags(libc::O_CLOEXEC).open(path).map_err(|e| Error::io(path, e))?;
         if let Err(err) = allocate(&file, path, size) {
             // Leave nothing half-made behind: the file was ours, created a moment ago.
             let _ = std::fs::remove_file(path);
@@ -109,12 +100,7 @@ fn need_size(path: &Path) -> Error {
 }
 
 fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| Error::io(path, e))
+    OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(path).map_err(|e| Error::io(path, e))
 }
 
 /// Reserves every byte up front so a full filesystem shows up now, as a clear error, and never
@@ -126,10 +112,7 @@ fn allocate(file: &File, path: &Path, size: u64) -> Result<()> {
     if rc != 0 {
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::ENOSPC) {
-            return Err(Error::Config(format!(
-                "device {}: the filesystem has no room for {size} bytes (fallocate: {err})",
-                path.display()
-            )));
+            return Err(Error::Config(format!("device {}: the filesystem has no room for {size} bytes (fallocate: {err})", path.display())));
         }
         if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
             return Err(Error::io(path, err));
@@ -281,8 +264,7 @@ impl Device for PowerLossDevice {
             }
             let from = offset.max(*write_offset);
             let to = end.min(write_end);
-            buf[(from - offset) as usize..(to - offset) as usize]
-                .copy_from_slice(&data[(from - write_offset) as usize..(to - write_offset) as usize]);
+            buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(&data[(from - write_offset) as usize..(to - write_offset) as usize]);
         }
         Ok(())
     }

@@ -56,10 +56,7 @@ impl Error {
     /// Fatal errors mean the namespace (or one of its devices) cannot go on safely; everything
     /// else is an answer to one request.
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            Error::DeviceFailed { .. } | Error::Corrupt { .. } | Error::Io { .. } | Error::Config(_)
-        )
+        matches!(self, Error::DeviceFailed { .. } | Error::Corrupt { .. } | Error::Io { .. } | Error::Config(_))
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {

@@ -95,27 +95,20 @@ impl DeviceHeader {
         }
         let corrupt = |what: String| Error::Corrupt { path: path.to_owned(), offset: 0, what };
         if buf[0..8] != DEVICE_MAGIC {
-            return Err(corrupt(format!(
-                "not a chunkstore device: magic {:02x?} instead of {:02x?} (nothing was written to it)",
-                &buf[0..8],
-                DEVICE_MAGIC
-            )));
+            return Err(corrupt(format!("not a chunkstore device: magic {:02x?} instead of {:02x?} (nothing was written to it)", &buf[0..8], DEVICE_MAGIC)));
         }
         if crc32fast::hash(&buf[0..80]) != u32_at(buf, 80) {
             return Err(corrupt("device header checksum mismatch".into()));
         }
         let version = u32_at(buf, 8);
         if !(FORMAT_VERSION_OLDEST..=FORMAT_VERSION).contains(&version) {
-            return Err(corrupt(format!(
-                "device format version {version}; this build reads versions {FORMAT_VERSION_OLDEST} to {FORMAT_VERSION}"
-            )));
+            return Err(corrupt(format!("device format version {version}; this build reads versions {FORMAT_VERSION_OLDEST} to {FORMAT_VERSION}")));
         }
         let name_len = buf[48] as usize;
         if name_len > 31 {
             return Err(corrupt(format!("namespace name length {name_len} > 31")));
         }
-        let namespace = String::from_utf8(buf[49..49 + name_len].to_vec())
-            .map_err(|_| corrupt("namespace name is not UTF-8".into()))?;
+        let namespace = String::from_utf8(buf[49..49 + name_len].to_vec()).map_err(|_| corrupt("namespace name is not UTF-8".into()))?;
         Ok(Some(DeviceHeader {
             block_size: u32_at(buf, 12),
             device_len: u64_at(buf, 16),

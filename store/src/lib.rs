@@ -25,5 +25,5 @@ pub use config::{DeviceConfig, NamespaceConfig};
 pub use engine::{Clock, DurablePoint, EngineEvent, Namespace, OpenOptions, Replicated, ScanReport, Stats, SystemClock, VoidPoints};
 pub use error::{Error, Result};
 pub use key::{Digest, Key, UserKey};
-pub use ops::{BatchWrite, RangeLock, RangeLockKind, GenerationPolicy, OpResult, Operation, RecordExistsAction, Ttl, WriteOp, WritePolicy};
+pub use ops::{BatchWrite, GenerationPolicy, OpResult, Operation, RangeLock, RangeLockKind, RecordExistsAction, Ttl, WriteOp, WritePolicy};
 pub use value::{Bin, Record, RecordMeta, Value};

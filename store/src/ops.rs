@@ -34,8 +34,14 @@ pub(crate) enum Mutation<'a> {
 /// The engine's decision.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Plan {
-    Write { bins: Vec<Bin>, generation: u32, void_time_secs: u32 },
-    Delete { generation: u32 },
+    Write {
+        bins: Vec<Bin>,
+        generation: u32,
+        void_time_secs: u32,
+    },
+    Delete {
+        generation: u32,
+    },
     /// Reads only: nothing to write.
     Nothing,
 }
@@ -56,20 +62,15 @@ pub(crate) fn next_generation(generation: u32) -> u32 {
 
 /// Decides what to write; `Err` for a failed condition or a bad request. Takes the record by
 /// value so that a large bytes bin is edited in place, not copied.
-pub(crate) fn plan(
-    existing: Option<Record>,
-    policy: &WritePolicy,
-    mutation: &Mutation<'_>,
-    ctx: &PlanContext,
-) -> Result<(Plan, Vec<OpResult>)> {
+pub(crate) fn plan(existing: Option<Record>, policy: &WritePolicy, mutation: &Mutation<'_>, ctx: &PlanContext) -> Result<(Plan, Vec<OpResult>)> {
     let current_generation = existing.as_ref().map_or(0, |r| r.meta.generation);
     if let GenerationPolicy::ExpectEqual(expected) = policy.generation {
         if expected != current_generation {
             return Err(Error::GenerationMismatch { expected, actual: current_generation });
         }
     }
-    let needs_record = matches!(policy.exists, RecordExistsAction::UpdateOnly | RecordExistsAction::ReplaceOnly)
-        || matches!(mutation, Mutation::Delete | Mutation::Touch);
+    let needs_record =
+        matches!(policy.exists, RecordExistsAction::UpdateOnly | RecordExistsAction::ReplaceOnly) || matches!(mutation, Mutation::Delete | Mutation::Touch);
     match (&existing, policy.exists) {
         (None, _) if needs_record => return Err(Error::RecordNotFound),
         (Some(_), RecordExistsAction::CreateOnly) => return Err(Error::RecordExists),
@@ -172,9 +173,8 @@ fn apply_op(bins: &mut Vec<Bin>, op: &Operation, results: &mut Vec<OpResult>, ct
                 Some(Value::Int(value)) => *value,
                 Some(other) => return Err(incompatible(bin, "add", other)),
             };
-            let sum = current
-                .checked_add(*delta)
-                .ok_or_else(|| Error::IncompatibleBin { bin: bin.clone(), reason: format!("{current} + {delta} overflows i64") })?;
+            let sum =
+                current.checked_add(*delta).ok_or_else(|| Error::IncompatibleBin { bin: bin.clone(), reason: format!("{current} + {delta} overflows i64") })?;
             set_bin(bins, Bin::new(bin.clone(), Value::Int(sum)));
         }
         Operation::Append { bin, value } | Operation::Prepend { bin, value } => {
@@ -183,9 +183,7 @@ fn apply_op(bins: &mut Vec<Bin>, op: &Operation, results: &mut Vec<OpResult>, ct
             let joined = match (find(bins, bin), value) {
                 (None, value @ (Value::Bytes(_) | Value::String(_))) => value.clone(),
                 (Some(Value::Bytes(old)), Value::Bytes(new)) => Value::Bytes(join(old, new, at_end)),
-                (Some(Value::String(old)), Value::String(new)) => {
-                    Value::String(if at_end { format!("{old}{new}") } else { format!("{new}{old}") })
-                }
+                (Some(Value::String(old)), Value::String(new)) => Value::String(if at_end { format!("{old}{new}") } else { format!("{new}{old}") }),
                 (Some(other), _) => return Err(incompatible(bin, "append/prepend", other)),
                 (None, other) => return Err(incompatible(bin, "append/prepend", other)),
             };

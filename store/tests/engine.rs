@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chunkstore::device::{Device, MemDevice};
-use chunkstore::{
-    Bin, DeviceConfig, Error, Key, Namespace, NamespaceConfig, OpenOptions, Operation, Ttl, Value, WritePolicy,
-};
+use chunkstore::{Bin, DeviceConfig, Error, Key, Namespace, NamespaceConfig, OpenOptions, Operation, Ttl, Value, WritePolicy};
 use common::{small_config, Disks, HookedDevice, ManualClock};
 
 fn bytes_bin(len: usize, fill: u8) -> Vec<Bin> {
@@ -46,10 +44,7 @@ fn mem_open(config: &NamespaceConfig, devices: Vec<Arc<dyn Device>>, clock: Opti
 #[test]
 fn concurrent_writers_share_fsyncs() {
     let dir = tempfile::tempdir().unwrap();
-    let config = NamespaceConfig::new(
-        "gc",
-        vec![DeviceConfig { path: dir.path().join("gc.dat"), size: Some(64 << 20) }],
-    );
+    let config = NamespaceConfig::new("gc", vec![DeviceConfig { path: dir.path().join("gc.dat"), size: Some(64 << 20) }]);
     let ns = Arc::new(Namespace::open(config, OpenOptions::default()).unwrap());
     let threads: Vec<_> = (0..32)
         .map(|t| {
@@ -349,10 +344,7 @@ fn foreign_or_mismatched_device_files_are_refused_untouched() {
     let err = Namespace::open(other_name, OpenOptions::default()).err().unwrap();
     assert!(err.to_string().contains("belongs to namespace \"files\""), "{err}");
 
-    let other_size = NamespaceConfig {
-        devices: vec![DeviceConfig { path: path.clone(), size: Some(8 * 64 * 1024) }],
-        ..config.clone()
-    };
+    let other_size = NamespaceConfig { devices: vec![DeviceConfig { path: path.clone(), size: Some(8 * 64 * 1024) }], ..config.clone() };
     let err = Namespace::open(other_size, OpenOptions::default()).err().unwrap();
     assert!(err.to_string().contains("never resizes"), "{err}");
 
@@ -487,14 +479,7 @@ fn operate_semantics() {
     let (meta, results) = ns.operate(&key, &ops, &p).unwrap();
     assert_eq!(meta.generation, 1);
     let values: Vec<_> = results.into_iter().map(|r| (r.bin, r.value.unwrap())).collect();
-    assert_eq!(
-        values,
-        vec![
-            ("b".into(), Value::Bytes(vec![0, 0, 0, 0, 9, 9, 7])),
-            ("s".into(), Value::String("long".into())),
-            ("n".into(), Value::Int(5)),
-        ]
-    );
+    assert_eq!(values, vec![("b".into(), Value::Bytes(vec![0, 0, 0, 0, 9, 9, 7])), ("s".into(), Value::String("long".into())), ("n".into(), Value::Int(5)),]);
     let wrong_type = [Operation::Add { bin: "s".into(), delta: 1 }];
     assert!(matches!(ns.operate(&key, &wrong_type, &p), Err(Error::IncompatibleBin { .. })));
     let reads_only = [Operation::Read { bin: "n".into() }];
@@ -527,10 +512,7 @@ fn bad_configs_name_the_field() {
     }
     let err = NamespaceConfig::from_toml("name = \"x\"\nflush-max-msec = 5\n").unwrap_err();
     assert!(err.to_string().contains("flush-max-msec"), "{err}");
-    let parsed = NamespaceConfig::from_toml(
-        "name = \"ns1\"\ncommit-to-device = false\n[[devices]]\npath = \"/tmp/x.dat\"\nsize = 67108864\n",
-    )
-    .unwrap();
+    let parsed = NamespaceConfig::from_toml("name = \"ns1\"\ncommit-to-device = false\n[[devices]]\npath = \"/tmp/x.dat\"\nsize = 67108864\n").unwrap();
     assert!(!parsed.commit_to_device);
     assert_eq!(parsed.flush_max_ms, 1000, "unset fields keep their defaults");
     parsed.sanitize().unwrap();

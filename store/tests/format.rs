@@ -9,10 +9,7 @@ fn version_one_device_reads_back_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("format-v1.dat");
     std::fs::copy(&fixture, &path).unwrap();
-    let config = NamespaceConfig {
-        write_block_size: 64 * 1024,
-        ..NamespaceConfig::new("fixture", vec![DeviceConfig { path, size: Some(8 * 64 * 1024) }])
-    };
+    let config = NamespaceConfig { write_block_size: 64 * 1024, ..NamespaceConfig::new("fixture", vec![DeviceConfig { path, size: Some(8 * 64 * 1024) }]) };
     let ns = Namespace::open(config, OpenOptions::default()).unwrap();
     let scan = ns.stats().scan;
     assert_eq!((scan.checksum_mismatches, scan.torn_records, scan.damaged_block_headers), (0, 0, 0));

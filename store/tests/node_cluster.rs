@@ -75,10 +75,15 @@ async fn start_cluster_with(
         servers.push(tokio::spawn(serve(listener, node.clone())));
         started.push(node);
     }
-    let joins: Vec<_> = started.iter().map(|node| tokio::spawn({
-        let node = node.clone();
-        async move { node.join().await }
-    })).collect();
+    let joins: Vec<_> = started
+        .iter()
+        .map(|node| {
+            tokio::spawn({
+                let node = node.clone();
+                async move { node.join().await }
+            })
+        })
+        .collect();
     for join in joins {
         join.await.unwrap().unwrap();
     }

@@ -1,10 +1,7 @@
 //! The wire protocol's frame and message decoders on raw bytes: exact layout, partial input,
 //! limits, malformed input (never a panic, never an allocation past the limit).
 
-use chunkstore::protocol::{
-    decode_body, decode_frame, encode_body, ErrorReply, Frame, FrameError, FrameKind, ReadPolicy, Request, Response,
-    WriteTag,
-};
+use chunkstore::protocol::{decode_body, decode_frame, encode_body, ErrorReply, Frame, FrameError, FrameKind, ReadPolicy, Request, Response, WriteTag};
 use chunkstore::{Bin, Key, Value, WriteOp, WritePolicy};
 use rand::{Rng, SeedableRng};
 
@@ -25,9 +22,7 @@ fn frame_bytes_are_exactly_as_documented() {
 
 #[test]
 fn pipelined_frames_and_every_prefix() {
-    let frames: Vec<Frame> = (0..3)
-        .map(|i| Frame { kind: FrameKind::Request, request_id: i, body: vec![i as u8; 100 * i as usize] })
-        .collect();
+    let frames: Vec<Frame> = (0..3).map(|i| Frame { kind: FrameKind::Request, request_id: i, body: vec![i as u8; 100 * i as usize] }).collect();
     let mut buf = Vec::new();
     for frame in &frames {
         frame.encode(&mut buf);

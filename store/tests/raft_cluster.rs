@@ -11,15 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chunkstore::protocol::WriteTag;
-use chunkstore::raft::{Command, CommandResult, Outcome, GroupLogStore, GroupStateMachine, NodeId, RaftInstance, TypeConfig};
+use chunkstore::raft::{Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, Outcome, RaftInstance, TypeConfig};
 use chunkstore::wal::{Wal, WalConfig};
 use chunkstore::{DeviceConfig, Key, Namespace, NamespaceConfig, OpenOptions, Operation, Value, WriteOp, WritePolicy};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::RPCOption;
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
-};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 
 #[derive(Clone, Default)]
@@ -66,11 +63,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         raft.install_snapshot(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, _option: RPCOption) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         let raft = self.router.get(self.target).ok_or_else(|| unreachable(self.target))?;
         raft.vote(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
@@ -102,16 +95,10 @@ async fn start_with(id: NodeId, dir: &std::path::Path, router: &Router, engine_c
     let options = OpenOptions { replicated: true, ..Default::default() };
     let engine = Arc::new(Namespace::open(engine_config, options).unwrap());
     let state_machine = GroupStateMachine::new(engine.clone(), wal.clone(), 5 << 12, 0, 1, &dir.join("snapshots")).unwrap();
-    let config = openraft::Config {
-        heartbeat_interval: 50,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
-        max_in_snapshot_log_to_keep: 0,
-        ..Default::default()
-    };
-    let raft = RaftInstance::new(id, Arc::new(config.validate().unwrap()), router.clone(), GroupLogStore::new(wal, 5 << 12), state_machine.clone())
-        .await
-        .unwrap();
+    let config =
+        openraft::Config { heartbeat_interval: 50, election_timeout_min: 300, election_timeout_max: 600, max_in_snapshot_log_to_keep: 0, ..Default::default() };
+    let raft =
+        RaftInstance::new(id, Arc::new(config.validate().unwrap()), router.clone(), GroupLogStore::new(wal, 5 << 12), state_machine.clone()).await.unwrap();
     router.0.lock().unwrap().insert(id, raft.clone());
     Replica { raft, engine, state_machine }
 }
@@ -147,12 +134,7 @@ async fn write_all(leader: &RaftInstance, keys: i64) -> u64 {
 }
 
 async fn wait_applied(replica: &Replica, index: u64) {
-    replica
-        .raft
-        .wait(Some(Duration::from_secs(20)))
-        .applied_index_at_least(Some(index), "replica catches up")
-        .await
-        .unwrap();
+    replica.raft.wait(Some(Duration::from_secs(20))).applied_index_at_least(Some(index), "replica catches up").await.unwrap();
 }
 
 fn counters(engine: &Namespace, keys: i64) -> Vec<i64> {
@@ -183,7 +165,12 @@ async fn replicas_converge_catch_up_from_snapshots_and_replay_once() {
     for (id, replica) in &replicas {
         wait_applied(replica, last).await;
         let applied = replica.raft.metrics().borrow().last_applied;
-        assert_eq!(counters(&replica.engine, 40), vec![1; 40], "replica {id} (leader {leader_id}), applied {applied:?}, last {last}, sm {:?}", replica.state_machine.last_applied());
+        assert_eq!(
+            counters(&replica.engine, 40),
+            vec![1; 40],
+            "replica {id} (leader {leader_id}), applied {applied:?}, last {last}, sm {:?}",
+            replica.state_machine.last_applied()
+        );
     }
 
     // Tagged writes: proposed again, the first outcome comes back and nothing is applied twice.
@@ -210,10 +197,7 @@ async fn replicas_converge_catch_up_from_snapshots_and_replay_once() {
     let purged_to = write_all(&leader, 40).await;
     leader.trigger().snapshot().await.unwrap();
     // (No metrics().borrow() guard may live across an await: it blocks openraft's metrics.)
-    let purged = leader
-        .wait(Some(Duration::from_secs(10)))
-        .metrics(|m| m.purged.is_some_and(|p| p.index >= purged_to), "log purged")
-        .await;
+    let purged = leader.wait(Some(Duration::from_secs(10))).metrics(|m| m.purged.is_some_and(|p| p.index >= purged_to), "log purged").await;
     let metrics = leader.metrics().borrow().clone();
     assert!(purged.is_ok(), "the leader purged its log: {metrics:?}");
 
@@ -265,11 +249,7 @@ async fn replicas_converge_catch_up_from_snapshots_and_replay_once() {
     assert_eq!(retry.data, CommandResult::Duplicate(written_1000), "the retry's outcome survived");
     let retry = new_leader.client_write(tagged_add_one(5, 2)).await.unwrap();
     let written_5 = Outcome::Written { meta: meta_5, results: Vec::new() };
-    assert!(
-        [CommandResult::Duplicate(written_5), CommandResult::Duplicate(Outcome::ResultLost)].contains(&retry.data),
-        "{:?}",
-        retry.data
-    );
+    assert!([CommandResult::Duplicate(written_5), CommandResult::Duplicate(Outcome::ResultLost)].contains(&retry.data), "{:?}", retry.data);
     for replica in replicas.values() {
         wait_applied(replica, retry.log_id.index).await;
         assert_eq!(counter(&replica.engine, 1000), 1);
@@ -338,10 +318,8 @@ async fn a_replica_whose_device_fills_waits_for_room_and_the_group_goes_on() {
     let follower_id = 3 - leader_id;
     let small_dir = dir.path().join("n3");
     // 2 MiB of 64 KiB blocks: room for about 100 of the 16 KiB records.
-    let small = |dir: &std::path::Path| NamespaceConfig {
-        devices: vec![DeviceConfig { path: dir.join("engine.dat"), size: Some(2 << 20) }],
-        ..engine_config(dir)
-    };
+    let small =
+        |dir: &std::path::Path| NamespaceConfig { devices: vec![DeviceConfig { path: dir.join("engine.dat"), size: Some(2 << 20) }], ..engine_config(dir) };
     replicas.insert(3, start_with(3, &small_dir, &router, small(&small_dir)).await);
     replicas[&3].raft.runtime_config().elect(false);
     let _stop_first = StopOnDrop(replicas[&3].state_machine.clone());
@@ -378,8 +356,7 @@ async fn a_replica_whose_device_fills_waits_for_room_and_the_group_goes_on() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(stalled(&replicas[&3]), applied, "replica 3 went on applying with a full device");
     for k in 0..10 {
-        assert_eq!(replicas[&3].engine.get(&Key::new("s", k), None).unwrap().and_then(|r| r.bin("b").cloned()),
-            Some(Value::Bytes(vec![k as u8; 16 * 1024])));
+        assert_eq!(replicas[&3].engine.get(&Key::new("s", k), None).unwrap().and_then(|r| r.bin("b").cloned()), Some(Value::Bytes(vec![k as u8; 16 * 1024])));
     }
 
     // It stops promptly while waiting, and after a restart it is back where it was, waiting.

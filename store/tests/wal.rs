@@ -524,7 +524,7 @@ fn appends_synced_on_their_own_thread_mix_with_the_flushers() {
                     let op = [WalOp::Entry { index, term: 1, payload: vec![group as u8; 1000] }];
                     let (sender, receiver) = std::sync::mpsc::channel();
                     let done = Box::new(move |result| sender.send(result).unwrap());
-                    if (group + index as u32) % 2 == 0 {
+                    if (group + index as u32).is_multiple_of(2) {
                         wal.append_syncing(group, &op, done);
                         // Answered before it returns unless another flush was being written.
                     } else {

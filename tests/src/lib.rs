@@ -23,9 +23,7 @@ pub fn run(name: &str, args: &[&str]) -> Output {
 /// The JSON object on the last line of stdout.
 pub fn last_json_line(output: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().last().unwrap_or_else(|| {
-        panic!("no output; stderr:\n{}", String::from_utf8_lossy(&output.stderr))
-    });
+    let line = stdout.lines().last().unwrap_or_else(|| panic!("no output; stderr:\n{}", String::from_utf8_lossy(&output.stderr)));
     serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
 

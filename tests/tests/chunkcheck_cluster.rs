@@ -19,9 +19,7 @@ fn chunkcheck_keeping_output(workload: &str, seed: &str, nemesis: &str, interval
     let nodes: &[&str] = if extra.contains(&"--nodes") { &[] } else { &["--nodes", "3"] };
     let mut args = vec![workload];
     args.extend_from_slice(nodes);
-    args.extend_from_slice(&[
-        "--time-limit", &seconds, "--nemesis", nemesis, "--nemesis-interval", interval, "--seed", seed, "--json", "--out",
-    ]);
+    args.extend_from_slice(&["--time-limit", &seconds, "--nemesis", nemesis, "--nemesis-interval", interval, "--seed", seed, "--json", "--out"]);
     let out_dir = out.path().join("run");
     args.push(out_dir.to_str().unwrap());
     args.extend_from_slice(extra);
@@ -152,11 +150,8 @@ fn partitions_leave_no_firewall_rules_behind() {
     let rules = std::process::Command::new("iptables").arg("-S").output().expect("iptables runs");
     let rules = String::from_utf8_lossy(&rules.stdout);
     // Other tests' runs may be going on: only chains of runs that ended count.
-    let left: Vec<&str> = rules
-        .lines()
-        .filter_map(|l| l.strip_prefix("-N chunkcheck-"))
-        .filter(|pid| !std::path::Path::new("/proc").join(pid).exists())
-        .collect();
+    let left: Vec<&str> =
+        rules.lines().filter_map(|l| l.strip_prefix("-N chunkcheck-")).filter(|pid| !std::path::Path::new("/proc").join(pid).exists()).collect();
     assert!(left.is_empty(), "chains of finished runs left behind: {left:?}\n{rules}");
 }
 
@@ -176,18 +171,14 @@ fn register_through_corrupted_devices_is_linearizable_and_damaged_replicas_rebui
     assert!(!disk_faults.is_empty(), "no disk fault happened: {result}");
     let regions: usize = disk_faults.iter().map(|f| f["corrupted"].as_array().map_or(0, Vec::len)).sum();
     assert!(regions > 0, "the disk faults overwrote nothing: {result}");
-    let logs: Vec<String> = (1..=3)
-        .map(|id| std::fs::read_to_string(out.path().join(format!("run/cluster/node{id}/chunkd.log"))).unwrap_or_default())
-        .collect();
+    let logs: Vec<String> =
+        (1..=3).map(|id| std::fs::read_to_string(out.path().join(format!("run/cluster/node{id}/chunkd.log"))).unwrap_or_default()).collect();
     let count = |what: &str| logs.iter().map(|log| log.matches(what).count()).sum::<usize>();
     assert!(count("rebuilt this replica's copy of the group from a peer") > 0, "no damaged node rebuilt a group from its peers: {result}");
     let corrupt_faults = disk_faults.iter().filter(|f| f["target"] == "corrupt").count();
     let damage_found = count("the engine lost acknowledged records");
     assert!(damage_found <= corrupt_faults, "{damage_found} start-ups found damage after {corrupt_faults} corruptions: a kill was taken for damage");
-    assert!(
-        result["faults"].as_array().unwrap().iter().any(|f| f["kind"] == "kill" || f["target"] == "power-cut"),
-        "no power cut happened: {result}"
-    );
+    assert!(result["faults"].as_array().unwrap().iter().any(|f| f["kind"] == "kill" || f["target"] == "power-cut"), "no power cut happened: {result}");
 }
 
 /// WAL corruption under the workload: a node is killed, one byte flipped in a record of its
@@ -200,22 +191,14 @@ fn register_through_corrupted_devices_is_linearizable_and_damaged_replicas_rebui
 fn register_through_corrupted_wals_is_linearizable_and_the_nodes_rebuild() {
     let (code, result, out) = chunkcheck_keeping_output("register", "31", "wal-corrupt,kill", "4", &[]);
     assert_eq!((code, &result["valid"]), (0, &serde_json::json!(true)), "{result}");
-    let flipped: usize = result["faults"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["kind"] == "wal-corrupt")
-        .map(|f| f["corrupted"].as_array().map_or(0, Vec::len))
-        .sum();
+    let flipped: usize =
+        result["faults"].as_array().unwrap().iter().filter(|f| f["kind"] == "wal-corrupt").map(|f| f["corrupted"].as_array().map_or(0, Vec::len)).sum();
     assert!(flipped > 0, "no WAL was damaged: {result}");
-    let logs: Vec<String> = (1..=3)
-        .map(|id| std::fs::read_to_string(out.path().join(format!("run/cluster/node{id}/chunkd.log"))).unwrap_or_default())
-        .collect();
+    let logs: Vec<String> =
+        (1..=3).map(|id| std::fs::read_to_string(out.path().join(format!("run/cluster/node{id}/chunkd.log"))).unwrap_or_default()).collect();
     let reported: usize = logs.iter().map(|log| log.matches("the write-ahead log is corrupt").count()).sum();
     assert_eq!(reported, flipped, "every damaged WAL is found at the next start, and nothing else is taken for damage: {result}");
-    let set_aside: usize = (1..=3)
-        .map(|id| std::fs::read_dir(out.path().join(format!("run/cluster/node{id}/data/damaged"))).map_or(0, |d| d.count()))
-        .sum();
+    let set_aside: usize = (1..=3).map(|id| std::fs::read_dir(out.path().join(format!("run/cluster/node{id}/data/damaged"))).map_or(0, |d| d.count())).sum();
     assert_eq!(set_aside, flipped, "each damaged node set its data aside once");
 }
 
@@ -297,7 +280,13 @@ fn nodes_replaced_under_the_workload_leave_the_cluster() {
 fn assert_replaced_nodes_left(result: &serde_json::Value, nodes: u64) -> Vec<u64> {
     let joined: Vec<u64> = result["nodes_joined"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
     let left: Vec<(u64, u64)> = result["nodes_left"].as_array().unwrap().iter().map(|n| (n["node"].as_u64().unwrap(), n["at_ms"].as_u64().unwrap())).collect();
-    let replaced: Vec<u64> = result["faults"].as_array().unwrap().iter().filter(|f| f["target"] == "replace").flat_map(|f| f["nodes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap())).collect();
+    let replaced: Vec<u64> = result["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["target"] == "replace")
+        .flat_map(|f| f["nodes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()))
+        .collect();
     assert!(!replaced.is_empty(), "the seed's plan replaces a node: {result}");
     assert!(joined.len() == replaced.len() && joined.iter().all(|id| *id > nodes), "a fresh node joined for each node replaced: {result}");
     let mut left_ids: Vec<u64> = left.iter().map(|(id, _)| *id).collect();

@@ -6,10 +6,7 @@ use chunkstore_tests::{last_json_line, run};
 #[test]
 fn bench_engine_reports_its_contract_fields() {
     let dir = tempfile::tempdir().unwrap();
-    let args = [
-        "bench", "engine", "--writers", "1,4", "--seconds", "0.5", "--cold-start-records", "5000", "--json", "--dir",
-        dir.path().to_str().unwrap(),
-    ];
+    let args = ["bench", "engine", "--writers", "1,4", "--seconds", "0.5", "--cold-start-records", "5000", "--json", "--dir", dir.path().to_str().unwrap()];
     let output = run("chunkctl", &args);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let report = last_json_line(&output);

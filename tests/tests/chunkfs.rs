@@ -50,7 +50,7 @@ fn two_mounts_see_one_volume_and_posix_holds() {
     assert_eq!(again.len(), payload.len());
 
     // Holes read as zeros; truncate shrinks and grows with zeros, never old bytes.
-    let f = OpenOptions::new().create(true).read(true).write(true).open(pa.join("sparse")).unwrap();
+    let f = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(pa.join("sparse")).unwrap();
     f.write_all_at(b"end", 10 << 20).unwrap();
     assert_eq!(f.metadata().unwrap().len(), (10 << 20) + 3);
     let mut hole = vec![1u8; 4096];
@@ -75,7 +75,7 @@ fn two_mounts_see_one_volume_and_posix_holds() {
     assert_eq!(fs::read(pa.join("sym")).unwrap(), b"linked");
 
     // An unlinked file that is still open keeps its data until the last close.
-    let mut open = OpenOptions::new().create(true).read(true).write(true).open(pa.join("doomed")).unwrap();
+    let mut open = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(pa.join("doomed")).unwrap();
     open.write_all(b"still here").unwrap();
     fs::remove_file(pa.join("doomed")).unwrap();
     assert!(!pa.join("doomed").exists());
@@ -98,7 +98,7 @@ fn two_mounts_see_one_volume_and_posix_holds() {
     let long = "n".repeat(256);
     assert_eq!(errno_of(&File::create(pa.join(&long)).unwrap_err()), libc::ENAMETOOLONG);
     File::create(pa.join("n".repeat(255))).unwrap();
-    let f = OpenOptions::new().create(true).write(true).open(pa.join("huge")).unwrap();
+    let f = OpenOptions::new().create(true).truncate(false).write(true).open(pa.join("huge")).unwrap();
     f.write_all_at(b"x", (1 << 40) - 1).unwrap();
     assert_eq!(errno_of(&f.write_all_at(b"x", 1 << 40).unwrap_err()), libc::EFBIG);
     assert_eq!(errno_of(&f.set_len((1 << 40) + 1).unwrap_err()), libc::EFBIG);
@@ -232,7 +232,7 @@ fn stop_writes_is_enospc_and_writes_nothing() {
     let mut acknowledged = 0u64;
     let mut refused = None;
     for i in 0..400u64 {
-        let f = OpenOptions::new().create(true).write(true).open(mount.path.join(format!("f{}", i % 8))).unwrap();
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(mount.path.join(format!("f{}", i % 8))).unwrap();
         let chunk = vec![(i % 251) as u8; 256 << 10];
         let at = f.metadata().unwrap().len();
         match f.write_all_at(&chunk, at) {
@@ -277,7 +277,7 @@ fn fsync_mode_holds_writes_until_synced_and_memory_stays_bounded() {
     let _down = Down(&data);
     let mut a = Mount::new(&data, "vol", &dir.path().join("a"), &["--durability", "fsync", "--dirty-mib-max", "8"]);
     let b = Mount::new(&data, "vol", &dir.path().join("b"), &[]);
-    let mut f = OpenOptions::new().create(true).read(true).write(true).open(a.path.join("f")).unwrap();
+    let mut f = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(a.path.join("f")).unwrap();
     f.write_all(b"synced;").unwrap();
     f.sync_data().unwrap();
     f.write_all(b"held").unwrap();
@@ -299,7 +299,7 @@ fn fsync_mode_holds_writes_until_synced_and_memory_stays_bounded() {
     // large to send: EIO after the retry window, on a healthy cluster).
     {
         let mut c = Mount::new(&data, "vol", &dir.path().join("c"), &["--durability", "fsync", "--dirty-mib-max", "64"]);
-        let f = OpenOptions::new().create(true).write(true).open(c.path.join("rewritten")).unwrap();
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(c.path.join("rewritten")).unwrap();
         for pass in 1..=16u8 {
             for block in 0..256u64 {
                 f.write_all_at(&[pass; 4096], block * 4096).unwrap();

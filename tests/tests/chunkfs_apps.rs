@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chunkstore_tests::local::{chunkctl_ok, kill_node, status, Down};
 use chunkstore_tests::kill_sqlite_mid_transaction;
+use chunkstore_tests::local::{chunkctl_ok, kill_node, status, Down};
 use chunkstore_tests::mount::Mount;
 
 const RECORD_BYTES: usize = 512;

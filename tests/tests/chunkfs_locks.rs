@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 use chunkstore_tests::local::{chunkctl_ok, Down};
@@ -63,10 +63,7 @@ impl Holder {
     }
 
     fn next(&self, within: Duration) -> Option<String> {
-        match self.lines.recv_timeout(within) {
-            Ok(line) => Some(line),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.lines.recv_timeout(within).ok()
     }
 
     fn say(&mut self, what: &str) {

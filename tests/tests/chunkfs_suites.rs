@@ -41,17 +41,7 @@ fn pjdfstest_whole_suite() {
     let secondary = dir.path().join("secondary");
     std::fs::create_dir(&secondary).unwrap();
     let run = |config: &Path, work: &Path, patterns: &[&str]| {
-        Command::new(tool("pjdfstest"))
-            .arg("-c")
-            .arg(config)
-            .arg("-p")
-            .arg(work)
-            .arg("-s")
-            .arg(&secondary)
-            .args(patterns)
-            .current_dir(work)
-            .output()
-            .unwrap()
+        Command::new(tool("pjdfstest")).arg("-c").arg(config).arg("-p").arg(work).arg("-s").arg(&secondary).args(patterns).current_dir(work).output().unwrap()
     };
     let output = run(&repo_file("pjdfstest/pjdfstest.toml"), &work, &[]);
     // The EROFS tests, alone (nothing else open on the mount), with remounts allowed.
@@ -96,9 +86,17 @@ fn pjdfstest_whole_suite() {
     let erofs_skipped: Vec<&String> = unexpected.iter().filter(|l| l.contains("::erofs_") && l.contains("skipped")).collect();
     eprintln!("pjdfstest: {passed} passed; excluded {excluded_seen:?}; erofs skipped {} (run alone: 13 passed)", erofs_skipped.len());
     eprintln!("{}", stdout.lines().last().unwrap_or(""));
-    let summary = stdout.lines().rev().find(|l| l.starts_with("Summary:")).unwrap_or_else(|| panic!("no summary from pjdfstest: {stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
+    let summary = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("Summary:"))
+        .unwrap_or_else(|| panic!("no summary from pjdfstest: {stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
     assert!(summary.starts_with("Summary: 0 failed"), "{summary}\n{}", unexpected.join("\n"));
-    assert!(unexpected.iter().all(|l| l.contains("::erofs_") && l.contains("skipped")), "tests failed or skipped outside the exclusions:\n{}", unexpected.join("\n"));
+    assert!(
+        unexpected.iter().all(|l| l.contains("::erofs_") && l.contains("skipped")),
+        "tests failed or skipped outside the exclusions:\n{}",
+        unexpected.join("\n")
+    );
     assert_eq!(erofs_skipped.len(), 13);
     assert!(passed >= 380, "only {passed} tests passed");
 }
@@ -121,7 +119,11 @@ fn fsx_runs_clean() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success() && stdout.contains("All operations completed A-OK"), "fsx (seed {seed}) failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success() && stdout.contains("All operations completed A-OK"),
+        "fsx (seed {seed}) failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// fio writes with crc32c verification headers, 4 jobs, 512 B to 1 MiB, sequential aligned and
@@ -146,7 +148,11 @@ fn fio_verifies_crc32c_through_a_fresh_mount() {
         }
         let output = cmd.output().unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(output.status.success() && stdout.contains("err= 0"), "fio {name} (verify only: {verify_only}):\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success() && stdout.contains("err= 0"),
+            "fio {name} (verify only: {verify_only}):\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         stdout
     };
     let mut mount = Mount::new(&data, "vol", &dir.path().join("m"), &[]);

@@ -198,7 +198,9 @@ fn rolling_restart_under_load_loses_nothing() {
         // SAFETY: plain syscall on a process this test started.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::fs::metadata(format!("/proc/{pid}/stat")).is_ok() && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ") {
+        while std::fs::metadata(format!("/proc/{pid}/stat")).is_ok()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+        {
             assert!(Instant::now() < deadline, "node {node} did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -486,7 +488,8 @@ fn start_node(dir: &Path, id: u64) -> std::process::Child {
             let sockets = std::process::Command::new("ss").args(["-tanp"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
             let config = std::fs::read_to_string(node_dir.join("chunkd.toml")).unwrap();
             let ports: Vec<&str> = config.lines().filter(|l| l.contains("-listen")).filter_map(|l| l.rsplit(':').next()).map(|p| p.trim_matches('"')).collect();
-            let holders: Vec<String> = sockets.unwrap_or_default().lines().filter(|l| ports.iter().any(|p| l.contains(&format!(":{p} ")))).map(str::to_owned).collect();
+            let holders: Vec<String> =
+                sockets.unwrap_or_default().lines().filter(|l| ports.iter().any(|p| l.contains(&format!(":{p} ")))).map(str::to_owned).collect();
             eprintln!("node {id}: its port was taken (attempt {attempt}); sockets on its ports {ports:?}:\n{}", holders.join("\n"));
             std::thread::sleep(Duration::from_secs(1));
             continue;
@@ -761,7 +764,10 @@ fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
     loop {
         // The partition groups' (the metadata group's line says namespace="$meta").
         let log = node3_log();
-        let caught_up = log[first_life..].lines().filter(|l| l.contains("caught up from the group's leader: this replica votes again") && l.contains("namespace=\"test\"")).count();
+        let caught_up = log[first_life..]
+            .lines()
+            .filter(|l| l.contains("caught up from the group's leader: this replica votes again") && l.contains("namespace=\"test\""))
+            .count();
         if caught_up == 16 {
             break;
         }
@@ -826,9 +832,9 @@ fn replica_reads_never_go_back_for_the_client_and_allow_unavailable_reads_surviv
 
     let last_on_follower = Value::Int(1004);
     std::thread::sleep(Duration::from_secs(1)); // every replica applies the last write
-    // The follower misses the next write for good: killed while the other two commit it, and
-    // they are killed before it comes back. (A pause would not do: the leader's messages wait
-    // in the paused process's socket and reach it on SIGCONT.)
+                                                // The follower misses the next write for good: killed while the other two commit it, and
+                                                // they are killed before it comes back. (A pause would not do: the leader's messages wait
+                                                // in the paused process's socket and reach it on SIGCONT.)
     unsafe { libc::kill(follower_pid, libc::SIGKILL) };
     client.put("test", &key, vec![Bin::new("v", Value::Int(2000))], &WritePolicy::default()).unwrap();
     let read = client.get_with("test", &key, None, ReadPolicy::Linearizable).unwrap();

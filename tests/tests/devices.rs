@@ -104,10 +104,8 @@ fn raw_block_device_keeps_records_and_foreign_content_is_refused() {
     let image = dir.path().join("disk.img");
     std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
     let device = Loop::attach(&image);
-    let block_config = || NamespaceConfig {
-        write_block_size: 64 * 1024,
-        ..NamespaceConfig::new("raw", vec![DeviceConfig { path: device.0.clone().into(), size: None }])
-    };
+    let block_config =
+        || NamespaceConfig { write_block_size: 64 * 1024, ..NamespaceConfig::new("raw", vec![DeviceConfig { path: device.0.clone().into(), size: None }]) };
     let ns = Namespace::open(block_config(), OpenOptions::default()).unwrap();
     assert_eq!(ns.stats().total_blocks, 16 * 16 - 1, "the whole 16 MiB device is used, less the header block");
     for k in 0..100i64 {
@@ -125,10 +123,8 @@ fn raw_block_device_keeps_records_and_foreign_content_is_refused() {
     let foreign: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 199) as u8 + 1).collect();
     std::fs::write(&other, &foreign).unwrap();
     let other_device = Loop::attach(&other);
-    let config = NamespaceConfig {
-        write_block_size: 64 * 1024,
-        ..NamespaceConfig::new("raw", vec![DeviceConfig { path: other_device.0.clone().into(), size: None }])
-    };
+    let config =
+        NamespaceConfig { write_block_size: 64 * 1024, ..NamespaceConfig::new("raw", vec![DeviceConfig { path: other_device.0.clone().into(), size: None }]) };
     let err = Namespace::open(config, OpenOptions::default()).err().expect("foreign content is refused");
     assert!(err.to_string().contains("not a chunkstore device"), "{err}");
     drop(other_device);

@@ -11,7 +11,11 @@ fn fixtures() -> PathBuf {
 }
 
 fn model_for(file: &str) -> &'static str {
-    if file.starts_with("kv/") { "kv" } else { "cas-register" }
+    if file.starts_with("kv/") {
+        "kv"
+    } else {
+        "cas-register"
+    }
 }
 
 fn check(path: &Path, model: &str) -> (i32, serde_json::Value) {
@@ -57,11 +61,8 @@ fn a_corrupted_read_in_a_valid_history_is_caught() {
         .filter(|(_, l)| l.contains(":type :ok, :f :get") && !l.contains(":value \"\""))
         .nth(20)
         .expect("c10-ok has reads of non-empty values");
-    let corrupted: Vec<String> = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| if i == line_number { l.replace(":value \"", ":value \"x 99 99 y") } else { l.to_owned() })
-        .collect();
+    let corrupted: Vec<String> =
+        text.lines().enumerate().map(|(i, l)| if i == line_number { l.replace(":value \"", ":value \"x 99 99 y") } else { l.to_owned() }).collect();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("corrupted.edn");
     std::fs::write(&path, corrupted.join("\n")).unwrap();
@@ -110,12 +111,22 @@ fn every_fixture_with_a_wrong_operation_appended_is_decided_in_time() {
                     *counts.entry(key).or_insert(0) += 1;
                 }
                 let key = counts.iter().max_by_key(|(_, n)| **n).map(|(k, _)| *k).expect("kv histories have keys");
-                let op = |f: &str, value: &str, out: &str| format!("{{:process {p}, :type :invoke, :f :{f}, :key \"{key}\", :value {value}}}\n{{:process {p}, :type :ok, :f :{f}, :key \"{key}\", :value {out}}}");
-                (op("get", "nil", "\"never written\""), [op("put", "\"zz-a\"", "\"zz-a\""), op("put", "\"zz-b\"", "\"zz-b\""), op("get", "nil", "\"zz-a\"")].join("\n"))
+                let op = |f: &str, value: &str, out: &str| {
+                    format!("{{:process {p}, :type :invoke, :f :{f}, :key \"{key}\", :value {value}}}\n{{:process {p}, :type :ok, :f :{f}, :key \"{key}\", :value {out}}}")
+                };
+                (
+                    op("get", "nil", "\"never written\""),
+                    [op("put", "\"zz-a\"", "\"zz-a\""), op("put", "\"zz-b\"", "\"zz-b\""), op("get", "nil", "\"zz-a\"")].join("\n"),
+                )
             }
             _ => {
-                let op = |f: &str, value: &str, out: &str| format!("{{:process {p}, :type :invoke, :f :{f}, :value {value}}}\n{{:process {p}, :type :ok, :f :{f}, :value {out}}}");
-                (op("read", "nil", "987654321"), [op("write", "987654001", "987654001"), op("write", "987654002", "987654002"), op("read", "nil", "987654001")].join("\n"))
+                let op = |f: &str, value: &str, out: &str| {
+                    format!("{{:process {p}, :type :invoke, :f :{f}, :value {value}}}\n{{:process {p}, :type :ok, :f :{f}, :value {out}}}")
+                };
+                (
+                    op("read", "nil", "987654321"),
+                    [op("write", "987654001", "987654001"), op("write", "987654002", "987654002"), op("read", "nil", "987654001")].join("\n"),
+                )
             }
         };
         for (what, appended) in [("impossible read", impossible), ("stale read", stale)] {

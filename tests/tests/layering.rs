@@ -10,9 +10,10 @@ fn dependencies() -> BTreeMap<String, Vec<String>> {
     let mut out = BTreeMap::new();
     for package in lock["package"].as_array().unwrap() {
         let name = package["name"].as_str().unwrap().to_owned();
-        let deps = package.get("dependencies").and_then(|d| d.as_array()).map_or_else(Vec::new, |d| {
-            d.iter().map(|x| x.as_str().unwrap().split(' ').next().unwrap().to_owned()).collect()
-        });
+        let deps = package
+            .get("dependencies")
+            .and_then(|d| d.as_array())
+            .map_or_else(Vec::new, |d| d.iter().map(|x| x.as_str().unwrap().split(' ').next().unwrap().to_owned()).collect());
         out.entry(name).or_insert_with(Vec::new).extend(deps);
     }
     out

@@ -113,7 +113,9 @@ fn a_leader_cut_off_from_its_group_turns_requests_away_and_clients_find_the_new_
         other => panic!("unexpected answer to ClusterMap: {other:?}"),
     }
     let fresh = client(&address_of(leader), &nodes);
-    fresh.put("test", &Key::new("cut", 3), vec![Bin::new("v", Value::Int(3))], &WritePolicy::default()).expect("a client that took the cut-off node for the leader writes through the new one");
+    fresh
+        .put("test", &Key::new("cut", 3), vec![Bin::new("v", Value::Int(3))], &WritePolicy::default())
+        .expect("a client that took the cut-off node for the leader writes through the new one");
     let elected = wait_for_new_leader(dir, leader, |s| s["groups"][0]["leader"].as_u64());
     assert_ne!(elected, leader);
     drop(cut);
@@ -191,7 +193,8 @@ fn a_follower_cut_off_from_its_groups_does_not_campaign_nor_depose_their_leaders
     chunkctl_ok(dir, &["up", "--nodes", "3", "--groups", "4", "--address-per-node"]);
     let nodes = addresses(&status(dir));
     let cluster: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
-    let metrics: Vec<(u64, String)> = cluster["nodes"].as_array().unwrap().iter().map(|n| (n["id"].as_u64().unwrap(), n["metrics"].as_str().unwrap().to_owned())).collect();
+    let metrics: Vec<(u64, String)> =
+        cluster["nodes"].as_array().unwrap().iter().map(|n| (n["id"].as_u64().unwrap(), n["metrics"].as_str().unwrap().to_owned())).collect();
     let cut_off = 3;
     let others: Vec<String> = nodes.iter().filter(|(n, _)| *n != cut_off).map(|(_, a)| host(a)).collect();
     let own = vec![host(&nodes.iter().find(|(n, _)| *n == cut_off).unwrap().1)];
@@ -243,7 +246,10 @@ fn a_follower_cut_off_from_its_groups_does_not_campaign_nor_depose_their_leaders
         let now = leaders(&status(dir));
         for group in &followed {
             for (node, seen) in &after {
-                assert_eq!(seen[group], before[&1][group], "group {group}'s term on node {node} moved after the cut ({what}) healed: before {before:?}, after {after:?}");
+                assert_eq!(
+                    seen[group], before[&1][group],
+                    "group {group}'s term on node {node} moved after the cut ({what}) healed: before {before:?}, after {after:?}"
+                );
             }
             assert_eq!(now[group], leaders(&settled)[group], "group {group} changed its leader after the cut ({what})");
         }

@@ -207,7 +207,15 @@ fn a_kept_session_renews_its_lease_by_itself_and_closes_when_dropped() {
     client.lock(session, "test", &lock, Duration::from_secs(5)).expect("a free lock, waited for");
     client.unlock(session, "test", &lock).unwrap();
     client.close_session(other).unwrap();
-    let write = |n: i64| client.write_in_session(session, "test", &key, chunkstore::WriteOp::Put(vec![chunkstore::Bin::new("n", Value::Int(n))]), &chunkstore::WritePolicy::default());
+    let write = |n: i64| {
+        client.write_in_session(
+            session,
+            "test",
+            &key,
+            chunkstore::WriteOp::Put(vec![chunkstore::Bin::new("n", Value::Int(n))]),
+            &chunkstore::WritePolicy::default(),
+        )
+    };
     for n in 0..7 {
         std::thread::sleep(Duration::from_millis(500));
         assert!(kept.held(), "the lease was not known held {} ms in (TTL 1000 ms); failures: {:?}", 500 * (n + 1), failures.lock().unwrap());

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use chunkstore_tests::{binary, kill_sqlite_mid_transaction};
 use chunkstore_tests::local::{chunkctl_ok, Down};
 use chunkstore_tests::mount::Mount;
+use chunkstore_tests::{binary, kill_sqlite_mid_transaction};
 
 /// A local cluster and a mapped prefix (which does not exist on the local disk).
 struct Shim {
@@ -502,7 +502,9 @@ fn directory_walks_on_a_mapped_tree_answer_as_on_a_local_directory() {
     let only = |a: &[String], b: &[String]| a.iter().filter(|l| !b.contains(l)).cloned().collect::<Vec<_>>();
     assert_eq!(mapped, local, "only on the volume: {:?}\nonly local: {:?}", only(&mapped, &local), only(&local, &mapped));
     // find walks with fts (openat, fdopendir, fstatat): the shim's hooks already serve it.
-    for (options, args) in [(&[][..], &["-printf", "%y %d %P %l\n"][..]), (&["-L"], &["-printf", "%y %d %P %l\n"]), (&[], &["-type", "f", "-printf", "%P %s\n"])] {
+    for (options, args) in
+        [(&[][..], &["-printf", "%y %d %P %l\n"][..]), (&["-L"], &["-printf", "%y %d %P %l\n"]), (&[], &["-type", "f", "-printf", "%P %s\n"])]
+    {
         let find = |dir: &Path| {
             let output = shim.command("find").args(options).arg(dir.join("t")).args(args).output().unwrap();
             assert!(output.status.success(), "find {options:?} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
@@ -547,10 +549,19 @@ fn sqlite_under_the_shim_keeps_committed_rows_through_kill() {
     let shim = Shim::new();
     let _down = Down(&shim.data);
     shim.sh_ok(r#"mkdir -p "$ROOT""#);
-    for (mode, pragma) in [("delete", "PRAGMA journal_mode=delete;"), ("truncate", "PRAGMA journal_mode=truncate;"), ("persist", "PRAGMA journal_mode=persist;"), ("wal", "PRAGMA locking_mode=exclusive; PRAGMA journal_mode=wal;")] {
+    for (mode, pragma) in [
+        ("delete", "PRAGMA journal_mode=delete;"),
+        ("truncate", "PRAGMA journal_mode=truncate;"),
+        ("persist", "PRAGMA journal_mode=persist;"),
+        ("wal", "PRAGMA locking_mode=exclusive; PRAGMA journal_mode=wal;"),
+    ] {
         let db = shim.root.join(format!("bank-{mode}.db"));
         sqlite(&shim, &db, &format!("{pragma} CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER NOT NULL); CREATE TABLE log(n INTEGER);"));
-        sqlite(&shim, &db, &format!("{pragma} WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM c WHERE i<100) INSERT INTO accounts SELECT i, 1000 FROM c;"));
+        sqlite(
+            &shim,
+            &db,
+            &format!("{pragma} WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM c WHERE i<100) INSERT INTO accounts SELECT i, 1000 FROM c;"),
+        );
         for n in 0..10 {
             let (from, to) = (n % 100 + 1, (n * 7) % 100 + 1);
             sqlite(&shim, &db, &format!("{pragma} BEGIN; UPDATE accounts SET balance=balance-10 WHERE id={from}; UPDATE accounts SET balance=balance+10 WHERE id={to}; INSERT INTO log VALUES({n}); COMMIT;"));
@@ -885,12 +896,8 @@ fn freopen_onto_a_mapped_path_serves_the_standard_streams() {
     let _down = Down(&shim.data);
     let program = compile_c(&shim.local, "freopen", FREOPEN_PROGRAM);
     let run = |dir: &Path| {
-        let output = shim
-            .command(program.to_str().unwrap())
-            .args([dir.join("out"), dir.join("err"), shim.local.join("other")])
-            .stdout(Stdio::null())
-            .output()
-            .unwrap();
+        let output =
+            shim.command(program.to_str().unwrap()).args([dir.join("out"), dir.join("err"), shim.local.join("other")]).stdout(Stdio::null()).output().unwrap();
         assert!(output.status.success(), "{}: {}", dir.display(), String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stderr).into_owned()
     };

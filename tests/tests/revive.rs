@@ -36,11 +36,7 @@ fn wait_for_state(dir: &Path, group: u64, state: &str, seconds: u64) {
 
 /// `count` keys of group `group` (of 16), named `prefix`N.
 fn keys_in_group(prefix: &str, group: u32, count: usize) -> Vec<Key> {
-    (0..)
-        .map(|n| Key::new("dead", format!("{prefix}{n}").as_str()))
-        .filter(|key| chunkstore::raft::group_of(&key.digest, 16) == group)
-        .take(count)
-        .collect()
+    (0..).map(|n| Key::new("dead", format!("{prefix}{n}").as_str())).filter(|key| chunkstore::raft::group_of(&key.digest, 16) == group).take(count).collect()
 }
 
 /// Writes each key (value = its position) and returns the log index each write was

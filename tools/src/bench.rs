@@ -139,10 +139,7 @@ pub(crate) fn timed_syncs(file: &std::fs::File, wrap: u64, seconds: f64) -> Resu
 fn bench_namespace(dir: &Path, name: &str, device_bytes: u64, commit_to_device: bool) -> Result<Namespace> {
     let path = dir.join(format!("{name}.dat"));
     let _ = std::fs::remove_file(&path);
-    let config = NamespaceConfig {
-        commit_to_device,
-        ..NamespaceConfig::new(name, vec![DeviceConfig { path, size: Some(device_bytes) }])
-    };
+    let config = NamespaceConfig { commit_to_device, ..NamespaceConfig::new(name, vec![DeviceConfig { path, size: Some(device_bytes) }]) };
     Ok(Namespace::open(config, OpenOptions::default())?)
 }
 

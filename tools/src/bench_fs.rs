@@ -320,7 +320,8 @@ pub fn run(options: &FsBenchOptions, mut log: impl FnMut(&str)) -> Result<FsRepo
 /// they go without waiting out the orphan grace.
 fn free_volume(options: &FsBenchOptions, volume: &str) -> Result<()> {
     let client = chunkstore::client::Client::connect(chunkstore::client::ClientConfig::new(options.seeds.clone()))?;
-    let opened = chunkfiles::Volume::open(std::sync::Arc::new(client), &options.namespace, volume, None).map_err(|e| anyhow::anyhow!("volume {volume}: {e}"))?;
+    let opened =
+        chunkfiles::Volume::open(std::sync::Arc::new(client), &options.namespace, volume, None).map_err(|e| anyhow::anyhow!("volume {volume}: {e}"))?;
     for (ino, _) in opened.orphans().map_err(|e| anyhow::anyhow!("volume {volume}: {e}"))? {
         opened.reclaim(ino).map_err(|e| anyhow::anyhow!("freeing inode {ino} of {volume}: {e}"))?;
     }

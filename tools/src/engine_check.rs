@@ -17,10 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use chunkstore::device::{Device, FileDevice, PowerLossDevice};
-use chunkstore::{
-    Bin, DeviceConfig, EngineEvent, Error, Key, Namespace, NamespaceConfig, OpenOptions, Operation, RecordExistsAction,
-    Value, WritePolicy,
-};
+use chunkstore::{Bin, DeviceConfig, EngineEvent, Error, Key, Namespace, NamespaceConfig, OpenOptions, Operation, RecordExistsAction, Value, WritePolicy};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -159,11 +156,7 @@ pub fn run_child(options: ChildOptions) -> Result<()> {
     for (i, device) in config.devices.iter().enumerate() {
         let (file, _) = FileDevice::open_or_create(&device.path, device.size)?;
         let file: Arc<dyn Device> = Arc::new(file);
-        devices.push(if options.power_loss {
-            Arc::new(PowerLossDevice::new(file, options.seed ^ (i as u64 + 1)))
-        } else {
-            file
-        });
+        devices.push(if options.power_loss { Arc::new(PowerLossDevice::new(file, options.seed ^ (i as u64 + 1))) } else { file });
     }
     let observer: chunkstore::engine::Observer = Arc::new(|event: &EngineEvent| match event {
         EngineEvent::DefragBlockStart { device, block } => say(&format!("D {device} {block}")),
@@ -212,9 +205,7 @@ fn writer_loop(ns: &Namespace, seed: u64, writer: u32, writers: u32, keys: u32) 
                 let write = Operation::WriteBytesAt { bin: BIN.into(), offset: *offset as u64, data: value_bytes(*nonce, *len), zero_fill: true };
                 ns.operate(&key, &[write], &policy).map(|(meta, _)| meta)
             }
-            Op::Truncate { len } => {
-                ns.operate(&key, &[Operation::TruncateBytes { bin: BIN.into(), len: *len as u64 }], &policy).map(|(meta, _)| meta)
-            }
+            Op::Truncate { len } => ns.operate(&key, &[Operation::TruncateBytes { bin: BIN.into(), len: *len as u64 }], &policy).map(|(meta, _)| meta),
             Op::Delete => ns.delete(&key, &policy),
         };
         match result {

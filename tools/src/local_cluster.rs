@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use chunkstore::client::{Client, ClientConfig};
-use serde::{Deserialize, Serialize};
 use chunkstore::meta::ClusterMetaExt as _;
+use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LocalNode {
@@ -29,7 +29,8 @@ pub struct LocalCluster {
 impl LocalCluster {
     pub fn load(dir: &Path) -> Result<LocalCluster> {
         let path = dir.join("cluster.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("no cluster in {} (start one with chunkctl up --dir {})", dir.display(), dir.display()))?;
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("no cluster in {} (start one with chunkctl up --dir {})", dir.display(), dir.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is not a cluster description", path.display()))
     }
 
@@ -84,10 +85,12 @@ pub fn free_port(host: &str, owner: &Path) -> Result<u16> {
     let owner = std::path::absolute(owner).unwrap_or_else(|_| owner.to_owned());
     let reserve = |port: u16| -> bool {
         let path = reservations.join(port.to_string());
-        let claim = || std::fs::OpenOptions::new().write(true).create_new(true).open(&path).and_then(|mut f| {
-            use std::io::Write;
-            f.write_all(owner.as_os_str().as_encoded_bytes())
-        });
+        let claim = || {
+            std::fs::OpenOptions::new().write(true).create_new(true).open(&path).and_then(|mut f| {
+                use std::io::Write;
+                f.write_all(owner.as_os_str().as_encoded_bytes())
+            })
+        };
         if claim().is_ok() {
             return true;
         }
@@ -269,8 +272,7 @@ pub fn up(dir: &Path, options: &UpOptions, log: &mut impl FnMut(&str)) -> Result
         started.push((node.id, child));
     }
     cluster.save(dir)?;
-    wait_for_leaders(dir, &cluster, Duration::from_secs(60), &mut started)
-        .with_context(|| format!("see the logs in {}/node*/chunkd.log", dir.display()))?;
+    wait_for_leaders(dir, &cluster, Duration::from_secs(60), &mut started).with_context(|| format!("see the logs in {}/node*/chunkd.log", dir.display()))?;
     Ok(cluster)
 }
 

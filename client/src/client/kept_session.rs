@@ -41,12 +41,8 @@ impl KeptSession {
     pub fn open(client: Arc<Client>, ttl: Duration, on_error: impl Fn(&ClientError) + Send + 'static) -> Result<KeptSession, ClientError> {
         let sent_at = Instant::now();
         let id = client.open_session(ttl)?;
-        let renewals = Arc::new(Renewals {
-            stop: Mutex::new(false),
-            wake: Condvar::new(),
-            confirmed_sent_at: Mutex::new(sent_at),
-            expired: AtomicBool::new(false),
-        });
+        let renewals =
+            Arc::new(Renewals { stop: Mutex::new(false), wake: Condvar::new(), confirmed_sent_at: Mutex::new(sent_at), expired: AtomicBool::new(false) });
         let (thread_client, thread_renewals) = (client.clone(), renewals.clone());
         let started = std::thread::Builder::new().name(format!("lease-{id}")).spawn(move || renew(&thread_client, id, ttl, &thread_renewals, on_error));
         if let Err(err) = started {

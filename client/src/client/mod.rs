@@ -38,10 +38,10 @@ use std::time::{Duration, Instant};
 
 use connection::BlockingConnection;
 
+use crate::key::group_of;
 use crate::key::Key;
 use crate::ops::{OpResult, Operation, WriteOp, WritePolicy};
 use crate::protocol::{ClusterMap, ErrorReply, ReadPolicy, Request, Response, WriteTag};
-use crate::key::group_of;
 use crate::value::{Bin, Record, RecordMeta};
 
 /// What `Client::revive` did (see `Response::Revived`).
@@ -500,9 +500,8 @@ impl Client {
                 // The voters in turn, those that answered lately first.
                 let mut voters: Vec<(u64, Option<String>)> = map.metadata_voters.iter().map(|&v| (v, address(v))).collect();
                 voters.sort_by_key(|(_, addr)| addr.as_deref().is_some_and(|a| !self.answered_lately(a)));
-                let id = hint.take().or(map.metadata_leader.filter(|_| attempt == 0)).or_else(|| {
-                    (!voters.is_empty()).then(|| voters[attempt % voters.len()].0)
-                });
+                let id =
+                    hint.take().or(map.metadata_leader.filter(|_| attempt == 0)).or_else(|| (!voters.is_empty()).then(|| voters[attempt % voters.len()].0));
                 id.and_then(address)
             };
             attempt += 1;
@@ -1035,7 +1034,8 @@ mod tests {
     fn a_request_too_large_for_a_frame_is_refused_at_once() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let server = listener.local_addr().unwrap().to_string();
-        let namespace = NamespaceMap { name: "test".into(), groups: 1, replication_factor: 1, leaders: vec![Some(1)], replicas: vec![vec![1]], ..NamespaceMap::default() };
+        let namespace =
+            NamespaceMap { name: "test".into(), groups: 1, replication_factor: 1, leaders: vec![Some(1)], replicas: vec![vec![1]], ..NamespaceMap::default() };
         let map = ClusterMap { nodes: vec![(1, server.clone())], namespaces: vec![namespace], ..ClusterMap::default() };
         serve(listener, Arc::new(move |_| Response::ClusterMap(map.clone())));
         let client = Client::connect(ClientConfig::new(vec![server.clone()])).unwrap();

@@ -5,8 +5,8 @@
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 
-use crate::key::Key;
 use crate::cluster::{ClusterMeta, NodeInfo};
+use crate::key::Key;
 use crate::ops::{OpResult, WriteOp, WritePolicy};
 use crate::value::{Record, RecordMeta};
 
@@ -58,8 +58,20 @@ pub struct WriteTag {
 pub enum Request {
     /// Nodes, their addresses and which node leads each group of each namespace.
     ClusterMap,
-    Get { namespace: String, key: Key, bins: Option<Vec<String>>, read: ReadPolicy, min_index: u64 },
-    Write { namespace: String, key: Key, op: WriteOp, policy: WritePolicy, tag: WriteTag },
+    Get {
+        namespace: String,
+        key: Key,
+        bins: Option<Vec<String>>,
+        read: ReadPolicy,
+        min_index: u64,
+    },
+    Write {
+        namespace: String,
+        key: Key,
+        op: WriteOp,
+        policy: WritePolicy,
+        tag: WriteTag,
+    },
     /// A Raft message between nodes: the group it is for and the message, encoded by the
     /// group's Raft layer.
     Raft {
@@ -74,59 +86,110 @@ pub enum Request {
     /// Between nodes: part of a snapshot of a group, for a replica rebuilding its damaged copy.
     /// The first call (`transfer: None`) makes the snapshot once the answering replica has
     /// applied `min_applied`; later calls name the transfer and the offset to continue from.
-    SnapshotPart { namespace: String, group: u32, min_applied: u64, transfer: Option<u64>, offset: u64 },
+    SnapshotPart {
+        namespace: String,
+        group: u32,
+        min_applied: u64,
+        transfer: Option<u64>,
+        offset: u64,
+    },
     /// Between nodes: the sender's health as its group leaders need it. `stop_writes` lists the
     /// namespaces where the sender refuses new writes, with the reason (empty: none). Sent on
     /// every change and once a second; answered `Noted`.
     /// `lost` lists the groups whose replica on the sender lost its copy and catches up (see
     /// `node::rejoin`): a group where too many have is dead.
-    NodeHealth { node: u64, stop_writes: Vec<(String, String)>, lost: Vec<(String, u32)> },
+    NodeHealth {
+        node: u64,
+        stop_writes: Vec<(String, String)>,
+        lost: Vec<(String, u32)>,
+    },
     /// Between nodes: how far the answering node's log of a group reaches, from its WAL
     /// (answered at any time, also before the node has joined). A node whose own log of the
     /// group is empty asks before it votes in the group (see `node::rejoin`).
-    GroupLog { namespace: String, group: u32 },
+    GroupLog {
+        namespace: String,
+        group: u32,
+    },
     /// Opens a lease session (see `meta::leases`); answered by the metadata leader
     /// `SessionOpened`.
-    SessionOpen { ttl_ms: u64 },
+    SessionOpen {
+        ttl_ms: u64,
+    },
     /// Renews a lease session's lease for another TTL; answered by the metadata leader
     /// `SessionAlive`, or `SessionExpired` once the session has ended.
-    SessionKeepAlive { session: u64 },
+    SessionKeepAlive {
+        session: u64,
+    },
     /// Ends a lease session: its locks are released once it is fenced everywhere. Answered
     /// `Noted` by the metadata leader.
-    SessionClose { session: u64 },
+    SessionClose {
+        session: u64,
+    },
     /// Between nodes: commits `WriteOp::FenceSession` in a group, as its leader (sent by the
     /// metadata leader). Answered `Noted` once committed. With `relay`, a node that does not
     /// lead the group (or hosts none of it) passes the fence on, once (`relay` false), to the
     /// group's leader as it finds it, and answers `Noted` if that leader did: so a fence reaches
     /// a leader the metadata leader cannot reach itself (a ring partition).
-    FenceSession { namespace: String, group: u32, session: u64, release: bool, finished_below: u64, relay: bool },
+    FenceSession {
+        namespace: String,
+        group: u32,
+        session: u64,
+        release: bool,
+        finished_below: u64,
+        relay: bool,
+    },
     /// Between nodes: a node new to the cluster asks the metadata leader to add it (it owns
     /// no data until the roster names it). Answered `Noted`.
-    AddNode { node: NodeInfo },
+    AddNode {
+        node: NodeInfo,
+    },
     /// Sets the roster: the nodes that own data (answered by the metadata leader, `Noted`, or
     /// `BadRequest` saying why not). Groups then move to where the new roster puts them.
-    SetRoster { nodes: Vec<u64> },
+    SetRoster {
+        nodes: Vec<u64>,
+    },
     /// Removes a node from the cluster's node list (one off the roster, holding no replica,
     /// not a metadata voter); answered by the metadata leader `Noted` or `BadRequest`.
-    ForgetNode { node: u64 },
+    ForgetNode {
+        node: u64,
+    },
     /// Between nodes: one step of moving a group to `replicas`, asked of the group's leader
     /// by the metadata leader; answered `MoveProgress`.
-    MoveGroup { namespace: String, group: u32, replicas: Vec<u64> },
+    MoveGroup {
+        namespace: String,
+        group: u32,
+        replicas: Vec<u64>,
+    },
     /// Between nodes: a group's leader hands the group over and asks this replica to start an
     /// election at once; its log must reach `last_index`, the leader's last entry. Answered
     /// `Noted` once the election started, or `BadRequest` saying why not.
-    Campaign { namespace: String, group: u32, last_index: u64 },
+    Campaign {
+        namespace: String,
+        group: u32,
+        last_index: u64,
+    },
     /// Between nodes: this node's replica of a group: its log, whether it lost its copy and
     /// catches up, and the leader it knows. Answered `GroupState`.
-    GroupState { namespace: String, group: u32 },
+    GroupState {
+        namespace: String,
+        group: u32,
+    },
     /// Rebuilds a dead group from its best surviving replica (any node orchestrates it; see
     /// `node::revive`). Answered `Revived`, or an error saying why not (the group is not
     /// dead, or no replica that answered holds any of its entries).
-    Revive { namespace: String, group: u32 },
+    Revive {
+        namespace: String,
+        group: u32,
+    },
     /// Between nodes, part of `Revive`: this replica, which lost its copy, may grant its vote to
     /// `survivor` (whose log reaches `last_index`); a survivor that lost its copy once and
     /// caught up part of the way stops catching up. Answered `Noted`.
-    ReviveReplica { namespace: String, group: u32, survivor: u64, last_index: u64 },
+    ReviveReplica {
+        namespace: String,
+        group: u32,
+        survivor: u64,
+        last_index: u64,
+    },
     /// Between nodes: the metadata group's voters as this node last knew the cluster metadata.
     /// A metadata voter whose log is empty asks it to learn whether it lost its copy. Answered
     /// `MetadataVoters`, also before joining.
@@ -141,15 +204,30 @@ pub enum Request {
     /// A ranged read: `len` bytes at `offset` of the record's bytes bin `bin`, served as `Get`
     /// is. Answered `Record` holding only that bin, cut to the range (shorter past the bin's
     /// end, empty beyond it; a bin of another type whole), so a large bin is never sent whole.
-    GetRange { namespace: String, key: Key, bin: String, offset: u64, len: u32, read: ReadPolicy, min_index: u64 },
+    GetRange {
+        namespace: String,
+        key: Key,
+        bin: String,
+        offset: u64,
+        len: u32,
+        read: ReadPolicy,
+        min_index: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     ClusterMap(ClusterMap),
     /// The record (or none) and the log index it reflects, for session guarantees.
-    Record { record: Option<Record>, index: u64 },
-    Written { meta: RecordMeta, results: Vec<OpResult>, index: u64 },
+    Record {
+        record: Option<Record>,
+        index: u64,
+    },
+    Written {
+        meta: RecordMeta,
+        results: Vec<OpResult>,
+        index: u64,
+    },
     Raft {
         #[serde(with = "serde_bytes")]
         message: Vec<u8>,
@@ -157,7 +235,10 @@ pub enum Response {
     Error(ErrorReply),
     /// The metadata leader's copy (None while the metadata group has not been bootstrapped
     /// yet), as applied up to the metadata group's log index `applied`.
-    ClusterMeta { cluster: Option<ClusterMeta>, applied: u64 },
+    ClusterMeta {
+        cluster: Option<ClusterMeta>,
+        applied: u64,
+    },
     /// `data` are the snapshot's bytes from the offset asked for; `meta` is its Raft metadata
     /// (bincode), `total_len` its size.
     SnapshotPart {
@@ -173,20 +254,41 @@ pub enum Response {
     /// The answer to `GroupLog`: the index of the last entry the log holds or has purged
     /// (None: the log is empty), and the term of the node's vote in the group (None: it has
     /// not voted).
-    GroupLog { last_index: Option<u64>, vote_term: Option<u64> },
-    SessionOpened { session: u64, ttl_ms: u64 },
-    SessionAlive { ttl_ms: u64 },
+    GroupLog {
+        last_index: Option<u64>,
+        vote_term: Option<u64>,
+    },
+    SessionOpened {
+        session: u64,
+        ttl_ms: u64,
+    },
+    SessionAlive {
+        ttl_ms: u64,
+    },
     /// How far a group's move is: `done` once its voters are the new replicas; `stage` says
     /// what it waits for.
-    MoveProgress { done: bool, stage: String },
+    MoveProgress {
+        done: bool,
+        stage: String,
+    },
     /// The answer to `GroupState`: the last entry of the log as (term, index) (None: empty),
     /// the term of the replica's vote, whether it lost its copy and catches up, and the leader
     /// it knows.
-    GroupState { last_log: Option<(u64, u64)>, vote_term: u64, lost_copy: bool, leader: Option<u64> },
+    GroupState {
+        last_log: Option<(u64, u64)>,
+        vote_term: u64,
+        lost_copy: bool,
+        leader: Option<u64>,
+    },
     /// A dead group was revived from `survivor`, whose log reached `last_index` (of term
     /// `last_term`): entries after it, if the group had committed any, are lost. `report` says
     /// so in words.
-    Revived { survivor: u64, last_term: u64, last_index: u64, report: String },
+    Revived {
+        survivor: u64,
+        last_term: u64,
+        last_index: u64,
+        report: String,
+    },
     /// The answer to `MetadataVoters` (None: this node does not know the cluster metadata).
     MetadataVoters(Option<Vec<u64>>),
     /// The answer to `MoveStages`, sorted by namespace and group.

@@ -21,11 +21,7 @@ impl Inner {
     /// entry (a replay). Otherwise the meta of the last record written.
     pub(crate) fn write_batch(&self, writes: &[BatchWrite], replicated: Replicated) -> Result<Option<RecordMeta>> {
         check_shape(writes)?;
-        let ctx = PlanContext {
-            now_ms: replicated.now_ms,
-            default_ttl_secs: self.config.default_ttl_secs,
-            bin_bytes_max: self.config.record_size_limit(),
-        };
+        let ctx = PlanContext { now_ms: replicated.now_ms, default_ttl_secs: self.config.default_ttl_secs, bin_bytes_max: self.config.record_size_limit() };
         for write in writes {
             let mutation = mutation_of(&write.op)?;
             let _record_lock = self.record_lock(&write.key.digest);

@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use super::state::{BlockState, Purpose};
 use super::{EngineEvent, Inner};
+use crate::device::SECTOR_BYTES;
 use crate::error::{Error, Result};
 use crate::format::{BlockHeader, BlockItem, BlockWalker, BLOCK_HEADER_BYTES, BLOCK_STATE_FREE, BLOCK_TRAILER_BYTES};
-use crate::device::SECTOR_BYTES;
 
 /// Blocks emptied per pass before sleeping again.
 const BLOCKS_PER_PASS_MAX: usize = 8;

@@ -335,11 +335,7 @@ impl Inner {
         }
         let header = verify_record(&bytes, entry.block, entry.offset as usize).expect("verified by read_version");
         let (set, bins) = decode_body(&bytes).map_err(|what| self.undecodable(&entry, what))?;
-        let meta = RecordMeta {
-            generation: header.generation,
-            void_time_secs: header.void_time_secs,
-            last_update_ms: header.last_update_ms,
-        };
+        let meta = RecordMeta { generation: header.generation, void_time_secs: header.void_time_secs, last_update_ms: header.last_update_ms };
         Ok(Some(Record { set, meta, bins }))
     }
 
@@ -361,17 +357,10 @@ impl Inner {
         for (d, dev) in st.devices.iter().enumerate() {
             let path = self.devices[d].path().display();
             if dev.available_pct() < self.config.min_avail_pct as u64 {
-                return Some(format!(
-                    "device {path} has {}% free blocks, below min-avail-pct {}%",
-                    dev.available_pct(),
-                    self.config.min_avail_pct
-                ));
+                return Some(format!("device {path} has {}% free blocks, below min-avail-pct {}%", dev.available_pct(), self.config.min_avail_pct));
             }
             if dev.free.len() <= state::DEFRAG_RESERVE_BLOCKS {
-                return Some(format!(
-                    "device {path} is down to its last {} free blocks, kept for defragmentation",
-                    dev.free.len()
-                ));
+                return Some(format!("device {path} is down to its last {} free blocks, kept for defragmentation", dev.free.len()));
             }
         }
         None
@@ -406,11 +395,7 @@ impl Inner {
             }
         }
         let existing = self.read_record(&key.digest, (now_ms / 1000) as u32)?;
-        let ctx = PlanContext {
-            now_ms,
-            default_ttl_secs: self.config.default_ttl_secs,
-            bin_bytes_max: self.config.record_size_limit(),
-        };
+        let ctx = PlanContext { now_ms, default_ttl_secs: self.config.default_ttl_secs, bin_bytes_max: self.config.record_size_limit() };
         let existing_meta = existing.as_ref().map(|r| r.meta.clone());
         let (plan, results) = plan(existing, policy, &mutation, &ctx)?;
         let (bins, generation, void_time_secs, tombstone) = match plan {
@@ -439,16 +424,8 @@ impl Inner {
         if size > self.config.record_size_limit() {
             return Err(Error::RecordTooBig { size_bytes: size, limit_bytes: self.config.record_size_limit() });
         }
-        let header = RecordHeader {
-            total_len: size as u32,
-            flags,
-            seq: 0,
-            block_epoch: 0,
-            digest: key.digest,
-            generation,
-            void_time_secs,
-            last_update_ms: now_ms,
-        };
+        let header =
+            RecordHeader { total_len: size as u32, flags, seq: 0, block_epoch: 0, digest: key.digest, generation, void_time_secs, last_update_ms: now_ms };
         let bytes = encode_record(&header, &key.set, bins);
         let device = self.device_for(&key.digest);
 
@@ -496,16 +473,8 @@ impl Inner {
         };
         let purpose = if is_delete || replicated { Purpose::Delete } else { Purpose::Write };
         let placed = self.append(&mut st, device, &bytes, seq, purpose)?;
-        let entry = IndexEntry {
-            seq,
-            block: placed.block,
-            offset: placed.offset,
-            len: bytes.len() as u32,
-            generation,
-            void_time_secs,
-            device,
-            tombstone: is_delete,
-        };
+        let entry =
+            IndexEntry { seq, block: placed.block, offset: placed.offset, len: bytes.len() as u32, generation, void_time_secs, device, tombstone: is_delete };
         st.install(key.digest, entry);
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         drop(record_lock);
@@ -592,13 +561,7 @@ impl Namespace {
     /// Applies a write decided through Raft at `replicated.log_index`. Every replica gets the
     /// same result from the same state; local limits (stop-writes, a full write cache) do not
     /// refuse it. `Ok(None)`: the record already reflects this entry (a replay after restart).
-    pub fn apply_replicated(
-        &self,
-        key: &Key,
-        op: &WriteOp,
-        policy: &WritePolicy,
-        replicated: Replicated,
-    ) -> Result<Option<(RecordMeta, Vec<OpResult>)>> {
+    pub fn apply_replicated(&self, key: &Key, op: &WriteOp, policy: &WritePolicy, replicated: Replicated) -> Result<Option<(RecordMeta, Vec<OpResult>)>> {
         if let Some(writes) = op.batch() {
             return Ok(self.inner.write_batch(writes, replicated)?.map(|meta| (meta, Vec::new())));
         }
@@ -671,11 +634,7 @@ impl Namespace {
         let _no_defrag = inner.defrag_lock.lock().unwrap();
         let points: Vec<DurablePoint> = {
             let st = inner.state.lock().unwrap();
-            st.devices
-                .iter()
-                .enumerate()
-                .map(|(d, dev)| DurablePoint { device: d as u16, device_id: inner.device_ids[d], lsn: dev.appended_lsn })
-                .collect()
+            st.devices.iter().enumerate().map(|(d, dev)| DurablePoint { device: d as u16, device_id: inner.device_ids[d], lsn: dev.appended_lsn }).collect()
         };
         persist(&points)?;
         let in_group = |digest: &Digest| crate::key::partition_id(digest) as u32 % groups == group;
@@ -783,8 +742,5 @@ impl Drop for Namespace {
 }
 
 fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(body)
-        .map_err(|e| Error::io(format!("thread {name}"), e))
+    std::thread::Builder::new().name(name.clone()).spawn(body).map_err(|e| Error::io(format!("thread {name}"), e))
 }

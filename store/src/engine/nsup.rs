@@ -43,12 +43,7 @@ impl Inner {
 
     fn expired_records(&self) -> Vec<Digest> {
         let st = self.state.lock().unwrap();
-        st.index
-            .iter()
-            .filter(|(_, entry)| !entry.tombstone && self.is_expired(entry))
-            .map(|(digest, _)| *digest)
-            .take(RECLAIM_PER_ROUND_MAX)
-            .collect()
+        st.index.iter().filter(|(_, entry)| !entry.tombstone && self.is_expired(entry)).map(|(digest, _)| *digest).take(RECLAIM_PER_ROUND_MAX).collect()
     }
 
     /// Records to evict now: empty unless a high-water mark is configured and passed.
@@ -59,17 +54,12 @@ impl Inner {
         // them would make eviction overshoot until every record with a TTL is gone.
         let live_memory_bytes = st.live_records() * super::INDEX_BYTES_PER_RECORD;
         let over_disk = self.config.high_water_disk_pct > 0 && disk_used_pct > self.config.high_water_disk_pct as u64;
-        let over_memory = self.config.high_water_memory_pct > 0
-            && live_memory_bytes * 100 > self.config.memory_size * self.config.high_water_memory_pct as u64;
+        let over_memory = self.config.high_water_memory_pct > 0 && live_memory_bytes * 100 > self.config.memory_size * self.config.high_water_memory_pct as u64;
         if !over_disk && !over_memory {
             return Vec::new();
         }
-        let mut evictable: Vec<(u32, Digest)> = st
-            .index
-            .iter()
-            .filter(|(_, e)| !e.tombstone && e.void_time_secs != 0)
-            .map(|(digest, e)| (e.void_time_secs, *digest))
-            .collect();
+        let mut evictable: Vec<(u32, Digest)> =
+            st.index.iter().filter(|(_, e)| !e.tombstone && e.void_time_secs != 0).map(|(digest, e)| (e.void_time_secs, *digest)).collect();
         let count = (evictable.len() * self.config.evict_tenth_pct as usize / 1000).max(1).min(evictable.len());
         if count == 0 {
             return Vec::new();

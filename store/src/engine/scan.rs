@@ -13,8 +13,8 @@ use crate::config::NamespaceConfig;
 use crate::device::{Device, FileDevice};
 use crate::error::{Error, Result};
 use crate::format::{
-    align_up, BlockHeader, BlockItem, BlockTrailer, BlockWalker, DeviceHeader, RecordFault, BLOCK_HEADER_BYTES,
-    BLOCK_STATE_IN_USE, BLOCK_TRAILER_BYTES, DEVICE_HEADER_BYTES, RECORD_ALIGN_BYTES,
+    align_up, BlockHeader, BlockItem, BlockTrailer, BlockWalker, DeviceHeader, RecordFault, BLOCK_HEADER_BYTES, BLOCK_STATE_IN_USE, BLOCK_TRAILER_BYTES,
+    DEVICE_HEADER_BYTES, RECORD_ALIGN_BYTES,
 };
 
 /// Faults logged one by one per device before only counting them.
@@ -140,9 +140,7 @@ fn check_device_header(config: &NamespaceConfig, index: usize, device: &dyn Devi
         device.sync().map_err(|e| Error::io(path, e))?;
         return Ok(expected.device_id);
     };
-    let mismatch = |what: String| {
-        Err(Error::Config(format!("device {}: {what}; nothing was changed on the device", path.display())))
-    };
+    let mismatch = |what: String| Err(Error::Config(format!("device {}: {what}; nothing was changed on the device", path.display())));
     if found.namespace != expected.namespace {
         return mismatch(format!("belongs to namespace {:?}, not {:?}", found.namespace, expected.namespace));
     }

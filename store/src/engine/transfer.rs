@@ -47,11 +47,7 @@ impl Namespace {
             let Some((entry, bytes)) = self.inner.read_version(&digest)? else { continue };
             let (set, bins) = decode_body(&bytes).map_err(|what| self.inner.undecodable(&entry, what))?;
             let header = crate::format::parse_header(&bytes);
-            let meta = RecordMeta {
-                generation: header.generation,
-                void_time_secs: header.void_time_secs,
-                last_update_ms: header.last_update_ms,
-            };
+            let meta = RecordMeta { generation: header.generation, void_time_secs: header.void_time_secs, last_update_ms: header.last_update_ms };
             sink(RecordVersion { set, digest, bins, meta, seq: header.seq, tombstone: entry.tombstone })?;
             count += 1;
         }
@@ -113,11 +109,7 @@ impl<F: Fn(&Digest) -> bool> Importer<'_, F> {
         let inner = &self.namespace.inner;
         let stale: Vec<(Digest, u32)> = {
             let st = inner.state.lock().unwrap();
-            st.index
-                .iter()
-                .filter(|(d, e)| !e.tombstone && (self.filter)(d) && !self.keep.contains(*d))
-                .map(|(d, e)| (*d, e.generation))
-                .collect()
+            st.index.iter().filter(|(d, e)| !e.tombstone && (self.filter)(d) && !self.keep.contains(*d)).map(|(d, e)| (*d, e.generation)).collect()
         };
         for (digest, generation) in stale {
             let key = Key::from_digest("", digest);

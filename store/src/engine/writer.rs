@@ -13,9 +13,7 @@ use super::state::{BlockInfo, BlockState, Purpose, SealedBlock, State, WriteBuff
 use super::{EngineEvent, Inner};
 use crate::device::SECTOR_BYTES;
 use crate::error::{Error, Result};
-use crate::format::{
-    align_up, seal_record, BlockHeader, BlockTrailer, BLOCK_HEADER_BYTES, BLOCK_STATE_IN_USE, BLOCK_TRAILER_BYTES, RECORD_ALIGN_BYTES,
-};
+use crate::format::{align_up, seal_record, BlockHeader, BlockTrailer, BLOCK_HEADER_BYTES, BLOCK_STATE_IN_USE, BLOCK_TRAILER_BYTES, RECORD_ALIGN_BYTES};
 
 /// Where an appended record landed.
 pub(crate) struct Placement {
@@ -73,14 +71,7 @@ impl Inner {
         let lsn_end = buffer.lsn_base + block_size as u64;
         dev.appended_lsn = lsn_end;
         dev.blocks[buffer.block as usize].state = BlockState::Sealed;
-        dev.sealed.push(SealedBlock {
-            block: buffer.block,
-            buf: Arc::new(buffer.buf),
-            from: buffer.flushed,
-            to,
-            lsn_end,
-            handed: false,
-        });
+        dev.sealed.push(SealedBlock { block: buffer.block, buf: Arc::new(buffer.buf), from: buffer.flushed, to, lsn_end, handed: false });
         self.flush_wakeups[device as usize].notify_one();
     }
 
@@ -112,26 +103,13 @@ impl Inner {
         };
         buf[..BLOCK_HEADER_BYTES].copy_from_slice(&header.encode());
         dev.blocks[block as usize] = BlockInfo { state: BlockState::Open, epoch, ..BlockInfo::free() };
-        dev.buffer = Some(WriteBuffer {
-            block,
-            epoch,
-            buf,
-            len: BLOCK_HEADER_BYTES,
-            records: 0,
-            flushed: 0,
-            lsn_base: dev.appended_lsn,
-        });
+        dev.buffer = Some(WriteBuffer { block, epoch, buf, len: BLOCK_HEADER_BYTES, records: 0, flushed: 0, lsn_base: dev.appended_lsn });
         dev.appended_lsn += BLOCK_HEADER_BYTES as u64;
         Ok(())
     }
 
     /// Waits until `device` is durable up to `lsn`, asking the flusher for it.
-    pub(crate) fn wait_durable<'a>(
-        &'a self,
-        mut st: MutexGuard<'a, State>,
-        device: u16,
-        lsn: u64,
-    ) -> Result<MutexGuard<'a, State>> {
+    pub(crate) fn wait_durable<'a>(&'a self, mut st: MutexGuard<'a, State>, device: u16, lsn: u64) -> Result<MutexGuard<'a, State>> {
         let d = device as usize;
         if st.devices[d].durable_lsn >= lsn {
             return Ok(st);

@@ -59,7 +59,9 @@ impl Default for Leases {
 /// A session's state in the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LeaseState {
-    Open { ttl_ms: u64 },
+    Open {
+        ttl_ms: u64,
+    },
     Ending(EndReason),
     /// Ended and fenced everywhere, or never opened.
     Gone,

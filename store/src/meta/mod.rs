@@ -71,8 +71,7 @@ impl ClusterMetaExt for ClusterMeta {
     fn from_config(mut nodes: Vec<NodeInfo>, namespaces: &[NamespaceDecl]) -> ClusterMeta {
         nodes.sort_by_key(|n| n.id);
         let ids: Vec<NodeId> = nodes.iter().map(|n| n.id).collect();
-        let mut cluster =
-            ClusterMeta { metadata_voters: voters(&ids), roster: ids, nodes, namespaces: Vec::new() };
+        let mut cluster = ClusterMeta { metadata_voters: voters(&ids), roster: ids, nodes, namespaces: Vec::new() };
         cluster.namespaces = namespaces
             .iter()
             .map(|(name, replication_factor, groups)| NamespaceInfo {
@@ -95,8 +94,7 @@ impl ClusterMetaExt for ClusterMeta {
     /// placed as a whole over the roster, balanced, on distinct racks where there are enough
     /// (`placement::place_namespace`).
     fn targets(&self, ns: &NamespaceInfo) -> Vec<Vec<NodeId>> {
-        let racked: Vec<(NodeId, Option<&str>)> =
-            self.roster.iter().map(|id| (*id, self.node(*id).and_then(|n| n.rack.as_deref()))).collect();
+        let racked: Vec<(NodeId, Option<&str>)> = self.roster.iter().map(|id| (*id, self.node(*id).and_then(|n| n.rack.as_deref()))).collect();
         placement::place_namespace(&ns.name, ns.groups, &racked, ns.replication_factor as usize)
     }
 
@@ -191,9 +189,7 @@ impl ClusterMetaExt for ClusterMeta {
             .iter()
             .map(|ns| {
                 let targets = self.targets(ns);
-                let placed = (0..ns.groups)
-                    .filter(|g| !ns.moves.contains_key(g) && same_set(&ns.placement[*g as usize], &targets[*g as usize]))
-                    .count() as u32;
+                let placed = (0..ns.groups).filter(|g| !ns.moves.contains_key(g) && same_set(&ns.placement[*g as usize], &targets[*g as usize])).count() as u32;
                 (ns.name.clone(), placed, ns.groups)
             })
             .collect()
@@ -241,11 +237,7 @@ impl ClusterMetaExt for ClusterMeta {
                 break;
             }
         }
-        self.namespaces
-            .iter()
-            .zip(chosen)
-            .map(|(ns, leaders)| (ns.name.clone(), leaders.into_iter().map(|l| l.unwrap_or(0)).collect()))
-            .collect()
+        self.namespaces.iter().zip(chosen).map(|(ns, leaders)| (ns.name.clone(), leaders.into_iter().map(|l| l.unwrap_or(0)).collect())).collect()
     }
 
     /// How a node's configuration (`configured`, from `from_config`) disagrees with this
@@ -336,11 +328,15 @@ pub enum MetaResult {
     Bootstrapped,
     /// The metadata was set already (by an earlier Bootstrap); nothing changed.
     AlreadyBootstrapped,
-    SessionOpened { session: u64 },
+    SessionOpened {
+        session: u64,
+    },
     /// `SESSIONS_MAX` sessions are open or ending already.
     TooManySessions(usize),
     /// `EndSession` ended the session, or found it not open.
-    SessionEnded { was_open: bool },
+    SessionEnded {
+        was_open: bool,
+    },
     /// A roster or node change was refused: why.
     Refused(String),
 }
@@ -380,7 +376,11 @@ mod tests {
         assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], |id| id != 4), vec![2, 3, 5], "node 4 is down");
         assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], |id| id < 4), vec![1, 2, 3], "nobody live to take node 1's place");
         cluster.roster = vec![4, 5];
-        assert_eq!(cluster.metadata_voters_target(&[1, 2, 3], all), vec![3, 4, 5], "nodes 1 and 2 give way to 4 and 5; node 3, with nobody left to replace it, stays");
+        assert_eq!(
+            cluster.metadata_voters_target(&[1, 2, 3], all),
+            vec![3, 4, 5],
+            "nodes 1 and 2 give way to 4 and 5; node 3, with nobody left to replace it, stays"
+        );
         // Racks: node 2 and 3 are on rack a; node 4 too, node 5 on rack b.
         for n in &mut cluster.nodes {
             n.rack = Some(if n.id == 5 { "b" } else { "a" }.into());
@@ -409,7 +409,14 @@ mod tests {
         assert_eq!(cluster.metadata_voters_target(&[1, 2, 3, 4, 5], all), vec![1, 2, 3, 4, 5], "five at most");
         // Growth prefers racks the voters lack: node 4 on rack b, node 6 on c, the others on a.
         for n in &mut cluster.nodes {
-            n.rack = Some(match n.id { 4 => "b", 6 => "c", _ => "a" }.into());
+            n.rack = Some(
+                match n.id {
+                    4 => "b",
+                    6 => "c",
+                    _ => "a",
+                }
+                .into(),
+            );
         }
         cluster.roster = vec![1, 2, 4, 6];
         assert_eq!(cluster.metadata_voters_target(&[1], all), vec![1, 4, 6], "node 2 shares node 1's rack");

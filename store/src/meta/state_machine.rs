@@ -8,18 +8,15 @@ use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::RaftStateMachine;
-use openraft::{
-    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError,
-    StoredMembership,
-};
+use openraft::{Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership};
 use serde::{Deserialize, Serialize};
 
 use super::v1::ClusterMetaV1;
 use super::{ClusterMeta, Leases, MetaCommand, MetaResult, MetaTypeConfig, META_WAL_GROUP};
+use crate::meta::ClusterMetaExt as _;
 use crate::raft::log_store::append_durable;
 use crate::raft::NodeId;
 use crate::wal::{Wal, WalOp};
-use crate::meta::ClusterMetaExt as _;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
@@ -66,12 +63,9 @@ impl MetaState {
         bincode::deserialize::<MetaStateV2>(bytes)
             .map(|v2| MetaState { last_applied: v2.last_applied, membership: v2.membership, cluster: v2.cluster.map(Into::into), leases: v2.leases })
             .or_else(|err| match bincode::deserialize::<MetaStateV1>(bytes) {
-                Ok(v1) => Ok(MetaState {
-                    last_applied: v1.last_applied,
-                    membership: v1.membership,
-                    cluster: v1.cluster.map(Into::into),
-                    leases: Leases::default(),
-                }),
+                Ok(v1) => {
+                    Ok(MetaState { last_applied: v1.last_applied, membership: v1.membership, cluster: v1.cluster.map(Into::into), leases: Leases::default() })
+                }
                 Err(_) => Err(err),
             })
     }
@@ -166,9 +160,7 @@ impl Shared {
     /// Writes `state` to the WAL and waits until it is durable.
     async fn persist(&self, state: &MetaState) -> Result<(), StorageError<NodeId>> {
         let bytes = state.encode();
-        append_durable(&self.wal, META_WAL_GROUP, vec![WalOp::Applied(bytes)])
-            .await
-            .map_err(|e| StorageIOError::write_state_machine(&e).into())
+        append_durable(&self.wal, META_WAL_GROUP, vec![WalOp::Applied(bytes)]).await.map_err(|e| StorageIOError::write_state_machine(&e).into())
     }
 }
 
@@ -328,8 +320,7 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
 
     async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();
-        let (cluster, leases) = decode_snapshot(&bytes)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let (cluster, leases) = decode_snapshot(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let next = MetaState { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), cluster, leases };
         self.shared.persist(&next).await?;
         *self.shared.state.lock().unwrap() = next;

@@ -210,7 +210,12 @@ impl ChunkdConfig {
         }
         for ns in &self.namespaces {
             if ns.replication_factor == 0 || ns.replication_factor > self.nodes.len() {
-                return Err(format!("namespace {}: replication-factor {} must be 1..={} (the number of nodes)", ns.name, ns.replication_factor, self.nodes.len()));
+                return Err(format!(
+                    "namespace {}: replication-factor {} must be 1..={} (the number of nodes)",
+                    ns.name,
+                    ns.replication_factor,
+                    self.nodes.len()
+                ));
             }
             if !ns.groups.is_power_of_two() || ns.groups > 4096 {
                 return Err(format!("namespace {}: groups {} must be a power of two up to 4096", ns.name, ns.groups));

@@ -34,9 +34,9 @@ use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::{Group, Node};
+use crate::meta::ClusterMetaExt as _;
 use crate::protocol::{ErrorReply, Request, Response};
 use crate::raft::NodeId;
-use crate::meta::ClusterMetaExt as _;
 
 /// How often a node looks at the groups it leads.
 const POLL: Duration = Duration::from_secs(1);
@@ -215,9 +215,7 @@ impl Node {
     /// Hands the leadership of `group` to `target` (steps 1 to 4 above); Err says why not.
     async fn hand_over(&self, namespace: &str, g: u32, group: &Group, target: NodeId) -> Result<(), String> {
         let me = self.config.node_id;
-        let _gate = tokio::time::timeout(QUIESCE, group.write_gate.write())
-            .await
-            .map_err(|_| "writes in flight did not finish".to_string())?;
+        let _gate = tokio::time::timeout(QUIESCE, group.write_gate.write()).await.map_err(|_| "writes in flight did not finish".to_string())?;
         let deadline = tokio::time::Instant::now() + QUIESCE;
         let last_index = loop {
             let metrics = group.raft.metrics().borrow().clone();

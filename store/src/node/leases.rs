@@ -14,10 +14,10 @@ use tokio::time::Instant;
 use super::Node;
 use crate::engine::Clock;
 use crate::meta::leases::{TTL_MS_MAX, TTL_MS_MIN};
+use crate::meta::ClusterMetaExt as _;
 use crate::meta::{EndReason, LeaseState, MetaCommand, MetaRaft, MetaResult};
 use crate::protocol::{ErrorReply, Request, Response};
 use crate::raft::{Command, CommandResult, NodeId};
-use crate::meta::ClusterMetaExt as _;
 
 /// How often the metadata leader looks for leases that ran out.
 const LEASE_POLL: Duration = Duration::from_millis(50);

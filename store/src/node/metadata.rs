@@ -38,13 +38,13 @@ use std::time::Duration;
 
 use openraft::BasicNode;
 
+use super::raft_network::GroupNetwork;
 use super::transport::Connection;
 use super::{keep_metadata_log_short, rejoin, roster, Node, NodeError};
+use crate::meta::ClusterMetaExt as _;
 use crate::meta::{self, ClusterMeta, MetaRaft, MetaTypeConfig, META_NAMESPACE, META_WAL_GROUP};
 use crate::protocol::{ErrorReply, Request, Response};
 use crate::raft::{GroupLogStore, NodeId};
-use super::raft_network::GroupNetwork;
-use crate::meta::ClusterMetaExt as _;
 
 /// This node's member of the metadata group.
 pub(crate) struct MetaGroup {
@@ -156,11 +156,8 @@ impl Node {
         };
         // The metadata changes rarely: a snapshot after every entry keeps its log (and so the
         // WAL segments it pins) to a few entries.
-        let meta_config = openraft::Config {
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1),
-            max_in_snapshot_log_to_keep: 0,
-            ..(*self.raft_config).clone()
-        };
+        let meta_config =
+            openraft::Config { snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1), max_in_snapshot_log_to_keep: 0, ..(*self.raft_config).clone() };
         let meta_config = std::sync::Arc::new(meta_config.validate().map_err(|e| NodeError::Config(e.to_string()))?);
         let network = GroupNetwork::<MetaTypeConfig>::new(META_NAMESPACE.to_owned(), 0, self.peers.clone());
         let log_store = GroupLogStore::<MetaTypeConfig>::with_types(self.wal.clone(), META_WAL_GROUP);

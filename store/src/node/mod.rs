@@ -16,20 +16,20 @@
 //! - **A node whose configuration disagrees with the cluster metadata does not start.**
 
 pub mod config;
+mod leadership;
+mod leases;
+mod metadata;
+pub mod metrics;
 pub mod placement;
 pub mod raft_network;
-mod leases;
-pub mod metrics;
-mod leadership;
-mod metadata;
 mod reclaim;
 mod rejoin;
-mod wal_damage;
-mod revive;
 mod repair;
+mod revive;
 mod roster;
 mod touch;
 pub mod transport;
+mod wal_damage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -40,13 +40,13 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::BasicNode;
 
 use crate::engine::{Clock, Namespace, OpenOptions};
+use crate::meta::ClusterMetaExt as _;
 use crate::meta::{self, ClusterMeta, MetaCommand, MetaRaft, MetaStateMachine, NodeInfo, META_NAMESPACE, META_WAL_GROUP};
 use crate::protocol::{ClusterMap, ErrorReply, NamespaceMap, ReadPolicy, Request, Response};
-use crate::raft::{group_of, Outcome, Refusal, Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, RaftInstance, WriteFailure};
+use crate::raft::{group_of, Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, Outcome, RaftInstance, Refusal, WriteFailure};
 use crate::wal::{Wal, WalConfig};
 use crate::NamespaceConfig;
 use raft_network::{GroupNetwork, RaftReply, RaftRpc};
-use crate::meta::ClusterMetaExt as _;
 
 /// One namespace as a node hosts it.
 #[derive(Clone, Debug)]
@@ -339,8 +339,8 @@ impl Node {
             let wal_group = |group: u32| namespace_wal_group(&spec.engine.name, group);
             // The engine's durable point as the groups' applied markers recorded it: the scan
             // then tells damage to acknowledged records from a torn tail.
-            let durable_points = crate::raft::recorded_engine_points(&self.wal, hosted.iter().map(|group| wal_group(*group)))
-                .map_err(|e| NodeError::Raft(e.to_string()))?;
+            let durable_points =
+                crate::raft::recorded_engine_points(&self.wal, hosted.iter().map(|group| wal_group(*group))).map_err(|e| NodeError::Raft(e.to_string()))?;
             let devices = match config.test_power_loss_devices {
                 true => Some(power_loss_devices(&spec.engine)?),
                 false => None,
@@ -364,9 +364,7 @@ impl Node {
                     self.rebuild_group(&spec.engine.name, group, &replicas, state_machine).await;
                 }
                 let retire = engine.clone();
-                tokio::task::spawn_blocking(move || retire.retire_damaged_blocks())
-                    .await
-                    .map_err(|e| NodeError::Raft(e.to_string()))??;
+                tokio::task::spawn_blocking(move || retire.retire_damaged_blocks()).await.map_err(|e| NodeError::Raft(e.to_string()))??;
             }
             let mut local = HashMap::new();
             for (&group, state_machine) in hosted.iter().zip(state_machines) {
@@ -394,8 +392,8 @@ impl Node {
     fn group_state_machine(&self, engine: &Arc<Namespace>, namespace: &str, group: u32, groups: u32) -> Result<GroupStateMachine, NodeError> {
         let snapshot_dir = self.config.data_dir.join("snapshots");
         let wal_group = namespace_wal_group(namespace, group);
-        let state_machine = GroupStateMachine::new(engine.clone(), self.wal.clone(), wal_group, group, groups, &snapshot_dir)
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let state_machine =
+            GroupStateMachine::new(engine.clone(), self.wal.clone(), wal_group, group, groups, &snapshot_dir).map_err(|e| NodeError::Raft(e.to_string()))?;
         if self.config.unsafe_skip_dedup {
             state_machine.set_unsafe_skip_dedup();
         }
@@ -439,9 +437,8 @@ impl Node {
         };
         let network = GroupNetwork::new(info.name.clone(), group, self.peers.clone());
         let log_store = GroupLogStore::new(self.wal.clone(), wal_group).syncing_as_follower_of_others(me);
-        let raft = RaftInstance::new(me, self.raft_config.clone(), network, log_store, state_machine.clone())
-            .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let raft =
+            RaftInstance::new(me, self.raft_config.clone(), network, log_store, state_machine.clone()).await.map_err(|e| NodeError::Raft(e.to_string()))?;
         if rejoin.is_active() {
             raft.runtime_config().elect(false);
         }
@@ -511,10 +508,7 @@ impl Node {
         for spec in &config.namespaces {
             let prefix = wal_prefix(&spec.engine.name);
             if let Some(other) = wal_prefixes.insert(prefix, spec.engine.name.clone()) {
-                return Err(NodeError::Config(format!(
-                    "namespaces {other:?} and {:?} hash to the same log prefix; rename one",
-                    spec.engine.name
-                )));
+                return Err(NodeError::Config(format!("namespaces {other:?} and {:?} hash to the same log prefix; rename one", spec.engine.name)));
             }
             if prefix << 12 | 0xFFF == META_WAL_GROUP {
                 return Err(NodeError::Config(format!("namespace {:?} hashes to the metadata group's log prefix; rename it", spec.engine.name)));
@@ -529,12 +523,7 @@ impl Node {
         let nodes = config
             .nodes
             .iter()
-            .map(|(id, peer)| NodeInfo {
-                id: *id,
-                client: clients.get(id).cloned().unwrap_or_default(),
-                peer: peer.clone(),
-                rack: racks.get(id).cloned(),
-            })
+            .map(|(id, peer)| NodeInfo { id: *id, client: clients.get(id).cloned().unwrap_or_default(), peer: peer.clone(), rack: racks.get(id).cloned() })
             .collect();
         Ok(ClusterMeta::from_config(nodes, &declared))
     }
@@ -596,8 +585,11 @@ impl Node {
                 return now;
             }
             if tokio::time::Instant::now() >= next_report {
-                tracing::info!(waited_s = started.elapsed().as_secs(), ?differences,
-                    "this node's configuration disagrees with its copy of the cluster metadata: waiting for the metadata leader's copy to decide");
+                tracing::info!(
+                    waited_s = started.elapsed().as_secs(),
+                    ?differences,
+                    "this node's configuration disagrees with its copy of the cluster metadata: waiting for the metadata leader's copy to decide"
+                );
                 next_report += Duration::from_secs(5);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -674,15 +666,18 @@ impl Node {
         for hosted in namespaces.values() {
             for (_, group) in hosted.groups() {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                let _ = group.raft.wait(Some(left)).metrics(
-                    |m| {
-                        let last = m.last_log_index;
-                        m.current_leader != Some(me)
-                            || m.replication.as_ref().is_some_and(|r| r.iter().all(|(id, matched)| *id == me || matched.map(|l| l.index) >= last))
-                    },
-                    "followers hold the whole log",
-                )
-                .await;
+                let _ = group
+                    .raft
+                    .wait(Some(left))
+                    .metrics(
+                        |m| {
+                            let last = m.last_log_index;
+                            m.current_leader != Some(me)
+                                || m.replication.as_ref().is_some_and(|r| r.iter().all(|(id, matched)| *id == me || matched.map(|l| l.index) >= last))
+                        },
+                        "followers hold the whole log",
+                    )
+                    .await;
             }
         }
         for hosted in namespaces.values() {
@@ -746,9 +741,7 @@ impl Node {
             Request::Campaign { namespace, group, last_index } => self.handle_campaign(&namespace, group, last_index).await,
             Request::GroupState { namespace, group } => self.handle_group_state(&namespace, group),
             Request::Revive { namespace, group } => self.handle_revive(&namespace, group).await,
-            Request::ReviveReplica { namespace, group, survivor, last_index } => {
-                self.handle_revive_replica(&namespace, group, survivor, last_index)
-            }
+            Request::ReviveReplica { namespace, group, survivor, last_index } => self.handle_revive_replica(&namespace, group, survivor, last_index),
             Request::Write { op: crate::WriteOp::FenceSession { .. }, .. } => {
                 Response::Error(ErrorReply::BadRequest("sessions are fenced by the metadata leader, not by a write".into()))
             }
@@ -788,9 +781,7 @@ impl Node {
                     Some(Ok(written)) => match written.data {
                         CommandResult::Applied { meta, results } => Response::Written { meta, results, index: written.log_id.index },
                         CommandResult::Failed(failure) => Response::Error(failure_reply(failure)),
-                        CommandResult::Duplicate(Outcome::Written { meta, results }) => {
-                            Response::Written { meta, results, index: written.log_id.index }
-                        }
+                        CommandResult::Duplicate(Outcome::Written { meta, results }) => Response::Written { meta, results, index: written.log_id.index },
                         CommandResult::Duplicate(Outcome::Failed(failure)) => Response::Error(failure_reply(failure)),
                         CommandResult::Duplicate(Outcome::ResultLost) => Response::Error(ErrorReply::AppliedResultLost),
                         CommandResult::Refused(refusal) => Response::Error(match refusal {
@@ -802,9 +793,7 @@ impl Node {
                     },
                     // Leadership was lost after proposing: the entry may still commit under a new
                     // leader (openraft answers ForwardToLeader then too), so the fate is unknown.
-                    Some(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                        Response::Error(ErrorReply::Timeout { in_doubt: true })
-                    }
+                    Some(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
                     // The group stopped (shutdown) or failed with the entry maybe in its log.
                     Some(Err(RaftError::Fatal(_))) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
                     Some(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
@@ -841,9 +830,7 @@ impl Node {
                     Some(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
                         return Response::Error(ErrorReply::NotLeader { leader: forward.leader_id })
                     }
-                    Some(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
-                        return Response::Error(ErrorReply::PartitionUnavailable)
-                    }
+                    Some(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => return Response::Error(ErrorReply::PartitionUnavailable),
                     Some(Err(RaftError::Fatal(_))) => return Response::Error(ErrorReply::NotLeader { leader: None }),
                 }
             }
@@ -880,9 +867,7 @@ impl Node {
         .await;
         match read {
             // The group moved away meanwhile: its replica may have been forgotten.
-            Ok(Ok(_)) if stopped.is_stopped() => {
-                Response::Error(ErrorReply::NotLeader { leader: self.placement_hint(&namespace, group_id) })
-            }
+            Ok(Ok(_)) if stopped.is_stopped() => Response::Error(ErrorReply::NotLeader { leader: self.placement_hint(&namespace, group_id) }),
             Ok(Ok((record, index))) => Response::Record { record, index },
             Ok(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
             Err(err) => Response::Error(ErrorReply::Internal(format!("read task failed: {err}"))),
@@ -927,10 +912,7 @@ impl Node {
         let metrics = group.raft.metrics();
         let metrics = metrics.borrow();
         let membership = metrics.membership_config.membership();
-        stopped
-            .into_iter()
-            .find(|(id, _)| membership.get_node(id).is_some())
-            .map(|(id, reason)| format!("replica node {id} of this group: {reason}"))
+        stopped.into_iter().find(|(id, _)| membership.get_node(id).is_some()).map(|(id, reason)| format!("replica node {id} of this group: {reason}"))
     }
 
     /// Whether `group` is dead: it has no leader, and so many of its voters lost their copy
@@ -1247,9 +1229,10 @@ impl Node {
 /// Whether `request` is a step of reviving the metadata group (see `revive`).
 fn revives_metadata(request: &Request) -> bool {
     match request {
-        Request::Campaign { namespace, .. } | Request::GroupState { namespace, .. } | Request::Revive { namespace, .. } | Request::ReviveReplica { namespace, .. } => {
-            namespace == META_NAMESPACE
-        }
+        Request::Campaign { namespace, .. }
+        | Request::GroupState { namespace, .. }
+        | Request::Revive { namespace, .. }
+        | Request::ReviveReplica { namespace, .. } => namespace == META_NAMESPACE,
         _ => false,
     }
 }
@@ -1334,7 +1317,11 @@ fn batch_fits(writes: &[crate::BatchWrite], key: &crate::Key, group: u32, groups
         return Err(ErrorReply::BadRequest("a batch's request key is its first write's key".into()));
     }
     match writes.iter().find(|w| group_of(&w.key.digest, groups) != group) {
-        Some(stray) => Err(ErrorReply::BadRequest(format!("a batch writes records of one group: {:?} is in group {}, not {group}", stray.key, group_of(&stray.key.digest, groups)))),
+        Some(stray) => Err(ErrorReply::BadRequest(format!(
+            "a batch writes records of one group: {:?} is in group {}, not {group}",
+            stray.key,
+            group_of(&stray.key.digest, groups)
+        ))),
         None => Ok(()),
     }
 }

@@ -51,13 +51,7 @@ pub fn place_namespace(namespace: &str, groups: u32, nodes: &[(u64, Option<&str>
 }
 
 /// One placement pass with the given quotas (see the module comment).
-fn place_with_quotas(
-    namespace: &str,
-    groups: u32,
-    nodes: &[(u64, Option<&str>)],
-    replication_factor: usize,
-    mut quota: HashMap<u64, usize>,
-) -> Vec<Vec<u64>> {
+fn place_with_quotas(namespace: &str, groups: u32, nodes: &[(u64, Option<&str>)], replication_factor: usize, mut quota: HashMap<u64, usize>) -> Vec<Vec<u64>> {
     let ids: Vec<u64> = nodes.iter().map(|(id, _)| *id).collect();
     let racks: HashMap<u64, Option<&str>> = nodes.iter().copied().collect();
     let rack_of = |id: u64| racks.get(&id).copied().flatten();
@@ -150,10 +144,7 @@ mod tests {
                     let (floor, ceil) = (total / ids.len(), total.div_ceil(ids.len()));
                     for id in &ids {
                         let held = load.get(id).copied().unwrap_or(0);
-                        assert!(
-                            (floor..=ceil).contains(&held),
-                            "{nodes} nodes, {groups} groups, rf {rf}: node {id} holds {held}, not {floor}..={ceil}"
-                        );
+                        assert!((floor..=ceil).contains(&held), "{nodes} nodes, {groups} groups, rf {rf}: node {id} holds {held}, not {floor}..={ceil}");
                     }
                 }
             }

@@ -8,10 +8,7 @@ use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::RPCOption;
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
-};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 
@@ -170,11 +167,7 @@ impl<C: NetworkTypes> RaftNetwork<C> for PeerConnection<C> {
         }
     }
 
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<NodeId>,
-        option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         match self.send(RaftRpc::Vote(rpc), &option).await? {
             RaftReply::Vote(reply) => reply.map_err(|e| remote(self.target, e)),
             _ => Err(mismatch()),

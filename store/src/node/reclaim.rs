@@ -159,10 +159,7 @@ impl Node {
         let (engine, wal) = (engine.clone(), self.wal.clone());
         let wal_group = namespace_wal_group(namespace, group);
         let snapshot_dir = self.config.data_dir.join("snapshots");
-        let forgotten = tokio::task::spawn_blocking(move || {
-            crate::raft::forget::forget_replica(&engine, &wal, wal_group, group, groups, &snapshot_dir)
-        })
-        .await;
+        let forgotten = tokio::task::spawn_blocking(move || crate::raft::forget::forget_replica(&engine, &wal, wal_group, group, groups, &snapshot_dir)).await;
         match forgotten {
             Ok(Ok(records)) => {
                 tracing::info!(namespace, group, records, "the replica of a group that moved away is forgotten: its records' space is reclaimed");

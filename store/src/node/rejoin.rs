@@ -169,14 +169,21 @@ impl super::Node {
                 break answers;
             }
             if tokio::time::Instant::now() >= next_report {
-                tracing::warn!(namespace, group, waited_s = started.elapsed().as_secs(), answered = answers.len(), needed,
-                    "this node's log of the group is empty: waiting for enough of the other replicas to say whether the group lived on without it");
+                tracing::warn!(
+                    namespace,
+                    group,
+                    waited_s = started.elapsed().as_secs(),
+                    answered = answers.len(),
+                    needed,
+                    "this node's log of the group is empty: waiting for enough of the other replicas to say whether the group lived on without it"
+                );
                 next_report += Duration::from_secs(5);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         // A vote this replica kept (its copy was forgotten, not lost) is never taken back.
-        let kept_term = self.wal.log_state(wal_group).vote.and_then(|bytes| bincode::deserialize::<openraft::Vote<NodeId>>(&bytes).ok()).map(|v| v.leader_id().term);
+        let kept_term =
+            self.wal.log_state(wal_group).vote.and_then(|bytes| bincode::deserialize::<openraft::Vote<NodeId>>(&bytes).ok()).map(|v| v.leader_id().term);
         if let Some(term) = answers.iter().filter_map(|a| a.vote_term).max().filter(|term| kept_term.is_none_or(|kept| kept < *term)) {
             let vote = openraft::Vote::new(term, self.config.node_id);
             let op = crate::wal::WalOp::Vote(bincode::serialize(&vote).expect("votes serialize"));

@@ -84,16 +84,8 @@ impl Drop for Transfers {
 
 impl Node {
     /// Serves one part of a snapshot of `namespace/group` to a peer rebuilding its copy.
-    pub(crate) async fn handle_snapshot_part(
-        &self,
-        namespace: &str,
-        group: u32,
-        min_applied: u64,
-        transfer: Option<u64>,
-        offset: u64,
-    ) -> Response {
-        let Some(state_machine) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(group)).map(|g| g.state_machine.clone())
-        else {
+    pub(crate) async fn handle_snapshot_part(&self, namespace: &str, group: u32, min_applied: u64, transfer: Option<u64>, offset: u64) -> Response {
+        let Some(state_machine) = self.namespaces().and_then(|n| n.get(namespace)).and_then(|h| h.group(group)).map(|g| g.state_machine.clone()) else {
             return Response::Error(ErrorReply::BadRequest(format!("this node does not replicate {namespace}/{group}")));
         };
         let id = match transfer {
@@ -208,8 +200,7 @@ impl Node {
             }
         };
         file.flush().await.map_err(|e| e.to_string())?;
-        let meta: openraft::SnapshotMeta<NodeId, openraft::BasicNode> =
-            bincode::deserialize(&meta).map_err(|e| format!("malformed snapshot metadata: {e}"))?;
+        let meta: openraft::SnapshotMeta<NodeId, openraft::BasicNode> = bincode::deserialize(&meta).map_err(|e| format!("malformed snapshot metadata: {e}"))?;
         let last = meta.last_log_id;
         if last.map_or(0, |l| l.index) < min_applied {
             return Err(format!("the snapshot ends at {last:?}, before this replica's applied index {min_applied}"));

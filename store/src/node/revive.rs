@@ -182,7 +182,10 @@ impl Node {
             survivor.id
         );
         if survivor.vote_term > last_term {
-            report.push_str(&format!(" Node {} had voted in term {}: leaders of terms after {last_term} may have committed entries it never received.", survivor.id, survivor.vote_term));
+            report.push_str(&format!(
+                " Node {} had voted in term {}: leaders of terms after {last_term} may have committed entries it never received.",
+                survivor.id, survivor.vote_term
+            ));
         }
         Response::Revived { survivor: survivor.id, last_term, last_index, report }
     }
@@ -234,11 +237,8 @@ fn choose_survivor(replicas: &[NodeId], states: &[ReplicaState]) -> Result<Repli
             replicas.len()
         ));
     }
-    let best = states
-        .iter()
-        .filter(|s| s.last_log.is_some_and(|(_, index)| index > 0))
-        .max_by_key(|s| (s.last_log, !s.lost_copy, std::cmp::Reverse(s.id)))
-        .copied();
+    let best =
+        states.iter().filter(|s| s.last_log.is_some_and(|(_, index)| index > 0)).max_by_key(|s| (s.last_log, !s.lost_copy, std::cmp::Reverse(s.id))).copied();
     best.ok_or_else(|| {
         let answered: Vec<NodeId> = states.iter().map(|s| s.id).collect();
         format!("no replica that answered ({answered:?} of {replicas:?}) holds any of its entries")

@@ -32,10 +32,10 @@ use openraft::{BasicNode, ChangeMembers};
 
 use super::raft_network::NetworkTypes;
 use super::{metadata, Node, NodeConfig};
+use crate::meta::ClusterMetaExt as _;
 use crate::meta::{self, ClusterMeta, MetaCommand, MetaResult, NodeInfo};
 use crate::protocol::{ErrorReply, MoveStage, Request, Response};
 use crate::raft::NodeId;
-use crate::meta::ClusterMetaExt as _;
 
 /// How often a node compares the groups it hosts with the cluster metadata.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -65,7 +65,12 @@ pub(super) fn seed_addresses(config: &NodeConfig) -> Vec<String> {
 /// question there next, if `peers` (id, peer address) has its address: a new node's
 /// configuration may not list the metadata voters of today among its first addresses.
 /// With it, the metadata group's log index it was applied up to.
-pub(super) async fn fetch_cluster_from(addresses: &[String], peers: &[(NodeId, String)], source: Option<std::net::IpAddr>, timeout: Duration) -> Option<(ClusterMeta, u64)> {
+pub(super) async fn fetch_cluster_from(
+    addresses: &[String],
+    peers: &[(NodeId, String)],
+    source: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> Option<(ClusterMeta, u64)> {
     let mut queue: std::collections::VecDeque<String> = addresses.iter().cloned().collect();
     let mut asked: Vec<String> = Vec::new();
     while let Some(address) = queue.pop_front() {

@@ -58,8 +58,7 @@ impl Node {
     /// Whether this node leads the group whose metrics these are, but has not heard from a
     /// quorum of it for longer than the election timeout's upper end.
     pub(super) fn leads_out_of_touch(&self, metrics: &Metrics) -> bool {
-        metrics.current_leader == Some(self.config.node_id)
-            && metrics.millis_since_quorum_ack.is_some_and(|ms| ms > self.config.election_timeout_ms.1)
+        metrics.current_leader == Some(self.config.node_id) && metrics.millis_since_quorum_ack.is_some_and(|ms| ms > self.config.election_timeout_ms.1)
     }
 
     /// `leads_out_of_touch` for a data group.

@@ -104,8 +104,11 @@ struct WriterShared {
     state: std::sync::Mutex<WriterState>,
     /// Wakes the writer task: bytes were queued, or the last sender is gone.
     wake: Arc<tokio::sync::Notify>,
-    on_error: std::sync::Mutex<Option<Box<dyn FnOnce(io::Error) + Send>>>,
+    on_error: std::sync::Mutex<Option<OnError>>,
 }
+
+/// What a connection's writer calls once when writing fails.
+type OnError = Box<dyn FnOnce(io::Error) + Send>;
 
 #[derive(Default)]
 struct WriterState {
@@ -136,12 +139,8 @@ impl FrameWriter {
     /// Starts the writer task of `stream`; `on_error` runs once, at the first failed write.
     fn spawn(stream: OwnedWriteHalf, on_error: impl FnOnce(io::Error) + Send + 'static) -> FrameWriter {
         let wake = Arc::new(tokio::sync::Notify::new());
-        let shared = Arc::new(WriterShared {
-            stream,
-            state: Default::default(),
-            wake: wake.clone(),
-            on_error: std::sync::Mutex::new(Some(Box::new(on_error))),
-        });
+        let shared =
+            Arc::new(WriterShared { stream, state: Default::default(), wake: wake.clone(), on_error: std::sync::Mutex::new(Some(Box::new(on_error))) });
         tokio::spawn(write_queued(Arc::downgrade(&shared), wake));
         FrameWriter { shared }
     }
@@ -505,7 +504,6 @@ pub async fn connect(addr: &str, source: Option<IpAddr>) -> io::Result<TcpStream
     stream.set_nodelay(true)?;
     Ok(stream)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -65,8 +65,7 @@ pub fn recorded_void_points(wal: &Wal, groups: u32, wal_groups: impl IntoIterato
     let mut points = Vec::new();
     for (group, wal_group) in wal_groups {
         let Some(bytes) = wal.log_state(wal_group).void else { continue };
-        let decoded: Vec<DurablePoint> =
-            bincode::deserialize(&bytes).map_err(|e| ForgetError::Undecodable { wal_group, what: e.to_string() })?;
+        let decoded: Vec<DurablePoint> = bincode::deserialize(&bytes).map_err(|e| ForgetError::Undecodable { wal_group, what: e.to_string() })?;
         points.push((group, decoded));
     }
     Ok((!points.is_empty()).then_some(VoidPoints { groups, points }))

@@ -1,16 +1,13 @@
 //! A group's Raft log, kept in the node's shared WAL.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{
-    CommittedLeaderId, Entry, LogId, LogState, OptionalSend, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError,
-    Vote,
-};
+use openraft::{CommittedLeaderId, Entry, LogId, LogState, OptionalSend, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote};
 
 use super::types::{NodeId, TypeConfig};
 use crate::wal::{GroupId, Wal, WalError, WalOp};
@@ -176,10 +173,7 @@ pub trait WalLogTypes: RaftTypeConfig<NodeId = NodeId, Entry = Entry<Self>, D: C
 impl<C: RaftTypeConfig<NodeId = NodeId, Entry = Entry<C>, D: Clone>> WalLogTypes for C {}
 
 impl<C: WalLogTypes> RaftLogReader<C> for GroupLogStore<C> {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry<C>>, StorageError<NodeId>> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(&mut self, range: RB) -> Result<Vec<Entry<C>>, StorageError<NodeId>> {
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i + 1,
@@ -286,9 +280,7 @@ impl<C: WalLogTypes> RaftLogStorage<C> for GroupLogStore<C> {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.recent.lock().unwrap().truncate(log_id.index);
-        self.append_durable(vec![WalOp::Truncate { from_index: log_id.index }])
-            .await
-            .map_err(|e| StorageIOError::write_logs(&e).into())
+        self.append_durable(vec![WalOp::Truncate { from_index: log_id.index }]).await.map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {

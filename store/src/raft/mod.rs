@@ -26,10 +26,10 @@ pub mod snapshot_file;
 pub mod state_machine;
 pub mod types;
 
-pub use log_store::GroupLogStore;
-pub use state_machine::{recorded_engine_points, GroupStateMachine};
-pub use sessions::{Outcome, Refusal, Sessions};
 pub use crate::ops::RangeLockHeld;
+pub use log_store::GroupLogStore;
+pub use sessions::{Outcome, Refusal, Sessions};
+pub use state_machine::{recorded_engine_points, GroupStateMachine};
 pub use types::{Command, CommandResult, NodeId, RaftInstance, TypeConfig, WriteFailure};
 
 pub use crate::key::group_of;

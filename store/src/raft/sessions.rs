@@ -52,7 +52,10 @@ const SWEEP_EVERY_MS: u64 = 10_000;
 /// What a tagged write did the first time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Outcome {
-    Written { meta: RecordMeta, results: Vec<OpResult> },
+    Written {
+        meta: RecordMeta,
+        results: Vec<OpResult>,
+    },
     Failed(WriteFailure),
     /// Applied exactly once, but what it returned was not retained (read results over
     /// `RESULT_BYTES_MAX`, or the write was replayed after a restart from an engine that already
@@ -145,8 +148,7 @@ impl Sessions {
     }
 
     fn sweep(&mut self, now_ms: u64) {
-        let idle: Vec<u64> =
-            self.clients.iter().filter(|(_, c)| c.last_ms.saturating_add(CLIENT_IDLE_MS) < now_ms).map(|(id, _)| *id).collect();
+        let idle: Vec<u64> = self.clients.iter().filter(|(_, c)| c.last_ms.saturating_add(CLIENT_IDLE_MS) < now_ms).map(|(id, _)| *id).collect();
         for id in idle {
             self.drop_client(id);
         }

@@ -8,15 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::storage::RaftStateMachine;
-use openraft::{
-    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
-};
+use openraft::{Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership};
 use serde::{Deserialize, Serialize};
 
+use super::fences::Fences;
 use super::group_of;
 use super::log_store::append_durable;
-use super::fences::Fences;
 use super::sessions::{Admission, Outcome, Sessions};
 use super::snapshot_file::{SnapshotReader, SnapshotWriter};
 use super::types::{Command, CommandResult, NodeId, TypeConfig, WriteFailure};
@@ -182,9 +179,7 @@ impl Shared {
             .map_err(|e| StorageIOError::write_state_machine(&e))?
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         let bytes = bincode::serialize(&marker).expect("marker serializes");
-        append_durable(&self.wal, self.wal_group, vec![WalOp::Applied(bytes)])
-            .await
-            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        append_durable(&self.wal, self.wal_group, vec![WalOp::Applied(bytes)]).await.map_err(|e| StorageIOError::write_state_machine(&e))?;
         *written = marker.last_applied;
         if let Some(applied) = marker.last_applied {
             self.engine.set_tombstone_floor(self.group, self.groups, applied.index);
@@ -403,9 +398,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         // blocking pool, where applying may wait.
         let bytes: u64 = entries.iter().map(|e| bincode::serialized_size(&e.payload).unwrap_or(u64::MAX / 4)).sum();
         if !shared.engine.write_cache_has_room(bytes) {
-            return tokio::task::spawn_blocking(move || apply_all(&shared, entries))
-                .await
-                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            return tokio::task::spawn_blocking(move || apply_all(&shared, entries)).await.map_err(|e| StorageIOError::write_state_machine(&e))?;
         }
         let mut results = Vec::with_capacity(entries.len());
         let mut rest = entries.into_iter();
@@ -414,9 +407,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 Some(result) => results.push(result),
                 None => {
                     let remaining: Vec<Entry<TypeConfig>> = std::iter::once(entry).chain(rest).collect();
-                    let more = tokio::task::spawn_blocking(move || apply_all(&shared, remaining))
-                        .await
-                        .map_err(|e| StorageIOError::write_state_machine(&e))??;
+                    let more =
+                        tokio::task::spawn_blocking(move || apply_all(&shared, remaining)).await.map_err(|e| StorageIOError::write_state_machine(&e))??;
                     results.extend(more);
                     break;
                 }
@@ -439,13 +431,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
         let path = self.shared.new_snapshot_path("receiving");
-        let file = tokio::fs::OpenOptions::new()
-            .create_new(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let file =
+            tokio::fs::OpenOptions::new().create_new(true).read(true).write(true).open(&path).await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         self.shared.receiving.lock().unwrap().push(path);
         Ok(Box::new(file))
     }
@@ -475,8 +462,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let (sessions, fences, mut file) =
             installed.map_err(|reason| StorageIOError::write_snapshot(Some(meta.signature()), &std::io::Error::other(reason)))?;
-        let marker =
-            AppliedMarker {
+        let marker = AppliedMarker {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
             sessions: sessions.clone(),
@@ -653,9 +639,7 @@ fn record_write(shared: &Shared, command: &Command, index: u64) -> Result<Option
     };
     match &command.op {
         WriteOp::Lock { .. } => match holder()? {
-            Some(other) if other != session && !shared.progress.lock().unwrap().fences.is_released(other) => {
-                refuse(WriteFailure::LockHeld { holder: other })
-            }
+            Some(other) if other != session && !shared.progress.lock().unwrap().fences.is_released(other) => refuse(WriteFailure::LockHeld { holder: other }),
             _ => Ok(Some((WriteOp::Put(vec![Bin::new(LOCK_HOLDER_BIN, Value::Int(session as i64))]), lock_policy))),
         },
         WriteOp::Unlock { .. } => match holder()? {
@@ -670,9 +654,15 @@ fn record_write(shared: &Shared, command: &Command, index: u64) -> Result<Option
 /// against the lock table's locks of sessions not yet released, and written back as the new
 /// table (deleted when empty). A replayed entry (the table already holds a version from this
 /// index or later) skips the decision, which would see its own effect; the engine skips it.
-fn range_lock_write(shared: &Shared, command: &Command, session: u64, lock: &crate::ops::RangeLock, index: u64) -> Result<Option<(WriteOp, WritePolicy)>, Refused> {
-    use crate::ops::{Operation, RANGE_LOCKS_BIN};
+fn range_lock_write(
+    shared: &Shared,
+    command: &Command,
+    session: u64,
+    lock: &crate::ops::RangeLock,
+    index: u64,
+) -> Result<Option<(WriteOp, WritePolicy)>, Refused> {
     use super::range_locks::{decide, Held, RANGE_LOCKS_MAX};
+    use crate::ops::{Operation, RANGE_LOCKS_BIN};
     let policy = WritePolicy { exists: RecordExistsAction::Replace, ttl: Ttl::NeverExpire, ..command.policy };
     if shared.engine.current_version(&command.key.digest).is_some_and(|(seq, _, _)| seq >= index) {
         return Ok(Some((WriteOp::Touch, policy)));
@@ -734,8 +724,12 @@ fn apply_when_there_is_room(
             done => {
                 if let Some(since) = waiting_since {
                     shared.waiting_for_room.store(false, Ordering::SeqCst);
-                    tracing::info!(group = shared.group, index = replicated.log_index, waited_ms = since.elapsed().as_millis() as u64,
-                        "applying goes on: the device has room again (or the node is stopping)");
+                    tracing::info!(
+                        group = shared.group,
+                        index = replicated.log_index,
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        "applying goes on: the device has room again (or the node is stopping)"
+                    );
                 }
                 return done;
             }
@@ -748,10 +742,9 @@ fn apply_when_there_is_room(
 /// the one this entry wrote and the write read nothing; otherwise lost (and a retry says so).
 fn replayed_outcome(shared: &Shared, command: &Command, index: u64) -> Outcome {
     match shared.engine.current_version(&command.key.digest) {
-        Some((seq, generation, void_time_secs)) if seq == index && !command.op.has_reads() => Outcome::Written {
-            meta: RecordMeta { generation, void_time_secs, last_update_ms: command.now_ms },
-            results: Vec::new(),
-        },
+        Some((seq, generation, void_time_secs)) if seq == index && !command.op.has_reads() => {
+            Outcome::Written { meta: RecordMeta { generation, void_time_secs, last_update_ms: command.now_ms }, results: Vec::new() }
+        }
         _ => Outcome::ResultLost,
     }
 }

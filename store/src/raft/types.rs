@@ -2,9 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::sessions::{Outcome, Refusal};
 use crate::error::Error;
 use crate::key::Key;
-use super::sessions::{Outcome, Refusal};
 use crate::ops::{OpResult, RangeLockHeld, WriteOp, WritePolicy};
 use crate::protocol::WriteTag;
 use crate::value::RecordMeta;
@@ -27,7 +27,10 @@ pub struct Command {
 /// A write's outcome, the same on every replica.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CommandResult {
-    Applied { meta: RecordMeta, results: Vec<OpResult> },
+    Applied {
+        meta: RecordMeta,
+        results: Vec<OpResult>,
+    },
     /// A condition failed or the request was bad: nothing was written.
     Failed(WriteFailure),
     /// The engine already reflected this entry (replay after restart).
@@ -43,22 +46,36 @@ pub enum CommandResult {
 /// Deterministic refusals (the same on every replica from the same state).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteFailure {
-    GenerationMismatch { expected: u32, actual: u32 },
+    GenerationMismatch {
+        expected: u32,
+        actual: u32,
+    },
     RecordExists,
     RecordNotFound,
-    RecordTooBig { size_bytes: usize, limit_bytes: usize },
-    IncompatibleBin { bin: String, reason: String },
+    RecordTooBig {
+        size_bytes: usize,
+        limit_bytes: usize,
+    },
+    IncompatibleBin {
+        bin: String,
+        reason: String,
+    },
     BadRequest(String),
     /// A write of a lease session that is fenced in the group (`fences`): not applied.
-    SessionExpired { session: u64 },
+    SessionExpired {
+        session: u64,
+    },
     /// A lock another session holds.
-    LockHeld { holder: u64 },
+    LockHeld {
+        holder: u64,
+    },
     /// An unlock of a lock the session does not hold (`holder`: who does, if anyone).
-    LockNotHeld { holder: Option<u64> },
+    LockNotHeld {
+        holder: Option<u64>,
+    },
     /// A byte-range lock of another owner is in the way (`ops::RangeLock`).
     RangeLockHeld(RangeLockHeld),
 }
-
 
 impl WriteFailure {
     /// The refusal an engine error stands for, or `None` for errors that are not answers
@@ -68,9 +85,7 @@ impl WriteFailure {
             Error::GenerationMismatch { expected, actual } => WriteFailure::GenerationMismatch { expected: *expected, actual: *actual },
             Error::RecordExists => WriteFailure::RecordExists,
             Error::RecordNotFound => WriteFailure::RecordNotFound,
-            Error::RecordTooBig { size_bytes, limit_bytes } => {
-                WriteFailure::RecordTooBig { size_bytes: *size_bytes, limit_bytes: *limit_bytes }
-            }
+            Error::RecordTooBig { size_bytes, limit_bytes } => WriteFailure::RecordTooBig { size_bytes: *size_bytes, limit_bytes: *limit_bytes },
             Error::IncompatibleBin { bin, reason } => WriteFailure::IncompatibleBin { bin: bin.clone(), reason: reason.clone() },
             Error::BadRequest(what) => WriteFailure::BadRequest(what.clone()),
             _ => return None,

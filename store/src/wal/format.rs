@@ -119,16 +119,46 @@ fn seal(out: &mut Vec<u8>, start: usize) {
 /// A record read back.
 #[derive(Debug, PartialEq)]
 pub enum Decoded<'a> {
-    Entry { group: GroupId, index: u64, term: u64, payload: &'a [u8] },
-    Truncate { group: GroupId, from_index: u64 },
-    Purge { group: GroupId, upto_index: u64, upto_term: u64 },
-    Vote { group: GroupId, bytes: &'a [u8] },
-    Committed { group: GroupId, bytes: &'a [u8] },
-    Applied { group: GroupId, bytes: &'a [u8] },
-    Forget { group: GroupId, bytes: &'a [u8] },
-    Void { group: GroupId, bytes: &'a [u8] },
+    Entry {
+        group: GroupId,
+        index: u64,
+        term: u64,
+        payload: &'a [u8],
+    },
+    Truncate {
+        group: GroupId,
+        from_index: u64,
+    },
+    Purge {
+        group: GroupId,
+        upto_index: u64,
+        upto_term: u64,
+    },
+    Vote {
+        group: GroupId,
+        bytes: &'a [u8],
+    },
+    Committed {
+        group: GroupId,
+        bytes: &'a [u8],
+    },
+    Applied {
+        group: GroupId,
+        bytes: &'a [u8],
+    },
+    Forget {
+        group: GroupId,
+        bytes: &'a [u8],
+    },
+    Void {
+        group: GroupId,
+        bytes: &'a [u8],
+    },
     /// The marker at the start of a flush (format version 3 on).
-    Flush { segment: u64, number: u64 },
+    Flush {
+        segment: u64,
+        number: u64,
+    },
 }
 
 /// One step of reading a segment.
@@ -181,9 +211,7 @@ pub fn decode_at(buf: &[u8], pos: usize, record_bytes_max: usize) -> (Step<'_>, 
     let u64_at = |at: usize| body.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
     let decoded = match record[8] {
         TYPE_ENTRY => match (u64_at(0), u64_at(8)) {
-            (Some(index), Some(term)) => {
-                Decoded::Entry { group, index, term, payload: &body[16..] }
-            }
+            (Some(index), Some(term)) => Decoded::Entry { group, index, term, payload: &body[16..] },
             _ => return (Step::Invalid("entry record too short".into()), pos),
         },
         TYPE_TRUNCATE => match u64_at(0) {

@@ -70,9 +70,7 @@ pub enum WalError {
 impl Clone for WalError {
     fn clone(&self) -> Self {
         match self {
-            WalError::Io { path, source } => {
-                WalError::Io { path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
-            }
+            WalError::Io { path, source } => WalError::Io { path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) },
             WalError::Corrupt { path, offset, what } => WalError::Corrupt { path: path.clone(), offset: *offset, what: what.clone() },
             WalError::Poisoned { reason } => WalError::Poisoned { reason: reason.clone() },
             WalError::TooBig { size_bytes, limit_bytes } => WalError::TooBig { size_bytes: *size_bytes, limit_bytes: *limit_bytes },
@@ -390,8 +388,7 @@ impl Wal {
         {
             let mut st = self.inner.state.lock().unwrap();
             if !st.shutting_down && st.poisoned.is_none() {
-                let committed: Vec<(GroupId, Vec<u8>)> =
-                    st.groups.iter().filter_map(|(g, log)| log.committed.clone().map(|c| (*g, c))).collect();
+                let committed: Vec<(GroupId, Vec<u8>)> = st.groups.iter().filter_map(|(g, log)| log.committed.clone().map(|c| (*g, c))).collect();
                 for (group, bytes) in committed {
                     self.inner.append_one(&mut st, group, &WalOp::Committed(bytes));
                 }
@@ -437,9 +434,7 @@ impl WalInner {
         for op in ops {
             let size = match op {
                 WalOp::Entry { payload, .. } => payload.len() + 32,
-                WalOp::Vote(bytes) | WalOp::Committed(bytes) | WalOp::Applied(bytes) | WalOp::Forget(bytes) | WalOp::Void(bytes) => {
-                    bytes.len() + 16
-                }
+                WalOp::Vote(bytes) | WalOp::Committed(bytes) | WalOp::Applied(bytes) | WalOp::Forget(bytes) | WalOp::Void(bytes) => bytes.len() + 16,
                 _ => 32,
             };
             if size > self.config.record_bytes_max {
@@ -524,14 +519,10 @@ impl WalInner {
             buf
         };
         match format::decode_at(&record, 0, self.config.record_bytes_max) {
-            (format::Step::Record(format::Decoded::Entry { group: g, index: i, payload, .. }), _) if g == group && i == index => {
-                Ok(payload.to_vec())
+            (format::Step::Record(format::Decoded::Entry { group: g, index: i, payload, .. }), _) if g == group && i == index => Ok(payload.to_vec()),
+            (step, _) => {
+                Err(WalError::Corrupt { path: segment.path.clone(), offset: start, what: format!("entry {index} of group {group} reads back as {step:?}") })
             }
-            (step, _) => Err(WalError::Corrupt {
-                path: segment.path.clone(),
-                offset: start,
-                what: format!("entry {index} of group {group} reads back as {step:?}"),
-            }),
         }
     }
 }

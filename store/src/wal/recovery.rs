@@ -72,10 +72,7 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
                 Step::Invalid(what) => {
                     if markers {
                         if let Some((at, number)) = later_flush(&data, pos, id, flush, config.record_bytes_max) {
-                            return Err(corrupt(
-                                pos as u64,
-                                format!("{what}, in a flush that was synced: flush {number} follows it at byte {at}"),
-                            ));
+                            return Err(corrupt(pos as u64, format!("{what}, in a flush that was synced: flush {number} follows it at byte {at}")));
                         }
                     }
                     end = pos;
@@ -84,11 +81,7 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
                 }
                 Step::Record(Decoded::Flush { segment, number }) => {
                     if let Some((torn_path, offset, what)) = &torn {
-                        return Err(WalError::Corrupt {
-                            path: torn_path.clone(),
-                            offset: *offset,
-                            what: format!("{what}, and later segments hold records"),
-                        });
+                        return Err(WalError::Corrupt { path: torn_path.clone(), offset: *offset, what: format!("{what}, and later segments hold records") });
                     }
                     if segment != id || flush.is_some_and(|last| number <= last) {
                         return Err(corrupt(pos as u64, format!("flush marker of segment {segment}, flush {number}, after flush {flush:?} of segment {id}")));
@@ -98,11 +91,7 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
                 }
                 Step::Record(record) => {
                     if let Some((torn_path, offset, what)) = &torn {
-                        return Err(WalError::Corrupt {
-                            path: torn_path.clone(),
-                            offset: *offset,
-                            what: format!("{what}, and later segments hold records"),
-                        });
+                        return Err(WalError::Corrupt { path: torn_path.clone(), offset: *offset, what: format!("{what}, and later segments hold records") });
                     }
                     if let Decoded::Forget { group, .. } = record {
                         // As when it was appended: the voided entries pin no segment.

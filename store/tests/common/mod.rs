@@ -31,9 +31,7 @@ impl Clock for ManualClock {
 /// A small namespace on memory devices: 64 KiB blocks, fast background threads.
 pub fn small_config(devices: usize, blocks_per_device: u64) -> NamespaceConfig {
     let block = 64 * 1024u64;
-    let devices = (0..devices)
-        .map(|i| DeviceConfig { path: format!("dev{i}").into(), size: Some(block * blocks_per_device) })
-        .collect();
+    let devices = (0..devices).map(|i| DeviceConfig { path: format!("dev{i}").into(), size: Some(block * blocks_per_device) }).collect();
     NamespaceConfig {
         write_block_size: block as u32,
         max_write_cache: 8 * block,
@@ -52,23 +50,13 @@ pub struct Disks {
 
 impl Disks {
     pub fn new(config: &NamespaceConfig, seed: u64) -> Disks {
-        let mem = config
-            .devices
-            .iter()
-            .enumerate()
-            .map(|(i, d)| Arc::new(MemDevice::new(&format!("dev{i}"), d.size.unwrap())))
-            .collect();
+        let mem = config.devices.iter().enumerate().map(|(i, d)| Arc::new(MemDevice::new(&format!("dev{i}"), d.size.unwrap()))).collect();
         Disks { mem, current: Vec::new(), seed }
     }
 
     pub fn open(&mut self, config: &NamespaceConfig, clock: Option<Arc<dyn Clock>>) -> chunkstore::Result<Namespace> {
         self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        self.current = self
-            .mem
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Arc::new(PowerLossDevice::new(m.clone() as Arc<dyn Device>, self.seed ^ i as u64)))
-            .collect();
+        self.current = self.mem.iter().enumerate().map(|(i, m)| Arc::new(PowerLossDevice::new(m.clone() as Arc<dyn Device>, self.seed ^ i as u64))).collect();
         let devices = self.current.iter().map(|d| d.clone() as Arc<dyn Device>).collect();
         Namespace::open(config.clone(), OpenOptions { devices: Some(devices), clock, ..Default::default() })
     }

@@ -291,10 +291,12 @@ fn main() -> ExitCode {
             ExitCode::from(chunkstore_tools::check::history_command(&file, model, limits, json))
         }
         Commands::Files(args) => files_run(args),
-        Commands::FilesJournalWriter { file, sync, seed, writer, lock, on_fuse, on_preload } => match journal::run_writer(&journal::WriterOptions { file, sync, seed, writer, lock, on_fuse, on_preload }) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(_) => ExitCode::from(3),
-        },
+        Commands::FilesJournalWriter { file, sync, seed, writer, lock, on_fuse, on_preload } => {
+            match journal::run_writer(&journal::WriterOptions { file, sync, seed, writer, lock, on_fuse, on_preload }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(3),
+            }
+        }
         Commands::EngineChild { dir, seed, writers, keys, power_loss, unsafe_skip_fsync } => {
             match run_child(ChildOptions { dir, seed, writers, keys, power_loss, unsafe_skip_fsync }) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -352,7 +354,15 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
         chunkd_options: args.chunkd_option.clone(),
         check_time_limit: std::time::Duration::from_secs(args.check_time_limit),
     };
-    eprintln!("chunkcheck {name}: seed {seed}, {} nodes, RF {}, {} s, nemesis {:?} every {} s, report in {}", args.nodes, args.replication_factor, args.time_limit, options.nemeses, args.nemesis_interval, out.display());
+    eprintln!(
+        "chunkcheck {name}: seed {seed}, {} nodes, RF {}, {} s, nemesis {:?} every {} s, report in {}",
+        args.nodes,
+        args.replication_factor,
+        args.time_limit,
+        options.nemeses,
+        args.nemesis_interval,
+        out.display()
+    );
     cluster_check::catch_interrupts();
     let result = cluster_check::run(&options, &mut status_printer());
     let code = match &result["valid"] {
@@ -362,8 +372,18 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
     };
     eprintln!(
         "{}: {} ops ({} ok, {} fail, {} info), {} anomalies, {} faults, recovery {} ms{}",
-        match code { 0 => "valid", 1 => "INVALID", _ => "unknown" },
-        result["ops"], result["ok"], result["fail"], result["info"], result["anomalies"], result["nemesis_events"], result["recovery_ms"],
+        match code {
+            0 => "valid",
+            1 => "INVALID",
+            _ => "unknown",
+        },
+        result["ops"],
+        result["ok"],
+        result["fail"],
+        result["info"],
+        result["anomalies"],
+        result["nemesis_events"],
+        result["recovery_ms"],
         result["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()
     );
     if args.json {
@@ -375,7 +395,11 @@ fn cluster_run(workload: Workload, args: ClusterArgs) -> ExitCode {
 /// The faults named in --nemesis; the files workloads' own (app-kill, fs-kill) only if `files`.
 fn parse_nemeses(names: &[String], files: bool) -> Result<Vec<NemesisKind>, String> {
     let mut nemeses = Vec::new();
-    let known = if files { "kill, pause, partition, clock, disk, packet, wipe, wal-corrupt, roster, app-kill, fs-kill, host-pause, machine-cut" } else { "kill, pause, partition, clock, disk, packet, wipe, wal-corrupt, roster" };
+    let known = if files {
+        "kill, pause, partition, clock, disk, packet, wipe, wal-corrupt, roster, app-kill, fs-kill, host-pause, machine-cut"
+    } else {
+        "kill, pause, partition, clock, disk, packet, wipe, wal-corrupt, roster"
+    };
     for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty() && *n != "none") {
         nemeses.push(match name {
             "kill" => NemesisKind::Kill,
@@ -431,7 +455,15 @@ fn files_run(args: FilesArgs) -> ExitCode {
         chunkd_options: args.chunkd_option.clone(),
         test_corrupt_after_run: args.test_corrupt_after_run,
     };
-    eprintln!("chunkcheck files {workload}: seed {seed}, {} nodes, {} writers, {} s, nemesis {:?} every {} s, report in {}", args.nodes, args.writers, args.time_limit, options.nemeses, args.nemesis_interval, out.display());
+    eprintln!(
+        "chunkcheck files {workload}: seed {seed}, {} nodes, {} writers, {} s, nemesis {:?} every {} s, report in {}",
+        args.nodes,
+        args.writers,
+        args.time_limit,
+        options.nemeses,
+        args.nemesis_interval,
+        out.display()
+    );
     cluster_check::catch_interrupts();
     let result = files_check::run(&options, &mut status_printer());
     let code = match &result["valid"] {
@@ -441,8 +473,18 @@ fn files_run(args: FilesArgs) -> ExitCode {
     };
     eprintln!(
         "{}: {} acknowledged, {} lost, {} corrupt, {} dual writes, {} calls, {} faults, {} application starts{}{}",
-        match code { 0 => "valid", 1 => "INVALID", _ => "unknown" },
-        result["acked"], result["lost"], result["corrupt"], result["dual_writers"], result["ops"], result["nemesis_events"], result["app_starts"],
+        match code {
+            0 => "valid",
+            1 => "INVALID",
+            _ => "unknown",
+        },
+        result["acked"],
+        result["lost"],
+        result["corrupt"],
+        result["dual_writers"],
+        result["ops"],
+        result["nemesis_events"],
+        result["app_starts"],
         match result.get("takeovers") {
             Some(n) => format!(", {n} takeovers (p50 {} ms, max {} ms)", result["takeover_p50_ms"], result["takeover_max_ms"]),
             None => String::new(),

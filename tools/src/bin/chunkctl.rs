@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chunkstore::client::{Client, ClientConfig};
+use chunkstore::meta::ClusterMetaExt as _;
 use chunkstore::{Bin, Key, Operation, Value, WritePolicy};
 use chunkstore_tools::bench::{self, BenchOptions};
 use chunkstore_tools::local_cluster::{self, LocalCluster};
 use clap::{Parser, Subcommand};
-use chunkstore::meta::ClusterMetaExt as _;
 
 #[derive(Parser)]
 #[command(name = "chunkctl", about = "Operate and benchmark chunkstore")]
@@ -324,7 +324,11 @@ fn main() -> ExitCode {
             local_cluster::up(&dir, &options, &mut |line| eprintln!("{line}")).map(|cluster| {
                 let seeds = cluster.seeds().join(",");
                 let me = std::env::args().next().unwrap_or_else(|| "chunkctl".into());
-                println!("chunkstore is up: {} nodes, namespace \"test\" ({groups} groups, replication factor {})", cluster.nodes.len(), cluster.nodes.len().min(3));
+                println!(
+                    "chunkstore is up: {} nodes, namespace \"test\" ({groups} groups, replication factor {})",
+                    cluster.nodes.len(),
+                    cluster.nodes.len().min(3)
+                );
                 println!("  seeds: {seeds}");
                 println!("  try:   {me} --dir {} put test demo k1 greeting=hello", dir.display());
                 println!("         {me} --dir {} get test demo k1", dir.display());
@@ -375,7 +379,15 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Commands::Lock { ref namespace, ref set, ref key, ttl_ms, wait_ms, write_every_ms, writes } => client(&cli).and_then(|client| {
-            let drill = LockDrill { namespace, set, key, ttl: Duration::from_millis(ttl_ms), wait: Duration::from_millis(wait_ms), write_every: Duration::from_millis(write_every_ms), writes };
+            let drill = LockDrill {
+                namespace,
+                set,
+                key,
+                ttl: Duration::from_millis(ttl_ms),
+                wait: Duration::from_millis(wait_ms),
+                write_every: Duration::from_millis(write_every_ms),
+                writes,
+            };
             hold_lock(std::sync::Arc::new(client), &drill)
         }),
         Commands::Revive { ref namespace, group, json } => client_with_timeout(&cli, Duration::from_secs(30)).and_then(|client| {
@@ -418,9 +430,7 @@ fn main() -> ExitCode {
         Commands::Bench(BenchCommand::Kv { ref clients, seconds, read_policy, ref namespace, ref ops, json }) => (|| {
             let ops = ops
                 .iter()
-                .map(|op| {
-                    chunkstore_tools::bench_kv::OPS.into_iter().find(|known| known == op).ok_or_else(|| anyhow::anyhow!("--ops {op}: one of put, get"))
-                })
+                .map(|op| chunkstore_tools::bench_kv::OPS.into_iter().find(|known| known == op).ok_or_else(|| anyhow::anyhow!("--ops {op}: one of put, get")))
                 .collect::<Result<Vec<_>>>()?;
             let (seeds, baseline_dir, node_pids) = match (&cli.seeds, &cli.dir) {
                 (seeds, _) if !seeds.is_empty() => (seeds.clone(), PathBuf::from("bench-data"), Vec::new()),
@@ -465,7 +475,16 @@ fn main() -> ExitCode {
             if preload.is_none() {
                 eprintln!("libchunkpreload.so is not next to chunkctl: the shim's jobs are skipped");
             }
-            let options = chunkstore_tools::bench_fs::FsBenchOptions { seeds, local_dir, namespace: namespace.clone(), seconds, chunkfs, chunk_bytes, preload, node_pids };
+            let options = chunkstore_tools::bench_fs::FsBenchOptions {
+                seeds,
+                local_dir,
+                namespace: namespace.clone(),
+                seconds,
+                chunkfs,
+                chunk_bytes,
+                preload,
+                node_pids,
+            };
             let report = chunkstore_tools::bench_fs::run(&options, |line| eprintln!("{line}"))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -506,8 +525,8 @@ struct LockDrill<'a> {
 
 /// `chunkctl lock`: see its help.
 fn hold_lock(client: std::sync::Arc<Client>, drill: &LockDrill) -> Result<()> {
-    use chunkstore::protocol::ErrorReply;
     use chunkstore::client::{ClientError, KeptSession};
+    use chunkstore::protocol::ErrorReply;
     let event = |value: serde_json::Value| println!("{value}");
     // Renewed every third of the TTL by the session's own thread, which reports failures.
     let kept = KeptSession::open(client.clone(), drill.ttl, |err| {
@@ -610,7 +629,10 @@ fn fs_command(cli: &Cli, command: &FsCommand) -> ExitCode {
             let attr = volume.resolve(path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
             match json {
                 true => println!("{}", attr_json(&attr)),
-                false => println!("{path}: inode {} {:?} perm {:o} links {} uid {} gid {} size {}", attr.ino, attr.kind, attr.perm, attr.nlink, attr.uid, attr.gid, attr.size),
+                false => println!(
+                    "{path}: inode {} {:?} perm {:o} links {} uid {} gid {} size {}",
+                    attr.ino, attr.kind, attr.perm, attr.nlink, attr.uid, attr.gid, attr.size
+                ),
             }
             Ok(true)
         }
@@ -626,7 +648,12 @@ fn fs_command(cli: &Cli, command: &FsCommand) -> ExitCode {
                 }
                 println!(
                     "volume {volume}: {} inodes ({} directories, {} files, {} bytes), {} problems, {} repaired",
-                    report.inodes, report.directories, report.files, report.bytes, report.problems.len(), report.repaired
+                    report.inodes,
+                    report.directories,
+                    report.files,
+                    report.bytes,
+                    report.problems.len(),
+                    report.repaired
                 );
             }
             Ok(clean)
@@ -744,9 +771,7 @@ fn status(client: &Client, json: bool) -> Result<()> {
             // The metadata leader's placement when it answered, else the answering node's.
             let replicas = known.and_then(|n| n.placement.get(group)).unwrap_or(&ns.replicas[group]);
             let moving_to = moves.get(&(group as u32));
-            let move_stage = moving_to
-                .and_then(|_| stages.iter().find(|s| s.namespace == ns.name && s.group == group as u32))
-                .map(|s| s.stage.clone());
+            let move_stage = moving_to.and_then(|_| stages.iter().find(|s| s.namespace == ns.name && s.group == group as u32)).map(|s| s.stage.clone());
             let leader = views
                 .iter()
                 .filter(|(id, _)| replicas.contains(id))
@@ -848,7 +873,14 @@ fn status(client: &Client, json: bool) -> Result<()> {
             (to, Some(stage)) => format!(" moving to {to}: {stage}"),
             (to, None) => format!(" moving to {to}"),
         };
-        println!("{}/{:<3} leader {:<4} replicas {} {}{moving}", group["namespace"].as_str().unwrap_or(""), group["group"], group["leader"], group["replicas"], group["state"].as_str().unwrap_or(""));
+        println!(
+            "{}/{:<3} leader {:<4} replicas {} {}{moving}",
+            group["namespace"].as_str().unwrap_or(""),
+            group["group"],
+            group["leader"],
+            group["replicas"],
+            group["state"].as_str().unwrap_or("")
+        );
     }
     Ok(())
 }

@@ -4,7 +4,6 @@
 //! held only to the upper bound (nothing invented), and counted when below their session's own
 //! increments.
 
-
 use super::Reads;
 use crate::history::{Edn, Operation, Outcome};
 
@@ -74,7 +73,9 @@ mod tests {
         let text = "{:process 0, :type :invoke, :f :add, :value 1}\n{:process 0, :type :ok, :f :add, :value 1}\n\
                     {:process 1, :type :invoke, :f :add, :value 1}\n{:process 1, :type :info, :f :add, :value 1}\n\
                     {:process 2, :type :invoke, :f :read, :value nil}\n{:process 2, :type :ok, :f :read, :value R}\n";
-        let run = |r: &str| super::check(&operations(&parse_history(&text.replace(" R}", &format!(" {r}}}"))).unwrap()).unwrap(), Reads::Linearizable, |p| p, |_| false);
+        let run = |r: &str| {
+            super::check(&operations(&parse_history(&text.replace(" R}", &format!(" {r}}}"))).unwrap()).unwrap(), Reads::Linearizable, |p| p, |_| false)
+        };
         assert_eq!(run("0").anomalies.len(), 1, "lost the acknowledged increment");
         assert!(run("1").anomalies.is_empty());
         assert!(run("2").anomalies.is_empty(), "the info increment may have happened");
@@ -83,8 +84,12 @@ mod tests {
         assert!(session.anomalies.is_empty(), "a session read need not see another session's increment yet");
         // A read of its own session's increment: required with session reads, not with
         // allow-unavailable ones (counted as stale), and the final reads are held to it.
-        let own = text.replace("{:process 2, :type :invoke, :f :read", "{:process 0, :type :invoke, :f :read").replace("{:process 2, :type :ok, :f :read", "{:process 0, :type :ok, :f :read");
-        let run_own = |r: &str, reads, is_final: fn(i64) -> bool| super::check(&operations(&parse_history(&own.replace(" R}", &format!(" {r}}}"))).unwrap()).unwrap(), reads, |p| p, is_final);
+        let own = text
+            .replace("{:process 2, :type :invoke, :f :read", "{:process 0, :type :invoke, :f :read")
+            .replace("{:process 2, :type :ok, :f :read", "{:process 0, :type :ok, :f :read");
+        let run_own = |r: &str, reads, is_final: fn(i64) -> bool| {
+            super::check(&operations(&parse_history(&own.replace(" R}", &format!(" {r}}}"))).unwrap()).unwrap(), reads, |p| p, is_final)
+        };
         assert_eq!(run_own("0", Reads::Session, |_| false).anomalies.len(), 1);
         let stale = run_own("0", Reads::Committed, |_| false);
         assert_eq!((stale.anomalies.len(), stale.stale_reads), (0, 1));

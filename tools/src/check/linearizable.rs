@@ -361,7 +361,16 @@ mod tests {
                        {:process 0, :type :invoke, :f :append, :key \"b\", :value \"y\"}\n{:process 0, :type :ok, :f :append, :key \"b\", :value \"y\"}\n\
                        {:process 1, :type :invoke, :f :get, :key \"a\", :value nil}\n{:process 1, :type :ok, :f :get, :key \"a\", :value \"x\"}\n";
         assert_eq!(verdict(Model::Kv, history), Verdict::Linearizable);
-        assert_eq!(verdict(Model::Kv, &history.replace(":value \"x\"}\n{:process 0, :type :invoke, :f :append, :key \"b\"", ":value \"x\"}\n{:process 0, :type :invoke, :f :append, :key \"a\"")), Verdict::NotLinearizable);
+        assert_eq!(
+            verdict(
+                Model::Kv,
+                &history.replace(
+                    ":value \"x\"}\n{:process 0, :type :invoke, :f :append, :key \"b\"",
+                    ":value \"x\"}\n{:process 0, :type :invoke, :f :append, :key \"a\""
+                )
+            ),
+            Verdict::NotLinearizable
+        );
     }
 
     #[test]

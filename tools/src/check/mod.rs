@@ -103,14 +103,7 @@ pub fn history_command(path: &Path, model: Model, limits: Limits, json: bool) ->
         Verdict::NotLinearizable => (serde_json::json!(false), 1),
         Verdict::Unknown => (serde_json::json!("unknown"), 2),
     };
-    eprintln!(
-        "{}: {:?} ({} operations over {} keys, {} ms)",
-        path.display(),
-        report.verdict,
-        ops.len(),
-        report.keys.len(),
-        report.elapsed_ms
-    );
+    eprintln!("{}: {:?} ({} operations over {} keys, {} ms)", path.display(), report.verdict, ops.len(), report.keys.len(), report.elapsed_ms);
     if json {
         println!(
             "{}",

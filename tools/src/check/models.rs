@@ -24,7 +24,11 @@ pub enum Step {
     Write(Edn),
     /// Compare-and-set that succeeded (`Some(true)`), found another value (`Some(false)`),
     /// or whose outcome is unknown (`None`: either, as the state allows).
-    Cas { from: Edn, to: Edn, succeeded: Option<bool> },
+    Cas {
+        from: Edn,
+        to: Edn,
+        succeeded: Option<bool>,
+    },
     Append(Edn),
 }
 

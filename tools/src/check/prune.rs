@@ -85,7 +85,8 @@ pub fn unexplained_observation(model: Model, operations: &[Operation], steps: &[
         }
     }
     let initial = model.initial();
-    let mut observers: Vec<(usize, &Edn, Span)> = steps.iter().enumerate().filter_map(|(i, (op, step))| observes(step).map(|v| (i, v, span(&operations[*op])))).collect();
+    let mut observers: Vec<(usize, &Edn, Span)> =
+        steps.iter().enumerate().filter_map(|(i, (op, step))| observes(step).map(|v| (i, v, span(&operations[*op])))).collect();
     observers.sort_unstable_by_key(|(_, _, s)| s.ret);
     for (i, value, r) in observers {
         // The latest call of a sure setter that returned before R was called.
@@ -164,7 +165,10 @@ mod tests {
 
     fn op(process: usize, f: &str, value: &str, outcome: &str, out: &str) -> (String, String) {
         let out = if out.is_empty() { value } else { out };
-        (format!("{{:process {process}, :type :invoke, :f :{f}, :value {value}}}\n"), format!("{{:process {process}, :type :{outcome}, :f :{f}, :value {out}}}\n"))
+        (
+            format!("{{:process {process}, :type :invoke, :f :{f}, :value {value}}}\n"),
+            format!("{{:process {process}, :type :{outcome}, :f :{f}, :value {out}}}\n"),
+        )
     }
 
     /// Twenty crashed writes of distinct values make the bare search remember millions of
@@ -223,7 +227,8 @@ mod tests {
         assert_eq!(result.verdict, Verdict::Linearizable);
         assert_eq!(result.crashed_writes_dropped, 0);
         // Without the failed compare-and-set it is dropped.
-        let unobserved = key_result(&format!("{}{}", op(0, "write", "1", "ok", "").0 + &op(0, "write", "1", "ok", "").1, op(1, "write", "2", "info", "").0), true);
+        let unobserved =
+            key_result(&format!("{}{}", op(0, "write", "1", "ok", "").0 + &op(0, "write", "1", "ok", "").1, op(1, "write", "2", "info", "").0), true);
         assert_eq!(unobserved.crashed_writes_dropped, 1);
     }
 

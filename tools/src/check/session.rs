@@ -68,10 +68,9 @@ pub fn check(ops: &[Operation], reads: Reads, session_of: impl Fn(i64) -> i64, i
                 }
             }
             match value_at.get(&generation) {
-                Some((other, other_line)) if *other != value && generation > 0 => report_anomaly(
-                    "two-values-at-one-generation",
-                    format!("{value} at generation {generation}, but line {other_line} saw {other}"),
-                ),
+                Some((other, other_line)) if *other != value && generation > 0 => {
+                    report_anomaly("two-values-at-one-generation", format!("{value} at generation {generation}, but line {other_line} saw {other}"))
+                }
                 Some(_) => {}
                 None => {
                     value_at.insert(generation, (value, line));
@@ -114,7 +113,8 @@ mod tests {
     use super::Reads;
     use crate::history::{operations, parse_history};
 
-    const WRITES_THEN_OLD_READ: &str = "{:process 0, :type :invoke, :f :write, :key 1, :value 5}\n{:process 0, :type :ok, :f :write, :key 1, :value 5, :gen 1}\n\
+    const WRITES_THEN_OLD_READ: &str =
+        "{:process 0, :type :invoke, :f :write, :key 1, :value 5}\n{:process 0, :type :ok, :f :write, :key 1, :value 5, :gen 1}\n\
                     {:process 0, :type :invoke, :f :write, :key 1, :value 6}\n{:process 0, :type :ok, :f :write, :key 1, :value 6, :gen 2}\n\
                     {:process 0, :type :invoke, :f :read, :key 1, :value nil}\n{:process 0, :type :ok, :f :read, :key 1, :value 5, :gen 1}\n";
 
@@ -157,7 +157,10 @@ mod tests {
         );
         assert_eq!(kinds(&dirty, Reads::Committed, |p| p, |_| false), vec!["read-of-failed-write"]);
         // The same compare-and-set with an unknown outcome may have taken effect.
-        let unknown = dirty.replace("{:process 1, :type :fail, :f :cas, :key 1, :value [6 7], :error :cas-mismatch}", "{:process 1, :type :info, :f :cas, :key 1, :value [6 7]}");
+        let unknown = dirty.replace(
+            "{:process 1, :type :fail, :f :cas, :key 1, :value [6 7], :error :cas-mismatch}",
+            "{:process 1, :type :info, :f :cas, :key 1, :value [6 7]}",
+        );
         assert!(kinds(&unknown, Reads::Committed, |p| p, |_| false).is_empty());
         let invented = dirty.replace(":value 7, :gen 3}", ":value 8, :gen 3}");
         assert_eq!(kinds(&invented, Reads::Committed, |p| p, |_| false), vec!["read-of-unwritten-value"]);

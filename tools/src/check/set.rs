@@ -37,7 +37,8 @@ pub fn check(ops: &[Operation], reads: Reads, session_of: impl Fn(i64) -> i64) -
             Edn::Int(n) => Some(n),
             _ => None,
         };
-        let attempted: HashMap<i64, &Operation> = ops.iter().filter(|op| op.f == "add" && !matches!(op.outcome, Outcome::Fail(_))).filter_map(|op| Some((element(op)?, *op))).collect();
+        let attempted: HashMap<i64, &Operation> =
+            ops.iter().filter(|op| op.f == "add" && !matches!(op.outcome, Outcome::Fail(_))).filter_map(|op| Some((element(op)?, *op))).collect();
         let acknowledged: Vec<(i64, &Operation)> = attempted.iter().filter(|(_, op)| op.outcome == Outcome::Ok).map(|(e, op)| (*e, *op)).collect();
         report.attempted += attempted.len();
         report.acknowledged += acknowledged.len();

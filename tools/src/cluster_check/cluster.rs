@@ -64,12 +64,26 @@ impl TestCluster {
     /// cluster owns the fault `tools` from then on: the firewall (needed for `cut`), the packet
     /// queue (for `disturb`), and libfaketime (every node's wall clock can then be moved with
     /// `set_clock`).
-    pub fn start(dir: &Path, nodes: u64, replication_factor: usize, groups: u32, device_bytes: u64, chunkd_options: &[String], tools: FaultTools) -> Result<TestCluster> {
+    pub fn start(
+        dir: &Path,
+        nodes: u64,
+        replication_factor: usize,
+        groups: u32,
+        device_bytes: u64,
+        chunkd_options: &[String],
+        tools: FaultTools,
+    ) -> Result<TestCluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut listed = Vec::new();
         for id in 1..=nodes {
             let host = node_host(id);
-            listed.push(LocalNode { id, client: format!("{host}:{}", local_cluster::free_port(&host, dir)?), peer: format!("{host}:{}", local_cluster::free_port(&host, dir)?), metrics: None, pid: None });
+            listed.push(LocalNode {
+                id,
+                client: format!("{host}:{}", local_cluster::free_port(&host, dir)?),
+                peer: format!("{host}:{}", local_cluster::free_port(&host, dir)?),
+                metrics: None,
+                pid: None,
+            });
         }
         let layout = LocalCluster { nodes: listed.clone() };
         let options = UpOptions { nodes, device_bytes, groups, chunkd_options: chunkd_options.to_vec(), address_per_node: true, racks: 0 };
@@ -119,7 +133,9 @@ impl TestCluster {
     }
 
     fn layout(&self) -> LocalCluster {
-        LocalCluster { nodes: self.nodes.iter().map(|n| LocalNode { id: n.id, client: n.client.clone(), peer: n.peer.clone(), metrics: None, pid: None }).collect() }
+        LocalCluster {
+            nodes: self.nodes.iter().map(|n| LocalNode { id: n.id, client: n.client.clone(), peer: n.peer.clone(), metrics: None, pid: None }).collect(),
+        }
     }
 
     /// Starts a fresh node: a new id, its own loopback address, an empty data directory, a

@@ -7,8 +7,8 @@ pub mod clock;
 pub mod cluster;
 pub mod disk;
 pub mod nemesis;
-pub mod packets;
 pub mod net;
+pub mod packets;
 pub mod report;
 pub mod workload;
 
@@ -26,10 +26,10 @@ use crate::check::linearizable::{self, Limits, Verdict};
 use crate::check::models::Model;
 use crate::check::{counter, session, set, Reads};
 use crate::history::{operations, Edn, Event, EventType};
+use chunkstore::meta::ClusterMetaExt as _;
 use cluster::TestCluster;
 use nemesis::{NemesisKind, PlannedFault};
 use workload::{Invocation, Shared, Workload};
-use chunkstore::meta::ClusterMetaExt as _;
 
 /// Everything a run is told.
 #[derive(Clone, Debug)]
@@ -119,7 +119,9 @@ pub fn run(options: &RunOptions, progress: &mut impl FnMut(&str)) -> serde_json:
     let started = Instant::now();
     let mut result = match run_inner(options, progress) {
         Ok(result) => result,
-        Err(err) => json!({ "valid": "unknown", "error": format!("{err:#}"), "ops": 0, "ok": 0, "fail": 0, "info": 0, "anomalies": 0, "nemesis_events": 0, "recovery_ms": null }),
+        Err(err) => {
+            json!({ "valid": "unknown", "error": format!("{err:#}"), "ops": 0, "ok": 0, "fail": 0, "info": 0, "anomalies": 0, "nemesis_events": 0, "recovery_ms": null })
+        }
     };
     result["workload"] = json!(options.workload);
     result["seed"] = json!(options.seed);
@@ -159,7 +161,8 @@ fn run_inner(options: &RunOptions, progress: &mut impl FnMut(&str)) -> Result<se
     let cluster = Arc::new(Mutex::new(cluster));
     let recorder = workload::Recorder::create(&options.out.join("history.edn"))?;
     let seeds = cluster.lock().unwrap().seeds();
-    let shared = Shared::new(options.workload, seeds.clone(), options.read_policy, options.concurrency, options.keys, options.ops_per_key_max, options.seed, recorder);
+    let shared =
+        Shared::new(options.workload, seeds.clone(), options.read_policy, options.concurrency, options.keys, options.ops_per_key_max, options.seed, recorder);
 
     let mut faults: Vec<FaultRecord> = Vec::new();
     let mut crashed: Vec<String> = Vec::new();
@@ -354,7 +357,9 @@ pub(crate) fn drive_faults(
         if now >= time_limit || INTERRUPTED.load(Ordering::SeqCst) {
             break;
         }
-        crashed.extend(cluster.lock().unwrap().exited().into_iter().map(|(id, status)| format!("node {id} exited on its own ({status}) at {} ms", now.as_millis())));
+        crashed.extend(
+            cluster.lock().unwrap().exited().into_iter().map(|(id, status)| format!("node {id} exited on its own ({status}) at {} ms", now.as_millis())),
+        );
         match &mut active {
             Some((fault, ends)) if now >= *ends => {
                 match heal_fault(cluster, processes, fault) {
@@ -419,7 +424,21 @@ pub(crate) fn drive_faults(
                 };
                 *log += &format!("{:>8} ms {:?} {:?} {:?} for {} ms{cuts}\n", now.as_millis(), planned.kind, planned.target, hit.nodes, planned.duration_ms);
                 recorder.record(nemesis_event(&format!("start-{}", kind_name(planned.kind)), &hit.nodes));
-                let record = FaultRecord { kind: planned.kind, target: planned.target, nodes: hit.nodes, cuts: hit.cuts, dropped_packets: None, shape: hit.shape, packets: None, clock_offsets: hit.clock_offsets, observed_clock_offsets, corrupted, joined, start_ms: now.as_millis() as u64, end_ms: 0 };
+                let record = FaultRecord {
+                    kind: planned.kind,
+                    target: planned.target,
+                    nodes: hit.nodes,
+                    cuts: hit.cuts,
+                    dropped_packets: None,
+                    shape: hit.shape,
+                    packets: None,
+                    clock_offsets: hit.clock_offsets,
+                    observed_clock_offsets,
+                    corrupted,
+                    joined,
+                    start_ms: now.as_millis() as u64,
+                    end_ms: 0,
+                };
                 active = Some((record, now + Duration::from_millis(planned.duration_ms)));
             }
             Some((fault, ends)) => {
@@ -544,7 +563,8 @@ fn observed_clock_offset(address: &str) -> Option<i64> {
 /// After healing: one linearizable read of every key, retried until it succeeds (`seeds`: the
 /// nodes of the cluster as it is now).
 fn final_reads(shared: &Shared, seeds: Vec<String>) -> Result<()> {
-    let client = Client::connect(ClientConfig { read_policy: ReadPolicy::Linearizable, ..ClientConfig::new(seeds) }).context("connecting for the final reads")?;
+    let client =
+        Client::connect(ClientConfig { read_policy: ReadPolicy::Linearizable, ..ClientConfig::new(seeds) }).context("connecting for the final reads")?;
     for key in 0..shared.keys_used() {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -698,8 +718,14 @@ fn wait_for_roster_to_settle(seeds: Vec<String>, limit: Duration) -> anyhow::Res
     while started.elapsed() < limit {
         match client.cluster_meta() {
             Ok(meta) => {
-                let moving: Vec<String> = meta.namespaces.iter().flat_map(|ns| ns.moves.iter().map(move |(g, to)| format!("{}/{g} to {to:?}", ns.name))).collect();
-                let unplaced: Vec<String> = meta.balance().into_iter().filter(|(_, placed, total)| placed != total).map(|(ns, placed, total)| format!("{ns}: {placed}/{total} placed")).collect();
+                let moving: Vec<String> =
+                    meta.namespaces.iter().flat_map(|ns| ns.moves.iter().map(move |(g, to)| format!("{}/{g} to {to:?}", ns.name))).collect();
+                let unplaced: Vec<String> = meta
+                    .balance()
+                    .into_iter()
+                    .filter(|(_, placed, total)| placed != total)
+                    .map(|(ns, placed, total)| format!("{ns}: {placed}/{total} placed"))
+                    .collect();
                 if moving.is_empty() && unplaced.is_empty() {
                     return Ok(started.elapsed());
                 }

@@ -144,9 +144,7 @@ pub fn plan(seed: u64, kinds: &[NemesisKind], interval: Duration, time_limit: Du
     while at + interval <= time_limit {
         let kind = *kinds.choose(&mut rng).expect("kinds is not empty");
         let target = match kind {
-            NemesisKind::Kill => {
-                *[Target::One, Target::Minority, Target::Majority, Target::All, Target::Leader, Target::Rolling].choose(&mut rng).unwrap()
-            }
+            NemesisKind::Kill => *[Target::One, Target::Minority, Target::Majority, Target::All, Target::Leader, Target::Rolling].choose(&mut rng).unwrap(),
             NemesisKind::Pause => *[Target::One, Target::Leader].choose(&mut rng).unwrap(),
             NemesisKind::Partition => *[Target::Halves, Target::One, Target::Leader, Target::Ring, Target::OneWay].choose(&mut rng).unwrap(),
             NemesisKind::Clock => *[Target::Jump, Target::Strobe, Target::Skew].choose(&mut rng).unwrap(),
@@ -300,7 +298,9 @@ pub fn inflict(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, target: Tar
             let roster: Vec<u64> = cluster.roster().into_iter().filter(|id| !hit.nodes.contains(id)).collect();
             set_roster(&cluster, &roster)?;
         }
-        NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause | NemesisKind::MachineCut => anyhow::bail!("{kind:?} is a fault of a files workload's processes, not of the cluster"),
+        NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause | NemesisKind::MachineCut => {
+            anyhow::bail!("{kind:?} is a fault of a files workload's processes, not of the cluster")
+        }
     }
     Ok(done)
 }
@@ -350,7 +350,9 @@ pub fn heal(cluster: &Arc<Mutex<TestCluster>>, kind: NemesisKind, hit: &Resolved
         // Shrink: the nodes come back. Replace: the roster stays as it is (the same call); the
         // replaced node leaves when its groups have moved (`TestCluster::retire_finished`).
         NemesisKind::Roster => set_roster(&cluster, &cluster.roster())?,
-        NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause | NemesisKind::MachineCut => anyhow::bail!("{kind:?} is a fault of a files workload's processes, not of the cluster"),
+        NemesisKind::AppKill | NemesisKind::FsKill | NemesisKind::HostPause | NemesisKind::MachineCut => {
+            anyhow::bail!("{kind:?} is a fault of a files workload's processes, not of the cluster")
+        }
     }
     Ok(Healed::default())
 }
@@ -368,7 +370,8 @@ mod tests {
 
     #[test]
     fn the_same_seed_plans_the_same_faults() {
-        let kinds = [NemesisKind::Kill, NemesisKind::Pause, NemesisKind::Partition, NemesisKind::Clock, NemesisKind::Disk, NemesisKind::Packet, NemesisKind::Roster];
+        let kinds =
+            [NemesisKind::Kill, NemesisKind::Pause, NemesisKind::Partition, NemesisKind::Clock, NemesisKind::Disk, NemesisKind::Packet, NemesisKind::Roster];
         let a = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         let b = plan(7, &kinds, Duration::from_secs(5), Duration::from_secs(300));
         assert_eq!(format!("{a:?}"), format!("{b:?}"));

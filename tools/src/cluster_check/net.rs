@@ -140,7 +140,6 @@ fn remove_stale_chains() -> Result<()> {
     Ok(())
 }
 
-
 /// Every directed link between a node of `side` and any other node or the clients.
 pub fn links_of(side: &[u64], nodes: &[u64]) -> Vec<Cut> {
     let mut links = Vec::new();

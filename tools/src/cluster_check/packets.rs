@@ -329,7 +329,9 @@ mod tests {
 
         // Loss, then reordering: 2 MB through each, echoed back intact.
         let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
-        for (seed, shape) in [(2, Shape { delay_ms: 0, jitter_ms: 0, loss: 0.2, reorder: 0.0 }), (3, Shape { delay_ms: 20, jitter_ms: 10, loss: 0.0, reorder: 0.3 })] {
+        for (seed, shape) in
+            [(2, Shape { delay_ms: 0, jitter_ms: 0, loss: 0.2, reorder: 0.0 }), (3, Shape { delay_ms: 20, jitter_ms: 10, loss: 0.0, reorder: 0.3 })]
+        {
             queue.start(shape, seed);
             firewall.queue(&links, queue.number()).unwrap();
             let mut writer = stream.try_clone().unwrap();

@@ -127,7 +127,13 @@ pub(crate) fn latency_plot(path: &Path, samples: &[Sample], faults: &[FaultRecor
             .label(if stride > 1 { format!("{name} (1 in {stride})") } else { name.to_owned() })
             .legend(move |(x, y)| Circle::new((x + 6, y), 3, color.filled()));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw().map_err(plot_error)?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(plot_error)?;
     root.present().map_err(plot_error)
 }
 
@@ -157,7 +163,13 @@ pub(crate) fn throughput_plot(path: &Path, samples: &[Sample], faults: &[FaultRe
             .label(*name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2)));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw().map_err(plot_error)?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(plot_error)?;
     root.present().map_err(plot_error)
 }
 

@@ -124,7 +124,16 @@ struct KeyPool {
 
 impl Shared {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(workload: Workload, seeds: Vec<String>, read_policy: ReadPolicy, concurrency: usize, keys: u64, ops_per_key_max: u32, seed: u64, recorder: Recorder) -> Shared {
+    pub fn new(
+        workload: Workload,
+        seeds: Vec<String>,
+        read_policy: ReadPolicy,
+        concurrency: usize,
+        keys: u64,
+        ops_per_key_max: u32,
+        seed: u64,
+        recorder: Recorder,
+    ) -> Shared {
         Shared {
             workload,
             seeds,
@@ -261,7 +270,12 @@ fn execute(client: &Client, shared: &Shared, op: &Invocation, read: ReadPolicy) 
         }
         (Workload::Register, "cas") => compare_and_set(client, &key, &op.value),
         (Workload::Counter, "add") => {
-            match client.operate(NAMESPACE, &key, vec![StoreOp::Add { bin: "n".into(), delta: 1 }], &policy(RecordExistsAction::CreateOrUpdate, GenerationPolicy::None)) {
+            match client.operate(
+                NAMESPACE,
+                &key,
+                vec![StoreOp::Add { bin: "n".into(), delta: 1 }],
+                &policy(RecordExistsAction::CreateOrUpdate, GenerationPolicy::None),
+            ) {
                 Ok(_) => Completion::ok(op.value.clone()),
                 Err(err) => Completion::failed(true, op.value.clone(), &err),
             }

@@ -185,7 +185,8 @@ pub fn run_writer(options: &WriterOptions) -> Result<()> {
 /// Waits for an exclusive fcntl lock on the whole of `path` (created if need be).
 fn lock_exclusive(path: &Path) -> Result<File> {
     use std::os::fd::AsRawFd;
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock is plain data.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = libc::F_WRLCK as libc::c_short;
@@ -415,7 +416,12 @@ mod tests {
         late.extend_from_slice(&record(2, 6, 4).0);
         assert_eq!(dual_writes(&late, &holders([(4, 1), (7, 3), (9, 5)])), 1);
         // A holder that took the lock and wrote nothing sets no limit.
-        let quiet = [Holder { process: 4, first_seq: Some(1) }, Holder { process: 5, first_seq: None }, Holder { process: 7, first_seq: Some(3) }, Holder { process: 9, first_seq: Some(5) }];
+        let quiet = [
+            Holder { process: 4, first_seq: Some(1) },
+            Holder { process: 5, first_seq: None },
+            Holder { process: 7, first_seq: Some(3) },
+            Holder { process: 9, first_seq: Some(5) },
+        ];
         assert_eq!(dual_writes(&data, &quiet), 0);
     }
 

@@ -100,7 +100,9 @@ pub fn run(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> serde_jso
     let started = Instant::now();
     let mut result = match run_inner(options, progress) {
         Ok(result) => result,
-        Err(err) => json!({ "valid": "unknown", "error": format!("{err:#}"), "acked": 0, "lost": 0, "corrupt": 0, "ops": 0, "nemesis_events": 0, "dual_writers": 0, "takeovers": 0 }),
+        Err(err) => {
+            json!({ "valid": "unknown", "error": format!("{err:#}"), "acked": 0, "lost": 0, "corrupt": 0, "ops": 0, "nemesis_events": 0, "dual_writers": 0, "takeovers": 0 })
+        }
     };
     result["workload"] = json!(options.workload);
     result["via"] = json!(options.via);
@@ -121,7 +123,15 @@ fn run_inner(options: &FilesOptions, progress: &mut impl FnMut(&str)) -> Result<
     nemesis_log += &plan.iter().map(|fault| format!("  {fault:?}\n")).collect::<String>();
     let (tools, chunkd_options) = cc::fault_tools(&options.nemeses, &options.chunkd_options)?;
     progress(&format!("starting {} nodes in {}", options.nodes, options.out.display()));
-    let cluster = TestCluster::start(&options.out.join("cluster"), options.nodes, options.replication_factor, options.groups, device_bytes(options.time_limit), &chunkd_options, tools)?;
+    let cluster = TestCluster::start(
+        &options.out.join("cluster"),
+        options.nodes,
+        options.replication_factor,
+        options.groups,
+        device_bytes(options.time_limit),
+        &chunkd_options,
+        tools,
+    )?;
     let cluster = Arc::new(Mutex::new(cluster));
     let mut mount_options = options.chunkfs_options.clone();
     if options.workload == FilesWorkload::Failover {
@@ -297,7 +307,10 @@ impl Mounts {
     /// configuration in the environment).
     fn prepare(&self, command: &mut Command, mountpoint: &Path, source: &str) {
         if let Some(library) = &self.preload {
-            command.env("LD_PRELOAD", library).env("CHUNKSTORE_SEEDS", self.seeds.join(",")).env("CHUNKSTORE_MAP", format!("{}={VOLUME}", mountpoint.display()));
+            command
+                .env("LD_PRELOAD", library)
+                .env("CHUNKSTORE_SEEDS", self.seeds.join(","))
+                .env("CHUNKSTORE_MAP", format!("{}={VOLUME}", mountpoint.display()));
             command.env("CHUNKSTORE_SOURCE", source);
             if let Some(lease_ms) = self.lease_ms {
                 command.env("CHUNKSTORE_LEASE_MS", lease_ms.to_string());
@@ -463,7 +476,7 @@ impl Apps {
     /// Journal writers: even ones fdatasync after each write, odd ones write O_DSYNC.
     /// Failover: both fdatasync, as a message server does.
     fn sync_of(&self, writer: usize) -> SyncMode {
-        if writer % 2 == 0 || self.workload == FilesWorkload::Failover {
+        if writer.is_multiple_of(2) || self.workload == FilesWorkload::Failover {
             SyncMode::Fdatasync
         } else {
             SyncMode::Dsync
@@ -556,7 +569,12 @@ impl Apps {
             FilesWorkload::Sqlite => {
                 command = Command::new("python3");
                 command.args(["-c", bank::APP]).arg(mountpoint.join(bank::DIRECTORY).join(bank::DATABASE));
-                command.args([format!("p{process}"), bank::ACCOUNTS.to_string(), bank::OPENING_BALANCE.to_string(), self.writer_seed(writer).wrapping_add(process as u64).to_string()]);
+                command.args([
+                    format!("p{process}"),
+                    bank::ACCOUNTS.to_string(),
+                    bank::OPENING_BALANCE.to_string(),
+                    self.writer_seed(writer).wrapping_add(process as u64).to_string(),
+                ]);
             }
         }
         self.mounts.prepare(&mut command, mountpoint, &machine.source);
@@ -741,7 +759,6 @@ impl ProcessFaults for AppFaults<'_> {
         self.taking_away(machine);
         Ok(hit)
     }
-
 
     /// `hit`: machines (fs-kill, host-pause); app-kill's writers restart by themselves.
     fn heal(&mut self, kind: NemesisKind, hit: &[u64]) -> Result<()> {

@@ -9,9 +9,9 @@ use anyhow::{anyhow, Result};
 
 use super::FilesOptions;
 use crate::cluster_check::report::{escape, kind_of, latency_plot, samples, throughput_plot};
-use plotters::prelude::*;
 use crate::cluster_check::FaultRecord;
 use crate::history::Event;
+use plotters::prelude::*;
 
 /// Writes OUT/index.html, OUT/latency.svg and OUT/throughput.svg.
 pub fn write(out: &Path, options: &FilesOptions, result: &serde_json::Value, events: &[Event], faults: &[FaultRecord]) -> Result<()> {
@@ -19,12 +19,8 @@ pub fn write(out: &Path, options: &FilesOptions, result: &serde_json::Value, eve
     let x_max = events.iter().filter_map(|e| e.time_ns).max().unwrap_or(1_000_000_000) as f64 / 1e9;
     latency_plot(&out.join("latency.svg"), &samples, faults, x_max)?;
     throughput_plot(&out.join("throughput.svg"), &samples, faults, x_max)?;
-    let takeovers: Vec<(f64, f64)> = result["takeover_ms"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| Some((t["at_ms"].as_f64()? / 1000.0, t["took_ms"].as_f64()?)))
-        .collect();
+    let takeovers: Vec<(f64, f64)> =
+        result["takeover_ms"].as_array().into_iter().flatten().filter_map(|t| Some((t["at_ms"].as_f64()? / 1000.0, t["took_ms"].as_f64()?))).collect();
     if !takeovers.is_empty() {
         takeover_plot(&out.join("takeover.svg"), &takeovers, x_max)?;
     }
@@ -43,7 +39,8 @@ pub fn write(out: &Path, options: &FilesOptions, result: &serde_json::Value, eve
          <h1>chunkcheck files {workload}: <span style=\"color:{color}\">{verdict}</span></h1>",
         seed = options.seed
     );
-    let nemeses: Vec<String> = options.nemeses.iter().map(|k| serde_json::to_value(k).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()).collect();
+    let nemeses: Vec<String> =
+        options.nemeses.iter().map(|k| serde_json::to_value(k).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()).collect();
     let rows = [
         ("seed", options.seed.to_string()),
         ("via / writers", format!("{:?} / {}", options.via, options.writers).to_lowercase()),
@@ -63,7 +60,10 @@ pub fn write(out: &Path, options: &FilesOptions, result: &serde_json::Value, eve
         rows.push(("dual writers", result["dual_writers"].to_string()));
         rows.push((
             "takeovers (p50 / max)",
-            format!("{} ({} ms / {} ms; lease {} ms; {} resumed on the same machine)", result["takeovers"], result["takeover_p50_ms"], result["takeover_max_ms"], result["lease_ms"], result["resumed_on_the_same_machine"]),
+            format!(
+                "{} ({} ms / {} ms; lease {} ms; {} resumed on the same machine)",
+                result["takeovers"], result["takeover_p50_ms"], result["takeover_max_ms"], result["lease_ms"], result["resumed_on_the_same_machine"]
+            ),
         ));
     }
     html += "<table>";
@@ -104,9 +104,13 @@ pub fn write(out: &Path, options: &FilesOptions, result: &serde_json::Value, eve
     }
     html += "</table>";
     for file in result["files"].as_array().into_iter().flatten() {
-        let findings: Vec<String> = file["corrupt"].as_array().into_iter().flatten().filter_map(|c| c.as_str().map(str::to_owned)).chain(
-            file["lost"].as_array().into_iter().flatten().map(|l| format!("lost: acknowledged record {} at {}", l["seq"], l["offset"])),
-        ).collect();
+        let findings: Vec<String> = file["corrupt"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str().map(str::to_owned))
+            .chain(file["lost"].as_array().into_iter().flatten().map(|l| format!("lost: acknowledged record {} at {}", l["seq"], l["offset"])))
+            .collect();
         if !findings.is_empty() {
             let _ = write!(html, "<h3>{}</h3><pre>{}</pre>", escape(file["file"].as_str().unwrap_or_default()), escape(&findings.join("\n")));
         }
@@ -119,7 +123,11 @@ pub fn write(out: &Path, options: &FilesOptions, result: &serde_json::Value, eve
              <tr><th>final total</th><td>{}</td></tr><tr><th>integrity checks</th><td>{}</td></tr><tr><th>lost / corrupt</th><td>{} / {}</td></tr></table>",
             bank["acked"], bank["transfers"], bank["total"], bank["integrity_checks"], bank["lost_count"], result["corrupt"]
         );
-        let findings: Vec<String> = bank["corrupt"].as_array().into_iter().flatten().filter_map(|c| c.as_str().map(str::to_owned))
+        let findings: Vec<String> = bank["corrupt"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str().map(str::to_owned))
             .chain(bank["lost"].as_array().into_iter().flatten().filter_map(|l| l.as_str().map(|id| format!("lost: committed transfer {id}"))))
             .collect();
         if !findings.is_empty() {
@@ -170,7 +178,13 @@ fn takeover_plot(path: &Path, takeovers: &[(f64, f64)], x_max: f64) -> Result<()
         .map_err(|e| plot_error(&e))?
         .label("goal: 5 s")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], red.stroke_width(1)));
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw().map_err(|e| plot_error(&e))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| plot_error(&e))?;
     root.present().map_err(|e| plot_error(&e))
 }
 
