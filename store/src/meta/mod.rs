@@ -22,6 +22,7 @@
 //! - **The metadata applied point is durable before openraft is told it is applied.**
 
 pub mod leases;
+pub mod placement;
 mod state_machine;
 mod v1;
 
@@ -29,7 +30,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::node::placement;
 use crate::raft::NodeId;
 use crate::wal::GroupId;
 pub use leases::{EndReason, LeaseState, Leases};

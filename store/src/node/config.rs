@@ -1,4 +1,5 @@
-//! `chunkd`'s configuration file (TOML). Every field, its default and unit; `load` validates and
+//! `chunkd`'s configuration file (TOML), and `NodeConfig`, the node it describes (what `load`
+//! turns it into). Every field, its default and unit; `load` validates and
 //! says which field is wrong.
 //!
 //! ```toml
@@ -45,7 +46,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{NamespaceSpec, NodeConfig};
+use crate::raft::NodeId;
 use crate::{DeviceConfig, NamespaceConfig};
 
 #[derive(Debug, Deserialize)]
@@ -279,4 +280,60 @@ impl ChunkdConfig {
 fn peer_source(peer_listen: &str) -> Option<std::net::IpAddr> {
     let address: std::net::SocketAddr = peer_listen.parse().ok()?;
     Some(address.ip()).filter(|ip| !ip.is_unspecified())
+}
+
+/// One namespace as a node hosts it.
+#[derive(Clone, Debug)]
+pub struct NamespaceSpec {
+    /// The engine's configuration (its devices are this node's).
+    pub engine: NamespaceConfig,
+    pub replication_factor: usize,
+    /// Raft groups the 4096 partitions map onto (a power of two, fixed at creation).
+    pub groups: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    /// Every node of the cluster: (id, peer address). Bootstraps the cluster metadata, and must
+    /// agree with it afterwards.
+    pub nodes: Vec<(NodeId, String)>,
+    /// Every node's client address (part of the cluster metadata too).
+    pub client_addresses: Vec<(NodeId, String)>,
+    /// The racks nodes declare (nodes left out are racks of their own).
+    pub racks: Vec<(NodeId, String)>,
+    /// Peer addresses a node that is not a metadata voter asks for the cluster metadata
+    /// (empty: the voters' peer addresses from `nodes`).
+    pub seeds: Vec<String>,
+    pub data_dir: PathBuf,
+    pub namespaces: Vec<NamespaceSpec>,
+    /// Raft timing, milliseconds.
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: (u64, u64),
+    /// How long a request may take before it is answered Timeout.
+    pub request_timeout: Duration,
+    /// Log entries between snapshots, and entries kept behind one.
+    pub snapshot_after_entries: u64,
+    pub entries_kept_after_snapshot: u64,
+    /// Address this node's connections to its peers leave from (None: the kernel picks).
+    pub peer_source: Option<std::net::IpAddr>,
+    /// UNSAFE (negative controls only): no exactly-once deduplication of retried writes.
+    pub unsafe_skip_dedup: bool,
+    /// UNSAFE (negative controls only): writes of expired lease sessions are applied.
+    pub unsafe_skip_fencing: bool,
+    /// UNSAFE (negative controls only): linearizable reads served by any replica, unchecked.
+    pub unsafe_unchecked_reads: bool,
+    /// UNSAFE (negative controls only): a damaged engine is served without rebuilding it.
+    pub unsafe_serve_damaged: bool,
+    /// UNSAFE (negative controls only): damage in the newest WAL segment is taken for a torn
+    /// tail (the log is cut there) even with synced flushes after it.
+    pub unsafe_wal_torn_tail_rule: bool,
+    /// WAL segments zero-filled when prepared (see `WalConfig::zero_fill`).
+    pub wal_zero_fill: bool,
+    /// Test hook: engine devices drop unsynced writes when the process dies (power cut).
+    pub test_power_loss_devices: bool,
+    /// Test hook: abort between stopping a replica whose group moved away and forgetting it.
+    pub test_crash_while_leaving: bool,
+    /// Hand groups to their preferred leaders (see `leadership`).
+    pub balance_leaders: bool,
 }

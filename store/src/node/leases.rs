@@ -11,6 +11,7 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
 
+use super::writes::NotProposed;
 use super::Node;
 use crate::engine::Clock;
 use crate::meta::leases::{TTL_MS_MAX, TTL_MS_MIN};
@@ -133,22 +134,15 @@ impl Node {
             }
             _ => return Response::Error(ErrorReply::NotLeader { leader }),
         };
-        let _gate = local.write_gate.read().await;
-        let leader = local.raft.current_leader().await;
-        if leader != Some(self.config.node_id) {
-            return Response::Error(ErrorReply::NotLeader { leader });
-        }
-        if self.out_of_touch(&local) {
-            return Response::Error(ErrorReply::NotLeader { leader: None });
-        }
         let now_ms = crate::engine::SystemClock.now_ms();
         let op = crate::WriteOp::FenceSession { session, release, finished_below };
         let command = Command { key: crate::Key::new("", 0), op, policy: Default::default(), now_ms, tag: None };
-        match self.while_in_touch(local.raft.metrics(), local.raft.client_write(command)).await {
-            Some(Ok(written)) if written.data == CommandResult::Noop => Response::Noted,
-            Some(Ok(written)) => Response::Error(ErrorReply::Internal(format!("unexpected fence result {:?}", written.data))),
-            Some(Err(err)) => Response::Error(ErrorReply::Internal(err.to_string())),
-            None => Response::Error(ErrorReply::Timeout { in_doubt: true }),
+        match self.propose(&local, command).await {
+            Ok(written) if written.data == CommandResult::Noop => Response::Noted,
+            Ok(written) => Response::Error(ErrorReply::Internal(format!("unexpected fence result {:?}", written.data))),
+            Err(NotProposed::NotLeader(leader)) => Response::Error(ErrorReply::NotLeader { leader }),
+            Err(NotProposed::Unanswered(Some(err))) => Response::Error(ErrorReply::Internal(err.to_string())),
+            Err(NotProposed::Unanswered(None)) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
         }
     }
 

@@ -40,7 +40,7 @@ use openraft::BasicNode;
 
 use super::raft_network::GroupNetwork;
 use super::transport::Connection;
-use super::{keep_metadata_log_short, rejoin, roster, Node, NodeError};
+use super::{rejoin, roster, Node, NodeError};
 use crate::meta::ClusterMetaExt as _;
 use crate::meta::{self, ClusterMeta, MetaRaft, MetaTypeConfig, META_NAMESPACE, META_WAL_GROUP};
 use crate::protocol::{ErrorReply, Request, Response};
@@ -370,6 +370,23 @@ impl Node {
         if *last != stage {
             tracing::info!(from = ?current, to = ?target, done, %stage, "handing metadata voters' places to roster nodes");
             *last = stage;
+        }
+    }
+}
+
+/// openraft checks its snapshot policy only when entries are applied, and skips the check while
+/// a snapshot is being built: an entry applied then would stay in the log (pinning its WAL
+/// segment) until the next metadata change. Once a second, a metadata group whose snapshot is
+/// behind its applied point builds one (openraft then purges the log). Ends when the group stops.
+pub(super) async fn keep_metadata_log_short(raft: MetaRaft) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.running_state.is_err() {
+            return;
+        }
+        if metrics.snapshot.map(|l| l.index) < metrics.last_applied.map(|l| l.index) && raft.trigger().snapshot().await.is_err() {
+            return;
         }
     }
 }
