@@ -124,12 +124,12 @@ impl Node {
             }
             // The configured voters first, then every other configured node.
             None => {
-                let mut addresses = roster::seed_addresses(&self.config);
+                let mut addresses = seed_addresses(&self.config);
                 addresses.extend(self.config.nodes.iter().filter(|(id, _)| *id != me).map(|(_, peer)| peer.clone()));
                 (addresses, self.config.nodes.clone())
             }
         };
-        roster::fetch_cluster_from(&addresses, &peers, self.config.peer_source, Duration::from_secs(2)).await
+        fetch_cluster_from(&addresses, &peers, self.config.peer_source, Duration::from_secs(2)).await
     }
 
     pub(super) fn cluster_map(&self) -> ClusterMap {
@@ -192,3 +192,83 @@ impl Node {
 /// The longest one round of asking for the metadata leader's copy takes, at a starting node
 /// whose configuration disagrees with its own copy (`Node::differences_from_current`).
 pub(super) const CURRENT_METADATA_ROUND: Duration = Duration::from_secs(5);
+
+/// Where a node asks for the cluster metadata before it knows it: `seeds`, else the peer
+/// addresses of the voters its `[[nodes]]` name.
+pub(super) fn seed_addresses(config: &NodeConfig) -> Vec<String> {
+    if !config.seeds.is_empty() {
+        return config.seeds.clone();
+    }
+    let ids: Vec<NodeId> = config.nodes.iter().map(|(id, _)| *id).collect();
+    let voters = meta::voters(&ids);
+    config.nodes.iter().filter(|(id, _)| voters.contains(id)).map(|(_, peer)| peer.clone()).collect()
+}
+
+/// The cluster metadata from the first of `addresses` that knows it (only the metadata leader
+/// answers it, once a quorum confirmed its leadership). A node that names the leader sends the
+/// question there next, if `peers` (id, peer address) has its address: a new node's
+/// configuration may not list the metadata voters of today among its first addresses.
+/// With it, the metadata group's log index it was applied up to.
+pub(super) async fn fetch_cluster_from(
+    addresses: &[String],
+    peers: &[(NodeId, String)],
+    source: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> Option<(ClusterMeta, u64)> {
+    let mut queue: std::collections::VecDeque<String> = addresses.iter().cloned().collect();
+    let mut asked: Vec<String> = Vec::new();
+    while let Some(address) = queue.pop_front() {
+        if asked.contains(&address) {
+            continue;
+        }
+        asked.push(address.clone());
+        let mut connection = super::transport::Connection::new(address).from_source(source);
+        match connection.call(&Request::ClusterMeta, timeout).await {
+            Ok(Response::ClusterMeta { cluster: Some(cluster), applied }) => return Some((cluster, applied)),
+            Ok(Response::Error(ErrorReply::NotLeader { leader: Some(leader) })) => {
+                if let Some((_, peer)) = peers.iter().find(|(id, _)| *id == leader) {
+                    queue.push_front(peer.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::transport;
+
+    /// Answers every request the same way.
+    struct Answer(Response);
+
+    impl transport::Handler for Answer {
+        async fn handle(&self, _request: Request) -> Response {
+            self.0.clone()
+        }
+    }
+
+    async fn answering(response: Response) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(transport::serve(listener, Arc::new(Answer(response))));
+        address
+    }
+
+    /// A new node whose configuration lists the metadata leader, but not among the addresses
+    /// it asks first, still learns the cluster: the node it asks names the leader.
+    #[tokio::test]
+    async fn the_cluster_metadata_is_fetched_from_the_leader_a_follower_names() {
+        let node = |id: u64| NodeInfo { id, client: format!("127.0.0.1:{}", 7400 + id), peer: format!("127.0.0.1:{}", 7500 + id), rack: None };
+        let cluster = ClusterMeta::from_config(vec![node(1), node(2), node(3)], &[("test".to_string(), 3, 4)]);
+        let leader = answering(Response::ClusterMeta { cluster: Some(cluster.clone()), applied: 12 }).await;
+        let follower = answering(Response::Error(ErrorReply::NotLeader { leader: Some(7) })).await;
+        let peers = vec![(7, leader.clone()), (8, follower.clone())];
+        let fetched = fetch_cluster_from(std::slice::from_ref(&follower), &peers, None, Duration::from_secs(2)).await;
+        assert_eq!(fetched, Some((cluster, 12)));
+        // A leader this node has no address for: nothing to follow.
+        assert_eq!(fetch_cluster_from(&[follower], &peers[1..], None, Duration::from_secs(2)).await, None);
+    }
+}

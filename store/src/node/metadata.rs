@@ -40,7 +40,7 @@ use openraft::BasicNode;
 
 use super::raft_network::GroupNetwork;
 use super::transport::Connection;
-use super::{rejoin, roster, Node, NodeError};
+use super::{rejoin, Node, NodeError};
 use crate::meta::ClusterMetaExt as _;
 use crate::meta::{self, ClusterMeta, MetaRaft, MetaTypeConfig, META_NAMESPACE, META_WAL_GROUP};
 use crate::protocol::{ErrorReply, Request, Response};
@@ -200,7 +200,7 @@ impl Node {
         // An empty log: a new cluster, a node added to a running one, or a voter that lost its
         // copy. Only the peers can tell.
         let own = self.config.nodes.iter().find(|(id, _)| *id == me).map(|(_, peer)| peer.clone());
-        let mut others: Vec<String> = roster::seed_addresses(&self.config);
+        let mut others: Vec<String> = super::cluster_view::seed_addresses(&self.config);
         others.extend(self.config.nodes.iter().filter(|(id, _)| configured.contains(id)).map(|(_, peer)| peer.clone()));
         others.sort();
         others.dedup();
@@ -339,7 +339,7 @@ impl Node {
 
     /// One step, as the metadata leader, of handing the places of metadata voters off the
     /// roster to live roster nodes (`ClusterMeta::metadata_voters_target`), by the group's own
-    /// membership changes (`roster::change_voters_step`); the state machine then records the
+    /// membership changes (`membership::change_voters_step`); the state machine then records the
     /// new voters in the metadata. A node about to become a member is asked to start its
     /// member first (`JoinMetadata`). Logs each stage it reaches once.
     pub(super) async fn place_metadata_voters(&self, cluster: &ClusterMeta) {
@@ -365,7 +365,7 @@ impl Node {
             }
         }
         let peer = |id: NodeId| cluster.node(id).map(|n| n.peer.clone());
-        let (done, stage) = roster::change_voters_step(&meta.raft, &target, peer, self.config.request_timeout, "$meta/0").await;
+        let (done, stage) = super::membership::change_voters_step(&meta.raft, &target, peer, self.config.request_timeout, "$meta/0").await;
         let mut last = self.meta_member.stage.lock().unwrap();
         if *last != stage {
             tracing::info!(from = ?current, to = ?target, done, %stage, "handing metadata voters' places to roster nodes");

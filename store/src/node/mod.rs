@@ -18,6 +18,7 @@ pub use config::{NamespaceSpec, NodeConfig};
 mod health;
 mod leadership;
 mod leases;
+mod membership;
 mod metadata;
 pub mod metrics;
 pub mod raft_network;

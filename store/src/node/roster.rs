@@ -28,10 +28,8 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use openraft::{BasicNode, ChangeMembers};
-
-use super::raft_network::NetworkTypes;
-use super::{metadata, Node, NodeConfig};
+use super::membership::change_voters_step;
+use super::{metadata, Node};
 use crate::meta::ClusterMetaExt as _;
 use crate::meta::{self, ClusterMeta, MetaCommand, MetaResult, NodeInfo};
 use crate::protocol::{ErrorReply, MoveStage, Request, Response};
@@ -43,54 +41,8 @@ const FOLLOW_POLL: Duration = Duration::from_millis(200);
 const FETCH_EVERY: Duration = Duration::from_secs(1);
 /// How often the metadata leader looks for groups to move.
 const BALANCE_POLL: Duration = Duration::from_millis(500);
-/// A learner within this many entries of the leader's log has caught up: the membership
-/// change that makes it a voter follows.
-const CATCH_UP_LAG: u64 = 64;
 /// How long `route_to_group_leader` waits for a replica that sent no health report lately.
 const SILENT_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Where a node asks for the cluster metadata before it knows it: `seeds`, else the peer
-/// addresses of the voters its `[[nodes]]` name.
-pub(super) fn seed_addresses(config: &NodeConfig) -> Vec<String> {
-    if !config.seeds.is_empty() {
-        return config.seeds.clone();
-    }
-    let ids: Vec<NodeId> = config.nodes.iter().map(|(id, _)| *id).collect();
-    let voters = meta::voters(&ids);
-    config.nodes.iter().filter(|(id, _)| voters.contains(id)).map(|(_, peer)| peer.clone()).collect()
-}
-
-/// The cluster metadata from the first of `addresses` that knows it (only the metadata leader
-/// answers it, once a quorum confirmed its leadership). A node that names the leader sends the
-/// question there next, if `peers` (id, peer address) has its address: a new node's
-/// configuration may not list the metadata voters of today among its first addresses.
-/// With it, the metadata group's log index it was applied up to.
-pub(super) async fn fetch_cluster_from(
-    addresses: &[String],
-    peers: &[(NodeId, String)],
-    source: Option<std::net::IpAddr>,
-    timeout: Duration,
-) -> Option<(ClusterMeta, u64)> {
-    let mut queue: std::collections::VecDeque<String> = addresses.iter().cloned().collect();
-    let mut asked: Vec<String> = Vec::new();
-    while let Some(address) = queue.pop_front() {
-        if asked.contains(&address) {
-            continue;
-        }
-        asked.push(address.clone());
-        let mut connection = super::transport::Connection::new(address).from_source(source);
-        match connection.call(&Request::ClusterMeta, timeout).await {
-            Ok(Response::ClusterMeta { cluster: Some(cluster), applied }) => return Some((cluster, applied)),
-            Ok(Response::Error(ErrorReply::NotLeader { leader: Some(leader) })) => {
-                if let Some((_, peer)) = peers.iter().find(|(id, _)| *id == leader) {
-                    queue.push_front(peer.clone());
-                }
-            }
-            _ => {}
-        }
-    }
-    None
-}
 
 impl Node {
     /// Asks the metadata leader to add this node (`info`) to the cluster, until the cluster
@@ -287,66 +239,6 @@ impl Node {
                 }
             }
         }
-    }
-}
-
-/// One step of changing the voters of the Raft group `raft` leads (`what` names it in the log)
-/// to `target`; repeated until it answers done, with the stage it reached. It adds the nodes
-/// new to the group as learners (`peer` gives their addresses), waits until each has caught up
-/// (a snapshot, then the log) to within `CATCH_UP_LAG` entries, then changes the voters
-/// (openraft's joint consensus: a quorum of the old voters and of the new ones commits every
-/// entry in between), and last removes learners a change left behind. Each call waits at most
-/// `timeout` per Raft change.
-pub(super) async fn change_voters_step<C: NetworkTypes<Responder = openraft::impls::OneshotResponder<C>>>(
-    raft: &openraft::Raft<C>,
-    target: &BTreeSet<NodeId>,
-    peer: impl Fn(NodeId) -> Option<String>,
-    timeout: Duration,
-    what: &str,
-) -> (bool, String) {
-    let metrics = raft.metrics().borrow().clone();
-    let membership = metrics.membership_config.membership().clone();
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    if voters == *target {
-        let stray: BTreeSet<NodeId> = membership.learner_ids().filter(|id| !target.contains(id)).collect();
-        if stray.is_empty() {
-            return (true, "moved".into());
-        }
-        return match tokio::time::timeout(timeout, raft.change_membership(ChangeMembers::RemoveNodes(stray.clone()), false)).await {
-            Ok(Ok(_)) => (true, format!("moved; learners {stray:?} removed")),
-            Ok(Err(err)) => (false, format!("removing learners {stray:?}: {err}")),
-            Err(_) => (false, format!("removing learners {stray:?}")),
-        };
-    }
-    for id in target.iter().copied().filter(|id| membership.get_node(id).is_none()) {
-        let Some(address) = peer(id) else {
-            return (false, format!("node {id} is not known here yet"));
-        };
-        match tokio::time::timeout(timeout, raft.add_learner(id, BasicNode::new(address), false)).await {
-            Ok(Ok(_)) => tracing::info!(group = what, learner = id, "added a learner: it catches up before it votes"),
-            Ok(Err(err)) => return (false, format!("adding node {id} as a learner: {err}")),
-            Err(_) => return (false, format!("adding node {id} as a learner")),
-        }
-    }
-    let metrics = raft.metrics().borrow().clone();
-    let last = metrics.last_log_index.unwrap_or(0);
-    for id in target.iter().filter(|id| !voters.contains(id)) {
-        // None: the learner has not acknowledged any entry yet (it may not even run the
-        // group yet): however short the log, it has not caught up.
-        let matched = metrics.replication.as_ref().and_then(|r| r.get(id).copied()).flatten().map(|l| l.index);
-        match matched {
-            Some(matched) if last.saturating_sub(matched) <= CATCH_UP_LAG => {}
-            Some(matched) => return (false, format!("node {id} catching up: at {matched} of {last}")),
-            None => return (false, format!("node {id} has not acknowledged any entry yet")),
-        }
-    }
-    match tokio::time::timeout(timeout, raft.change_membership(target.clone(), false)).await {
-        Ok(Ok(_)) => {
-            tracing::info!(group = what, from = ?voters, to = ?target, "the group's voters changed");
-            (true, "voters changed".into())
-        }
-        Ok(Err(err)) => (false, format!("changing voters: {err}")),
-        Err(_) => (false, "changing voters".into()),
     }
 }
 
@@ -552,42 +444,5 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::node::transport;
-
-    /// Answers every request the same way.
-    struct Answer(Response);
-
-    impl transport::Handler for Answer {
-        async fn handle(&self, _request: Request) -> Response {
-            self.0.clone()
-        }
-    }
-
-    async fn answering(response: Response) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        tokio::spawn(transport::serve(listener, Arc::new(Answer(response))));
-        address
-    }
-
-    /// A new node whose configuration lists the metadata leader, but not among the addresses
-    /// it asks first, still learns the cluster: the node it asks names the leader.
-    #[tokio::test]
-    async fn the_cluster_metadata_is_fetched_from_the_leader_a_follower_names() {
-        let node = |id: u64| NodeInfo { id, client: format!("127.0.0.1:{}", 7400 + id), peer: format!("127.0.0.1:{}", 7500 + id), rack: None };
-        let cluster = ClusterMeta::from_config(vec![node(1), node(2), node(3)], &[("test".to_string(), 3, 4)]);
-        let leader = answering(Response::ClusterMeta { cluster: Some(cluster.clone()), applied: 12 }).await;
-        let follower = answering(Response::Error(ErrorReply::NotLeader { leader: Some(7) })).await;
-        let peers = vec![(7, leader.clone()), (8, follower.clone())];
-        let fetched = fetch_cluster_from(std::slice::from_ref(&follower), &peers, None, Duration::from_secs(2)).await;
-        assert_eq!(fetched, Some((cluster, 12)));
-        // A leader this node has no address for: nothing to follow.
-        assert_eq!(fetch_cluster_from(&[follower], &peers[1..], None, Duration::from_secs(2)).await, None);
     }
 }

@@ -28,8 +28,8 @@ pub mod types;
 
 pub use crate::ops::RangeLockHeld;
 pub use log_store::GroupLogStore;
-pub use sessions::{Outcome, Refusal, Sessions};
+pub use sessions::Sessions;
 pub use state_machine::{recorded_engine_points, GroupStateMachine};
-pub use types::{Command, CommandResult, NodeId, RaftInstance, TypeConfig, WriteFailure};
+pub use types::{Command, CommandResult, NodeId, Outcome, RaftInstance, Refusal, TypeConfig, WriteFailure};
 
 pub use crate::key::group_of;

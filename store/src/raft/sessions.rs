@@ -32,10 +32,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::WriteFailure;
+use super::types::{Outcome, Refusal};
 use crate::ops::OpResult;
 use crate::protocol::WriteTag;
-use crate::value::RecordMeta;
 
 /// A client with no write to the group for this long (by the leaders' clocks) is dropped.
 pub const CLIENT_IDLE_MS: u64 = 10 * 60 * 1000;
@@ -48,31 +47,6 @@ pub const LANES_MAX: u32 = 1024;
 pub const RESULT_BYTES_MAX: usize = 512;
 /// How often (command time) idle clients are looked for.
 const SWEEP_EVERY_MS: u64 = 10_000;
-
-/// What a tagged write did the first time.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Outcome {
-    Written {
-        meta: RecordMeta,
-        results: Vec<OpResult>,
-    },
-    Failed(WriteFailure),
-    /// Applied exactly once, but what it returned was not retained (read results over
-    /// `RESULT_BYTES_MAX`, or the write was replayed after a restart from an engine that already
-    /// held it and a later write to the record).
-    ResultLost,
-}
-
-/// Why a tagged write was refused without being applied.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Refusal {
-    /// Older than the lane's last write: a delayed copy of a write the client finished with.
-    Stale,
-    /// The client was dropped from the table (idle, or evicted): it must take a new id.
-    ClientExpired,
-    /// The lane is `LANES_MAX` or more.
-    TooManyInFlight,
-}
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Admission {
@@ -170,6 +144,7 @@ fn encoded_len(results: &[OpResult]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::value::RecordMeta;
 
     fn tag(client_id: u64, lane: u32, seq: u64) -> WriteTag {
         WriteTag { client_id, born_ms: 1_000, lane, seq }

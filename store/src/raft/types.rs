@@ -2,7 +2,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::sessions::{Outcome, Refusal};
 use crate::error::Error;
 use crate::key::Key;
 use crate::ops::{OpResult, RangeLockHeld, WriteOp, WritePolicy};
@@ -41,6 +40,31 @@ pub enum CommandResult {
     Duplicate(Outcome),
     /// A tagged write refused without being applied (see `sessions`).
     Refused(Refusal),
+}
+
+/// What a tagged write did the first time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    Written {
+        meta: RecordMeta,
+        results: Vec<OpResult>,
+    },
+    Failed(WriteFailure),
+    /// Applied exactly once, but what it returned was not retained (read results over
+    /// `RESULT_BYTES_MAX`, or the write was replayed after a restart from an engine that already
+    /// held it and a later write to the record).
+    ResultLost,
+}
+
+/// Why a tagged write was refused without being applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// Older than the lane's last write: a delayed copy of a write the client finished with.
+    Stale,
+    /// The client was dropped from the table (idle, or evicted): it must take a new id.
+    ClientExpired,
+    /// The lane is `LANES_MAX` or more.
+    TooManyInFlight,
 }
 
 /// Deterministic refusals (the same on every replica from the same state).
