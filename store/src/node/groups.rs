@@ -5,6 +5,40 @@
 
 use super::*;
 
+/// This node's replica of a partition group.
+pub(crate) struct Group {
+    pub(super) raft: RaftInstance,
+    pub(super) state_machine: GroupStateMachine,
+    /// The group's log in the WAL.
+    pub(super) wal_group: u32,
+    /// Set while this replica catches up after its copy was lost: it neither votes nor campaigns.
+    pub(super) rejoin: rejoin::Rejoin,
+    /// Writes (and fences) hold it shared from their leadership check until answered; a
+    /// leadership hand-over holds it exclusively (see `leadership`).
+    pub(super) write_gate: tokio::sync::RwLock<()>,
+}
+
+/// A namespace as this node hosts it: its engine and its replicas of the namespace's groups.
+pub(super) struct HostedNamespace {
+    pub(super) engine: Arc<Namespace>,
+    pub(super) groups: u32,
+    /// The groups this node replicates (they change as groups move: see `roster`).
+    pub(super) local: std::sync::RwLock<HashMap<u32, Arc<Group>>>,
+}
+
+impl HostedNamespace {
+    pub(super) fn group(&self, group: u32) -> Option<Arc<Group>> {
+        self.local.read().unwrap().get(&group).cloned()
+    }
+
+    /// The groups this node replicates, by id.
+    pub(super) fn groups(&self) -> Vec<(u32, Arc<Group>)> {
+        let mut all: Vec<_> = self.local.read().unwrap().iter().map(|(g, group)| (*g, group.clone())).collect();
+        all.sort_unstable_by_key(|(g, _)| *g);
+        all
+    }
+}
+
 impl Node {
     /// Opens a namespace's engine and starts this node's replicas of its groups. An engine that
     /// lost acknowledged records has every group it holds rebuilt from the peers first.

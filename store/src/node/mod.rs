@@ -48,41 +48,9 @@ use crate::protocol::{ClusterMap, ErrorReply, NamespaceMap, ReadPolicy, Request,
 use crate::raft::{group_of, Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, Outcome, RaftInstance, Refusal, WriteFailure};
 use crate::wal::{Wal, WalConfig};
 use crate::NamespaceConfig;
-use groups::{namespace_wal_group, wal_prefix};
+use groups::{namespace_wal_group, wal_prefix, Group, HostedNamespace};
 use health::{lost_quorum, report_health, Answering, PeerHealth};
 use raft_network::{GroupNetwork, RaftReply, RaftRpc};
-
-pub(crate) struct Group {
-    raft: RaftInstance,
-    state_machine: GroupStateMachine,
-    /// The group's log in the WAL.
-    wal_group: u32,
-    /// Set while this replica catches up after its copy was lost: it neither votes nor campaigns.
-    rejoin: rejoin::Rejoin,
-    /// Writes (and fences) hold it shared from their leadership check until answered; a
-    /// leadership hand-over holds it exclusively (see `leadership`).
-    write_gate: tokio::sync::RwLock<()>,
-}
-
-struct HostedNamespace {
-    engine: Arc<Namespace>,
-    groups: u32,
-    /// The groups this node replicates (they change as groups move: see `roster`).
-    local: std::sync::RwLock<HashMap<u32, Arc<Group>>>,
-}
-
-impl HostedNamespace {
-    fn group(&self, group: u32) -> Option<Arc<Group>> {
-        self.local.read().unwrap().get(&group).cloned()
-    }
-
-    /// The groups this node replicates, by id.
-    fn groups(&self) -> Vec<(u32, Arc<Group>)> {
-        let mut all: Vec<_> = self.local.read().unwrap().iter().map(|(g, group)| (*g, group.clone())).collect();
-        all.sort_unstable_by_key(|(g, _)| *g);
-        all
-    }
-}
 
 /// What a node knows once it has joined the cluster.
 struct Joined {
@@ -210,7 +178,7 @@ impl Node {
     /// has no quorum (logging so).
     pub async fn join(self: &Arc<Self>) -> Result<(), NodeError> {
         self.start_metadata().await?;
-        tokio::spawn(report_health(Arc::downgrade(self)));
+        self.start_loops(Loops::Joining);
         let config = &self.config;
         let me = config.node_id;
         let configured = self.configured_cluster()?;
@@ -244,11 +212,26 @@ impl Node {
         if self.joined.set(Joined { cluster: std::sync::RwLock::new(cluster), cluster_applied, namespaces }).is_err() {
             return Err(NodeError::Config("join called twice".into()));
         }
-        tokio::spawn(leases::keep_leases(Arc::downgrade(self)));
-        tokio::spawn(roster::follow_cluster(Arc::downgrade(self)));
-        tokio::spawn(roster::keep_balance(Arc::downgrade(self)));
-        tokio::spawn(leadership::balance_leadership(Arc::downgrade(self)));
+        self.start_loops(Loops::Joined);
         Ok(())
+    }
+
+    /// Every loop a node runs in the background, started here and nowhere else. Each holds the
+    /// node weakly and ends once it is gone. (Per-group and per-connection tasks, and the
+    /// metadata member's `keep_metadata_log_short`, live and die with what they serve.)
+    fn start_loops(self: &Arc<Self>, stage: Loops) {
+        let node = || Arc::downgrade(self);
+        match stage {
+            // Health reports go out from the start of `join`: a replica that lost its copy is
+            // told apart by them while the node joins.
+            Loops::Joining => spawn_loop("report_health", report_health(node())),
+            Loops::Joined => {
+                spawn_loop("keep_leases", leases::keep_leases(node()));
+                spawn_loop("follow_cluster", roster::follow_cluster(node()));
+                spawn_loop("keep_balance", roster::keep_balance(node()));
+                spawn_loop("balance_leadership", leadership::balance_leadership(node()));
+            }
+        }
     }
 
     /// The metadata group's log in this node's WAL: (last purged index, last index). Its
@@ -383,6 +366,22 @@ impl Node {
 }
 
 /// Whether `request` is a step of reviving the metadata group (see `revive`).
+/// When in `join` a node's background loops start.
+enum Loops {
+    /// Once the metadata member runs, before the metadata is learned.
+    Joining,
+    /// Once the node has joined (its groups run).
+    Joined,
+}
+
+/// Runs one of the node's background loops, saying when it ends.
+fn spawn_loop(name: &'static str, work: impl std::future::Future<Output = ()> + Send + 'static) {
+    tokio::spawn(async move {
+        work.await;
+        tracing::debug!(background_loop = name, "ended");
+    });
+}
+
 fn revives_metadata(request: &Request) -> bool {
     match request {
         Request::Campaign { namespace, .. }
