@@ -169,7 +169,7 @@ impl Node {
             metrics.current_leader.filter(|_| !self.leads_out_of_touch(&metrics))
         });
         let (metadata_lost, metadata_dead) = self.metadata_lost();
-        ClusterMap { nodes, now_ms: crate::engine::SystemClock.now_ms(), namespaces, metadata_voters, metadata_leader, metadata_lost, metadata_dead }
+        ClusterMap { nodes, now_ms: self.clock.now_ms(), namespaces, metadata_voters, metadata_leader, metadata_lost, metadata_dead }
     }
 
     /// The cluster metadata, confirmed by the metadata group's leader with a quorum (so a node

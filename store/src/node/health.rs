@@ -117,7 +117,7 @@ impl Node {
             tracing::info!(peer = node, namespace, "a peer left stop-writes");
         }
         let lost = lost.into_iter().collect();
-        health.insert(node, PeerHealth { stop_writes, lost, received: std::time::Instant::now() });
+        health.insert(node, PeerHealth { stop_writes, lost, received: tokio::time::Instant::now() });
         Response::Noted
     }
 
@@ -138,8 +138,8 @@ impl Node {
 #[derive(Clone, Copy)]
 pub(super) struct Answering {
     /// The first answer after a gap of `2 * HEALTH_REFRESH` or more.
-    pub(super) since: std::time::Instant,
-    pub(super) last: std::time::Instant,
+    pub(super) since: tokio::time::Instant,
+    pub(super) last: tokio::time::Instant,
 }
 
 /// What a peer last said of itself.
@@ -148,7 +148,7 @@ pub(super) struct PeerHealth {
     pub(super) stop_writes: HashMap<String, String>,
     /// Groups whose replica on the peer lost its copy and catches up.
     pub(super) lost: std::collections::HashSet<(String, u32)>,
-    pub(super) received: std::time::Instant,
+    pub(super) received: tokio::time::Instant,
 }
 
 /// How often a node looks at its own stop-writes state (and reports it when it changed).
@@ -168,7 +168,7 @@ pub(super) const HEALTH_FORGET: Duration = Duration::from_secs(5);
 /// the node stops.
 pub(super) async fn report_health(node: std::sync::Weak<Node>) {
     #[allow(clippy::type_complexity)]
-    let mut sent: Option<(Vec<(String, String)>, Vec<(String, u32)>, std::time::Instant)> = None;
+    let mut sent: Option<(Vec<(String, String)>, Vec<(String, u32)>, tokio::time::Instant)> = None;
     let mut not_campaigning: Vec<(String, u32)> = Vec::new();
     loop {
         tokio::time::sleep(HEALTH_POLL).await;
@@ -222,7 +222,7 @@ pub(super) async fn report_health(node: std::sync::Weak<Node>) {
                 // was a round trip.
                 if peer.call(&request, HEALTH_REFRESH).await.is_ok() {
                     if let Some(node) = weak.upgrade() {
-                        let now = std::time::Instant::now();
+                        let now = tokio::time::Instant::now();
                         let mut answered = node.peer_answered.lock().unwrap();
                         let answering = answered.entry(id).or_insert(Answering { since: now, last: now });
                         if answering.last.elapsed() >= 2 * HEALTH_REFRESH {
@@ -233,7 +233,7 @@ pub(super) async fn report_health(node: std::sync::Weak<Node>) {
                 }
             });
         }
-        sent = Some((stop_writes, lost, std::time::Instant::now()));
+        sent = Some((stop_writes, lost, tokio::time::Instant::now()));
     }
 }
 

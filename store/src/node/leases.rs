@@ -13,7 +13,6 @@ use tokio::time::Instant;
 
 use super::writes::NotProposed;
 use super::Node;
-use crate::engine::Clock;
 use crate::meta::leases::{TTL_MS_MAX, TTL_MS_MIN};
 use crate::meta::ClusterMetaExt as _;
 use crate::meta::{EndReason, LeaseState, MetaCommand, MetaRaft, MetaResult};
@@ -134,7 +133,7 @@ impl Node {
             }
             _ => return Response::Error(ErrorReply::NotLeader { leader }),
         };
-        let now_ms = crate::engine::SystemClock.now_ms();
+        let now_ms = self.clock.now_ms();
         let op = crate::WriteOp::FenceSession { session, release, finished_below };
         let command = Command { key: crate::Key::new("", 0), op, policy: Default::default(), now_ms, tag: None };
         match self.propose(&local, command).await {

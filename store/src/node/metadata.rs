@@ -69,7 +69,7 @@ pub(crate) struct MemberState {
     /// keeps naming a follower's last leader until an election, and a replica that may not
     /// campaign holds none: without this, a voter the group removed before it received that
     /// change would take its frozen copy for the metadata for good.
-    leader_heard: std::sync::Mutex<Option<std::time::Instant>>,
+    leader_heard: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// The stage of changing the metadata voters this node last logged, as their leader.
     stage: std::sync::Mutex<String>,
 }
@@ -329,7 +329,7 @@ impl Node {
 
     /// A leader's message reached this node's member (see `MemberState::leader_heard`).
     pub(super) fn note_metadata_leader_message(&self) {
-        *self.meta_member.leader_heard.lock().unwrap() = Some(std::time::Instant::now());
+        *self.meta_member.leader_heard.lock().unwrap() = Some(tokio::time::Instant::now());
     }
 
     /// Whether a voter confirmed that the metadata group removed this node (see `MemberState`).

@@ -64,6 +64,8 @@ struct Joined {
 
 pub struct Node {
     config: NodeConfig,
+    /// The wall clock (`start_with_clock`).
+    clock: Arc<dyn Clock>,
     wal: Arc<Wal>,
     raft_config: Arc<openraft::Config>,
     /// One connection per peer, shared by all groups.
@@ -114,6 +116,12 @@ pub enum NodeError {
 impl Node {
     /// Opens the WAL and the metadata this node remembers. Serve the node, then call `join`.
     pub async fn start(config: NodeConfig) -> Result<Arc<Node>, NodeError> {
+        Self::start_with_clock(config, Arc::new(crate::engine::SystemClock)).await
+    }
+
+    /// `start`, with the wall clock the node stamps its proposals with (expiry times, lease
+    /// fences); the monotonic clock is tokio's, so a paused runtime drives both in tests.
+    pub async fn start_with_clock(config: NodeConfig, clock: Arc<dyn Clock>) -> Result<Arc<Node>, NodeError> {
         if !config.nodes.iter().any(|(id, _)| *id == config.node_id) {
             return Err(NodeError::Config(format!("node {} is not in the node list", config.node_id)));
         }
@@ -152,6 +160,7 @@ impl Node {
         }
         Ok(Arc::new(Node {
             config,
+            clock,
             wal,
             raft_config,
             peers,

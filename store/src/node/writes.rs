@@ -51,7 +51,7 @@ impl Node {
                 return Response::Error(ErrorReply::StopWrites(reason));
             }
         }
-        let command = Command { key, op, policy, now_ms: crate::engine::SystemClock.now_ms(), tag: Some(tag) };
+        let command = Command { key, op, policy, now_ms: self.clock.now_ms(), tag: Some(tag) };
         let written = match self.propose(&group, command).await {
             Ok(written) => written,
             Err(NotProposed::NotLeader(leader)) => return Response::Error(ErrorReply::NotLeader { leader }),
