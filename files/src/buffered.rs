@@ -139,14 +139,17 @@ impl Volume {
             if final_size > size.size {
                 self.finish_shrink(ino, &mut size)?;
             }
-            let batches = batches(&chunks);
-            for (i, batch) in batches.iter().enumerate() {
-                let last = i + 1 == batches.len();
-                let covered = match (last, batch.last()) {
-                    (false, Some((index, _))) => ((index + 1) * self.chunk_bytes).min(final_size),
+            let entries = entries(&chunks);
+            for (i, entry) in entries.iter().enumerate() {
+                let last = i + 1 == entries.len();
+                // Up to the end of the last chunk the entry finishes, or to its start when the
+                // chunk goes on in the next entry.
+                let covered = match (last, entry.last()) {
+                    (false, Some(part)) if part.ends_chunk => ((part.index + 1) * self.chunk_bytes).min(final_size),
+                    (false, Some(part)) => (part.index * self.chunk_bytes).min(final_size),
                     _ => final_size,
                 };
-                self.commit_batch(ino, &mut size, batch, covered, written_ns)?;
+                self.commit_batch(ino, &mut size, entry, covered, written_ns)?;
             }
             state.size = Some(size);
             Ok(())
@@ -158,14 +161,14 @@ impl Volume {
         result
     }
 
-    /// One entry: the held pieces of some chunks and the size up to `covered`; retried after a
+    /// One entry: held pieces of some chunks and the size up to `covered`; retried after a
     /// conflict with another mount's change of the size record.
-    fn commit_batch(&self, ino: u64, size: &mut FileSize, chunks: &[HeldChunk], covered: u64, written_ns: i64) -> FsResult<()> {
+    fn commit_batch(&self, ino: u64, size: &mut FileSize, parts: &[Part], covered: u64, written_ns: i64) -> FsResult<()> {
         for _ in 0..CONFLICT_RETRIES_MAX {
-            let mut writes: Vec<BatchWrite> = chunks
+            let mut writes: Vec<BatchWrite> = parts
                 .iter()
-                .map(|(index, pieces)| BatchWrite {
-                    key: self.keys.chunk(ino, *index),
+                .map(|&Part { index, pieces, .. }| BatchWrite {
+                    key: self.keys.chunk(ino, index),
                     op: WriteOp::Operate(
                         pieces
                             .iter()
@@ -176,8 +179,8 @@ impl Volume {
                 })
                 .collect();
             let mut next = FileSize { size: covered.max(size.size), mtime_ns: written_ns, ctime_ns: written_ns, ..size.clone() };
-            for (index, _) in chunks {
-                next.add_extent(*index, index + 1);
+            for part in parts {
+                next.add_extent(part.index, part.index + 1);
             }
             writes.push(self.size_record_write(ino, &next));
             match self.batch(Some(ino), writes) {
@@ -228,21 +231,59 @@ fn hold(pieces: &mut HeldPieces, within: u64, bytes: &[u8]) -> usize {
     after - before
 }
 
+/// What one held piece costs in an entry besides its bytes: its `WriteBytesAt` operation as
+/// the wire encodes it (variant, bin name, offset, length, flag: 33 bytes), rounded up.
+const PIECE_OVERHEAD_BYTES: usize = 40;
+
+/// Some held pieces of one chunk that go in one entry.
+#[derive(Clone, Copy, Debug)]
+struct Part<'a> {
+    index: u64,
+    pieces: &'a [(u64, Vec<u8>)],
+    /// The chunk's last pieces (else it goes on in the next entry).
+    ends_chunk: bool,
+}
+
 /// Held chunks cut into commit entries in chunk order: at most `CHUNKS_PER_BATCH_MAX` chunks
-/// and, past its first chunk, `BATCH_BYTES_MAX` held bytes an entry.
-fn batches(chunks: &[HeldChunk]) -> Vec<&[HeldChunk]> {
+/// and `BATCH_BYTES_MAX` bytes an entry, counting each piece's operation
+/// (`PIECE_OVERHEAD_BYTES`). A chunk of many small pieces goes on over several entries; one
+/// piece (at most `CHUNK_BYTES_MAX`) always fits in an entry.
+fn entries(chunks: &[HeldChunk]) -> Vec<Vec<Part<'_>>> {
     let mut out = Vec::new();
-    let (mut from, mut bytes) = (0, 0);
-    for (i, (_, pieces)) in chunks.iter().enumerate() {
-        let held: usize = pieces.iter().map(|(_, piece)| piece.len()).sum();
-        if i > from && (i - from == CHUNKS_PER_BATCH_MAX || bytes + held > BATCH_BYTES_MAX) {
-            out.push(&chunks[from..i]);
-            (from, bytes) = (i, 0);
+    let mut entry: Vec<Part> = Vec::new();
+    let mut bytes = 0;
+    for (index, pieces) in chunks {
+        let mut from = 0;
+        while from < pieces.len() {
+            if entry.len() == CHUNKS_PER_BATCH_MAX {
+                out.push(std::mem::take(&mut entry));
+                bytes = 0;
+            }
+            let mut to = from;
+            while to < pieces.len() {
+                let cost = pieces[to].1.len() + PIECE_OVERHEAD_BYTES;
+                if bytes + cost > BATCH_BYTES_MAX && (to > from || !entry.is_empty()) {
+                    break;
+                }
+                bytes += cost;
+                to += 1;
+            }
+            if to == from {
+                // Nothing more fits beside what the entry holds: the next entry takes it.
+                out.push(std::mem::take(&mut entry));
+                bytes = 0;
+                continue;
+            }
+            entry.push(Part { index: *index, pieces: &pieces[from..to], ends_chunk: to == pieces.len() });
+            from = to;
+            if from < pieces.len() {
+                out.push(std::mem::take(&mut entry));
+                bytes = 0;
+            }
         }
-        bytes += held;
     }
-    if from < chunks.len() {
-        out.push(&chunks[from..]);
+    if !entry.is_empty() {
+        out.push(entry);
     }
     out
 }
@@ -308,17 +349,35 @@ mod tests {
         assert_eq!(hold(&mut pieces, 0, &[9; 512]), 0, "an overwrite holds nothing more");
     }
 
-    /// Entries stay within their chunk and byte bounds, in chunk order, covering every chunk.
+    /// Entries stay within their chunk and byte bounds (pieces' operations counted), in chunk
+    /// order, holding every piece once; a chunk of many small pieces goes on over entries, and
+    /// only the entry with a chunk's last pieces finishes it.
     #[test]
     fn commit_entries_are_bounded_in_chunks_and_bytes() {
-        let chunk = |index: u64, bytes: usize| (index, vec![(0u64, vec![0u8; bytes])]);
-        let big: Vec<_> = (0..40).map(|i| chunk(i, 512 << 10)).collect();
-        let cut = batches(&big);
-        assert!(cut.iter().all(|b| b.len() == 8), "{:?}", cut.iter().map(|b| b.len()).collect::<Vec<_>>());
-        let small: Vec<_> = (0..200).map(|i| chunk(i, 4096)).collect();
-        let cut = batches(&small);
-        assert_eq!(cut.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![64, 64, 64, 8]);
-        assert_eq!(cut.concat().iter().map(|(i, _)| *i).collect::<Vec<_>>(), (0..200).collect::<Vec<_>>());
-        assert!(batches(&[]).is_empty());
+        let cost = |entry: &[Part]| entry.iter().flat_map(|p| p.pieces).map(|(_, b)| b.len() + PIECE_OVERHEAD_BYTES).sum::<usize>();
+        let whole = |index: u64, bytes: usize| (index, vec![(0u64, vec![0u8; bytes])]);
+        let big: Vec<_> = (0..40).map(|i| whole(i, 512 << 10)).collect();
+        let cut = entries(&big);
+        assert!(cut.iter().all(|e| e.len() == 7 || e.len() == 5), "{:?}", cut.iter().map(|e| e.len()).collect::<Vec<_>>());
+        let small: Vec<_> = (0..200).map(|i| whole(i, 4096)).collect();
+        assert_eq!(entries(&small).iter().map(|e| e.len()).collect::<Vec<_>>(), vec![64, 64, 64, 8]);
+        // 1-byte pieces every other byte over chunks of 512 KiB: 262,144 pieces a chunk, whose
+        // operations alone outweigh a frame.
+        let sparse: Vec<_> = (0..3u64).map(|i| (i, (0..(256u64 << 10)).map(|k| (2 * k, vec![1u8])).collect::<Vec<_>>())).collect();
+        for chunks in [&big, &small, &sparse] {
+            let cut = entries(chunks);
+            assert!(cut.iter().all(|e| cost(e) <= BATCH_BYTES_MAX && e.len() <= CHUNKS_PER_BATCH_MAX && !e.is_empty()));
+            let parts: Vec<Part> = cut.concat();
+            let pieces: Vec<(u64, u64)> = parts.iter().flat_map(|p| p.pieces.iter().map(move |(at, _)| (p.index, *at))).collect();
+            let expected: Vec<(u64, u64)> = chunks.iter().flat_map(|(i, ps)| ps.iter().map(move |(at, _)| (*i, *at))).collect();
+            assert_eq!(pieces, expected, "every piece once, in order");
+            for (i, (index, _)) in chunks.iter().enumerate() {
+                let finishing: Vec<&Part> = parts.iter().filter(|p| p.index == *index && p.ends_chunk).collect();
+                assert_eq!(finishing.len(), 1, "chunk {i} is finished once");
+                assert!(std::ptr::eq(finishing[0], parts.iter().rfind(|p| p.index == *index).unwrap()), "by its last part");
+            }
+        }
+        assert!(entries(&sparse).len() > 3, "the sparse chunks went on over entries");
+        assert!(entries(&[]).is_empty());
     }
 }

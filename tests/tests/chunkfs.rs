@@ -310,6 +310,20 @@ fn fsync_mode_holds_writes_until_synced_and_memory_stays_bounded() {
         let read = fs::read(b.path.join("rewritten")).unwrap();
         assert_eq!(read.len(), 1 << 20);
         assert!(read.iter().all(|byte| *byte == 16), "another mount reads the last pass");
+        // One byte at every other offset over 1 MiB: 524,288 held pieces, whose operations
+        // alone outweigh a frame (a commit cut by chunks only sent 17 MB and got EIO).
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(c.path.join("sparse-held")).unwrap();
+        for k in 0..(1u64 << 19) {
+            f.write_all_at(&[(k % 251) as u8 + 1], 2 * k).unwrap();
+        }
+        f.sync_data().expect("half a million held pieces commit");
+        drop(f);
+        let read = fs::read(b.path.join("sparse-held")).unwrap();
+        assert_eq!(read.len(), (1 << 20) - 1);
+        assert!(
+            read.iter().enumerate().all(|(i, byte)| *byte == if i % 2 == 0 { ((i as u64 / 2) % 251) as u8 + 1 } else { 0 }),
+            "another mount reads every piece"
+        );
         c.unmount();
     }
 

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::CallError;
-use crate::protocol::{decode_body, decode_frame, encode_body, Frame, FrameKind, Request, Response, FRAME_BYTES_MAX_DEFAULT};
+use crate::protocol::{decode_body, decode_frame, Frame, FrameKind, Response, FRAME_BYTES_MAX_DEFAULT};
 
 /// Most bytes one read from the socket takes.
 const READ_BYTES_MAX: usize = 64 * 1024;
@@ -48,10 +48,10 @@ impl BlockingConnection {
         std::mem::forget(self.stream);
     }
 
-    pub fn call(&mut self, request: &Request, deadline: Instant) -> Result<Response, CallError> {
+    /// Sends one request (`body`, encoded) and waits for its answer until `deadline`.
+    pub fn call(&mut self, body: Vec<u8>, deadline: Instant) -> Result<Response, CallError> {
         let request_id = self.next_id;
         self.next_id += 1;
-        let body = encode_body(request, FRAME_BYTES_MAX_DEFAULT).map_err(CallError::Unsendable)?;
         let mut bytes = Vec::with_capacity(body.len() + 18);
         Frame { kind: FrameKind::Request, request_id, body }.encode(&mut bytes);
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));

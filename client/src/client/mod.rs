@@ -41,7 +41,7 @@ use connection::BlockingConnection;
 use crate::key::group_of;
 use crate::key::Key;
 use crate::ops::{OpResult, Operation, WriteOp, WritePolicy};
-use crate::protocol::{ClusterMap, ErrorReply, ReadPolicy, Request, Response, WriteTag};
+use crate::protocol::{encode_body, ClusterMap, ErrorReply, ReadPolicy, Request, Response, WriteTag, FRAME_BYTES_MAX_DEFAULT};
 use crate::value::{Bin, Record, RecordMeta};
 
 /// What `Client::revive` did (see `Response::Revived`).
@@ -296,6 +296,7 @@ impl Client {
                 }
                 Ok(Response::Error(reply)) => return Err(ClientError::Server(reply)),
                 Ok(response) => return Ok(response),
+                Err(CallError::Unsendable(why)) => return Err(CallError::unsendable(why)),
                 Err(_) => return Err(ClientError::NoNodeReachable(vec![addr])),
             }
         }
@@ -649,9 +650,10 @@ impl Client {
             }
             probed.insert(addr.to_owned(), Instant::now());
         }
+        let Ok(probe) = encode_body(&Request::ClusterMap, FRAME_BYTES_MAX_DEFAULT) else { return false };
         let answered = BlockingConnection::connect(addr, SILENT_LEADER_PROBE, self.config.source)
             .ok()
-            .and_then(|mut connection| connection.call(&Request::ClusterMap, Instant::now() + SILENT_LEADER_PROBE).ok().map(|_| connection));
+            .and_then(|mut connection| connection.call(probe, Instant::now() + SILENT_LEADER_PROBE).ok().map(|_| connection));
         let Some(connection) = answered else {
             self.unresponsive.lock().unwrap().insert(addr.to_owned(), Instant::now());
             return false;
@@ -784,7 +786,10 @@ impl Client {
     }
 
     fn call(&self, addr: &str, request: &Request) -> Result<Response, CallError> {
-        let answered = self.call_once(addr, request);
+        // Encoded before a connection is taken: a request no frame can hold costs no
+        // connection, and no node is blamed for it.
+        let body = encode_body(request, FRAME_BYTES_MAX_DEFAULT).map_err(CallError::Unsendable)?;
+        let answered = self.call_once(addr, body);
         let mut unresponsive = self.unresponsive.lock().unwrap();
         match answered {
             Ok(_) => drop(unresponsive.remove(addr)),
@@ -794,13 +799,13 @@ impl Client {
         answered
     }
 
-    fn call_once(&self, addr: &str, request: &Request) -> Result<Response, CallError> {
+    fn call_once(&self, addr: &str, body: Vec<u8>) -> Result<Response, CallError> {
         let mut connection = match self.take_connection(addr) {
             Some(connection) => connection,
             None => BlockingConnection::connect(addr, self.config.timeout, self.config.source).map_err(|_| CallError::NotSent)?,
         };
         let deadline = Instant::now() + self.config.timeout;
-        match connection.call(request, deadline) {
+        match connection.call(body, deadline) {
             Ok(response) => {
                 self.return_connection(addr, connection);
                 Ok(response)

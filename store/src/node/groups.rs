@@ -58,7 +58,7 @@ impl Node {
         // Records of replicas that moved away and were forgotten stay out of the index.
         let void_points = crate::raft::forget::recorded_void_points(&self.wal, info.groups, (0..info.groups).map(|g| (g, wal_group(g))))
             .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let options = OpenOptions { replicated: true, durable_points, void_points, devices, ..OpenOptions::default() };
+        let options = OpenOptions { replicated: true, durable_points, void_points, devices, clock: Some(self.clock.clone()), ..OpenOptions::default() };
         let engine = Arc::new(Namespace::open(spec.engine.clone(), options)?);
         self.finish_interrupted(&spec.engine.name, info.groups, &hosted, &engine).await;
         let mut state_machines = Vec::new();

@@ -133,9 +133,8 @@ impl Node {
             }
             _ => return Response::Error(ErrorReply::NotLeader { leader }),
         };
-        let now_ms = self.clock.now_ms();
         let op = crate::WriteOp::FenceSession { session, release, finished_below };
-        let command = Command { key: crate::Key::new("", 0), op, policy: Default::default(), now_ms, tag: None };
+        let command = |now_ms| Command { key: crate::Key::new("", 0), op, policy: Default::default(), now_ms, tag: None };
         match self.propose(&local, command).await {
             Ok(written) if written.data == CommandResult::Noop => Response::Noted,
             Ok(written) => Response::Error(ErrorReply::Internal(format!("unexpected fence result {:?}", written.data))),

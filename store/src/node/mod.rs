@@ -83,7 +83,7 @@ pub struct Node {
     joined: OnceLock<Joined>,
     /// Set when shutdown begins: new requests are turned away (safely retryable elsewhere).
     stopping: std::sync::atomic::AtomicBool,
-    /// Writes proposed and not answered yet (shutdown lets them finish).
+    /// Proposals (writes and fences) not answered yet (shutdown lets them finish).
     writes_in_flight: std::sync::atomic::AtomicUsize,
     /// Snapshots being sent to peers that rebuild a damaged copy.
     transfers: repair::Transfers,
@@ -119,8 +119,9 @@ impl Node {
         Self::start_with_clock(config, Arc::new(crate::engine::SystemClock)).await
     }
 
-    /// `start`, with the wall clock the node stamps its proposals with (expiry times, lease
-    /// fences); the monotonic clock is tokio's, so a paused runtime drives both in tests.
+    /// `start`, with the wall clock the node and its engines go by (proposals' timestamps,
+    /// expiry); monotonic time is always tokio's, which a paused runtime (tokio's `test-util`)
+    /// drives.
     pub async fn start_with_clock(config: NodeConfig, clock: Arc<dyn Clock>) -> Result<Arc<Node>, NodeError> {
         if !config.nodes.iter().any(|(id, _)| *id == config.node_id) {
             return Err(NodeError::Config(format!("node {} is not in the node list", config.node_id)));
@@ -277,7 +278,7 @@ impl Node {
         }
         let unanswered = self.writes_in_flight.load(Ordering::SeqCst);
         if unanswered > 0 {
-            tracing::warn!(unanswered, "shutting down with writes still in flight (they are answered in doubt)");
+            tracing::warn!(unanswered, "shutting down with proposals still in flight (they are answered in doubt)");
         }
         let me = self.config.node_id;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
@@ -374,7 +375,6 @@ impl Node {
     }
 }
 
-/// Whether `request` is a step of reviving the metadata group (see `revive`).
 /// When in `join` a node's background loops start.
 enum Loops {
     /// Once the metadata member runs, before the metadata is learned.
@@ -391,6 +391,7 @@ fn spawn_loop(name: &'static str, work: impl std::future::Future<Output = ()> + 
     });
 }
 
+/// Whether `request` is a step of reviving the metadata group (see `revive`).
 fn revives_metadata(request: &Request) -> bool {
     match request {
         Request::Campaign { namespace, .. }

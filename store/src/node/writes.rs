@@ -51,7 +51,7 @@ impl Node {
                 return Response::Error(ErrorReply::StopWrites(reason));
             }
         }
-        let command = Command { key, op, policy, now_ms: self.clock.now_ms(), tag: Some(tag) };
+        let command = |now_ms| Command { key, op, policy, now_ms, tag: Some(tag) };
         let written = match self.propose(&group, command).await {
             Ok(written) => written,
             Err(NotProposed::NotLeader(leader)) => return Response::Error(ErrorReply::NotLeader { leader }),
@@ -80,11 +80,12 @@ impl Node {
         }
     }
 
-    /// Proposes `command` to `group` as its leader and waits until it is applied. First the
+    /// Proposes the command `command` makes (given the time) to `group` as its leader and waits
+    /// until it is applied. First the
     /// checks every proposal passes: the write gate (a leadership transfer closes it and waits
     /// for proposals in flight), leadership, and touch with a quorum; the wait ends early if
     /// touch is lost.
-    pub(super) async fn propose(&self, group: &Group, command: Command) -> Result<ClientWriteResponse<TypeConfig>, NotProposed> {
+    pub(super) async fn propose(&self, group: &Group, command: impl FnOnce(u64) -> Command) -> Result<ClientWriteResponse<TypeConfig>, NotProposed> {
         let _gate = group.write_gate.read().await;
         let leader = group.raft.current_leader().await;
         if leader != Some(self.config.node_id) {
@@ -94,6 +95,8 @@ impl Node {
             return Err(NotProposed::NotLeader(None));
         }
         let _in_flight = InFlight::new(&self.writes_in_flight);
+        // Stamped once admitted (a hand-over may have held the gate a while).
+        let command = command(self.clock.now_ms());
         match self.while_in_touch(group.raft.metrics(), group.raft.client_write(command)).await {
             Some(Ok(written)) => Ok(written),
             Some(Err(err)) => Err(NotProposed::Unanswered(Some(err))),

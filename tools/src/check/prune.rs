@@ -158,8 +158,12 @@ mod tests {
     use crate::history::{operations, parse_history};
 
     fn key_result(text: &str, prune: bool) -> KeyResult {
+        model_key_result(Model::CasRegister, text, prune)
+    }
+
+    fn model_key_result(model: Model, text: &str, prune: bool) -> KeyResult {
         let limits = Limits { prune, ..Limits::default() };
-        let report = check(Model::CasRegister, &operations(&parse_history(text).unwrap()).unwrap(), limits).unwrap();
+        let report = check(model, &operations(&parse_history(text).unwrap()).unwrap(), limits).unwrap();
         report.keys.into_iter().next().unwrap()
     }
 
@@ -288,5 +292,62 @@ mod tests {
         }
         // The histories exercise both verdicts and both rules.
         assert!(linearizable > 300 && refuted > 300 && dropped > 100, "linearizable {linearizable}, refuted {refuted}, dropped {dropped}");
+    }
+
+    /// The same for the kv model: gets, puts and appends of short strings (appends make a
+    /// value explainable by a write of its suffix), some crashed.
+    #[test]
+    fn the_rules_never_change_a_kv_verdict() {
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = |below: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below
+        };
+        let strings = ["", "a", "b", "ab", "ba", "aa", "bab"];
+        let (mut linearizable, mut refuted) = (0, 0);
+        for _ in 0..3000 {
+            let mut open: Vec<Option<String>> = vec![None; 4];
+            let mut crashed = [false; 4];
+            let mut text = String::new();
+            for _ in 0..14 {
+                let p = next(4) as usize;
+                if crashed[p] {
+                    continue;
+                }
+                match open[p].take() {
+                    Some(done) => text += &done,
+                    None => {
+                        let (f, value, out) = match next(3) {
+                            0 => ("get", "nil".to_string(), format!("{:?}", strings[next(strings.len() as u64) as usize])),
+                            1 => ("put", format!("{:?}", strings[1 + next(2) as usize]), String::new()),
+                            _ => ("append", format!("{:?}", strings[1 + next(2) as usize]), String::new()),
+                        };
+                        let out = if out.is_empty() { value.clone() } else { out };
+                        let outcome = if f != "get" && next(4) == 0 { "info" } else { "ok" };
+                        text += &format!("{{:process {p}, :type :invoke, :f :{f}, :key \"k\", :value {value}}}\n");
+                        let done = format!("{{:process {p}, :type :{outcome}, :f :{f}, :key \"k\", :value {out}}}\n");
+                        if outcome == "info" {
+                            crashed[p] = true;
+                        } else {
+                            open[p] = Some(done);
+                        }
+                    }
+                }
+            }
+            for done in open.into_iter().flatten() {
+                text += &done;
+            }
+            if text.is_empty() {
+                continue;
+            }
+            let pruned = model_key_result(Model::Kv, &text, true);
+            let bare = model_key_result(Model::Kv, &text, false);
+            assert_eq!(pruned.verdict, bare.verdict, "the rules changed the verdict of:\n{text}");
+            linearizable += (bare.verdict == Verdict::Linearizable) as usize;
+            refuted += pruned.unexplained_value as usize;
+        }
+        assert!(linearizable > 300 && refuted > 300, "linearizable {linearizable}, refuted {refuted}");
     }
 }
