@@ -5,8 +5,11 @@
 //! - **Memory stays bounded**: past `dirty_bytes_max` held by the mount, a write commits its
 //!   own file's held writes before it returns.
 //! - **A commit never shows a size covering bytes not yet committed**: held writes go in
-//!   batches in chunk order, each carrying the size up to the end of its last chunk (the
-//!   last one the whole size).
+//!   entries in chunk order, each carrying the size up to the end of the last chunk it
+//!   finishes, or the start of a chunk that goes on in the next entry (the last entry the
+//!   whole size).
+//! - **Every entry fits in a frame**: bounded in chunks and in bytes, each piece's operation
+//!   counted; a chunk written in many small pieces goes on over several entries.
 //! - **A failed commit is reported, never swallowed**: the held writes are dropped (their fate
 //!   in the cluster is unknown), the failure is counted before the file's lock is let go (an
 //!   fsync waiting on that lock cannot answer success in between), and the front reports EIO
