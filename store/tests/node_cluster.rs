@@ -196,6 +196,40 @@ async fn three_nodes_over_tcp_replicate_and_serve_reads() {
     }
 }
 
+/// A write as large as a client can send is refused before it is proposed: its entry, with
+/// the AppendEntries message around it, would not fit in a peer frame, so the followers could
+/// never receive it and the group would stall (its later writes timing out). The group takes
+/// writes afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_too_large_to_replicate_is_refused_and_its_group_goes_on() {
+    use chunkstore::protocol::{encode_body, FRAME_BYTES_MAX_DEFAULT};
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, addrs, _servers) = start_cluster(dir.path(), 3).await;
+    let write = |key: i64, bytes: usize, seq: u64| Request::Write {
+        namespace: "test".into(),
+        key: Key::new("big", key),
+        op: WriteOp::Put(vec![chunkstore::Bin { name: "b".into(), value: Value::Bytes(vec![7; bytes]) }]),
+        policy: WritePolicy::default(),
+        tag: WriteTag { client_id: 9, born_ms: 1, lane: 0, seq },
+    };
+    // The largest request a frame holds.
+    let overhead = encode_body(&write(1, 0, 1), FRAME_BYTES_MAX_DEFAULT).unwrap().len();
+    let largest = FRAME_BYTES_MAX_DEFAULT - overhead - 16;
+    assert!(encode_body(&write(1, largest, 1), FRAME_BYTES_MAX_DEFAULT).is_ok());
+    match call_leader(&addrs, 1, write(1, largest, 1)).await {
+        Response::Error(ErrorReply::BadRequest(why)) => assert!(why.contains("a log entry holds at most"), "{why}"),
+        other => panic!("a write too large to replicate: {other:?}"),
+    }
+    // The same key's group goes on taking writes.
+    match call_leader(&addrs, 1, write(1, 1000, 2)).await {
+        Response::Written { meta, .. } => assert_eq!(meta.generation, 1),
+        other => panic!("a small write after the refused one: {other:?}"),
+    }
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}
+
 /// Six nodes: the lowest five vote in the metadata group, the sixth learns the metadata from
 /// them. Every node hands out the same cluster map (placement from the metadata, the same
 /// metadata voters). A node restarted with a configuration that disagrees with the metadata

@@ -7,11 +7,17 @@
 //!   any doubt (a timeout, a lost leader) is `Timeout { in_doubt: true }`, never success.
 //! - **A node only proposes for groups it leads, in touch with a quorum**; others get
 //!   `NotLeader`, which promises that nothing was proposed.
+//! - **Every entry proposed fits in a peer frame** (`ENTRY_BYTES_MAX`): a larger one could
+//!   never reach the followers, and its group would stall.
 
 use openraft::raft::ClientWriteResponse;
 
 use super::*;
 use crate::raft::TypeConfig;
+
+/// The most bytes a write's entry may take: a peer frame carries it to the followers with the
+/// rest of an AppendEntries message around it (log ids, vote, the group's name).
+pub const ENTRY_BYTES_MAX: usize = crate::protocol::FRAME_BYTES_MAX_DEFAULT - (64 << 10);
 
 /// Why `propose` did not answer with the applied entry.
 pub(super) enum NotProposed {
@@ -45,6 +51,15 @@ impl Node {
             if let Err(reply) = batch_fits(writes, &key, group_id, hosted.groups) {
                 return Response::Error(reply);
             }
+        }
+        // An entry must fit in the frame that carries it to the followers, or the group
+        // would retry sending it forever.
+        match bincode::serialized_size(&(&key, &op, &policy)) {
+            Ok(bytes) if bytes as usize <= ENTRY_BYTES_MAX => {}
+            Ok(bytes) => {
+                return Response::Error(ErrorReply::BadRequest(format!("a write of {bytes} bytes: a log entry holds at most {ENTRY_BYTES_MAX} bytes")))
+            }
+            Err(err) => return Response::Error(ErrorReply::BadRequest(format!("a write that cannot be encoded: {err}"))),
         }
         if !op.frees_room() {
             if let Some(reason) = self.stop_writes(&namespace, hosted, &group) {
