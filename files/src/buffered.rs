@@ -215,7 +215,11 @@ fn hold(pieces: &mut HeldPieces, within: u64, bytes: &[u8]) -> usize {
     let joined: Vec<(u64, Vec<u8>)> = pieces.drain(first..last).collect();
     let before: usize = joined.iter().map(|(_, held)| held.len()).sum();
     let mut joined = joined.into_iter();
-    let (mut start, mut merged) = joined.next().expect("first < last");
+    let Some((mut start, mut merged)) = joined.next() else {
+        // Not reached (first < last); holding the bytes alone is right in any case.
+        pieces.insert(first, (within, bytes.to_vec()));
+        return bytes.len();
+    };
     if within < start {
         let mut grown = vec![0; (start - within) as usize];
         grown.extend_from_slice(&merged);
