@@ -28,6 +28,8 @@ struct Connection {
 
 static CONNECTION: Mutex<Connection> = Mutex::new(Connection { client: None, volumes: Vec::new() });
 
+/// Cannot fail: every hook reaches the shim's state only once `lib::init` has marked it
+/// active, which it does after `install` has set the configuration.
 pub(crate) fn config() -> &'static Config {
     CONFIG.get().expect("the shim is active only once configured")
 }

@@ -157,6 +157,16 @@ mod tests {
     use super::super::models::Model;
     use crate::history::{operations, parse_history};
 
+    /// A seeded xorshift: each call a number below its argument.
+    fn below_from(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |below| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below
+        }
+    }
+
     fn key_result(text: &str, prune: bool) -> KeyResult {
         model_key_result(Model::CasRegister, text, prune)
     }
@@ -240,13 +250,7 @@ mod tests {
     /// crashed, some failed) get the same verdict with the rules as from the bare search.
     #[test]
     fn the_rules_never_change_a_verdict() {
-        let mut seed = 0x2545f4914f6cdd1du64;
-        let mut next = |below: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % below
-        };
+        let mut next = below_from(0x2545f4914f6cdd1d);
         let (mut linearizable, mut refuted, mut dropped) = (0, 0, 0);
         for _ in 0..3000 {
             // Up to 4 processes, each with one operation open at a time.
@@ -298,13 +302,7 @@ mod tests {
     /// value explainable by a write of its suffix), some crashed.
     #[test]
     fn the_rules_never_change_a_kv_verdict() {
-        let mut seed = 0x9e3779b97f4a7c15u64;
-        let mut next = |below: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % below
-        };
+        let mut next = below_from(0x9e3779b97f4a7c15);
         let strings = ["", "a", "b", "ab", "ba", "aa", "bab"];
         let (mut linearizable, mut refuted) = (0, 0);
         for _ in 0..3000 {
