@@ -77,7 +77,7 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
         tracing::warn!("test hook test-crash-while-leaving is set: the process aborts when a group moves away from it");
     }
     if config.test_power_loss_devices {
-        tracing::warn!("test hook test-power-loss-devices is set: unsynced engine writes are lost when the process dies");
+        tracing::warn!("test hook test-power-loss-devices is set: unsynced engine and WAL writes are lost when the process dies");
     }
     if config.unsafe_serve_damaged {
         tracing::warn!("UNSAFE test option unsafe-serve-damaged is set: a damaged replica serves what is left of its data");

@@ -129,7 +129,7 @@ impl Node {
                 (addresses, self.config.nodes.clone())
             }
         };
-        fetch_cluster_from(&addresses, &peers, self.config.peer_source, Duration::from_secs(2)).await
+        fetch_cluster_from(&addresses, &peers, &*self.network, Duration::from_secs(2)).await
     }
 
     pub(super) fn cluster_map(&self) -> ClusterMap {
@@ -212,7 +212,7 @@ pub(super) fn seed_addresses(config: &NodeConfig) -> Vec<String> {
 pub(super) async fn fetch_cluster_from(
     addresses: &[String],
     peers: &[(NodeId, String)],
-    source: Option<std::net::IpAddr>,
+    network: &dyn super::network::Network,
     timeout: Duration,
 ) -> Option<(ClusterMeta, u64)> {
     let mut queue: std::collections::VecDeque<String> = addresses.iter().cloned().collect();
@@ -222,8 +222,7 @@ pub(super) async fn fetch_cluster_from(
             continue;
         }
         asked.push(address.clone());
-        let mut connection = super::transport::Connection::new(address).from_source(source);
-        match connection.call(&Request::ClusterMeta, timeout).await {
+        match network.link(&address).call(&Request::ClusterMeta, timeout).await {
             Ok(Response::ClusterMeta { cluster: Some(cluster), applied }) => return Some((cluster, applied)),
             Ok(Response::Error(ErrorReply::NotLeader { leader: Some(leader) })) => {
                 if let Some((_, peer)) = peers.iter().find(|(id, _)| *id == leader) {
@@ -238,6 +237,7 @@ pub(super) async fn fetch_cluster_from(
 
 #[cfg(test)]
 mod tests {
+    use super::super::network::TcpNetwork;
     use super::*;
     use crate::node::transport;
 
@@ -266,9 +266,9 @@ mod tests {
         let leader = answering(Response::ClusterMeta { cluster: Some(cluster.clone()), applied: 12 }).await;
         let follower = answering(Response::Error(ErrorReply::NotLeader { leader: Some(7) })).await;
         let peers = vec![(7, leader.clone()), (8, follower.clone())];
-        let fetched = fetch_cluster_from(std::slice::from_ref(&follower), &peers, None, Duration::from_secs(2)).await;
+        let fetched = fetch_cluster_from(std::slice::from_ref(&follower), &peers, &TcpNetwork::default(), Duration::from_secs(2)).await;
         assert_eq!(fetched, Some((cluster, 12)));
         // A leader this node has no address for: nothing to follow.
-        assert_eq!(fetch_cluster_from(&[follower], &peers[1..], None, Duration::from_secs(2)).await, None);
+        assert_eq!(fetch_cluster_from(&[follower], &peers[1..], &TcpNetwork::default(), Duration::from_secs(2)).await, None);
     }
 }

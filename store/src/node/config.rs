@@ -109,9 +109,9 @@ pub struct ChunkdConfig {
     /// flushes after it: the rule before WAL format version 3. Default false.
     #[serde(default)]
     pub unsafe_wal_torn_tail_rule: bool,
-    /// Test hook (chunkcheck's disk nemesis turns it on): the engine's devices keep writes in
-    /// memory until they are synced, letting a random part of them through early, so that a
-    /// SIGKILL loses what a power cut could (the WAL is not covered). Safe, but it costs memory
+    /// Test hook (chunkcheck's disk nemesis turns it on): the engine's devices and the WAL's
+    /// segments keep writes in memory until they are synced, letting a random part of them
+    /// through early, so that a SIGKILL loses what a power cut could. Safe, but it costs memory
     /// and speed. Default false.
     #[serde(default)]
     pub test_power_loss_devices: bool,

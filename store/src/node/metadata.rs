@@ -39,7 +39,6 @@ use std::time::Duration;
 use openraft::BasicNode;
 
 use super::raft_network::GroupNetwork;
-use super::transport::Connection;
 use super::{rejoin, Node, NodeError};
 use crate::meta::ClusterMetaExt as _;
 use crate::meta::{self, ClusterMeta, MetaRaft, MetaTypeConfig, META_NAMESPACE, META_WAL_GROUP};
@@ -208,9 +207,9 @@ impl Node {
         let needed = configured.len().div_ceil(2).min(others.len());
         let request = Request::GroupLog { namespace: META_NAMESPACE.to_owned(), group: 0 };
         let ask = |address: &String| -> rejoin::AskLog<'_> {
-            let mut connection = Connection::new(address.clone()).from_source(self.config.peer_source);
+            let link = self.network.link(address);
             let request = &request;
-            Box::pin(async move { connection.call(request, Duration::from_millis(500)).await.ok() })
+            Box::pin(async move { link.call(request, Duration::from_millis(500)).await.ok() })
         };
         let answers = self.survey_logs((META_NAMESPACE, 0, META_WAL_GROUP), &others, needed, ask).await?;
         let lived_on: Vec<String> = answers.into_iter().filter(|a| a.lived_on()).map(|a| a.from).collect();
@@ -224,8 +223,7 @@ impl Node {
         loop {
             let mut created = 0;
             for address in &lived_on {
-                let mut connection = Connection::new(address.clone()).from_source(self.config.peer_source);
-                match connection.call(&Request::MetadataVoters, Duration::from_secs(1)).await {
+                match self.network.link(address).call(&Request::MetadataVoters, Duration::from_secs(1)).await {
                     Ok(Response::MetadataVoters(Some(voters))) if voters.contains(&me) => {
                         return Ok(Role { voter: true, cluster_exists: true, lost_copy: true, voters });
                     }

@@ -21,6 +21,7 @@ mod leases;
 mod membership;
 mod metadata;
 pub mod metrics;
+pub mod network;
 pub mod raft_network;
 mod raft_rpc;
 mod reads;
@@ -62,10 +63,19 @@ struct Joined {
     namespaces: HashMap<String, HostedNamespace>,
 }
 
+/// What a node runs in: its wall clock and its network (`Node::start_in`). `Node::start` uses
+/// the system clock and TCP.
+pub struct NodeEnv {
+    pub clock: Arc<dyn Clock>,
+    pub network: Arc<dyn network::Network>,
+}
+
 pub struct Node {
     config: NodeConfig,
-    /// The wall clock (`start_with_clock`).
+    /// The wall clock (`start_in`).
     clock: Arc<dyn Clock>,
+    /// How this node reaches its peers (`start_in`).
+    network: Arc<dyn network::Network>,
     wal: Arc<Wal>,
     raft_config: Arc<openraft::Config>,
     /// One connection per peer, shared by all groups.
@@ -116,21 +126,28 @@ pub enum NodeError {
 impl Node {
     /// Opens the WAL and the metadata this node remembers. Serve the node, then call `join`.
     pub async fn start(config: NodeConfig) -> Result<Arc<Node>, NodeError> {
-        Self::start_with_clock(config, Arc::new(crate::engine::SystemClock)).await
+        let network = Arc::new(network::TcpNetwork { source: config.peer_source });
+        Self::start_in(config, NodeEnv { clock: Arc::new(crate::engine::SystemClock), network }).await
     }
 
-    /// `start`, with the wall clock the node and its engines go by (proposals' timestamps,
-    /// expiry); monotonic time is always tokio's, which a paused runtime (tokio's `test-util`)
-    /// drives.
-    pub async fn start_with_clock(config: NodeConfig, clock: Arc<dyn Clock>) -> Result<Arc<Node>, NodeError> {
+    /// `start`, in the environment `env` gives: the wall clock the node and its engines go by
+    /// (proposals' timestamps, expiry; monotonic time is always tokio's, which a paused runtime,
+    /// tokio's `test-util`, drives) and the network to its peers.
+    pub async fn start_in(config: NodeConfig, env: NodeEnv) -> Result<Arc<Node>, NodeError> {
+        let NodeEnv { clock, network } = env;
         if !config.nodes.iter().any(|(id, _)| *id == config.node_id) {
             return Err(NodeError::Config(format!("node {} is not in the node list", config.node_id)));
         }
-        let wal_config = WalConfig {
-            zero_fill: config.wal_zero_fill,
-            unsafe_torn_tail_rule: config.unsafe_wal_torn_tail_rule,
-            ..WalConfig::new(config.data_dir.join("wal"))
+        let wal_dir = config.data_dir.join("wal");
+        let segment_dir: Option<Arc<dyn crate::device::DeviceDir>> = match config.test_power_loss_devices {
+            true => {
+                let files = crate::device::FileDir::new(&wal_dir).map_err(|source| crate::wal::WalError::Io { path: wal_dir.clone(), source })?;
+                Some(Arc::new(crate::device::PowerLossDir::new(Arc::new(files), rand::random())))
+            }
+            false => None,
         };
+        let wal_config =
+            WalConfig { segment_dir, zero_fill: config.wal_zero_fill, unsafe_torn_tail_rule: config.unsafe_wal_torn_tail_rule, ..WalConfig::new(wal_dir) };
         let wal = match Wal::open(wal_config.clone()) {
             Ok(wal) => wal,
             Err(err @ crate::wal::WalError::Corrupt { .. }) => {
@@ -153,7 +170,7 @@ impl Node {
             .map_err(|e| NodeError::Config(e.to_string()))?,
         );
         let meta_state = MetaStateMachine::new(wal.clone()).map_err(NodeError::Config)?;
-        let peers: raft_network::Peers = Arc::new(raft_network::PeerSet::new(config.nodes.iter().cloned(), config.peer_source));
+        let peers: raft_network::Peers = Arc::new(raft_network::PeerSet::new(config.nodes.iter().cloned(), network.clone()));
         if let Some(cluster) = meta_state.cluster() {
             for node in &cluster.nodes {
                 peers.connect(node.id, &node.peer);
@@ -162,6 +179,7 @@ impl Node {
         Ok(Arc::new(Node {
             config,
             clock,
+            network,
             wal,
             raft_config,
             peers,

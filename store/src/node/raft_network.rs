@@ -12,7 +12,7 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapsho
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 
-use super::transport::SharedConnection;
+use super::network::{Network, PeerLink};
 use crate::protocol::{Request, Response};
 use crate::raft::{NodeId, TypeConfig};
 
@@ -36,41 +36,40 @@ pub(crate) enum RaftReply {
     InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
 }
 
-/// The node's connections to its peers, by node id: one each, shared by every group. Nodes
-/// that join the cluster are added as the node learns of them.
-#[derive(Default)]
+/// The node's links to its peers, by node id: one each, shared by every group. Nodes that join
+/// the cluster are added as the node learns of them.
 pub struct PeerSet {
-    source: Option<std::net::IpAddr>,
-    connections: RwLock<HashMap<NodeId, Arc<SharedConnection>>>,
+    network: Arc<dyn Network>,
+    connections: RwLock<HashMap<NodeId, Arc<dyn PeerLink>>>,
 }
 
 pub type Peers = Arc<PeerSet>;
 
 impl PeerSet {
-    /// Connections to `nodes` (id, peer address), leaving from `source` when given.
-    pub fn new(nodes: impl IntoIterator<Item = (NodeId, String)>, source: Option<std::net::IpAddr>) -> PeerSet {
-        let set = PeerSet { source, connections: Default::default() };
+    /// Links to `nodes` (id, peer address) over `network`.
+    pub fn new(nodes: impl IntoIterator<Item = (NodeId, String)>, network: Arc<dyn Network>) -> PeerSet {
+        let set = PeerSet { network, connections: Default::default() };
         for (id, address) in nodes {
             set.connect(id, &address);
         }
         set
     }
 
-    pub fn get(&self, id: &NodeId) -> Option<Arc<SharedConnection>> {
+    pub fn get(&self, id: &NodeId) -> Option<Arc<dyn PeerLink>> {
         self.connections.read().unwrap().get(id).cloned()
     }
 
-    /// The connection to node `id` at `address` (a new one if the node is new to this node).
-    pub fn connect(&self, id: NodeId, address: &str) -> Arc<SharedConnection> {
+    /// The link to node `id` at `address` (a new one if the node is new to this node).
+    pub fn connect(&self, id: NodeId, address: &str) -> Arc<dyn PeerLink> {
         if let Some(known) = self.get(&id) {
             return known;
         }
         let mut connections = self.connections.write().unwrap();
-        connections.entry(id).or_insert_with(|| Arc::new(SharedConnection::new(address.to_owned()).from_source(self.source))).clone()
+        connections.entry(id).or_insert_with(|| self.network.link(address)).clone()
     }
 
     /// Every peer, by id.
-    pub fn all(&self) -> Vec<(NodeId, Arc<SharedConnection>)> {
+    pub fn all(&self) -> Vec<(NodeId, Arc<dyn PeerLink>)> {
         let mut all: Vec<_> = self.connections.read().unwrap().iter().map(|(id, c)| (*id, c.clone())).collect();
         all.sort_unstable_by_key(|(id, _)| *id);
         all
@@ -96,7 +95,7 @@ pub struct PeerConnection<C = TypeConfig> {
     namespace: String,
     group: u32,
     target: NodeId,
-    connection: Option<Arc<SharedConnection>>,
+    connection: Option<Arc<dyn PeerLink>>,
     types: PhantomData<C>,
 }
 

@@ -1,12 +1,10 @@
 //! Group commit, segment rollover and segment deletion.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::{Arc, MutexGuard};
 
 use super::format::{encode_segment_header, SECTOR_BYTES};
-use super::{segment_path, Durable, GroupId, Segment, WalError, WalInner, WalOp, WalResult, WalState};
+use super::{segment_name, Durable, GroupId, Segment, WalError, WalInner, WalOp, WalResult, WalState};
+use crate::device::DeviceDir;
 
 impl WalInner {
     pub(crate) fn run_flusher(self: Arc<Self>) {
@@ -35,7 +33,7 @@ impl WalInner {
             segment.pending.resize(padded, 0);
             let bytes = Arc::new(std::mem::take(&mut segment.pending));
             segment.in_flight = Some((segment.handed, bytes.clone()));
-            batch.push((segment.id, segment.path.clone(), segment.file.clone(), segment.handed, bytes));
+            batch.push((segment.id, segment.path.clone(), segment.device.clone(), segment.handed, bytes));
             segment.handed += padded as u64;
         }
         let target = st.appended_lsn;
@@ -48,12 +46,12 @@ impl WalInner {
         drop(st);
 
         let mut result: WalResult<()> = Ok(());
-        for (_, path, file, offset, bytes) in &batch {
-            let written = file.write_all_at(bytes, *offset).and_then(|()| match self.config.unsafe_skip_fsync {
+        for (_, path, device, offset, bytes) in &batch {
+            let written = device.write_at(bytes, *offset).and_then(|()| match self.config.unsafe_skip_fsync {
                 true => Ok(()),
                 false => match &self.config.test_sync_hook {
-                    Some(hook) => hook().and_then(|()| file.sync_data()),
-                    None => file.sync_data(),
+                    Some(hook) => hook().and_then(|()| device.sync()),
+                    None => device.sync(),
                 },
             });
             if let Err(source) = written {
@@ -74,7 +72,7 @@ impl WalInner {
             }
         }
         let mut done: Vec<(Durable, WalResult<()>)> = Vec::new();
-        let mut deleted: Vec<PathBuf> = Vec::new();
+        let mut deleted: Vec<u64> = Vec::new();
         match &result {
             Ok(()) => {
                 st.durable_lsn = target;
@@ -83,8 +81,8 @@ impl WalInner {
                 }
                 st.last_flush_answered = done.len();
                 for id in deletable {
-                    if let Some(segment) = st.segments.remove(&id) {
-                        deleted.push(segment.path);
+                    if st.segments.remove(&id).is_some() {
+                        deleted.push(id);
                     }
                 }
             }
@@ -101,13 +99,13 @@ impl WalInner {
             callback(outcome);
         }
         if !deleted.is_empty() {
-            for path in &deleted {
-                if let Err(err) = std::fs::remove_file(path) {
-                    tracing::warn!(path = %path.display(), %err, "could not delete a WAL segment nobody needs");
+            for id in &deleted {
+                if let Err(err) = self.dir.remove(&segment_name(*id)) {
+                    tracing::warn!(dir = %self.dir.path().display(), segment = id, %err, "could not delete a WAL segment nobody needs");
                 }
             }
-            if let Err(err) = crate::device::sync_parent_dir(&deleted[0]) {
-                tracing::warn!(%err, "could not sync the WAL directory after deleting segments");
+            if let Err(err) = self.dir.sync() {
+                tracing::warn!(dir = %self.dir.path().display(), %err, "could not sync the WAL directory after deleting segments");
             }
         }
         self.state.lock().unwrap()
@@ -140,14 +138,14 @@ impl WalInner {
     }
 
     fn prepare_segment(&self, id: u64) {
-        let made = create_segment(&self.config.dir, id, self.config.segment_bytes, self.config.zero_fill, self.config.unsafe_skip_fsync);
+        let made = create_segment(&*self.dir, id, self.config.segment_bytes, self.config.zero_fill, self.config.unsafe_skip_fsync);
         let mut st = self.state.lock().unwrap();
         st.preparing = None;
         match made {
             Ok(segment) if !st.shutting_down && st.segments.keys().next_back() == Some(&(id - 1)) => st.spare = Some(segment),
             // A rollover could not wait and made its own (with a later id), or the log is
             // closing: this one, empty, is not needed.
-            Ok(segment) => remove_unused_segment(&segment.path),
+            Ok(segment) => self.remove_unused_segment(&segment),
             Err(err) => tracing::warn!(%err, "could not prepare the next WAL segment (the rollover will create it)"),
         }
     }
@@ -160,7 +158,7 @@ impl WalInner {
             Some(spare) if spare.id == next => spare,
             stale => {
                 if let Some(stale) = stale {
-                    remove_unused_segment(&stale.path);
+                    self.remove_unused_segment(&stale);
                 }
                 // The id being prepared (if any) is left to the flusher, which deletes its file.
                 let id = match st.preparing {
@@ -169,7 +167,7 @@ impl WalInner {
                 };
                 // On the appending thread: allocated only, not written with zeros (that would
                 // stall every append for the length of a segment's write).
-                create_segment(&self.config.dir, id, self.config.segment_bytes, false, self.config.unsafe_skip_fsync)?
+                create_segment(&*self.dir, id, self.config.segment_bytes, false, self.config.unsafe_skip_fsync)?
             }
         };
         let id = segment.id;
@@ -224,48 +222,66 @@ fn deletable_segments(st: &WalState) -> Vec<u64> {
     deletable
 }
 
-/// Deletes the file of a segment that never held a record (a failure is only logged: recovery
-/// reads such a segment as empty).
-pub(crate) fn remove_unused_segment(path: &std::path::Path) {
-    if let Err(err) = std::fs::remove_file(path) {
-        tracing::warn!(path = %path.display(), %err, "could not delete an unused WAL segment");
+impl WalInner {
+    /// Deletes a segment that never held a record (a failure is only logged: recovery reads
+    /// such a segment as empty).
+    pub(crate) fn remove_unused_segment(&self, segment: &Segment) {
+        if let Err(err) = self.dir.remove(&segment_name(segment.id)) {
+            tracing::warn!(path = %segment.path.display(), %err, "could not delete an unused WAL segment");
+        }
     }
 }
 
-/// Creates segment `id` with its header, its file preallocated to `bytes` (and with
-/// `zero_fill`, written with zeros over that length), synced (and the directory entry too).
-/// `bytes` must not exceed `segment_bytes`: a segment is left for a new one only once it holds
-/// that many, so its file then ends where its records end, and only the newest segment can end
-/// in (preallocated) zeros, which recovery reads as a clean end.
-pub(crate) fn create_segment(dir: &std::path::Path, id: u64, bytes: u64, zero_fill: bool, skip_fsync: bool) -> WalResult<Segment> {
-    use std::os::fd::AsRawFd;
-    let path = segment_path(dir, id);
+/// Creates segment `id` with its header, its blocks reserved to `bytes` (and with `zero_fill`,
+/// written with zeros over that length), synced, and only then given its name (a rename, the
+/// directory synced): a segment's name never stands for one whose header is not durable, so a
+/// crash during creation leaves a `*.prepare` file that recovery removes, never a headerless
+/// segment that reads as damage. `bytes` must not exceed `segment_bytes`: a segment is left
+/// for a new one only once it holds that many, so its file then ends where its records end,
+/// and only the newest segment can end in (preallocated) zeros, which recovery reads as a
+/// clean end.
+pub(crate) fn create_segment(dir: &dyn DeviceDir, id: u64, bytes: u64, zero_fill: bool, skip_fsync: bool) -> WalResult<Segment> {
+    let name = segment_name(id);
+    let preparing = format!("{name}{PREPARING_SUFFIX}");
+    let path = dir.path().join(&name);
     let io = |source| WalError::Io { path: path.clone(), source };
-    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io)?;
-    // Blocks allocated now (reading back as zeros) make each flush's fdatasync a data write
-    // only: 1.4x the fdatasyncs per second on this machine's disk. Without it (a filesystem
-    // that cannot, or a full disk) the file grows with each flush instead.
-    // SAFETY: fallocate on a file descriptor this function owns; no memory is passed.
-    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes as libc::off_t) } != 0 {
-        tracing::debug!(path = %path.display(), err = %std::io::Error::last_os_error(), "WAL segment not preallocated");
-    }
-    if zero_fill {
-        // Blocks written once (with zeros) make each flush's fdatasync cheaper still than
-        // allocated ones: ext4 need not convert an unwritten extent, a metadata change its
-        // journal must commit (1.6x the syncs per second on this machine's disk, BENCHMARKS.md).
-        let zeros = vec![0u8; 1 << 20];
-        let mut at = 0;
-        while at < bytes {
-            let len = (bytes - at).min(zeros.len() as u64) as usize;
-            file.write_all_at(&zeros[..len], at).map_err(io)?;
-            at += len as u64;
+    // The directory reserves the blocks where it can (files: fallocate), so that they read
+    // back as zeros and each flush's fdatasync is a data write only: 1.4x the fdatasyncs per
+    // second on this machine's disk.
+    let device = dir.create(&preparing, bytes).map_err(io)?;
+    let written = (|| {
+        if zero_fill {
+            // Blocks written once (with zeros) make each flush's fdatasync cheaper still than
+            // allocated ones: ext4 need not convert an unwritten extent, a metadata change its
+            // journal must commit (1.6x the syncs per second on this machine's disk,
+            // BENCHMARKS.md).
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < bytes {
+                let len = (bytes - at).min(zeros.len() as u64) as usize;
+                device.write_at(&zeros[..len], at)?;
+                at += len as u64;
+            }
         }
-    }
-    file.write_all_at(&encode_segment_header(id), 0).map_err(io)?;
-    if !skip_fsync {
-        file.sync_all().map_err(io)?;
-        crate::device::sync_parent_dir(&path).map_err(|e| WalError::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        device.write_at(&encode_segment_header(id), 0)?;
+        if !skip_fsync {
+            device.sync()?;
+        }
+        dir.rename(&preparing, &name)?;
+        if !skip_fsync {
+            dir.sync()?;
+        }
+        Ok(())
+    })();
+    if let Err(err) = written {
+        if let Err(cleanup) = dir.remove(&preparing) {
+            tracing::debug!(%preparing, %cleanup, "could not remove a WAL segment whose creation failed");
+        }
+        return Err(io(err));
     }
     let handed = super::format::SEGMENT_HEADER_BYTES as u64;
-    Ok(Segment { id, path, file: Arc::new(file), handed, pending: Vec::new(), in_flight: None, max_index: Default::default(), holds_forget: false })
+    Ok(Segment { id, path, device, handed, pending: Vec::new(), in_flight: None, max_index: Default::default(), holds_forget: false })
 }
+
+/// What a segment is named while it is being created.
+pub(crate) const PREPARING_SUFFIX: &str = ".prepare";

@@ -21,12 +21,13 @@ pub mod format;
 mod recovery;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use format::encode_record;
+
+use crate::device::{Device, DeviceDir};
 
 pub type GroupId = u32;
 
@@ -88,6 +89,9 @@ pub type Durable = Box<dyn FnOnce(WalResult<()>) + Send>;
 pub struct WalConfig {
     /// Directory of the segment files (created if missing).
     pub dir: PathBuf,
+    /// Where the segments live instead of files in `dir` (a `MemDir`, or a `PowerLossDir` for
+    /// power-cut tests); `None`: a `FileDir` of `dir`.
+    pub segment_dir: Option<Arc<dyn DeviceDir>>,
     /// A new segment is started once the current one holds this many bytes. Default 64 MiB.
     pub segment_bytes: u64,
     /// Largest record; longer appends are refused, longer lengths read back are corruption.
@@ -115,6 +119,7 @@ impl std::fmt::Debug for WalConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WalConfig")
             .field("dir", &self.dir)
+            .field("segment_dir", &self.segment_dir)
             .field("segment_bytes", &self.segment_bytes)
             .field("record_bytes_max", &self.record_bytes_max)
             .field("zero_fill", &self.zero_fill)
@@ -129,6 +134,7 @@ impl WalConfig {
     pub fn new(dir: impl Into<PathBuf>) -> WalConfig {
         WalConfig {
             dir: dir.into(),
+            segment_dir: None,
             segment_bytes: 64 << 20,
             record_bytes_max: 16 << 20,
             zero_fill: true,
@@ -182,8 +188,9 @@ pub struct GroupLogState {
 
 pub(crate) struct Segment {
     id: u64,
+    /// For messages: where the segment is.
     path: PathBuf,
-    file: Arc<File>,
+    device: Arc<dyn Device>,
     /// File offset up to which bytes were handed to the flusher (a sector multiple).
     handed: u64,
     /// Appended bytes not yet handed; they start at file offset `handed`.
@@ -234,6 +241,8 @@ pub struct WalStats {
 
 pub(crate) struct WalInner {
     config: WalConfig,
+    /// Where the segments are.
+    dir: Arc<dyn DeviceDir>,
     state: Mutex<WalState>,
     flush_wakeup: Condvar,
     /// The thread preparing the next segment, if one was started (joined at close).
@@ -246,8 +255,13 @@ pub struct Wal {
     flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn segment_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("wal-{id:016}.log"))
+fn segment_name(id: u64) -> String {
+    format!("wal-{id:016}.log")
+}
+
+/// The segment id a name in the directory stands for.
+fn segment_id(name: &str) -> Option<u64> {
+    name.strip_prefix("wal-").and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse().ok())
 }
 
 impl Wal {
@@ -404,7 +418,7 @@ impl Wal {
             let _ = preparer.join();
         }
         if let Some(spare) = self.inner.state.lock().unwrap().spare.take() {
-            flusher::remove_unused_segment(&spare.path);
+            self.inner.remove_unused_segment(&spare);
         }
         // Anything still waiting was never made durable (a poisoned log): say so.
         let left: Vec<Durable> = self.inner.state.lock().unwrap().waiting.drain(..).map(|(_, done)| done).collect();
@@ -514,8 +528,7 @@ impl WalInner {
             bytes
         } else {
             let mut buf = vec![0u8; loc.len as usize];
-            use std::os::unix::fs::FileExt;
-            segment.file.read_exact_at(&mut buf, start).map_err(|e| WalError::Io { path: segment.path.clone(), source: e })?;
+            segment.device.read_at(&mut buf, start).map_err(|e| WalError::Io { path: segment.path.clone(), source: e })?;
             buf
         };
         match format::decode_at(&record, 0, self.config.record_bytes_max) {

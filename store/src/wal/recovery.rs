@@ -14,39 +14,48 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::format::{decode_at, decode_segment_header, Decoded, Step, SECTOR_BYTES, SEGMENT_HEADER_BYTES, WAL_FORMAT_VERSION_FLUSH_MARKERS};
-use super::{EntryLoc, GroupLog, Segment, WalConfig, WalError, WalInner, WalResult, WalState};
+use super::{segment_id, EntryLoc, GroupLog, Segment, WalConfig, WalError, WalInner, WalResult, WalState};
+use crate::device::{DeviceDir, FileDir};
 
 pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
     let io = |path: &std::path::Path| {
         let path = path.to_owned();
         move |source| WalError::Io { path, source }
     };
-    std::fs::create_dir_all(&config.dir).map_err(io(&config.dir))?;
-    let mut files: Vec<(u64, std::path::PathBuf)> = Vec::new();
-    for entry in std::fs::read_dir(&config.dir).map_err(io(&config.dir))? {
-        let path = entry.map_err(io(&config.dir))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(id) = name.strip_prefix("wal-").and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse().ok()) {
-            files.push((id, path));
-        }
+    let dir: Arc<dyn DeviceDir> = match &config.segment_dir {
+        Some(dir) => dir.clone(),
+        None => Arc::new(FileDir::new(&config.dir).map_err(io(&config.dir))?),
+    };
+    let names = dir.list().map_err(io(dir.path()))?;
+    // Segments whose creation a crash interrupted (never named, never written to).
+    let unfinished: Vec<&String> = names.iter().filter(|name| name.ends_with(super::flusher::PREPARING_SUFFIX)).collect();
+    for name in &unfinished {
+        tracing::info!(dir = %dir.path().display(), %name, "removing a WAL segment whose creation did not finish");
+        dir.remove(name).map_err(io(&dir.path().join(name)))?;
     }
+    if !unfinished.is_empty() {
+        dir.sync().map_err(io(dir.path()))?;
+    }
+    let mut files: Vec<(u64, String)> = names.into_iter().filter_map(|name| Some((segment_id(&name)?, name))).collect();
     files.sort();
     let mut groups: HashMap<u32, GroupLog> = HashMap::new();
     let mut segments = BTreeMap::new();
     let mut torn: Option<(std::path::PathBuf, u64, String)> = None;
     let mut flushes_taken = 0;
     let file_count = files.len();
-    for (position, (id, path)) in files.into_iter().enumerate() {
-        let data = std::fs::read(&path).map_err(io(&path))?;
+    for (position, (id, name)) in files.into_iter().enumerate() {
+        let path = dir.path().join(&name);
+        let data = read_whole(&*dir, &name).map_err(io(&path))?;
         let corrupt = |offset: u64, what: String| WalError::Corrupt { path: path.clone(), offset, what };
         let version = match decode_segment_header(&data) {
             Ok((found, version)) if found == id => version,
             Ok((found, _)) => return Err(corrupt(0, format!("header says segment {found}"))),
-            // The newest segment may have been cut short while being created: then it holds no
-            // more than its header sector (records are only written after the header is synced).
+            // In a log written before segments were named only once complete, the newest one may
+            // have been cut short while being created: then it holds no more than its header
+            // sector (records are only written after the header is synced).
             Err(what) if position + 1 == file_count && data.len() <= SEGMENT_HEADER_BYTES => {
                 tracing::warn!(path = %path.display(), %what, "removing a WAL segment whose creation did not finish");
-                std::fs::remove_file(&path).map_err(io(&path))?;
+                dir.remove(&name).and_then(|()| dir.sync()).map_err(io(&path))?;
                 continue;
             }
             Err(what) => return Err(corrupt(0, what)),
@@ -110,18 +119,18 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
         if end < data.len() {
             // Cut the torn or preallocated tail so that this segment reads cleanly once it is
             // no longer the last.
-            let file = std::fs::OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
-            file.set_len(end as u64).and_then(|()| file.sync_all()).map_err(io(&path))?;
+            dir.set_len(&name, end as u64).map_err(io(&path))?;
         }
-        let file = std::fs::OpenOptions::new().read(true).open(&path).map_err(io(&path))?;
+        let device = dir.open(&name).map_err(io(&path))?;
         let handed = data.len() as u64;
-        segments.insert(id, Segment { id, path, file: Arc::new(file), handed, pending: Vec::new(), in_flight: None, max_index, holds_forget });
+        segments.insert(id, Segment { id, path, device, handed, pending: Vec::new(), in_flight: None, max_index, holds_forget });
     }
     if let Some((path, offset, what)) = &torn {
         tracing::warn!(path = %path.display(), offset, %what, "WAL tail torn by a crash: the unacknowledged records after it were dropped");
     }
     let inner = WalInner {
         config,
+        dir,
         state: Mutex::new(WalState {
             groups,
             segments,
@@ -149,12 +158,21 @@ pub(crate) fn open(config: WalConfig) -> WalResult<WalInner> {
         let mut st = inner.state.lock().unwrap();
         let next = st.segments.keys().next_back().map_or(1, |last| last + 1);
         let config = &inner.config;
-        st.spare = Some(super::flusher::create_segment(&config.dir, next, config.segment_bytes, config.zero_fill, config.unsafe_skip_fsync)?);
+        st.spare = Some(super::flusher::create_segment(&*inner.dir, next, config.segment_bytes, config.zero_fill, config.unsafe_skip_fsync)?);
         inner.roll_over(&mut st)?;
     }
     let groups = inner.state.lock().unwrap().groups.len();
-    tracing::info!(dir = %inner.config.dir.display(), groups, "WAL opened");
+    tracing::info!(dir = %inner.dir.path().display(), groups, "WAL opened");
     Ok(inner)
+}
+
+/// Every byte of segment `name`.
+fn read_whole(dir: &dyn DeviceDir, name: &str) -> std::io::Result<Vec<u8>> {
+    let device = dir.open(name)?;
+    let len = usize::try_from(device.size_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    let mut data = vec![0u8; len];
+    device.read_at(&mut data, 0)?;
+    Ok(data)
 }
 
 fn replay(groups: &mut HashMap<u32, GroupLog>, max_index: &mut HashMap<u32, u64>, segment: u64, offset: u64, len: u32, record: Decoded<'_>) {

@@ -8,6 +8,13 @@
 //!   underneath (a prefix: a torn write; or a random subset: out-of-order write-back), as a disk
 //!   does when power fails. Killing the process (or
 //!   calling `crash`) is then a power cut: only synced bytes, plus torn fragments, survive.
+//!
+//! The WAL keeps its segments in a `DeviceDir` (dir.rs): a directory of devices that grow as
+//! they are written, with the same three kinds (files, memory, power loss).
+
+mod dir;
+
+pub use dir::{DeviceDir, FileDir, GrowingFile, MemDir, PowerLossDir};
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -160,11 +167,23 @@ impl Device for FileDevice {
 pub struct MemDevice {
     path: PathBuf,
     bytes: Mutex<Vec<u8>>,
+    /// Writes past the end grow it (a file in a `MemDir`) instead of failing.
+    grows: bool,
 }
 
 impl MemDevice {
     pub fn new(name: &str, len: u64) -> MemDevice {
-        MemDevice { path: PathBuf::from(format!("mem:{name}")), bytes: Mutex::new(vec![0; len as usize]) }
+        MemDevice { path: PathBuf::from(format!("mem:{name}")), bytes: Mutex::new(vec![0; len as usize]), grows: false }
+    }
+
+    /// A device that grows when written past its end, as a file does.
+    pub fn growing(name: &str, len: u64) -> MemDevice {
+        MemDevice { grows: true, ..MemDevice::new(name, len) }
+    }
+
+    /// Cuts or extends (with zeros) a growing device to `len` bytes.
+    pub(crate) fn set_len(&self, len: u64) {
+        self.bytes.lock().unwrap().resize(len as usize, 0);
     }
 
     /// Flips bits in place, as a failing disk would (for corruption tests).
@@ -191,6 +210,12 @@ impl Device for MemDevice {
     }
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let mut bytes = self.bytes.lock().unwrap();
+        if self.grows {
+            let end = offset.checked_add(data.len() as u64).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+            if end > bytes.len() as u64 {
+                bytes.resize(usize::try_from(end).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?, 0);
+            }
+        }
         let range = checked_range(bytes.len(), offset, data.len())?;
         bytes[range].copy_from_slice(data);
         Ok(())
@@ -242,6 +267,13 @@ impl PowerLossDevice {
     }
 }
 
+impl PowerLossState {
+    /// Where the furthest pending write ends.
+    fn pending_end(&self) -> u64 {
+        self.pending.iter().map(|(offset, data)| offset + data.len() as u64).max().unwrap_or(0)
+    }
+}
+
 fn power_off() -> io::Error {
     io::Error::other("power cut (PowerLossDevice::crash)")
 }
@@ -251,12 +283,22 @@ impl Device for PowerLossDevice {
         self.inner.path()
     }
     fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
+        let state = self.state.lock().unwrap();
+        self.inner.size_bytes().max(state.pending_end())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let state = self.state.lock().unwrap();
-        self.inner.read_at(buf, offset)?;
-        let end = offset + buf.len() as u64;
+        let end = offset.checked_add(buf.len() as u64).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // A growing device (a WAL segment) may have been written past its end underneath by
+        // writes still pending here: that part reads from them.
+        let inner_len = self.inner.size_bytes();
+        if end > inner_len && end <= state.pending_end() {
+            let within = inner_len.saturating_sub(offset).min(buf.len() as u64) as usize;
+            self.inner.read_at(&mut buf[..within], offset)?;
+            buf[within..].fill(0);
+        } else {
+            self.inner.read_at(buf, offset)?;
+        }
         for (write_offset, data) in &state.pending {
             let write_end = write_offset + data.len() as u64;
             if *write_offset >= end || write_end <= offset {
