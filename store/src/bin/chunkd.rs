@@ -82,6 +82,9 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
     if config.unsafe_serve_damaged {
         tracing::warn!("UNSAFE test option unsafe-serve-damaged is set: a damaged replica serves what is left of its data");
     }
+    if config.unsafe_wal_skip_fsync {
+        tracing::warn!("UNSAFE test option unsafe-wal-skip-fsync is set: the WAL acknowledges appends it never synced");
+    }
     if config.unsafe_wal_torn_tail_rule {
         tracing::warn!("UNSAFE test option unsafe-wal-torn-tail-rule is set: damage in the newest WAL segment is cut off as a torn tail");
     }

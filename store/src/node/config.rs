@@ -104,6 +104,10 @@ pub struct ChunkdConfig {
     /// (store/WAL.md). Default true; false only allocates them (for comparisons).
     #[serde(default = "default_true")]
     pub wal_zero_fill: bool,
+    /// UNSAFE (negative controls only): the WAL never fdatasyncs, so an append is acknowledged
+    /// before it is durable and a power cut loses it. Default false.
+    #[serde(default)]
+    pub unsafe_wal_skip_fsync: bool,
     /// UNSAFE (negative controls only): WAL recovery takes any invalid record in the newest
     /// segment for a torn tail and cuts the log there, even with records of later (synced)
     /// flushes after it: the rule before WAL format version 3. Default false.
@@ -268,6 +272,7 @@ impl ChunkdConfig {
             unsafe_serve_damaged: self.unsafe_serve_damaged,
             unsafe_wal_torn_tail_rule: self.unsafe_wal_torn_tail_rule,
             wal_zero_fill: self.wal_zero_fill,
+            unsafe_wal_skip_fsync: self.unsafe_wal_skip_fsync,
             test_power_loss_devices: self.test_power_loss_devices,
             test_crash_while_leaving: self.test_crash_while_leaving,
             balance_leaders: self.balance_leaders,
@@ -330,6 +335,8 @@ pub struct NodeConfig {
     pub unsafe_wal_torn_tail_rule: bool,
     /// WAL segments zero-filled when prepared (see `WalConfig::zero_fill`).
     pub wal_zero_fill: bool,
+    /// UNSAFE (negative controls only): the WAL never fdatasyncs.
+    pub unsafe_wal_skip_fsync: bool,
     /// Test hook: engine devices drop unsynced writes when the process dies (power cut).
     pub test_power_loss_devices: bool,
     /// Test hook: abort between stopping a replica whose group moved away and forgetting it.

@@ -51,9 +51,12 @@ impl Node {
         // then tells damage to acknowledged records from a torn tail.
         let durable_points =
             crate::raft::recorded_engine_points(&self.wal, hosted.iter().map(|group| wal_group(*group))).map_err(|e| NodeError::Raft(e.to_string()))?;
-        let devices = match self.config.test_power_loss_devices {
-            true => Some(power_loss_devices(&spec.engine)?),
-            false => None,
+        let devices = match (&self.storage, self.config.test_power_loss_devices) {
+            (Some(storage), _) => {
+                Some(storage.devices(&spec.engine).map_err(|e| NodeError::Config(format!("namespace {}: its devices: {e}", spec.engine.name)))?)
+            }
+            (None, true) => Some(power_loss_devices(&spec.engine)?),
+            (None, false) => None,
         };
         // Records of replicas that moved away and were forgotten stay out of the index.
         let void_points = crate::raft::forget::recorded_void_points(&self.wal, info.groups, (0..info.groups).map(|g| (g, wal_group(g))))

@@ -30,6 +30,7 @@ mod rejoin;
 mod repair;
 mod revive;
 mod roster;
+pub mod storage;
 mod touch;
 pub mod transport;
 mod wal_damage;
@@ -63,11 +64,13 @@ struct Joined {
     namespaces: HashMap<String, HostedNamespace>,
 }
 
-/// What a node runs in: its wall clock and its network (`Node::start_in`). `Node::start` uses
-/// the system clock and TCP.
+/// What a node runs in: its wall clock, its network and its disks (`Node::start_in`).
+/// `Node::start` uses the system clock, TCP and files.
 pub struct NodeEnv {
     pub clock: Arc<dyn Clock>,
     pub network: Arc<dyn network::Network>,
+    /// `None`: files under the data directory.
+    pub storage: Option<Arc<dyn storage::NodeStorage>>,
 }
 
 pub struct Node {
@@ -76,6 +79,8 @@ pub struct Node {
     clock: Arc<dyn Clock>,
     /// How this node reaches its peers (`start_in`).
     network: Arc<dyn network::Network>,
+    /// Its disks, when not files (`start_in`).
+    storage: Option<Arc<dyn storage::NodeStorage>>,
     wal: Arc<Wal>,
     raft_config: Arc<openraft::Config>,
     /// One connection per peer, shared by all groups.
@@ -127,27 +132,33 @@ impl Node {
     /// Opens the WAL and the metadata this node remembers. Serve the node, then call `join`.
     pub async fn start(config: NodeConfig) -> Result<Arc<Node>, NodeError> {
         let network = Arc::new(network::TcpNetwork { source: config.peer_source });
-        Self::start_in(config, NodeEnv { clock: Arc::new(crate::engine::SystemClock), network }).await
+        Self::start_in(config, NodeEnv { clock: Arc::new(crate::engine::SystemClock), network, storage: None }).await
     }
 
     /// `start`, in the environment `env` gives: the wall clock the node and its engines go by
     /// (proposals' timestamps, expiry; monotonic time is always tokio's, which a paused runtime,
     /// tokio's `test-util`, drives) and the network to its peers.
     pub async fn start_in(config: NodeConfig, env: NodeEnv) -> Result<Arc<Node>, NodeError> {
-        let NodeEnv { clock, network } = env;
+        let NodeEnv { clock, network, storage } = env;
         if !config.nodes.iter().any(|(id, _)| *id == config.node_id) {
             return Err(NodeError::Config(format!("node {} is not in the node list", config.node_id)));
         }
         let wal_dir = config.data_dir.join("wal");
         let segment_dir: Option<Arc<dyn crate::device::DeviceDir>> = match config.test_power_loss_devices {
+            _ if storage.is_some() => storage.as_ref().map(|storage| storage.wal_dir()),
             true => {
                 let files = crate::device::FileDir::new(&wal_dir).map_err(|source| crate::wal::WalError::Io { path: wal_dir.clone(), source })?;
                 Some(Arc::new(crate::device::PowerLossDir::new(Arc::new(files), rand::random())))
             }
             false => None,
         };
-        let wal_config =
-            WalConfig { segment_dir, zero_fill: config.wal_zero_fill, unsafe_torn_tail_rule: config.unsafe_wal_torn_tail_rule, ..WalConfig::new(wal_dir) };
+        let wal_config = WalConfig {
+            segment_dir,
+            zero_fill: config.wal_zero_fill,
+            unsafe_torn_tail_rule: config.unsafe_wal_torn_tail_rule,
+            unsafe_skip_fsync: config.unsafe_wal_skip_fsync,
+            ..WalConfig::new(wal_dir)
+        };
         let wal = match Wal::open(wal_config.clone()) {
             Ok(wal) => wal,
             Err(err @ crate::wal::WalError::Corrupt { .. }) => {
@@ -180,6 +191,7 @@ impl Node {
             config,
             clock,
             network,
+            storage,
             wal,
             raft_config,
             peers,

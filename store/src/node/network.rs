@@ -90,6 +90,9 @@ pub struct MemNetwork {
 
 struct MemNetState {
     handlers: HashMap<String, MemHandler>,
+    /// The life of each address: `unlisten` ends it, and links of an ended life (tasks a
+    /// crashed node left running) reach no one.
+    lives: HashMap<String, u64>,
     /// (from, to): messages from `from` to `to` are lost.
     cut: BTreeSet<(String, String)>,
     faults: MemFaults,
@@ -108,6 +111,7 @@ impl MemNetwork {
     pub fn new(seed: u64) -> MemNetwork {
         let state = MemNetState {
             handlers: HashMap::new(),
+            lives: HashMap::new(),
             cut: BTreeSet::new(),
             faults: MemFaults::default(),
             rng: SmallRng::seed_from_u64(seed),
@@ -140,13 +144,17 @@ impl MemNetwork {
 
     /// Nothing serves `address` any more (its node stopped or crashed): requests to it are
     /// refused, as a closed port refuses a connection.
+    /// Its life ends too: links made through `of(address)` before now reach no one.
     pub fn unlisten(&self, address: &str) {
-        self.state.lock().unwrap().handlers.remove(address);
+        let mut state = self.state.lock().unwrap();
+        state.handlers.remove(address);
+        *state.lives.entry(address.to_owned()).or_default() += 1;
     }
 
-    /// The network as the node at `address` sees it.
+    /// The network as the node at `address` sees it (in its current life).
     pub fn of(&self, address: &str) -> Arc<dyn Network> {
-        Arc::new(MemView { net: self.clone(), from: address.to_owned() })
+        let life = self.state.lock().unwrap().lives.get(address).copied().unwrap_or(0);
+        Arc::new(MemView { net: self.clone(), from: address.to_owned(), life })
     }
 
     /// Messages between `side` and every other address are lost, both ways, until `heal`.
@@ -178,8 +186,12 @@ impl MemNetwork {
         self.state.lock().unwrap().stats
     }
 
-    fn fate(&self, from: &str, to: &str) -> (Fate, Option<MemHandler>) {
+    fn fate(&self, from: &str, life: Option<u64>, to: &str) -> (Fate, Option<MemHandler>) {
         let mut state = self.state.lock().unwrap();
+        if life.is_some_and(|life| state.lives.get(from).copied().unwrap_or(0) != life) {
+            state.stats.refused += 1;
+            return (Fate::Refused, None);
+        }
         let handler = state.handlers.get(to).cloned();
         let faults = state.faults;
         let cut = state.cut.contains(&(from.to_owned(), to.to_owned()));
@@ -203,8 +215,8 @@ impl MemNetwork {
     }
 
     /// One request from `from` to `to` and its response, through the faults.
-    async fn exchange(&self, from: &str, to: &str, body: Vec<u8>) -> io::Result<Response> {
-        let (fate, handler) = self.fate(from, to);
+    async fn exchange(&self, from: &str, life: u64, to: &str, body: Vec<u8>) -> io::Result<Response> {
+        let (fate, handler) = self.fate(from, Some(life), to);
         let (delay, duplicate, handler) = match (fate, handler) {
             (Fate::Refused, _) | (Fate::Delivered { .. }, None) => {
                 return Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("nothing listens at {to}")));
@@ -223,7 +235,7 @@ impl MemNetwork {
         };
         let body = encode_body(&response, FRAME_BYTES_MAX_DEFAULT).map_err(io::Error::other)?;
         // The way back has its own fate.
-        match self.fate(to, from).0 {
+        match self.fate(to, None, from).0 {
             Fate::Lost => std::future::pending().await,
             Fate::Refused | Fate::Delivered { .. } => {}
         }
@@ -235,17 +247,19 @@ impl MemNetwork {
 struct MemView {
     net: MemNetwork,
     from: String,
+    life: u64,
 }
 
 impl Network for MemView {
     fn link(&self, address: &str) -> Arc<dyn PeerLink> {
-        Arc::new(MemLink { net: self.net.clone(), from: self.from.clone(), to: address.to_owned() })
+        Arc::new(MemLink { net: self.net.clone(), from: self.from.clone(), life: self.life, to: address.to_owned() })
     }
 }
 
 struct MemLink {
     net: MemNetwork,
     from: String,
+    life: u64,
     to: String,
 }
 
@@ -253,7 +267,7 @@ impl PeerLink for MemLink {
     fn call<'a>(&'a self, request: &'a Request, timeout: Duration) -> BoxFuture<'a, io::Result<Response>> {
         Box::pin(async move {
             let body = encode_body(request, FRAME_BYTES_MAX_DEFAULT).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-            match tokio::time::timeout(timeout, self.net.exchange(&self.from, &self.to, body)).await {
+            match tokio::time::timeout(timeout, self.net.exchange(&self.from, self.life, &self.to, body)).await {
                 Ok(answer) => answer,
                 Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "request timed out")),
             }
