@@ -18,6 +18,7 @@ pub mod node;
 pub mod ops;
 pub mod protocol;
 pub mod raft;
+pub mod sim;
 pub use chunkstore_client::value;
 pub mod wal;
 

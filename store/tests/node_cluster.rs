@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chunkstore::node::network::MemFaults;
 use chunkstore::node::transport::{serve, Connection};
 use chunkstore::node::{NamespaceSpec, Node, NodeConfig};
 use chunkstore::protocol::{ErrorReply, ReadPolicy, Request, Response, WriteTag};
+use chunkstore::sim::{SimCluster, SimOptions};
 use chunkstore::{DeviceConfig, Key, NamespaceConfig, Operation, Value, WriteOp, WritePolicy};
 
 const GROUPS: u32 = 4;
@@ -406,27 +408,38 @@ async fn a_replica_with_a_damaged_device_is_rebuilt_from_its_peers_before_it_ser
     }
 }
 
-/// Sends `request` through `link`s of `network` to `node` and on, following NotLeader hints and
-/// trying the next node after an error or a lost message, for up to 30 s. The write tags make
-/// the retries exactly-once.
-async fn call_leader_over(network: &dyn chunkstore::node::network::Network, count: u64, node: u64, request: &Request) -> Response {
-    try_call_leader_over(network, count, node, request).await.unwrap_or_else(|| panic!("no leader answered {request:?}"))
+/// A cluster of three nodes in one process (`chunkstore::sim`), started, every group led.
+async fn sim_cluster(dir: &std::path::Path, options: SimOptions) -> SimCluster {
+    let mut cluster = SimCluster::new(dir.to_owned(), SimOptions { groups: GROUPS, ..options });
+    cluster.start_all().await.unwrap();
+    let probe = Request::Get { namespace: "test".into(), key: Key::new("probe", 0i64), bins: None, read: ReadPolicy::Linearizable, min_index: 0 };
+    let client = cluster.client();
+    for first in 0..GROUPS as usize * 4 {
+        client.call_leader(first, &probe, Duration::from_secs(30)).await.expect("every group elects a leader");
+    }
+    cluster
 }
 
-/// `call_leader_over`, with `None` when no leader answered in time.
-async fn try_call_leader_over(network: &dyn chunkstore::node::network::Network, count: u64, mut node: u64, request: &Request) -> Option<Response> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        match network.link(&format!("node{node}")).call(request, Duration::from_secs(1)).await {
-            Ok(Response::Error(ErrorReply::NotLeader { leader: Some(leader) })) if leader != node => node = leader,
-            Ok(Response::Error(_)) | Err(_) => {
-                node = node % count + 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Ok(other) => return Some(other),
-        }
+/// An Add of `k + 1` to key `k` of `set`, as client `client_id`'s write number `seq`.
+fn add_write(set: &str, k: i64, client_id: u64, seq: u64) -> Request {
+    Request::Write {
+        namespace: "test".into(),
+        key: Key::new(set, k),
+        op: WriteOp::Operate(vec![Operation::Add { bin: "n".into(), delta: k + 1 }]),
+        policy: WritePolicy::default(),
+        tag: WriteTag { client_id, born_ms: 1, lane: 0, seq },
     }
-    None
+}
+
+/// Whether key `k` of `set` reads back as one `add_write`, through a linearizable read
+/// (`Err` with what was found, or that no leader answered).
+async fn holds_one_add(cluster: &SimCluster, set: &str, k: i64) -> Result<(), String> {
+    let get = Request::Get { namespace: "test".into(), key: Key::new(set, k), bins: None, read: ReadPolicy::Linearizable, min_index: 0 };
+    match cluster.client().call_leader(k as usize, &get, Duration::from_secs(30)).await {
+        Some(Response::Record { record: Some(record), .. }) if record.bin("n") == Some(&Value::Int(k + 1)) && record.meta.generation == 1 => Ok(()),
+        Some(other) => Err(format!("key {k}: {other:?}")),
+        None => Err(format!("key {k}: no leader answers")),
+    }
 }
 
 /// Three nodes in one process over the in-memory network (`MemNetwork`, the network the
@@ -434,66 +447,33 @@ async fn try_call_leader_over(network: &dyn chunkstore::node::network::Network, 
 /// node 1 cut off from the other two for a third of the writes. Returns what went wrong, if
 /// anything: an acknowledged write missing, or applied more than once.
 async fn faulty_in_memory_network_run(seed: u64, duplicate: f64, unsafe_skip_dedup: bool) -> Result<(), String> {
-    use chunkstore::node::network::{MemFaults, MemNetwork};
-    use chunkstore::node::NodeEnv;
     let dir = tempfile::tempdir().unwrap();
-    let net = MemNetwork::new(seed);
-    let nodes: Vec<(u64, String)> = (1..=3).map(|id| (id, format!("node{id}"))).collect();
-    let mut started = Vec::new();
-    for (id, address) in &nodes {
-        let env = NodeEnv { clock: Arc::new(chunkstore::engine::SystemClock), network: net.of(address), storage: None };
-        let config = NodeConfig { unsafe_skip_dedup, ..node_config(*id, &nodes, dir.path(), GROUPS) };
-        let node = Node::start_in(config, env).await.unwrap();
-        net.serve_node(address, &node);
-        started.push(node);
-    }
-    let joins: Vec<_> = started
-        .iter()
-        .map(|node| {
-            let node = node.clone();
-            tokio::spawn(async move { node.join().await })
-        })
-        .collect();
-    for join in joins {
-        join.await.unwrap().unwrap();
-    }
-    let client = net.of("client");
-    net.set_faults(MemFaults { drop: 0.02, duplicate, delay_max: Duration::from_millis(3) });
+    let mut cluster = sim_cluster(dir.path(), SimOptions { seed, unsafe_skip_dedup, ..SimOptions::default() }).await;
+    let client = cluster.client();
+    cluster.net.set_faults(MemFaults { drop: 0.02, duplicate, delay_max: Duration::from_millis(3) });
     let mut problems = Vec::new();
     let mut written = Vec::new();
     for k in 0..60i64 {
         match k {
-            20 => net.isolate(&["node1"], &["node2", "node3"]),
-            40 => net.heal(),
+            20 => cluster.net.isolate(&["node1"], &["node2", "node3"]),
+            40 => cluster.net.heal(),
             _ => {}
         }
-        let request = Request::Write {
-            namespace: "test".into(),
-            key: Key::new("m", k),
-            op: WriteOp::Operate(vec![Operation::Add { bin: "n".into(), delta: k + 1 }]),
-            policy: WritePolicy::default(),
-            tag: WriteTag { client_id: 11, born_ms: 1, lane: 0, seq: k as u64 + 1 },
-        };
-        match call_leader_over(&*client, 3, 1 + k as u64 % 3, &request).await {
-            Response::Written { meta, .. } if meta.generation == 1 => written.push(k),
-            Response::Written { meta, .. } => problems.push(format!("write {k} answered generation {}", meta.generation)),
+        match client.call_leader(k as usize, &add_write("m", k, 11, k as u64 + 1), Duration::from_secs(30)).await {
+            Some(Response::Written { meta, .. }) if meta.generation == 1 => written.push(k),
+            Some(Response::Written { meta, .. }) => problems.push(format!("write {k} answered generation {}", meta.generation)),
             other => panic!("write {k} (seed {seed}): {other:?}"),
         }
     }
-    net.set_faults(MemFaults::default());
+    cluster.net.set_faults(MemFaults::default());
     for k in written {
-        let get = Request::Get { namespace: "test".into(), key: Key::new("m", k), bins: None, read: ReadPolicy::Linearizable, min_index: 0 };
-        match call_leader_over(&*client, 3, 1, &get).await {
-            Response::Record { record: Some(record), .. } if record.bin("n") == Some(&Value::Int(k + 1)) && record.meta.generation == 1 => {}
-            Response::Record { record, .. } => problems.push(format!("key {k} reads {record:?}")),
-            other => panic!("read {k} (seed {seed}): {other:?}"),
+        if let Err(problem) = holds_one_add(&cluster, "m", k).await {
+            problems.push(problem);
         }
     }
-    let stats = net.stats();
+    let stats = cluster.net.stats();
     assert!(stats.dropped > 0 && stats.duplicated > 0, "the faults took no effect: {stats:?}");
-    for node in &started {
-        node.shutdown().await;
-    }
+    cluster.shutdown().await;
     match problems.is_empty() {
         true => Ok(()),
         false => Err(problems.join("; ")),
@@ -517,109 +497,38 @@ async fn without_the_exactly_once_table_duplicated_requests_apply_twice() {
     assert!(found.is_err(), "seed {seed}: nothing applied twice without the exactly-once table");
 }
 
-/// Nodes in one process on memory disks (`MemStorage`) over the in-memory network.
-struct InProcessCluster {
-    dir: tempfile::TempDir,
-    net: chunkstore::node::network::MemNetwork,
-    nodes: Vec<(u64, String)>,
-    storages: Vec<Arc<chunkstore::node::storage::MemStorage>>,
-    running: Vec<Option<Arc<Node>>>,
-    unsafe_wal_skip_fsync: bool,
-}
-
-impl InProcessCluster {
-    fn new(count: u64, seed: u64, unsafe_wal_skip_fsync: bool) -> InProcessCluster {
-        let nodes: Vec<(u64, String)> = (1..=count).map(|id| (id, format!("node{id}"))).collect();
-        InProcessCluster {
-            dir: tempfile::tempdir().unwrap(),
-            net: chunkstore::node::network::MemNetwork::new(seed),
-            storages: nodes.iter().map(|(_, address)| Arc::new(chunkstore::node::storage::MemStorage::new(address))).collect(),
-            running: nodes.iter().map(|_| None).collect(),
-            nodes,
-            unsafe_wal_skip_fsync,
-        }
-    }
-
-    /// Starts node `index` (0-based) on its disks as the last power cut left them; it joins
-    /// the cluster in the background.
-    async fn start(&mut self, index: usize) {
-        let (id, address) = self.nodes[index].clone();
-        let config = NodeConfig { unsafe_wal_skip_fsync: self.unsafe_wal_skip_fsync, ..node_config(id, &self.nodes, self.dir.path(), GROUPS) };
-        let env = chunkstore::node::NodeEnv {
-            clock: Arc::new(chunkstore::engine::SystemClock),
-            network: self.net.of(&address),
-            storage: Some(self.storages[index].clone()),
-        };
-        let node = Node::start_in(config, env).await.unwrap_or_else(|err| panic!("node {id} did not start: {err}"));
-        self.net.serve_node(&address, &node);
-        let joining = node.clone();
-        tokio::spawn(async move { joining.join().await });
-        self.running[index] = Some(node);
-    }
-
-    /// Cuts the power of the nodes `indexes`, all at the same moment: their unsynced writes
-    /// are lost, their network lives end.
-    async fn power_cut(&mut self, indexes: &[usize]) {
-        let mut stopped = Vec::new();
-        for &index in indexes {
-            if let Some(node) = self.running[index].take() {
-                self.net.unlisten(&self.nodes[index].1);
-                self.storages[index].power_cut();
-                stopped.push(node);
-            }
-        }
-        for node in stopped {
-            node.shutdown().await;
-        }
-    }
-}
-
 /// A seeded schedule of faults over a 3-node in-process cluster while three writers write, each
 /// write to a key of its own: partitions, lost, duplicated and delayed messages, and power cuts
 /// of one node or of all of them at once, each followed by a restart on what the cut left; at
-/// the end, with writes in flight, one more power cut of the whole cluster. Returns the acknowledged writes that do not read back at the end.
+/// the end, with writes in flight, one more power cut of the whole cluster. Returns the
+/// acknowledged writes that do not read back at the end.
 async fn power_cut_schedule(seed: u64, faults: usize, unsafe_wal_skip_fsync: bool) -> Vec<String> {
-    use chunkstore::node::network::MemFaults;
     use rand::{Rng, SeedableRng};
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let mut cluster = InProcessCluster::new(3, seed, unsafe_wal_skip_fsync);
-    for index in 0..3 {
-        cluster.start(index).await;
-    }
-    let client = cluster.net.of("client");
-    // Every group has a leader before the faults start.
-    let probe = Request::Get { namespace: "test".into(), key: Key::new("w", -1i64), bins: None, read: ReadPolicy::Linearizable, min_index: 0 };
-    for _ in 0..GROUPS * 4 {
-        call_leader_over(&*client, 3, 1, &probe).await;
-    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = sim_cluster(dir.path(), SimOptions { seed, unsafe_wal_skip_fsync, ..SimOptions::default() }).await;
     cluster.net.set_faults(MemFaults { drop: 0.01, duplicate: 0.03, delay_max: Duration::from_millis(2) });
     let acknowledged: Arc<std::sync::Mutex<Vec<i64>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..3i64)
         .map(|writer| {
-            let (client, acknowledged, stop) = (client.clone(), acknowledged.clone(), stop.clone());
+            let (client, acknowledged, stop) = (cluster.client(), acknowledged.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut n = 0i64;
                 while !stop.load(Ordering::SeqCst) {
                     n += 1;
                     let k = writer * 1_000_000 + n;
-                    let request = Request::Write {
-                        namespace: "test".into(),
-                        key: Key::new("w", k),
-                        op: WriteOp::Operate(vec![Operation::Add { bin: "n".into(), delta: k }]),
-                        policy: WritePolicy::default(),
-                        tag: WriteTag { client_id: 100 + writer as u64, born_ms: 1, lane: 0, seq: n as u64 },
-                    };
-                    // One try per node, then the write is left in doubt.
+                    let request = add_write("w", k, 100 + writer as u64, n as u64);
+                    // One try per node and hint, then the write is left in doubt.
                     let mut node = 1 + (n as u64 % 3);
                     for _ in 0..6 {
-                        match client.link(&format!("node{node}")).call(&request, Duration::from_secs(2)).await {
+                        match client.network.link(&format!("node{node}")).call(&request, Duration::from_secs(2)).await {
                             Ok(Response::Written { .. }) => {
                                 acknowledged.lock().unwrap().push(k);
                                 break;
                             }
-                            Ok(Response::Error(ErrorReply::NotLeader { leader: Some(leader) })) => node = leader,
+                            Ok(Response::Error(ErrorReply::NotLeader { leader: Some(leader) })) if leader <= 3 => node = leader,
                             _ => {
                                 node = node % 3 + 1;
                                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -637,18 +546,17 @@ async fn power_cut_schedule(seed: u64, faults: usize, unsafe_wal_skip_fsync: boo
                 let index = rng.gen_range(0..3);
                 cluster.power_cut(&[index]).await;
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(0..500))).await;
-                cluster.start(index).await;
+                cluster.start(index).await.unwrap();
             }
             3 | 4 => {
                 cluster.power_cut(&[0, 1, 2]).await;
-                for index in 0..3 {
-                    cluster.start(index).await;
-                }
+                cluster.start_all().await.unwrap();
             }
             5 | 6 => {
-                let alone = format!("node{}", rng.gen_range(1..=3));
-                let others: Vec<String> = cluster.nodes.iter().map(|(_, a)| a.clone()).filter(|a| *a != alone).collect();
-                cluster.net.isolate(&[&alone], &others.iter().map(String::as_str).collect::<Vec<_>>());
+                let addresses = cluster.addresses();
+                let alone = rng.gen_range(0..3);
+                let others: Vec<&str> = addresses.iter().enumerate().filter(|(i, _)| *i != alone).map(|(_, a)| a.as_str()).collect();
+                cluster.net.isolate(&[&addresses[alone]], &others);
             }
             _ => cluster.net.heal(),
         }
@@ -662,29 +570,21 @@ async fn power_cut_schedule(seed: u64, faults: usize, unsafe_wal_skip_fsync: boo
         writer.await.unwrap();
     }
     cluster.net.set_faults(MemFaults::default());
-    for index in 0..3 {
-        cluster.start(index).await;
-    }
+    cluster.start_all().await.unwrap();
     let acknowledged = acknowledged.lock().unwrap().clone();
     assert!(acknowledged.len() > 20, "seed {seed}: only {} writes acknowledged", acknowledged.len());
     let mut missing = Vec::new();
     for k in acknowledged {
-        let get = Request::Get { namespace: "test".into(), key: Key::new("w", k), bins: None, read: ReadPolicy::Linearizable, min_index: 0 };
-        match try_call_leader_over(&*client, 3, 1, &get).await {
-            Some(Response::Record { record: Some(record), .. }) if record.bin("n") == Some(&Value::Int(k)) && record.meta.generation == 1 => {}
-            None => {
-                // The cluster no longer answers: everything not yet read is unavailable.
-                missing.push(format!("key {k} and the rest: no leader answers"));
+        if let Err(problem) = holds_one_add(&cluster, "w", k).await {
+            let unavailable = problem.contains("no leader answers");
+            missing.push(problem);
+            if unavailable {
+                // Everything not yet read is unavailable too.
                 break;
             }
-            Some(other) => missing.push(format!("key {k}: {other:?}")),
         }
     }
-    for index in 0..3 {
-        if let Some(node) = cluster.running[index].take() {
-            node.shutdown().await;
-        }
-    }
+    cluster.shutdown().await;
     missing
 }
 

@@ -11,3 +11,4 @@ pub mod history;
 pub mod local_cluster;
 pub mod logging;
 pub mod mount;
+pub mod sim_check;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use chunkstore::protocol::ReadPolicy;
+use chunkstore_tools::check::linearizable::Verdict;
 use chunkstore_tools::check::models::Model;
 use chunkstore_tools::cluster_check::nemesis::NemesisKind;
 use chunkstore_tools::cluster_check::workload::Workload;
@@ -178,6 +179,39 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Linearizable registers on a cluster in one process (nodes of the production code on
+    /// memory disks over an in-memory network) under a seeded schedule of power cuts of one
+    /// node or all, restarts, isolated nodes and a lossy network; ends with a power cut of every
+    /// node with operations in flight. The seed fixes the schedule, not the interleaving.
+    /// Exit code: 0 linearizable, 1 not, 2 unknown or the run could not complete.
+    Sim {
+        /// Chosen at random when not given; printed either way, with the command that replays it.
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long, default_value_t = 4)]
+        groups: u32,
+        /// Faults in the schedule, about half a second apart.
+        #[arg(long, default_value_t = 20)]
+        faults: usize,
+        #[arg(long, default_value_t = 8)]
+        keys: u64,
+        #[arg(long, default_value_t = 4)]
+        clients: u64,
+        /// Write the history here (EDN, one event per line; `chunkcheck history` reads it).
+        #[arg(long)]
+        history: Option<PathBuf>,
+        /// UNSAFE (negative control): the WALs never fdatasync.
+        #[arg(long)]
+        unsafe_wal_skip_fsync: bool,
+        /// UNSAFE (negative control): leaders answer reads without checking that they still lead.
+        #[arg(long)]
+        unsafe_unchecked_reads: bool,
+        /// Print one JSON object as the last line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a recorded history (Jepsen's EDN format, one event per line) for linearizability.
     /// Exit code: 0 linearizable, 1 not, 2 unknown (the search ran out of time or memory) or
     /// the file could not be read.
@@ -240,8 +274,11 @@ fn main() -> ExitCode {
     // Die quietly when output goes to a closed pipe (`| head`), as command-line tools do.
     // SAFETY: setting a signal disposition at start-up, before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    chunkstore_tools::logging::init("warn");
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    // The simulated nodes log in this process: their warnings (elections under faults, power
+    // cuts) are the expected course of a run, so only errors show unless RUST_LOG says more.
+    chunkstore_tools::logging::init(if matches!(command, Commands::Sim { .. }) { "error" } else { "warn" });
+    match command {
         Commands::Engine { cycles, power_loss, unsafe_skip_fsync, seed, dir, writers, keys, json } => {
             let seed = seed.unwrap_or_else(|| rand::random::<u32>() as u64);
             let temp;
@@ -285,6 +322,42 @@ fn main() -> ExitCode {
         Commands::Counter(args) => cluster_run(Workload::Counter, args),
         Commands::Set(args) => cluster_run(Workload::Set, args),
         Commands::Lock(args) => cluster_run(Workload::Lock, args),
+        Commands::Sim { seed, nodes, groups, faults, keys, clients, history, unsafe_wal_skip_fsync, unsafe_unchecked_reads, json } => {
+            use chunkstore_tools::sim_check::{run, SimCheckOptions};
+            let seed = seed.unwrap_or_else(rand::random);
+            let options = SimCheckOptions { seed, nodes, groups, faults, keys, clients, history, unsafe_wal_skip_fsync, unsafe_unchecked_reads };
+            eprintln!("chunkcheck sim: seed {seed}, {nodes} nodes, {groups} groups, {faults} faults, {keys} keys, {clients} clients");
+            match run(&options, &|line| eprintln!("{line}")) {
+                Ok(report) => {
+                    let verdict = match report.verdict {
+                        _ if !report.unavailable_keys.is_empty() => "INVALID: keys unavailable after the last restart",
+                        Verdict::Linearizable => "valid: linearizable",
+                        Verdict::NotLinearizable => "INVALID: not linearizable",
+                        Verdict::Unknown => "unknown: the checker ran out of time",
+                    };
+                    eprintln!(
+                        "{verdict} ({} ok, {} fail, {} info; anomalies on keys {:?}); replay: {}",
+                        report.ok, report.fail, report.info, report.anomalies, report.replay
+                    );
+                    if json {
+                        println!("{}", serde_json::to_string(&report).expect("report serializes"));
+                    }
+                    ExitCode::from(match report.verdict {
+                        _ if !report.unavailable_keys.is_empty() => 1,
+                        Verdict::Linearizable => 0,
+                        Verdict::NotLinearizable => 1,
+                        Verdict::Unknown => 2,
+                    })
+                }
+                Err(err) => {
+                    eprintln!("chunkcheck sim: {err:#} (replay: seed {seed})");
+                    if json {
+                        println!("{}", serde_json::json!({ "valid": "unknown", "seed": seed, "error": format!("{err:#}") }));
+                    }
+                    ExitCode::from(2)
+                }
+            }
+        }
         Commands::History { file, model, time_limit, no_prune, json } => {
             let mut limits = chunkstore_tools::check::linearizable::Limits::within(std::time::Duration::from_secs(time_limit));
             limits.prune = !no_prune;

@@ -1,0 +1,287 @@
+//! `chunkcheck sim`: linearizable registers on a cluster in one process (`chunkstore::sim`:
+//! nodes of the production code on memory disks over the in-memory network) under a seeded
+//! schedule of faults: power cuts of one node or of every node at once (unsynced WAL and engine
+//! writes lost, some torn through), restarts on what the cut left, nodes isolated and healed,
+//! lost, duplicated and delayed messages. At the end, with operations in flight, the whole
+//! cluster loses power once more and restarts; every key is read, and the linearizability
+//! checker decides the history.
+//!
+//! The seed fixes the faults (their kinds, order, targets and spacing) and the network's draws;
+//! the nodes still run on tokio's multi-threaded runtime and their own threads, so a replay
+//! (`replay` in the report) repeats the schedule, not the interleaving.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chunkstore::node::network::MemFaults;
+use chunkstore::protocol::{ReadPolicy, Request, Response, WriteTag};
+use chunkstore::sim::{SimClient, SimCluster, SimOptions, SIM_NAMESPACE};
+use chunkstore::{Bin, Key, Value, WriteOp, WritePolicy};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::check::linearizable::{self, Limits, Verdict};
+use crate::check::models::Model;
+use crate::history::{operations, Edn, Event, EventType};
+
+#[derive(Clone, Debug)]
+pub struct SimCheckOptions {
+    pub seed: u64,
+    pub nodes: u64,
+    pub groups: u32,
+    /// Faults in the schedule (about half a second apart).
+    pub faults: usize,
+    pub keys: u64,
+    pub clients: u64,
+    /// Where to write the history (EDN, one event per line), if anywhere.
+    pub history: Option<PathBuf>,
+    /// UNSAFE (negative control): the nodes' WALs never fdatasync.
+    pub unsafe_wal_skip_fsync: bool,
+    /// UNSAFE (negative control): leaders answer reads without checking that they still lead.
+    pub unsafe_unchecked_reads: bool,
+}
+
+/// One fault of the schedule, as the report lists it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SimFault {
+    pub at_ms: u64,
+    pub kind: &'static str,
+    /// The node(s) it hit (ids).
+    pub nodes: Vec<u64>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SimReport {
+    pub seed: u64,
+    /// The command that runs the same schedule again.
+    pub replay: String,
+    /// `true`, `false`, or `"unknown"` (the checker ran out of time).
+    pub valid: serde_json::Value,
+    pub verdict: Verdict,
+    pub ok: usize,
+    pub fail: usize,
+    pub info: usize,
+    /// Keys whose history is not linearizable.
+    pub anomalies: Vec<String>,
+    /// Keys the final reads found no leader for, the whole cluster up and the network whole
+    /// for 30 s (a run with any is invalid).
+    pub unavailable_keys: Vec<u64>,
+    pub faults: Vec<SimFault>,
+    pub messages_delivered: u64,
+    pub messages_dropped: u64,
+    pub messages_duplicated: u64,
+    pub elapsed_ms: u64,
+}
+
+impl SimCheckOptions {
+    fn replay(&self) -> String {
+        let mut command = format!(
+            "chunkcheck sim --seed {} --nodes {} --groups {} --faults {} --keys {} --clients {}",
+            self.seed, self.nodes, self.groups, self.faults, self.keys, self.clients
+        );
+        if self.unsafe_wal_skip_fsync {
+            command.push_str(" --unsafe-wal-skip-fsync");
+        }
+        if self.unsafe_unchecked_reads {
+            command.push_str(" --unsafe-unchecked-reads");
+        }
+        command
+    }
+}
+
+/// The history as the clients record it.
+struct Recorder {
+    started: Instant,
+    events: Mutex<Vec<Event>>,
+}
+
+impl Recorder {
+    fn record(&self, process: i64, kind: EventType, f: &str, key: u64, value: Edn) {
+        let mut event = Event::new(process, kind, f, value);
+        event.key = Some(Edn::Int(key as i64));
+        event.time_ns = Some(self.started.elapsed().as_nanos() as u64);
+        self.events.lock().unwrap().push(event);
+    }
+}
+
+fn register_key(key: u64) -> Key {
+    Key::new("register", key as i64)
+}
+
+/// One operation of client `process` (write when `value` is some, else read), recorded.
+async fn perform(client: &SimClient, recorder: &Recorder, process: i64, seq: u64, key: u64, value: Option<i64>, patience: Duration) -> EventType {
+    let (f, request) = match value {
+        Some(v) => (
+            "write",
+            Request::Write {
+                namespace: SIM_NAMESPACE.into(),
+                key: register_key(key),
+                op: WriteOp::Put(vec![Bin::new("v", Value::Int(v))]),
+                policy: WritePolicy::default(),
+                tag: WriteTag { client_id: 1000 + process as u64, born_ms: 1, lane: 0, seq },
+            },
+        ),
+        None => ("read", Request::Get { namespace: SIM_NAMESPACE.into(), key: register_key(key), bins: None, read: ReadPolicy::Linearizable, min_index: 0 }),
+    };
+    recorder.record(process, EventType::Invoke, f, key, value.map_or(Edn::Nil, Edn::Int));
+    let answer = client.call_leader((process as usize) ^ key as usize, &request, patience).await;
+    let (kind, out) = match (answer, value) {
+        (Some(Response::Written { .. }), Some(v)) => (EventType::Ok, Edn::Int(v)),
+        // A write not known to be written may still be (an entry proposed, then the leader lost).
+        (_, Some(v)) => (EventType::Info, Edn::Int(v)),
+        (Some(Response::Record { record, .. }), None) => {
+            let read = match record.as_ref().map(|r| r.bin("v")) {
+                None => Edn::Nil,
+                Some(Some(Value::Int(v))) => Edn::Int(*v),
+                Some(other) => Edn::Str(format!("unexpected bin {other:?}")),
+            };
+            (EventType::Ok, read)
+        }
+        // A read that got no answer changed nothing.
+        (_, None) => (EventType::Fail, Edn::Nil),
+    };
+    recorder.record(process, kind, f, key, out);
+    kind
+}
+
+/// Runs the simulation (see the module's notes). `progress` gets a line per fault.
+pub fn run(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow::Result<SimReport> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(simulate(options, progress))
+}
+
+async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow::Result<SimReport> {
+    anyhow::ensure!(options.nodes >= 3, "a simulated cluster needs at least 3 nodes (RF 3)");
+    anyhow::ensure!(options.keys >= 1 && options.clients >= 1, "--keys and --clients must be at least 1");
+    let started = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let mut rng = SmallRng::seed_from_u64(options.seed);
+    let sim = SimOptions {
+        nodes: options.nodes,
+        groups: options.groups,
+        seed: options.seed,
+        unsafe_wal_skip_fsync: options.unsafe_wal_skip_fsync,
+        unsafe_unchecked_reads: options.unsafe_unchecked_reads,
+        ..SimOptions::default()
+    };
+    let mut cluster = SimCluster::new(dir.path().to_owned(), sim);
+    cluster.start_all().await?;
+    // Every group led before the faults start.
+    let client = cluster.client();
+    for key in 0..options.groups as u64 * 4 {
+        let probe =
+            Request::Get { namespace: SIM_NAMESPACE.into(), key: Key::new("probe", key as i64), bins: None, read: ReadPolicy::Linearizable, min_index: 0 };
+        anyhow::ensure!(client.call_leader(key as usize, &probe, Duration::from_secs(60)).await.is_some(), "the cluster never elected its leaders");
+    }
+    cluster.net.set_faults(MemFaults { drop: 0.01, duplicate: 0.03, delay_max: Duration::from_millis(2) });
+    let recorder = Arc::new(Recorder { started: Instant::now(), events: Mutex::new(Vec::new()) });
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..options.clients)
+        .map(|first| {
+            let (client, recorder, stop, options) = (client.clone(), recorder.clone(), stop.clone(), options.clone());
+            let mut rng = SmallRng::seed_from_u64(rng.gen());
+            tokio::spawn(async move {
+                let mut process = first as i64;
+                let mut seq = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    seq += 1;
+                    let key = rng.gen_range(0..options.keys);
+                    let value = rng.gen_bool(0.5).then(|| process * 1_000_000 + seq as i64);
+                    if perform(&client, &recorder, process, seq, key, value, Duration::from_secs(5)).await == EventType::Info {
+                        // A process with an operation in doubt never invokes another (Jepsen's rule).
+                        process += options.clients as i64;
+                        seq = 0;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut faults = Vec::new();
+    let at = |started: &Instant| started.elapsed().as_millis() as u64;
+    for _ in 0..options.faults {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
+        let nodes = options.nodes as usize;
+        let fault = match rng.gen_range(0..10) {
+            0..=2 => {
+                let index = rng.gen_range(0..nodes);
+                let pause = Duration::from_millis(rng.gen_range(0..500));
+                cluster.power_cut(&[index]).await;
+                tokio::time::sleep(pause).await;
+                cluster.start(index).await?;
+                SimFault { at_ms: at(&started), kind: "power-cut", nodes: vec![index as u64 + 1] }
+            }
+            3 | 4 => {
+                cluster.power_cut(&(0..nodes).collect::<Vec<_>>()).await;
+                cluster.start_all().await?;
+                SimFault { at_ms: at(&started), kind: "power-cut-all", nodes: (1..=options.nodes).collect() }
+            }
+            5 | 6 => {
+                let addresses = cluster.addresses();
+                let alone = rng.gen_range(0..nodes);
+                let others: Vec<&str> = addresses.iter().enumerate().filter(|(i, _)| *i != alone).map(|(_, a)| a.as_str()).collect();
+                cluster.net.isolate(&[&addresses[alone]], &others);
+                SimFault { at_ms: at(&started), kind: "isolate", nodes: vec![alone as u64 + 1] }
+            }
+            _ => {
+                cluster.net.heal();
+                SimFault { at_ms: at(&started), kind: "heal", nodes: Vec::new() }
+            }
+        };
+        progress(&format!("{:>6} ms  {} {:?}", fault.at_ms, fault.kind, fault.nodes));
+        faults.push(fault);
+    }
+    // The end: every node loses power at once with operations in flight, then all restart.
+    cluster.net.heal();
+    cluster.power_cut(&(0..options.nodes as usize).collect::<Vec<_>>()).await;
+    faults.push(SimFault { at_ms: at(&started), kind: "power-cut-all", nodes: (1..=options.nodes).collect() });
+    stop.store(true, Ordering::SeqCst);
+    cluster.net.set_faults(MemFaults::default());
+    cluster.start_all().await?;
+    for task in clients {
+        task.await?;
+    }
+    // Final reads of every key, by a process of their own: with every node up and the network
+    // whole, each must be answered (a cluster that lost its state may never elect again).
+    let final_process = 1_000_000_000;
+    let mut unavailable = Vec::new();
+    for key in 0..options.keys {
+        if perform(&client, &recorder, final_process, key + 1, key, None, Duration::from_secs(30)).await != EventType::Ok {
+            unavailable.push(key);
+        }
+    }
+    let stats = cluster.net.stats();
+    cluster.shutdown().await;
+    let events = std::mem::take(&mut *recorder.events.lock().unwrap());
+    if let Some(path) = &options.history {
+        let text: String = events.iter().map(|e| format!("{e}\n")).collect();
+        std::fs::write(path, text).map_err(|e| anyhow::anyhow!("writing the history to {}: {e}", path.display()))?;
+    }
+    let count = |kind: EventType| events.iter().filter(|e| e.kind == kind).count();
+    let ops = operations(&events)?;
+    let report = linearizable::check(Model::CasRegister, &ops, Limits::within(Duration::from_secs(120))).map_err(anyhow::Error::msg)?;
+    let anomalies: Vec<String> = report.keys.iter().filter(|k| k.verdict == Verdict::NotLinearizable).map(|k| k.key.clone().unwrap_or_default()).collect();
+    let valid = match report.verdict {
+        _ if !unavailable.is_empty() => serde_json::json!(false),
+        Verdict::Linearizable => serde_json::json!(true),
+        Verdict::NotLinearizable => serde_json::json!(false),
+        Verdict::Unknown => serde_json::json!("unknown"),
+    };
+    Ok(SimReport {
+        seed: options.seed,
+        replay: options.replay(),
+        valid,
+        verdict: report.verdict,
+        ok: count(EventType::Ok),
+        fail: count(EventType::Fail),
+        info: count(EventType::Info),
+        anomalies,
+        unavailable_keys: unavailable,
+        faults,
+        messages_delivered: stats.delivered,
+        messages_dropped: stats.dropped,
+        messages_duplicated: stats.duplicated,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
