@@ -122,6 +122,8 @@ impl SimCluster {
             unsafe_skip_fencing: false,
             unsafe_wal_torn_tail_rule: false,
             wal_zero_fill: true,
+            // Small segments: every node's are in memory, and each start begins a new one.
+            wal_segment_bytes: 1 << 20,
             unsafe_wal_skip_fsync: self.options.unsafe_wal_skip_fsync,
         }
     }

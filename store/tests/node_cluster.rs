@@ -47,6 +47,7 @@ fn node_config(id: u64, nodes: &[(u64, String)], dir: &std::path::Path, groups: 
         unsafe_skip_fencing: false,
         unsafe_wal_torn_tail_rule: false,
         wal_zero_fill: true,
+        wal_segment_bytes: 64 << 20,
         unsafe_wal_skip_fsync: false,
     }
 }
@@ -561,9 +562,16 @@ async fn power_cut_schedule(seed: u64, faults: usize, unsafe_wal_skip_fsync: boo
             _ => cluster.net.heal(),
         }
     }
-    // The end: the whole cluster loses power at once with writes in flight, and starts again.
+    // The end: the whole cluster loses power at once, the moment a write is acknowledged (so
+    // that acknowledged writes are still in the nodes' WALs only), with more in flight; then it
+    // starts again.
     cluster.net.heal();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = acknowledged.lock().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acknowledged.lock().unwrap().len() == before {
+        assert!(Instant::now() < deadline, "seed {seed}: no write acknowledged in 20 s after the network healed");
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
     cluster.power_cut(&[0, 1, 2]).await;
     stop.store(true, Ordering::SeqCst);
     for writer in writers {
@@ -572,7 +580,6 @@ async fn power_cut_schedule(seed: u64, faults: usize, unsafe_wal_skip_fsync: boo
     cluster.net.set_faults(MemFaults::default());
     cluster.start_all().await.unwrap();
     let acknowledged = acknowledged.lock().unwrap().clone();
-    assert!(acknowledged.len() > 20, "seed {seed}: only {} writes acknowledged", acknowledged.len());
     let mut missing = Vec::new();
     for k in acknowledged {
         if let Err(problem) = holds_one_add(&cluster, "w", k).await {

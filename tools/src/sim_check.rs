@@ -232,8 +232,15 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
         progress(&format!("{:>6} ms  {} {:?}", fault.at_ms, fault.kind, fault.nodes));
         faults.push(fault);
     }
-    // The end: every node loses power at once with operations in flight, then all restart.
+    // The end: every node loses power at once, the moment a write is acknowledged (so that it
+    // is still in the nodes' WALs only), with other operations in flight; then all restart.
     cluster.net.heal();
+    let acknowledged = |recorder: &Recorder| recorder.events.lock().unwrap().iter().filter(|e| e.kind == EventType::Ok && e.f == "write").count();
+    let before = acknowledged(&recorder);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acknowledged(&recorder) == before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
     cluster.power_cut(&(0..options.nodes as usize).collect::<Vec<_>>()).await;
     faults.push(SimFault { at_ms: at(&started), kind: "power-cut-all", nodes: (1..=options.nodes).collect() });
     stop.store(true, Ordering::SeqCst);

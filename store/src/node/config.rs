@@ -17,6 +17,7 @@
 //! entries-kept-after-snapshot = 1000 # log kept behind a snapshot; default 1000
 //! balance-leaders = true             # hand groups to their preferred leaders; default true
 //! wal-zero-fill = true               # WAL segments written with zeros ahead; default true
+//! wal-segment-bytes = 67108864       # WAL segment size, 1 MiB..=1 GiB; default 64 MiB
 //!
 //! seeds = ["10.0.0.1:7501"]          # peers asked for the cluster metadata; default: the
 //!                                    # metadata voters' peer addresses from [[nodes]]
@@ -104,6 +105,10 @@ pub struct ChunkdConfig {
     /// (store/WAL.md). Default true; false only allocates them (for comparisons).
     #[serde(default = "default_true")]
     pub wal_zero_fill: bool,
+    /// A new WAL segment is started once the current one holds this many bytes (each is
+    /// preallocated to this size). 1 MiB to 1 GiB; default 64 MiB.
+    #[serde(default = "default_wal_segment_bytes")]
+    pub wal_segment_bytes: u64,
     /// UNSAFE (negative controls only): the WAL never fdatasyncs, so an append is acknowledged
     /// before it is durable and a power cut loses it. Default false.
     #[serde(default)]
@@ -159,6 +164,14 @@ pub struct NamespaceToml {
     pub storage: Option<toml::Value>,
 }
 
+/// Bounds of `wal-segment-bytes`.
+pub const WAL_SEGMENT_BYTES_MIN: u64 = 1 << 20;
+pub const WAL_SEGMENT_BYTES_MAX: u64 = 1 << 30;
+
+fn default_wal_segment_bytes() -> u64 {
+    64 << 20
+}
+
 fn default_true() -> bool {
     true
 }
@@ -208,6 +221,9 @@ impl ChunkdConfig {
         }
         if self.snapshot_after_entries == 0 {
             return Err("snapshot-after-entries must be at least 1".into());
+        }
+        if !(WAL_SEGMENT_BYTES_MIN..=WAL_SEGMENT_BYTES_MAX).contains(&self.wal_segment_bytes) {
+            return Err(format!("wal-segment-bytes {} must be {WAL_SEGMENT_BYTES_MIN}..={WAL_SEGMENT_BYTES_MAX}", self.wal_segment_bytes));
         }
         let [low, high] = self.election_timeout_ms;
         if self.heartbeat_ms == 0 || low <= self.heartbeat_ms * 2 || high <= low {
@@ -272,6 +288,7 @@ impl ChunkdConfig {
             unsafe_serve_damaged: self.unsafe_serve_damaged,
             unsafe_wal_torn_tail_rule: self.unsafe_wal_torn_tail_rule,
             wal_zero_fill: self.wal_zero_fill,
+            wal_segment_bytes: self.wal_segment_bytes,
             unsafe_wal_skip_fsync: self.unsafe_wal_skip_fsync,
             test_power_loss_devices: self.test_power_loss_devices,
             test_crash_while_leaving: self.test_crash_while_leaving,
@@ -335,6 +352,8 @@ pub struct NodeConfig {
     pub unsafe_wal_torn_tail_rule: bool,
     /// WAL segments zero-filled when prepared (see `WalConfig::zero_fill`).
     pub wal_zero_fill: bool,
+    /// See `WalConfig::segment_bytes`.
+    pub wal_segment_bytes: u64,
     /// UNSAFE (negative controls only): the WAL never fdatasyncs.
     pub unsafe_wal_skip_fsync: bool,
     /// Test hook: engine devices drop unsynced writes when the process dies (power cut).
@@ -343,4 +362,30 @@ pub struct NodeConfig {
     pub test_crash_while_leaving: bool,
     /// Hand groups to their preferred leaders (see `leadership`).
     pub balance_leaders: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(extra: &str) -> Result<ChunkdConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chunkd.toml");
+        let text = format!(
+            "node-id = 1\nclient-listen = \"127.0.0.1:1\"\npeer-listen = \"127.0.0.1:2\"\ndata-dir = \"{}\"\n{extra}\n[[nodes]]\nid = 1\nclient = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\n",
+            dir.path().display()
+        );
+        std::fs::write(&path, text).unwrap();
+        ChunkdConfig::load(&path)
+    }
+
+    #[test]
+    fn wal_segment_bytes_is_checked_against_its_bounds() {
+        assert_eq!(with("").unwrap().wal_segment_bytes, 64 << 20);
+        assert_eq!(with("wal-segment-bytes = 1048576").unwrap().wal_segment_bytes, 1 << 20);
+        for bad in ["wal-segment-bytes = 4096", "wal-segment-bytes = 2147483648"] {
+            let err = with(bad).unwrap_err();
+            assert!(err.contains("wal-segment-bytes"), "{bad}: {err}");
+        }
+    }
 }

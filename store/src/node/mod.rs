@@ -155,6 +155,7 @@ impl Node {
         let wal_config = WalConfig {
             segment_dir,
             zero_fill: config.wal_zero_fill,
+            segment_bytes: config.wal_segment_bytes,
             unsafe_torn_tail_rule: config.unsafe_wal_torn_tail_rule,
             unsafe_skip_fsync: config.unsafe_wal_skip_fsync,
             ..WalConfig::new(wal_dir)
