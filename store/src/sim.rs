@@ -167,8 +167,11 @@ impl SimCluster {
                 stopped.push(node);
             }
         }
-        for node in stopped {
-            node.shutdown().await;
+        // Shut down side by side: each may wait for its writes in flight, and a node whose
+        // power is off must not go on answering while another waits.
+        let shutdowns: Vec<_> = stopped.into_iter().map(|node| tokio::spawn(async move { node.shutdown().await })).collect();
+        for shutdown in shutdowns {
+            let _ = shutdown.await;
         }
     }
 
@@ -199,6 +202,9 @@ impl SimClient {
     /// following NotLeader hints and trying the next node after an error or a lost message,
     /// until `patience` runs out (`None`). Write tags make the retries exactly-once.
     pub async fn call_leader(&self, first: usize, request: &Request, patience: Duration) -> Option<Response> {
+        if self.nodes == 0 {
+            return None;
+        }
         let deadline = tokio::time::Instant::now() + patience;
         let mut node = first as u64 % self.nodes + 1;
         while tokio::time::Instant::now() < deadline {

@@ -94,6 +94,9 @@ impl SimCheckOptions {
 /// The history as the clients record it.
 struct Recorder {
     started: Instant,
+    /// The clients' birth (wall clock), in their write tags: the exactly-once table forgets
+    /// clients older than its horizon.
+    born_ms: u64,
     events: Mutex<Vec<Event>>,
 }
 
@@ -120,7 +123,7 @@ async fn perform(client: &SimClient, recorder: &Recorder, process: i64, seq: u64
                 key: register_key(key),
                 op: WriteOp::Put(vec![Bin::new("v", Value::Int(v))]),
                 policy: WritePolicy::default(),
-                tag: WriteTag { client_id: 1000 + process as u64, born_ms: 1, lane: 0, seq },
+                tag: WriteTag { client_id: 1000 + process as u64, born_ms: recorder.born_ms, lane: 0, seq },
             },
         ),
         None => ("read", Request::Get { namespace: SIM_NAMESPACE.into(), key: register_key(key), bins: None, read: ReadPolicy::Linearizable, min_index: 0 }),
@@ -176,7 +179,8 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
         anyhow::ensure!(client.call_leader(key as usize, &probe, Duration::from_secs(60)).await.is_some(), "the cluster never elected its leaders");
     }
     cluster.net.set_faults(MemFaults { drop: 0.01, duplicate: 0.03, delay_max: Duration::from_millis(2) });
-    let recorder = Arc::new(Recorder { started: Instant::now(), events: Mutex::new(Vec::new()) });
+    let born_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64);
+    let recorder = Arc::new(Recorder { started: Instant::now(), born_ms, events: Mutex::new(Vec::new()) });
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..options.clients)
         .map(|first| {

@@ -9,8 +9,12 @@
 //! - `PowerLossDir`: wraps another directory; every device behind a `PowerLossDevice`, and the
 //!   names created, removed or renamed since the last `sync` held back, so that `crash` loses
 //!   exactly what a power cut may lose: unsynced writes (some torn through), unsynced new
-//!   names, unsynced removals (the file comes back) and renames (the old name comes back). A process killed without `crash` keeps its
-//!   directory as the kernel left it, and loses only the unsynced writes.
+//!   names, unsynced removals (the file comes back) and renames (the old name comes back). A process
+//!   killed without `crash` (chunkd under the `test-power-loss-devices` hook) loses its
+//!   unsynced writes, and its removals not yet synced never happen (the files stay).
+//!   Not modelled yet: a cut that keeps some unsynced directory operations and loses others
+//!   (a real filesystem may keep any of them), and reusing a name removed since the last sync
+//!   (refused here, allowed by POSIX).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

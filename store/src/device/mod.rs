@@ -288,6 +288,9 @@ impl Device for PowerLossDevice {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let state = self.state.lock().unwrap();
+        if !state.powered {
+            return Err(power_off());
+        }
         let end = offset.checked_add(buf.len() as u64).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         // A growing device (a WAL segment) may have been written past its end underneath by
         // writes still pending here: that part reads from them.

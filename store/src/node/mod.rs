@@ -144,27 +144,31 @@ impl Node {
             return Err(NodeError::Config(format!("node {} is not in the node list", config.node_id)));
         }
         let wal_dir = config.data_dir.join("wal");
-        let segment_dir: Option<Arc<dyn crate::device::DeviceDir>> = match config.test_power_loss_devices {
-            _ if storage.is_some() => storage.as_ref().map(|storage| storage.wal_dir()),
-            true => {
-                let files = crate::device::FileDir::new(&wal_dir).map_err(|source| crate::wal::WalError::Io { path: wal_dir.clone(), source })?;
-                Some(Arc::new(crate::device::PowerLossDir::new(Arc::new(files), rand::random())))
-            }
-            false => None,
+        // Made again after a corrupt WAL is set aside (its files have moved).
+        let wal_config = || -> Result<WalConfig, NodeError> {
+            let segment_dir: Option<Arc<dyn crate::device::DeviceDir>> = match (&storage, config.test_power_loss_devices) {
+                (Some(storage), _) => Some(storage.wal_dir()),
+                (None, true) => {
+                    let files = crate::device::FileDir::new(&wal_dir).map_err(|source| crate::wal::WalError::Io { path: wal_dir.clone(), source })?;
+                    Some(Arc::new(crate::device::PowerLossDir::new(Arc::new(files), rand::random())))
+                }
+                (None, false) => None,
+            };
+            Ok(WalConfig {
+                segment_dir,
+                zero_fill: config.wal_zero_fill,
+                segment_bytes: config.wal_segment_bytes,
+                unsafe_torn_tail_rule: config.unsafe_wal_torn_tail_rule,
+                unsafe_skip_fsync: config.unsafe_wal_skip_fsync,
+                ..WalConfig::new(wal_dir.clone())
+            })
         };
-        let wal_config = WalConfig {
-            segment_dir,
-            zero_fill: config.wal_zero_fill,
-            segment_bytes: config.wal_segment_bytes,
-            unsafe_torn_tail_rule: config.unsafe_wal_torn_tail_rule,
-            unsafe_skip_fsync: config.unsafe_wal_skip_fsync,
-            ..WalConfig::new(wal_dir)
-        };
-        let wal = match Wal::open(wal_config.clone()) {
+        let wal = match Wal::open(wal_config()?) {
             Ok(wal) => wal,
-            Err(err @ crate::wal::WalError::Corrupt { .. }) => {
+            // Disks given in `env` (memory) are not files to set aside: the start fails.
+            Err(err @ crate::wal::WalError::Corrupt { .. }) if storage.is_none() => {
                 wal_damage::set_aside(&config.data_dir, &config.namespaces, &err)?;
-                Wal::open(wal_config)?
+                Wal::open(wal_config()?)?
             }
             Err(err) => return Err(err.into()),
         };

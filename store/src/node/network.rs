@@ -217,14 +217,23 @@ impl MemNetwork {
     /// One request from `from` to `to` and its response, through the faults.
     async fn exchange(&self, from: &str, life: u64, to: &str, body: Vec<u8>) -> io::Result<Response> {
         let (fate, handler) = self.fate(from, Some(life), to);
-        let (delay, duplicate, handler) = match (fate, handler) {
+        let (delay, duplicate) = match (fate, handler) {
             (Fate::Refused, _) | (Fate::Delivered { .. }, None) => {
                 return Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("nothing listens at {to}")));
             }
             (Fate::Lost, _) => return std::future::pending().await,
-            (Fate::Delivered { delay, duplicate }, Some(handler)) => (delay, duplicate, handler),
+            (Fate::Delivered { delay, duplicate }, Some(_)) => (delay, duplicate),
         };
         tokio::time::sleep(delay).await;
+        // Delivered to whoever serves the address now: the node may have lost its power (and
+        // perhaps started again) while the message was on its way.
+        let (handler, target_life) = {
+            let state = self.state.lock().unwrap();
+            match state.handlers.get(to) {
+                Some(handler) => (handler.clone(), state.lives.get(to).copied().unwrap_or(0)),
+                None => return Err(io::Error::new(io::ErrorKind::ConnectionReset, format!("{to} went away"))),
+            }
+        };
         let request: Request = decode_body(&body, FRAME_BYTES_MAX_DEFAULT).map_err(io::Error::other)?;
         if duplicate {
             let (again, handler) = (decode_body::<Request>(&body, FRAME_BYTES_MAX_DEFAULT).map_err(io::Error::other)?, handler.clone());
@@ -234,6 +243,10 @@ impl MemNetwork {
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, format!("{to} went away")));
         };
         let body = encode_body(&response, FRAME_BYTES_MAX_DEFAULT).map_err(io::Error::other)?;
+        // A node that lost its power while answering sends nothing back.
+        if self.state.lock().unwrap().lives.get(to).copied().unwrap_or(0) != target_life {
+            return std::future::pending().await;
+        }
         // The way back has its own fate.
         match self.fate(to, None, from).0 {
             Fate::Lost => std::future::pending().await,

@@ -104,8 +104,10 @@ impl WalInner {
                     tracing::warn!(dir = %self.dir.path().display(), segment = id, %err, "could not delete a WAL segment nobody needs");
                 }
             }
-            if let Err(err) = self.dir.sync() {
-                tracing::warn!(dir = %self.dir.path().display(), %err, "could not sync the WAL directory after deleting segments");
+            if !self.config.unsafe_skip_fsync {
+                if let Err(err) = self.dir.sync() {
+                    tracing::warn!(dir = %self.dir.path().display(), %err, "could not sync the WAL directory after deleting segments");
+                }
             }
         }
         self.state.lock().unwrap()
@@ -249,6 +251,7 @@ pub(crate) fn create_segment(dir: &dyn DeviceDir, id: u64, bytes: u64, zero_fill
     // back as zeros and each flush's fdatasync is a data write only: 1.4x the fdatasyncs per
     // second on this machine's disk.
     let device = dir.create(&preparing, bytes).map_err(io)?;
+    let mut named = false;
     let written = (|| {
         if zero_fill {
             // Blocks written once (with zeros) make each flush's fdatasync cheaper still than
@@ -268,14 +271,17 @@ pub(crate) fn create_segment(dir: &dyn DeviceDir, id: u64, bytes: u64, zero_fill
             device.sync()?;
         }
         dir.rename(&preparing, &name)?;
+        named = true;
         if !skip_fsync {
             dir.sync()?;
         }
         Ok(())
     })();
     if let Err(err) = written {
-        if let Err(cleanup) = dir.remove(&preparing) {
-            tracing::debug!(%preparing, %cleanup, "could not remove a WAL segment whose creation failed");
+        // Under whichever name it has by now, so that a later try can make segment `id` again.
+        let made = if named { &name } else { &preparing };
+        if let Err(cleanup) = dir.remove(made) {
+            tracing::debug!(%made, %cleanup, "could not remove a WAL segment whose creation failed");
         }
         return Err(io(err));
     }
