@@ -322,7 +322,7 @@ async fn a_replica_whose_device_fills_waits_for_room_and_the_group_goes_on() {
         |dir: &std::path::Path| NamespaceConfig { devices: vec![DeviceConfig { path: dir.join("engine.dat"), size: Some(2 << 20) }], ..engine_config(dir) };
     replicas.insert(3, start_with(3, &small_dir, &router, small(&small_dir)).await);
     replicas[&3].raft.runtime_config().elect(false);
-    let _stop_first = StopOnDrop(replicas[&3].state_machine.clone());
+    let stop_first = StopOnDrop(replicas[&3].state_machine.clone());
     let leader = replicas[&leader_id].raft.clone();
 
     // 300 records (4.7 MiB): every write is committed and applied by the leader.
@@ -364,6 +364,8 @@ async fn a_replica_whose_device_fills_waits_for_room_and_the_group_goes_on() {
     router.0.lock().unwrap().remove(&3);
     full.state_machine.stop();
     tokio::time::timeout(Duration::from_secs(10), full.raft.shutdown()).await.expect("the waiting replica stops").unwrap();
+    // Nothing of the first life may hold its WAL or engine open while the second opens them.
+    drop(stop_first);
     drop(full);
     let again = start_with(3, &small_dir, &router, small(&small_dir)).await;
     again.raft.runtime_config().elect(false);
