@@ -186,19 +186,19 @@ impl MemNetwork {
         self.state.lock().unwrap().stats
     }
 
-    fn fate(&self, from: &str, life: Option<u64>, to: &str) -> (Fate, Option<MemHandler>) {
+    fn fate(&self, from: &str, life: Option<u64>, to: &str) -> Fate {
         let mut state = self.state.lock().unwrap();
         if life.is_some_and(|life| state.lives.get(from).copied().unwrap_or(0) != life) {
             state.stats.refused += 1;
-            return (Fate::Refused, None);
+            return Fate::Refused;
         }
-        let handler = state.handlers.get(to).cloned();
+        let listening = state.handlers.contains_key(to);
         let faults = state.faults;
         let cut = state.cut.contains(&(from.to_owned(), to.to_owned()));
         let fate = if cut || (faults.drop > 0.0 && state.rng.gen_bool(faults.drop.min(1.0))) {
             state.stats.dropped += 1;
             Fate::Lost
-        } else if handler.is_none() {
+        } else if !listening {
             state.stats.refused += 1;
             Fate::Refused
         } else {
@@ -211,18 +211,15 @@ impl MemNetwork {
             state.stats.duplicated += duplicate as u64;
             Fate::Delivered { delay, duplicate }
         };
-        (fate, handler)
+        fate
     }
 
     /// One request from `from` to `to` and its response, through the faults.
     async fn exchange(&self, from: &str, life: u64, to: &str, body: Vec<u8>) -> io::Result<Response> {
-        let (fate, handler) = self.fate(from, Some(life), to);
-        let (delay, duplicate) = match (fate, handler) {
-            (Fate::Refused, _) | (Fate::Delivered { .. }, None) => {
-                return Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("nothing listens at {to}")));
-            }
-            (Fate::Lost, _) => return std::future::pending().await,
-            (Fate::Delivered { delay, duplicate }, Some(_)) => (delay, duplicate),
+        let (delay, duplicate) = match self.fate(from, Some(life), to) {
+            Fate::Refused => return Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("nothing listens at {to}"))),
+            Fate::Lost => return std::future::pending().await,
+            Fate::Delivered { delay, duplicate } => (delay, duplicate),
         };
         tokio::time::sleep(delay).await;
         // Delivered to whoever serves the address now: the node may have lost its power (and
@@ -248,7 +245,7 @@ impl MemNetwork {
             return std::future::pending().await;
         }
         // The way back has its own fate.
-        match self.fate(to, None, from).0 {
+        match self.fate(to, None, from) {
             Fate::Lost => std::future::pending().await,
             Fate::Refused | Fate::Delivered { .. } => {}
         }
