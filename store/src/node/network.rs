@@ -195,7 +195,7 @@ impl MemNetwork {
         let listening = state.handlers.contains_key(to);
         let faults = state.faults;
         let cut = state.cut.contains(&(from.to_owned(), to.to_owned()));
-        let fate = if cut || (faults.drop > 0.0 && state.rng.gen_bool(faults.drop.min(1.0))) {
+        if cut || (faults.drop > 0.0 && state.rng.gen_bool(faults.drop.min(1.0))) {
             state.stats.dropped += 1;
             Fate::Lost
         } else if !listening {
@@ -210,8 +210,7 @@ impl MemNetwork {
             state.stats.delivered += 1;
             state.stats.duplicated += duplicate as u64;
             Fate::Delivered { delay, duplicate }
-        };
-        fate
+        }
     }
 
     /// One request from `from` to `to` and its response, through the faults.
