@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chunkstore_client::client::Client;
+use chunkstore_client::protocol::ReadPolicy;
 use chunkstore_client::ops::{BatchWrite, GenerationPolicy, Operation, RecordExistsAction, Ttl, WriteOp, WritePolicy};
 use chunkstore_client::value::{Bin, Record, RecordMeta, Value};
 use chunkstore_client::Key;
@@ -150,7 +151,7 @@ impl Volume {
             return Err(FsError::Invalid(format!("volume name {name:?}: 1 to 200 bytes, no '/'")));
         }
         let keys = VolumeKeys::new(name);
-        let mut record = client.get(namespace, &keys.volume(), None)?;
+        let mut record = client.get_with(namespace, &keys.volume(), None, ReadPolicy::Linearizable)?;
         if record.is_none() {
             let Some(chunk_bytes) = create else {
                 return Err(FsError::NotFound);
@@ -159,7 +160,7 @@ impl Volume {
                 Ok(()) | Err(FsError::Exists) => {}
                 Err(err) => return Err(err),
             }
-            record = client.get(namespace, &keys.volume(), None)?;
+            record = client.get_with(namespace, &keys.volume(), None, ReadPolicy::Linearizable)?;
         }
         let record = record.ok_or(FsError::NotFound)?;
         let format = int_bin(&record, BIN_FORMAT);
@@ -230,8 +231,14 @@ impl Volume {
         &self.namespace
     }
 
+    /// A tree or size record as the cluster holds it now: a linearizable read, confirmed with a
+    /// quorum by the group's leader. A session read could be answered by a replica that has
+    /// not applied another mount's fsync yet (a mount has seen nothing of a file it never
+    /// touched), and a mount must see what another mount synced before it asked. The file's
+    /// chunks share the size record's group, so the chunk reads that follow (session reads)
+    /// are never older than the size they are read under.
     pub(crate) fn get(&self, key: &Key) -> FsResult<Option<Record>> {
-        Ok(self.client.get(&self.namespace, key, None)?)
+        Ok(self.client.get_with(&self.namespace, key, None, ReadPolicy::Linearizable)?)
     }
 
     /// Applies writes of one group as one entry, in the mount's lease session (for a file's
