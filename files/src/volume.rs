@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chunkstore_client::client::Client;
-use chunkstore_client::protocol::ReadPolicy;
 use chunkstore_client::ops::{BatchWrite, GenerationPolicy, Operation, RecordExistsAction, Ttl, WriteOp, WritePolicy};
+use chunkstore_client::protocol::ReadPolicy;
 use chunkstore_client::value::{Bin, Record, RecordMeta, Value};
 use chunkstore_client::Key;
 
