@@ -3,7 +3,7 @@
 //! - volume record: bins `format` (int, `VOLUME_FORMAT`), `chunk-bytes` (int), `next-ino`
 //!   (int), `created-ns` (int);
 //! - inode record: bin `inode`, an `Inode` encoded with bincode 1 (fixed-width little-endian);
-//! - orphan list: bin `orphans`, a bincode `Vec<u64>`;
+//! - orphan list: bin `orphans`, a bincode `Vec<(u64, i64)>` (inode, last time a mount renewed it);
 //! - size record: bins `size`, `mtime-ns`, `ctime-ns` (ints), `extents` (bytes: pairs of
 //!   u64 little-endian, the chunk ranges [start, end) that may hold data);
 //! - chunk record: bin `data` (bytes, at most the volume's chunk size, never past the size).

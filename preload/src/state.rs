@@ -82,11 +82,32 @@ pub(crate) fn volume(index: usize) -> Res<Arc<Volume>> {
         e.errno()
     })?;
     let volume = Arc::new(volume);
+    start_reaper(index, &volume);
     if connection.volumes.len() <= index {
         connection.volumes.resize(index + 1, None);
     }
     connection.volumes[index] = Some(volume.clone());
     Ok(volume)
+}
+
+/// Starts the thread that renews the orphans (files unlinked while open) this process holds
+/// open on mapping `index`'s volume and frees those no mount or process renewed for
+/// `ORPHAN_GRACE_NS` (`Volume::reap`), every `ORPHAN_REAP_PERIOD`, as every chunkfs mount does:
+/// without it, a file a program unlinked and kept using would be freed under it by any mount's
+/// reaper. It ends when the volume is dropped; a forked child starts its own with its volume.
+fn start_reaper(index: usize, volume: &Arc<Volume>) {
+    let volume = Arc::downgrade(volume);
+    let started = std::thread::Builder::new().name("chunkpreload-reap".into()).spawn(move || loop {
+        std::thread::sleep(chunkfiles::ORPHAN_REAP_PERIOD);
+        let Some(volume) = volume.upgrade() else { return };
+        let is_open = |ino: u64| crate::table::holds(index, ino);
+        if let Err(err) = volume.reap(&is_open) {
+            log(&format!("renewing and freeing unlinked files failed (tried again later): {err}"));
+        }
+    });
+    if let Err(err) = started {
+        log(&format!("could not start the thread that keeps unlinked open files: {err}"));
+    }
 }
 
 /// Every volume opened so far (syncfs, sync).

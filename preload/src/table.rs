@@ -129,6 +129,12 @@ pub(crate) fn in_range(first: u32, last: u32) -> Vec<i32> {
     table.keys().copied().filter(|&fd| fd as u32 >= first && fd as u32 <= last).collect()
 }
 
+/// Whether a descriptor of mapping `mapping` names inode `ino` now (orphans this process holds
+/// open are renewed, `state::start_reaper`).
+pub(crate) fn holds(mapping: usize, ino: u64) -> bool {
+    TABLE.read().as_ref().is_some_and(|t| t.values().any(|d| d.file.mapping == mapping && d.file.ino == ino))
+}
+
 /// How many descriptors name `file` now.
 pub(crate) fn references(file: &Arc<OpenFile>) -> usize {
     TABLE.read().as_ref().map_or(0, |t| t.values().filter(|d| Arc::ptr_eq(&d.file, file)).count())

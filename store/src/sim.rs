@@ -1,7 +1,7 @@
 //! Clusters in one process: nodes of the production code on memory disks (`MemStorage`) over
 //! the in-memory network (`MemNetwork`), driven by a test or `chunkcheck sim`: power cuts of one
-//! node or of all at once, restarts on what the cut left, partitions, lost, duplicated and
-//! delayed messages.
+//! node or of all at once, wiped disks, restarts on what the cut left, partitions, lost,
+//! duplicated and delayed messages.
 //!
 //! The nodes run on the caller's tokio runtime (and the WAL's and engines' own threads), so a
 //! seed fixes the network's draws and the caller's schedule, not the interleaving of the nodes'
@@ -37,6 +37,8 @@ pub struct SimOptions {
     /// UNSAFE (negative controls): leaders answer linearizable reads without checking that
     /// they still lead.
     pub unsafe_unchecked_reads: bool,
+    /// UNSAFE (negative controls): a wiped replica votes at once, without catching up first.
+    pub unsafe_wiped_replica_votes: bool,
 }
 
 impl Default for SimOptions {
@@ -50,6 +52,7 @@ impl Default for SimOptions {
             unsafe_wal_skip_fsync: false,
             unsafe_skip_dedup: false,
             unsafe_unchecked_reads: false,
+            unsafe_wiped_replica_votes: false,
         }
     }
 }
@@ -64,6 +67,8 @@ pub struct SimCluster {
     nodes: Vec<(u64, String)>,
     storages: Vec<Arc<MemStorage>>,
     running: Vec<Option<Arc<Node>>>,
+    /// Nodes wiped that may not have caught up yet (`disks_lost`).
+    wiped: std::collections::BTreeSet<usize>,
 }
 
 impl SimCluster {
@@ -75,6 +80,7 @@ impl SimCluster {
             net: MemNetwork::new(options.seed),
             storages: nodes.iter().map(|(_, address)| Arc::new(MemStorage::new(address))).collect(),
             running: nodes.iter().map(|_| None).collect(),
+            wiped: Default::default(),
             nodes,
             options,
         }
@@ -121,6 +127,7 @@ impl SimCluster {
             balance_leaders: true,
             unsafe_skip_fencing: false,
             unsafe_wal_torn_tail_rule: false,
+            unsafe_wiped_replica_votes: self.options.unsafe_wiped_replica_votes,
             wal_zero_fill: true,
             // Small segments: every node's are in memory, and each start begins a new one.
             wal_segment_bytes: 1 << 20,
@@ -173,6 +180,31 @@ impl SimCluster {
         for shutdown in shutdowns {
             let _ = shutdown.await;
         }
+    }
+
+    /// Node `index` loses its disks: its power is cut, then its WAL, engine devices and data
+    /// directory (markers, snapshots) are replaced by empty ones. `start` brings it back empty.
+    /// The cluster's promise covers one replica's disks lost at a time: `disks_lost` says
+    /// whether an earlier wipe is still catching up.
+    pub async fn wipe(&mut self, index: usize) {
+        self.power_cut(&[index]).await;
+        let (id, address) = &self.nodes[index];
+        self.storages[index] = Arc::new(MemStorage::new(address));
+        let data_dir = self.dir.join(format!("node{id}"));
+        if let Err(err) = std::fs::remove_dir_all(&data_dir) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(%err, dir = %data_dir.display(), "could not wipe a simulated node's data directory");
+            }
+        }
+        self.wiped.insert(index);
+    }
+
+    /// The nodes wiped that have not caught up yet (not running, not joined, or a replica of
+    /// theirs still catching up).
+    pub fn disks_lost(&mut self) -> Vec<usize> {
+        let running = &self.running;
+        self.wiped.retain(|index| !running[*index].as_ref().is_some_and(|node| node.caught_up()));
+        self.wiped.iter().copied().collect()
     }
 
     /// A client outside the nodes.

@@ -1,7 +1,8 @@
 //! `chunkcheck sim`: linearizable registers on a cluster in one process (`chunkstore::sim`:
 //! nodes of the production code on memory disks over the in-memory network) under a seeded
 //! schedule of faults: power cuts of one node or of every node at once (unsynced WAL and engine
-//! writes lost, some torn through), restarts on what the cut left, nodes isolated and healed,
+//! writes lost, some torn through), restarts on what the cut left, a node's disks wiped (one
+//! at a time, alone or behind a lagging node and a node down), nodes isolated and healed,
 //! lost, duplicated and delayed messages. At the end, with operations in flight, the whole
 //! cluster loses power once more and restarts; every key is read, and the linearizability
 //! checker decides the history.
@@ -41,6 +42,8 @@ pub struct SimCheckOptions {
     pub unsafe_wal_skip_fsync: bool,
     /// UNSAFE (negative control): leaders answer reads without checking that they still lead.
     pub unsafe_unchecked_reads: bool,
+    /// UNSAFE (negative control): a wiped replica votes at once, without catching up first.
+    pub unsafe_wiped_replica_votes: bool,
 }
 
 /// One fault of the schedule, as the report lists it.
@@ -86,6 +89,9 @@ impl SimCheckOptions {
         }
         if self.unsafe_unchecked_reads {
             command.push_str(" --unsafe-unchecked-reads");
+        }
+        if self.unsafe_wiped_replica_votes {
+            command.push_str(" --unsafe-wiped-replica-votes");
         }
         command
     }
@@ -167,6 +173,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
         seed: options.seed,
         unsafe_wal_skip_fsync: options.unsafe_wal_skip_fsync,
         unsafe_unchecked_reads: options.unsafe_unchecked_reads,
+        unsafe_wiped_replica_votes: options.unsafe_wiped_replica_votes,
         ..SimOptions::default()
     };
     let mut cluster = SimCluster::new(dir.path().to_owned(), sim);
@@ -216,17 +223,48 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
                 cluster.start(index).await?;
                 SimFault { at_ms: at(&started), kind: "power-cut", nodes: vec![index as u64 + 1] }
             }
-            3 | 4 => {
+            3 => {
                 cluster.power_cut(&(0..nodes).collect::<Vec<_>>()).await;
                 cluster.start_all().await?;
                 SimFault { at_ms: at(&started), kind: "power-cut-all", nodes: (1..=options.nodes).collect() }
             }
-            5 | 6 => {
+            4 | 5 => {
                 let addresses = cluster.addresses();
                 let alone = rng.gen_range(0..nodes);
                 let others: Vec<&str> = addresses.iter().enumerate().filter(|(i, _)| *i != alone).map(|(_, a)| a.as_str()).collect();
                 cluster.net.isolate(&[&addresses[alone]], &others);
                 SimFault { at_ms: at(&started), kind: "isolate", nodes: vec![alone as u64 + 1] }
+            }
+            // One node's disks lost (never a second before the first caught up: the promise
+            // covers a minority of a group's replicas), and it restarts empty.
+            6 if cluster.disks_lost().is_empty() => {
+                let index = rng.gen_range(0..nodes);
+                cluster.wipe(index).await;
+                cluster.start(index).await?;
+                SimFault { at_ms: at(&started), kind: "wipe", nodes: vec![index as u64 + 1] }
+            }
+            // The pattern that once lost writes: node `lagging` falls behind (isolated) while
+            // the others take writes; then `down` loses power and `wiped` its disks, and the
+            // lagging node comes back with the empty one while `down` stays down a while. An
+            // empty replica that votes like a new one elects the lagging node.
+            7 if cluster.disks_lost().is_empty() => {
+                let addresses = cluster.addresses();
+                let lagging = rng.gen_range(0..nodes);
+                let down = (lagging + rng.gen_range(1..nodes)) % nodes;
+                let wiped = (0..nodes).find(|i| *i != lagging && *i != down).expect("three nodes or more");
+                cluster.net.heal();
+                let others: Vec<&str> = addresses.iter().enumerate().filter(|(i, _)| *i != lagging).map(|(_, a)| a.as_str()).collect();
+                cluster.net.isolate(&[&addresses[lagging]], &others);
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(100..400))).await;
+                cluster.power_cut(&[down]).await;
+                cluster.wipe(wiped).await;
+                cluster.net.heal();
+                cluster.start(wiped).await?;
+                // Long enough for the lagging node to be allowed to campaign again (2 s of answered
+                // health reports) and to win an election.
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(3000..6000))).await;
+                cluster.start(down).await?;
+                SimFault { at_ms: at(&started), kind: "lag-down-wipe", nodes: vec![lagging as u64 + 1, down as u64 + 1, wiped as u64 + 1] }
             }
             _ => {
                 cluster.net.heal();

@@ -113,6 +113,11 @@ pub struct ChunkdConfig {
     /// before it is durable and a power cut loses it. Default false.
     #[serde(default)]
     pub unsafe_wal_skip_fsync: bool,
+    /// UNSAFE (negative controls only): a replica whose log of a group is empty (its disks
+    /// wiped) while the group lived on votes at once, like a new one, instead of catching up
+    /// first: the bug `rejoin` fixed. Default false.
+    #[serde(default)]
+    pub unsafe_wiped_replica_votes: bool,
     /// UNSAFE (negative controls only): WAL recovery takes any invalid record in the newest
     /// segment for a torn tail and cuts the log there, even with records of later (synced)
     /// flushes after it: the rule before WAL format version 3. Default false.
@@ -287,6 +292,7 @@ impl ChunkdConfig {
             unsafe_unchecked_reads: self.unsafe_unchecked_reads,
             unsafe_serve_damaged: self.unsafe_serve_damaged,
             unsafe_wal_torn_tail_rule: self.unsafe_wal_torn_tail_rule,
+            unsafe_wiped_replica_votes: self.unsafe_wiped_replica_votes,
             wal_zero_fill: self.wal_zero_fill,
             wal_segment_bytes: self.wal_segment_bytes,
             unsafe_wal_skip_fsync: self.unsafe_wal_skip_fsync,
@@ -350,6 +356,8 @@ pub struct NodeConfig {
     /// UNSAFE (negative controls only): damage in the newest WAL segment is taken for a torn
     /// tail (the log is cut there) even with synced flushes after it.
     pub unsafe_wal_torn_tail_rule: bool,
+    /// UNSAFE (negative controls only): a wiped replica votes without catching up (`rejoin`).
+    pub unsafe_wiped_replica_votes: bool,
     /// WAL segments zero-filled when prepared (see `WalConfig::zero_fill`).
     pub wal_zero_fill: bool,
     /// See `WalConfig::segment_bytes`.

@@ -178,7 +178,7 @@ impl Node {
         }
         let me = self.config.node_id;
         let others: Vec<NodeId> = replicas.iter().copied().filter(|id| *id != me).collect();
-        if !fresh || others.is_empty() {
+        if !fresh || others.is_empty() || self.config.unsafe_wiped_replica_votes {
             return Ok(rejoin::Rejoin::none());
         }
         let needed = replicas.len().div_ceil(2);

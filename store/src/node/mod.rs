@@ -286,6 +286,12 @@ impl Node {
         (state.purged.map(|p| p.0), state.last.map(|l| l.0))
     }
 
+    /// Whether this node has joined the cluster and holds every group it replicates (none
+    /// catching up after a lost copy).
+    pub fn caught_up(&self) -> bool {
+        self.joined.get().is_some() && self.lost_copies().is_empty()
+    }
+
     /// The namespaces, once joined.
     fn namespaces(&self) -> Option<&HashMap<String, HostedNamespace>> {
         self.joined.get().map(|j| &j.namespaces)

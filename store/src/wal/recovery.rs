@@ -8,7 +8,7 @@
 //! bytes were damaged afterwards (the disk, or anything else writing over the file), and
 //! entries this node acknowledged may be in them. That is corruption: the log is not cut
 //! (cutting it would silently drop acknowledged entries and everything after them), the WAL
-//! refuses to open, and the node rebuilds from its peers (`node::damage`).
+//! refuses to open, and the node rebuilds from its peers (`node::wal_damage`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex};

@@ -208,6 +208,10 @@ enum Commands {
         /// UNSAFE (negative control): leaders answer reads without checking that they still lead.
         #[arg(long)]
         unsafe_unchecked_reads: bool,
+        /// UNSAFE (negative control): a replica whose disks were wiped votes at once, without
+        /// catching up first.
+        #[arg(long)]
+        unsafe_wiped_replica_votes: bool,
         /// Print one JSON object as the last line.
         #[arg(long)]
         json: bool,
@@ -322,10 +326,33 @@ fn main() -> ExitCode {
         Commands::Counter(args) => cluster_run(Workload::Counter, args),
         Commands::Set(args) => cluster_run(Workload::Set, args),
         Commands::Lock(args) => cluster_run(Workload::Lock, args),
-        Commands::Sim { seed, nodes, groups, faults, keys, clients, history, unsafe_wal_skip_fsync, unsafe_unchecked_reads, json } => {
+        Commands::Sim {
+            seed,
+            nodes,
+            groups,
+            faults,
+            keys,
+            clients,
+            history,
+            unsafe_wal_skip_fsync,
+            unsafe_unchecked_reads,
+            unsafe_wiped_replica_votes,
+            json,
+        } => {
             use chunkstore_tools::sim_check::{run, SimCheckOptions};
             let seed = seed.unwrap_or_else(rand::random);
-            let options = SimCheckOptions { seed, nodes, groups, faults, keys, clients, history, unsafe_wal_skip_fsync, unsafe_unchecked_reads };
+            let options = SimCheckOptions {
+                seed,
+                nodes,
+                groups,
+                faults,
+                keys,
+                clients,
+                history,
+                unsafe_wal_skip_fsync,
+                unsafe_unchecked_reads,
+                unsafe_wiped_replica_votes,
+            };
             eprintln!("chunkcheck sim: seed {seed}, {nodes} nodes, {groups} groups, {faults} faults, {keys} keys, {clients} clients");
             match run(&options, &|line| eprintln!("{line}")) {
                 Ok(report) => {
