@@ -1,17 +1,19 @@
 //! Clusters in one process: nodes of the production code on memory disks (`MemStorage`) over
 //! the in-memory network (`MemNetwork`), driven by a test or `chunkcheck sim`: power cuts of one
-//! node or of all at once, wiped disks, restarts on what the cut left, partitions, lost,
-//! duplicated and delayed messages.
+//! node or of all at once, wiped disks, wall clocks that jump, restarts on what the cut left,
+//! partitions, lost, duplicated and delayed (so reordered) messages.
 //!
 //! The nodes run on the caller's tokio runtime (and the WAL's and engines' own threads), so a
 //! seed fixes the network's draws and the caller's schedule, not the interleaving of the nodes'
 //! tasks: a failing seed replays the same faults, not the same run.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{DeviceConfig, NamespaceConfig};
+use crate::engine::{Clock, SystemClock};
 use crate::node::network::{MemNetwork, Network};
 use crate::node::storage::MemStorage;
 use crate::node::{NamespaceSpec, Node, NodeConfig, NodeEnv, NodeError};
@@ -69,6 +71,27 @@ pub struct SimCluster {
     running: Vec<Option<Arc<Node>>>,
     /// Nodes wiped that may not have caught up yet (`disks_lost`).
     wiped: std::collections::BTreeSet<usize>,
+    /// Each node's wall clock (`jump_clock`), kept across its lives.
+    clocks: Vec<Arc<SimClock>>,
+}
+
+/// A node's wall clock: the system's, moved by the jumps a test makes (`SimCluster::jump_clock`).
+/// Monotonic time (timeouts, elections, leases) is tokio's and does not jump.
+#[derive(Default)]
+pub struct SimClock {
+    offset_ms: AtomicI64,
+}
+
+impl SimClock {
+    pub fn offset_ms(&self) -> i64 {
+        self.offset_ms.load(Ordering::SeqCst)
+    }
+}
+
+impl Clock for SimClock {
+    fn now_ms(&self) -> u64 {
+        SystemClock.now_ms().saturating_add_signed(self.offset_ms())
+    }
 }
 
 impl SimCluster {
@@ -81,6 +104,7 @@ impl SimCluster {
             storages: nodes.iter().map(|(_, address)| Arc::new(MemStorage::new(address))).collect(),
             running: nodes.iter().map(|_| None).collect(),
             wiped: Default::default(),
+            clocks: nodes.iter().map(|_| Arc::new(SimClock::default())).collect(),
             nodes,
             options,
         }
@@ -141,7 +165,7 @@ impl SimCluster {
         let config = self.node_config(index);
         std::fs::create_dir_all(&config.data_dir).map_err(|e| NodeError::Config(format!("{}: {e}", config.data_dir.display())))?;
         let address = self.nodes[index].1.clone();
-        let env = NodeEnv { clock: Arc::new(crate::engine::SystemClock), network: self.net.of(&address), storage: Some(self.storages[index].clone()) };
+        let env = NodeEnv { clock: self.clocks[index].clone(), network: self.net.of(&address), storage: Some(self.storages[index].clone()) };
         let node = Node::start_in(config, env).await?;
         self.net.serve_node(&address, &node);
         let joining = node.clone();
@@ -205,6 +229,12 @@ impl SimCluster {
         let running = &self.running;
         self.wiped.retain(|index| !running[*index].as_ref().is_some_and(|node| node.caught_up()));
         self.wiped.iter().copied().collect()
+    }
+
+    /// Moves node `index`'s wall clock by `delta_ms` (back when negative), as an operator or a
+    /// bad time source would; it stays moved across restarts.
+    pub fn jump_clock(&self, index: usize, delta_ms: i64) {
+        self.clocks[index].offset_ms.fetch_add(delta_ms, Ordering::SeqCst);
     }
 
     /// A client outside the nodes.

@@ -2,7 +2,8 @@
 //! nodes of the production code on memory disks over the in-memory network) under a seeded
 //! schedule of faults: power cuts of one node or of every node at once (unsynced WAL and engine
 //! writes lost, some torn through), restarts on what the cut left, a node's disks wiped (one
-//! at a time, alone or behind a lagging node and a node down), nodes isolated and healed,
+//! at a time, alone or behind a lagging node and a node down), wall clocks that jump a day,
+//! an hour, a minute or seconds either way, nodes isolated and healed,
 //! lost, duplicated and delayed messages. At the end, with operations in flight, the whole
 //! cluster loses power once more and restarts; every key is read, and the linearizability
 //! checker decides the history.
@@ -214,7 +215,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
     for _ in 0..options.faults {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
         let nodes = options.nodes as usize;
-        let fault = match rng.gen_range(0..10) {
+        let fault = match rng.gen_range(0..11) {
             0..=2 => {
                 let index = rng.gen_range(0..nodes);
                 let pause = Duration::from_millis(rng.gen_range(0..500));
@@ -265,6 +266,15 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(3000..6000))).await;
                 cluster.start(down).await?;
                 SimFault { at_ms: at(&started), kind: "lag-down-wipe", nodes: vec![lagging as u64 + 1, down as u64 + 1, wiped as u64 + 1] }
+            }
+            // A node's wall clock jumps (proposals carry it: TTLs, last-update times, the
+            // exactly-once table's idle horizon); elections and leases run on monotonic time.
+            8 => {
+                let index = rng.gen_range(0..nodes);
+                let jumps_ms = [-86_400_000, -3_600_000, -60_000, -5_000, 5_000, 60_000, 3_600_000, 86_400_000];
+                let delta_ms = jumps_ms[rng.gen_range(0..jumps_ms.len())];
+                cluster.jump_clock(index, delta_ms);
+                SimFault { at_ms: at(&started), kind: if delta_ms < 0 { "clock-back" } else { "clock-forward" }, nodes: vec![index as u64 + 1] }
             }
             _ => {
                 cluster.net.heal();
