@@ -11,7 +11,6 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
 
-use super::writes::NotProposed;
 use super::Node;
 use crate::meta::leases::{TTL_MS_MAX, TTL_MS_MIN};
 use crate::meta::ClusterMetaExt as _;
@@ -138,9 +137,7 @@ impl Node {
         match self.propose(&local, command).await {
             Ok(written) if written.data == CommandResult::Noop => Response::Noted,
             Ok(written) => Response::Error(ErrorReply::Internal(format!("unexpected fence result {:?}", written.data))),
-            Err(NotProposed::NotLeader(leader)) => Response::Error(ErrorReply::NotLeader { leader }),
-            Err(NotProposed::Unanswered(Some(err))) => Response::Error(ErrorReply::Internal(err.to_string())),
-            Err(NotProposed::Unanswered(None)) => Response::Error(ErrorReply::Timeout { in_doubt: true }),
+            Err(not_proposed) => Response::Error(not_proposed.into()),
         }
     }
 

@@ -47,7 +47,7 @@ use crate::engine::{Clock, Namespace, OpenOptions};
 use crate::meta::ClusterMetaExt as _;
 use crate::meta::{self, ClusterMeta, MetaCommand, MetaStateMachine, NodeInfo, META_NAMESPACE, META_WAL_GROUP};
 use crate::protocol::{ClusterMap, ErrorReply, NamespaceMap, ReadPolicy, Request, Response};
-use crate::raft::{group_of, Command, CommandResult, GroupLogStore, GroupStateMachine, NodeId, Outcome, RaftInstance, Refusal, WriteFailure};
+use crate::raft::{group_of, Command, GroupLogStore, GroupStateMachine, NodeId, RaftInstance};
 use crate::wal::{Wal, WalConfig};
 use crate::NamespaceConfig;
 use groups::{namespace_wal_group, wal_prefix, Group, HostedNamespace};

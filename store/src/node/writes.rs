@@ -67,31 +67,9 @@ impl Node {
             }
         }
         let command = |now_ms| Command { key, op, policy, now_ms, tag: Some(tag) };
-        let written = match self.propose(&group, command).await {
-            Ok(written) => written,
-            Err(NotProposed::NotLeader(leader)) => return Response::Error(ErrorReply::NotLeader { leader }),
-            Err(NotProposed::Unanswered(None)) => return Response::Error(ErrorReply::Timeout { in_doubt: true }),
-            // Leadership was lost after proposing: the entry may still commit under a new
-            // leader (openraft answers ForwardToLeader then too), so the fate is unknown.
-            Err(NotProposed::Unanswered(Some(RaftError::APIError(ClientWriteError::ForwardToLeader(_))))) => {
-                return Response::Error(ErrorReply::Timeout { in_doubt: true })
-            }
-            // The group stopped (shutdown) or failed with the entry maybe in its log.
-            Err(NotProposed::Unanswered(Some(RaftError::Fatal(_)))) => return Response::Error(ErrorReply::Timeout { in_doubt: true }),
-            Err(NotProposed::Unanswered(Some(err))) => return Response::Error(ErrorReply::Internal(err.to_string())),
-        };
-        match written.data {
-            CommandResult::Applied { meta, results } => Response::Written { meta, results, index: written.log_id.index },
-            CommandResult::Failed(failure) => Response::Error(failure_reply(failure)),
-            CommandResult::Duplicate(Outcome::Written { meta, results }) => Response::Written { meta, results, index: written.log_id.index },
-            CommandResult::Duplicate(Outcome::Failed(failure)) => Response::Error(failure_reply(failure)),
-            CommandResult::Duplicate(Outcome::ResultLost) => Response::Error(ErrorReply::AppliedResultLost),
-            CommandResult::Refused(refusal) => Response::Error(match refusal {
-                Refusal::Stale => ErrorReply::StaleWrite,
-                Refusal::ClientExpired => ErrorReply::ClientExpired,
-                Refusal::TooManyInFlight => ErrorReply::TooManyInFlight,
-            }),
-            other => Response::Error(ErrorReply::Internal(format!("unexpected apply result {other:?}"))),
+        match self.propose(&group, command).await {
+            Ok(written) => written.data.into_response(written.log_id.index),
+            Err(not_proposed) => Response::Error(not_proposed.into()),
         }
     }
 
@@ -136,18 +114,20 @@ impl Drop for InFlight<'_> {
     }
 }
 
-pub(super) fn failure_reply(failure: WriteFailure) -> ErrorReply {
-    match failure {
-        WriteFailure::GenerationMismatch { expected, actual } => ErrorReply::GenerationMismatch { expected, actual },
-        WriteFailure::RecordExists => ErrorReply::RecordExists,
-        WriteFailure::RecordNotFound => ErrorReply::RecordNotFound,
-        WriteFailure::RecordTooBig { size_bytes, limit_bytes } => ErrorReply::RecordTooBig { size_bytes, limit_bytes },
-        WriteFailure::IncompatibleBin { bin, reason } => ErrorReply::IncompatibleBin { bin, reason },
-        WriteFailure::BadRequest(what) => ErrorReply::BadRequest(what),
-        WriteFailure::SessionExpired { session } => ErrorReply::SessionExpired { session },
-        WriteFailure::LockHeld { holder } => ErrorReply::LockHeld { holder },
-        WriteFailure::LockNotHeld { holder } => ErrorReply::LockNotHeld { holder },
-        WriteFailure::RangeLockHeld(held) => ErrorReply::RangeLockHeld(held),
+/// What the client is told when `propose` did not answer with the applied entry.
+impl From<NotProposed> for ErrorReply {
+    fn from(not_proposed: NotProposed) -> ErrorReply {
+        match not_proposed {
+            // Refused before proposing: nothing was proposed.
+            NotProposed::NotLeader(leader) => ErrorReply::NotLeader { leader },
+            // Proposed, then leadership or touch was lost (openraft answers ForwardToLeader
+            // then too), or the group stopped (shutdown) or failed with the entry maybe in its
+            // log: the entry may still commit under a new leader, so the fate is unknown.
+            NotProposed::Unanswered(None)
+            | NotProposed::Unanswered(Some(RaftError::APIError(ClientWriteError::ForwardToLeader(_))))
+            | NotProposed::Unanswered(Some(RaftError::Fatal(_))) => ErrorReply::Timeout { in_doubt: true },
+            NotProposed::Unanswered(Some(err)) => ErrorReply::Internal(err.to_string()),
+        }
     }
 }
 

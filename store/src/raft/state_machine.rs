@@ -561,10 +561,10 @@ fn apply_command(shared: &Shared, command: &Command, log_id: LogId<NodeId>, wait
         // Nothing to write (a range-lock test that found nothing in the way).
         Ok(None) => Ok(Some((RecordMeta { generation: 0, void_time_secs: 0, last_update_ms: command.now_ms }, Vec::new()))),
         Ok(Some((op, policy))) => match wait {
-            true => apply_when_there_is_room(shared, &command.key, &op, &policy, replicated).map_err(engine_failure),
+            true => apply_when_there_is_room(shared, &command.key, &op, &policy, replicated).map_err(Refused::from),
             false => match shared.engine.apply_replicated(&command.key, &op, &policy, replicated) {
                 Err(crate::Error::DeviceFull { .. }) => return Ok(None),
-                other => other.map_err(engine_failure),
+                other => other.map_err(Refused::from),
             },
         },
     };
@@ -598,10 +598,12 @@ enum Refused {
     Engine(crate::Error),
 }
 
-fn engine_failure(err: crate::Error) -> Refused {
-    match WriteFailure::from_engine(&err) {
-        Some(failure) => Refused::Failure(failure),
-        None => Refused::Engine(err),
+impl From<crate::Error> for Refused {
+    fn from(err: crate::Error) -> Refused {
+        match WriteFailure::try_from(&err) {
+            Ok(failure) => Refused::Failure(failure),
+            Err(()) => Refused::Engine(err),
+        }
     }
 }
 
@@ -632,7 +634,7 @@ fn record_write(shared: &Shared, command: &Command, index: u64) -> Result<Option
         if replayed {
             return Ok(Some(session));
         }
-        let record = shared.engine.get(&command.key, Some(&[LOCK_HOLDER_BIN])).map_err(engine_failure)?;
+        let record = shared.engine.get(&command.key, Some(&[LOCK_HOLDER_BIN]))?;
         Ok(record.and_then(|r| match r.bin(LOCK_HOLDER_BIN) {
             Some(Value::Int(id)) => Some(*id as u64),
             _ => None,
@@ -671,7 +673,7 @@ fn range_lock_write(
     if !shared.unsafe_skip_fencing.load(Ordering::Relaxed) && shared.progress.lock().unwrap().fences.is_fenced(session) {
         return Err(Refused::Failure(WriteFailure::SessionExpired { session }));
     }
-    let record = shared.engine.get(&command.key, Some(&[RANGE_LOCKS_BIN])).map_err(engine_failure)?;
+    let record = shared.engine.get(&command.key, Some(&[RANGE_LOCKS_BIN]))?;
     let table: Vec<Held> = match record.as_ref().and_then(|r| r.bin(RANGE_LOCKS_BIN)) {
         Some(Value::Bytes(bytes)) => crate::protocol::decode_body(bytes, RANGE_LOCKS_MAX * 64)
             .map_err(|e| Refused::Failure(WriteFailure::BadRequest(format!("the lock table does not decode: {e}"))))?,

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::key::Key;
 use crate::ops::{OpResult, RangeLockHeld, WriteOp, WritePolicy};
-use crate::protocol::WriteTag;
+use crate::protocol::{ErrorReply, Response, WriteTag};
 use crate::value::RecordMeta;
 
 pub type NodeId = u64;
@@ -101,19 +101,65 @@ pub enum WriteFailure {
     RangeLockHeld(RangeLockHeld),
 }
 
-impl WriteFailure {
-    /// The refusal an engine error stands for, or `None` for errors that are not answers
-    /// (device failures, corruption): those stop the replica.
-    pub fn from_engine(err: &Error) -> Option<WriteFailure> {
-        Some(match err {
+/// The refusal an engine error stands for; errors that are not answers (device failures,
+/// corruption) convert to nothing (`Err(())`): those stop the replica.
+impl TryFrom<&Error> for WriteFailure {
+    type Error = ();
+
+    fn try_from(err: &Error) -> Result<WriteFailure, ()> {
+        Ok(match err {
             Error::GenerationMismatch { expected, actual } => WriteFailure::GenerationMismatch { expected: *expected, actual: *actual },
             Error::RecordExists => WriteFailure::RecordExists,
             Error::RecordNotFound => WriteFailure::RecordNotFound,
             Error::RecordTooBig { size_bytes, limit_bytes } => WriteFailure::RecordTooBig { size_bytes: *size_bytes, limit_bytes: *limit_bytes },
             Error::IncompatibleBin { bin, reason } => WriteFailure::IncompatibleBin { bin: bin.clone(), reason: reason.clone() },
             Error::BadRequest(what) => WriteFailure::BadRequest(what.clone()),
-            _ => return None,
+            _ => return Err(()),
         })
+    }
+}
+
+/// What the client is told of a deterministic refusal: the variant of the same name.
+impl From<WriteFailure> for ErrorReply {
+    fn from(failure: WriteFailure) -> ErrorReply {
+        match failure {
+            WriteFailure::GenerationMismatch { expected, actual } => ErrorReply::GenerationMismatch { expected, actual },
+            WriteFailure::RecordExists => ErrorReply::RecordExists,
+            WriteFailure::RecordNotFound => ErrorReply::RecordNotFound,
+            WriteFailure::RecordTooBig { size_bytes, limit_bytes } => ErrorReply::RecordTooBig { size_bytes, limit_bytes },
+            WriteFailure::IncompatibleBin { bin, reason } => ErrorReply::IncompatibleBin { bin, reason },
+            WriteFailure::BadRequest(what) => ErrorReply::BadRequest(what),
+            WriteFailure::SessionExpired { session } => ErrorReply::SessionExpired { session },
+            WriteFailure::LockHeld { holder } => ErrorReply::LockHeld { holder },
+            WriteFailure::LockNotHeld { holder } => ErrorReply::LockNotHeld { holder },
+            WriteFailure::RangeLockHeld(held) => ErrorReply::RangeLockHeld(held),
+        }
+    }
+}
+
+/// What the client is told of a tagged write the exactly-once table refused (not applied).
+impl From<Refusal> for ErrorReply {
+    fn from(refusal: Refusal) -> ErrorReply {
+        match refusal {
+            Refusal::Stale => ErrorReply::StaleWrite,
+            Refusal::ClientExpired => ErrorReply::ClientExpired,
+            Refusal::TooManyInFlight => ErrorReply::TooManyInFlight,
+        }
+    }
+}
+
+impl CommandResult {
+    /// The answer to the client whose write, applied at log index `index`, had this result.
+    pub fn into_response(self, index: u64) -> Response {
+        match self {
+            CommandResult::Applied { meta, results } | CommandResult::Duplicate(Outcome::Written { meta, results }) => {
+                Response::Written { meta, results, index }
+            }
+            CommandResult::Failed(failure) | CommandResult::Duplicate(Outcome::Failed(failure)) => Response::Error(failure.into()),
+            CommandResult::Duplicate(Outcome::ResultLost) => Response::Error(ErrorReply::AppliedResultLost),
+            CommandResult::Refused(refusal) => Response::Error(refusal.into()),
+            CommandResult::Replayed | CommandResult::Noop => Response::Error(ErrorReply::Internal(format!("unexpected apply result {self:?}"))),
+        }
     }
 }
 
