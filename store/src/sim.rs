@@ -1,6 +1,6 @@
 //! Clusters in one process: nodes of the production code on memory disks (`MemStorage`) over
 //! the in-memory network (`MemNetwork`), driven by a test or `chunkcheck sim`: power cuts of one
-//! node or of all at once, wiped disks, wall clocks that jump, restarts on what the cut left,
+//! node or of all at once, wiped disks, failed fsyncs, wall clocks that jump, restarts on what the cut left,
 //! partitions, lost, duplicated and delayed (so reordered) messages.
 //!
 //! The nodes run on the caller's tokio runtime (and the WAL's and engines' own threads), so a
@@ -229,6 +229,12 @@ impl SimCluster {
         let running = &self.running;
         self.wiped.retain(|index| !running[*index].as_ref().is_some_and(|node| node.caught_up()));
         self.wiped.iter().copied().collect()
+    }
+
+    /// Node `index`'s disks fail: every later fdatasync of its WAL and engine devices answers
+    /// EIO (the writes it was to make durable dropped) until its power is cut.
+    pub fn fail_syncs(&self, index: usize) {
+        self.storages[index].fail_syncs();
     }
 
     /// Moves node `index`'s wall clock by `delta_ms` (back when negative), as an operator or a

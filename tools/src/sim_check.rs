@@ -3,7 +3,8 @@
 //! schedule of faults: power cuts of one node or of every node at once (unsynced WAL and engine
 //! writes lost, some torn through), restarts on what the cut left, a node's disks wiped (one
 //! at a time, alone or behind a lagging node and a node down), wall clocks that jump a day,
-//! an hour, a minute or seconds either way, nodes isolated and healed,
+//! an hour, a minute or seconds either way, disks that fail their fsyncs (then the node
+//! loses power), nodes isolated and healed,
 //! lost, duplicated and delayed messages. At the end, with operations in flight, the whole
 //! cluster loses power once more and restarts; every key is read, and the linearizability
 //! checker decides the history.
@@ -215,7 +216,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
     for _ in 0..options.faults {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
         let nodes = options.nodes as usize;
-        let fault = match rng.gen_range(0..11) {
+        let fault = match rng.gen_range(0..12) {
             0..=2 => {
                 let index = rng.gen_range(0..nodes);
                 let pause = Duration::from_millis(rng.gen_range(0..500));
@@ -275,6 +276,16 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
                 let delta_ms = jumps_ms[rng.gen_range(0..jumps_ms.len())];
                 cluster.jump_clock(index, delta_ms);
                 SimFault { at_ms: at(&started), kind: if delta_ms < 0 { "clock-back" } else { "clock-forward" }, nodes: vec![index as u64 + 1] }
+            }
+            // A node's disks fail their fsyncs for a while (its WAL must not acknowledge what
+            // it could not sync), then it loses power and restarts on what was durable.
+            9 => {
+                let index = rng.gen_range(0..nodes);
+                cluster.fail_syncs(index);
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(50..500))).await;
+                cluster.power_cut(&[index]).await;
+                cluster.start(index).await?;
+                SimFault { at_ms: at(&started), kind: "fsync-error", nodes: vec![index as u64 + 1] }
             }
             _ => {
                 cluster.net.heal();

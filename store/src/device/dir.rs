@@ -239,12 +239,24 @@ struct PowerLossDirState {
     renamed: Vec<(String, String)>,
     seed: u64,
     crashed: bool,
+    /// Syncs fail (`fail_syncs`).
+    failing: bool,
 }
 
 impl PowerLossDir {
     /// `seed` decides which sectors of unsynced writes reach the devices early.
     pub fn new(inner: Arc<dyn DeviceDir>, seed: u64) -> PowerLossDir {
         PowerLossDir { inner, state: Mutex::new(PowerLossDirState { seed, ..Default::default() }) }
+    }
+
+    /// The disk fails: every device handed out (and every later one) fails its syncs
+    /// (`PowerLossDevice::fail_syncs`), and so do syncs of the directory. Until `crash`.
+    pub fn fail_syncs(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.failing = true;
+        for device in state.devices.iter().filter_map(|device| device.upgrade()) {
+            device.fail_syncs();
+        }
     }
 
     /// Cuts the power: every device drops its unsynced writes and refuses further I/O, names
@@ -271,6 +283,9 @@ impl PowerLossDir {
     fn wrap(&self, state: &mut PowerLossDirState, device: Arc<dyn Device>) -> Arc<dyn Device> {
         state.seed = state.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let device = Arc::new(PowerLossDevice::new(device, state.seed));
+        if state.failing {
+            device.fail_syncs();
+        }
         state.devices.retain(|open| open.strong_count() > 0);
         state.devices.push(Arc::downgrade(&device));
         device
@@ -348,6 +363,9 @@ impl DeviceDir for PowerLossDir {
     fn sync(&self) -> io::Result<()> {
         let mut state = self.state.lock().unwrap();
         Self::powered(&state)?;
+        if state.failing {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         for name in std::mem::take(&mut state.removed) {
             self.inner.remove(&name)?;
         }

@@ -245,12 +245,14 @@ struct PowerLossState {
     pending: Vec<(u64, Vec<u8>)>,
     rng: u64,
     powered: bool,
+    /// Every sync from now on fails (`fail_syncs`).
+    failing: bool,
 }
 
 impl PowerLossDevice {
     /// `seed` decides which sectors of unsynced writes reach the device underneath early.
     pub fn new(inner: std::sync::Arc<dyn Device>, seed: u64) -> PowerLossDevice {
-        let state = PowerLossState { pending: Vec::new(), rng: seed | 1, powered: true };
+        let state = PowerLossState { pending: Vec::new(), rng: seed | 1, powered: true, failing: false };
         PowerLossDevice { inner, state: Mutex::new(state) }
     }
 
@@ -259,6 +261,13 @@ impl PowerLossDevice {
         let mut state = self.state.lock().unwrap();
         state.pending.clear();
         state.powered = false;
+    }
+
+    /// The disk fails: every later sync answers EIO, and the writes it was to make durable
+    /// are dropped (as Linux drops dirty pages a failed writeback could not write: a retried
+    /// fsync then succeeds without them). Until `crash`.
+    pub fn fail_syncs(&self) {
+        self.state.lock().unwrap().failing = true;
     }
 
     /// Bytes written since the last sync (and so at risk).
@@ -346,6 +355,10 @@ impl Device for PowerLossDevice {
         let mut state = self.state.lock().unwrap();
         if !state.powered {
             return Err(power_off());
+        }
+        if state.failing {
+            state.pending.clear();
+            return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         for (offset, data) in state.pending.drain(..) {
             self.inner.write_at(&data, offset)?;

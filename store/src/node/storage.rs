@@ -57,6 +57,18 @@ impl MemStorage {
         life.number += 1;
     }
 
+    /// The disks fail: every sync of this life's WAL and devices answers EIO from now on (the
+    /// writes it was to make durable dropped), until `power_cut`.
+    pub fn fail_syncs(&self) {
+        let life = self.life.lock().unwrap();
+        if let Some(wal) = &life.wal {
+            wal.fail_syncs();
+        }
+        for device in &life.devices {
+            device.fail_syncs();
+        }
+    }
+
     fn seed(life: &Life, salt: u64) -> u64 {
         (life.number + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt
     }
