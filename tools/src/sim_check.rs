@@ -4,7 +4,7 @@
 //! writes lost, some torn through), restarts on what the cut left, a node's disks wiped (one
 //! at a time, alone or behind a lagging node and a node down), wall clocks that jump a day,
 //! an hour, a minute or seconds either way, disks that fail their fsyncs (then the node
-//! loses power), nodes isolated and healed,
+//! loses power), roster changes (more nodes than replicas), nodes isolated and healed,
 //! lost, duplicated and delayed messages. At the end, with operations in flight, the whole
 //! cluster loses power once more and restarts; every key is read, and the linearizability
 //! checker decides the history.
@@ -216,7 +216,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
     for _ in 0..options.faults {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
         let nodes = options.nodes as usize;
-        let fault = match rng.gen_range(0..12) {
+        let fault = match rng.gen_range(0..13) {
             0..=2 => {
                 let index = rng.gen_range(0..nodes);
                 let pause = Duration::from_millis(rng.gen_range(0..500));
@@ -286,6 +286,23 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
                 cluster.power_cut(&[index]).await;
                 cluster.start(index).await?;
                 SimFault { at_ms: at(&started), kind: "fsync-error", nodes: vec![index as u64 + 1] }
+            }
+            // The roster changes (clusters of more nodes than replicas): groups move through
+            // their own Raft logs while the other faults go on.
+            10 if nodes > 3 => {
+                let mut roster: Vec<u64> = (1..=options.nodes).filter(|_| rng.gen_bool(0.75)).collect();
+                for id in 1..=options.nodes {
+                    if roster.len() < 3 && !roster.contains(&id) {
+                        roster.push(id);
+                    }
+                }
+                roster.sort_unstable();
+                let answer = client.call_leader(rng.gen_range(0..nodes), &Request::SetRoster { nodes: roster.clone() }, Duration::from_secs(5)).await;
+                let kind = match answer {
+                    Some(Response::Noted) => "roster",
+                    _ => "roster-refused",
+                };
+                SimFault { at_ms: at(&started), kind, nodes: roster }
             }
             _ => {
                 cluster.net.heal();
