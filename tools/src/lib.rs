@@ -11,4 +11,5 @@ pub mod history;
 pub mod local_cluster;
 pub mod logging;
 pub mod mount;
+pub mod placement_check;
 pub mod sim_check;
