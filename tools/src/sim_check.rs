@@ -9,9 +9,10 @@
 //! cluster loses power once more and restarts; every key is read, and the linearizability
 //! checker decides the history.
 //!
-//! The seed fixes the faults (their kinds, order, targets and spacing) and the network's draws;
-//! the nodes still run on tokio's multi-threaded runtime and their own threads, so a replay
-//! (`replay` in the report) repeats the schedule, not the interleaving.
+//! The seed fixes the faults (their kinds, order, targets and spacing: every fault makes the
+//! same draws, `FaultDraw`, whether or not the cluster's state lets it run) and the network's
+//! draws; the nodes still run on tokio's multi-threaded runtime and their own threads, so a
+//! replay (`replay` in the report) repeats the schedule, not the interleaving.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,6 +98,22 @@ impl SimCheckOptions {
         }
         command
     }
+}
+
+/// The random choices of one fault of the schedule (each fault uses some of them).
+struct FaultDraw {
+    kind: u32,
+    /// The node hit (the isolated, lagging, wiped, jumped... one).
+    index: usize,
+    /// Offset of a second node from `index` (1 to nodes - 1).
+    other: usize,
+    pause_ms: u64,
+    lag_ms: u64,
+    down_ms: u64,
+    jump: usize,
+    failing_ms: u64,
+    /// Which nodes a roster change keeps (each three times in four).
+    roster: Vec<bool>,
 }
 
 /// The history as the clients record it.
@@ -216,10 +233,24 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
     for _ in 0..options.faults {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
         let nodes = options.nodes as usize;
-        let fault = match rng.gen_range(0..13) {
+        // Every draw a fault may use, made for every fault: the schedule is then a function of
+        // the seed alone, even where a fault is skipped for the cluster's state (a wipe while
+        // an earlier one still catches up).
+        let draw = FaultDraw {
+            kind: rng.gen_range(0..13),
+            index: rng.gen_range(0..nodes),
+            other: rng.gen_range(1..nodes),
+            pause_ms: rng.gen_range(0..500),
+            lag_ms: rng.gen_range(100..400),
+            down_ms: rng.gen_range(3000..6000),
+            jump: rng.gen_range(0..8),
+            failing_ms: rng.gen_range(50..500),
+            roster: (0..nodes).map(|_| rng.gen_bool(0.75)).collect(),
+        };
+        let fault = match draw.kind {
             0..=2 => {
-                let index = rng.gen_range(0..nodes);
-                let pause = Duration::from_millis(rng.gen_range(0..500));
+                let index = draw.index;
+                let pause = Duration::from_millis(draw.pause_ms);
                 cluster.power_cut(&[index]).await;
                 tokio::time::sleep(pause).await;
                 cluster.start(index).await?;
@@ -232,7 +263,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
             }
             4 | 5 => {
                 let addresses = cluster.addresses();
-                let alone = rng.gen_range(0..nodes);
+                let alone = draw.index;
                 let others: Vec<&str> = addresses.iter().enumerate().filter(|(i, _)| *i != alone).map(|(_, a)| a.as_str()).collect();
                 cluster.net.isolate(&[&addresses[alone]], &others);
                 SimFault { at_ms: at(&started), kind: "isolate", nodes: vec![alone as u64 + 1] }
@@ -240,7 +271,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
             // One node's disks lost (never a second before the first caught up: the promise
             // covers a minority of a group's replicas), and it restarts empty.
             6 if cluster.disks_lost().is_empty() => {
-                let index = rng.gen_range(0..nodes);
+                let index = draw.index;
                 cluster.wipe(index).await;
                 cluster.start(index).await?;
                 SimFault { at_ms: at(&started), kind: "wipe", nodes: vec![index as u64 + 1] }
@@ -251,38 +282,38 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
             // empty replica that votes like a new one elects the lagging node.
             7 if cluster.disks_lost().is_empty() => {
                 let addresses = cluster.addresses();
-                let lagging = rng.gen_range(0..nodes);
-                let down = (lagging + rng.gen_range(1..nodes)) % nodes;
+                let lagging = draw.index;
+                let down = (lagging + draw.other) % nodes;
                 let wiped = (0..nodes).find(|i| *i != lagging && *i != down).expect("three nodes or more");
                 cluster.net.heal();
                 let others: Vec<&str> = addresses.iter().enumerate().filter(|(i, _)| *i != lagging).map(|(_, a)| a.as_str()).collect();
                 cluster.net.isolate(&[&addresses[lagging]], &others);
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(100..400))).await;
+                tokio::time::sleep(Duration::from_millis(draw.lag_ms)).await;
                 cluster.power_cut(&[down]).await;
                 cluster.wipe(wiped).await;
                 cluster.net.heal();
                 cluster.start(wiped).await?;
                 // Long enough for the lagging node to be allowed to campaign again (2 s of answered
                 // health reports) and to win an election.
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(3000..6000))).await;
+                tokio::time::sleep(Duration::from_millis(draw.down_ms)).await;
                 cluster.start(down).await?;
                 SimFault { at_ms: at(&started), kind: "lag-down-wipe", nodes: vec![lagging as u64 + 1, down as u64 + 1, wiped as u64 + 1] }
             }
             // A node's wall clock jumps (proposals carry it: TTLs, last-update times, the
             // exactly-once table's idle horizon); elections and leases run on monotonic time.
             8 => {
-                let index = rng.gen_range(0..nodes);
+                let index = draw.index;
                 let jumps_ms = [-86_400_000, -3_600_000, -60_000, -5_000, 5_000, 60_000, 3_600_000, 86_400_000];
-                let delta_ms = jumps_ms[rng.gen_range(0..jumps_ms.len())];
+                let delta_ms = jumps_ms[draw.jump];
                 cluster.jump_clock(index, delta_ms);
                 SimFault { at_ms: at(&started), kind: if delta_ms < 0 { "clock-back" } else { "clock-forward" }, nodes: vec![index as u64 + 1] }
             }
             // A node's disks fail their fsyncs for a while (its WAL must not acknowledge what
             // it could not sync), then it loses power and restarts on what was durable.
             9 => {
-                let index = rng.gen_range(0..nodes);
+                let index = draw.index;
                 cluster.fail_syncs(index);
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(50..500))).await;
+                tokio::time::sleep(Duration::from_millis(draw.failing_ms)).await;
                 cluster.power_cut(&[index]).await;
                 cluster.start(index).await?;
                 SimFault { at_ms: at(&started), kind: "fsync-error", nodes: vec![index as u64 + 1] }
@@ -290,14 +321,14 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
             // The roster changes (clusters of more nodes than replicas): groups move through
             // their own Raft logs while the other faults go on.
             10 if nodes > 3 => {
-                let mut roster: Vec<u64> = (1..=options.nodes).filter(|_| rng.gen_bool(0.75)).collect();
+                let mut roster: Vec<u64> = (1..=options.nodes).filter(|id| draw.roster[*id as usize - 1]).collect();
                 for id in 1..=options.nodes {
                     if roster.len() < 3 && !roster.contains(&id) {
                         roster.push(id);
                     }
                 }
                 roster.sort_unstable();
-                let answer = client.call_leader(rng.gen_range(0..nodes), &Request::SetRoster { nodes: roster.clone() }, Duration::from_secs(5)).await;
+                let answer = client.call_leader(draw.index, &Request::SetRoster { nodes: roster.clone() }, Duration::from_secs(5)).await;
                 let kind = match answer {
                     Some(Response::Noted) => "roster",
                     _ => "roster-refused",
