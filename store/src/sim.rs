@@ -41,6 +41,8 @@ pub struct SimOptions {
     pub unsafe_unchecked_reads: bool,
     /// UNSAFE (negative controls): a wiped replica votes at once, without catching up first.
     pub unsafe_wiped_replica_votes: bool,
+    /// UNSAFE (negative controls): the WALs take a failed fdatasync for a success.
+    pub unsafe_wal_ignore_sync_errors: bool,
 }
 
 impl Default for SimOptions {
@@ -55,6 +57,7 @@ impl Default for SimOptions {
             unsafe_skip_dedup: false,
             unsafe_unchecked_reads: false,
             unsafe_wiped_replica_votes: false,
+            unsafe_wal_ignore_sync_errors: false,
         }
     }
 }
@@ -152,6 +155,7 @@ impl SimCluster {
             unsafe_skip_fencing: false,
             unsafe_wal_torn_tail_rule: false,
             unsafe_wiped_replica_votes: self.options.unsafe_wiped_replica_votes,
+            unsafe_wal_ignore_sync_errors: self.options.unsafe_wal_ignore_sync_errors,
             wal_zero_fill: true,
             // Small segments: every node's are in memory, and each start begins a new one.
             wal_segment_bytes: 1 << 20,

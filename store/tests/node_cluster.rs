@@ -47,6 +47,7 @@ fn node_config(id: u64, nodes: &[(u64, String)], dir: &std::path::Path, groups: 
         unsafe_skip_fencing: false,
         unsafe_wal_torn_tail_rule: false,
         unsafe_wiped_replica_votes: false,
+        unsafe_wal_ignore_sync_errors: false,
         wal_zero_fill: true,
         wal_segment_bytes: 64 << 20,
         unsafe_wal_skip_fsync: false,

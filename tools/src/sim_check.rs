@@ -4,7 +4,8 @@
 //! writes lost, some torn through), restarts on what the cut left, a node's disks wiped (one
 //! at a time, alone or behind a lagging node and a node down), wall clocks that jump a day,
 //! an hour, a minute or seconds either way, disks that fail their fsyncs (then the node
-//! loses power), roster changes (more nodes than replicas), nodes isolated and healed,
+//! loses power; or while another node lags, then every node loses power), roster changes
+//! (more nodes than replicas), nodes isolated and healed,
 //! lost, duplicated and delayed messages. At the end, with operations in flight, the whole
 //! cluster loses power once more and restarts; every key is read, and the linearizability
 //! checker decides the history.
@@ -47,6 +48,8 @@ pub struct SimCheckOptions {
     pub unsafe_unchecked_reads: bool,
     /// UNSAFE (negative control): a wiped replica votes at once, without catching up first.
     pub unsafe_wiped_replica_votes: bool,
+    /// UNSAFE (negative control): the WALs take a failed fdatasync for a success.
+    pub unsafe_wal_ignore_sync_errors: bool,
 }
 
 /// One fault of the schedule, as the report lists it.
@@ -74,6 +77,9 @@ pub struct SimReport {
     /// Keys the final reads found no leader for, the whole cluster up and the network whole
     /// for 30 s (a run with any is invalid).
     pub unavailable_keys: Vec<u64>,
+    /// Nodes that refused to start on what their disks held after a fault, and why (a run with
+    /// any is invalid: a replica's durable state was lost or damaged).
+    pub refused_to_start: Vec<String>,
     pub faults: Vec<SimFault>,
     pub messages_delivered: u64,
     pub messages_dropped: u64,
@@ -96,6 +102,9 @@ impl SimCheckOptions {
         if self.unsafe_wiped_replica_votes {
             command.push_str(" --unsafe-wiped-replica-votes");
         }
+        if self.unsafe_wal_ignore_sync_errors {
+            command.push_str(" --unsafe-wal-ignore-sync-errors");
+        }
         command
     }
 }
@@ -114,6 +123,23 @@ struct FaultDraw {
     failing_ms: u64,
     /// Which nodes a roster change keeps (each three times in four).
     roster: Vec<bool>,
+}
+
+/// Starts node `index`; a node that refuses to start on what its disks hold after a fault
+/// (a WAL it finds corrupt) is noted in `refused` and stays down: the run is then invalid.
+async fn start_noting(cluster: &mut SimCluster, index: usize, refused: &mut Vec<String>) {
+    if let Err(err) = cluster.start(index).await {
+        refused.push(format!("node {}: {err}", index + 1));
+    }
+}
+
+/// `start_noting` for every node not running.
+async fn start_all_noting(cluster: &mut SimCluster, refused: &mut Vec<String>) {
+    for index in 0..cluster.addresses().len() {
+        if !cluster.is_running(index) {
+            start_noting(cluster, index, refused).await;
+        }
+    }
 }
 
 /// The history as the clients record it.
@@ -193,6 +219,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
         unsafe_wal_skip_fsync: options.unsafe_wal_skip_fsync,
         unsafe_unchecked_reads: options.unsafe_unchecked_reads,
         unsafe_wiped_replica_votes: options.unsafe_wiped_replica_votes,
+        unsafe_wal_ignore_sync_errors: options.unsafe_wal_ignore_sync_errors,
         ..SimOptions::default()
     };
     let mut cluster = SimCluster::new(dir.path().to_owned(), sim);
@@ -229,6 +256,8 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
         })
         .collect();
     let mut faults = Vec::new();
+    // Nodes that refused to start on what their disks held (each stays down).
+    let mut refused: Vec<String> = Vec::new();
     let at = |started: &Instant| started.elapsed().as_millis() as u64;
     for _ in 0..options.faults {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
@@ -253,12 +282,12 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
                 let pause = Duration::from_millis(draw.pause_ms);
                 cluster.power_cut(&[index]).await;
                 tokio::time::sleep(pause).await;
-                cluster.start(index).await?;
+                start_noting(&mut cluster, index, &mut refused).await;
                 SimFault { at_ms: at(&started), kind: "power-cut", nodes: vec![index as u64 + 1] }
             }
             3 => {
                 cluster.power_cut(&(0..nodes).collect::<Vec<_>>()).await;
-                cluster.start_all().await?;
+                start_all_noting(&mut cluster, &mut refused).await;
                 SimFault { at_ms: at(&started), kind: "power-cut-all", nodes: (1..=options.nodes).collect() }
             }
             4 | 5 => {
@@ -273,7 +302,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
             6 if cluster.disks_lost().is_empty() => {
                 let index = draw.index;
                 cluster.wipe(index).await;
-                cluster.start(index).await?;
+                start_noting(&mut cluster, index, &mut refused).await;
                 SimFault { at_ms: at(&started), kind: "wipe", nodes: vec![index as u64 + 1] }
             }
             // The pattern that once lost writes: node `lagging` falls behind (isolated) while
@@ -292,11 +321,11 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
                 cluster.power_cut(&[down]).await;
                 cluster.wipe(wiped).await;
                 cluster.net.heal();
-                cluster.start(wiped).await?;
+                start_noting(&mut cluster, wiped, &mut refused).await;
                 // Long enough for the lagging node to be allowed to campaign again (2 s of answered
                 // health reports) and to win an election.
                 tokio::time::sleep(Duration::from_millis(draw.down_ms)).await;
-                cluster.start(down).await?;
+                start_noting(&mut cluster, down, &mut refused).await;
                 SimFault { at_ms: at(&started), kind: "lag-down-wipe", nodes: vec![lagging as u64 + 1, down as u64 + 1, wiped as u64 + 1] }
             }
             // A node's wall clock jumps (proposals carry it: TTLs, last-update times, the
@@ -315,7 +344,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
                 cluster.fail_syncs(index);
                 tokio::time::sleep(Duration::from_millis(draw.failing_ms)).await;
                 cluster.power_cut(&[index]).await;
-                cluster.start(index).await?;
+                start_noting(&mut cluster, index, &mut refused).await;
                 SimFault { at_ms: at(&started), kind: "fsync-error", nodes: vec![index as u64 + 1] }
             }
             // The roster changes (clusters of more nodes than replicas): groups move through
@@ -334,6 +363,24 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
                     _ => "roster-refused",
                 };
                 SimFault { at_ms: at(&started), kind, nodes: roster }
+            }
+            // A disk failing its fsyncs where it decides commits: node `lagging` falls behind
+            // (isolated) while `failing`'s disk fails, then every node loses power. A WAL that
+            // acknowledged what it could not sync leaves entries committed on the leader alone,
+            // and the two others can elect one of themselves without them.
+            11 => {
+                let addresses = cluster.addresses();
+                let lagging = draw.index;
+                let failing = (lagging + draw.other) % nodes;
+                cluster.net.heal();
+                let others: Vec<&str> = addresses.iter().enumerate().filter(|(i, _)| *i != lagging).map(|(_, a)| a.as_str()).collect();
+                cluster.net.isolate(&[&addresses[lagging]], &others);
+                cluster.fail_syncs(failing);
+                tokio::time::sleep(Duration::from_millis(draw.lag_ms)).await;
+                cluster.power_cut(&(0..nodes).collect::<Vec<_>>()).await;
+                cluster.net.heal();
+                start_all_noting(&mut cluster, &mut refused).await;
+                SimFault { at_ms: at(&started), kind: "lag-fsync-error-cut", nodes: vec![lagging as u64 + 1, failing as u64 + 1] }
             }
             _ => {
                 cluster.net.heal();
@@ -356,7 +403,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
     faults.push(SimFault { at_ms: at(&started), kind: "power-cut-all", nodes: (1..=options.nodes).collect() });
     stop.store(true, Ordering::SeqCst);
     cluster.net.set_faults(MemFaults::default());
-    cluster.start_all().await?;
+    start_all_noting(&mut cluster, &mut refused).await;
     for task in clients {
         task.await?;
     }
@@ -381,7 +428,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
     let report = linearizable::check(Model::CasRegister, &ops, Limits::within(Duration::from_secs(120))).map_err(anyhow::Error::msg)?;
     let anomalies: Vec<String> = report.keys.iter().filter(|k| k.verdict == Verdict::NotLinearizable).map(|k| k.key.clone().unwrap_or_default()).collect();
     let valid = match report.verdict {
-        _ if !unavailable.is_empty() => serde_json::json!(false),
+        _ if !unavailable.is_empty() || !refused.is_empty() => serde_json::json!(false),
         Verdict::Linearizable => serde_json::json!(true),
         Verdict::NotLinearizable => serde_json::json!(false),
         Verdict::Unknown => serde_json::json!("unknown"),
@@ -396,6 +443,7 @@ async fn simulate(options: &SimCheckOptions, progress: &dyn Fn(&str)) -> anyhow:
         info: count(EventType::Info),
         anomalies,
         unavailable_keys: unavailable,
+        refused_to_start: refused,
         faults,
         messages_delivered: stats.delivered,
         messages_dropped: stats.dropped,

@@ -88,6 +88,9 @@ async fn run(config: ChunkdConfig) -> Result<(), String> {
     if config.unsafe_wal_torn_tail_rule {
         tracing::warn!("UNSAFE test option unsafe-wal-torn-tail-rule is set: damage in the newest WAL segment is cut off as a torn tail");
     }
+    if config.unsafe_wal_ignore_sync_errors {
+        tracing::warn!("UNSAFE test option unsafe-wal-ignore-sync-errors is set: the WAL acknowledges appends whose fdatasync failed");
+    }
     if config.unsafe_wiped_replica_votes {
         tracing::warn!("UNSAFE test option unsafe-wiped-replica-votes is set: a replica that lost its disks votes before it caught up");
     }

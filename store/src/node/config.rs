@@ -113,6 +113,10 @@ pub struct ChunkdConfig {
     /// before it is durable and a power cut loses it. Default false.
     #[serde(default)]
     pub unsafe_wal_skip_fsync: bool,
+    /// UNSAFE (negative controls only): the WAL takes a failed fdatasync for a success and
+    /// acknowledges the appends it could not make durable. Default false.
+    #[serde(default)]
+    pub unsafe_wal_ignore_sync_errors: bool,
     /// UNSAFE (negative controls only): a replica whose log of a group is empty (its disks
     /// wiped) while the group lived on votes at once, like a new one, instead of catching up
     /// first: the bug `rejoin` fixed. Default false.
@@ -293,6 +297,7 @@ impl ChunkdConfig {
             unsafe_serve_damaged: self.unsafe_serve_damaged,
             unsafe_wal_torn_tail_rule: self.unsafe_wal_torn_tail_rule,
             unsafe_wiped_replica_votes: self.unsafe_wiped_replica_votes,
+            unsafe_wal_ignore_sync_errors: self.unsafe_wal_ignore_sync_errors,
             wal_zero_fill: self.wal_zero_fill,
             wal_segment_bytes: self.wal_segment_bytes,
             unsafe_wal_skip_fsync: self.unsafe_wal_skip_fsync,
@@ -356,6 +361,8 @@ pub struct NodeConfig {
     /// UNSAFE (negative controls only): damage in the newest WAL segment is taken for a torn
     /// tail (the log is cut there) even with synced flushes after it.
     pub unsafe_wal_torn_tail_rule: bool,
+    /// UNSAFE (negative controls only): the WAL takes a failed fdatasync for a success.
+    pub unsafe_wal_ignore_sync_errors: bool,
     /// UNSAFE (negative controls only): a wiped replica votes without catching up (`rejoin`).
     pub unsafe_wiped_replica_votes: bool,
     /// WAL segments zero-filled when prepared (see `WalConfig::zero_fill`).

@@ -160,6 +160,7 @@ impl Node {
                 segment_bytes: config.wal_segment_bytes,
                 unsafe_torn_tail_rule: config.unsafe_wal_torn_tail_rule,
                 unsafe_skip_fsync: config.unsafe_wal_skip_fsync,
+                unsafe_ignore_sync_errors: config.unsafe_wal_ignore_sync_errors,
                 ..WalConfig::new(wal_dir.clone())
             })
         };

@@ -52,7 +52,11 @@ impl WalInner {
                 false => match &self.config.test_sync_hook {
                     Some(hook) => hook().and_then(|()| device.sync()),
                     None => device.sync(),
-                },
+                }
+                .or_else(|err| match self.config.unsafe_ignore_sync_errors {
+                    true => Ok(()),
+                    false => Err(err),
+                }),
             });
             if let Err(source) = written {
                 result = Err(WalError::Io { path: path.clone(), source });

@@ -103,6 +103,9 @@ pub struct WalConfig {
     pub zero_fill: bool,
     /// UNSAFE, for negative-control tests only: never fdatasync.
     pub unsafe_skip_fsync: bool,
+    /// UNSAFE, for negative-control tests only: a failed fdatasync is taken for a success (the
+    /// appends it was to make durable are acknowledged anyway).
+    pub unsafe_ignore_sync_errors: bool,
     /// UNSAFE, for negative-control tests only: recovery takes any invalid record in the newest
     /// segment for a torn tail, even with records of later flushes after it (the rule before
     /// format version 3), and cuts the log there.
@@ -125,6 +128,7 @@ impl std::fmt::Debug for WalConfig {
             .field("zero_fill", &self.zero_fill)
             .field("unsafe_skip_fsync", &self.unsafe_skip_fsync)
             .field("unsafe_torn_tail_rule", &self.unsafe_torn_tail_rule)
+            .field("unsafe_ignore_sync_errors", &self.unsafe_ignore_sync_errors)
             .field("test_sync_hook", &self.test_sync_hook.is_some())
             .finish()
     }
@@ -140,6 +144,7 @@ impl WalConfig {
             zero_fill: true,
             unsafe_skip_fsync: false,
             unsafe_torn_tail_rule: false,
+            unsafe_ignore_sync_errors: false,
             test_sync_hook: None,
         }
     }

@@ -212,6 +212,9 @@ enum Commands {
         /// catching up first.
         #[arg(long)]
         unsafe_wiped_replica_votes: bool,
+        /// UNSAFE (negative control): the WALs take a failed fdatasync for a success.
+        #[arg(long)]
+        unsafe_wal_ignore_sync_errors: bool,
         /// Print one JSON object as the last line.
         #[arg(long)]
         json: bool,
@@ -392,6 +395,7 @@ fn main() -> ExitCode {
             unsafe_wal_skip_fsync,
             unsafe_unchecked_reads,
             unsafe_wiped_replica_votes,
+            unsafe_wal_ignore_sync_errors,
             json,
         } => {
             use chunkstore_tools::sim_check::{run, SimCheckOptions};
@@ -407,11 +411,13 @@ fn main() -> ExitCode {
                 unsafe_wal_skip_fsync,
                 unsafe_unchecked_reads,
                 unsafe_wiped_replica_votes,
+                unsafe_wal_ignore_sync_errors,
             };
             eprintln!("chunkcheck sim: seed {seed}, {nodes} nodes, {groups} groups, {faults} faults, {keys} keys, {clients} clients");
             match run(&options, &|line| eprintln!("{line}")) {
                 Ok(report) => {
                     let verdict = match report.verdict {
+                        _ if !report.refused_to_start.is_empty() => "INVALID: a node refused to start on what its disks held",
                         _ if !report.unavailable_keys.is_empty() => "INVALID: keys unavailable after the last restart",
                         Verdict::Linearizable => "valid: linearizable",
                         Verdict::NotLinearizable => "INVALID: not linearizable",
@@ -421,11 +427,14 @@ fn main() -> ExitCode {
                         "{verdict} ({} ok, {} fail, {} info; anomalies on keys {:?}); replay: {}",
                         report.ok, report.fail, report.info, report.anomalies, report.replay
                     );
+                    for why in &report.refused_to_start {
+                        eprintln!("refused to start: {why}");
+                    }
                     if json {
                         println!("{}", serde_json::to_string(&report).expect("report serializes"));
                     }
                     ExitCode::from(match report.verdict {
-                        _ if !report.unavailable_keys.is_empty() => 1,
+                        _ if !report.unavailable_keys.is_empty() || !report.refused_to_start.is_empty() => 1,
                         Verdict::Linearizable => 0,
                         Verdict::NotLinearizable => 1,
                         Verdict::Unknown => 2,
