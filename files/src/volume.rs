@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chunkstore_client::client::Client;
+use chunkstore_client::client::{Client, ClientError};
 use chunkstore_client::ops::{BatchWrite, GenerationPolicy, Operation, RecordExistsAction, Ttl, WriteOp, WritePolicy};
-use chunkstore_client::protocol::ReadPolicy;
+use chunkstore_client::protocol::{ErrorReply, ReadPolicy};
 use chunkstore_client::value::{Bin, Record, RecordMeta, Value};
 use chunkstore_client::Key;
 
@@ -151,7 +151,7 @@ impl Volume {
             return Err(FsError::Invalid(format!("volume name {name:?}: 1 to 200 bytes, no '/'")));
         }
         let keys = VolumeKeys::new(name);
-        let mut record = client.get_with(namespace, &keys.volume(), None, ReadPolicy::Linearizable)?;
+        let mut record = linearizable_get(&client, namespace, &keys.volume())?;
         if record.is_none() {
             let Some(chunk_bytes) = create else {
                 return Err(FsError::NotFound);
@@ -160,7 +160,7 @@ impl Volume {
                 Ok(()) | Err(FsError::Exists) => {}
                 Err(err) => return Err(err),
             }
-            record = client.get_with(namespace, &keys.volume(), None, ReadPolicy::Linearizable)?;
+            record = linearizable_get(&client, namespace, &keys.volume())?;
         }
         let record = record.ok_or(FsError::NotFound)?;
         let format = int_bin(&record, BIN_FORMAT);
@@ -238,7 +238,7 @@ impl Volume {
     /// chunks share the size record's group, so the chunk reads that follow (session reads)
     /// are never older than the size they are read under.
     pub(crate) fn get(&self, key: &Key) -> FsResult<Option<Record>> {
-        Ok(self.client.get_with(&self.namespace, key, None, ReadPolicy::Linearizable)?)
+        linearizable_get(&self.client, &self.namespace, key)
     }
 
     /// Applies writes of one group as one entry, in the mount's lease session (for a file's
@@ -406,5 +406,25 @@ impl Volume {
             ino = self.lookup(ino, part.as_bytes())?.ino;
         }
         self.getattr(ino)
+    }
+}
+
+/// A linearizable read of `key`, asked again within the client's retry window while the
+/// group's leader cannot confirm it still leads (`Timeout` not in doubt: an election under
+/// way) or no quorum answers: a read changes nothing, so it is always safe to ask again, and
+/// a session read at such a moment would have been answered (perhaps stale) rather than fail.
+fn linearizable_get(client: &Client, namespace: &str, key: &Key) -> FsResult<Option<Record>> {
+    let give_up_at = std::time::Instant::now() + client.config().retry_window;
+    let mut pause = std::time::Duration::from_millis(25);
+    loop {
+        match client.get_with(namespace, key, None, ReadPolicy::Linearizable) {
+            Err(ClientError::Server(ErrorReply::Timeout { in_doubt: false } | ErrorReply::PartitionUnavailable))
+                if std::time::Instant::now() + pause < give_up_at =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(400));
+            }
+            answered => return Ok(answered?),
+        }
     }
 }

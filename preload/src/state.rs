@@ -101,8 +101,12 @@ fn start_reaper(index: usize, volume: &Arc<Volume>) {
         std::thread::sleep(chunkfiles::ORPHAN_REAP_PERIOD);
         let Some(volume) = volume.upgrade() else { return };
         let is_open = |ino: u64| crate::table::holds(index, ino);
-        if let Err(err) = volume.reap(&is_open) {
-            log(&format!("renewing and freeing unlinked files failed (tried again later): {err}"));
+        // A panic must not end the thread: renewals would stop, and what this process holds
+        // would be freed under it.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| volume.reap(&is_open))) {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => log(&format!("renewing and freeing unlinked files failed (tried again later): {err}")),
+            Err(_) => log("renewing and freeing unlinked files panicked (tried again later)"),
         }
     });
     if let Err(err) = started {

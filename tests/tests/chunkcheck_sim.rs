@@ -84,7 +84,7 @@ fn sim_catches_a_wiped_replica_that_votes_before_catching_up() {
     let mut results = Vec::new();
     for seed in first..first + 4 {
         let (code, result) = sim_with(seed, "20", &["--unsafe-wiped-replica-votes"]);
-        if (code, &result["valid"]) == (1, &serde_json::json!(false)) {
+        if (code, &result["verdict"]) == (1, &serde_json::json!("not-linearizable")) {
             assert!(result["replay"].as_str().unwrap().contains("--unsafe-wiped-replica-votes"), "{result}");
             return;
         }
