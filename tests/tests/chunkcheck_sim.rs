@@ -56,33 +56,35 @@ fn sim_catches_a_wal_that_never_syncs() {
 }
 
 /// Negative control: leaders that answer reads without checking that they still lead serve
-/// stale values once isolated. Whether a schedule isolates a leader while a client reads from
-/// it is up to the seed: up to three seeds, 20 faults each, and one must catch it.
+/// stale values once isolated. Whether a schedule isolates a leader long enough for another to
+/// be elected while a client reads from it is up to the seed: four of six seeds of 20 faults
+/// caught it when measured (2026-12-08), and one CI run missed on three in a row, so up to eight
+/// seeds, and one must catch it.
 #[test]
 fn sim_catches_reads_a_deposed_leader_answers() {
     let first = random_seed();
     let mut results = Vec::new();
-    for seed in first..first + 3 {
+    for seed in first..first + 8 {
         let (code, result) = sim_with(seed, "20", &["--unsafe-unchecked-reads"]);
         if (code, &result["verdict"]) == (1, &serde_json::json!("not-linearizable")) {
             return;
         }
         results.push(result);
     }
-    panic!("seeds {first}..{}: no stale read found: {results:?}", first + 3);
+    panic!("seeds {first}..{}: no stale read found: {results:?}", first + 8);
 }
 
 /// Negative control, a bug found before (VALIDATION.md, "Cluster validation"): a replica whose
 /// disks were wiped votes like a new one instead of catching up first, and with a lagging
 /// replica and the third one down, elects the lagging one, which lacks acknowledged writes.
 /// The schedule's `lag-down-wipe` fault sets that pattern up; whether the lagging node wins
-/// the election before the third comes back is up to the run: up to four seeds, 20 faults each
+/// the election before the third comes back is up to the run: up to six seeds, 20 faults each
 /// (five of six seeds caught it when measured), and one must.
 #[test]
 fn sim_catches_a_wiped_replica_that_votes_before_catching_up() {
     let first = random_seed();
     let mut results = Vec::new();
-    for seed in first..first + 4 {
+    for seed in first..first + 6 {
         let (code, result) = sim_with(seed, "20", &["--unsafe-wiped-replica-votes"]);
         if (code, &result["verdict"]) == (1, &serde_json::json!("not-linearizable")) {
             assert!(result["replay"].as_str().unwrap().contains("--unsafe-wiped-replica-votes"), "{result}");
@@ -90,7 +92,7 @@ fn sim_catches_a_wiped_replica_that_votes_before_catching_up() {
         }
         results.push(result);
     }
-    panic!("seeds {first}..{}: no acknowledged write lost: {results:?}", first + 4);
+    panic!("seeds {first}..{}: no acknowledged write lost: {results:?}", first + 6);
 }
 
 /// Groups moving through roster changes among the other faults, on four nodes. The schedule is
